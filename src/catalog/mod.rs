@@ -1,0 +1,699 @@
+//! The catalog: the SQLite database that holds the namespace, block maps and snapshots.
+//! This module owns every SQL statement in snapfs.
+//!
+//! Rows are versioned by generation (see `schema.rs`). Readers name the generation they
+//! view: a snapshot's pinned generation, or [`LIVE`] for the live volume. Writers always
+//! change the live generation: a row born in it is changed in place, an older one is
+//! retired (`death = G`) and replaced, so every snapshot keeps seeing what it saw.
+
+mod schema;
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, Row, ToSql, params};
+
+use crate::blocks::BlockHash;
+
+/// The view generation that sees exactly the live volume's rows.
+pub const LIVE: u64 = i64::MAX as u64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open catalog {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("{path} is not a snapfs catalog, or it is corrupt ({source})")]
+    NotACatalog {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "catalog {path} has format version {found}; this snapfs reads up to {supported}: upgrade snapfs"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: usize,
+    },
+    #[error("catalog query failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("catalog is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl Error {
+    /// The disk under the catalog is full: the caller should see ENOSPC, not EIO.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Error::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The type of a namespace node, as stored in `inodes.kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    File = 1,
+    Dir = 2,
+    Symlink = 3,
+    Fifo = 4,
+    Socket = 5,
+    CharDevice = 6,
+    BlockDevice = 7,
+}
+
+impl TryFrom<i64> for Kind {
+    type Error = Error;
+    fn try_from(value: i64) -> Result<Self> {
+        Ok(match value {
+            1 => Kind::File,
+            2 => Kind::Dir,
+            3 => Kind::Symlink,
+            4 => Kind::Fifo,
+            5 => Kind::Socket,
+            6 => Kind::CharDevice,
+            7 => Kind::BlockDevice,
+            other => return Err(Error::Corrupt(format!("unknown inode kind {other}"))),
+        })
+    }
+}
+
+/// One inode as a generation sees it. Times are nanoseconds since the Unix epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InodeRow {
+    pub ino: u64,
+    pub kind: Kind,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub rdev: u32,
+    pub parent: u64,
+    pub atime: i64,
+    pub mtime: i64,
+    pub ctime: i64,
+    pub crtime: i64,
+    pub alloc: u64,
+    pub target: Option<Vec<u8>>,
+}
+
+const INODE_COLUMNS: &str = "ino, kind, perm, uid, gid, nlink, size, rdev, parent, \
+                             atime, mtime, ctime, crtime, alloc, target";
+
+impl TryFrom<&Row<'_>> for InodeRow {
+    type Error = Error;
+    /// Decodes the `INODE_COLUMNS` starting at column 0.
+    fn try_from(row: &Row<'_>) -> Result<Self> {
+        Ok(InodeRow {
+            ino: row.get(0)?,
+            kind: Kind::try_from(row.get::<_, i64>(1)?)?,
+            perm: row.get(2)?,
+            uid: row.get(3)?,
+            gid: row.get(4)?,
+            nlink: row.get(5)?,
+            size: row.get(6)?,
+            rdev: row.get(7)?,
+            parent: row.get(8)?,
+            atime: row.get(9)?,
+            mtime: row.get(10)?,
+            ctime: row.get(11)?,
+            crtime: row.get(12)?,
+            alloc: row.get(13)?,
+            target: row.get(14)?,
+        })
+    }
+}
+
+/// A directory entry joined with the inode it names, as a generation sees both.
+#[derive(Clone, Debug)]
+pub struct DirEntryRow {
+    pub name: Vec<u8>,
+    pub inode: InodeRow,
+}
+
+/// A snapshot as the catalog records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRow {
+    pub id: u64,
+    pub name: Vec<u8>,
+    pub generation: u64,
+    pub created: i64,
+    pub state: String,
+}
+
+impl TryFrom<&Row<'_>> for SnapshotRow {
+    type Error = Error;
+    fn try_from(row: &Row<'_>) -> Result<Self> {
+        Ok(SnapshotRow {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            generation: row.get(2)?,
+            created: row.get(3)?,
+            state: row.get(4)?,
+        })
+    }
+}
+
+const SNAPSHOT_COLUMNS: &str = "id, name, generation, created, state";
+
+/// The inode number of the live root directory (FUSE's root id).
+pub const ROOT_INO: u64 = 1;
+/// First inode number handed to new files; those below are reserved for the mount.
+const FIRST_FREE_INO: u64 = 16;
+
+pub struct Catalog {
+    conn: Connection,
+    /// The live generation G, cached from `meta`.
+    generation: u64,
+    block_size: u32,
+}
+
+impl Catalog {
+    /// Opens (creating if needed) the catalog at `path`. A new volume gets `block_size`;
+    /// an existing one keeps the block size it was created with.
+    pub fn open(path: &Path, block_size: u32, now: i64, owner: (u32, u32)) -> Result<Catalog> {
+        let open_err = |source| Error::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        // The first statement reads the header: a foreign or damaged file fails here.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|source| Error::NotACatalog {
+                path: path.to_owned(),
+                source,
+            })?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        migrate(&conn, path)?;
+
+        let mut catalog = Catalog {
+            conn,
+            generation: 0,
+            block_size: 0,
+        };
+        catalog.generation = match catalog.meta("generation")? {
+            Some(g) => g,
+            None => catalog.initialize(block_size, now, owner)?,
+        };
+        catalog.block_size = catalog
+            .meta("block_size")?
+            .ok_or_else(|| Error::Corrupt("no block size recorded".into()))?
+            .try_into()
+            .map_err(|_| Error::Corrupt("block size out of range".into()))?;
+        Ok(catalog)
+    }
+
+    /// Opens an existing catalog for reading only (CLI commands beside a running mount).
+    pub fn open_read_only(path: &Path) -> Result<Catalog> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|source| Error::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|source| Error::NotACatalog {
+                path: path.to_owned(),
+                source,
+            })?;
+        if version as usize > schema::MIGRATIONS.len() {
+            return Err(Error::TooNew {
+                path: path.to_owned(),
+                found: version,
+                supported: schema::MIGRATIONS.len(),
+            });
+        }
+        let mut catalog = Catalog {
+            conn,
+            generation: 0,
+            block_size: 0,
+        };
+        catalog.generation = catalog
+            .meta("generation")?
+            .ok_or_else(|| Error::Corrupt("no generation recorded".into()))?;
+        catalog.block_size = catalog.meta("block_size")?.unwrap_or(0) as u32;
+        Ok(catalog)
+    }
+
+    fn initialize(&mut self, block_size: u32, now: i64, (uid, gid): (u32, u32)) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        for (key, value) in [
+            ("generation", 1),
+            ("next_ino", FIRST_FREE_INO),
+            ("block_size", u64::from(block_size)),
+        ] {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )?;
+        }
+        let root = InodeRow {
+            ino: ROOT_INO,
+            kind: Kind::Dir,
+            perm: 0o755,
+            uid,
+            gid,
+            nlink: 2,
+            size: 0,
+            rdev: 0,
+            parent: ROOT_INO,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            alloc: 0,
+            target: None,
+        };
+        Tx { conn: &tx, g: 1 }.insert_inode(&root)?;
+        tx.commit()?;
+        Ok(1)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// The live generation G.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Runs `f` in one transaction: all its changes land together or not at all.
+    pub fn write<T, E: From<Error>>(
+        &mut self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let tx = self.conn.transaction().map_err(Error::from)?;
+        let value = f(&Tx {
+            conn: &tx,
+            g: self.generation,
+        })?;
+        tx.commit().map_err(Error::from)?;
+        Ok(value)
+    }
+
+    /// Runs `f` against a consistent read of the catalog.
+    pub fn read<T, E: From<Error>>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T, E>) -> Result<T, E> {
+        f(&Tx {
+            conn: &self.conn,
+            g: self.generation,
+        })
+    }
+
+    /// Pins the live generation as a new snapshot and starts the next one. O(1): no row is
+    /// copied.
+    pub fn create_snapshot(
+        &mut self,
+        name: &[u8],
+        created: i64,
+        state: &str,
+    ) -> Result<SnapshotRow> {
+        let g = self.generation;
+        let tx = self.conn.transaction()?;
+        let id: u64 = tx.query_row(
+            "INSERT INTO snapshots (name, generation, created, state) VALUES (?1, ?2, ?3, ?4)
+             RETURNING id",
+            params![name, g, created, state],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'generation'",
+            [g + 1],
+        )?;
+        tx.commit()?;
+        self.generation = g + 1;
+        Ok(SnapshotRow {
+            id,
+            name: name.to_vec(),
+            generation: g,
+            created,
+            state: state.to_owned(),
+        })
+    }
+
+    /// Makes the catalog's latest commits durable against power loss too.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = schema::MIGRATIONS.len();
+    if version < 0 || version as usize > known {
+        return Err(Error::TooNew {
+            path: path.to_owned(),
+            found: version,
+            supported: known,
+        });
+    }
+    for (index, sql) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
+        conn.execute_batch(&format!(
+            "BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;",
+            index + 1
+        ))?;
+    }
+    Ok(())
+}
+
+/// Visibility of a versioned row to view generation `?g`: the live view (`LIVE`) sees
+/// exactly the rows with no death.
+const VISIBLE: &str = "birth <= :g AND (death IS NULL OR death > :g)";
+
+/// Catalog operations inside one transaction (or one consistent read).
+pub struct Tx<'a> {
+    conn: &'a Connection,
+    /// The live generation: new rows are born in it.
+    g: u64,
+}
+
+impl Tx<'_> {
+    pub fn inode(&self, view: u64, ino: u64) -> Result<Option<InodeRow>> {
+        let sql = format!("SELECT {INODE_COLUMNS} FROM inodes WHERE ino = :ino AND {VISIBLE}");
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(rusqlite::named_params! {":ino": ino, ":g": view})?;
+        match rows.next()? {
+            Some(row) => Ok(Some(InodeRow::try_from(row)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn lookup(&self, view: u64, parent: u64, name: &[u8]) -> Result<Option<(u64, Kind)>> {
+        let sql = format!(
+            "SELECT ino, kind FROM dentries WHERE parent = :parent AND name = :name AND {VISIBLE}"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let found = stmt
+            .query_row(
+                rusqlite::named_params! {":parent": parent, ":name": name, ":g": view},
+                |r| Ok((r.get::<_, u64>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .optional()?;
+        found
+            .map(|(ino, kind)| Ok((ino, Kind::try_from(kind)?)))
+            .transpose()
+    }
+
+    /// The entries of directory `parent` with their inodes, sorted by name.
+    pub fn list_dir(&self, view: u64, parent: u64) -> Result<Vec<DirEntryRow>> {
+        let sql = "SELECT i.ino, i.kind, i.perm, i.uid, i.gid, i.nlink, i.size, i.rdev, i.parent,
+                    i.atime, i.mtime, i.ctime, i.crtime, i.alloc, i.target, d.name
+             FROM dentries d JOIN inodes i
+               ON i.ino = d.ino AND i.birth <= :g AND (i.death IS NULL OR i.death > :g)
+             WHERE d.parent = :parent AND d.birth <= :g AND (d.death IS NULL OR d.death > :g)
+             ORDER BY d.name";
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(rusqlite::named_params! {":parent": parent, ":g": view})?;
+        let mut entries = Vec::new();
+        while let Some(row) = rows.next()? {
+            entries.push(DirEntryRow {
+                inode: InodeRow::try_from(row)?,
+                name: row.get(15)?,
+            });
+        }
+        Ok(entries)
+    }
+
+    pub fn dir_is_empty(&self, view: u64, dir: u64) -> Result<bool> {
+        let sql = format!("SELECT 1 FROM dentries WHERE parent = :parent AND {VISIBLE} LIMIT 1");
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        Ok(!stmt.exists(rusqlite::named_params! {":parent": dir, ":g": view})?)
+    }
+
+    pub fn alloc_ino(&self) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "UPDATE meta SET value = value + 1 WHERE key = 'next_ino' RETURNING value - 1",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    pub fn insert_inode(&self, row: &InodeRow) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO inodes (ino, birth, kind, perm, uid, gid, nlink, size, rdev, parent,
+                                 atime, mtime, ctime, crtime, alloc, target)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )?;
+        stmt.execute(params![
+            row.ino,
+            self.g,
+            row.kind as i64,
+            row.perm,
+            row.uid,
+            row.gid,
+            row.nlink,
+            row.size,
+            row.rdev,
+            row.parent,
+            row.atime,
+            row.mtime,
+            row.ctime,
+            row.crtime,
+            row.alloc,
+            row.target,
+        ])?;
+        Ok(())
+    }
+
+    /// Replaces the live version of the inode `row.ino` with `row`.
+    pub fn update_inode(&self, row: &InodeRow) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "UPDATE inodes SET kind = ?3, perm = ?4, uid = ?5, gid = ?6, nlink = ?7, size = ?8,
+                    rdev = ?9, parent = ?10, atime = ?11, mtime = ?12, ctime = ?13,
+                    crtime = ?14, alloc = ?15, target = ?16
+             WHERE ino = ?1 AND birth = ?2 AND death IS NULL",
+        )?;
+        let changed = stmt.execute(params![
+            row.ino,
+            self.g,
+            row.kind as i64,
+            row.perm,
+            row.uid,
+            row.gid,
+            row.nlink,
+            row.size,
+            row.rdev,
+            row.parent,
+            row.atime,
+            row.mtime,
+            row.ctime,
+            row.crtime,
+            row.alloc,
+            row.target,
+        ])?;
+        if changed == 0 {
+            // Born before the last snapshot: keep that version for it, start a new one.
+            self.retire("inodes", "ino = ?1", &[&row.ino])?;
+            self.insert_inode(row)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the inode from the live view with its block map and xattrs.
+    pub fn retire_inode(&self, ino: u64) -> Result<()> {
+        for table in ["inodes", "blockmap", "xattrs"] {
+            self.retire(table, "ino = ?1", &[&ino])?;
+        }
+        Ok(())
+    }
+
+    pub fn insert_dentry(&self, parent: u64, name: &[u8], ino: u64, kind: Kind) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO dentries (parent, name, birth, ino, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        stmt.execute(params![parent, name, self.g, ino, kind as i64])?;
+        Ok(())
+    }
+
+    pub fn retire_dentry(&self, parent: u64, name: &[u8]) -> Result<()> {
+        self.retire("dentries", "parent = ?1 AND name = ?2", &[&parent, &name])
+    }
+
+    /// Ends the live life of the rows matching `cond` (which uses ?1..?n): rows born in this
+    /// generation no snapshot can see, so they go; older ones get `death = G`.
+    fn retire(&self, table: &str, cond: &str, args: &[&dyn ToSql]) -> Result<()> {
+        let g_param = args.len() + 1;
+        let mut with_g: Vec<&dyn ToSql> = args.to_vec();
+        with_g.push(&self.g);
+        let drop_sql =
+            format!("DELETE FROM {table} WHERE {cond} AND death IS NULL AND birth = ?{g_param}");
+        self.conn.prepare_cached(&drop_sql)?.execute(&*with_g)?;
+        let retire_sql =
+            format!("UPDATE {table} SET death = ?{g_param} WHERE {cond} AND death IS NULL");
+        self.conn.prepare_cached(&retire_sql)?.execute(&*with_g)?;
+        Ok(())
+    }
+
+    /// The mapped blocks of `ino` with index in `first..=last`, in index order.
+    pub fn blocks_in_range(
+        &self,
+        view: u64,
+        ino: u64,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<(u64, BlockHash)>> {
+        let sql = format!(
+            "SELECT idx, hash FROM blockmap
+             WHERE ino = :ino AND idx BETWEEN :first AND :last AND {VISIBLE} ORDER BY idx"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(
+            rusqlite::named_params! {":ino": ino, ":first": first, ":last": last, ":g": view},
+        )?;
+        let mut found = Vec::new();
+        while let Some(row) = rows.next()? {
+            let hash: Vec<u8> = row.get(1)?;
+            let hash = BlockHash::try_from(hash.as_slice())
+                .map_err(|_| Error::Corrupt(format!("bad block hash in the map of inode {ino}")))?;
+            found.push((row.get(0)?, hash));
+        }
+        Ok(found)
+    }
+
+    /// Maps block `idx` of `ino` to `block` (`None`: a hole). Returns the change in the
+    /// file's allocated bytes.
+    pub fn set_block(&self, ino: u64, idx: u64, block: Option<(&BlockHash, u32)>) -> Result<i64> {
+        let old_len: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT b.len FROM blockmap m JOIN blocks b ON b.hash = m.hash
+                 WHERE m.ino = ?1 AND m.idx = ?2 AND m.death IS NULL",
+            )?
+            .query_row(params![ino, idx], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        self.retire("blockmap", "ino = ?1 AND idx = ?2", &[&ino, &idx])?;
+        let Some((hash, len)) = block else {
+            return Ok(-old_len);
+        };
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO blocks (hash, len) VALUES (?1, ?2)")?
+            .execute(params![hash.as_bytes(), len])?;
+        self.conn
+            .prepare_cached("INSERT INTO blockmap (ino, idx, birth, hash) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![ino, idx, self.g, hash.as_bytes()])?;
+        Ok(i64::from(len) - old_len)
+    }
+
+    /// Unmaps every block of `ino` from index `first` on. Returns the change in allocated bytes.
+    pub fn unmap_blocks_from(&self, ino: u64, first: u64) -> Result<i64> {
+        let freed: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT coalesce(sum(b.len), 0) FROM blockmap m JOIN blocks b ON b.hash = m.hash
+                 WHERE m.ino = ?1 AND m.idx >= ?2 AND m.death IS NULL",
+            )?
+            .query_row(params![ino, first], |r| r.get(0))?;
+        self.retire("blockmap", "ino = ?1 AND idx >= ?2", &[&ino, &first])?;
+        Ok(-freed)
+    }
+
+    /// Whether the store already holds a block (some map row references it or did).
+    pub fn has_block(&self, hash: &BlockHash) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM blocks WHERE hash = ?1")?
+            .exists([hash.as_bytes()])?)
+    }
+
+    /// Forgets the blocks no map row references any more and returns them, so the caller
+    /// can delete their data.
+    pub fn take_unreferenced_blocks(&self) -> Result<Vec<BlockHash>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("DELETE FROM blocks WHERE refs = 0 RETURNING hash")?;
+        let hashes = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut freed = Vec::new();
+        for hash in hashes {
+            let hash = hash?;
+            freed.push(
+                BlockHash::try_from(hash.as_slice())
+                    .map_err(|_| Error::Corrupt("bad hash in the block table".into()))?,
+            );
+        }
+        Ok(freed)
+    }
+
+    /// Live inodes that no directory names any more: left by a crash while they were open.
+    pub fn orphan_inodes(&self) -> Result<Vec<u64>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT ino FROM inodes WHERE death IS NULL AND nlink = 0")?;
+        let inos = stmt.query_map([], |r| r.get(0))?;
+        Ok(inos.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Number of live inodes and bytes of stored blocks, for statfs.
+    pub fn usage(&self) -> Result<(u64, u64)> {
+        let inodes =
+            self.conn
+                .query_row("SELECT count(*) FROM inodes WHERE death IS NULL", [], |r| {
+                    r.get(0)
+                })?;
+        let bytes = self
+            .conn
+            .query_row("SELECT coalesce(sum(len), 0) FROM blocks", [], |r| r.get(0))?;
+        Ok((inodes, bytes))
+    }
+
+    pub fn xattr_get(&self, view: u64, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>> {
+        let sql =
+            format!("SELECT value FROM xattrs WHERE ino = :ino AND name = :name AND {VISIBLE}");
+        Ok(self
+            .conn
+            .prepare_cached(&sql)?
+            .query_row(
+                rusqlite::named_params! {":ino": ino, ":name": name, ":g": view},
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    pub fn xattr_names(&self, view: u64, ino: u64) -> Result<Vec<Vec<u8>>> {
+        let sql = format!("SELECT name FROM xattrs WHERE ino = :ino AND {VISIBLE} ORDER BY name");
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let names = stmt.query_map(rusqlite::named_params! {":ino": ino, ":g": view}, |r| {
+            r.get(0)
+        })?;
+        Ok(names.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn xattr_set(&self, ino: u64, name: &[u8], value: &[u8]) -> Result<()> {
+        self.xattr_remove(ino, name)?;
+        self.conn
+            .prepare_cached("INSERT INTO xattrs (ino, name, birth, value) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![ino, name, self.g, value])?;
+        Ok(())
+    }
+
+    pub fn xattr_remove(&self, ino: u64, name: &[u8]) -> Result<()> {
+        self.retire("xattrs", "ino = ?1 AND name = ?2", &[&ino, &name])
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRow>> {
+        let sql = format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots ORDER BY id");
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query([])?;
+        let mut found = Vec::new();
+        while let Some(row) = rows.next()? {
+            found.push(SnapshotRow::try_from(row)?);
+        }
+        Ok(found)
+    }
+}

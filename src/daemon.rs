@@ -1,0 +1,346 @@
+//! Running a mount: daemonizing, mounting, waiting for an unmount or a signal, and the
+//! final flush. `main.rs` parses the command line and calls [`mount`].
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::fuse::SnapFs;
+use crate::volume::{self, Volume};
+
+/// Unflushed writes older than this are flushed by the timer.
+const FLUSH_AGE: Duration = Duration::from_secs(3);
+
+#[derive(Clone, Debug)]
+pub struct MountArgs {
+    pub mountpoint: PathBuf,
+    pub data_dir: PathBuf,
+    pub foreground: bool,
+    pub allow_other: bool,
+    pub volume: volume::Options,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("mountpoint {0} does not exist")]
+    NoMountpoint(PathBuf),
+    #[error("mountpoint {0} is not a directory")]
+    MountpointNotDir(PathBuf),
+    #[error("mountpoint {path}: {source}")]
+    Mountpoint {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot use data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Volume(#[from] volume::Error),
+    #[error(
+        "cannot mount on {path}: {source} (snapfs needs /dev/fuse and, when not root, fusermount3 from the fuse3 package)"
+    )]
+    Mount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the daemon: {0}")]
+    Daemon(std::io::Error),
+    #[error("{0}")]
+    Reported(String),
+}
+
+fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
+    match fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(MountError::NoMountpoint(path.to_owned()))
+        }
+        Err(source) => Err(MountError::Mountpoint {
+            path: path.to_owned(),
+            source,
+        }),
+        Ok(meta) if !meta.is_dir() => Err(MountError::MountpointNotDir(path.to_owned())),
+        Ok(_) => fs::canonicalize(path).map_err(|source| MountError::Mountpoint {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn prepare_data_dir(path: &Path) -> Result<PathBuf, MountError> {
+    let err = |source| MountError::DataDir {
+        path: path.to_owned(),
+        source,
+    };
+    fs::create_dir_all(path).map_err(err)?;
+    let canonical = fs::canonicalize(path).map_err(err)?;
+    // Fail now, with the reason, rather than at the first write through the mount.
+    let probe = canonical.join(".write-test");
+    fs::write(&probe, b"").map_err(err)?;
+    let _ = fs::remove_file(probe);
+    Ok(canonical)
+}
+
+/// Mounts a volume and serves it until it is unmounted or the daemon gets SIGINT, SIGTERM
+/// or SIGHUP; then flushes everything and returns. Without `foreground`, returns in the
+/// calling process once the mount is up (or failed), leaving a daemon to serve it.
+pub fn mount(mut args: MountArgs) -> Result<(), MountError> {
+    args.mountpoint = check_mountpoint(&args.mountpoint)?;
+    args.data_dir = prepare_data_dir(&args.data_dir)?;
+    if args.foreground {
+        init_logging(None);
+        return serve(&args, &mut None);
+    }
+    let (read_end, write_end) = pipe().map_err(MountError::Daemon)?;
+    // SAFETY: no thread has been started yet, so the child is a faithful copy.
+    match unsafe { libc::fork() } {
+        -1 => Err(MountError::Daemon(std::io::Error::last_os_error())),
+        0 => {
+            drop(read_end);
+            detach();
+            init_logging(Some(&args.data_dir.join("snapfs.log")));
+            let mut ready = Some(fs::File::from(write_end));
+            let result = serve(&args, &mut ready);
+            if let (Err(e), Some(mut pipe)) = (&result, ready) {
+                let _ = write!(pipe, "{e}");
+            }
+            std::process::exit(i32::from(result.is_err()));
+        }
+        _child => {
+            drop(write_end);
+            let mut report = String::new();
+            fs::File::from(read_end)
+                .read_to_string(&mut report)
+                .map_err(MountError::Daemon)?;
+            match report.as_str() {
+                "ready" => Ok(()),
+                "" => Err(MountError::Reported(format!(
+                    "the daemon exited during start-up; see {}",
+                    args.data_dir.join("snapfs.log").display()
+                ))),
+                message => Err(MountError::Reported(message.to_owned())),
+            }
+        }
+    }
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Leaves the terminal and session of the caller.
+fn detach() {
+    // SAFETY: plain system calls on descriptors 0-2, which this process owns.
+    unsafe {
+        libc::setsid();
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+        libc::chdir(c"/".as_ptr());
+    }
+}
+
+fn init_logging(file: Option<&Path>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SNAPFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("snapfs=info,fuser=error"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let log = file.and_then(|path| {
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+    });
+    match log {
+        Some(log) => builder
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(log))
+            .init(),
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+}
+
+/// Signals that end the daemon, plus the one the session thread sends when the kernel
+/// unmounted the filesystem.
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill the set they are given.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
+            libc::sigaddset(&mut set, signal);
+        }
+        set
+    }
+}
+
+fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountError> {
+    // Block the signals before any thread starts, so every thread inherits the mask and
+    // only the sigwait below receives them.
+    let signals = signal_set();
+    // SAFETY: sets this thread's mask from a fully initialised set.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+
+    let volume = Arc::new(open_volume(args)?);
+    volume
+        .spawn_flusher(FLUSH_AGE)
+        .map_err(MountError::Daemon)?;
+    let mut session = fuser::Session::new(
+        SnapFs::new(volume.clone()),
+        &args.mountpoint,
+        &mount_config(args),
+    )
+    .map_err(|source| MountError::Mount {
+        path: args.mountpoint.clone(),
+        source,
+    })?;
+    let mut unmounter = session.unmount_callable();
+    let session_thread = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || {
+            let result = session.run();
+            // Wake the main thread: the kernel ended the session (an unmount).
+            // SAFETY: kill with our own pid and a valid signal.
+            unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
+            result
+        })
+        .map_err(MountError::Daemon)?;
+    tracing::info!(mountpoint = %args.mountpoint.display(), data = %args.data_dir.display(), "mounted");
+    if let Some(mut pipe) = ready.take() {
+        let _ = pipe.write_all(b"ready");
+    }
+
+    let mut signal = 0;
+    // SAFETY: waits on the set initialised above; `signal` receives the number.
+    unsafe { libc::sigwait(&signals, &mut signal) };
+    if signal != libc::SIGUSR1 {
+        tracing::info!(signal, "unmounting on signal");
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!(error = %e, "unmount failed");
+        }
+    }
+    match session_thread.join() {
+        Ok(Err(e)) => tracing::warn!(error = %e, "FUSE session ended with an error"),
+        Err(_) => tracing::error!("FUSE session thread panicked"),
+        Ok(Ok(())) => {}
+    }
+    volume.shutdown()?;
+    tracing::info!("unmounted cleanly");
+    Ok(())
+}
+
+/// Opens the volume; a daemon of the same data dir that is still shutting down (after a
+/// `umount`) gets a few seconds to let go of the lock.
+fn open_volume(args: &MountArgs) -> Result<Volume, MountError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Volume::open(&args.data_dir, &args.volume) {
+            Err(volume::Error::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            result => return Ok(result?),
+        }
+    }
+}
+
+fn mount_config(args: &MountArgs) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(fs_name(&args.data_dir)),
+        MountOption::Subtype("snapfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    config.acl = if args.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    config
+}
+
+/// The mount's source as /proc/mounts shows it: `snapfs:DATA_DIR`, so `snapfs umount` can
+/// find the daemon. Paths that mount options cannot carry fall back to plain `snapfs`.
+fn fs_name(data_dir: &Path) -> String {
+    let path = data_dir.to_string_lossy();
+    if path.contains(|c: char| c == ',' || c.is_whitespace() || c == '\\') {
+        "snapfs".into()
+    } else {
+        format!("snapfs:{path}")
+    }
+}
+
+/// Unmounts `mountpoint` and waits for its daemon to finish flushing and exit.
+pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
+    let mountpoint = fs::canonicalize(mountpoint).map_err(|source| MountError::Mountpoint {
+        path: mountpoint.to_owned(),
+        source,
+    })?;
+    let source = mount_source(&mountpoint).ok_or_else(|| {
+        MountError::Reported(format!("{} is not a snapfs mount", mountpoint.display()))
+    })?;
+    let daemon_pid = source
+        .strip_prefix("snapfs:")
+        .and_then(|dir| fs::read_to_string(Path::new(dir).join("lock")).ok())
+        .and_then(|pid| pid.trim().parse::<i32>().ok());
+    let c_path = CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| MountError::Reported("mountpoint contains a NUL byte".into()))?;
+    // SAFETY: umount2 reads the NUL-terminated path.
+    if unsafe { libc::umount2(c_path.as_ptr(), 0) } != 0 {
+        let err = std::io::Error::last_os_error();
+        let fallback = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(&mountpoint)
+            .status();
+        if !fallback.is_ok_and(|s| s.success()) {
+            return Err(MountError::Mountpoint {
+                path: mountpoint,
+                source: err,
+            });
+        }
+    }
+    if let Some(pid) = daemon_pid {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // SAFETY: signal 0 only checks that the process exists.
+        while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// The source of the FUSE mount at `mountpoint`, from /proc/self/mountinfo.
+fn mount_source(mountpoint: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let wanted = mountpoint.to_string_lossy();
+    info.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let separator = fields.iter().position(|f| *f == "-")?;
+        let fs_type = fields.get(separator + 1)?;
+        let source = fields.get(separator + 2)?;
+        (fields.get(4)? == &wanted && fs_type.starts_with("fuse") && source.starts_with("snapfs"))
+            .then(|| source.to_string())
+    })
+}

@@ -1,0 +1,12 @@
+//! snapfs: a FUSE filesystem with instant, incremental, EBS-style snapshots.
+//!
+//! Layers, from the kernel down: `fuse` translates requests; `volume` is the core (the
+//! namespace, write buffers, snapshots); `catalog` holds every SQL statement; `blocks` is
+//! the local content-addressed store. `daemon` runs a mount's lifecycle.
+
+pub mod blocks;
+pub mod catalog;
+pub mod daemon;
+pub mod fuse;
+pub mod sync;
+pub mod volume;

@@ -1,0 +1,462 @@
+//! File data: per-file buffers of dirty blocks, reads through them, and flushing them into
+//! the block store and the catalog.
+//!
+//! Invariant: no block (stored or buffered) holds bytes at or past the file's size, so a
+//! file that grows reads zeros there without anyone writing them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{Attr, Error, NodeId, Result, SetAttr, View, Volume, apply_setattr, now};
+use crate::blocks::BlockHash;
+use crate::catalog::{InodeRow, Kind, LIVE};
+use crate::sync::{Mutex, lock};
+
+/// Largest file size: offsets must fit in an off_t.
+const MAX_FILE_SIZE: u64 = i64::MAX as u64;
+
+/// The in-memory state of a live file while it is open: the authority for its size and
+/// times until flushed.
+pub(super) struct FileState {
+    pub size: u64,
+    pub mtime: i64,
+    pub ctime: i64,
+    /// Changed blocks by index, each at most a block long and never past `size`.
+    dirty: BTreeMap<u64, Vec<u8>>,
+    /// Bytes held in `dirty`, as counted in the volume's `dirty_bytes`.
+    buffered: u64,
+    /// Size, times or blocks differ from the catalog.
+    changed: bool,
+    /// Smallest size truncated to since the last flush: catalog blocks past it are stale.
+    truncated_to: Option<u64>,
+    /// Open handles; the state goes when the last one is released and it is clean.
+    opens: u32,
+    dirty_since: Option<Instant>,
+}
+
+impl FileState {
+    fn new(row: &InodeRow) -> FileState {
+        FileState {
+            size: row.size,
+            mtime: row.mtime,
+            ctime: row.ctime,
+            dirty: BTreeMap::new(),
+            buffered: 0,
+            changed: false,
+            truncated_to: None,
+            opens: 0,
+            dirty_since: None,
+        }
+    }
+
+    /// Whether the catalog block `idx` may be used: not cut off by a pending truncate.
+    fn catalog_block_valid(&self, idx: u64, block_size: u64) -> bool {
+        self.truncated_to
+            .is_none_or(|t| idx < t.div_ceil(block_size))
+    }
+
+    fn mark_changed(&mut self) {
+        self.changed = true;
+        self.dirty_since.get_or_insert_with(Instant::now);
+    }
+}
+
+/// Copies the part of `block` (the block starting at file offset `block_start`) that falls
+/// in `out` (which starts at file offset `out_start`).
+fn copy_overlap(out: &mut [u8], out_start: u64, block_start: u64, block: &[u8]) {
+    let from = out_start.max(block_start);
+    let to = (out_start + out.len() as u64).min(block_start + block.len() as u64);
+    if from < to {
+        let len = (to - from) as usize;
+        let dst = (from - out_start) as usize;
+        let src = (from - block_start) as usize;
+        out[dst..dst + len].copy_from_slice(&block[src..src + len]);
+    }
+}
+
+impl Volume {
+    /// The state of live file `ino`, loaded from the catalog if it has none yet.
+    fn file_state(&self, ino: u64) -> Result<Arc<Mutex<FileState>>> {
+        if let Some(state) = lock(&self.files).get(&ino) {
+            return Ok(state.clone());
+        }
+        let row = self.row(NodeId::live(ino))?;
+        if row.kind != Kind::File {
+            return Err(if row.kind == Kind::Dir {
+                Error::IsDir
+            } else {
+                Error::Invalid("not a regular file")
+            });
+        }
+        let fresh = Arc::new(Mutex::new(FileState::new(&row)));
+        Ok(lock(&self.files).entry(ino).or_insert(fresh).clone())
+    }
+
+    /// Forgets the state of a file no one has open once it is clean.
+    fn drop_state_if_idle(&self, ino: u64, state: &FileState) {
+        if state.opens == 0 && !state.changed {
+            lock(&self.files).remove(&ino);
+        }
+    }
+
+    /// Opens a file for I/O. Writing into a snapshot is refused.
+    pub fn open_file(&self, node: NodeId, write: bool) -> Result<()> {
+        if node.view != View::Live {
+            return if write { Err(Error::ReadOnly) } else { Ok(()) };
+        }
+        let row = self.row(node)?;
+        if row.kind != Kind::File {
+            return if row.kind == Kind::Dir && write {
+                Err(Error::IsDir)
+            } else {
+                Ok(())
+            };
+        }
+        let state = self.file_state(node.ino)?;
+        lock(&state).opens += 1;
+        Ok(())
+    }
+
+    /// Creates and opens a regular file.
+    pub fn create(
+        &self,
+        parent: NodeId,
+        name: &[u8],
+        mode: u32,
+        caller: super::Caller,
+    ) -> Result<Attr> {
+        let attr = self.mknod(parent, name, (mode & 0o7777) | libc::S_IFREG, 0, caller)?;
+        self.open_file(attr.node, true)?;
+        Ok(attr)
+    }
+
+    /// Last close of one handle: flush, and free the file if it was unlinked meanwhile.
+    pub fn release(&self, node: NodeId) -> Result<()> {
+        if node.view != View::Live {
+            return Ok(());
+        }
+        let Some(state) = lock(&self.files).get(&node.ino).cloned() else {
+            return Ok(());
+        };
+        let mut state = lock(&state);
+        let flushed = self.flush_locked(node.ino, &mut state);
+        state.opens = state.opens.saturating_sub(1);
+        let last = state.opens == 0;
+        self.drop_state_if_idle(node.ino, &state);
+        drop(state);
+        flushed?;
+        if last {
+            let unlinked = lock(&self.catalog).write(|tx| {
+                let unlinked = tx.inode(LIVE, node.ino)?.is_some_and(|r| r.nlink == 0);
+                if unlinked {
+                    tx.retire_inode(node.ino)?;
+                }
+                Ok::<_, Error>(unlinked)
+            })?;
+            if unlinked {
+                self.collect_garbage()?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, node: NodeId, offset: u64, len: u32) -> Result<Vec<u8>> {
+        let view = self.view_generation(node.view)?;
+        let state = match node.view {
+            View::Live => lock(&self.files).get(&node.ino).cloned(),
+            View::Snapshot(_) => None,
+        };
+        let state = state.as_ref().map(|s| lock(s));
+        let size = match &state {
+            Some(state) => state.size,
+            None => {
+                let row = self.row(node)?;
+                if row.kind == Kind::Dir {
+                    return Err(Error::IsDir);
+                }
+                row.size
+            }
+        };
+        if offset >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = size.min(offset + u64::from(len));
+        let mut out = vec![0; (end - offset) as usize];
+        let bs = self.block_size;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let mapped =
+            lock(&self.catalog).read(|tx| tx.blocks_in_range(view, node.ino, first, last))?;
+        for (idx, hash) in mapped {
+            if let Some(state) = &state
+                && (state.dirty.contains_key(&idx) || !state.catalog_block_valid(idx, bs))
+            {
+                continue;
+            }
+            let block = self.blocks.get(&hash)?;
+            copy_overlap(&mut out, offset, idx * bs, &block);
+        }
+        if let Some(state) = &state {
+            for (&idx, block) in state.dirty.range(first..=last) {
+                copy_overlap(&mut out, offset, idx * bs, block);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The current content of block `idx` as a starting point for a partial write.
+    fn block_for_update(&self, ino: u64, idx: u64, state: &FileState) -> Result<Vec<u8>> {
+        let bs = self.block_size;
+        if idx * bs >= state.size || !state.catalog_block_valid(idx, bs) {
+            return Ok(Vec::new());
+        }
+        let mapped = lock(&self.catalog).read(|tx| tx.blocks_in_range(LIVE, ino, idx, idx))?;
+        let Some((_, hash)) = mapped.first() else {
+            return Ok(Vec::new());
+        };
+        let block = self.blocks.get(hash)?;
+        let keep = ((state.size - idx * bs) as usize).min(block.len());
+        Ok(block[..keep].to_vec())
+    }
+
+    pub fn write(&self, node: NodeId, offset: u64, data: &[u8]) -> Result<u32> {
+        Self::writable(node)?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&end| end <= MAX_FILE_SIZE)
+            .ok_or(Error::FileTooBig)?;
+        let state = self.file_state(node.ino)?;
+        let mut state = lock(&state);
+        let bs = self.block_size;
+        let mut pos = offset;
+        while pos < end {
+            let idx = pos / bs;
+            let in_block = (pos % bs) as usize;
+            let n = ((bs - in_block as u64).min(end - pos)) as usize;
+            if !state.dirty.contains_key(&idx) {
+                let base = if in_block == 0 && n as u64 == bs {
+                    Vec::with_capacity(n)
+                } else {
+                    self.block_for_update(node.ino, idx, &state)?
+                };
+                state.buffered += base.len() as u64;
+                self.dirty_bytes
+                    .fetch_add(base.len() as u64, Ordering::Relaxed);
+                state.dirty.insert(idx, base);
+            }
+            let block = state.dirty.get_mut(&idx).ok_or(Error::NotFound)?;
+            let grown = (in_block + n).saturating_sub(block.len());
+            if grown > 0 {
+                block.resize(in_block + n, 0);
+            }
+            let src = (pos - offset) as usize;
+            block[in_block..in_block + n].copy_from_slice(&data[src..src + n]);
+            state.buffered += grown as u64;
+            self.dirty_bytes.fetch_add(grown as u64, Ordering::Relaxed);
+            pos += n as u64;
+        }
+        state.size = state.size.max(end);
+        let time = now();
+        state.mtime = time;
+        state.ctime = time;
+        state.mark_changed();
+        if self.dirty_bytes.load(Ordering::Relaxed) > self.dirty_limit {
+            self.flush_locked(node.ino, &mut state)?;
+        }
+        drop(state);
+        if self.dirty_bytes.load(Ordering::Relaxed) > self.dirty_limit {
+            // Others' buffers fill memory too: bound it whatever the write pattern.
+            self.flush_all()?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// Sets the size of an open (or about to be flushed) file.
+    fn truncate_locked(&self, ino: u64, state: &mut FileState, size: u64) -> Result<()> {
+        if size > MAX_FILE_SIZE {
+            return Err(Error::FileTooBig);
+        }
+        let bs = self.block_size;
+        if size < state.size {
+            let tail = (size % bs) as usize;
+            let tail_idx = size / bs;
+            if tail != 0 && !state.dirty.contains_key(&tail_idx) {
+                let base = self.block_for_update(ino, tail_idx, state)?;
+                state.buffered += base.len() as u64;
+                self.dirty_bytes
+                    .fetch_add(base.len() as u64, Ordering::Relaxed);
+                state.dirty.insert(tail_idx, base);
+            }
+            let beyond = state.dirty.split_off(&size.div_ceil(bs));
+            let mut freed: u64 = beyond.values().map(|b| b.len() as u64).sum();
+            if let Some(block) = state.dirty.get_mut(&tail_idx)
+                && tail != 0
+                && block.len() > tail
+            {
+                freed += (block.len() - tail) as u64;
+                block.truncate(tail);
+            }
+            state.buffered -= freed;
+            self.dirty_bytes.fetch_sub(freed, Ordering::Relaxed);
+            state.truncated_to = Some(state.truncated_to.map_or(size, |t| t.min(size)));
+        }
+        if size != state.size {
+            state.size = size;
+            let time = now();
+            state.mtime = time;
+            state.ctime = time;
+            state.mark_changed();
+        }
+        Ok(())
+    }
+
+    /// setattr of a regular file: size goes through its buffers, the rest to the catalog.
+    pub(super) fn setattr_file(&self, ino: u64, set: SetAttr) -> Result<Attr> {
+        let state = self.file_state(ino)?;
+        let mut state = lock(&state);
+        if let Some(size) = set.size {
+            self.truncate_locked(ino, &mut state, size)?;
+        }
+        self.flush_locked(ino, &mut state)?;
+        let row = lock(&self.catalog).write(|tx| {
+            let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
+            apply_setattr(&mut row, &set, now());
+            tx.update_inode(&row)?;
+            Ok::<_, Error>(row)
+        })?;
+        state.mtime = row.mtime;
+        state.ctime = row.ctime;
+        self.drop_state_if_idle(ino, &state);
+        Ok(Attr::from_row(View::Live, &row))
+    }
+
+    /// Writes a file's buffered changes to the block store and the catalog, in one
+    /// transaction. On failure the buffers stay, so nothing is lost and a later flush
+    /// retries.
+    fn flush_locked(&self, ino: u64, state: &mut FileState) -> Result<()> {
+        if !state.changed {
+            return Ok(());
+        }
+        let _adopting = crate::sync::read(&self.gc);
+        let mut staged = Vec::with_capacity(state.dirty.len());
+        for (&idx, block) in &state.dirty {
+            if block.iter().all(|&b| b == 0) {
+                staged.push((idx, None));
+                continue;
+            }
+            let hash = BlockHash::of(block);
+            self.blocks.put(&hash, block)?;
+            staged.push((idx, Some((hash, block.len() as u32))));
+        }
+        let bs = self.block_size;
+        lock(&self.catalog).write(|tx| {
+            let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
+            let mut alloc = row.alloc as i64;
+            if let Some(size) = state.truncated_to {
+                alloc += tx.unmap_blocks_from(ino, size.div_ceil(bs))?;
+            }
+            for (idx, block) in &staged {
+                alloc += tx.set_block(ino, *idx, block.as_ref().map(|(h, len)| (h, *len)))?;
+            }
+            row.size = state.size;
+            row.mtime = state.mtime;
+            row.ctime = state.ctime;
+            row.alloc = alloc.max(0) as u64;
+            tx.update_inode(&row)?;
+            Ok::<_, Error>(())
+        })?;
+        self.dirty_bytes
+            .fetch_sub(state.buffered, Ordering::Relaxed);
+        state.dirty.clear();
+        state.buffered = 0;
+        state.truncated_to = None;
+        state.changed = false;
+        state.dirty_since = None;
+        drop(_adopting);
+        self.collect_garbage()
+    }
+
+    /// close(2) of one descriptor: what was written becomes visible to the catalog (and so
+    /// to the next snapshot).
+    pub fn flush(&self, node: NodeId) -> Result<()> {
+        if node.view != View::Live {
+            return Ok(());
+        }
+        let Some(state) = lock(&self.files).get(&node.ino).cloned() else {
+            return Ok(());
+        };
+        self.flush_locked(node.ino, &mut lock(&state))
+    }
+
+    /// fsync(2): flush, then make it durable against a crash of the machine.
+    pub fn fsync(&self, node: NodeId) -> Result<()> {
+        self.flush(node)?;
+        self.blocks.sync()?;
+        Ok(())
+    }
+
+    pub fn flush_all(&self) -> Result<()> {
+        self.flush_where(|_| true)
+    }
+
+    /// Flushes files whose oldest unflushed change is older than `age` (the timer's job).
+    pub fn flush_older_than(&self, age: Duration) -> Result<()> {
+        self.flush_where(|state| state.dirty_since.is_some_and(|t| t.elapsed() >= age))
+    }
+
+    fn flush_where(&self, due: impl Fn(&FileState) -> bool) -> Result<()> {
+        let states: Vec<(u64, Arc<Mutex<FileState>>)> = lock(&self.files)
+            .iter()
+            .map(|(&ino, state)| (ino, state.clone()))
+            .collect();
+        let mut first_error = None;
+        for (ino, state) in states {
+            let mut state = lock(&state);
+            if due(&state)
+                && let Err(e) = self.flush_locked(ino, &mut state)
+            {
+                tracing::warn!(ino, error = %e, "flush failed; the data stays buffered");
+                first_error.get_or_insert(e);
+            }
+            self.drop_state_if_idle(ino, &state);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Starts the thread that flushes buffers a few seconds old, so a crash loses at most
+    /// those seconds of unsynced writes. It ends when the volume is dropped.
+    pub fn spawn_flusher(self: &Arc<Self>, age: Duration) -> std::io::Result<()> {
+        let volume = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("snapfs-flusher".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let Some(volume) = volume.upgrade() else {
+                        return;
+                    };
+                    let _ = volume.flush_older_than(age);
+                }
+            })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_overlap;
+
+    #[test]
+    fn copy_overlap_clips_both_ends() {
+        let mut out = [0u8; 4];
+        copy_overlap(&mut out, 10, 8, b"abcdefgh");
+        assert_eq!(&out, b"cdef");
+        let mut out = [9u8; 4];
+        copy_overlap(&mut out, 10, 12, b"xy");
+        assert_eq!(&out, b"\x09\x09xy");
+        let mut out = [0u8; 2];
+        copy_overlap(&mut out, 0, 4, b"zz");
+        assert_eq!(&out, b"\0\0");
+    }
+}
