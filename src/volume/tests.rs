@@ -1,1 +1,472 @@
+//! Core tests: the volume driven directly, with no kernel in the loop.
 
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+const ROOT: NodeId = NodeId {
+    view: View::Live,
+    ino: ROOT_INO,
+};
+const ME: Caller = Caller { uid: 0, gid: 0 };
+
+struct TestVolume {
+    dir: tempfile::TempDir,
+    volume: Option<Volume>,
+}
+
+impl TestVolume {
+    /// A fresh volume with small blocks so that short data spans several of them.
+    fn new() -> TestVolume {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let volume = Volume::open(dir.path(), &small_blocks()).expect("open volume");
+        TestVolume {
+            dir,
+            volume: Some(volume),
+        }
+    }
+
+    fn v(&self) -> &Volume {
+        self.volume.as_ref().expect("volume is open")
+    }
+
+    /// Closes and reopens the volume as a new mount would.
+    fn reopen(&mut self) {
+        if let Some(volume) = self.volume.take() {
+            volume.shutdown().expect("shutdown");
+        }
+        self.volume = Some(Volume::open(self.dir.path(), &small_blocks()).expect("reopen"));
+    }
+
+    fn stored_blocks(&self) -> usize {
+        let mut count = 0;
+        for shard in fs::read_dir(self.dir.path().join("blocks")).expect("blocks dir") {
+            let shard = shard.expect("entry").path();
+            if shard.file_name().is_some_and(|n| n != "tmp") {
+                count += fs::read_dir(shard).expect("shard").count();
+            }
+        }
+        count
+    }
+
+    fn create(&self, name: &str) -> NodeId {
+        let attr = self
+            .v()
+            .create(ROOT, name.as_bytes(), 0o644, ME)
+            .expect("create");
+        attr.node
+    }
+
+    fn write_file(&self, name: &str, data: &[u8]) -> NodeId {
+        let node = self.create(name);
+        self.v().write(node, 0, data).expect("write");
+        self.v().release(node).expect("release");
+        node
+    }
+
+    fn read_all(&self, node: NodeId) -> Vec<u8> {
+        let size = self.v().getattr(node).expect("getattr").size;
+        self.v().read(node, 0, size as u32).expect("read")
+    }
+}
+
+fn small_blocks() -> Options {
+    Options {
+        block_size: 4096,
+        dirty_limit: 64 * 1024,
+        cache_bytes: 64 * 1024,
+    }
+}
+
+/// Non-repeating, non-zero bytes (so no two blocks dedupe and none reads as a hole).
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    let mut state = u64::from(seed) * 0x9E37_79B9_7F4A_7C15 + 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state as u8) | 1
+        })
+        .collect()
+}
+
+#[test]
+fn write_read_across_blocks_and_reopen() {
+    let mut t = TestVolume::new();
+    let data = pattern(4096 * 3 + 100, 7);
+    let node = t.write_file("f", &data);
+    assert_eq!(t.read_all(node), data);
+    assert_eq!(
+        t.v().read(node, 4000, 200).expect("read"),
+        &data[4000..4200]
+    );
+    t.reopen();
+    let attr = t.v().lookup(ROOT, b"f").expect("lookup");
+    assert_eq!(attr.size, data.len() as u64);
+    assert_eq!(t.read_all(attr.node), data);
+}
+
+#[test]
+fn identical_blocks_are_stored_once() {
+    let t = TestVolume::new();
+    let block = pattern(4096, 3);
+    let twice = [block.clone(), block.clone()].concat();
+    t.write_file("a", &twice);
+    t.write_file("b", &block);
+    assert_eq!(t.stored_blocks(), 1);
+}
+
+#[test]
+fn sparse_files_store_nothing_for_holes() {
+    let t = TestVolume::new();
+    let node = t.create("sparse");
+    let set = SetAttr {
+        size: Some(1 << 40),
+        ..SetAttr::default()
+    };
+    t.v().setattr(node, set).expect("truncate up");
+    t.v()
+        .write(node, 1 << 30, b"x")
+        .expect("write in the middle");
+    t.v().release(node).expect("release");
+    let attr = t.v().getattr(node).expect("getattr");
+    assert_eq!(attr.size, 1 << 40);
+    assert!(attr.blocks <= 8, "st_blocks {} for one byte", attr.blocks);
+    assert_eq!(
+        t.v().read(node, (1 << 30) - 2, 4).expect("read"),
+        b"\0\0x\0"
+    );
+    assert_eq!(t.stored_blocks(), 1);
+}
+
+#[test]
+fn truncate_down_then_up_reads_zeros_in_the_cut_part() {
+    let t = TestVolume::new();
+    let node = t.write_file("f", &pattern(10_000, 1));
+    for size in [5000, 12_000] {
+        let set = SetAttr {
+            size: Some(size),
+            ..SetAttr::default()
+        };
+        t.v().setattr(node, set).expect("truncate");
+    }
+    let content = t.read_all(node);
+    assert_eq!(content.len(), 12_000);
+    assert_eq!(&content[..5000], &pattern(10_000, 1)[..5000]);
+    assert!(content[5000..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn overwritten_blocks_are_freed() {
+    let t = TestVolume::new();
+    let node = t.write_file("f", &pattern(8192, 1));
+    assert_eq!(t.stored_blocks(), 2);
+    t.v().open_file(node, true).expect("open");
+    t.v().write(node, 0, &pattern(8192, 2)).expect("overwrite");
+    t.v().release(node).expect("release");
+    assert_eq!(t.stored_blocks(), 2);
+    t.v().unlink(ROOT, b"f").expect("unlink");
+    assert_eq!(t.stored_blocks(), 0);
+}
+
+#[test]
+fn unlinked_open_file_lives_until_release() {
+    let t = TestVolume::new();
+    let node = t.write_file("f", b"still here");
+    t.v().open_file(node, false).expect("open");
+    t.v().unlink(ROOT, b"f").expect("unlink");
+    assert!(matches!(t.v().lookup(ROOT, b"f"), Err(Error::NotFound)));
+    assert_eq!(t.v().read(node, 0, 100).expect("read"), b"still here");
+    t.v().release(node).expect("release");
+    assert!(matches!(t.v().getattr(node), Err(Error::NotFound)));
+    assert_eq!(t.stored_blocks(), 0);
+}
+
+#[test]
+fn namespace_errors() {
+    let t = TestVolume::new();
+    let dir = t.v().mkdir(ROOT, b"d", 0o755, ME).expect("mkdir").node;
+    t.write_file("f", b"x");
+    let errno = |r: Result<Attr>| r.map(|_| ()).map_err(|e| e.errno());
+    assert_eq!(errno(t.v().mkdir(ROOT, b"d", 0o755, ME)), Err(libc::EEXIST));
+    assert_eq!(
+        errno(t.v().mkdir(ROOT, &[b'n'; 256], 0o755, ME)),
+        Err(libc::ENAMETOOLONG)
+    );
+    assert!(t.v().mkdir(ROOT, &[b'n'; 255], 0o755, ME).is_ok());
+    let f = t.v().lookup(ROOT, b"f").expect("f").node;
+    assert_eq!(errno(t.v().mkdir(f, b"x", 0o755, ME)), Err(libc::ENOTDIR));
+    t.v().mkdir(dir, b"sub", 0o755, ME).expect("sub");
+    assert_eq!(
+        t.v().rmdir(ROOT, b"d").map_err(|e| e.errno()),
+        Err(libc::ENOTEMPTY)
+    );
+    assert_eq!(
+        t.v().unlink(ROOT, b"d").map_err(|e| e.errno()),
+        Err(libc::EISDIR)
+    );
+    assert_eq!(
+        t.v().rmdir(ROOT, b"f").map_err(|e| e.errno()),
+        Err(libc::ENOTDIR)
+    );
+    assert_eq!(
+        t.v()
+            .rename(ROOT, b"d", dir, b"inside", 0)
+            .map_err(|e| e.errno()),
+        Err(libc::EINVAL)
+    );
+    assert_eq!(t.v().getattr(dir).expect("d").nlink, 3);
+}
+
+#[test]
+fn rename_exchange_and_noreplace() {
+    let t = TestVolume::new();
+    t.write_file("a", b"A");
+    t.write_file("b", b"B");
+    assert_eq!(
+        t.v()
+            .rename(ROOT, b"a", ROOT, b"b", libc::RENAME_NOREPLACE)
+            .map_err(|e| e.errno()),
+        Err(libc::EEXIST)
+    );
+    t.v()
+        .rename(ROOT, b"a", ROOT, b"b", libc::RENAME_EXCHANGE)
+        .expect("exchange");
+    let read = |name: &[u8]| t.read_all(t.v().lookup(ROOT, name).expect("lookup").node);
+    assert_eq!(read(b"a"), b"B");
+    assert_eq!(read(b"b"), b"A");
+    t.v().rename(ROOT, b"a", ROOT, b"b", 0).expect("replace");
+    assert_eq!(read(b"b"), b"B");
+    assert!(matches!(t.v().lookup(ROOT, b"a"), Err(Error::NotFound)));
+    assert_eq!(t.stored_blocks(), 1);
+}
+
+#[test]
+fn xattr_flags_and_errors() {
+    let t = TestVolume::new();
+    let node = t.write_file("f", b"x");
+    let v = t.v();
+    v.setxattr(node, b"user.k", b"v1", 0).expect("set");
+    assert_eq!(
+        v.setxattr(node, b"user.k", b"v2", XATTR_CREATE)
+            .map_err(|e| e.errno()),
+        Err(libc::EEXIST)
+    );
+    assert_eq!(
+        v.setxattr(node, b"user.new", b"v", XATTR_REPLACE)
+            .map_err(|e| e.errno()),
+        Err(libc::ENODATA)
+    );
+    v.setxattr(node, b"user.k", b"v2", XATTR_REPLACE)
+        .expect("replace");
+    assert_eq!(v.getxattr(node, b"user.k").expect("get"), b"v2");
+    assert_eq!(v.listxattr(node).expect("list"), vec![b"user.k".to_vec()]);
+    v.removexattr(node, b"user.k").expect("remove");
+    assert_eq!(
+        v.getxattr(node, b"user.k").map_err(|e| e.errno()),
+        Err(libc::ENODATA)
+    );
+    assert_eq!(
+        v.setxattr(node, b"system.posix_acl_access", b"", 0)
+            .map_err(|e| e.errno()),
+        Err(libc::EOPNOTSUPP)
+    );
+}
+
+#[test]
+fn second_open_of_a_data_dir_is_refused() {
+    let t = TestVolume::new();
+    match Volume::open(t.dir.path(), &small_blocks()) {
+        Err(Error::Locked { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
+        other => panic!("expected Locked, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// One step of the random-operation property test.
+#[derive(Clone, Debug)]
+enum Op {
+    Write {
+        file: usize,
+        offset: u64,
+        len: usize,
+        seed: u8,
+    },
+    Truncate {
+        file: usize,
+        size: u64,
+    },
+    Rename {
+        from: usize,
+        to: usize,
+    },
+    Link {
+        from: usize,
+        to: usize,
+    },
+    Unlink {
+        file: usize,
+    },
+    Flush {
+        file: usize,
+    },
+    Reopen,
+}
+
+const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+
+fn op() -> impl Strategy<Value = Op> {
+    let file = 0..NAMES.len();
+    prop_oneof![
+        4 => (file.clone(), 0..20_000u64, 1..9000usize, any::<u8>())
+            .prop_map(|(file, offset, len, seed)| Op::Write { file, offset, len, seed }),
+        2 => (file.clone(), 0..24_000u64).prop_map(|(file, size)| Op::Truncate { file, size }),
+        1 => (file.clone(), file.clone()).prop_map(|(from, to)| Op::Rename { from, to }),
+        1 => (file.clone(), file.clone()).prop_map(|(from, to)| Op::Link { from, to }),
+        1 => file.clone().prop_map(|file| Op::Unlink { file }),
+        1 => file.prop_map(|file| Op::Flush { file }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// The model: names to inode keys, inode keys to contents (hard links share a key).
+#[derive(Default)]
+struct Model {
+    names: BTreeMap<&'static str, usize>,
+    files: BTreeMap<usize, Vec<u8>>,
+    next: usize,
+}
+
+impl Model {
+    fn file_mut(&mut self, name: &'static str) -> &mut Vec<u8> {
+        let next = &mut self.next;
+        let key = *self.names.entry(name).or_insert_with(|| {
+            *next += 1;
+            *next
+        });
+        self.files.entry(key).or_default()
+    }
+}
+
+fn node_for(t: &TestVolume, name: &str) -> NodeId {
+    match t.v().lookup(ROOT, name.as_bytes()) {
+        Ok(attr) => attr.node,
+        Err(Error::NotFound) => {
+            let node = t.create(name);
+            t.v().release(node).expect("release");
+            node
+        }
+        Err(e) => panic!("lookup {name}: {e}"),
+    }
+}
+
+fn apply(t: &mut TestVolume, model: &mut Model, op: &Op) {
+    match *op {
+        Op::Write {
+            file,
+            offset,
+            len,
+            seed,
+        } => {
+            let data = pattern(len, seed);
+            let node = node_for(t, NAMES[file]);
+            t.v().write(node, offset, &data).expect("write");
+            let content = model.file_mut(NAMES[file]);
+            let end = offset as usize + len;
+            if content.len() < end {
+                content.resize(end, 0);
+            }
+            content[offset as usize..end].copy_from_slice(&data);
+        }
+        Op::Truncate { file, size } => {
+            let node = node_for(t, NAMES[file]);
+            let set = SetAttr {
+                size: Some(size),
+                ..SetAttr::default()
+            };
+            t.v().setattr(node, set).expect("truncate");
+            model.file_mut(NAMES[file]).resize(size as usize, 0);
+        }
+        Op::Rename { from, to } => {
+            let result = t
+                .v()
+                .rename(ROOT, NAMES[from].as_bytes(), ROOT, NAMES[to].as_bytes(), 0);
+            match model.names.get(NAMES[from]).copied() {
+                None => assert!(matches!(result, Err(Error::NotFound))),
+                Some(key) => {
+                    result.expect("rename");
+                    // Renaming between two links of one file does nothing (POSIX).
+                    if model.names.get(NAMES[to]) != Some(&key) {
+                        model.names.remove(NAMES[from]);
+                        model.names.insert(NAMES[to], key);
+                    }
+                }
+            }
+        }
+        Op::Link { from, to } => {
+            let result = t
+                .v()
+                .lookup(ROOT, NAMES[from].as_bytes())
+                .and_then(|attr| t.v().link(attr.node, ROOT, NAMES[to].as_bytes()));
+            match (
+                model.names.get(NAMES[from]).copied(),
+                model.names.get(NAMES[to]),
+            ) {
+                (None, _) => assert!(matches!(result, Err(Error::NotFound))),
+                (Some(_), Some(_)) => assert!(matches!(result, Err(Error::Exists))),
+                (Some(key), None) => {
+                    result.expect("link");
+                    model.names.insert(NAMES[to], key);
+                }
+            }
+        }
+        Op::Unlink { file } => {
+            let result = t.v().unlink(ROOT, NAMES[file].as_bytes());
+            match model.names.remove(NAMES[file]) {
+                None => assert!(matches!(result, Err(Error::NotFound))),
+                Some(_) => result.expect("unlink"),
+            }
+        }
+        Op::Flush { file } => {
+            if let Ok(attr) = t.v().lookup(ROOT, NAMES[file].as_bytes()) {
+                t.v().flush(attr.node).expect("flush");
+            }
+        }
+        Op::Reopen => t.reopen(),
+    }
+}
+
+fn check(t: &TestVolume, model: &Model) {
+    for name in NAMES {
+        match model.names.get(name) {
+            None => assert!(matches!(
+                t.v().lookup(ROOT, name.as_bytes()),
+                Err(Error::NotFound)
+            )),
+            Some(key) => {
+                let node = t.v().lookup(ROOT, name.as_bytes()).expect("lookup").node;
+                let expected = &model.files[key];
+                assert_eq!(t.read_all(node).len(), expected.len(), "size of {name}");
+                assert!(t.read_all(node) == *expected, "content of {name}");
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_operations_match_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let mut t = TestVolume::new();
+        let mut model = Model::default();
+        for op in &ops {
+            apply(&mut t, &mut model, op);
+            check(&t, &model);
+        }
+        t.reopen();
+        check(&t, &model);
+    }
+}
