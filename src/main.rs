@@ -49,6 +49,11 @@ enum Command {
         #[arg(long, value_name = "SIZE", value_parser = parse_block_size,
               default_value_t = volume::DEFAULT_BLOCK_SIZE)]
         block_size: u32,
+        /// Whether the root's listing shows `.snapshots`. Hidden by default so find, du or
+        /// rsync walking the volume do not walk every snapshot; it is reachable by name
+        /// either way.
+        #[arg(long, value_enum, default_value_t = SnapdirMode::Hidden)]
+        snapdir: SnapdirMode,
     },
     /// Unmount a snapfs mount, waiting until its daemon has flushed everything and exited.
     #[command(after_help = "Example:\n  snapfs umount ~/work")]
@@ -56,6 +61,12 @@ enum Command {
         /// The mountpoint to unmount.
         mountpoint: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SnapdirMode {
+    Hidden,
+    Visible,
 }
 
 /// Parses sizes such as 65536, 64K, 256KiB or 1M.
@@ -108,6 +119,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             foreground,
             allow_other,
             block_size,
+            snapdir,
         } => {
             let data_dir = match data {
                 Some(dir) => dir,
@@ -120,6 +132,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 allow_other,
                 volume: volume::Options {
                     block_size,
+                    snapdir_visible: snapdir == SnapdirMode::Visible,
                     ..volume::Options::default()
                 },
             })?;

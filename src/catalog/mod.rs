@@ -143,6 +143,8 @@ pub struct SnapshotRow {
     pub generation: u64,
     pub created: i64,
     pub state: String,
+    /// Bytes of all regular files when the snapshot was taken.
+    pub logical_bytes: u64,
 }
 
 impl TryFrom<&Row<'_>> for SnapshotRow {
@@ -154,11 +156,12 @@ impl TryFrom<&Row<'_>> for SnapshotRow {
             generation: row.get(2)?,
             created: row.get(3)?,
             state: row.get(4)?,
+            logical_bytes: row.get(5)?,
         })
     }
 }
 
-const SNAPSHOT_COLUMNS: &str = "id, name, generation, created, state";
+const SNAPSHOT_COLUMNS: &str = "id, name, generation, created, state, logical_bytes";
 
 /// The inode number of the live root directory (FUSE's root id).
 pub const ROOT_INO: u64 = 1;
@@ -316,33 +319,44 @@ impl Catalog {
 
     /// Pins the live generation as a new snapshot and starts the next one. O(1): no row is
     /// copied.
-    pub fn create_snapshot(
-        &mut self,
-        name: &[u8],
-        created: i64,
-        state: &str,
-    ) -> Result<SnapshotRow> {
+    pub fn create_snapshot(&mut self, name: &[u8], created: i64, state: &str) -> Result<SnapshotRow> {
         let g = self.generation;
         let tx = self.conn.transaction()?;
-        let id: u64 = tx.query_row(
-            "INSERT INTO snapshots (name, generation, created, state) VALUES (?1, ?2, ?3, ?4)
-             RETURNING id",
+        let row = tx.query_row(
+            &format!(
+                "INSERT INTO snapshots (name, generation, created, state, logical_bytes)
+                 VALUES (?1, ?2, ?3, ?4, (SELECT value FROM meta WHERE key = 'live_bytes'))
+                 RETURNING {SNAPSHOT_COLUMNS}"
+            ),
             params![name, g, created, state],
-            |r| r.get(0),
-        )?;
-        tx.execute(
-            "UPDATE meta SET value = ?1 WHERE key = 'generation'",
-            [g + 1],
-        )?;
+            |r| Ok(SnapshotRow::try_from(r)),
+        )??;
+        tx.execute("UPDATE meta SET value = ?1 WHERE key = 'generation'", [g + 1])?;
         tx.commit()?;
         self.generation = g + 1;
-        Ok(SnapshotRow {
-            id,
-            name: name.to_vec(),
-            generation: g,
-            created,
-            state: state.to_owned(),
-        })
+        Ok(row)
+    }
+
+    /// Deletes snapshot `id` and every row only it could see (see `exclusive_rows`).
+    /// Returns the blocks no longer referenced, for the caller to delete.
+    pub fn delete_snapshot(&mut self, id: u64) -> Result<Vec<BlockHash>> {
+        let live = self.generation;
+        let tx = self.conn.transaction()?;
+        let freed = {
+            let t = Tx {
+                conn: &tx,
+                g: live,
+            };
+            let bounds = t.snapshot_bounds(id)?;
+            tx.execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
+            for table in ["inodes", "dentries", "blockmap", "xattrs"] {
+                let sql = format!("DELETE FROM {table} WHERE {}", exclusive_rows("", &bounds));
+                tx.execute(&sql, [])?;
+            }
+            t.take_unreferenced_blocks()?
+        };
+        tx.commit()?;
+        Ok(freed)
     }
 
     /// Makes the catalog's latest commits durable against power loss too.
@@ -370,6 +384,28 @@ fn migrate(conn: &Connection, path: &Path) -> Result<()> {
         ))?;
     }
     Ok(())
+}
+
+/// The generations around snapshot g: the snapshot before it (0 if none) and the one after
+/// it (the live generation if none).
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotBounds {
+    pub previous: u64,
+    pub generation: u64,
+    pub next: u64,
+}
+
+/// The rows (of table alias `t`, or none with "") visible to snapshot `b.generation` and
+/// to no other snapshot nor the live view: born after the previous snapshot, dead by the
+/// next one. Deleting the snapshot deletes exactly these.
+fn exclusive_rows(alias: &str, b: &SnapshotBounds) -> String {
+    format!(
+        "{alias}death IS NOT NULL AND {alias}death > {g} AND {alias}death <= {next} \
+         AND {alias}birth > {prev}",
+        g = b.generation,
+        next = b.next,
+        prev = b.previous
+    )
 }
 
 /// Visibility of a versioned row to view generation `?g`: the live view (`LIVE`) sees
@@ -684,6 +720,69 @@ impl Tx<'_> {
 
     pub fn xattr_remove(&self, ino: u64, name: &[u8]) -> Result<()> {
         self.retire("xattrs", "ino = ?1 AND name = ?2", &[&ino, &name])
+    }
+
+    /// The generations before and after snapshot `id`.
+    pub fn snapshot_bounds(&self, id: u64) -> Result<SnapshotBounds> {
+        let generation: u64 = self
+            .conn
+            .query_row("SELECT generation FROM snapshots WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| Error::Corrupt(format!("no snapshot {id}")))?;
+        let (previous, next): (Option<u64>, Option<u64>) = self.conn.query_row(
+            "SELECT (SELECT max(generation) FROM snapshots WHERE generation < ?1),
+                    (SELECT min(generation) FROM snapshots WHERE generation > ?1)",
+            [generation],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok(SnapshotBounds {
+            previous: previous.unwrap_or(0),
+            generation,
+            next: next.unwrap_or(self.g),
+        })
+    }
+
+    /// Bytes of stored blocks that only snapshot `id` references: what deleting it frees
+    /// (like ZFS's `used`). Reads only the block-map rows that died after it.
+    pub fn exclusive_bytes(&self, id: u64) -> Result<u64> {
+        let bounds = self.snapshot_bounds(id)?;
+        let sql = format!(
+            "SELECT coalesce(sum(b.len), 0) FROM blockmap m JOIN blocks b ON b.hash = m.hash
+             WHERE {} AND b.refs = 1",
+            exclusive_rows("m.", &bounds)
+        );
+        Ok(self.conn.query_row(&sql, [], |r| r.get(0))?)
+    }
+
+    pub fn rename_snapshot(&self, id: u64, name: &[u8]) -> Result<()> {
+        self.conn
+            .execute("UPDATE snapshots SET name = ?2 WHERE id = ?1", params![id, name])?;
+        Ok(())
+    }
+
+    pub fn snapshot_tags(&self, id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key, value FROM snapshot_tags WHERE snapshot = ?1 ORDER BY key")?;
+        let tags = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(tags.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn set_snapshot_tag(&self, id: u64, key: &[u8], value: &[u8]) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO snapshot_tags (snapshot, key, value) VALUES (?1, ?2, ?3)
+             ON CONFLICT (snapshot, key) DO UPDATE SET value = excluded.value",
+            params![id, key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a tag; whether it existed.
+    pub fn remove_snapshot_tag(&self, id: u64, key: &[u8]) -> Result<bool> {
+        Ok(self.conn.execute(
+            "DELETE FROM snapshot_tags WHERE snapshot = ?1 AND key = ?2",
+            params![id, key],
+        )? > 0)
     }
 
     pub fn snapshots(&self) -> Result<Vec<SnapshotRow>> {

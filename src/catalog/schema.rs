@@ -4,7 +4,7 @@
 //! generation G (`death IS NULL`), snapshot g sees `birth <= g AND (death IS NULL OR death > g)`.
 
 /// Migrations in order; `MIGRATIONS[i]` takes the schema from version i to i + 1.
-pub const MIGRATIONS: &[&str] = &[V1];
+pub const MIGRATIONS: &[&str] = &[V1, V2];
 
 const V1: &str = r#"
 CREATE TABLE meta (
@@ -92,4 +92,36 @@ CREATE TABLE snapshot_tags (
     value    BLOB NOT NULL,
     PRIMARY KEY (snapshot, key)
 ) WITHOUT ROWID;
+"#;
+
+/// Snapshot support: indexes on generations, so deleting a snapshot or sizing what only it
+/// holds reads just the rows whose life touches it; a live byte count kept by triggers, so
+/// a snapshot's logical size is recorded at creation without a scan.
+const V2: &str = r#"
+CREATE INDEX inodes_death ON inodes(death) WHERE death IS NOT NULL;
+CREATE INDEX dentries_death ON dentries(death) WHERE death IS NOT NULL;
+CREATE INDEX blockmap_death ON blockmap(death) WHERE death IS NOT NULL;
+CREATE INDEX xattrs_death ON xattrs(death) WHERE death IS NOT NULL;
+CREATE INDEX dentries_birth ON dentries(birth);
+CREATE INDEX inodes_birth ON inodes(birth);
+CREATE INDEX dentries_ino ON dentries(ino);
+
+ALTER TABLE snapshots ADD COLUMN logical_bytes INTEGER NOT NULL DEFAULT 0;
+
+INSERT INTO meta (key, value)
+    SELECT 'live_bytes', coalesce(sum(size), 0) FROM inodes WHERE death IS NULL AND kind = 1;
+CREATE TRIGGER inodes_bytes_insert AFTER INSERT ON inodes
+WHEN NEW.death IS NULL AND NEW.kind = 1 BEGIN
+    UPDATE meta SET value = value + NEW.size WHERE key = 'live_bytes';
+END;
+CREATE TRIGGER inodes_bytes_delete AFTER DELETE ON inodes
+WHEN OLD.death IS NULL AND OLD.kind = 1 BEGIN
+    UPDATE meta SET value = value - OLD.size WHERE key = 'live_bytes';
+END;
+CREATE TRIGGER inodes_bytes_update AFTER UPDATE ON inodes WHEN OLD.kind = 1 BEGIN
+    UPDATE meta SET value = value
+        - (CASE WHEN OLD.death IS NULL THEN OLD.size ELSE 0 END)
+        + (CASE WHEN NEW.death IS NULL THEN NEW.size ELSE 0 END)
+    WHERE key = 'live_bytes';
+END;
 "#;

@@ -226,6 +226,7 @@ impl Volume {
             .checked_add(data.len() as u64)
             .filter(|&end| end <= MAX_FILE_SIZE)
             .ok_or(Error::FileTooBig)?;
+        let _change = self.enter_change();
         let state = self.file_state(node.ino)?;
         let mut state = lock(&state);
         let bs = self.block_size;

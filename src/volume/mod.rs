@@ -5,8 +5,9 @@
 mod data;
 pub mod error;
 mod node;
+mod snapshots;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -16,11 +17,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::blocks::BlockStore;
-use crate::catalog::{Catalog, InodeRow, Kind, LIVE, ROOT_INO, Tx};
+use crate::catalog::{Catalog, InodeRow, Kind, LIVE, ROOT_INO, SnapshotRow, Tx};
 use crate::sync::{Mutex, RwLock, lock};
 
 use data::FileState;
 pub use error::{Error, Result};
+pub use snapshots::{SNAPDIR, SNAPDIR_NAME, SnapshotInfo, rfc3339};
 pub use node::{
     Attr, Caller, DirEntry, FsStats, NodeId, R_OK, SetAttr, SetTime, View, W_OK, X_OK, permits,
 };
@@ -39,6 +41,8 @@ pub struct Options {
     pub dirty_limit: u64,
     /// Bytes of verified blocks kept in memory for reads.
     pub cache_bytes: u64,
+    /// List `.snapshots` in the root directory (it is reachable by name either way).
+    pub snapdir_visible: bool,
 }
 
 impl Default for Options {
@@ -47,6 +51,7 @@ impl Default for Options {
             block_size: DEFAULT_BLOCK_SIZE,
             dirty_limit: 64 << 20,
             cache_bytes: 64 << 20,
+            snapdir_visible: false,
         }
     }
 }
@@ -75,6 +80,12 @@ pub struct Volume {
     /// Flushes hold it shared while their new blocks are not yet referenced; deleting
     /// unreferenced blocks holds it exclusively, so it never deletes one being adopted.
     gc: RwLock<()>,
+    /// Every change to the live namespace or data holds it shared; taking a snapshot holds
+    /// it exclusively, so a snapshot falls between two changes, never inside one.
+    gate: RwLock<()>,
+    /// Snapshots by id, mirrored from the catalog.
+    snapshots: RwLock<BTreeMap<u64, SnapshotRow>>,
+    snapdir_visible: bool,
 }
 
 pub fn now() -> i64 {
@@ -148,7 +159,11 @@ impl Volume {
             dirty_bytes: AtomicU64::new(0),
             dirty_limit: options.dirty_limit,
             gc: RwLock::new(()),
+            gate: RwLock::new(()),
+            snapshots: RwLock::new(BTreeMap::new()),
+            snapdir_visible: options.snapdir_visible,
         };
+        volume.load_snapshots()?;
         volume.remove_orphans()?;
         Ok(volume)
     }
@@ -186,15 +201,32 @@ impl Volume {
     fn view_generation(&self, view: View) -> Result<u64> {
         match view {
             View::Live => Ok(LIVE),
-            View::Snapshot(_) => Err(Error::NotFound),
+            View::Snapshot(id) => Ok(self.snapshot_row(id)?.generation),
         }
     }
 
+    /// Refuses changes inside snapshots and to the control directory's own contents.
     fn writable(node: NodeId) -> Result<()> {
         match node.view {
+            View::Live if node == SNAPDIR => Err(Error::NotPermitted(
+                "only mkdir, rmdir and rename work in .snapshots",
+            )),
             View::Live => Ok(()),
             View::Snapshot(_) => Err(Error::ReadOnly),
         }
+    }
+
+    /// Holds writers out of a snapshot being taken (see `gate`).
+    fn enter_change(&self) -> crate::sync::RwLockReadGuard<'_, ()> {
+        crate::sync::read(&self.gate)
+    }
+
+    /// `.snapshots` in the live root is not an ordinary entry: nothing may replace it.
+    fn check_not_snapdir(parent: NodeId, name: &[u8]) -> Result<()> {
+        if parent == NodeId::live(ROOT_INO) && name == SNAPDIR_NAME {
+            return Err(Error::NotPermitted(".snapshots cannot be changed"));
+        }
+        Ok(())
     }
 
     fn row(&self, node: NodeId) -> Result<InodeRow> {
@@ -220,13 +252,35 @@ impl Volume {
     }
 
     pub fn getattr(&self, node: NodeId) -> Result<Attr> {
+        if node == SNAPDIR {
+            return Ok(self.snapdir_attr(&self.row(NodeId::live(ROOT_INO))?));
+        }
         let row = self.row(node)?;
-        Ok(self.attr_of(node.view, &row))
+        match node.view {
+            View::Snapshot(id) if node.ino == ROOT_INO => self.snapshot_root_attr(id, &row),
+            _ => Ok(self.attr_of(node.view, &row)),
+        }
     }
 
     pub fn lookup(&self, parent: NodeId, name: &[u8]) -> Result<Attr> {
         if name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
+        }
+        if parent == SNAPDIR {
+            return match name {
+                b"." => self.getattr(SNAPDIR),
+                b".." => self.getattr(NodeId::live(ROOT_INO)),
+                _ => self.getattr(NodeId {
+                    view: View::Snapshot(self.snapshot_by_name(name)?.id),
+                    ino: ROOT_INO,
+                }),
+            };
+        }
+        let is_root = parent.ino == ROOT_INO;
+        match (parent.view, name) {
+            (View::Live, SNAPDIR_NAME) if is_root => return self.getattr(SNAPDIR),
+            (View::Snapshot(_), b"..") if is_root => return self.getattr(SNAPDIR),
+            _ => {}
         }
         let view = self.view_generation(parent.view)?;
         let row = lock(&self.catalog).read(|tx| {
@@ -246,6 +300,12 @@ impl Volume {
                 )))
             })
         })?;
+        if row.ino == ROOT_INO {
+            return self.getattr(NodeId {
+                view: parent.view,
+                ino: ROOT_INO,
+            });
+        }
         Ok(self.attr_of(parent.view, &row))
     }
 
@@ -266,6 +326,10 @@ impl Volume {
         } = new;
         Self::writable(parent)?;
         check_name(name)?;
+        if parent == NodeId::live(ROOT_INO) && name == SNAPDIR_NAME {
+            return Err(Error::Exists);
+        }
+        let _change = self.enter_change();
         let time = now();
         let row = lock(&self.catalog).write(|tx| {
             let dir = live_dir(tx, parent.ino)?;
@@ -308,6 +372,13 @@ impl Volume {
     }
 
     pub fn mkdir(&self, parent: NodeId, name: &[u8], mode: u32, caller: Caller) -> Result<Attr> {
+        if parent == SNAPDIR {
+            let snapshot = self.create_snapshot(name)?;
+            return self.getattr(NodeId {
+                view: View::Snapshot(snapshot.id),
+                ino: ROOT_INO,
+            });
+        }
         self.make_node(
             parent,
             name,
@@ -390,6 +461,8 @@ impl Volume {
         Self::writable(node)?;
         Self::writable(new_parent)?;
         check_name(new_name)?;
+        Self::check_not_snapdir(new_parent, new_name)?;
+        let _change = self.enter_change();
         let time = now();
         let row = lock(&self.catalog).write(|tx| {
             let mut row = tx.inode(LIVE, node.ino)?.ok_or(Error::NotFound)?;
@@ -419,7 +492,11 @@ impl Volume {
     }
 
     fn remove_entry(&self, parent: NodeId, name: &[u8], is_rmdir: bool) -> Result<()> {
+        if parent == SNAPDIR && is_rmdir {
+            return self.delete_snapshot(name);
+        }
         Self::writable(parent)?;
+        Self::check_not_snapdir(parent, name)?;
         if name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
         }
@@ -429,6 +506,7 @@ impl Volume {
         if is_rmdir && name == b".." {
             return Err(Error::NotEmpty);
         }
+        let _change = self.enter_change();
         let time = now();
         lock(&self.catalog).write(|tx| {
             live_dir(tx, parent.ino)?;
@@ -475,12 +553,17 @@ impl Volume {
         new_name: &[u8],
         flags: u32,
     ) -> Result<()> {
-        if parent.view != new_parent.view {
-            return Err(Error::CrossDevice);
+        match (parent == SNAPDIR, new_parent == SNAPDIR) {
+            (true, true) if flags == 0 => return self.rename_snapshot(name, new_name),
+            (true, true) => return Err(Error::Invalid("snapshots take no rename flags")),
+            (false, false) if parent.view == new_parent.view => {}
+            _ => return Err(Error::CrossDevice),
         }
         Self::writable(parent)?;
         check_name(name)?;
         check_name(new_name)?;
+        Self::check_not_snapdir(parent, name)?;
+        Self::check_not_snapdir(new_parent, new_name)?;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let no_replace = flags & libc::RENAME_NOREPLACE != 0;
         if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0
@@ -489,6 +572,7 @@ impl Volume {
             return Err(Error::Invalid("unsupported rename flags"));
         }
         let (from, to) = (parent.ino, new_parent.ino);
+        let _change = self.enter_change();
         let time = now();
         lock(&self.catalog).write(|tx| {
             live_dir(tx, from)?;
@@ -540,6 +624,7 @@ impl Volume {
 
     pub fn setattr(&self, node: NodeId, set: SetAttr) -> Result<Attr> {
         Self::writable(node)?;
+        let _change = self.enter_change();
         let row = self.row(node)?;
         if row.kind == Kind::File {
             return self.setattr_file(node.ino, set);
@@ -574,6 +659,42 @@ impl Volume {
 
     /// Takes a listing of directory `node` for readdir; returns its handle.
     pub fn opendir(&self, node: NodeId) -> Result<u64> {
+        let entries = if node == SNAPDIR {
+            self.snapdir_entries()?
+        } else {
+            self.dir_entries(node)?
+        };
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dir_handles).insert(handle, Arc::new(entries));
+        Ok(handle)
+    }
+
+    /// `.`, `..` and one directory per snapshot.
+    fn snapdir_entries(&self) -> Result<Vec<DirEntry>> {
+        let mut entries = vec![
+            DirEntry {
+                name: b".".to_vec(),
+                attr: self.getattr(SNAPDIR)?,
+            },
+            DirEntry {
+                name: b"..".to_vec(),
+                attr: self.getattr(NodeId::live(ROOT_INO))?,
+            },
+        ];
+        for snapshot in self.list_snapshots() {
+            let root = NodeId {
+                view: View::Snapshot(snapshot.id),
+                ino: ROOT_INO,
+            };
+            entries.push(DirEntry {
+                name: snapshot.name,
+                attr: self.getattr(root)?,
+            });
+        }
+        Ok(entries)
+    }
+
+    fn dir_entries(&self, node: NodeId) -> Result<Vec<DirEntry>> {
         let view = self.view_generation(node.view)?;
         let (dir, rows) = lock(&self.catalog).read(|tx| {
             let dir = tx.inode(view, node.ino)?.ok_or(Error::NotFound)?;
@@ -583,12 +704,29 @@ impl Volume {
             let parent = tx.inode(view, dir.parent)?.unwrap_or_else(|| dir.clone());
             Ok((vec![dir, parent], tx.list_dir(view, node.ino)?))
         })?;
-        let mut entries = Vec::with_capacity(rows.len() + 2);
+        let mut entries = Vec::with_capacity(rows.len() + 3);
         for (name, row) in [&b"."[..], b".."].into_iter().zip(&dir) {
+            let attr = match node.view {
+                View::Snapshot(_) if row.ino == ROOT_INO => self.getattr(NodeId {
+                    view: node.view,
+                    ino: ROOT_INO,
+                })?,
+                _ => Attr::from_row(node.view, row),
+            };
             entries.push(DirEntry {
                 name: name.to_vec(),
-                attr: Attr::from_row(node.view, row),
+                attr,
             });
+        }
+        if node.ino == ROOT_INO {
+            match node.view {
+                View::Live if self.snapdir_visible => entries.push(DirEntry {
+                    name: SNAPDIR_NAME.to_vec(),
+                    attr: self.snapdir_attr(&dir[0]),
+                }),
+                View::Snapshot(_) => entries[1].attr = self.getattr(SNAPDIR)?,
+                View::Live => {}
+            }
         }
         for entry in rows {
             entries.push(DirEntry {
@@ -596,9 +734,7 @@ impl Volume {
                 name: entry.name,
             });
         }
-        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dir_handles).insert(handle, Arc::new(entries));
-        Ok(handle)
+        Ok(entries)
     }
 
     /// The entries of an open directory listing from position `offset` on.
@@ -614,6 +750,12 @@ impl Volume {
     }
 
     pub fn getxattr(&self, node: NodeId, name: &[u8]) -> Result<Vec<u8>> {
+        if let Some(id) = snapshot_root(node) {
+            let found = self.snapshot_xattrs(id)?.into_iter().find(|(n, _)| n == name);
+            if let Some((_, value)) = found {
+                return Ok(value);
+            }
+        }
         let view = self.view_generation(node.view)?;
         lock(&self.catalog)
             .read(|tx| tx.xattr_get(view, node.ino, name))?
@@ -621,12 +763,22 @@ impl Volume {
     }
 
     pub fn listxattr(&self, node: NodeId) -> Result<Vec<Vec<u8>>> {
+        if node == SNAPDIR {
+            return Ok(Vec::new());
+        }
         let view = self.view_generation(node.view)?;
         self.row(node)?;
-        Ok(lock(&self.catalog).read(|tx| tx.xattr_names(view, node.ino))?)
+        let mut names = lock(&self.catalog).read(|tx| tx.xattr_names(view, node.ino))?;
+        if let Some(id) = snapshot_root(node) {
+            names.extend(self.snapshot_xattrs(id)?.into_iter().map(|(name, _)| name));
+        }
+        Ok(names)
     }
 
     pub fn setxattr(&self, node: NodeId, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        if let Some(id) = snapshot_root(node) {
+            return self.set_snapshot_tag(id, name, Some(value));
+        }
         Self::writable(node)?;
         if name.is_empty() || name.len() > NAME_MAX {
             return Err(Error::Invalid("bad extended attribute name"));
@@ -634,6 +786,7 @@ impl Volume {
         if value.len() > XATTR_SIZE_MAX {
             return Err(Error::XattrTooBig);
         }
+        let _change = self.enter_change();
         let time = now();
         lock(&self.catalog).write(|tx| {
             let mut row = tx.inode(LIVE, node.ino)?.ok_or(Error::NotFound)?;
@@ -652,7 +805,11 @@ impl Volume {
     }
 
     pub fn removexattr(&self, node: NodeId, name: &[u8]) -> Result<()> {
+        if let Some(id) = snapshot_root(node) {
+            return self.set_snapshot_tag(id, name, None);
+        }
         Self::writable(node)?;
+        let _change = self.enter_change();
         let time = now();
         lock(&self.catalog).write(|tx| {
             let mut row = tx.inode(LIVE, node.ino)?.ok_or(Error::NotFound)?;
@@ -698,6 +855,14 @@ struct NewNode<'a> {
     mode: u32,
     rdev: u32,
     target: Option<&'a [u8]>,
+}
+
+/// The snapshot whose root `node` is, if it is one.
+fn snapshot_root(node: NodeId) -> Option<u64> {
+    match node.view {
+        View::Snapshot(id) if node.ino == ROOT_INO => Some(id),
+        _ => None,
+    }
 }
 
 fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
