@@ -77,6 +77,7 @@ fn small_blocks() -> Options {
         block_size: 4096,
         dirty_limit: 64 * 1024,
         cache_bytes: 64 * 1024,
+        ..Options::default()
     }
 }
 
