@@ -331,6 +331,22 @@ pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
     Ok(())
 }
 
+/// The data dir of the snapfs mount at `mountpoint`.
+pub fn data_dir_of_mount(mountpoint: &Path) -> Result<PathBuf, MountError> {
+    let canonical = fs::canonicalize(mountpoint).map_err(|source| MountError::Mountpoint {
+        path: mountpoint.to_owned(),
+        source,
+    })?;
+    mount_source(&canonical)
+        .and_then(|source| source.strip_prefix("snapfs:").map(PathBuf::from))
+        .ok_or_else(|| {
+            MountError::Reported(format!(
+                "{} is not a snapfs mount with a known data dir: pass --data DIR",
+                mountpoint.display()
+            ))
+        })
+}
+
 /// The source of the FUSE mount at `mountpoint`, from /proc/self/mountinfo.
 fn mount_source(mountpoint: &Path) -> Option<String> {
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;

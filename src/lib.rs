@@ -6,7 +6,9 @@
 
 pub mod blocks;
 pub mod catalog;
+pub mod control;
 pub mod daemon;
 pub mod fuse;
+pub mod inspect;
 pub mod sync;
 pub mod volume;

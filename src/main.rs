@@ -3,10 +3,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
+use snapfs::control;
 use snapfs::daemon::{self, MountArgs};
-use snapfs::volume;
+use snapfs::inspect::{Change, Inspector};
+use snapfs::volume::{self, SnapshotInfo};
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +63,98 @@ enum Command {
         /// The mountpoint to unmount.
         mountpoint: PathBuf,
     },
+    /// Take, list, inspect, tag and delete snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Show what changed between two snapshots, or since a snapshot (like `zfs diff`).
+    #[command(
+        after_help = "Output: one line per path, `+` added, `-` removed, `M` modified, \
+        `R` renamed (old -> new).\n\nExamples:\n  \
+        snapfs diff monday tuesday --mount ~/work\n  \
+        snapfs diff monday --data /srv/vol1        # monday against the live volume"
+    )]
+    Diff {
+        /// The older snapshot.
+        from: String,
+        /// The newer snapshot [default: the live volume].
+        to: Option<String>,
+        #[command(flatten)]
+        volume: VolumeSource,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Take a snapshot of a mounted volume, at once (same as mkdir MOUNTPOINT/.snapshots/NAME).
+    #[command(
+        after_help = "Example:\n  snapfs snapshot create ~/work before-upgrade --tag reason=upgrade"
+    )]
+    Create {
+        mountpoint: PathBuf,
+        name: String,
+        /// A tag to attach, KEY=VALUE; repeat for more.
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// Print the new snapshot as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot of a mounted volume, freeing what only it holds (same as rmdir).
+    #[command(after_help = "Example:\n  snapfs snapshot delete ~/work before-upgrade")]
+    Delete { mountpoint: PathBuf, name: String },
+    /// Set or remove tags of a snapshot of a mounted volume.
+    #[command(after_help = "Example:\n  snapfs snapshot tag ~/work nightly keep=yes --remove tmp")]
+    Tag {
+        mountpoint: PathBuf,
+        name: String,
+        /// Tags to set, KEY=VALUE.
+        #[arg(value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// A tag key to remove; repeat for more.
+        #[arg(long = "remove", value_name = "KEY")]
+        remove: Vec<String>,
+    },
+    /// List snapshots with their state, size and the space only each holds. Works with or
+    /// without a running mount.
+    #[command(after_help = "Examples:\n  snapfs snapshot list --mount ~/work\n  \
+        snapfs snapshot list --data /srv/vol1 --json")]
+    List {
+        #[command(flatten)]
+        volume: VolumeSource,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one snapshot in detail. Works with or without a running mount.
+    #[command(after_help = "Example:\n  snapfs snapshot show nightly --mount ~/work")]
+    Show {
+        name: String,
+        #[command(flatten)]
+        volume: VolumeSource,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which volume to read: a data dir, or the one behind a running mount.
+#[derive(Args)]
+struct VolumeSource {
+    /// The volume's data dir [default: as for `snapfs mount`].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// A running snapfs mount; its data dir is read.
+    #[arg(long, value_name = "MOUNTPOINT", conflicts_with = "data")]
+    mount: Option<PathBuf>,
+}
+
+impl VolumeSource {
+    fn open(&self) -> Result<Inspector, Box<dyn std::error::Error>> {
+        let dir = match (&self.data, &self.mount) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(mountpoint)) => daemon::data_dir_of_mount(mountpoint)?,
+            (None, None) => default_data_dir()?,
+        };
+        Ok(Inspector::open(&dir)?)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -138,8 +232,189 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             })?;
         }
         Command::Umount { mountpoint } => daemon::unmount(&mountpoint)?,
+        Command::Snapshot(command) => snapshot(command)?,
+        Command::Diff { from, to, volume } => {
+            let inspector = volume.open()?;
+            let changes = inspector
+                .diff(from.as_bytes(), to.as_ref().map(|t| t.as_bytes()))
+                .map_err(|e| missing_snapshot(e, &[Some(from.as_str()), to.as_deref()]))?;
+            for change in changes {
+                match &change {
+                    Change::Renamed { from, to } => {
+                        println!("R\t{} -> {}", lossy(from), lossy(to))
+                    }
+                    Change::Added(p) | Change::Removed(p) | Change::Modified(p) => {
+                        println!("{}\t{}", change.code(), lossy(p))
+                    }
+                }
+            }
+        }
     }
     Ok(())
+}
+
+fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> {
+    match command {
+        SnapshotCommand::Create {
+            mountpoint,
+            name,
+            tags,
+            json,
+        } => {
+            let tags = tags
+                .iter()
+                .map(|t| control::parse_tag(t))
+                .collect::<Result<Vec<_>, _>>()?;
+            control::create_snapshot(&mountpoint, &name, &tags)?;
+            let source = VolumeSource {
+                data: None,
+                mount: Some(mountpoint),
+            };
+            let info = source.open()?.snapshot(name.as_bytes())?;
+            if json {
+                println!("{}", snapshot_json(&info));
+            } else {
+                println!("snapshot '{name}' taken (id {}, {})", info.id, info.state);
+            }
+        }
+        SnapshotCommand::Delete { mountpoint, name } => {
+            control::delete_snapshot(&mountpoint, &name)?;
+            println!("snapshot '{name}' deleted");
+        }
+        SnapshotCommand::Tag {
+            mountpoint,
+            name,
+            tags,
+            remove,
+        } => {
+            let tags = tags
+                .iter()
+                .map(|t| control::parse_tag(t))
+                .collect::<Result<Vec<_>, _>>()?;
+            control::tag_snapshot(&mountpoint, &name, &tags, &remove)?;
+        }
+        SnapshotCommand::List { volume, json } => {
+            let snapshots = volume.open()?.snapshots()?;
+            if json {
+                let items: Vec<String> = snapshots.iter().map(snapshot_json).collect();
+                println!("[{}]", items.join(","));
+            } else {
+                println!(
+                    "{:<24} {:<10} {:<24} {:>10} {:>10}  TAGS",
+                    "NAME", "STATE", "CREATED", "LOGICAL", "EXCLUSIVE"
+                );
+                for s in &snapshots {
+                    println!(
+                        "{:<24} {:<10} {:<24} {:>10} {:>10}  {}",
+                        lossy(&s.name),
+                        s.state,
+                        volume::rfc3339(s.created),
+                        human_bytes(s.logical_bytes),
+                        human_bytes(s.exclusive_bytes),
+                        tags_text(s)
+                    );
+                }
+            }
+        }
+        SnapshotCommand::Show { name, volume, json } => {
+            let info = volume
+                .open()?
+                .snapshot(name.as_bytes())
+                .map_err(|e| missing_snapshot(e, &[Some(name.as_str())]))?;
+            if json {
+                println!("{}", snapshot_json(&info));
+            } else {
+                println!("name:      {}", lossy(&info.name));
+                println!("id:        {}", info.id);
+                println!("state:     {}", info.state);
+                println!("created:   {}", volume::rfc3339(info.created));
+                println!(
+                    "logical:   {} ({} bytes)",
+                    human_bytes(info.logical_bytes),
+                    info.logical_bytes
+                );
+                println!(
+                    "exclusive: {} ({} bytes; freed by deleting it)",
+                    human_bytes(info.exclusive_bytes),
+                    info.exclusive_bytes
+                );
+                println!("tags:      {}", tags_text(&info));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Names the snapshot a NotFound was about.
+fn missing_snapshot(err: volume::Error, names: &[Option<&str>]) -> Box<dyn std::error::Error> {
+    match err {
+        volume::Error::NotFound => {
+            let names: Vec<&str> = names.iter().flatten().copied().collect();
+            format!("no snapshot named {}", names.join(" or ")).into()
+        }
+        other => other.into(),
+    }
+}
+
+fn lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(bytes)
+}
+
+fn tags_text(info: &SnapshotInfo) -> String {
+    let tags: Vec<String> = info
+        .tags
+        .iter()
+        .map(|(k, v)| format!("{}={}", lossy(k), lossy(v)))
+        .collect();
+    tags.join(",")
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A JSON string literal of (lossily decoded) bytes.
+fn json_string(bytes: &[u8]) -> String {
+    let mut out = String::from("\"");
+    for c in String::from_utf8_lossy(bytes).chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn snapshot_json(info: &SnapshotInfo) -> String {
+    let tags: Vec<String> = info
+        .tags
+        .iter()
+        .map(|(k, v)| format!("{}:{}", json_string(k), json_string(v)))
+        .collect();
+    format!(
+        "{{\"id\":{},\"name\":{},\"state\":{},\"created\":{},\"logical_bytes\":{},\"exclusive_bytes\":{},\"tags\":{{{}}}}}",
+        info.id,
+        json_string(&info.name),
+        json_string(info.state.as_bytes()),
+        json_string(volume::rfc3339(info.created).as_bytes()),
+        info.logical_bytes,
+        info.exclusive_bytes,
+        tags.join(",")
+    )
 }
 
 fn main() -> ExitCode {
@@ -166,6 +441,13 @@ mod tests {
         assert_eq!(parse_block_size("128K"), Ok(128 << 10));
         assert!(parse_block_size("100K").is_err());
         assert!(parse_block_size("4M").is_err());
+    }
+
+    #[test]
+    fn json_strings_escape_quotes_backslashes_and_controls() {
+        assert_eq!(json_string(b"a\"b\\c\n"), r#""a\"b\\c\u000a""#);
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(12), "12 B");
     }
 
     #[test]

@@ -135,6 +135,15 @@ pub struct DirEntryRow {
     pub inode: InodeRow,
 }
 
+/// A directory entry that one of two generations sees and the other does not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryChange {
+    pub parent: u64,
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub kind: Kind,
+}
+
 /// A snapshot as the catalog records it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotRow {
@@ -319,7 +328,12 @@ impl Catalog {
 
     /// Pins the live generation as a new snapshot and starts the next one. O(1): no row is
     /// copied.
-    pub fn create_snapshot(&mut self, name: &[u8], created: i64, state: &str) -> Result<SnapshotRow> {
+    pub fn create_snapshot(
+        &mut self,
+        name: &[u8],
+        created: i64,
+        state: &str,
+    ) -> Result<SnapshotRow> {
         let g = self.generation;
         let tx = self.conn.transaction()?;
         let row = tx.query_row(
@@ -331,7 +345,10 @@ impl Catalog {
             params![name, g, created, state],
             |r| Ok(SnapshotRow::try_from(r)),
         )??;
-        tx.execute("UPDATE meta SET value = ?1 WHERE key = 'generation'", [g + 1])?;
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'generation'",
+            [g + 1],
+        )?;
         tx.commit()?;
         self.generation = g + 1;
         Ok(row)
@@ -343,10 +360,7 @@ impl Catalog {
         let live = self.generation;
         let tx = self.conn.transaction()?;
         let freed = {
-            let t = Tx {
-                conn: &tx,
-                g: live,
-            };
+            let t = Tx { conn: &tx, g: live };
             let bounds = t.snapshot_bounds(id)?;
             tx.execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
             for table in ["inodes", "dentries", "blockmap", "xattrs"] {
@@ -726,7 +740,11 @@ impl Tx<'_> {
     pub fn snapshot_bounds(&self, id: u64) -> Result<SnapshotBounds> {
         let generation: u64 = self
             .conn
-            .query_row("SELECT generation FROM snapshots WHERE id = ?1", [id], |r| r.get(0))
+            .query_row(
+                "SELECT generation FROM snapshots WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
             .optional()?
             .ok_or_else(|| Error::Corrupt(format!("no snapshot {id}")))?;
         let (previous, next): (Option<u64>, Option<u64>) = self.conn.query_row(
@@ -755,15 +773,17 @@ impl Tx<'_> {
     }
 
     pub fn rename_snapshot(&self, id: u64, name: &[u8]) -> Result<()> {
-        self.conn
-            .execute("UPDATE snapshots SET name = ?2 WHERE id = ?1", params![id, name])?;
+        self.conn.execute(
+            "UPDATE snapshots SET name = ?2 WHERE id = ?1",
+            params![id, name],
+        )?;
         Ok(())
     }
 
     pub fn snapshot_tags(&self, id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT key, value FROM snapshot_tags WHERE snapshot = ?1 ORDER BY key")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT key, value FROM snapshot_tags WHERE snapshot = ?1 ORDER BY key",
+        )?;
         let tags = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(tags.collect::<rusqlite::Result<_>>()?)
     }
@@ -783,6 +803,92 @@ impl Tx<'_> {
             "DELETE FROM snapshot_tags WHERE snapshot = ?1 AND key = ?2",
             params![id, key],
         )? > 0)
+    }
+
+    /// Entries visible at `from` but gone at `to`, and entries new at `to` (`from < to`;
+    /// `to` may be `LIVE`). Read through the birth and death indexes, not by walking.
+    pub fn changed_entries(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<(Vec<EntryChange>, Vec<EntryChange>)> {
+        let removed = self.entry_changes(
+            "SELECT parent, name, ino, kind FROM dentries
+             WHERE death IS NOT NULL AND death > :from AND death <= :to AND birth <= :from",
+            from,
+            to,
+        )?;
+        let added = self.entry_changes(
+            "SELECT parent, name, ino, kind FROM dentries
+             WHERE birth > :from AND birth <= :to AND (death IS NULL OR death > :to)",
+            from,
+            to,
+        )?;
+        Ok((removed, added))
+    }
+
+    fn entry_changes(&self, sql: &str, from: u64, to: u64) -> Result<Vec<EntryChange>> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(rusqlite::named_params! {":from": from, ":to": to})?;
+        let mut changes = Vec::new();
+        while let Some(row) = rows.next()? {
+            changes.push(EntryChange {
+                parent: row.get(0)?,
+                name: row.get(1)?,
+                ino: row.get(2)?,
+                kind: Kind::try_from(row.get::<_, i64>(3)?)?,
+            });
+        }
+        Ok(changes)
+    }
+
+    /// Inodes that existed at `from` and have a newer version visible at `to`.
+    pub fn changed_inodes(&self, from: u64, to: u64) -> Result<Vec<u64>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT DISTINCT n.ino FROM inodes n
+             WHERE n.birth > :from AND n.birth <= :to AND (n.death IS NULL OR n.death > :to)
+               AND EXISTS (SELECT 1 FROM inodes o WHERE o.ino = n.ino AND o.birth <= :from
+                           AND (o.death IS NULL OR o.death > :from))
+             ORDER BY n.ino",
+        )?;
+        let inos = stmt.query_map(rusqlite::named_params! {":from": from, ":to": to}, |r| {
+            r.get(0)
+        })?;
+        Ok(inos.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The path of `ino` from the root as `view` sees it ("/" for the root), or `None` if
+    /// no directory names it there.
+    pub fn path_of(&self, view: u64, mut ino: u64) -> Result<Option<Vec<u8>>> {
+        let sql =
+            format!("SELECT parent, name FROM dentries WHERE ino = :ino AND {VISIBLE} LIMIT 1");
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut parts: Vec<Vec<u8>> = Vec::new();
+        while ino != ROOT_INO {
+            // A directory tree deeper than this is a cycle: the catalog is damaged.
+            if parts.len() > 4096 {
+                return Err(Error::Corrupt(format!("directory cycle above inode {ino}")));
+            }
+            let found: Option<(u64, Vec<u8>)> = stmt
+                .query_row(rusqlite::named_params! {":ino": ino, ":g": view}, |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            let Some((parent, name)) = found else {
+                return Ok(None);
+            };
+            parts.push(name);
+            ino = parent;
+        }
+        let mut path = Vec::new();
+        for part in parts.iter().rev() {
+            path.push(b'/');
+            path.extend_from_slice(part);
+        }
+        if path.is_empty() {
+            path.push(b'/');
+        }
+        Ok(Some(path))
     }
 
     pub fn snapshots(&self) -> Result<Vec<SnapshotRow>> {

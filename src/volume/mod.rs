@@ -22,10 +22,10 @@ use crate::sync::{Mutex, RwLock, lock};
 
 use data::FileState;
 pub use error::{Error, Result};
-pub use snapshots::{SNAPDIR, SNAPDIR_NAME, SnapshotInfo, rfc3339};
 pub use node::{
     Attr, Caller, DirEntry, FsStats, NodeId, R_OK, SetAttr, SetTime, View, W_OK, X_OK, permits,
 };
+pub use snapshots::{SNAPDIR, SNAPDIR_NAME, SnapshotInfo, describe, rfc3339};
 
 /// Longest name of one directory entry, as on ext4.
 pub const NAME_MAX: usize = 255;
@@ -751,7 +751,10 @@ impl Volume {
 
     pub fn getxattr(&self, node: NodeId, name: &[u8]) -> Result<Vec<u8>> {
         if let Some(id) = snapshot_root(node) {
-            let found = self.snapshot_xattrs(id)?.into_iter().find(|(n, _)| n == name);
+            let found = self
+                .snapshot_xattrs(id)?
+                .into_iter()
+                .find(|(n, _)| n == name);
             if let Some((_, value)) = found {
                 return Ok(value);
             }

@@ -5,7 +5,7 @@
 //! with writers held at the gate, then inserts one row. Nothing else is copied.
 
 use super::{Attr, Error, NodeId, Result, View, Volume, now};
-use crate::catalog::{InodeRow, Kind, ROOT_INO, SnapshotRow};
+use crate::catalog::{InodeRow, Kind, ROOT_INO, SnapshotRow, Tx};
 use crate::sync::{lock, read, write};
 
 /// Name of the control directory in the live root.
@@ -35,6 +35,19 @@ pub struct SnapshotInfo {
     /// Bytes only this snapshot holds: what deleting it would free.
     pub exclusive_bytes: u64,
     pub tags: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// What users see of snapshot `row`: its catalog row with its space and tags.
+pub fn describe(tx: &Tx<'_>, row: SnapshotRow) -> Result<SnapshotInfo> {
+    Ok(SnapshotInfo {
+        exclusive_bytes: tx.exclusive_bytes(row.id)?,
+        tags: tx.snapshot_tags(row.id)?,
+        id: row.id,
+        name: row.name,
+        state: row.state,
+        created: row.created,
+        logical_bytes: row.logical_bytes,
+    })
 }
 
 fn check_snapshot_name(name: &[u8]) -> Result<()> {
@@ -169,17 +182,7 @@ impl Volume {
 
     pub fn snapshot_info(&self, id: u64) -> Result<SnapshotInfo> {
         let row = self.snapshot_row(id)?;
-        let (exclusive_bytes, tags) = lock(&self.catalog)
-            .read(|tx| Ok::<_, Error>((tx.exclusive_bytes(id)?, tx.snapshot_tags(id)?)))?;
-        Ok(SnapshotInfo {
-            id,
-            name: row.name,
-            state: row.state,
-            created: row.created,
-            logical_bytes: row.logical_bytes,
-            exclusive_bytes,
-            tags,
-        })
+        lock(&self.catalog).read(|tx| describe(tx, row))
     }
 
     pub fn list_snapshots(&self) -> Vec<SnapshotRow> {
@@ -201,7 +204,12 @@ impl Volume {
     }
 
     /// Sets (`Some`) or removes (`None`) the tag behind xattr `name` of snapshot `id`.
-    pub(super) fn set_snapshot_tag(&self, id: u64, name: &[u8], value: Option<&[u8]>) -> Result<()> {
+    pub(super) fn set_snapshot_tag(
+        &self,
+        id: u64,
+        name: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<()> {
         let key = name
             .strip_prefix(TAG_PREFIX)
             .filter(|key| !key.is_empty())

@@ -1,0 +1,130 @@
+//! Commands against a running mount, sent through its `.snapshots` control directory
+//! (mkdir, rmdir, xattrs), so the daemon that owns the volume does the work.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{0} is not a snapfs mount (no .snapshots directory)")]
+    NotMounted(PathBuf),
+    #[error("snapshot '{0}' already exists")]
+    Exists(String),
+    #[error("no snapshot named '{0}'")]
+    NoSuchSnapshot(String),
+    #[error(
+        "invalid snapshot name '{0}': names are 1 to 255 bytes, without '/', not starting with '.'"
+    )]
+    BadName(String),
+    #[error("bad tag '{0}': write KEY=VALUE")]
+    BadTag(String),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+fn snapdir(mountpoint: &Path) -> Result<PathBuf, ControlError> {
+    let dir = mountpoint.join(".snapshots");
+    if !dir.is_dir() {
+        return Err(ControlError::NotMounted(mountpoint.to_owned()));
+    }
+    Ok(dir)
+}
+
+fn snapshot_path(mountpoint: &Path, name: &str) -> Result<PathBuf, ControlError> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') || name.len() > 255 {
+        return Err(ControlError::BadName(name.to_owned()));
+    }
+    Ok(snapdir(mountpoint)?.join(name))
+}
+
+/// Splits `KEY=VALUE`.
+pub fn parse_tag(tag: &str) -> Result<(String, String), ControlError> {
+    match tag.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(ControlError::BadTag(tag.to_owned())),
+    }
+}
+
+/// Takes snapshot `name` of the volume mounted at `mountpoint`, with `tags`.
+pub fn create_snapshot(
+    mountpoint: &Path,
+    name: &str,
+    tags: &[(String, String)],
+) -> Result<(), ControlError> {
+    let path = snapshot_path(mountpoint, name)?;
+    fs::create_dir(&path).map_err(|source| match source.raw_os_error() {
+        Some(libc::EEXIST) => ControlError::Exists(name.to_owned()),
+        Some(libc::EINVAL) => ControlError::BadName(name.to_owned()),
+        _ => ControlError::Io {
+            what: "cannot create snapshot",
+            path: path.clone(),
+            source,
+        },
+    })?;
+    tag_snapshot(mountpoint, name, tags, &[])
+}
+
+pub fn delete_snapshot(mountpoint: &Path, name: &str) -> Result<(), ControlError> {
+    let path = snapshot_path(mountpoint, name)?;
+    fs::remove_dir(&path).map_err(|source| match source.raw_os_error() {
+        Some(libc::ENOENT) => ControlError::NoSuchSnapshot(name.to_owned()),
+        _ => ControlError::Io {
+            what: "cannot delete snapshot",
+            path: path.clone(),
+            source,
+        },
+    })
+}
+
+/// Sets and removes tags (`user.tag.KEY` xattrs) of snapshot `name`.
+pub fn tag_snapshot(
+    mountpoint: &Path,
+    name: &str,
+    set: &[(String, String)],
+    remove: &[String],
+) -> Result<(), ControlError> {
+    let path = snapshot_path(mountpoint, name)?;
+    if !path.exists() {
+        return Err(ControlError::NoSuchSnapshot(name.to_owned()));
+    }
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| ControlError::BadName(name.to_owned()))?;
+    let xattr_error = |source| ControlError::Io {
+        what: "cannot tag snapshot",
+        path: path.clone(),
+        source,
+    };
+    for (key, value) in set {
+        let attr = CString::new(format!("user.tag.{key}"))
+            .map_err(|_| ControlError::BadTag(key.clone()))?;
+        // SAFETY: NUL-terminated path and name; value pointer and length describe `value`.
+        let rc = unsafe {
+            libc::setxattr(
+                c_path.as_ptr(),
+                attr.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(xattr_error(io::Error::last_os_error()));
+        }
+    }
+    for key in remove {
+        let attr = CString::new(format!("user.tag.{key}"))
+            .map_err(|_| ControlError::BadTag(key.clone()))?;
+        // SAFETY: both arguments are NUL-terminated strings.
+        if unsafe { libc::removexattr(c_path.as_ptr(), attr.as_ptr()) } != 0 {
+            return Err(xattr_error(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
