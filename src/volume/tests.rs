@@ -314,6 +314,10 @@ enum Op {
         file: usize,
     },
     Reopen,
+    Snapshot,
+    DeleteSnapshot {
+        pick: usize,
+    },
 }
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
@@ -329,6 +333,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => file.clone().prop_map(|file| Op::Unlink { file }),
         1 => file.prop_map(|file| Op::Flush { file }),
         1 => Just(Op::Reopen),
+        2 => Just(Op::Snapshot),
+        1 => (0..8usize).prop_map(|pick| Op::DeleteSnapshot { pick }),
     ]
 }
 
@@ -338,6 +344,9 @@ struct Model {
     names: BTreeMap<&'static str, usize>,
     files: BTreeMap<usize, Vec<u8>>,
     next: usize,
+    /// Each live snapshot's name and what every name held when it was taken.
+    snapshots: Vec<(String, BTreeMap<&'static str, Vec<u8>>)>,
+    taken: usize,
 }
 
 impl Model {
@@ -436,7 +445,33 @@ fn apply(t: &mut TestVolume, model: &mut Model, op: &Op) {
             }
         }
         Op::Reopen => t.reopen(),
+        Op::Snapshot => {
+            model.taken += 1;
+            let name = format!("s{}", model.taken);
+            t.v().create_snapshot(name.as_bytes()).expect("snapshot");
+            let contents = model
+                .names
+                .iter()
+                .map(|(&n, key)| (n, model.files[key].clone()))
+                .collect();
+            model.snapshots.push((name, contents));
+        }
+        Op::DeleteSnapshot { pick } => {
+            if !model.snapshots.is_empty() {
+                let (name, _) = model.snapshots.remove(pick % model.snapshots.len());
+                t.v()
+                    .delete_snapshot(name.as_bytes())
+                    .expect("delete snapshot");
+            }
+        }
     }
+}
+
+fn snapshot_root(t: &TestVolume, name: &str) -> NodeId {
+    t.v()
+        .lookup(SNAPDIR, name.as_bytes())
+        .expect("snapshot")
+        .node
 }
 
 fn check(t: &TestVolume, model: &Model) {
@@ -454,10 +489,26 @@ fn check(t: &TestVolume, model: &Model) {
             }
         }
     }
+    for (snapshot, contents) in &model.snapshots {
+        let root = snapshot_root(t, snapshot);
+        for name in NAMES {
+            let found = t.v().lookup(root, name.as_bytes());
+            match contents.get(name) {
+                None => assert!(matches!(found, Err(Error::NotFound)), "{snapshot}/{name}"),
+                Some(expected) => {
+                    let node = found.expect("file in snapshot").node;
+                    assert!(
+                        t.read_all(node) == *expected,
+                        "content of {snapshot}/{name}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
     #[test]
     fn random_operations_match_the_model(ops in proptest::collection::vec(op(), 1..40)) {
@@ -470,4 +521,149 @@ proptest! {
         t.reopen();
         check(&t, &model);
     }
+}
+
+#[test]
+fn snapshot_is_isolated_from_later_changes() {
+    let t = TestVolume::new();
+    let data = pattern(10_000, 5);
+    let node = t.write_file("f", &data);
+    t.v().mkdir(ROOT, b"d", 0o755, ME).expect("mkdir");
+    t.v().setxattr(node, b"user.k", b"old", 0).expect("xattr");
+    let info = t.v().create_snapshot(b"s").expect("snapshot");
+    assert_eq!(info.state, "completed");
+    assert_eq!(info.logical_bytes, 10_000);
+
+    t.v().open_file(node, true).expect("open");
+    t.v().write(node, 100, b"changed").expect("write");
+    t.v().release(node).expect("release");
+    let set = SetAttr {
+        size: Some(50),
+        mode: Some(0o600),
+        ..SetAttr::default()
+    };
+    t.v().setattr(node, set).expect("truncate");
+    t.v().setxattr(node, b"user.k", b"new", 0).expect("xattr");
+    t.v().rename(ROOT, b"f", ROOT, b"g", 0).expect("rename");
+    t.v().rmdir(ROOT, b"d").expect("rmdir");
+
+    let root = snapshot_root(&t, "s");
+    let old = t.v().lookup(root, b"f").expect("f in snapshot");
+    assert_ne!(
+        old.node.raw(),
+        node.raw(),
+        "a snapshot's file has its own st_ino"
+    );
+    assert_eq!(old.perm, 0o644);
+    assert_eq!(t.read_all(old.node), data);
+    assert_eq!(t.v().getxattr(old.node, b"user.k").expect("xattr"), b"old");
+    assert!(t.v().lookup(root, b"d").is_ok());
+    assert!(matches!(t.v().lookup(root, b"g"), Err(Error::NotFound)));
+    let errno = |r: Result<()>| r.map_err(|e| e.errno());
+    assert_eq!(
+        errno(t.v().write(old.node, 0, b"x").map(|_| ())),
+        Err(libc::EROFS)
+    );
+    assert_eq!(errno(t.v().unlink(root, b"f")), Err(libc::EROFS));
+    assert_eq!(
+        errno(t.v().setxattr(old.node, b"user.k", b"v", 0)),
+        Err(libc::EROFS)
+    );
+    assert_eq!(errno(t.v().open_file(old.node, true)), Err(libc::EROFS));
+}
+
+#[test]
+fn snapshot_names_are_checked() {
+    let t = TestVolume::new();
+    t.v().create_snapshot(b"a").expect("snapshot");
+    let errno = |name: &[u8]| {
+        t.v()
+            .mkdir(SNAPDIR, name, 0o755, ME)
+            .map(|_| ())
+            .map_err(|e| e.errno())
+    };
+    assert_eq!(errno(b"a"), Err(libc::EEXIST));
+    assert_eq!(errno(b".hidden"), Err(libc::EINVAL));
+    assert_eq!(errno(&[b'x'; 256]), Err(libc::ENAMETOOLONG));
+    assert_eq!(errno(b"caf\xe9"), Ok(()));
+    assert_eq!(
+        t.v().rmdir(ROOT, SNAPDIR_NAME).map_err(|e| e.errno()),
+        Err(libc::EPERM)
+    );
+    assert_eq!(
+        t.v()
+            .mkdir(ROOT, SNAPDIR_NAME, 0o755, ME)
+            .map(|_| ())
+            .map_err(|e| e.errno()),
+        Err(libc::EEXIST)
+    );
+}
+
+#[test]
+fn deleting_a_snapshot_frees_exactly_what_only_it_held() {
+    let mut t = TestVolume::new();
+    let node = t.write_file("f", &pattern(4096 * 4, 1));
+    t.write_file("shared", &pattern(4096, 9));
+    t.v().create_snapshot(b"s1").expect("s1");
+    // Rewrite two of f's four blocks: the old two are held by s1 alone.
+    t.v().open_file(node, true).expect("open");
+    t.v().write(node, 0, &pattern(8192, 2)).expect("write");
+    t.v().release(node).expect("release");
+    t.v().create_snapshot(b"s2").expect("s2");
+    assert_eq!(t.stored_blocks(), 7);
+    let s1 = t.v().list_snapshots()[0].id;
+    assert_eq!(t.v().snapshot_info(s1).expect("info").exclusive_bytes, 8192);
+    let s2 = t.v().list_snapshots()[1].id;
+    assert_eq!(t.v().snapshot_info(s2).expect("info").exclusive_bytes, 0);
+
+    t.v().delete_snapshot(b"s1").expect("delete s1");
+    assert_eq!(t.stored_blocks(), 5);
+    t.v().unlink(ROOT, b"f").expect("unlink");
+    // s2 still holds f's blocks.
+    assert_eq!(t.stored_blocks(), 5);
+    t.reopen();
+    let f = t
+        .v()
+        .lookup(snapshot_root(&t, "s2"), b"f")
+        .expect("f in s2");
+    assert_eq!(&t.read_all(f.node)[..8192], &pattern(8192, 2)[..]);
+    t.v().delete_snapshot(b"s2").expect("delete s2");
+    assert_eq!(t.stored_blocks(), 1);
+}
+
+#[test]
+fn diff_reports_changes_between_snapshots() {
+    use crate::inspect::{Change, Inspector};
+    let t = TestVolume::new();
+    let d = t.v().mkdir(ROOT, b"d", 0o755, ME).expect("mkdir").node;
+    t.write_file("gone", b"1");
+    t.write_file("moved", b"2");
+    let edited = t.write_file("edited", b"3");
+    t.v().create_snapshot(b"a").expect("a");
+    t.v().unlink(ROOT, b"gone").expect("unlink");
+    t.v().rename(ROOT, b"moved", d, b"here", 0).expect("rename");
+    t.v().open_file(edited, true).expect("open");
+    t.v().write(edited, 0, b"33").expect("write");
+    t.v().release(edited).expect("release");
+    t.write_file("new", b"4");
+    t.v().create_snapshot(b"b").expect("b");
+    t.write_file("later", b"5");
+
+    let inspector = Inspector::open(t.dir.path()).expect("inspect");
+    let changes = inspector.diff(b"a", Some(b"b")).expect("diff");
+    let has = |c: Change| changes.contains(&c);
+    assert!(has(Change::Removed(b"/gone".to_vec())), "{changes:?}");
+    assert!(has(Change::Renamed {
+        from: b"/moved".to_vec(),
+        to: b"/d/here".to_vec()
+    }));
+    assert!(has(Change::Modified(b"/edited".to_vec())));
+    assert!(has(Change::Added(b"/new".to_vec())));
+    assert!(!has(Change::Added(b"/later".to_vec())));
+    let since_b = inspector.diff(b"b", None).expect("diff to live");
+    assert!(since_b.contains(&Change::Added(b"/later".to_vec())));
+    assert!(matches!(
+        inspector.diff(b"b", Some(b"a")),
+        Err(Error::Invalid(_))
+    ));
 }
