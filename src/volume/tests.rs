@@ -667,3 +667,15 @@ fn diff_reports_changes_between_snapshots() {
         Err(Error::Invalid(_))
     ));
 }
+
+/// Shrunk from a proptest failure: rename between two links of one file leaves both.
+#[test]
+fn rename_between_links_of_one_file_does_nothing() {
+    let t = TestVolume::new();
+    let node = t.write_file("c", b"x");
+    t.v().link(node, ROOT, b"b").expect("link");
+    t.v().rename(ROOT, b"b", ROOT, b"c", 0).expect("rename");
+    assert_eq!(t.v().lookup(ROOT, b"b").expect("b").node, node);
+    assert_eq!(t.v().lookup(ROOT, b"c").expect("c").node, node);
+    assert_eq!(t.v().getattr(node).expect("attr").nlink, 2);
+}
