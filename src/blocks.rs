@@ -75,7 +75,12 @@ pub struct BlockStore {
     cache: Mutex<LruCache<BlockHash, Arc<[u8]>>>,
     /// Unique suffix for temporary files of concurrent writers.
     next_temp: AtomicU64,
+    /// Blocks written since the last `sync`, which makes them durable.
+    unsynced: Mutex<Vec<PathBuf>>,
 }
+
+/// Above this many unsynced blocks one syncfs beats a journal commit per file.
+const SYNC_EACH_LIMIT: usize = 64;
 
 impl BlockStore {
     /// Opens the store in `dir`, creating it if needed. `cache_blocks` bounds the read cache.
@@ -94,6 +99,7 @@ impl BlockStore {
                     .unwrap_or(std::num::NonZeroUsize::MIN),
             )),
             next_temp: AtomicU64::new(0),
+            unsynced: Mutex::new(Vec::new()),
         })
     }
 
@@ -125,7 +131,9 @@ impl BlockStore {
         write().map_err(|e| {
             let _ = fs::remove_file(&temp);
             BlockError::io(&path, e)
-        })
+        })?;
+        crate::sync::lock(&self.unsynced).push(path);
+        Ok(())
     }
 
     /// Reads and verifies a block.
@@ -164,15 +172,38 @@ impl BlockStore {
         }
     }
 
-    /// Makes every block written so far durable (one syncfs for the whole data dir, which
-    /// also covers the catalog's WAL).
+    /// Makes every block written so far durable: each file and its directory entry, or,
+    /// when many are pending, the data dir's whole filesystem at once.
     pub fn sync(&self) -> Result<(), BlockError> {
-        let dir = fs::File::open(&self.dir).map_err(|e| BlockError::io(&self.dir, e))?;
-        // SAFETY: syncfs only reads the descriptor, which `dir` keeps open for the call.
-        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-            return Err(BlockError::io(&self.dir, io::Error::last_os_error()));
+        let pending = std::mem::take(&mut *crate::sync::lock(&self.unsynced));
+        let result = self.sync_paths(&pending);
+        if result.is_err() {
+            // Still not durable: the next sync must try them again.
+            crate::sync::lock(&self.unsynced).extend(pending);
         }
-        Ok(())
+        result
+    }
+
+    fn sync_paths(&self, paths: &[PathBuf]) -> Result<(), BlockError> {
+        let sync_one = |path: &Path| match fs::File::open(path).and_then(|f| f.sync_all()) {
+            // Freed since it was written: nothing left to make durable.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            result => result.map_err(|e| BlockError::io(path, e)),
+        };
+        if paths.len() > SYNC_EACH_LIMIT {
+            let dir = fs::File::open(&self.dir).map_err(|e| BlockError::io(&self.dir, e))?;
+            // SAFETY: syncfs only reads the descriptor, which `dir` keeps open for the call.
+            if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+                return Err(BlockError::io(&self.dir, io::Error::last_os_error()));
+            }
+            return Ok(());
+        }
+        let mut dirs = std::collections::BTreeSet::new();
+        for path in paths {
+            sync_one(path)?;
+            dirs.extend(path.parent());
+        }
+        dirs.into_iter().try_for_each(sync_one)
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, LruCache<BlockHash, Arc<[u8]>>> {

@@ -393,7 +393,13 @@ impl Volume {
     /// fsync(2): flush, then make it durable against a crash of the machine.
     pub fn fsync(&self, node: NodeId) -> Result<()> {
         self.flush(node)?;
+        self.sync()
+    }
+
+    /// Makes everything flushed so far durable: blocks first, then the catalog naming them.
+    pub(super) fn sync(&self) -> Result<()> {
         self.blocks.sync()?;
+        lock(&self.catalog).sync()?;
         Ok(())
     }
 

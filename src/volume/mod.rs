@@ -846,7 +846,7 @@ impl Volume {
     /// Flushes everything and makes it durable: the last call before unmount.
     pub fn shutdown(&self) -> Result<()> {
         self.flush_all()?;
-        self.blocks.sync()?;
+        self.sync()?;
         lock(&self.catalog).checkpoint()?;
         Ok(())
     }
