@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -301,10 +301,10 @@ pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
     let source = mount_source(&mountpoint).ok_or_else(|| {
         MountError::Reported(format!("{} is not a snapfs mount", mountpoint.display()))
     })?;
-    let daemon_pid = source
+    // The daemon holds this lock until it has flushed everything and exited.
+    let daemon_lock = source
         .strip_prefix("snapfs:")
-        .and_then(|dir| fs::read_to_string(Path::new(dir).join("lock")).ok())
-        .and_then(|pid| pid.trim().parse::<i32>().ok());
+        .and_then(|dir| fs::File::open(Path::new(dir).join("lock")).ok());
     let c_path = CString::new(mountpoint.as_os_str().as_bytes())
         .map_err(|_| MountError::Reported("mountpoint contains a NUL byte".into()))?;
     // SAFETY: umount2 reads the NUL-terminated path.
@@ -321,11 +321,17 @@ pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
             });
         }
     }
-    if let Some(pid) = daemon_pid {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        // SAFETY: signal 0 only checks that the process exists.
-        while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+    if let Some(lock) = daemon_lock {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        // SAFETY: flock only reads the descriptor, which `lock` keeps open.
+        while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+            if Instant::now() > deadline {
+                return Err(MountError::Reported(format!(
+                    "{} is unmounted but its daemon is still flushing after 2 minutes",
+                    mountpoint.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
     Ok(())
