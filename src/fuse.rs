@@ -70,16 +70,22 @@ fn system_time(nanos: i64) -> SystemTime {
     }
 }
 
-fn nanos(time: SystemTime) -> i64 {
+/// Nanoseconds of a time the kernel sent. fuser 0.18 builds pre-1970 times as
+/// `EPOCH - (-secs, +nsec)`, subtracting the nanoseconds it should add (its `time.rs`
+/// TODO); undo that here. Times it sends after 1970 are exact.
+fn kernel_time_nanos(time: SystemTime) -> i64 {
     match time.duration_since(UNIX_EPOCH) {
         Ok(after) => after.as_nanos() as i64,
-        Err(before) => -(before.duration().as_nanos() as i64),
+        Err(before) => {
+            let d = before.duration();
+            -(d.as_secs() as i64) * 1_000_000_000 + i64::from(d.subsec_nanos())
+        }
     }
 }
 
 fn set_time(time: TimeOrNow) -> SetTime {
     match time {
-        TimeOrNow::SpecificTime(t) => SetTime::At(nanos(t)),
+        TimeOrNow::SpecificTime(t) => SetTime::At(kernel_time_nanos(t)),
         TimeOrNow::Now => SetTime::Now,
     }
 }
@@ -202,7 +208,7 @@ impl Filesystem for SnapFs {
             size,
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
-            ctime: ctime.map(nanos),
+            ctime: ctime.map(kernel_time_nanos),
         };
         self.reply_attr(reply, self.volume.setattr(node(ino), set));
     }
