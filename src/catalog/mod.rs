@@ -37,6 +37,10 @@ pub enum Error {
         found: i64,
         supported: usize,
     },
+    #[error(
+        "{path} is an SQLite database of another program, not a snapfs catalog; left untouched"
+    )]
+    Foreign { path: PathBuf },
     #[error("catalog query failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("catalog is inconsistent: {0}")]
@@ -193,16 +197,13 @@ impl Catalog {
             source,
         };
         let conn = Connection::open(path).map_err(open_err)?;
-        // The first statement reads the header: a foreign or damaged file fails here.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(|source| Error::NotACatalog {
-                path: path.to_owned(),
-                source,
-            })?;
+        // Check what the file is before writing anything to it.
+        refuse_foreign(&conn, path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        migrate(&conn, path)?;
+        migrate(&conn)?;
 
         let mut catalog = Catalog {
             conn,
@@ -393,16 +394,40 @@ impl Catalog {
     }
 }
 
-fn migrate(conn: &Connection, path: &Path) -> Result<()> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let known = schema::MIGRATIONS.len();
-    if version < 0 || version as usize > known {
+/// Refuses a damaged file, another program's database, and a newer snapfs's catalog.
+fn refuse_foreign(conn: &Connection, path: &Path) -> Result<()> {
+    let not_a_catalog = |source| Error::NotACatalog {
+        path: path.to_owned(),
+        source,
+    };
+    // The first statement reads the header: a damaged or non-SQLite file fails here.
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(not_a_catalog)?;
+    let has_tables: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(not_a_catalog)?;
+    if version == 0 && has_tables {
+        return Err(Error::Foreign {
+            path: path.to_owned(),
+        });
+    }
+    if version < 0 || version as usize > schema::MIGRATIONS.len() {
         return Err(Error::TooNew {
             path: path.to_owned(),
             found: version,
-            supported: known,
+            supported: schema::MIGRATIONS.len(),
         });
     }
+    Ok(())
+}
+
+fn migrate(conn: &Connection) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     for (index, sql) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
         conn.execute_batch(&format!(
             "BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;",
