@@ -92,6 +92,11 @@ impl BlockStore {
             let entry = entry.map_err(|e| BlockError::io(&temp, e))?;
             let _ = fs::remove_file(entry.path());
         }
+        // All 256 shards up front, so a write never has to create one.
+        for shard in 0..=255u8 {
+            let shard = dir.join(format!("{shard:02x}"));
+            fs::create_dir_all(&shard).map_err(|e| BlockError::io(&shard, e))?;
+        }
         Ok(BlockStore {
             dir: dir.to_owned(),
             cache: Mutex::new(LruCache::new(
@@ -123,9 +128,6 @@ impl BlockStore {
             let mut file = fs::File::create(&temp)?;
             file.write_all(data)?;
             drop(file);
-            if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)?;
-            }
             fs::rename(&temp, &path)
         };
         write().map_err(|e| {

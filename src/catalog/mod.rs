@@ -699,6 +699,13 @@ impl Tx<'_> {
             .exists([hash.as_bytes()])?)
     }
 
+    pub fn has_unreferenced_blocks(&self) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM blocks WHERE refs = 0 LIMIT 1")?
+            .exists([])?)
+    }
+
     /// Forgets the blocks no map row references any more and returns them, so the caller
     /// can delete their data.
     pub fn take_unreferenced_blocks(&self) -> Result<Vec<BlockHash>> {

@@ -14,6 +14,9 @@ use crate::blocks::BlockHash;
 use crate::catalog::{InodeRow, Kind, LIVE};
 use crate::sync::{Mutex, lock};
 
+/// A dirty block ready for the catalog: its index, and its hash and length (None: a hole).
+type StagedBlock = (u64, Option<(BlockHash, u32)>);
+
 /// Largest file size: offsets must fit in an off_t.
 const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 
@@ -148,14 +151,10 @@ impl Volume {
         drop(state);
         flushed?;
         if last {
-            let unlinked = lock(&self.catalog).write(|tx| {
-                let unlinked = tx.inode(LIVE, node.ino)?.is_some_and(|r| r.nlink == 0);
-                if unlinked {
-                    tx.retire_inode(node.ino)?;
-                }
-                Ok::<_, Error>(unlinked)
-            })?;
+            // Unlinked while open: now it goes. Checked with a read, the common case.
+            let unlinked = self.row(node).is_ok_and(|row| row.nlink == 0);
             if unlinked {
+                lock(&self.catalog).write(|tx| tx.retire_inode(node.ino))?;
                 self.collect_garbage()?;
             }
         }
@@ -340,16 +339,8 @@ impl Volume {
             return Ok(());
         }
         let _adopting = crate::sync::read(&self.gc);
-        let mut staged = Vec::with_capacity(state.dirty.len());
-        for (&idx, block) in &state.dirty {
-            if block.iter().all(|&b| b == 0) {
-                staged.push((idx, None));
-                continue;
-            }
-            let hash = BlockHash::of(block);
-            self.blocks.put(&hash, block)?;
-            staged.push((idx, Some((hash, block.len() as u32))));
-        }
+        let blocks: Vec<(u64, &Vec<u8>)> = state.dirty.iter().map(|(&i, b)| (i, b)).collect();
+        let staged = self.store_blocks(&blocks)?;
         let bs = self.block_size;
         lock(&self.catalog).write(|tx| {
             let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
@@ -376,6 +367,43 @@ impl Volume {
         state.dirty_since = None;
         drop(_adopting);
         self.collect_garbage()
+    }
+
+    /// Hashes and stores dirty blocks (all-zero ones become holes), on every core when
+    /// there are many: hashing is the write path's main CPU cost.
+    fn store_blocks(&self, blocks: &[(u64, &Vec<u8>)]) -> Result<Vec<StagedBlock>> {
+        let store = |chunk: &[(u64, &Vec<u8>)]| -> Result<Vec<StagedBlock>> {
+            chunk
+                .iter()
+                .map(|&(idx, block)| {
+                    if block.iter().all(|&b| b == 0) {
+                        return Ok((idx, None));
+                    }
+                    let hash = BlockHash::of(block);
+                    self.blocks.put(&hash, block)?;
+                    Ok((idx, Some((hash, block.len() as u32))))
+                })
+                .collect()
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if blocks.len() < 8 || threads < 2 {
+            return store(blocks);
+        }
+        let chunk_len = blocks.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = blocks
+                .chunks(chunk_len)
+                .map(|chunk| scope.spawn(move || store(chunk)))
+                .collect();
+            let mut staged = Vec::with_capacity(blocks.len());
+            for worker in workers {
+                let stored = worker
+                    .join()
+                    .map_err(|_| Error::Invalid("block hashing thread panicked"))?;
+                staged.extend(stored?);
+            }
+            Ok(staged)
+        })
     }
 
     /// close(2) of one descriptor: what was written becomes visible to the catalog (and so

@@ -189,6 +189,10 @@ impl Volume {
 
     /// Deletes the data of blocks nothing references any more.
     fn collect_garbage(&self) -> Result<()> {
+        // Most changes free nothing: find that out without the exclusive lock.
+        if !lock(&self.catalog).read(|tx| tx.has_unreferenced_blocks())? {
+            return Ok(());
+        }
         let _exclusive = crate::sync::write(&self.gc);
         let freed = lock(&self.catalog).write(|tx| tx.take_unreferenced_blocks())?;
         for hash in freed {
