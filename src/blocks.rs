@@ -72,7 +72,7 @@ impl BlockError {
 
 pub struct BlockStore {
     dir: PathBuf,
-    cache: Mutex<LruCache<BlockHash, Arc<[u8]>>>,
+    cache: Mutex<LruCache<BlockHash, Arc<Vec<u8>>>>,
     /// Unique suffix for temporary files of concurrent writers.
     next_temp: AtomicU64,
     /// Blocks written since the last `sync`, which makes them durable.
@@ -139,7 +139,7 @@ impl BlockStore {
     }
 
     /// Reads and verifies a block.
-    pub fn get(&self, hash: &BlockHash) -> Result<Arc<[u8]>, BlockError> {
+    pub fn get(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>, BlockError> {
         if let Some(data) = self.lock_cache().get(hash) {
             return Ok(data.clone());
         }
@@ -159,7 +159,8 @@ impl BlockStore {
                 actual,
             });
         }
-        let data: Arc<[u8]> = data.into();
+        // Arc<Vec> keeps the buffer fs::read made: no second copy on the read path.
+        let data = Arc::new(data);
         self.lock_cache().put(*hash, data.clone());
         Ok(data)
     }
@@ -208,7 +209,7 @@ impl BlockStore {
         dirs.into_iter().try_for_each(sync_one)
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, LruCache<BlockHash, Arc<[u8]>>> {
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, LruCache<BlockHash, Arc<Vec<u8>>>> {
         // A panic while holding the cache cannot leave it inconsistent: keep using it.
         self.cache
             .lock()

@@ -247,11 +247,16 @@ impl Volume {
             }
             let block = state.dirty.get_mut(&idx).ok_or(Error::NotFound)?;
             let grown = (in_block + n).saturating_sub(block.len());
-            if grown > 0 {
-                block.resize(in_block + n, 0);
+            let src = &data[(pos - offset) as usize..][..n];
+            if in_block == block.len() {
+                // Appending, the sequential case: one copy, no zero fill first.
+                block.extend_from_slice(src);
+            } else {
+                if grown > 0 {
+                    block.resize(in_block + n, 0);
+                }
+                block[in_block..in_block + n].copy_from_slice(src);
             }
-            let src = (pos - offset) as usize;
-            block[in_block..in_block + n].copy_from_slice(&data[src..src + n]);
             state.buffered += grown as u64;
             self.dirty_bytes.fetch_add(grown as u64, Ordering::Relaxed);
             pos += n as u64;
