@@ -156,6 +156,13 @@ impl SnapFs {
     }
 }
 
+fn reply_data(reply: ReplyData, result: volume::Result<Vec<u8>>) {
+    match result {
+        Ok(data) => reply.data(&data),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
 fn reply_empty(reply: ReplyEmpty, result: volume::Result<()>) {
     match result {
         Ok(()) => reply.ok(),
@@ -214,10 +221,7 @@ impl Filesystem for SnapFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.volume.readlink(node(ino)) {
-            Ok(target) => reply.data(&target),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply_data(reply, self.volume.readlink(node(ino)));
     }
 
     fn mknod(
@@ -333,10 +337,7 @@ impl Filesystem for SnapFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.volume.read(node(ino), offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply_data(reply, self.volume.read(node(ino), offset, size));
     }
 
     fn write(

@@ -85,6 +85,12 @@ impl TryFrom<i64> for Kind {
     }
 }
 
+impl ToSql for Kind {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok((*self as i64).into())
+    }
+}
+
 /// One inode as a generation sees it. Times are nanoseconds since the Unix epoch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InodeRow {
@@ -537,25 +543,30 @@ impl Tx<'_> {
                                  atime, mtime, ctime, crtime, alloc, target)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         )?;
-        stmt.execute(params![
-            row.ino,
-            self.g,
-            row.kind as i64,
-            row.perm,
-            row.uid,
-            row.gid,
-            row.nlink,
-            row.size,
-            row.rdev,
-            row.parent,
-            row.atime,
-            row.mtime,
-            row.ctime,
-            row.crtime,
-            row.alloc,
-            row.target,
-        ])?;
+        stmt.execute(self.inode_params(row))?;
         Ok(())
+    }
+
+    /// `row` as ?1..?16 of the insert and update statements, born in this generation.
+    fn inode_params<'r>(&'r self, row: &'r InodeRow) -> [&'r dyn ToSql; 16] {
+        [
+            &row.ino,
+            &self.g,
+            &row.kind,
+            &row.perm,
+            &row.uid,
+            &row.gid,
+            &row.nlink,
+            &row.size,
+            &row.rdev,
+            &row.parent,
+            &row.atime,
+            &row.mtime,
+            &row.ctime,
+            &row.crtime,
+            &row.alloc,
+            &row.target,
+        ]
     }
 
     /// Replaces the live version of the inode `row.ino` with `row`.
@@ -566,24 +577,7 @@ impl Tx<'_> {
                     crtime = ?14, alloc = ?15, target = ?16
              WHERE ino = ?1 AND birth = ?2 AND death IS NULL",
         )?;
-        let changed = stmt.execute(params![
-            row.ino,
-            self.g,
-            row.kind as i64,
-            row.perm,
-            row.uid,
-            row.gid,
-            row.nlink,
-            row.size,
-            row.rdev,
-            row.parent,
-            row.atime,
-            row.mtime,
-            row.ctime,
-            row.crtime,
-            row.alloc,
-            row.target,
-        ])?;
+        let changed = stmt.execute(self.inode_params(row))?;
         if changed == 0 {
             // Born before the last snapshot: keep that version for it, start a new one.
             self.retire("inodes", "ino = ?1", &[&row.ino])?;
@@ -604,7 +598,7 @@ impl Tx<'_> {
         let mut stmt = self.conn.prepare_cached(
             "INSERT INTO dentries (parent, name, birth, ino, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
-        stmt.execute(params![parent, name, self.g, ino, kind as i64])?;
+        stmt.execute(params![parent, name, self.g, ino, kind])?;
         Ok(())
     }
 
