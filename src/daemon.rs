@@ -362,7 +362,51 @@ fn mount_source(mountpoint: &Path) -> Option<String> {
         let separator = fields.iter().position(|f| *f == "-")?;
         let fs_type = fields.get(separator + 1)?;
         let source = fields.get(separator + 2)?;
-        (fields.get(4)? == &wanted && fs_type.starts_with("fuse") && source.starts_with("snapfs"))
-            .then(|| source.to_string())
+        (unescape_mountinfo(fields.get(4)?) == *wanted
+            && fs_type.starts_with("fuse")
+            && source.starts_with("snapfs"))
+        .then(|| source.to_string())
     })
+}
+
+/// Decodes the octal escapes (`\040` for a space...) the kernel writes in mountinfo.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(digits)) => {
+                out.push(
+                    digits
+                        .iter()
+                        .fold(0u8, |n, d| n.wrapping_mul(8) + (d - b'0')),
+                );
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unescape_mountinfo;
+
+    #[test]
+    fn mountinfo_escapes_decode() {
+        assert_eq!(
+            unescape_mountinfo("/var/tmp/sp\\040ace/mp"),
+            "/var/tmp/sp ace/mp"
+        );
+        assert_eq!(unescape_mountinfo("/a\\011b\\134c"), "/a\tb\\c");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
 }

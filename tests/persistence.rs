@@ -359,3 +359,33 @@ fn block_size_is_chosen_at_creation_and_kept() {
         "200,000 bytes in 64 KiB blocks"
     );
 }
+
+/// The kernel escapes spaces in /proc/self/mountinfo; umount must still find the mount.
+#[test]
+fn umount_handles_paths_with_spaces() {
+    let m = Mount::unmounted();
+    let mountpoint = m.scratch("mount point");
+    let data = m.scratch("data dir");
+    fs::create_dir_all(&mountpoint).expect("mkdir mountpoint");
+    let mounted = run(snapfs()
+        .arg("mount")
+        .arg(&mountpoint)
+        .arg("--data")
+        .arg(&data));
+    assert!(
+        mounted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mounted.stderr)
+    );
+    fs::write(mountpoint.join("f"), b"kept").expect("write");
+    let unmounted = run(snapfs().arg("umount").arg(&mountpoint));
+    if !unmounted.status.success() {
+        common::detach(&mountpoint);
+    }
+    assert!(
+        unmounted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unmounted.stderr)
+    );
+    assert!(common::mount_source(&mountpoint).is_none(), "still mounted");
+}
