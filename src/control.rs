@@ -44,12 +44,14 @@ fn snapshot_path(mountpoint: &Path, name: &str) -> Result<PathBuf, ControlError>
     Ok(snapdir(mountpoint)?.join(name))
 }
 
-/// Splits `KEY=VALUE`.
-pub fn parse_tag(tag: &str) -> Result<(String, String), ControlError> {
-    match tag.split_once('=') {
-        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
-        _ => Err(ControlError::BadTag(tag.to_owned())),
-    }
+/// Splits each `KEY=VALUE`.
+pub fn parse_tags(tags: &[String]) -> Result<Vec<(String, String)>, ControlError> {
+    tags.iter()
+        .map(|tag| match tag.split_once('=') {
+            Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+            _ => Err(ControlError::BadTag(tag.clone())),
+        })
+        .collect()
 }
 
 /// Takes snapshot `name` of the volume mounted at `mountpoint`, with `tags`.

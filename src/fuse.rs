@@ -133,6 +133,23 @@ fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
 }
 
 impl SnapFs {
+    /// Feeds the entries of an open listing from `offset` on to `add` (with the offset of
+    /// the entry after it) until `add` says the reply buffer is full.
+    fn each_entry(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        mut add: impl FnMut(u64, &volume::DirEntry) -> bool,
+    ) -> volume::Result<()> {
+        let entries = self.volume.readdir(fh.0)?;
+        for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
+            if add(index as u64 + 1, entry) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn block_size(&self) -> u32 {
         self.volume.block_size() as u32
     }
@@ -408,18 +425,15 @@ impl Filesystem for SnapFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.volume.readdir(fh.0) {
-            Ok(entries) => entries,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
+        let result = self.each_entry(fh, offset, |next, entry| {
             let name = OsStr::from_bytes(&entry.name);
             let kind = file_type(entry.attr.kind);
-            if reply.add(INodeNo(entry.attr.node.raw()), index as u64 + 1, kind, name) {
-                break;
-            }
+            reply.add(INodeNo(entry.attr.node.raw()), next, kind, name)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
         }
-        reply.ok();
     }
 
     fn readdirplus(
@@ -430,25 +444,21 @@ impl Filesystem for SnapFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.volume.readdir(fh.0) {
-            Ok(entries) => entries,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
+        let result = self.each_entry(fh, offset, |next, entry| {
             let attr = &entry.attr;
-            let full = reply.add(
+            reply.add(
                 INodeNo(attr.node.raw()),
-                index as u64 + 1,
+                next,
                 OsStr::from_bytes(&entry.name),
                 &ttl(attr.node),
                 &file_attr(attr, self.block_size()),
                 Generation(0),
-            );
-            if full {
-                break;
-            }
+            )
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
         }
-        reply.ok();
     }
 
     fn releasedir(

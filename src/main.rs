@@ -261,10 +261,7 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             tags,
             json,
         } => {
-            let tags = tags
-                .iter()
-                .map(|t| control::parse_tag(t))
-                .collect::<Result<Vec<_>, _>>()?;
+            let tags = control::parse_tags(&tags)?;
             control::create_snapshot(&mountpoint, &name, &tags)?;
             let source = VolumeSource {
                 data: None,
@@ -287,10 +284,7 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             tags,
             remove,
         } => {
-            let tags = tags
-                .iter()
-                .map(|t| control::parse_tag(t))
-                .collect::<Result<Vec<_>, _>>()?;
+            let tags = control::parse_tags(&tags)?;
             control::tag_snapshot(&mountpoint, &name, &tags, &remove)?;
         }
         SnapshotCommand::List { volume, json } => {
