@@ -236,19 +236,7 @@ impl Catalog {
                 source,
             })?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(|source| Error::NotACatalog {
-                path: path.to_owned(),
-                source,
-            })?;
-        if version as usize > schema::MIGRATIONS.len() {
-            return Err(Error::TooNew {
-                path: path.to_owned(),
-                found: version,
-                supported: schema::MIGRATIONS.len(),
-            });
-        }
+        refuse_foreign(&conn, path)?;
         let mut catalog = Catalog {
             conn,
             generation: 0,
