@@ -225,9 +225,14 @@ impl Volume {
         crate::sync::read(&self.gate)
     }
 
+    /// Whether `name` in `parent` is the `.snapshots` entry of the live root.
+    fn names_snapdir(parent: NodeId, name: &[u8]) -> bool {
+        parent == NodeId::live(ROOT_INO) && name == SNAPDIR_NAME
+    }
+
     /// `.snapshots` in the live root is not an ordinary entry: nothing may replace it.
     fn check_not_snapdir(parent: NodeId, name: &[u8]) -> Result<()> {
-        if parent == NodeId::live(ROOT_INO) && name == SNAPDIR_NAME {
+        if Self::names_snapdir(parent, name) {
             return Err(Error::NotPermitted(".snapshots cannot be changed"));
         }
         Ok(())
@@ -255,15 +260,20 @@ impl Volume {
         attr
     }
 
+    /// Attributes of `row` seen through `view`: a snapshot's root shows the snapshot's
+    /// creation time, a live file its unflushed size and times.
+    fn node_attr(&self, view: View, row: &InodeRow) -> Result<Attr> {
+        match view {
+            View::Snapshot(id) if row.ino == ROOT_INO => self.snapshot_root_attr(id, row),
+            _ => Ok(self.attr_of(view, row)),
+        }
+    }
+
     pub fn getattr(&self, node: NodeId) -> Result<Attr> {
         if node == SNAPDIR {
             return Ok(self.snapdir_attr(&self.row(NodeId::live(ROOT_INO))?));
         }
-        let row = self.row(node)?;
-        match node.view {
-            View::Snapshot(id) if node.ino == ROOT_INO => self.snapshot_root_attr(id, &row),
-            _ => Ok(self.attr_of(node.view, &row)),
-        }
+        self.node_attr(node.view, &self.row(node)?)
     }
 
     pub fn lookup(&self, parent: NodeId, name: &[u8]) -> Result<Attr> {
@@ -304,13 +314,7 @@ impl Volume {
                 )))
             })
         })?;
-        if row.ino == ROOT_INO {
-            return self.getattr(NodeId {
-                view: parent.view,
-                ino: ROOT_INO,
-            });
-        }
-        Ok(self.attr_of(parent.view, &row))
+        self.node_attr(parent.view, &row)
     }
 
     /// Creates a node of `kind` named `name` in `parent`. Shared by create, mkdir, mknod
@@ -330,7 +334,7 @@ impl Volume {
         } = new;
         Self::writable(parent)?;
         check_name(name)?;
-        if parent == NodeId::live(ROOT_INO) && name == SNAPDIR_NAME {
+        if Self::names_snapdir(parent, name) {
             return Err(Error::Exists);
         }
         let _change = self.enter_change();
@@ -710,16 +714,9 @@ impl Volume {
         })?;
         let mut entries = Vec::with_capacity(rows.len() + 3);
         for (name, row) in [&b"."[..], b".."].into_iter().zip(&dir) {
-            let attr = match node.view {
-                View::Snapshot(_) if row.ino == ROOT_INO => self.getattr(NodeId {
-                    view: node.view,
-                    ino: ROOT_INO,
-                })?,
-                _ => Attr::from_row(node.view, row),
-            };
             entries.push(DirEntry {
                 name: name.to_vec(),
-                attr,
+                attr: self.node_attr(node.view, row)?,
             });
         }
         if node.ino == ROOT_INO {

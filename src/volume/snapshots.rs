@@ -190,14 +190,16 @@ impl Volume {
     }
 
     /// Extended attributes of a snapshot's root: its metadata and tags.
+    /// Reads only the row and the tags: no space accounting, which xattrs do not show.
     pub(super) fn snapshot_xattrs(&self, id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let info = self.snapshot_info(id)?;
+        let row = self.snapshot_row(id)?;
+        let tags = lock(&self.catalog).read(|tx| tx.snapshot_tags(id))?;
         let mut attrs = vec![
-            (XATTR_ID.to_vec(), info.id.to_string().into_bytes()),
-            (XATTR_STATE.to_vec(), info.state.into_bytes()),
-            (XATTR_CREATED.to_vec(), rfc3339(info.created).into_bytes()),
+            (XATTR_ID.to_vec(), row.id.to_string().into_bytes()),
+            (XATTR_STATE.to_vec(), row.state.into_bytes()),
+            (XATTR_CREATED.to_vec(), rfc3339(row.created).into_bytes()),
         ];
-        for (key, value) in info.tags {
+        for (key, value) in tags {
             attrs.push(([TAG_PREFIX, &key].concat(), value));
         }
         Ok(attrs)
