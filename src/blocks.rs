@@ -143,6 +143,15 @@ impl BlockStore {
         if let Some(data) = self.lock_cache().get(hash) {
             return Ok(data.clone());
         }
+        // Arc<Vec> keeps the buffer fs::read made: no second copy on the read path.
+        let data = Arc::new(self.read_uncached(hash)?);
+        self.lock_cache().put(*hash, data.clone());
+        Ok(data)
+    }
+
+    /// Reads and verifies a block from disk, leaving the cache alone (for bulk readers
+    /// such as the uploader, which would only evict what users read).
+    pub fn read_uncached(&self, hash: &BlockHash) -> Result<Vec<u8>, BlockError> {
         let path = self.path_of(hash);
         let data = match fs::read(&path) {
             Ok(data) => data,
@@ -159,9 +168,6 @@ impl BlockStore {
                 actual,
             });
         }
-        // Arc<Vec> keeps the buffer fs::read made: no second copy on the read path.
-        let data = Arc::new(data);
-        self.lock_cache().put(*hash, data.clone());
         Ok(data)
     }
 

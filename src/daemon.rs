@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::fuse::SnapFs;
+use crate::store::{self, StoreError, StoreUrl};
+use crate::upload::{UploadError, UploadOptions, Uploader, Worker};
 use crate::volume::{self, Volume};
 
 /// Unflushed writes older than this are flushed by the timer.
@@ -25,6 +27,9 @@ pub struct MountArgs {
     pub foreground: bool,
     pub allow_other: bool,
     pub volume: volume::Options,
+    /// `--store`: `None` keeps the volume's store (a directory in the data dir at first).
+    pub store: Option<StoreUrl>,
+    pub upload: UploadOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +50,10 @@ pub enum MountError {
     },
     #[error(transparent)]
     Volume(#[from] volume::Error),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Upload(#[from] UploadError),
     #[error(
         "cannot mount on {path}: {source} (snapfs needs /dev/fuse and, when not root, fusermount3 from the fuse3 package)"
     )]
@@ -202,6 +211,23 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
 
     let volume = Arc::new(open_volume(args)?);
+    // The store is checked before mounting: a bad URL, credential or bucket is an error
+    // now, not a snapshot that never completes.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("uploader-io")
+        .enable_all()
+        .build()
+        .map_err(MountError::Daemon)?;
+    let url = volume.store_url(args.store.as_ref())?;
+    let volume_id = volume.volume_id()?;
+    let block_size = volume.block_size() as u32;
+    let object_store = runtime.block_on(async {
+        let opened = store::open(&url).await?;
+        store::claim(&*opened, &volume_id, block_size).await?;
+        Ok::<_, StoreError>(opened)
+    })?;
+    let worker = Worker::new(volume.clone(), object_store, args.upload.clone())?;
     volume
         .spawn_flusher(FLUSH_AGE)
         .map_err(MountError::Daemon)?;
@@ -225,7 +251,8 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
             result
         })
         .map_err(MountError::Daemon)?;
-    tracing::info!(mountpoint = %args.mountpoint.display(), data = %args.data_dir.display(), "mounted");
+    let uploader = Uploader::start(runtime, worker).map_err(MountError::Daemon)?;
+    tracing::info!(mountpoint = %args.mountpoint.display(), data = %args.data_dir.display(), store = %url, "mounted");
     if let Some(mut pipe) = ready.take() {
         let _ = pipe.write_all(b"ready");
     }
@@ -244,6 +271,8 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
         Err(_) => tracing::error!("FUSE session thread panicked"),
         Ok(Ok(())) => {}
     }
+    // Uploads left unfinished resume at the next mount.
+    uploader.stop();
     volume.shutdown()?;
     tracing::info!("unmounted cleanly");
     Ok(())

@@ -10,5 +10,8 @@ pub mod control;
 pub mod daemon;
 pub mod fuse;
 pub mod inspect;
+pub mod manifest;
+pub mod store;
 pub mod sync;
+pub mod upload;
 pub mod volume;

@@ -5,9 +5,12 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use snapfs::catalog::UploadProgress;
 use snapfs::control;
 use snapfs::daemon::{self, MountArgs};
 use snapfs::inspect::{Change, Inspector};
+use snapfs::store;
+use snapfs::upload::UploadOptions;
 use snapfs::volume::{self, SnapshotInfo};
 
 #[derive(Parser)]
@@ -56,6 +59,23 @@ enum Command {
         /// either way.
         #[arg(long, value_enum, default_value_t = SnapdirMode::Hidden)]
         snapdir: SnapdirMode,
+        /// Where snapshots are uploaded: s3://BUCKET[/PREFIX] (AWS credentials, region and
+        /// AWS_ENDPOINT_URL from the usual environment and profiles) or file:///DIR. Only
+        /// needed at the first mount: the volume remembers it [default: DATA/store].
+        #[arg(long, value_name = "URL", value_parser = parse_store_url)]
+        store: Option<store::StoreUrl>,
+        /// Store requests in flight at once.
+        #[arg(long, value_name = "N", default_value_t = 16,
+              value_parser = clap::value_parser!(u16).range(1..=256))]
+        upload_concurrency: u16,
+        /// zstd level for uploaded blocks and manifests (1 fastest .. 19 smallest).
+        #[arg(long, value_name = "LEVEL", default_value_t = 3,
+              value_parser = clap::value_parser!(i32).range(1..=19))]
+        compression_level: i32,
+        /// Most bytes per second to send to the store, e.g. 10M (like restic's
+        /// --limit-upload) [default: no limit].
+        #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_size)]
+        upload_limit: Option<u64>,
     },
     /// Unmount a snapfs mount, waiting until its daemon has flushed everything and exited.
     #[command(after_help = "Example:\n  snapfs umount ~/work")]
@@ -185,6 +205,10 @@ fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{text}' is too large"))
 }
 
+fn parse_store_url(text: &str) -> Result<store::StoreUrl, String> {
+    store::StoreUrl::parse(text).map_err(|e| e.to_string())
+}
+
 fn parse_block_size(text: &str) -> Result<u32, String> {
     let size = parse_size(text)?;
     if !(64 << 10..=1 << 20).contains(&size) || !size.is_power_of_two() {
@@ -214,6 +238,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             allow_other,
             block_size,
             snapdir,
+            store,
+            upload_concurrency,
+            compression_level,
+            upload_limit,
         } => {
             let data_dir = match data {
                 Some(dir) => dir,
@@ -228,6 +256,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     block_size,
                     snapdir_visible: snapdir == SnapdirMode::Visible,
                     ..volume::Options::default()
+                },
+                store,
+                upload: UploadOptions {
+                    concurrency: usize::from(upload_concurrency),
+                    compression_level,
+                    limit: upload_limit,
                 },
             })?;
         }
@@ -294,14 +328,15 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                 println!("[{}]", items.join(","));
             } else {
                 println!(
-                    "{:<24} {:<10} {:<24} {:>10} {:>10}  TAGS",
-                    "NAME", "STATE", "CREATED", "LOGICAL", "EXCLUSIVE"
+                    "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  TAGS",
+                    "NAME", "STATE", "SENT", "CREATED", "LOGICAL", "EXCLUSIVE"
                 );
                 for s in &snapshots {
                     println!(
-                        "{:<24} {:<10} {:<24} {:>10} {:>10}  {}",
+                        "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  {}",
                         lossy(&s.name),
                         s.state,
+                        sent_percent(&s.upload),
                         volume::rfc3339(s.created),
                         human_bytes(s.logical_bytes),
                         human_bytes(s.exclusive_bytes),
@@ -321,6 +356,19 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                 println!("name:      {}", lossy(&info.name));
                 println!("id:        {}", info.id);
                 println!("state:     {}", info.state);
+                if let Some(error) = &info.error {
+                    println!("error:     {error}");
+                }
+                let p = &info.upload;
+                println!(
+                    "upload:    {} of {} in {} of {} blocks sent ({} after compression)",
+                    human_bytes(p.sent_bytes),
+                    p.total_bytes.map_or_else(|| "?".to_owned(), human_bytes),
+                    p.sent_blocks,
+                    p.total_blocks
+                        .map_or_else(|| "?".to_owned(), |n| n.to_string()),
+                    human_bytes(p.stored_bytes)
+                );
                 println!("created:   {}", volume::rfc3339(info.created));
                 println!(
                     "logical:   {} ({} bytes)",
@@ -393,20 +441,41 @@ fn json_string(bytes: &[u8]) -> String {
     out
 }
 
+/// How much of a snapshot's upload is done, for tables: `100%`, `37%`, `-` if not sized.
+fn sent_percent(progress: &UploadProgress) -> String {
+    match progress.total_bytes {
+        None => "-".into(),
+        Some(0) => "100%".into(),
+        Some(total) => format!("{}%", progress.sent_bytes * 100 / total),
+    }
+}
+
 fn snapshot_json(info: &SnapshotInfo) -> String {
     let tags: Vec<String> = info
         .tags
         .iter()
         .map(|(k, v)| format!("{}:{}", json_string(k), json_string(v)))
         .collect();
+    let optional = |n: Option<u64>| n.map_or_else(|| "null".to_owned(), |n| n.to_string());
+    let p = &info.upload;
     format!(
-        "{{\"id\":{},\"name\":{},\"state\":{},\"created\":{},\"logical_bytes\":{},\"exclusive_bytes\":{},\"tags\":{{{}}}}}",
+        "{{\"id\":{},\"name\":{},\"state\":{},\"error\":{},\"created\":{},\"logical_bytes\":{},\"exclusive_bytes\":{},\
+         \"upload\":{{\"total_blocks\":{},\"total_bytes\":{},\"sent_blocks\":{},\"sent_bytes\":{},\"stored_bytes\":{}}},\
+         \"tags\":{{{}}}}}",
         info.id,
         json_string(&info.name),
         json_string(info.state.as_bytes()),
+        info.error
+            .as_ref()
+            .map_or_else(|| "null".to_owned(), |e| json_string(e.as_bytes())),
         json_string(volume::rfc3339(info.created).as_bytes()),
         info.logical_bytes,
         info.exclusive_bytes,
+        optional(p.total_blocks),
+        optional(p.total_bytes),
+        p.sent_blocks,
+        p.sent_bytes,
+        p.stored_bytes,
         tags.join(",")
     )
 }

@@ -7,6 +7,9 @@
 //! retired (`death = G`) and replaced, so every snapshot keeps seeing what it saw.
 
 mod schema;
+mod upload;
+
+pub use upload::{block_key, snapshot_key, tree_key};
 
 use std::path::{Path, PathBuf};
 
@@ -164,6 +167,21 @@ pub struct SnapshotRow {
     pub state: String,
     /// Bytes of all regular files when the snapshot was taken.
     pub logical_bytes: u64,
+    pub upload: UploadProgress,
+    /// Why the upload failed, for a `failed` snapshot.
+    pub error: Option<String>,
+}
+
+/// How far a snapshot's upload has come. The totals are unknown (`None`) until the
+/// uploader reaches the snapshot and sizes what it must send.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UploadProgress {
+    pub total_blocks: Option<u64>,
+    pub total_bytes: Option<u64>,
+    pub sent_blocks: u64,
+    pub sent_bytes: u64,
+    /// Compressed bytes actually sent.
+    pub stored_bytes: u64,
 }
 
 impl TryFrom<&Row<'_>> for SnapshotRow {
@@ -176,11 +194,20 @@ impl TryFrom<&Row<'_>> for SnapshotRow {
             created: row.get(3)?,
             state: row.get(4)?,
             logical_bytes: row.get(5)?,
+            upload: UploadProgress {
+                total_blocks: row.get(6)?,
+                total_bytes: row.get(7)?,
+                sent_blocks: row.get(8)?,
+                sent_bytes: row.get(9)?,
+                stored_bytes: row.get(10)?,
+            },
+            error: row.get(11)?,
         })
     }
 }
 
-const SNAPSHOT_COLUMNS: &str = "id, name, generation, created, state, logical_bytes";
+const SNAPSHOT_COLUMNS: &str = "id, name, generation, created, state, logical_bytes, \
+     upload_blocks, upload_bytes, sent_blocks, sent_bytes, stored_bytes, error";
 
 /// The inode number of the live root directory (FUSE's root id).
 pub const ROOT_INO: u64 = 1;
@@ -362,6 +389,7 @@ impl Catalog {
                 let sql = format!("DELETE FROM {table} WHERE {}", exclusive_rows("", &bounds));
                 tx.execute(&sql, [])?;
             }
+            t.forget_snapshot_objects(id, &bounds)?;
             t.take_unreferenced_blocks()?
         };
         tx.commit()?;
@@ -689,8 +717,15 @@ impl Tx<'_> {
     }
 
     /// Forgets the blocks no map row references any more and returns them, so the caller
-    /// can delete their data.
+    /// can delete their data. Those already in the object store are queued for deletion
+    /// there.
     pub fn take_unreferenced_blocks(&self) -> Result<Vec<BlockHash>> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO store_deletions (key)
+                 SELECT 'blocks/' || lower(hex(hash)) FROM blocks WHERE refs = 0 AND stored = 1",
+            )?
+            .execute([])?;
         let mut stmt = self
             .conn
             .prepare_cached("DELETE FROM blocks WHERE refs = 0 RETURNING hash")?;

@@ -4,7 +4,7 @@
 //! generation G (`death IS NULL`), snapshot g sees `birth <= g AND (death IS NULL OR death > g)`.
 
 /// Migrations in order; `MIGRATIONS[i]` takes the schema from version i to i + 1.
-pub const MIGRATIONS: &[&str] = &[V1, V2];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 const V1: &str = r#"
 CREATE TABLE meta (
@@ -124,4 +124,58 @@ CREATE TRIGGER inodes_bytes_update AFTER UPDATE ON inodes WHEN OLD.kind = 1 BEGI
         + (CASE WHEN NEW.death IS NULL THEN NEW.size ELSE 0 END)
     WHERE key = 'live_bytes';
 END;
+"#;
+
+/// Uploads to an object store. Snapshot generations double as manifest generations:
+/// `dir_trees` versions each directory's tree object like the namespace rows, so a
+/// manifest rewrites only the directories that changed since the last completed one.
+/// Snapshots taken before this version have never been uploaded: they become pending.
+const V3: &str = r#"
+ALTER TABLE blocks ADD COLUMN stored INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX blockmap_birth ON blockmap(birth);
+CREATE INDEX xattrs_birth ON xattrs(birth);
+
+ALTER TABLE snapshots ADD COLUMN upload_blocks INTEGER;  -- NULL until the uploader sized it
+ALTER TABLE snapshots ADD COLUMN upload_bytes INTEGER;
+ALTER TABLE snapshots ADD COLUMN sent_blocks INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE snapshots ADD COLUMN sent_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE snapshots ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0; -- compressed, sent
+ALTER TABLE snapshots ADD COLUMN error TEXT;
+UPDATE snapshots SET state = 'pending';
+
+-- Renaming or retagging a snapshot bumps its version; the uploader rewrites a completed
+-- snapshot's manifest object until the version it wrote is the current one.
+ALTER TABLE snapshots ADD COLUMN manifest_version INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE snapshots ADD COLUMN manifest_written INTEGER NOT NULL DEFAULT -1;
+CREATE TRIGGER snapshots_renamed AFTER UPDATE OF name ON snapshots BEGIN
+    UPDATE snapshots SET manifest_version = manifest_version + 1 WHERE id = NEW.id;
+END;
+CREATE TRIGGER snapshot_tags_added AFTER INSERT ON snapshot_tags BEGIN
+    UPDATE snapshots SET manifest_version = manifest_version + 1 WHERE id = NEW.snapshot;
+END;
+CREATE TRIGGER snapshot_tags_changed AFTER UPDATE ON snapshot_tags BEGIN
+    UPDATE snapshots SET manifest_version = manifest_version + 1 WHERE id = NEW.snapshot;
+END;
+CREATE TRIGGER snapshot_tags_removed AFTER DELETE ON snapshot_tags BEGIN
+    UPDATE snapshots SET manifest_version = manifest_version + 1 WHERE id = OLD.snapshot;
+END;
+
+CREATE TABLE dir_trees (
+    ino   INTEGER NOT NULL,
+    birth INTEGER NOT NULL,
+    death INTEGER,
+    hash  BLOB NOT NULL,
+    PRIMARY KEY (ino, birth)
+) WITHOUT ROWID;
+CREATE INDEX dir_trees_death ON dir_trees(death) WHERE death IS NOT NULL;
+CREATE INDEX dir_trees_hash ON dir_trees(hash);
+
+-- Store objects that nothing needs any more, deleted by the uploader.
+CREATE TABLE store_deletions (key TEXT PRIMARY KEY) WITHOUT ROWID;
+
+CREATE TABLE settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+INSERT INTO settings (key, value) VALUES ('volume_id', lower(hex(randomblob(16))));
 "#;

@@ -43,6 +43,14 @@ pub enum Error {
     Locked { dir: PathBuf, pid: String },
     #[error("data dir {path}: {source}")]
     DataDir { path: PathBuf, source: io::Error },
+    #[error(
+        "this volume uploads to {remembered}, not {requested}: a volume keeps the store it was \
+         first mounted with"
+    )]
+    StoreMismatch {
+        remembered: String,
+        requested: String,
+    },
     #[error(transparent)]
     Catalog(#[from] catalog::Error),
     #[error(transparent)]
@@ -71,6 +79,7 @@ impl Error {
             Error::XattrUnsupported => libc::EOPNOTSUPP,
             Error::FileTooBig => libc::EFBIG,
             Error::Locked { .. } => libc::EBUSY,
+            Error::StoreMismatch { .. } => libc::EINVAL,
             Error::DataDir { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Catalog(e) if e.is_disk_full() => libc::ENOSPC,
             Error::Catalog(_) => libc::EIO,

@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::blocks::BlockStore;
+use crate::blocks::{BlockHash, BlockStore};
 use crate::catalog::{Catalog, InodeRow, Kind, LIVE, ROOT_INO, SnapshotRow, Tx};
+use crate::store::StoreUrl;
 use crate::sync::{Mutex, RwLock, lock};
 
 use data::FileState;
@@ -25,7 +26,7 @@ pub use error::{Error, Result};
 pub use node::{
     Attr, Caller, DirEntry, FsStats, NodeId, R_OK, SetAttr, SetTime, View, W_OK, X_OK, permits,
 };
-pub use snapshots::{SNAPDIR, SNAPDIR_NAME, SnapshotInfo, describe, rfc3339};
+pub use snapshots::{SNAPDIR, SNAPDIR_NAME, SnapshotInfo, describe, progress_text, rfc3339};
 
 /// Longest name of one directory entry, as on ext4.
 pub const NAME_MAX: usize = 255;
@@ -86,6 +87,8 @@ pub struct Volume {
     /// Snapshots by id, mirrored from the catalog.
     snapshots: RwLock<BTreeMap<u64, SnapshotRow>>,
     snapdir_visible: bool,
+    /// Wakes the uploader: a snapshot was taken, deleted or renamed.
+    upload_wake: Arc<tokio::sync::Notify>,
 }
 
 pub fn now() -> i64 {
@@ -162,6 +165,7 @@ impl Volume {
             gate: RwLock::new(()),
             snapshots: RwLock::new(BTreeMap::new()),
             snapdir_visible: options.snapdir_visible,
+            upload_wake: Arc::new(tokio::sync::Notify::new()),
         };
         volume.load_snapshots()?;
         volume.remove_orphans()?;
@@ -174,6 +178,54 @@ impl Volume {
 
     pub fn data_dir(&self) -> &Path {
         &self.dir
+    }
+
+    pub fn catalog_path(&self) -> PathBuf {
+        self.dir.join("catalog.db")
+    }
+
+    /// The store this volume uploads to: the one it was first mounted with, which
+    /// `requested` (a `--store` URL) may only repeat. The default is a directory beside
+    /// the volume.
+    pub fn store_url(&self, requested: Option<&StoreUrl>) -> Result<StoreUrl> {
+        let remembered = lock(&self.catalog).read(|tx| tx.setting("store"))?;
+        match (remembered, requested) {
+            (Some(remembered), Some(requested)) if remembered != requested.to_string() => {
+                Err(Error::StoreMismatch {
+                    remembered,
+                    requested: requested.to_string(),
+                })
+            }
+            (Some(remembered), _) => StoreUrl::parse(&remembered).map_err(|e| {
+                Error::Catalog(crate::catalog::Error::Corrupt(format!(
+                    "remembered store: {e}"
+                )))
+            }),
+            (None, requested) => {
+                let url = requested
+                    .cloned()
+                    .unwrap_or_else(|| StoreUrl::default_for(&self.dir));
+                lock(&self.catalog).write(|tx| tx.set_setting("store", &url.to_string()))?;
+                Ok(url)
+            }
+        }
+    }
+
+    /// The volume's identity in the store (random, made with its catalog).
+    pub fn volume_id(&self) -> Result<String> {
+        lock(&self.catalog)
+            .read(|tx| tx.setting("volume_id"))?
+            .ok_or_else(|| Error::Catalog(crate::catalog::Error::Corrupt("no volume id".into())))
+    }
+
+    /// Notified when snapshots change, so the uploader looks for work.
+    pub fn upload_wake(&self) -> Arc<tokio::sync::Notify> {
+        self.upload_wake.clone()
+    }
+
+    /// Reads a block for the uploader, verified, without displacing the read cache.
+    pub fn read_block_uncached(&self, hash: &BlockHash) -> Result<Vec<u8>> {
+        Ok(self.blocks.read_uncached(hash)?)
     }
 
     /// Inodes unlinked while open when the daemon died: nothing names them, free them.

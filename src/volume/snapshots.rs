@@ -5,7 +5,7 @@
 //! with writers held at the gate, then inserts one row. Nothing else is copied.
 
 use super::{Attr, Error, NodeId, Result, View, Volume, now};
-use crate::catalog::{InodeRow, Kind, ROOT_INO, SnapshotRow, Tx};
+use crate::catalog::{InodeRow, Kind, ROOT_INO, SnapshotRow, Tx, UploadProgress};
 use crate::sync::{lock, read, write};
 
 /// Name of the control directory in the live root.
@@ -21,6 +21,8 @@ pub const SNAPDIR: NodeId = NodeId {
 pub const XATTR_ID: &[u8] = b"user.snapfs.id";
 pub const XATTR_STATE: &[u8] = b"user.snapfs.state";
 pub const XATTR_CREATED: &[u8] = b"user.snapfs.created";
+pub const XATTR_PROGRESS: &[u8] = b"user.snapfs.progress";
+pub const XATTR_ERROR: &[u8] = b"user.snapfs.error";
 pub const TAG_PREFIX: &[u8] = b"user.tag.";
 
 /// A snapshot as users see it.
@@ -35,6 +37,9 @@ pub struct SnapshotInfo {
     /// Bytes only this snapshot holds: what deleting it would free.
     pub exclusive_bytes: u64,
     pub tags: Vec<(Vec<u8>, Vec<u8>)>,
+    pub upload: UploadProgress,
+    /// Why the upload failed, for a `failed` snapshot.
+    pub error: Option<String>,
 }
 
 /// What users see of snapshot `row`: its catalog row with its space and tags.
@@ -47,7 +52,22 @@ pub fn describe(tx: &Tx<'_>, row: SnapshotRow) -> Result<SnapshotInfo> {
         state: row.state,
         created: row.created,
         logical_bytes: row.logical_bytes,
+        upload: row.upload,
+        error: row.error,
     })
+}
+
+/// `user.snapfs.progress`: `SENT/TOTAL bytes SENT/TOTAL blocks` (`?` for a total not yet
+/// known), the raw bytes of the blocks this snapshot sends.
+pub fn progress_text(progress: &UploadProgress) -> String {
+    let total = |n: Option<u64>| n.map_or_else(|| "?".to_owned(), |n| n.to_string());
+    format!(
+        "{}/{} bytes {}/{} blocks",
+        progress.sent_bytes,
+        total(progress.total_bytes),
+        progress.sent_blocks,
+        total(progress.total_blocks)
+    )
 }
 
 fn check_snapshot_name(name: &[u8]) -> Result<()> {
@@ -145,8 +165,9 @@ impl Volume {
             return Err(Error::Exists);
         }
         self.flush_all()?;
-        let row = lock(&self.catalog).create_snapshot(name, now(), "completed")?;
+        let row = lock(&self.catalog).create_snapshot(name, now(), "pending")?;
         write(&self.snapshots).insert(row.id, row.clone());
+        self.upload_wake.notify_one();
         tracing::info!(name = %String::from_utf8_lossy(name), id = row.id, "snapshot taken");
         self.snapshot_info(row.id)
     }
@@ -157,6 +178,7 @@ impl Volume {
         let _no_block_being_adopted = write(&self.gc);
         let freed = lock(&self.catalog).delete_snapshot(row.id)?;
         write(&self.snapshots).remove(&row.id);
+        self.upload_wake.notify_one();
         for hash in freed {
             self.blocks.remove(&hash)?;
         }
@@ -177,12 +199,18 @@ impl Volume {
         if let Some(cached) = write(&self.snapshots).get_mut(&row.id) {
             cached.name = new_name.to_vec();
         }
+        self.upload_wake.notify_one();
         Ok(())
     }
 
     pub fn snapshot_info(&self, id: u64) -> Result<SnapshotInfo> {
         let row = self.snapshot_row(id)?;
         lock(&self.catalog).read(|tx| describe(tx, row))
+    }
+
+    /// Reloads the snapshot table after the uploader changed states or progress.
+    pub fn refresh_snapshots(&self) -> Result<()> {
+        self.load_snapshots()
     }
 
     pub fn list_snapshots(&self) -> Vec<SnapshotRow> {
@@ -198,7 +226,14 @@ impl Volume {
             (XATTR_ID.to_vec(), row.id.to_string().into_bytes()),
             (XATTR_STATE.to_vec(), row.state.into_bytes()),
             (XATTR_CREATED.to_vec(), rfc3339(row.created).into_bytes()),
+            (
+                XATTR_PROGRESS.to_vec(),
+                progress_text(&row.upload).into_bytes(),
+            ),
         ];
+        if let Some(error) = row.error {
+            attrs.push((XATTR_ERROR.to_vec(), error.into_bytes()));
+        }
         for (key, value) in tags {
             attrs.push(([TAG_PREFIX, &key].concat(), value));
         }
@@ -220,7 +255,9 @@ impl Volume {
             Some(value) => Ok(tx.set_snapshot_tag(id, key, value)?),
             None if tx.remove_snapshot_tag(id, key)? => Ok(()),
             None => Err(Error::NoXattr),
-        })
+        })?;
+        self.upload_wake.notify_one();
+        Ok(())
     }
 }
 

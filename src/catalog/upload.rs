@@ -1,0 +1,347 @@
+//! The catalog's side of uploads: what each snapshot must send, what the store holds,
+//! the directory trees of the manifests, and the store objects waiting to be deleted.
+//!
+//! The uploader handles snapshots one at a time in generation order. Its base is the
+//! latest completed snapshot before the one at hand: every block that snapshot sees is
+//! stored, so only blocks first mapped after it can be missing.
+
+use rusqlite::{OptionalExtension, params};
+
+use super::{
+    Error, Result, SNAPSHOT_COLUMNS, SnapshotBounds, SnapshotRow, Tx, VISIBLE, exclusive_rows,
+};
+use crate::blocks::BlockHash;
+
+/// Rows of a versioned table whose life started or ended in `(:base, :g]`.
+const CHANGED: &str = "((birth > :base AND birth <= :g) OR (death > :base AND death <= :g))";
+
+/// The store key of a snapshot's manifest object.
+pub fn snapshot_key(id: u64) -> String {
+    format!("snapshots/{id:010}")
+}
+
+pub fn tree_key(hash: &BlockHash) -> String {
+    format!("trees/{hash}")
+}
+
+pub fn block_key(hash: &BlockHash) -> String {
+    format!("blocks/{hash}")
+}
+
+fn hash_of(bytes: Vec<u8>) -> Result<BlockHash> {
+    BlockHash::try_from(bytes.as_slice())
+        .map_err(|_| Error::Corrupt("a stored hash is not 32 bytes".into()))
+}
+
+impl Tx<'_> {
+    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )?;
+        Ok(())
+    }
+
+    /// The oldest snapshot still waiting for its upload.
+    pub fn next_pending_snapshot(&self) -> Result<Option<SnapshotRow>> {
+        let sql = format!(
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE state = 'pending'
+             ORDER BY generation LIMIT 1"
+        );
+        self.conn
+            .query_row(&sql, [], |r| Ok(SnapshotRow::try_from(r)))
+            .optional()?
+            .transpose()
+    }
+
+    pub fn snapshot(&self, id: u64) -> Result<Option<SnapshotRow>> {
+        let sql = format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE id = ?1");
+        self.conn
+            .query_row(&sql, [id], |r| Ok(SnapshotRow::try_from(r)))
+            .optional()?
+            .transpose()
+    }
+
+    /// The generation of the latest completed snapshot before generation `g` (0: none).
+    pub fn upload_base(&self, g: u64) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "SELECT coalesce(max(generation), 0) FROM snapshots
+             WHERE generation < ?1 AND state = 'completed'",
+            [g],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// The blocks snapshot `g` sees that the store lacks: those mapped after `base` (the
+    /// block-map birth index reads only them) and not yet stored.
+    pub fn upload_set(&self, base: u64, g: u64) -> Result<Vec<(BlockHash, u32)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT b.hash, b.len FROM blocks b WHERE b.stored = 0 AND b.hash IN (
+                 SELECT hash FROM blockmap
+                 WHERE birth > :base AND birth <= :g AND (death IS NULL OR death > :g))",
+        )?;
+        let mut rows = stmt.query(rusqlite::named_params! {":base": base, ":g": g})?;
+        let mut set = Vec::new();
+        while let Some(row) = rows.next()? {
+            set.push((hash_of(row.get(0)?)?, row.get(1)?));
+        }
+        Ok(set)
+    }
+
+    pub fn set_upload_totals(&self, id: u64, blocks: u64, bytes: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE snapshots SET upload_blocks = ?2, upload_bytes = ?3 WHERE id = ?1",
+            params![id, blocks, bytes],
+        )?;
+        Ok(())
+    }
+
+    /// Records blocks that are now in the store, and the progress of snapshot `id`. A
+    /// block freed while it was being sent is queued for deletion from the store.
+    pub fn record_stored(&self, id: u64, sent: &[(BlockHash, u32, u64)]) -> Result<()> {
+        let mut mark = self
+            .conn
+            .prepare_cached("UPDATE blocks SET stored = 1 WHERE hash = ?1")?;
+        let mut orphan = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?;
+        let (mut raw, mut wire) = (0u64, 0u64);
+        for (hash, len, wire_len) in sent {
+            if mark.execute([hash.as_bytes()])? == 0 {
+                orphan.execute([block_key(hash)])?;
+            }
+            raw += u64::from(*len);
+            wire += wire_len;
+        }
+        self.conn
+            .prepare_cached(
+                "UPDATE snapshots SET sent_blocks = sent_blocks + ?2,
+                     sent_bytes = sent_bytes + ?3, stored_bytes = stored_bytes + ?4
+                 WHERE id = ?1",
+            )?
+            .execute(params![id, sent.len() as u64, raw, wire])?;
+        Ok(())
+    }
+
+    /// Directories whose tree object differs between generations `base` and `g`: those
+    /// with an entry added, removed or changed (attributes, data, xattrs), and their
+    /// ancestors. Read from the generation indexes: unchanged parts are not visited.
+    pub fn dirs_to_rewrite(&self, base: u64, g: u64) -> Result<Vec<u64>> {
+        let sql = format!(
+            "WITH RECURSIVE
+             changed(ino) AS (
+                 SELECT ino FROM inodes WHERE {CHANGED}
+                 UNION SELECT ino FROM blockmap WHERE {CHANGED}
+                 UNION SELECT ino FROM xattrs WHERE {CHANGED}),
+             touched(dir) AS (
+                 SELECT parent FROM dentries WHERE {CHANGED}
+                 UNION SELECT d.parent FROM dentries d JOIN changed c ON d.ino = c.ino
+                     WHERE d.birth <= :g AND (d.death IS NULL OR d.death > :g)
+                 UNION SELECT {root}),
+             upward(dir) AS (
+                 SELECT dir FROM touched
+                 UNION SELECT i.parent FROM upward u JOIN inodes i ON i.ino = u.dir
+                     WHERE i.birth <= :g AND (i.death IS NULL OR i.death > :g)
+                       AND i.ino != i.parent)
+             SELECT u.dir FROM upward u JOIN inodes i ON i.ino = u.dir
+             WHERE i.kind = 2 AND i.birth <= :g AND (i.death IS NULL OR i.death > :g)",
+            root = super::ROOT_INO
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let dirs = stmt.query_map(rusqlite::named_params! {":base": base, ":g": g}, |r| {
+            r.get(0)
+        })?;
+        Ok(dirs.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Directories that existed at `base` and are gone at `g`: their trees are retired.
+    pub fn dirs_removed(&self, base: u64, g: u64) -> Result<Vec<u64>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT DISTINCT ino FROM inodes o
+             WHERE kind = 2 AND death > :base AND death <= :g AND NOT EXISTS (
+                 SELECT 1 FROM inodes i WHERE i.ino = o.ino
+                     AND i.birth <= :g AND (i.death IS NULL OR i.death > :g))",
+        )?;
+        let dirs = stmt.query_map(rusqlite::named_params! {":base": base, ":g": g}, |r| {
+            r.get(0)
+        })?;
+        Ok(dirs.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The tree object of directory `ino` in the manifest of generation `view`.
+    pub fn tree_at(&self, view: u64, ino: u64) -> Result<Option<BlockHash>> {
+        let sql = format!("SELECT hash FROM dir_trees WHERE ino = :ino AND {VISIBLE}");
+        self.conn
+            .prepare_cached(&sql)?
+            .query_row(rusqlite::named_params! {":ino": ino, ":g": view}, |r| {
+                r.get::<_, Vec<u8>>(0)
+            })
+            .optional()?
+            .map(hash_of)
+            .transpose()
+    }
+
+    /// Every extended attribute of `ino` as generation `view` sees them, by name.
+    pub fn xattrs_of(&self, view: u64, ino: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let sql =
+            format!("SELECT name, value FROM xattrs WHERE ino = :ino AND {VISIBLE} ORDER BY name");
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(rusqlite::named_params! {":ino": ino, ":g": view}, |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Marks snapshot `id` (generation `g`) completed, recording the directory trees its
+    /// manifest wrote and retiring those of directories it no longer has.
+    pub fn complete_snapshot(
+        &self,
+        id: u64,
+        g: u64,
+        trees: &[(u64, BlockHash)],
+        removed: &[u64],
+    ) -> Result<()> {
+        let mut current = self
+            .conn
+            .prepare_cached("SELECT hash FROM dir_trees WHERE ino = ?1 AND death IS NULL")?;
+        let mut retire = self
+            .conn
+            .prepare_cached("UPDATE dir_trees SET death = ?2 WHERE ino = ?1 AND death IS NULL")?;
+        let mut insert = self
+            .conn
+            .prepare_cached("INSERT INTO dir_trees (ino, birth, hash) VALUES (?1, ?2, ?3)")?;
+        for (ino, hash) in trees {
+            let existing: Option<Vec<u8>> = current.query_row([ino], |r| r.get(0)).optional()?;
+            if existing.as_deref() == Some(hash.as_bytes().as_slice()) {
+                continue;
+            }
+            retire.execute(params![ino, g])?;
+            insert.execute(params![ino, g, hash.as_bytes()])?;
+        }
+        for ino in removed {
+            retire.execute(params![ino, g])?;
+        }
+        self.conn.execute(
+            "UPDATE snapshots SET state = 'completed', error = NULL WHERE id = ?1",
+            [id],
+        )?;
+        Ok(())
+    }
+
+    /// Completed snapshots renamed or retagged since their manifest object was written.
+    pub fn stale_manifests(&self) -> Result<Vec<SnapshotRow>> {
+        let sql = format!(
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots
+             WHERE state = 'completed' AND manifest_written != manifest_version"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query([])?;
+        let mut found = Vec::new();
+        while let Some(row) = rows.next()? {
+            found.push(SnapshotRow::try_from(row)?);
+        }
+        Ok(found)
+    }
+
+    /// The version of snapshot `id`'s name and tags, to pass to `manifest_written` once a
+    /// manifest object made from them is stored.
+    pub fn manifest_version(&self, id: u64) -> Result<i64> {
+        Ok(self.conn.query_row(
+            "SELECT manifest_version FROM snapshots WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )?)
+    }
+
+    pub fn manifest_written(&self, id: u64, version: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE snapshots SET manifest_written = ?2 WHERE id = ?1",
+            params![id, version],
+        )?;
+        Ok(())
+    }
+
+    pub fn fail_snapshot(&self, id: u64, reason: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE snapshots SET state = 'failed', error = ?2 WHERE id = ?1",
+            params![id, reason],
+        )?;
+        Ok(())
+    }
+
+    /// Queues the store objects of snapshot `id` that nothing else needs: its manifest
+    /// object, and the directory trees only it used.
+    pub(super) fn forget_snapshot_objects(&self, id: u64, bounds: &SnapshotBounds) -> Result<()> {
+        let mut queue = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?;
+        queue.execute([snapshot_key(id)])?;
+        let sql = format!(
+            "DELETE FROM dir_trees WHERE {} RETURNING hash",
+            exclusive_rows("", bounds)
+        );
+        let freed: Vec<Vec<u8>> = self
+            .conn
+            .prepare(&sql)?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut still_used = self
+            .conn
+            .prepare_cached("SELECT 1 FROM dir_trees WHERE hash = ?1")?;
+        for hash in freed {
+            if !still_used.exists([&hash])? {
+                queue.execute([tree_key(&hash_of(hash)?)])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` store objects waiting to be deleted.
+    pub fn store_deletions(&self, limit: u32) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key FROM store_deletions LIMIT ?1")?;
+        let keys = stmt.query_map([limit], |r| r.get(0))?;
+        Ok(keys.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Whether the object under `key` is needed again (its content came back since it was
+    /// queued): then it must not be deleted.
+    pub fn object_needed(&self, key: &str) -> Result<bool> {
+        let (kind, name) = key.split_once('/').unwrap_or((key, ""));
+        let exists = |sql: &str, value: &dyn rusqlite::ToSql| -> Result<bool> {
+            Ok(self.conn.prepare_cached(sql)?.exists([value])?)
+        };
+        let hash = || {
+            blake3::Hash::from_hex(name)
+                .map(|h| h.as_bytes().to_vec())
+                .map_err(|_| Error::Corrupt(format!("bad key {key} in the deletion queue")))
+        };
+        match kind {
+            "blocks" => exists("SELECT 1 FROM blocks WHERE hash = ?1", &hash()?),
+            "trees" => exists("SELECT 1 FROM dir_trees WHERE hash = ?1", &hash()?),
+            "snapshots" => match name.parse::<u64>() {
+                Ok(id) => exists("SELECT 1 FROM snapshots WHERE id = ?1", &id),
+                Err(_) => Ok(false),
+            },
+            _ => Ok(false),
+        }
+    }
+
+    pub fn forget_deletion(&self, key: &str) -> Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM store_deletions WHERE key = ?1")?
+            .execute([key])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,480 @@
+//! Manifests: what a snapshot looks like in the object store, enough to list and restore
+//! it with nothing but the bucket. docs/format.md describes the encoding.
+//!
+//! A snapshot object names the root directory's tree; a tree object lists one directory's
+//! entries (attributes, xattrs, block lists, subdirectory trees). Trees are named by the
+//! hash of their encoding, so an unchanged directory is the same object in every snapshot
+//! and a one-file change rewrites only the trees on its path.
+//!
+//! Decoding treats the input as hostile: every length is bounded before it is used.
+
+use crate::blocks::BlockHash;
+use crate::catalog::Kind;
+
+const TREE_MAGIC: &[u8; 8] = b"snapfsT1";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"snapfsS1";
+/// Bounds on decoded values: far above anything valid, far below what would exhaust memory.
+const MAX_NAME: usize = 255;
+const MAX_ENTRIES: u64 = 10_000_000;
+const MAX_XATTRS: u64 = 10_000;
+const MAX_XATTR_VALUE: usize = 64 * 1024;
+const MAX_TARGET: usize = 4096;
+/// Most bytes a decompressed manifest object may have.
+pub const MAX_OBJECT: usize = 1 << 30;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Content {
+    /// Fifos, sockets, devices, symlinks (their target is in `Entry::target`).
+    None,
+    /// A regular file's mapped blocks as (index, hash); unlisted indexes are holes.
+    Blocks(Vec<(u64, BlockHash)>),
+    /// A directory's tree object.
+    Tree(BlockHash),
+}
+
+/// One directory entry with everything needed to recreate the node it names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub name: Vec<u8>,
+    pub kind: Kind,
+    /// The volume's inode number: entries with the same one are hard links.
+    pub ino: u64,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub rdev: u32,
+    /// Nanoseconds since the epoch.
+    pub atime: i64,
+    pub mtime: i64,
+    pub ctime: i64,
+    pub crtime: i64,
+    pub target: Option<Vec<u8>>,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub content: Content,
+}
+
+/// The object a snapshot is listed and restored from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotManifest {
+    pub volume_id: String,
+    pub id: u64,
+    pub name: Vec<u8>,
+    pub generation: u64,
+    /// Nanoseconds since the epoch.
+    pub created: i64,
+    pub block_size: u32,
+    pub logical_bytes: u64,
+    pub tags: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The root directory: its attributes, and its tree as content.
+    pub root: Entry,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("bad manifest object: {0}")]
+pub struct FormatError(pub String);
+
+type Result<T> = std::result::Result<T, FormatError>;
+
+fn bad<T>(what: impl Into<String>) -> Result<T> {
+    Err(FormatError(what.into()))
+}
+
+#[derive(Default)]
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn uint(&mut self, mut value: u64) {
+        while value >= 0x80 {
+            self.0.push((value as u8) | 0x80);
+            value >>= 7;
+        }
+        self.0.push(value as u8);
+    }
+
+    fn int(&mut self, value: i64) {
+        self.uint(((value << 1) ^ (value >> 63)) as u64);
+    }
+
+    fn bytes(&mut self, value: &[u8]) {
+        self.uint(value.len() as u64);
+        self.0.extend_from_slice(value);
+    }
+
+    fn hash(&mut self, hash: &BlockHash) {
+        self.0.extend_from_slice(hash.as_bytes());
+    }
+
+    fn pairs(&mut self, pairs: &[(Vec<u8>, Vec<u8>)]) {
+        self.uint(pairs.len() as u64);
+        for (key, value) in pairs {
+            self.bytes(key);
+            self.bytes(value);
+        }
+    }
+
+    fn entry(&mut self, entry: &Entry) {
+        self.bytes(&entry.name);
+        self.uint(entry.kind as u64);
+        self.uint(entry.ino);
+        for value in [entry.perm, entry.uid, entry.gid, entry.nlink, entry.rdev] {
+            self.uint(u64::from(value));
+        }
+        self.uint(entry.size);
+        for time in [entry.atime, entry.mtime, entry.ctime, entry.crtime] {
+            self.int(time);
+        }
+        self.bytes(entry.target.as_deref().unwrap_or_default());
+        self.pairs(&entry.xattrs);
+        match &entry.content {
+            Content::None => self.uint(0),
+            Content::Blocks(blocks) => {
+                self.uint(1);
+                self.uint(blocks.len() as u64);
+                let mut previous = 0;
+                for (index, hash) in blocks {
+                    // Delta-coded: sorted indexes cost a byte each.
+                    self.uint(index - previous);
+                    previous = *index;
+                    self.hash(hash);
+                }
+            }
+            Content::Tree(hash) => {
+                self.uint(2);
+                self.hash(hash);
+            }
+        }
+    }
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if n > self.data.len() {
+            return bad("truncated");
+        }
+        let (head, rest) = self.data.split_at(n);
+        self.data = rest;
+        Ok(head)
+    }
+
+    fn uint(&mut self) -> Result<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.take(1)?[0];
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        bad("integer too long")
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        u32::try_from(self.uint()?).or_else(|_| bad(format!("{what} out of range")))
+    }
+
+    fn int(&mut self) -> Result<i64> {
+        let raw = self.uint()?;
+        Ok((raw >> 1) as i64 ^ -((raw & 1) as i64))
+    }
+
+    fn bytes(&mut self, max: usize, what: &str) -> Result<Vec<u8>> {
+        let len = self.uint()?;
+        if len > max as u64 {
+            return bad(format!("{what} of {len} bytes"));
+        }
+        Ok(self.take(len as usize)?.to_vec())
+    }
+
+    fn hash(&mut self) -> Result<BlockHash> {
+        BlockHash::try_from(self.take(32)?).or_else(|_| bad("short hash"))
+    }
+
+    fn count(&mut self, max: u64, what: &str) -> Result<usize> {
+        let n = self.uint()?;
+        // Each item takes at least one byte: a count beyond the input is a lie.
+        if n > max || n > self.data.len() as u64 {
+            return bad(format!("{n} {what}"));
+        }
+        Ok(n as usize)
+    }
+
+    fn pairs(
+        &mut self,
+        key_max: usize,
+        value_max: usize,
+        what: &str,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let n = self.count(MAX_XATTRS, what)?;
+        (0..n)
+            .map(|_| Ok((self.bytes(key_max, what)?, self.bytes(value_max, what)?)))
+            .collect()
+    }
+
+    fn entry(&mut self) -> Result<Entry> {
+        let name = self.bytes(MAX_NAME, "name")?;
+        let kind = i64::try_from(self.uint()?)
+            .ok()
+            .and_then(|k| Kind::try_from(k).ok())
+            .map_or_else(|| bad("unknown node kind"), Ok)?;
+        let ino = self.uint()?;
+        let perm = self.u32("mode")?;
+        let uid = self.u32("uid")?;
+        let gid = self.u32("gid")?;
+        let nlink = self.u32("link count")?;
+        let rdev = self.u32("device")?;
+        let size = self.uint()?;
+        if size > i64::MAX as u64 {
+            return bad(format!("file size {size}"));
+        }
+        let (atime, mtime, ctime, crtime) = (self.int()?, self.int()?, self.int()?, self.int()?);
+        let target = self.bytes(MAX_TARGET, "symlink target")?;
+        let xattrs = self.pairs(MAX_NAME, MAX_XATTR_VALUE, "xattrs")?;
+        let content = match self.uint()? {
+            0 => Content::None,
+            1 => {
+                let n = self.count(MAX_ENTRIES * 16, "blocks")?;
+                let mut blocks = Vec::with_capacity(n);
+                let mut index = 0u64;
+                for i in 0..n {
+                    let delta = self.uint()?;
+                    if i > 0 && delta == 0 {
+                        return bad("block indexes not increasing");
+                    }
+                    index = index
+                        .checked_add(delta)
+                        .map_or_else(|| bad("block index overflows"), Ok)?;
+                    blocks.push((index, self.hash()?));
+                }
+                Content::Blocks(blocks)
+            }
+            2 => Content::Tree(self.hash()?),
+            other => return bad(format!("unknown content type {other}")),
+        };
+        let consistent = match (&content, kind) {
+            (Content::Tree(_), Kind::Dir) | (Content::Blocks(_), Kind::File) => true,
+            (Content::None, kind) => kind != Kind::Dir && kind != Kind::File,
+            _ => false,
+        };
+        if !consistent {
+            return bad(format!("{kind:?} entry with the wrong content"));
+        }
+        if name.contains(&b'/') || name.contains(&0) || name == b"." || name == b".." {
+            return bad(format!("unsafe name {:?}", String::from_utf8_lossy(&name)));
+        }
+        Ok(Entry {
+            name,
+            kind,
+            ino,
+            perm,
+            uid,
+            gid,
+            nlink,
+            size,
+            rdev,
+            atime,
+            mtime,
+            ctime,
+            crtime,
+            target: (kind == Kind::Symlink).then_some(target),
+            xattrs,
+            content,
+        })
+    }
+
+    fn magic(&mut self, magic: &[u8; 8], what: &str) -> Result<()> {
+        match self.take(8) {
+            Ok(found) if found == magic => Ok(()),
+            Ok(found) if found.starts_with(b"snapfs") => bad(format!(
+                "{what} in an unknown format version ({}); upgrade snapfs",
+                String::from_utf8_lossy(found)
+            )),
+            _ => bad(format!("not a snapfs {what}")),
+        }
+    }
+
+    fn finish(&self) -> Result<()> {
+        if self.data.is_empty() {
+            Ok(())
+        } else {
+            bad("trailing bytes")
+        }
+    }
+}
+
+/// Encodes one directory's entries, which must be sorted by name.
+pub fn encode_tree(entries: &[Entry]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.0.extend_from_slice(TREE_MAGIC);
+    w.uint(entries.len() as u64);
+    for entry in entries {
+        w.entry(entry);
+    }
+    w.0
+}
+
+pub fn decode_tree(data: &[u8]) -> Result<Vec<Entry>> {
+    let mut r = Reader { data };
+    r.magic(TREE_MAGIC, "tree")?;
+    let n = r.count(MAX_ENTRIES, "entries")?;
+    let mut entries: Vec<Entry> = Vec::with_capacity(n.min(4096));
+    for _ in 0..n {
+        let entry = r.entry()?;
+        if entry.name.is_empty() {
+            return bad("an entry without a name");
+        }
+        if entries.last().is_some_and(|last| last.name >= entry.name) {
+            return bad("entries not sorted or duplicated");
+        }
+        entries.push(entry);
+    }
+    r.finish()?;
+    Ok(entries)
+}
+
+pub fn encode_snapshot(snapshot: &SnapshotManifest) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.0.extend_from_slice(SNAPSHOT_MAGIC);
+    w.bytes(snapshot.volume_id.as_bytes());
+    w.uint(snapshot.id);
+    w.bytes(&snapshot.name);
+    w.uint(snapshot.generation);
+    w.int(snapshot.created);
+    w.uint(u64::from(snapshot.block_size));
+    w.uint(snapshot.logical_bytes);
+    w.pairs(&snapshot.tags);
+    w.entry(&snapshot.root);
+    w.0
+}
+
+pub fn decode_snapshot(data: &[u8]) -> Result<SnapshotManifest> {
+    let mut r = Reader { data };
+    r.magic(SNAPSHOT_MAGIC, "snapshot")?;
+    let volume_id =
+        String::from_utf8(r.bytes(64, "volume id")?).or_else(|_| bad("volume id is not text"))?;
+    let id = r.uint()?;
+    let name = r.bytes(MAX_NAME, "snapshot name")?;
+    let generation = r.uint()?;
+    let created = r.int()?;
+    let block_size = r.u32("block size")?;
+    if !(4096..=16 << 20).contains(&block_size) || !block_size.is_power_of_two() {
+        return bad(format!("block size {block_size}"));
+    }
+    let logical_bytes = r.uint()?;
+    let tags = r.pairs(MAX_NAME, MAX_XATTR_VALUE, "tags")?;
+    let root = r.entry()?;
+    if root.kind != Kind::Dir {
+        return bad("the root is not a directory");
+    }
+    r.finish()?;
+    Ok(SnapshotManifest {
+        volume_id,
+        id,
+        name,
+        generation,
+        created,
+        block_size,
+        logical_bytes,
+        tags,
+        root,
+    })
+}
+
+/// Compresses a manifest or block for the store.
+pub fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    zstd::bulk::compress(data, level)
+}
+
+/// Decompresses an object from the store, refusing more than `max` bytes of output.
+pub fn decompress(data: &[u8], max: usize) -> std::io::Result<Vec<u8>> {
+    zstd::bulk::decompress(data, max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, blocks: Vec<(u64, BlockHash)>) -> Entry {
+        Entry {
+            name: name.as_bytes().to_vec(),
+            kind: Kind::File,
+            ino: 20,
+            perm: 0o644,
+            uid: 1000,
+            gid: 1000,
+            nlink: 1,
+            size: 1 << 20,
+            rdev: 0,
+            atime: -5,
+            mtime: 1_700_000_000_000_000_000,
+            ctime: 0,
+            crtime: i64::MAX,
+            target: None,
+            xattrs: vec![(b"user.a".to_vec(), vec![0, 1, 2])],
+            content: Content::Blocks(blocks),
+        }
+    }
+
+    #[test]
+    fn trees_and_snapshots_round_trip() {
+        let h = |b: u8| BlockHash::of(&[b]);
+        let mut link = file("link", vec![]);
+        link.kind = Kind::Symlink;
+        link.target = Some(b"../target".to_vec());
+        link.content = Content::None;
+        let tree = vec![file("a", vec![(0, h(1)), (7, h(2))]), link];
+        let encoded = encode_tree(&tree);
+        assert_eq!(decode_tree(&encoded).expect("decodes"), tree);
+
+        let mut root = file("", vec![]);
+        root.kind = Kind::Dir;
+        root.content = Content::Tree(BlockHash::of(&encoded));
+        let snapshot = SnapshotManifest {
+            volume_id: "00ff".into(),
+            id: 3,
+            name: b"daily".to_vec(),
+            generation: 9,
+            created: 1,
+            block_size: 256 * 1024,
+            logical_bytes: 1 << 40,
+            tags: vec![(b"k".to_vec(), b"v".to_vec())],
+            root,
+        };
+        let encoded = encode_snapshot(&snapshot);
+        assert_eq!(decode_snapshot(&encoded).expect("decodes"), snapshot);
+    }
+
+    #[test]
+    fn hostile_input_is_refused() {
+        let tree = encode_tree(&[file("a", vec![(0, BlockHash::of(b"x"))])]);
+        // Every truncation fails cleanly.
+        for len in 0..tree.len() {
+            assert!(decode_tree(&tree[..len]).is_err(), "truncated at {len}");
+        }
+        let mut trailing = tree.clone();
+        trailing.push(0);
+        assert!(decode_tree(&trailing).is_err());
+
+        for name in ["..", ".", "a/b", "a\0b"] {
+            let bad_tree = encode_tree(&[file(name, vec![])]);
+            assert!(decode_tree(&bad_tree).is_err(), "name {name:?}");
+        }
+        let unsorted = encode_tree(&[file("b", vec![]), file("a", vec![])]);
+        assert!(decode_tree(&unsorted).is_err());
+
+        // A huge entry count with no data behind it is refused before allocating.
+        let mut huge = TREE_MAGIC.to_vec();
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(decode_tree(&huge).is_err());
+
+        let mut future = tree.clone();
+        future[7] = b'9';
+        let err = decode_tree(&future).expect_err("unknown version");
+        assert!(err.to_string().contains("upgrade snapfs"), "{err}");
+    }
+}

@@ -1,0 +1,273 @@
+//! Object stores: where snapshots go off the machine. One seam, [`ObjectStore`], with a
+//! directory implementation (`file:///DIR`, the embedded default) and an S3 one
+//! (`s3://BUCKET/PREFIX`). Keys are relative to the volume's place in the store; see
+//! docs/format.md for the layout.
+
+mod local;
+mod s3;
+
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use local::LocalStore;
+pub use s3::S3Store;
+
+/// What a failed store request means for the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// May succeed if tried again: 5xx, SlowDown, timeouts, reset or refused connections.
+    Transient,
+    /// Will fail again the same way: bad credentials, no such bucket, access denied.
+    Permanent,
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StoreError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl StoreError {
+    pub fn transient(message: impl Into<String>) -> StoreError {
+        StoreError {
+            kind: ErrorKind::Transient,
+            message: message.into(),
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> StoreError {
+        StoreError {
+            kind: ErrorKind::Permanent,
+            message: message.into(),
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = StoreResult<T>> + Send + 'a>>;
+
+/// A flat key-value object store. Keys are `/`-separated and relative to the volume's
+/// prefix. Every method may be called concurrently.
+pub trait ObjectStore: Send + Sync {
+    /// Stores `body` under `key`, replacing any object there; durable once it returns.
+    fn put<'a>(&'a self, key: &'a str, body: Vec<u8>) -> StoreFuture<'a, ()>;
+    /// The object under `key`, or `None` if there is none.
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>>;
+    /// Deletes `key`; deleting a missing key succeeds.
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()>;
+    /// Every key that starts with `prefix`, in no particular order.
+    fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<String>>;
+    /// The store's URL, for messages (never with credentials).
+    fn url(&self) -> &str;
+}
+
+/// A parsed `--store` URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    Local(PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid store URL '{url}': {reason} (use s3://BUCKET[/PREFIX] or file:///ABSOLUTE/DIR)")]
+pub struct UrlError {
+    url: String,
+    reason: &'static str,
+}
+
+impl StoreUrl {
+    pub fn parse(url: &str) -> Result<StoreUrl, UrlError> {
+        let err = |reason| UrlError {
+            url: url.to_owned(),
+            reason,
+        };
+        if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(err("a file:// URL needs an absolute path"));
+            }
+            if path.split('/').any(|part| part == "..") {
+                return Err(err("'..' is not allowed in the path"));
+            }
+            return Ok(StoreUrl::Local(PathBuf::from(path)));
+        }
+        let Some(rest) = url.strip_prefix("s3://") else {
+            return Err(err("unknown scheme"));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && !bucket.starts_with(['-', '.'])
+            && !bucket.ends_with(['-', '.']);
+        if !valid_bucket {
+            return Err(err(
+                "bucket names are 3-63 lowercase letters, digits, '-' and '.'",
+            ));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix
+            .split('/')
+            .any(|part| part == "." || part == ".." || (part.is_empty() && !prefix.is_empty()))
+        {
+            return Err(err("the prefix has an empty, '.' or '..' component"));
+        }
+        if prefix.chars().any(char::is_control) {
+            return Err(err("the prefix has control characters"));
+        }
+        Ok(StoreUrl::S3 {
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// The store a volume in `data_dir` uses when none is named: a directory beside it.
+    pub fn default_for(data_dir: &Path) -> StoreUrl {
+        StoreUrl::Local(data_dir.join("store"))
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreUrl::Local(path) => write!(f, "file://{}", path.display()),
+            StoreUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            StoreUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+/// Opens the store `url` names. S3 stores resolve credentials and region here, so a
+/// missing credential is reported now rather than at the first upload.
+pub async fn open(url: &StoreUrl) -> StoreResult<Arc<dyn ObjectStore>> {
+    Ok(match url {
+        StoreUrl::Local(dir) => Arc::new(LocalStore::open(dir, url.to_string())?),
+        StoreUrl::S3 { bucket, prefix } => {
+            Arc::new(S3Store::open(bucket, prefix, url.to_string()).await?)
+        }
+    })
+}
+
+/// How long to wait before attempt `attempt` (0-based) of a failed request: exponential
+/// from 100 ms up to `max`, with full jitter so many clients do not retry in step.
+pub fn backoff(attempt: u32, max: Duration) -> Duration {
+    let ceiling = Duration::from_millis(100)
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(max);
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    ceiling.mul_f64((random % 1_000_001) as f64 / 1_000_000.0)
+}
+
+/// Runs `request` until it succeeds, fails permanently, or `attempts` transient failures
+/// have happened (`None`: no limit; an outage of any length only delays the result).
+pub async fn retry<T, F, Fut>(attempts: Option<u32>, mut request: F) -> StoreResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = StoreResult<T>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match request().await {
+            Err(e) if e.is_transient() && attempts.is_none_or(|limit| attempt + 1 < limit) => {
+                tracing::debug!(error = %e, attempt, "store request failed; retrying");
+                tokio::time::sleep(backoff(attempt, Duration::from_secs(30))).await;
+                attempt = attempt.saturating_add(1);
+            }
+            result => return result,
+        }
+    }
+}
+
+/// The object that marks a prefix as one volume's: format version, volume id, block size.
+pub const VOLUME_KEY: &str = "volume";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Claims the store for volume `volume_id`: writes the volume header if the prefix is
+/// empty, accepts it if it is this volume's, refuses another volume's. Bounded retries:
+/// this runs before mounting, where a dead endpoint must be reported, not waited out.
+pub async fn claim(store: &dyn ObjectStore, volume_id: &str, block_size: u32) -> StoreResult<()> {
+    let header = format!(
+        "snapfs volume\nformat {FORMAT_VERSION}\nid {volume_id}\nblock_size {block_size}\n"
+    );
+    let existing = retry(Some(3), || store.get(VOLUME_KEY)).await?;
+    match existing {
+        None => {
+            retry(Some(3), || {
+                store.put(VOLUME_KEY, header.clone().into_bytes())
+            })
+            .await
+        }
+        Some(found) if found == header.as_bytes() => Ok(()),
+        Some(found) => {
+            let found = String::from_utf8_lossy(&found);
+            let other = found
+                .lines()
+                .find_map(|line| line.strip_prefix("id "))
+                .unwrap_or("unknown");
+            Err(StoreError::permanent(format!(
+                "{} already holds another snapfs volume (id {other}; this volume is {volume_id}): \
+                 give this volume its own prefix",
+                store.url()
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_store_urls() {
+        assert_eq!(
+            StoreUrl::parse("s3://my-bucket/a/b/").expect("valid"),
+            StoreUrl::S3 {
+                bucket: "my-bucket".into(),
+                prefix: "a/b".into()
+            }
+        );
+        assert_eq!(
+            StoreUrl::parse("s3://bucket").expect("valid").to_string(),
+            "s3://bucket"
+        );
+        assert_eq!(
+            StoreUrl::parse("file:///var/backups").expect("valid"),
+            StoreUrl::Local("/var/backups".into())
+        );
+        for bad in [
+            "http://x",
+            "s3://",
+            "s3://UPPER",
+            "s3://ab",
+            "s3://b_ucket/x",
+            "s3://bucket/a//b",
+            "s3://bucket/../x",
+            "file://relative",
+            "file:///a/../b",
+            "/plain/path",
+        ] {
+            assert!(StoreUrl::parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_bounded() {
+        let max = Duration::from_secs(30);
+        for attempt in 0..40 {
+            let delay = backoff(attempt, max);
+            assert!(delay <= max);
+            assert!(delay <= Duration::from_millis(100) * (1 << attempt.min(16)));
+        }
+    }
+}

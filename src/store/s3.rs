@@ -1,0 +1,211 @@
+//! `s3://BUCKET/PREFIX` on aws-sdk-s3. Configuration comes from the standard AWS places
+//! (environment, profiles, credential chain, `AWS_ENDPOINT_URL`); an endpoint override
+//! implies path-style addressing, which S3-compatible servers expect.
+
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    ProvideCredentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+
+use super::{ObjectStore, StoreError, StoreFuture, StoreResult};
+
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    /// Prepended to every key: empty, or ending in '/'.
+    prefix: String,
+    url: String,
+}
+
+/// Classifies an SDK error: throttling, 5xx, timeouts and connection failures are worth
+/// retrying; everything else (403, 404 bucket, bad request) is not.
+fn classify<E, R>(url: &str, what: &str, err: SdkError<E, R>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + HttpStatus,
+{
+    let status = err.raw_response().map(HttpStatus::status);
+    let code = err.code().map(str::to_owned);
+    let detail = match (&code, err.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.clone(),
+        _ => aws_sdk_s3::error::DisplayErrorContext(&err).to_string(),
+    };
+    let message = format!("{what} on {url} failed: {detail}");
+    let transient = match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        _ => {
+            matches!(status, Some(500..=599) | Some(429) | Some(408))
+                || matches!(
+                    code.as_deref(),
+                    Some("SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable")
+                )
+        }
+    };
+    let hint = match (status, code.as_deref()) {
+        (_, Some("NoSuchBucket")) => " (the bucket does not exist)",
+        (_, Some("InvalidAccessKeyId" | "SignatureDoesNotMatch")) | (Some(403), None) => {
+            " (check the credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile)"
+        }
+        (_, Some("AccessDenied")) => " (the credentials may not use this bucket)",
+        _ => "",
+    };
+    if transient {
+        StoreError::transient(message)
+    } else {
+        StoreError::permanent(format!("{message}{hint}"))
+    }
+}
+
+/// The HTTP status of a raw response, whatever type the SDK uses for it.
+trait HttpStatus {
+    fn status(&self) -> u16;
+}
+
+impl HttpStatus for aws_sdk_s3::config::http::HttpResponse {
+    fn status(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+impl S3Store {
+    pub async fn open(bucket: &str, prefix: &str, url: String) -> StoreResult<S3Store> {
+        let shared = aws_config::defaults(BehaviorVersion::latest()).load().await;
+        let Some(credentials) = shared.credentials_provider() else {
+            return Err(StoreError::permanent(format!(
+                "no AWS credentials for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+                 or AWS_PROFILE"
+            )));
+        };
+        credentials.provide_credentials().await.map_err(|e| {
+            StoreError::permanent(format!(
+                "no usable AWS credentials for {url}: {e} (set AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+            ))
+        })?;
+        let mut config = aws_sdk_s3::config::Builder::from(&shared)
+            // snapfs retries itself, with backoff for outages of any length.
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(Duration::from_secs(60))
+                    .build(),
+            )
+            // Blocks carry their own hash; header checksums keep every server compatible.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if shared.region().is_none() {
+            config = config.region(Region::new("us-east-1"));
+        }
+        if shared.endpoint_url().is_some() {
+            config = config.force_path_style(true);
+        }
+        Ok(S3Store {
+            client: Client::from_conf(config.build()),
+            bucket: bucket.to_owned(),
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            url,
+        })
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+}
+
+impl ObjectStore for S3Store {
+    fn put<'a>(&'a self, key: &'a str, body: Vec<u8>) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(self.key(key))
+                .body(ByteStream::from(body))
+                .send()
+                .await
+                .map_err(|e| classify(&self.url, &format!("PUT {key}"), e))?;
+            Ok(())
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move {
+            let response = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(self.key(key))
+                .send()
+                .await
+            {
+                Ok(response) => response,
+                Err(e) if e.as_service_error().is_some_and(|e| e.is_no_such_key()) => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(classify(&self.url, &format!("GET {key}"), e)),
+            };
+            let body = response.body.collect().await.map_err(|e| {
+                StoreError::transient(format!("GET {key} on {}: body cut off: {e}", self.url))
+            })?;
+            Ok(Some(body.into_bytes().to_vec()))
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(self.key(key))
+                .send()
+                .await
+                .map_err(|e| classify(&self.url, &format!("DELETE {key}"), e))?;
+            Ok(())
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let mut keys = Vec::new();
+            let mut token = None;
+            loop {
+                let page = self
+                    .client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .prefix(self.key(prefix))
+                    .set_continuation_token(token)
+                    .send()
+                    .await
+                    .map_err(|e| classify(&self.url, "LIST", e))?;
+                for object in page.contents() {
+                    if let Some(key) = object.key().and_then(|k| k.strip_prefix(&self.prefix)) {
+                        keys.push(key.to_owned());
+                    }
+                }
+                token = page.next_continuation_token().map(str::to_owned);
+                if token.is_none() {
+                    return Ok(keys);
+                }
+            }
+        })
+    }
+
+    fn url(&self) -> &str {
+        &self.url
+    }
+}

@@ -1,0 +1,600 @@
+//! The uploader: a background thread owning a tokio runtime that sends each snapshot's new
+//! blocks, zstd-compressed, then its manifest, to the object store, oldest snapshot first.
+//!
+//! Everything it knows is in the catalog (which blocks are stored, each snapshot's state
+//! and progress), so a restart resumes where the last run stopped. Store errors that a
+//! retry can fix are retried forever with backoff: an outage only delays completion. A
+//! snapshot fails only for what retries cannot fix (a block lost locally, access denied).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::blocks::BlockHash;
+use crate::catalog::{self, Catalog, Kind, ROOT_INO, SnapshotRow};
+use crate::manifest::{self, Content, Entry, SnapshotManifest};
+use crate::store::{self, ObjectStore, StoreError};
+use crate::sync::{Mutex, lock};
+use crate::volume::{self, Volume};
+
+#[derive(Clone, Debug)]
+pub struct UploadOptions {
+    /// Store requests in flight at once.
+    pub concurrency: usize,
+    /// zstd level of blocks and manifests.
+    pub compression_level: i32,
+    /// Most compressed bytes per second sent (`None`: no limit).
+    pub limit: Option<u64>,
+}
+
+impl Default for UploadOptions {
+    fn default() -> Self {
+        UploadOptions {
+            concurrency: 16,
+            compression_level: 3,
+            limit: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error(transparent)]
+    Catalog(#[from] catalog::Error),
+    #[error(transparent)]
+    Volume(#[from] volume::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Blocks sent between progress updates, and between looks at the deletion queue.
+const BATCH: usize = 256;
+/// Landed blocks are recorded in the catalog in groups of this many, or this often.
+const RECORD_EVERY: usize = 16;
+const RECORD_AGE: Duration = Duration::from_millis(500);
+/// Manifest bytes buffered before they are sent.
+const TREE_BATCH_BYTES: usize = 8 << 20;
+
+/// What happened to a snapshot the uploader worked on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Completed,
+    Failed(String),
+    /// Deleted while it was being uploaded.
+    Deleted,
+}
+
+/// The uploader's state; `run` drives it, tests may call `upload_pending` directly.
+pub struct Worker {
+    volume: Arc<Volume>,
+    /// Its own connection: long manifest reads do not hold up the mount.
+    catalog: Mutex<Catalog>,
+    store: Arc<dyn ObjectStore>,
+    options: UploadOptions,
+    limiter: Option<RateLimit>,
+}
+
+impl Worker {
+    pub fn new(
+        volume: Arc<Volume>,
+        store: Arc<dyn ObjectStore>,
+        options: UploadOptions,
+    ) -> Result<Worker, UploadError> {
+        let catalog = Catalog::open(&volume.catalog_path(), 0, 0, (0, 0))?;
+        Ok(Worker {
+            volume,
+            catalog: Mutex::new(catalog),
+            store,
+            limiter: options.limit.map(RateLimit::new),
+            options,
+        })
+    }
+
+    /// Uploads until no snapshot is pending and the deletion queue is empty (or, for the
+    /// queue, until its next requests fail). Returns what happened to each snapshot.
+    pub async fn upload_pending(&self) -> Result<Vec<(u64, Outcome)>, UploadError> {
+        let mut outcomes = Vec::new();
+        loop {
+            self.delete_unneeded().await?;
+            self.rewrite_stale_manifests().await?;
+            let next = lock(&self.catalog).read(|tx| tx.next_pending_snapshot())?;
+            let Some(snapshot) = next else {
+                return Ok(outcomes);
+            };
+            let id = snapshot.id;
+            let outcome = self.upload_snapshot(snapshot).await?;
+            match &outcome {
+                Outcome::Failed(reason) => {
+                    tracing::error!(id, reason = %reason, "snapshot upload failed");
+                    lock(&self.catalog).write(|tx| tx.fail_snapshot(id, reason))?;
+                }
+                Outcome::Completed => tracing::info!(id, "snapshot completed"),
+                Outcome::Deleted => tracing::info!(id, "snapshot deleted during its upload"),
+            }
+            self.volume.refresh_snapshots()?;
+            outcomes.push((id, outcome));
+        }
+    }
+
+    async fn upload_snapshot(&self, snapshot: SnapshotRow) -> Result<Outcome, UploadError> {
+        let (id, g) = (snapshot.id, snapshot.generation);
+        let (base, set) = lock(&self.catalog).read(|tx| {
+            let base = tx.upload_base(g)?;
+            Ok::<_, catalog::Error>((base, tx.upload_set(base, g)?))
+        })?;
+        if snapshot.upload.total_blocks.is_none() {
+            let bytes = set.iter().map(|(_, len)| u64::from(*len)).sum();
+            lock(&self.catalog).write(|tx| tx.set_upload_totals(id, set.len() as u64, bytes))?;
+            self.volume.refresh_snapshots()?;
+        }
+        tracing::info!(id, base, blocks = set.len(), "uploading snapshot");
+        for batch in set.chunks(BATCH) {
+            if lock(&self.catalog).read(|tx| tx.snapshot(id))?.is_none() {
+                return Ok(Outcome::Deleted);
+            }
+            if let Err(reason) = self.send_blocks(id, batch).await? {
+                return self.failure(id, reason);
+            }
+            self.delete_unneeded().await?;
+        }
+        let manifest = match self.write_manifest(&snapshot, base).await {
+            Ok(manifest) => manifest,
+            Err(UploadError::Store(e)) => return self.failure(id, e.message),
+            Err(e) => return Err(e),
+        };
+        let Some(written) = manifest else {
+            return Ok(Outcome::Deleted);
+        };
+        lock(&self.catalog).write(|tx| {
+            tx.complete_snapshot(id, g, &written.trees, &written.removed)?;
+            tx.manifest_written(id, written.version)
+        })?;
+        Ok(Outcome::Completed)
+    }
+
+    /// A snapshot deleted meanwhile has lost its blocks: that is no failure.
+    fn failure(&self, id: u64, reason: String) -> Result<Outcome, UploadError> {
+        if lock(&self.catalog).read(|tx| tx.snapshot(id))?.is_none() {
+            return Ok(Outcome::Deleted);
+        }
+        Ok(Outcome::Failed(reason))
+    }
+
+    /// Sends blocks of snapshot `id`, many at once, recording them as they land (an
+    /// interruption resends at most the requests in flight and `RECORD_EVERY` more). The inner error says why a
+    /// block cannot be sent.
+    async fn send_blocks(
+        &self,
+        id: u64,
+        blocks: &[(BlockHash, u32)],
+    ) -> Result<Result<(), String>, UploadError> {
+        let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
+        let mut tasks = JoinSet::new();
+        for &(hash, len) in blocks {
+            let permits = permits.clone();
+            let volume = self.volume.clone();
+            let store = self.store.clone();
+            let level = self.options.compression_level;
+            let limiter = self.limiter.clone();
+            tasks.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let data = tokio::task::spawn_blocking(move || {
+                    let data = volume.read_block_uncached(&hash)?;
+                    manifest::compress(&data, level).map_err(|e| volume::Error::DataDir {
+                        path: "zstd".into(),
+                        source: e,
+                    })
+                })
+                .await
+                .map_err(|e| format!("block {hash}: {e}"))?
+                .map_err(|e| format!("cannot read block {hash} for upload: {e}"))?;
+                let wire = data.len() as u64;
+                if let Some(limiter) = &limiter {
+                    limiter.acquire(wire).await;
+                }
+                let key = catalog::block_key(&hash);
+                store::retry(None, || store.put(&key, data.clone()))
+                    .await
+                    .map_err(|e| e.message)?;
+                Ok::<_, String>((hash, len, wire))
+            });
+        }
+        let mut landed = Vec::new();
+        let mut last_record = Instant::now();
+        let mut failure = None;
+        while let Some(result) = tasks.join_next().await {
+            match result.map_err(|e| format!("upload task failed: {e}")) {
+                Ok(Ok(sent)) => landed.push(sent),
+                Ok(Err(reason)) | Err(reason) => {
+                    failure.get_or_insert(reason);
+                }
+            }
+            let finished = tasks.is_empty();
+            if finished || landed.len() >= RECORD_EVERY || last_record.elapsed() > RECORD_AGE {
+                lock(&self.catalog).write(|tx| tx.record_stored(id, &landed))?;
+                self.volume.refresh_snapshots()?;
+                landed.clear();
+                last_record = Instant::now();
+            }
+        }
+        Ok(failure.map_or(Ok(()), Err))
+    }
+
+    /// Writes the manifest of `snapshot`: the trees of the directories changed since
+    /// `base` (all of them for the first), then the snapshot object. `None` if the
+    /// snapshot was deleted meanwhile.
+    async fn write_manifest(
+        &self,
+        snapshot: &SnapshotRow,
+        base: u64,
+    ) -> Result<Option<WrittenManifest>, UploadError> {
+        let g = snapshot.generation;
+        let (rewrite, removed) = lock(&self.catalog).read(|tx| {
+            let dirs: HashSet<u64> = tx.dirs_to_rewrite(base, g)?.into_iter().collect();
+            Ok::<_, catalog::Error>((dirs, tx.dirs_removed(base, g)?))
+        })?;
+        let mut trees = Vec::new();
+        let mut outgoing = Vec::new();
+        let mut outgoing_bytes = 0;
+        // Depth-first, children before parents: a parent's tree names its children's.
+        let mut stack = vec![self.open_dir(ROOT_INO, g)?];
+        let root_tree = loop {
+            let Some(frame) = stack.last_mut() else {
+                unreachable!("the root frame returns before the stack empties")
+            };
+            if let Some(child) = frame.pending.pop() {
+                let row = &child.inode;
+                let content = match row.kind {
+                    Kind::Dir => {
+                        let known = if rewrite.contains(&row.ino) || base == 0 {
+                            None
+                        } else {
+                            lock(&self.catalog).read(|tx| tx.tree_at(base, row.ino))?
+                        };
+                        match known {
+                            Some(hash) => Content::Tree(hash),
+                            None => {
+                                // Back on the parent's list until the child's tree is done.
+                                let frame = self.open_dir(row.ino, g)?;
+                                if let Some(parent) = stack.last_mut() {
+                                    parent.pending.push(child);
+                                }
+                                stack.push(frame);
+                                continue;
+                            }
+                        }
+                    }
+                    Kind::File => Content::Blocks(
+                        lock(&self.catalog)
+                            .read(|tx| tx.blocks_in_range(g, row.ino, 0, i64::MAX as u64))?,
+                    ),
+                    _ => Content::None,
+                };
+                let entry = self.entry(child, content, g)?;
+                if let Some(frame) = stack.last_mut() {
+                    frame.done.push(entry);
+                }
+                continue;
+            }
+            // Every entry of the directory on top is done: encode its tree.
+            let Some(mut frame) = stack.pop() else {
+                unreachable!()
+            };
+            frame.done.sort_by(|a, b| a.name.cmp(&b.name));
+            let encoded = manifest::encode_tree(&frame.done);
+            let hash = BlockHash::of(&encoded);
+            trees.push((frame.ino, hash));
+            let compressed = self.compress(&encoded)?;
+            outgoing_bytes += compressed.len();
+            outgoing.push((catalog::tree_key(&hash), compressed));
+            if outgoing_bytes > TREE_BATCH_BYTES {
+                self.put_all(std::mem::take(&mut outgoing)).await?;
+                outgoing_bytes = 0;
+            }
+            match stack.last_mut() {
+                None => break hash,
+                Some(parent) => {
+                    // The entry that opened this frame waits on top of the parent's list.
+                    if let Some(child) = parent.pending.pop() {
+                        let entry = self.entry(child, Content::Tree(hash), g)?;
+                        parent.done.push(entry);
+                    }
+                }
+            }
+        };
+        self.put_all(outgoing).await?;
+
+        let Some(object) = self.snapshot_object(snapshot.id, g, root_tree)? else {
+            return Ok(None);
+        };
+        self.put_all(vec![(catalog::snapshot_key(snapshot.id), object.1)])
+            .await?;
+        Ok(Some(WrittenManifest {
+            trees,
+            removed,
+            version: object.0,
+        }))
+    }
+
+    /// The snapshot object of snapshot `id`, with the version of the name and tags it
+    /// holds; `None` if the snapshot is gone.
+    fn snapshot_object(
+        &self,
+        id: u64,
+        g: u64,
+        root_tree: BlockHash,
+    ) -> Result<Option<(i64, Vec<u8>)>, UploadError> {
+        let volume_id = self.volume.volume_id()?;
+        let block_size = self.volume.block_size() as u32;
+        let found = lock(&self.catalog).read(|tx| {
+            // The version first: a rename after it makes the object stale, never lost.
+            let Some(row) = tx.snapshot(id)? else {
+                return Ok::<_, catalog::Error>(None);
+            };
+            let version = tx.manifest_version(id)?;
+            let root = tx
+                .inode(g, ROOT_INO)?
+                .ok_or_else(|| catalog::Error::Corrupt(format!("snapshot {id} has no root")))?;
+            Ok(Some((version, row, tx.snapshot_tags(id)?, root)))
+        })?;
+        let Some((version, row, tags, root)) = found else {
+            return Ok(None);
+        };
+        let root = self.entry(
+            catalog::DirEntryRow {
+                name: Vec::new(),
+                inode: root,
+            },
+            Content::Tree(root_tree),
+            g,
+        )?;
+        let encoded = manifest::encode_snapshot(&SnapshotManifest {
+            volume_id,
+            id,
+            name: row.name,
+            generation: g,
+            created: row.created,
+            block_size,
+            logical_bytes: row.logical_bytes,
+            tags,
+            root,
+        });
+        Ok(Some((version, self.compress(&encoded)?)))
+    }
+
+    /// Rewrites the manifest objects of completed snapshots renamed or retagged since.
+    async fn rewrite_stale_manifests(&self) -> Result<(), UploadError> {
+        let stale = lock(&self.catalog).read(|tx| tx.stale_manifests())?;
+        for snapshot in stale {
+            let root = lock(&self.catalog).read(|tx| tx.tree_at(snapshot.generation, ROOT_INO))?;
+            let Some(root) = root else { continue };
+            let Some((version, object)) =
+                self.snapshot_object(snapshot.id, snapshot.generation, root)?
+            else {
+                continue;
+            };
+            self.put_all(vec![(catalog::snapshot_key(snapshot.id), object)])
+                .await?;
+            lock(&self.catalog).write(|tx| tx.manifest_written(snapshot.id, version))?;
+        }
+        Ok(())
+    }
+
+    fn open_dir(&self, ino: u64, g: u64) -> Result<DirFrame, UploadError> {
+        let mut pending = lock(&self.catalog).read(|tx| tx.list_dir(g, ino))?;
+        pending.reverse();
+        Ok(DirFrame {
+            ino,
+            pending,
+            done: Vec::new(),
+        })
+    }
+
+    fn entry(
+        &self,
+        child: catalog::DirEntryRow,
+        content: Content,
+        g: u64,
+    ) -> Result<Entry, UploadError> {
+        let row = child.inode;
+        let xattrs = lock(&self.catalog).read(|tx| tx.xattrs_of(g, row.ino))?;
+        Ok(Entry {
+            name: child.name,
+            kind: row.kind,
+            ino: row.ino,
+            perm: row.perm,
+            uid: row.uid,
+            gid: row.gid,
+            nlink: row.nlink,
+            size: row.size,
+            rdev: row.rdev,
+            atime: row.atime,
+            mtime: row.mtime,
+            ctime: row.ctime,
+            crtime: row.crtime,
+            target: row.target,
+            xattrs,
+            content,
+        })
+    }
+
+    fn compress(&self, data: &[u8]) -> Result<Vec<u8>, UploadError> {
+        manifest::compress(data, self.options.compression_level)
+            .map_err(|e| StoreError::permanent(format!("zstd: {e}")).into())
+    }
+
+    /// Puts objects many at once, retrying transient errors for as long as it takes.
+    async fn put_all(&self, objects: Vec<(String, Vec<u8>)>) -> Result<(), UploadError> {
+        let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
+        let mut tasks = JoinSet::new();
+        for (key, body) in objects {
+            let permits = permits.clone();
+            let store = self.store.clone();
+            let limiter = self.limiter.clone();
+            tasks.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                if let Some(limiter) = &limiter {
+                    limiter.acquire(body.len() as u64).await;
+                }
+                store::retry(None, || store.put(&key, body.clone())).await
+            });
+        }
+        while let Some(result) = tasks.join_next().await {
+            result.map_err(|e| StoreError::transient(format!("upload task failed: {e}")))??;
+        }
+        Ok(())
+    }
+
+    /// Deletes the store objects nothing needs any more. Failures leave them queued for
+    /// the next pass: deleting is never worth holding up an upload.
+    async fn delete_unneeded(&self) -> Result<(), UploadError> {
+        loop {
+            let keys = lock(&self.catalog).read(|tx| tx.store_deletions(BATCH as u32))?;
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let mut doomed = Vec::new();
+            lock(&self.catalog).write(|tx| {
+                for key in keys {
+                    if tx.object_needed(&key)? {
+                        tx.forget_deletion(&key)?;
+                    } else {
+                        doomed.push(key);
+                    }
+                }
+                Ok::<_, catalog::Error>(())
+            })?;
+            let mut tasks = JoinSet::new();
+            for key in doomed {
+                let store = self.store.clone();
+                tasks.spawn(async move {
+                    let result = store::retry(Some(3), || store.delete(&key)).await;
+                    (key, result)
+                });
+            }
+            let mut deleted = Vec::new();
+            let mut failed = false;
+            while let Some(joined) = tasks.join_next().await {
+                match joined {
+                    Ok((key, Ok(()))) => deleted.push(key),
+                    Ok((key, Err(e))) => {
+                        tracing::warn!(key = %key, error = %e, "store deletion failed; will retry");
+                        failed = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "store deletion task failed");
+                        failed = true;
+                    }
+                }
+            }
+            lock(&self.catalog)
+                .write(|tx| deleted.iter().try_for_each(|key| tx.forget_deletion(key)))?;
+            if failed {
+                return Ok(());
+            }
+        }
+    }
+}
+
+struct WrittenManifest {
+    trees: Vec<(u64, BlockHash)>,
+    removed: Vec<u64>,
+    /// The version of the snapshot's name and tags in the snapshot object.
+    version: i64,
+}
+
+/// A directory being encoded: entries still to visit (in reverse order, popped from the
+/// end) and entries done.
+struct DirFrame {
+    ino: u64,
+    pending: Vec<catalog::DirEntryRow>,
+    done: Vec<Entry>,
+}
+
+/// A token bucket over bytes sent, shared by all requests (like restic's --limit-upload).
+#[derive(Clone)]
+struct RateLimit {
+    bytes_per_sec: u64,
+    next_free: Arc<std::sync::Mutex<Instant>>,
+}
+
+impl RateLimit {
+    fn new(bytes_per_sec: u64) -> RateLimit {
+        RateLimit {
+            bytes_per_sec: bytes_per_sec.max(1),
+            next_free: Arc::new(std::sync::Mutex::new(Instant::now())),
+        }
+    }
+
+    /// Waits until `bytes` more may be sent.
+    async fn acquire(&self, bytes: u64) {
+        let wait = {
+            let mut next_free = self
+                .next_free
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let now = Instant::now();
+            let start = (*next_free).max(now);
+            *next_free = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
+            start - now
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The running uploader: a thread with its runtime. Dropping it without `stop` leaves the
+/// thread to die with the process.
+pub struct Uploader {
+    stop: Arc<Notify>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// How often the uploader looks for work without being woken (a failed deletion, say).
+const IDLE_POLL: Duration = Duration::from_secs(5);
+
+impl Uploader {
+    /// Starts uploading on `runtime` (which the store was opened on).
+    pub fn start(runtime: tokio::runtime::Runtime, worker: Worker) -> std::io::Result<Uploader> {
+        let stop = Arc::new(Notify::new());
+        let stopping = stop.clone();
+        let wake = worker.volume.upload_wake();
+        let thread = std::thread::Builder::new()
+            .name("uploader".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    tokio::select! {
+                        _ = stopping.notified() => {}
+                        _ = run(&worker, &wake) => {}
+                    }
+                });
+                // In-flight requests are abandoned: the catalog says what is stored.
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })?;
+        Ok(Uploader { stop, thread })
+    }
+
+    /// Stops the uploader, abandoning requests in flight (they are resent next time).
+    pub fn stop(self) {
+        self.stop.notify_one();
+        if self.thread.join().is_err() {
+            tracing::error!("the uploader thread panicked");
+        }
+    }
+}
+
+async fn run(worker: &Worker, wake: &Notify) {
+    loop {
+        if let Err(e) = worker.upload_pending().await {
+            tracing::error!(error = %e, "uploader error; retrying shortly");
+            tokio::time::sleep(IDLE_POLL).await;
+            continue;
+        }
+        let _ = tokio::time::timeout(IDLE_POLL, wake.notified()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

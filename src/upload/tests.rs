@@ -1,0 +1,471 @@
+//! Uploader tests on the core: a volume driven directly, a directory store, and a
+//! fault-injecting wrapper around it. Tests through the kernel against real S3 servers
+//! are in tests/upload.rs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::*;
+use crate::manifest::{decode_snapshot, decode_tree, decompress};
+use crate::store::{LocalStore, StoreFuture};
+use crate::volume::{Caller, NodeId, Options, View};
+
+const ME: Caller = Caller { uid: 0, gid: 0 };
+const ROOT: NodeId = NodeId {
+    view: View::Live,
+    ino: ROOT_INO,
+};
+const BLOCK: usize = 4096;
+
+/// A store that injects faults in front of a directory store and counts PUTs per key.
+struct FaultyStore {
+    inner: LocalStore,
+    /// PUTs still to fail with a transient error.
+    transient_failures: AtomicU32,
+    /// Fail every PUT with this permanent error.
+    permanent: std::sync::Mutex<Option<String>>,
+    puts: std::sync::Mutex<HashMap<String, u32>>,
+    put_delay: Duration,
+}
+
+impl FaultyStore {
+    fn new(dir: &Path) -> FaultyStore {
+        FaultyStore {
+            inner: LocalStore::open(dir, format!("file://{}", dir.display())).expect("store"),
+            transient_failures: AtomicU32::new(0),
+            permanent: std::sync::Mutex::new(None),
+            puts: std::sync::Mutex::new(HashMap::new()),
+            put_delay: Duration::ZERO,
+        }
+    }
+
+    fn put_count(&self, key: &str) -> u32 {
+        self.puts
+            .lock()
+            .expect("lock")
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl ObjectStore for FaultyStore {
+    fn put<'a>(&'a self, key: &'a str, body: Vec<u8>) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            tokio::time::sleep(self.put_delay).await;
+            if let Some(message) = self.permanent.lock().expect("lock").clone() {
+                return Err(StoreError::permanent(message));
+            }
+            let failing =
+                self.transient_failures
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if failing.is_ok() {
+                return Err(StoreError::transient("503 SlowDown (injected)"));
+            }
+            *self
+                .puts
+                .lock()
+                .expect("lock")
+                .entry(key.to_owned())
+                .or_default() += 1;
+            self.inner.put(key, body).await
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
+        self.inner.get(key)
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
+        self.inner.delete(key)
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<String>> {
+        self.inner.list(prefix)
+    }
+
+    fn url(&self) -> &str {
+        self.inner.url()
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    store_dir: PathBuf,
+    volume: Arc<Volume>,
+    store: Arc<FaultyStore>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        Setup::with_store(FaultyStore::new)
+    }
+
+    fn with_store(make: impl FnOnce(&Path) -> FaultyStore) -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = Options {
+            block_size: BLOCK as u32,
+            ..Options::default()
+        };
+        let volume = Arc::new(Volume::open(&dir.path().join("data"), &options).expect("open"));
+        let store_dir = dir.path().join("store");
+        let store = Arc::new(make(&store_dir));
+        Setup {
+            _dir: dir,
+            store_dir,
+            volume,
+            store,
+            runtime: tokio::runtime::Runtime::new().expect("runtime"),
+        }
+    }
+
+    fn worker(&self) -> Worker {
+        Worker::new(
+            self.volume.clone(),
+            self.store.clone(),
+            UploadOptions {
+                concurrency: 4,
+                ..UploadOptions::default()
+            },
+        )
+        .expect("worker")
+    }
+
+    fn upload(&self) -> Vec<(u64, Outcome)> {
+        self.runtime
+            .block_on(self.worker().upload_pending())
+            .expect("upload")
+    }
+
+    fn write(&self, parent: NodeId, name: &str, data: &[u8]) -> NodeId {
+        let node = match self.volume.lookup(parent, name.as_bytes()) {
+            Ok(attr) => attr.node,
+            Err(_) => {
+                self.volume
+                    .create(parent, name.as_bytes(), 0o644, ME)
+                    .expect("create")
+                    .node
+            }
+        };
+        self.volume.write(node, 0, data).expect("write");
+        self.volume.release(node).expect("release");
+        node
+    }
+
+    fn mkdir(&self, name: &str) -> NodeId {
+        self.volume
+            .mkdir(ROOT, name.as_bytes(), 0o755, ME)
+            .expect("mkdir")
+            .node
+    }
+
+    fn snapshot(&self, name: &str) -> u64 {
+        let info = self
+            .volume
+            .create_snapshot(name.as_bytes())
+            .expect("snapshot");
+        assert_eq!(info.state, "pending");
+        info.id
+    }
+
+    fn state(&self, id: u64) -> SnapshotRow {
+        self.volume
+            .list_snapshots()
+            .into_iter()
+            .find(|s| s.id == id)
+            .expect("snapshot exists")
+    }
+
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        let mut keys = self
+            .runtime
+            .block_on(self.store.list(prefix))
+            .expect("list");
+        keys.sort();
+        keys
+    }
+
+    fn object(&self, key: &str) -> Vec<u8> {
+        let data = std::fs::read(self.store_dir.join(key)).expect("object exists");
+        decompress(&data, 1 << 24).expect("a zstd frame")
+    }
+
+    fn manifest(&self, id: u64) -> (SnapshotManifest, Vec<Entry>) {
+        let snapshot = decode_snapshot(&self.object(&catalog::snapshot_key(id))).expect("decode");
+        let Content::Tree(root) = snapshot.root.content else {
+            panic!("root without a tree")
+        };
+        let tree = self.tree(&root);
+        (snapshot, tree)
+    }
+
+    fn tree(&self, hash: &BlockHash) -> Vec<Entry> {
+        let encoded = self.object(&catalog::tree_key(hash));
+        assert_eq!(
+            BlockHash::of(&encoded),
+            *hash,
+            "tree object matches its key"
+        );
+        decode_tree(&encoded).expect("tree decodes")
+    }
+}
+
+/// Distinct, incompressible-ish, non-zero bytes.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    let mut state = u64::from(seed) * 0x9E37_79B9_7F4A_7C15 + 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state as u8) | 1
+        })
+        .collect()
+}
+
+fn blocks_of(entry: &Entry) -> &[(u64, BlockHash)] {
+    match &entry.content {
+        Content::Blocks(blocks) => blocks,
+        other => panic!("{:?} has {other:?}", entry.name),
+    }
+}
+
+#[test]
+fn first_snapshot_sends_every_block_once_and_a_manifest_of_everything() {
+    let t = Setup::new();
+    let a = pattern(3 * BLOCK, 1);
+    t.write(ROOT, "a", &a);
+    // b repeats a's first block: one object for both.
+    t.write(ROOT, "b", &a[..BLOCK]);
+    let dir = t.mkdir("dir");
+    t.write(dir, "c", b"small file");
+    t.volume
+        .symlink(ROOT, b"link", b"dir/c", ME)
+        .expect("symlink");
+    let sparse = t.write(ROOT, "sparse", b"x");
+    t.volume
+        .write(sparse, 10 * BLOCK as u64, b"y")
+        .expect("write after a hole");
+    t.volume.release(sparse).expect("release");
+
+    let id = t.snapshot("first");
+    assert_eq!(t.upload(), vec![(id, Outcome::Completed)]);
+    let row = t.state(id);
+    assert_eq!(row.state, "completed");
+    // a: 3 blocks, b: shared, c: 1, sparse: 2 (the hole costs nothing).
+    assert_eq!(row.upload.total_blocks, Some(6));
+    assert_eq!(row.upload.sent_blocks, 6);
+    assert!(row.upload.stored_bytes > 0);
+
+    let blocks = t.keys("blocks/");
+    assert_eq!(blocks.len(), 6);
+    for key in &blocks {
+        let data = t.object(key);
+        assert_eq!(format!("blocks/{}", BlockHash::of(&data)), *key);
+        assert_eq!(t.store.put_count(key), 1, "{key} sent once");
+    }
+
+    let (snapshot, root) = t.manifest(id);
+    assert_eq!(snapshot.name, b"first");
+    assert_eq!(snapshot.block_size, BLOCK as u32);
+    let names: Vec<&[u8]> = root.iter().map(|e| e.name.as_slice()).collect();
+    assert_eq!(names, [&b"a"[..], b"b", b"dir", b"link", b"sparse"]);
+    let a_blocks = blocks_of(&root[0]);
+    let expected: Vec<(u64, BlockHash)> = a
+        .chunks(BLOCK)
+        .enumerate()
+        .map(|(i, chunk)| (i as u64, BlockHash::of(chunk)))
+        .collect();
+    assert_eq!(a_blocks, expected.as_slice());
+    assert_eq!(root[3].target.as_deref(), Some(&b"dir/c"[..]));
+    assert_eq!(
+        blocks_of(&root[4]).iter().map(|b| b.0).collect::<Vec<_>>(),
+        [0, 10]
+    );
+    let Content::Tree(dir_tree) = &root[2].content else {
+        panic!("dir without a tree")
+    };
+    let dir_entries = t.tree(dir_tree);
+    assert_eq!(dir_entries.len(), 1);
+    assert_eq!(dir_entries[0].size, 10);
+}
+
+#[test]
+fn later_snapshots_send_only_changed_blocks_and_the_trees_on_the_path() {
+    let t = Setup::new();
+    let dir = t.mkdir("changes");
+    let other = t.mkdir("untouched");
+    let big = pattern(8 * BLOCK, 2);
+    t.write(dir, "big", &big);
+    t.write(other, "same", &pattern(BLOCK, 3));
+    let first = t.snapshot("one");
+    t.upload();
+    let trees_before = t.keys("trees/");
+    let (_, root_before) = t.manifest(first);
+
+    // Rewrite one block in place.
+    let node = t.volume.lookup(dir, b"big").expect("lookup").node;
+    t.volume
+        .write(node, 3 * BLOCK as u64, &pattern(BLOCK, 9))
+        .expect("write");
+    t.volume.release(node).expect("release");
+    let second = t.snapshot("two");
+    assert_eq!(t.upload(), vec![(second, Outcome::Completed)]);
+    let row = t.state(second);
+    assert_eq!(row.upload.total_blocks, Some(1));
+    assert_eq!(row.upload.sent_bytes, BLOCK as u64);
+
+    // New trees: the changed directory and the root, nothing else.
+    let trees_after = t.keys("trees/");
+    assert_eq!(trees_after.len(), trees_before.len() + 2);
+    let (_, root_after) = t.manifest(second);
+    assert_eq!(
+        root_before[1].content, root_after[1].content,
+        "the untouched directory keeps its tree"
+    );
+    assert_ne!(root_before[0].content, root_after[0].content);
+    // Every block was sent exactly once over both snapshots.
+    for key in t.keys("blocks/") {
+        assert_eq!(t.store.put_count(&key), 1, "{key}");
+    }
+}
+
+#[test]
+fn deleting_snapshots_deletes_the_objects_nothing_else_needs() {
+    let t = Setup::new();
+    let old = pattern(2 * BLOCK, 4);
+    t.write(ROOT, "f", &old);
+    let first = t.snapshot("one");
+    t.upload();
+    let new = pattern(2 * BLOCK, 5);
+    t.write(ROOT, "f", &new);
+    let second = t.snapshot("two");
+    t.upload();
+    assert_eq!(t.keys("blocks/").len(), 4);
+    assert_eq!(t.keys("snapshots/").len(), 2);
+
+    t.volume.delete_snapshot(b"one").expect("delete");
+    t.upload();
+    let old_keys: Vec<String> = old
+        .chunks(BLOCK)
+        .map(|c| catalog::block_key(&BlockHash::of(c)))
+        .collect();
+    let remaining = t.keys("blocks/");
+    assert_eq!(remaining.len(), 2);
+    assert!(old_keys.iter().all(|k| !remaining.contains(k)));
+    assert_eq!(t.keys("snapshots/"), [catalog::snapshot_key(second)]);
+    assert!(!t.keys("snapshots/").contains(&catalog::snapshot_key(first)));
+    // The remaining snapshot's trees are all still there.
+    let (_, root) = t.manifest(second);
+    assert_eq!(blocks_of(&root[0]).len(), 2);
+}
+
+#[test]
+fn transient_store_errors_only_delay_completion() {
+    let t = Setup::with_store(|dir| {
+        let store = FaultyStore::new(dir);
+        store.transient_failures.store(12, Ordering::SeqCst);
+        store
+    });
+    t.write(ROOT, "f", &pattern(4 * BLOCK, 6));
+    let id = t.snapshot("s");
+    assert_eq!(t.upload(), vec![(id, Outcome::Completed)]);
+    assert_eq!(t.store.transient_failures.load(Ordering::SeqCst), 0);
+    assert_eq!(t.keys("blocks/").len(), 4);
+}
+
+#[test]
+fn permanent_errors_fail_the_snapshot_and_the_next_one_still_completes() {
+    let t = Setup::new();
+    t.write(ROOT, "f", &pattern(2 * BLOCK, 7));
+    *t.store.permanent.lock().expect("lock") = Some("AccessDenied: no (injected)".into());
+    let failed = t.snapshot("denied");
+    assert_eq!(
+        t.upload(),
+        vec![(
+            failed,
+            Outcome::Failed("AccessDenied: no (injected)".into())
+        )]
+    );
+    let row = t.state(failed);
+    assert_eq!(row.state, "failed");
+    assert_eq!(row.error.as_deref(), Some("AccessDenied: no (injected)"));
+
+    // Access restored: the next snapshot sends what the failed one could not.
+    *t.store.permanent.lock().expect("lock") = None;
+    t.write(ROOT, "g", &pattern(BLOCK, 8));
+    let next = t.snapshot("after");
+    assert_eq!(t.upload(), vec![(next, Outcome::Completed)]);
+    assert_eq!(t.state(next).upload.total_blocks, Some(3));
+    let (_, root) = t.manifest(next);
+    assert_eq!(root.len(), 2);
+}
+
+#[test]
+fn a_block_lost_locally_fails_the_snapshot_with_its_name() {
+    let t = Setup::new();
+    let data = pattern(BLOCK, 10);
+    t.write(ROOT, "f", &data);
+    let hash = BlockHash::of(&data);
+    let hex = hash.to_hex();
+    let path = t
+        .volume
+        .data_dir()
+        .join("blocks")
+        .join(&hex[..2])
+        .join(&hex);
+    std::fs::remove_file(path).expect("lose the block");
+    let id = t.snapshot("s");
+    let outcomes = t.upload();
+    let Outcome::Failed(reason) = &outcomes[0].1 else {
+        panic!("expected a failure, got {outcomes:?}")
+    };
+    assert!(reason.contains(&hex), "{reason}");
+    assert_eq!(t.state(id).state, "failed");
+}
+
+#[test]
+fn an_interrupted_upload_resumes_without_resending() {
+    let t = Setup::with_store(|dir| FaultyStore {
+        put_delay: Duration::from_millis(20),
+        ..FaultyStore::new(dir)
+    });
+    t.write(ROOT, "f", &pattern(64 * BLOCK, 11));
+    let id = t.snapshot("s");
+    // Stop the uploader part-way, as a killed daemon would.
+    let worker = t.worker();
+    let interrupted = t.runtime.block_on(async {
+        tokio::time::timeout(Duration::from_millis(300), worker.upload_pending()).await
+    });
+    assert!(interrupted.is_err(), "the upload should still be running");
+    let partial = t.state(id);
+    assert_eq!(partial.state, "pending");
+    assert!(partial.upload.sent_blocks > 0 && partial.upload.sent_blocks < 64);
+
+    assert_eq!(t.upload(), vec![(id, Outcome::Completed)]);
+    let row = t.state(id);
+    assert_eq!(row.upload.sent_blocks, 64);
+    let resent = t
+        .keys("blocks/")
+        .iter()
+        .filter(|k| t.store.put_count(k) > 1)
+        .count();
+    // Only requests in flight (4) or not yet recorded (RECORD_EVERY) may go again.
+    assert!(resent <= 4 + RECORD_EVERY, "{resent} blocks sent twice");
+}
+
+#[test]
+fn renaming_a_completed_snapshot_rewrites_its_manifest_object() {
+    let t = Setup::new();
+    t.write(ROOT, "f", b"data");
+    let id = t.snapshot("before");
+    t.upload();
+    t.volume
+        .rename_snapshot(b"before", b"after")
+        .expect("rename");
+    t.upload();
+    let (snapshot, _) = t.manifest(id);
+    assert_eq!(snapshot.name, b"after");
+}
