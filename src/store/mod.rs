@@ -200,6 +200,9 @@ pub async fn claim(store: &dyn ObjectStore, volume_id: &str, block_size: u32) ->
     let header = format!(
         "snapfs volume\nformat {FORMAT_VERSION}\nid {volume_id}\nblock_size {block_size}\n"
     );
+    // A listing fails on a missing bucket on every server (some answer a GET of a key in
+    // a missing bucket with NoSuchKey).
+    retry(Some(3), || store.list(VOLUME_KEY)).await?;
     let existing = retry(Some(3), || store.get(VOLUME_KEY)).await?;
     match existing {
         None => {

@@ -29,14 +29,22 @@ pub struct S3Store {
 fn classify<E, R>(url: &str, what: &str, err: SdkError<E, R>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + HttpStatus,
+    R: std::fmt::Debug + HttpStatus + Send + Sync + 'static,
 {
     let status = err.raw_response().map(HttpStatus::status);
     let code = err.code().map(str::to_owned);
     let detail = match (&code, err.message()) {
         (Some(code), Some(message)) => format!("{code}: {message}"),
         (Some(code), None) => code.clone(),
-        _ => aws_sdk_s3::error::DisplayErrorContext(&err).to_string(),
+        _ => match &err {
+            SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
+                format!("cannot reach the endpoint: {}", root_cause(&err))
+            }
+            _ => match status {
+                Some(status) => format!("HTTP {status}: {}", root_cause(&err)),
+                None => root_cause(&err),
+            },
+        },
     };
     let message = format!("{what} on {url} failed: {detail}");
     let transient = match &err {
@@ -64,6 +72,16 @@ where
     } else {
         StoreError::permanent(format!("{message}{hint}"))
     }
+}
+
+/// The innermost error of a chain: "Connection refused (os error 111)" rather than the
+/// SDK's layers of context.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
 }
 
 /// The HTTP status of a raw response, whatever type the SDK uses for it.
