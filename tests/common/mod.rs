@@ -4,6 +4,7 @@
 
 // Every test crate compiles this module and uses its own subset of it.
 #![allow(dead_code)]
+pub mod s3;
 
 use std::collections::BTreeMap;
 use std::ffi::CString;

@@ -1,0 +1,249 @@
+//! The S3 part of the test harness works: its SHA-256/HMAC, its client against both real
+//! servers (Garage and s3s-fs, started by scripts/test), and the fault proxy.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::time::{Duration, Instant};
+
+use common::pattern;
+use common::s3::{
+    Fault, FaultProxy, S3Env, hex, hmac_sha256, read_response, sha256, unique_prefix,
+};
+
+#[test]
+fn sha256_and_hmac_known_answers() {
+    assert_eq!(
+        hex(&sha256(b"")),
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+    assert_eq!(
+        hex(&sha256(b"abc")),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    // Two blocks of padding (56 bytes) and a multi-block message.
+    assert_eq!(
+        hex(&sha256(
+            b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
+        )),
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
+    );
+    assert_eq!(
+        hex(&sha256(&vec![b'a'; 1_000_000])),
+        "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"
+    );
+    // RFC 4231 test cases 2 and 6 (a key longer than a block).
+    assert_eq!(
+        hex(&hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    );
+    assert_eq!(
+        hex(&hmac_sha256(
+            &[0xaa; 131],
+            b"Test Using Larger Than Block-Size Key - Hash Key First"
+        )),
+        "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+    );
+}
+
+#[test]
+fn env_files_parse() {
+    let env = S3Env::parse(
+        "export AWS_ENDPOINT_URL=http://127.0.0.1:4242/\nexport AWS_ACCESS_KEY_ID=GK1\n\
+         export AWS_SECRET_ACCESS_KEY='s3cr3t'\nexport AWS_REGION=us-east-1\n\
+         export SNAPFS_TEST_BUCKET=b\n",
+    )
+    .expect("parse");
+    assert_eq!(env.endpoint, "http://127.0.0.1:4242");
+    assert_eq!(env.secret_key, "s3cr3t");
+    assert_eq!(env.url("p/"), "s3://b/p/");
+    assert!(S3Env::parse("export AWS_REGION=x\n").is_err());
+}
+
+#[test]
+fn put_get_list_delete_round_trip() {
+    for (name, env) in S3Env::all() {
+        let client = env.client();
+        let prefix = unique_prefix("harness-roundtrip");
+        let objects = [
+            (format!("{prefix}empty"), Vec::new()),
+            (format!("{prefix}one"), vec![7u8]),
+            (format!("{prefix}dir/a b+c=d&e.bin"), pattern(1 << 20, 1)),
+            (format!("{prefix}dir/z"), pattern(300_001, 2)),
+        ];
+        for (key, bytes) in &objects {
+            client.put(key, bytes);
+        }
+        for (key, bytes) in &objects {
+            let got = client
+                .get(key)
+                .unwrap_or_else(|| panic!("{name}: {key} missing"));
+            common::assert_bytes_eq(&got, bytes, &format!("{name}: {key}"));
+        }
+        let mut expected: Vec<(String, u64)> = objects
+            .iter()
+            .map(|(k, b)| (k.clone(), b.len() as u64))
+            .collect();
+        expected.sort();
+        assert_eq!(client.list(&prefix), expected, "{name}: list");
+        // Continuation: pages of 1 key.
+        assert_eq!(
+            client.clone().with_page_size(1).list(&prefix),
+            expected,
+            "{name}: list by pages of one"
+        );
+        assert_eq!(
+            client.list(&format!("{prefix}dir/")),
+            expected[..2].to_vec(),
+            "{name}: list of a sub-prefix"
+        );
+        assert_eq!(client.get(&format!("{prefix}never-written")), None);
+
+        client.delete(&objects[0].0);
+        assert_eq!(client.get(&objects[0].0), None, "{name}: get after delete");
+        assert_eq!(client.list(&prefix).len(), 3, "{name}: list after delete");
+        assert_eq!(client.delete_prefix(&prefix), 3);
+        assert_eq!(
+            client.list(&prefix),
+            vec![],
+            "{name}: list after delete_prefix"
+        );
+    }
+}
+
+#[test]
+fn fault_proxy_injects_per_request() {
+    for (name, env) in S3Env::all() {
+        let (proxy, through) = FaultProxy::for_env(&env);
+        let client = through.client();
+        let key = format!("{}obj", unique_prefix("harness-faults"));
+        let bytes = pattern(100_000, 3);
+
+        client.put(&key, &bytes);
+        assert_eq!(client.get(&key).as_deref(), Some(&bytes[..]), "{name}");
+        assert_eq!(proxy.counts(), (2, 0), "{name}: counts after two requests");
+
+        proxy.set_fault(Fault::SlowDown);
+        let resp = client.request("GET", &key, &[], b"").expect("a 503 answer");
+        assert_eq!(resp.status, 503, "{name}: SlowDown status");
+        assert_eq!(resp.error_code().as_deref(), Some("SlowDown"), "{name}");
+        let resp = client
+            .request("PUT", &key, &[], &bytes)
+            .expect("a 503 answer");
+        assert_eq!(resp.status, 503, "{name}: SlowDown on a PUT with a body");
+        assert_eq!(proxy.counts(), (2, 2), "{name}: faults are not forwarded");
+
+        proxy.set_fault(Fault::InternalError);
+        let resp = client
+            .request("HEAD", &key, &[], b"")
+            .expect("a 500 answer");
+        assert_eq!(resp.status, 500, "{name}: InternalError on HEAD");
+
+        proxy.fail_every(2, Fault::InternalError);
+        let statuses: Vec<u16> = (0..6)
+            .map(|_| {
+                client
+                    .request("GET", &key, &[], b"")
+                    .expect("answer")
+                    .status
+            })
+            .collect();
+        assert_eq!(
+            statuses,
+            [200, 500, 200, 500, 200, 500],
+            "{name}: every 2nd"
+        );
+        assert_eq!(proxy.counts(), (5, 6), "{name}");
+
+        proxy.set_fault(Fault::None);
+        for _ in 0..3 {
+            assert_eq!(client.get(&key).as_deref(), Some(&bytes[..]), "{name}");
+        }
+        assert_eq!(client.list(&key), vec![(key.clone(), bytes.len() as u64)]);
+        assert_eq!(proxy.counts(), (9, 6), "{name}");
+
+        proxy.set_fault(Fault::Reset);
+        let err = client
+            .request("GET", &key, &[], b"")
+            .expect_err("a reset connection");
+        eprintln!("{name}: Reset gives: {err}");
+        proxy.set_fault(Fault::None);
+        client.delete(&key);
+        assert_eq!(
+            env.client().get(&key),
+            None,
+            "{name}: deleted through the proxy"
+        );
+        assert_eq!(proxy.counts(), (10, 7), "{name}");
+    }
+}
+
+#[test]
+fn fault_proxy_faults_each_request_of_a_keep_alive_connection() {
+    for (name, env) in S3Env::all() {
+        let (proxy, through) = FaultProxy::for_env(&env);
+        let client = through.client();
+        let key = format!("{}obj", unique_prefix("harness-keepalive"));
+        let bytes = pattern(70_000, 4);
+        client.put(&key, &bytes);
+
+        proxy.fail_every(2, Fault::SlowDown);
+        let stream = client.connect().expect("connect to the proxy");
+        let mut out = stream.try_clone().expect("clone");
+        let mut input = BufReader::new(stream);
+        let mut statuses = Vec::new();
+        for i in 0..5 {
+            // GETs, and a PUT with `Expect: 100-continue` in the middle (a pass: the 5th
+            // request since fail_every).
+            if i == 4 {
+                let head =
+                    client.signed_head("PUT", &key, &[], &bytes, &[("Expect", "100-continue")]);
+                out.write_all(&head).expect("send head");
+                let mut interim = Vec::new();
+                let mut line = String::new();
+                while line != "\r\n" {
+                    line.clear();
+                    input.read_line(&mut line).expect("read the 100 Continue");
+                    interim.extend_from_slice(line.as_bytes());
+                }
+                let interim = String::from_utf8_lossy(&interim).into_owned();
+                assert!(interim.starts_with("HTTP/1.1 100"), "{name}: {interim}");
+                out.write_all(&bytes).expect("send body");
+                let resp = read_response(&mut input, false).expect("PUT answer");
+                statuses.push(resp.status);
+                continue;
+            }
+            let head = client.signed_head("GET", &key, &[], b"", &[]);
+            out.write_all(&head).expect("send");
+            let resp = read_response(&mut input, false).expect("keep-alive answer");
+            if resp.status == 200 {
+                assert_eq!(resp.body, bytes, "{name}");
+            }
+            statuses.push(resp.status);
+        }
+        assert_eq!(statuses, [200, 503, 200, 503, 200], "{name}");
+        assert_eq!(proxy.counts(), (4, 2), "{name}: the PUT before, 3 passes");
+        proxy.set_fault(Fault::None);
+        client.delete(&key);
+    }
+}
+
+#[test]
+fn fault_proxy_stall_holds_until_cleared() {
+    let env = S3Env::s3s();
+    let (proxy, through) = FaultProxy::for_env(&env);
+    let client = through.client();
+    proxy.set_fault(Fault::Stall);
+    let started = Instant::now();
+    let request = std::thread::spawn(move || client.request("GET", "stalled", &[], b""));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!request.is_finished(), "the stalled request was answered");
+    proxy.set_fault(Fault::None);
+    let result = request.join().expect("request thread");
+    assert!(
+        result.is_err(),
+        "a stall ends with a closed connection: {result:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(proxy.counts(), (0, 1));
+}
