@@ -227,6 +227,7 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
         store::claim(&*opened, &volume_id, block_size).await?;
         Ok::<_, StoreError>(opened)
     })?;
+    volume.remember_store(&url)?;
     let worker = Worker::new(volume.clone(), object_store, args.upload.clone())?;
     volume
         .spawn_flusher(FLUSH_AGE)

@@ -389,7 +389,7 @@ impl Catalog {
                 let sql = format!("DELETE FROM {table} WHERE {}", exclusive_rows("", &bounds));
                 tx.execute(&sql, [])?;
             }
-            t.forget_snapshot_objects(id, &bounds)?;
+            t.forget_snapshot_objects(id, bounds.generation)?;
             t.take_unreferenced_blocks()?
         };
         tx.commit()?;

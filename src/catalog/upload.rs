@@ -7,9 +7,7 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::{
-    Error, Result, SNAPSHOT_COLUMNS, SnapshotBounds, SnapshotRow, Tx, VISIBLE, exclusive_rows,
-};
+use super::{Error, Result, SNAPSHOT_COLUMNS, SnapshotRow, Tx, VISIBLE};
 use crate::blocks::BlockHash;
 
 /// Rows of a versioned table whose life started or ended in `(:base, :g]`.
@@ -279,22 +277,45 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Queues the store objects of snapshot `id` that nothing else needs: its manifest
-    /// object, and the directory trees only it used.
-    pub(super) fn forget_snapshot_objects(&self, id: u64, bounds: &SnapshotBounds) -> Result<()> {
+    /// Queues the store objects of snapshot `id` (generation `g`) that nothing else
+    /// needs: its manifest object, and the directory trees only it used. Trees matter only
+    /// to completed snapshots (the bases of later manifests), so the bounds here are the
+    /// completed snapshots around it; with none after it, the trees it retired become
+    /// current again, as if it had never been uploaded.
+    pub(super) fn forget_snapshot_objects(&self, id: u64, g: u64) -> Result<()> {
         let mut queue = self
             .conn
             .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?;
         queue.execute([snapshot_key(id)])?;
-        let sql = format!(
-            "DELETE FROM dir_trees WHERE {} RETURNING hash",
-            exclusive_rows("", bounds)
-        );
-        let freed: Vec<Vec<u8>> = self
-            .conn
-            .prepare(&sql)?
-            .query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
+        let (previous, next): (u64, Option<u64>) = self.conn.query_row(
+            "SELECT (SELECT coalesce(max(generation), 0) FROM snapshots
+                     WHERE generation < ?1 AND state = 'completed'),
+                    (SELECT min(generation) FROM snapshots
+                     WHERE generation > ?1 AND state = 'completed')",
+            [g],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let freed: Vec<Vec<u8>> = match next {
+            Some(next) => self
+                .conn
+                .prepare_cached(
+                    "DELETE FROM dir_trees WHERE birth > ?1 AND death > ?2 AND death <= ?3
+                     RETURNING hash",
+                )?
+                .query_map(params![previous, g, next], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?,
+            None => {
+                let freed = self
+                    .conn
+                    .prepare_cached("DELETE FROM dir_trees WHERE birth = ?1 RETURNING hash")?
+                    .query_map([g], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                self.conn
+                    .prepare_cached("UPDATE dir_trees SET death = NULL WHERE death = ?1")?
+                    .execute([g])?;
+                freed
+            }
+        };
         let mut still_used = self
             .conn
             .prepare_cached("SELECT 1 FROM dir_trees WHERE hash = ?1")?;

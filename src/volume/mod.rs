@@ -186,7 +186,7 @@ impl Volume {
 
     /// The store this volume uploads to: the one it was first mounted with, which
     /// `requested` (a `--store` URL) may only repeat. The default is a directory beside
-    /// the volume.
+    /// the volume. A new volume's choice is kept by `remember_store` once it works.
     pub fn store_url(&self, requested: Option<&StoreUrl>) -> Result<StoreUrl> {
         let remembered = lock(&self.catalog).read(|tx| tx.setting("store"))?;
         match (remembered, requested) {
@@ -201,14 +201,14 @@ impl Volume {
                     "remembered store: {e}"
                 )))
             }),
-            (None, requested) => {
-                let url = requested
-                    .cloned()
-                    .unwrap_or_else(|| StoreUrl::default_for(&self.dir));
-                lock(&self.catalog).write(|tx| tx.set_setting("store", &url.to_string()))?;
-                Ok(url)
-            }
+            (None, requested) => Ok(requested
+                .cloned()
+                .unwrap_or_else(|| StoreUrl::default_for(&self.dir))),
         }
+    }
+
+    pub fn remember_store(&self, url: &StoreUrl) -> Result<()> {
+        Ok(lock(&self.catalog).write(|tx| tx.set_setting("store", &url.to_string()))?)
     }
 
     /// The volume's identity in the store (random, made with its catalog).

@@ -46,6 +46,8 @@ pub struct Mount {
     mountpoint: PathBuf,
     data: PathBuf,
     args: Vec<String>,
+    /// Extra environment of the daemon (store credentials and endpoint).
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -82,8 +84,14 @@ impl Mount {
             mountpoint,
             data,
             args: Vec::new(),
+            env: Vec::new(),
             child: None,
         }
+    }
+
+    /// Replaces the daemon's extra environment for the next (re)mount.
+    pub fn set_env(&mut self, vars: Vec<(String, String)>) {
+        self.env = vars;
     }
 
     /// Replaces the extra `snapfs mount` arguments used by the next (re)mount.
@@ -144,6 +152,7 @@ impl Mount {
         let child = mount_cmd(&self.mountpoint, &self.data)
             .arg("--foreground")
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
