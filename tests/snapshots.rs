@@ -126,10 +126,21 @@ fn control_directory_behaves_like_zfs_snapshot_dir() {
     );
     assert_eq!(errno(fs::create_dir(&snapdir)), libc::EEXIST);
 
-    assert_eq!(
-        getxattr(&snap, "user.snapfs.state").expect("state"),
-        b"completed"
-    );
+    // Pending until the uploader has put it in the store (by default a directory in the
+    // data dir), then completed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let state = getxattr(&snap, "user.snapfs.state").expect("state");
+        if state == b"completed" {
+            break;
+        }
+        assert_eq!(state, b"pending");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not completed in time"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert_eq!(getxattr(&snap, "user.snapfs.id").expect("id"), b"1");
     let created = getxattr(&snap, "user.snapfs.created").expect("created");
     assert!(
