@@ -381,6 +381,9 @@ fn uploads_ride_out_throttling_errors_and_resets() {
     std::thread::sleep(Duration::from_secs(1));
     proxy.fail_every(3, Fault::Reset);
     std::thread::sleep(Duration::from_secs(1));
+    // Requests that hang, cut off when the next change of faults closes them.
+    proxy.set_fault(Fault::Stall);
+    std::thread::sleep(Duration::from_secs(1));
     proxy.set_fault(Fault::None);
     wait_completed(&mount, "s");
     let (forwarded, faulted) = proxy.counts();
