@@ -108,6 +108,17 @@ impl BlockStore {
         })
     }
 
+    /// Opens the store of a volume that may be mounted by another process, for reading
+    /// only: nothing on disk is created or cleaned up.
+    pub fn open_read_only(dir: &Path) -> BlockStore {
+        BlockStore {
+            dir: dir.to_owned(),
+            cache: Mutex::new(LruCache::new(std::num::NonZeroUsize::MIN)),
+            next_temp: AtomicU64::new(0),
+            unsynced: Mutex::new(Vec::new()),
+        }
+    }
+
     fn path_of(&self, hash: &BlockHash) -> PathBuf {
         let hex = hash.to_hex();
         self.dir.join(&hex[..2]).join(&hex)

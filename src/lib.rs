@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod fuse;
 pub mod inspect;
 pub mod manifest;
+pub mod restore;
 pub mod store;
 pub mod sync;
 pub mod upload;

@@ -86,6 +86,34 @@ enum Command {
     /// Take, list, inspect, tag and delete snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Restore a snapshot, or a file or directory in one: contents, modes, owners (as
+    /// root), times, xattrs, hard links, symlinks and holes. Every block is verified.
+    #[command(after_help = "Examples:\n  \
+        snapfs restore monday ~/monday --mount ~/work           # a whole snapshot\n  \
+        snapfs restore monday:src/main.rs /tmp --mount ~/work   # one file into /tmp\n  \
+        snapfs restore --store s3://my-bucket/laptop monday ~/back   # from the bucket alone\n\n\
+        A progress bar shows on a terminal. A block that fails verification names its file, \
+        which is not restored; the rest goes on and the exit status is 1.")]
+    Restore {
+        /// SNAPSHOT, or SNAPSHOT:PATH for a file or directory inside it.
+        what: String,
+        /// Destination. A directory is restored as DEST (created if missing; it must be
+        /// empty unless --overwrite); a file as DEST, or DEST/NAME if DEST is a directory.
+        dest: PathBuf,
+        #[command(flatten)]
+        volume: VolumeSource,
+        /// Restore from an object store alone, with no data dir (a new machine):
+        /// s3://BUCKET[/PREFIX] or file:///DIR. Only completed snapshots are there.
+        #[arg(long, value_name = "URL", value_parser = parse_store_url,
+              conflicts_with_all = ["data", "mount"])]
+        store: Option<store::StoreUrl>,
+        /// Restore over existing files in DEST, replacing them.
+        #[arg(long)]
+        overwrite: bool,
+        /// Print a JSON summary at the end (no progress bar).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what changed between two snapshots, or since a snapshot (like `zfs diff`).
     #[command(
         after_help = "Output: one line per path, `+` added, `-` removed, `M` modified, \
@@ -137,10 +165,16 @@ enum SnapshotCommand {
     /// List snapshots with their state, size and the space only each holds. Works with or
     /// without a running mount.
     #[command(after_help = "Examples:\n  snapfs snapshot list --mount ~/work\n  \
-        snapfs snapshot list --data /srv/vol1 --json")]
+        snapfs snapshot list --data /srv/vol1 --json\n  \
+        snapfs snapshot list --store s3://my-bucket/laptop   # from the bucket alone")]
     List {
         #[command(flatten)]
         volume: VolumeSource,
+        /// List the completed snapshots in an object store instead, from the bucket alone
+        /// (e.g. on a new machine): s3://BUCKET[/PREFIX] or file:///DIR.
+        #[arg(long, value_name = "URL", value_parser = parse_store_url,
+              conflicts_with_all = ["data", "mount"])]
+        store: Option<store::StoreUrl>,
         #[arg(long)]
         json: bool,
     },
@@ -167,12 +201,16 @@ struct VolumeSource {
 }
 
 impl VolumeSource {
-    fn open(&self) -> Result<Inspector, Box<dyn std::error::Error>> {
-        let dir = match (&self.data, &self.mount) {
+    fn data_dir(&self) -> Result<PathBuf, Box<dyn std::error::Error>> {
+        Ok(match (&self.data, &self.mount) {
             (Some(dir), _) => dir.clone(),
             (None, Some(mountpoint)) => daemon::data_dir_of_mount(mountpoint)?,
             (None, None) => default_data_dir()?,
-        };
+        })
+    }
+
+    fn open(&self) -> Result<Inspector, Box<dyn std::error::Error>> {
+        let dir = self.data_dir()?;
         Ok(Inspector::open(&dir)?)
     }
 }
@@ -267,6 +305,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Umount { mountpoint } => daemon::unmount(&mountpoint)?,
         Command::Snapshot(command) => snapshot(command)?,
+        Command::Restore {
+            what,
+            dest,
+            volume,
+            store,
+            overwrite,
+            json,
+        } => restore(&what, &dest, &volume, store.as_ref(), overwrite, json)?,
         Command::Diff { from, to, volume } => {
             let inspector = volume.open()?;
             let changes = inspector
@@ -321,7 +367,45 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             let tags = control::parse_tags(&tags)?;
             control::tag_snapshot(&mountpoint, &name, &tags, &remove)?;
         }
-        SnapshotCommand::List { volume, json } => {
+        SnapshotCommand::List {
+            store: Some(url),
+            json,
+            ..
+        } => {
+            let manifests = snapfs::restore::store_snapshots(&url)?;
+            if json {
+                let items: Vec<String> = manifests
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{{\"id\":{},\"name\":{},\"state\":\"completed\",\"created\":{},\"logical_bytes\":{},\"tags\":{{{}}}}}",
+                            m.id,
+                            json_string(&m.name),
+                            json_string(volume::rfc3339(m.created).as_bytes()),
+                            m.logical_bytes,
+                            tags_json(&m.tags)
+                        )
+                    })
+                    .collect();
+                println!("[{}]", items.join(","));
+            } else {
+                println!(
+                    "{:<24} {:>6} {:<24} {:>10}  TAGS",
+                    "NAME", "ID", "CREATED", "LOGICAL"
+                );
+                for m in &manifests {
+                    println!(
+                        "{:<24} {:>6} {:<24} {:>10}  {}",
+                        lossy(&m.name),
+                        m.id,
+                        volume::rfc3339(m.created),
+                        human_bytes(m.logical_bytes),
+                        tags_text(&m.tags)
+                    );
+                }
+            }
+        }
+        SnapshotCommand::List { volume, json, .. } => {
             let snapshots = volume.open()?.snapshots()?;
             if json {
                 let items: Vec<String> = snapshots.iter().map(snapshot_json).collect();
@@ -340,7 +424,7 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                         volume::rfc3339(s.created),
                         human_bytes(s.logical_bytes),
                         human_bytes(s.exclusive_bytes),
-                        tags_text(s)
+                        tags_text(&s.tags)
                     );
                 }
             }
@@ -380,7 +464,7 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                     human_bytes(info.exclusive_bytes),
                     info.exclusive_bytes
                 );
-                println!("tags:      {}", tags_text(&info));
+                println!("tags:      {}", tags_text(&info.tags));
             }
         }
     }
@@ -402,13 +486,110 @@ fn lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(bytes)
 }
 
-fn tags_text(info: &SnapshotInfo) -> String {
-    let tags: Vec<String> = info
-        .tags
+fn tags_text(tags: &[(Vec<u8>, Vec<u8>)]) -> String {
+    let tags: Vec<String> = tags
         .iter()
         .map(|(k, v)| format!("{}={}", lossy(k), lossy(v)))
         .collect();
     tags.join(",")
+}
+
+fn tags_json(tags: &[(Vec<u8>, Vec<u8>)]) -> String {
+    let tags: Vec<String> = tags
+        .iter()
+        .map(|(k, v)| format!("{}:{}", json_string(k), json_string(v)))
+        .collect();
+    tags.join(",")
+}
+
+/// A progress bar for restores, on a terminal only.
+struct RestoreBar(indicatif::ProgressBar);
+
+impl snapfs::restore::Progress for RestoreBar {
+    fn total(&self, bytes: u64) {
+        self.0.inc_length(bytes);
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+fn restore(
+    what: &str,
+    dest: &std::path::Path,
+    volume: &VolumeSource,
+    store: Option<&store::StoreUrl>,
+    overwrite: bool,
+    json: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use snapfs::restore::{self, LocalSource, Options, StoreSource};
+    use std::io::IsTerminal;
+    let (snapshot, path) = what.split_once(':').unwrap_or((what, ""));
+    let source: Box<dyn restore::Source> = match store {
+        Some(url) => Box::new(StoreSource::open(url, snapshot)?),
+        None => Box::new(LocalSource::open(&volume.data_dir()?, snapshot)?),
+    };
+    let bar = if !json && std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(RestoreBar(bar))
+    } else {
+        None
+    };
+    let options = Options {
+        overwrite,
+        // SAFETY: geteuid cannot fail.
+        owners: unsafe { libc::geteuid() } == 0,
+    };
+    let started = std::time::Instant::now();
+    let progress: &dyn restore::Progress = match &bar {
+        Some(bar) => bar,
+        None => &(),
+    };
+    let report = restore::restore(&*source, path, dest, &options, progress)?;
+    if let Some(bar) = &bar {
+        bar.0.finish_and_clear();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        let errors: Vec<String> = report
+            .errors
+            .iter()
+            .map(|e| json_string(e.as_bytes()))
+            .collect();
+        println!(
+            "{{\"files\":{},\"dirs\":{},\"symlinks\":{},\"hard_links\":{},\"specials\":{},\"bytes\":{},\"seconds\":{seconds:.3},\"errors\":[{}]}}",
+            report.files,
+            report.dirs,
+            report.symlinks,
+            report.hard_links,
+            report.specials,
+            report.bytes,
+            errors.join(",")
+        );
+    } else {
+        for error in &report.errors {
+            eprintln!("snapfs: {error}");
+        }
+        eprintln!(
+            "restored {} files, {} directories, {} symlinks, {} hard links ({}) in {seconds:.1} s",
+            report.files,
+            report.dirs,
+            report.symlinks,
+            report.hard_links,
+            human_bytes(report.bytes)
+        );
+    }
+    if report.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} files could not be restored", report.errors.len()).into())
+    }
 }
 
 fn human_bytes(bytes: u64) -> String {
@@ -451,11 +632,6 @@ fn sent_percent(progress: &UploadProgress) -> String {
 }
 
 fn snapshot_json(info: &SnapshotInfo) -> String {
-    let tags: Vec<String> = info
-        .tags
-        .iter()
-        .map(|(k, v)| format!("{}:{}", json_string(k), json_string(v)))
-        .collect();
     let optional = |n: Option<u64>| n.map_or_else(|| "null".to_owned(), |n| n.to_string());
     let p = &info.upload;
     format!(
@@ -476,7 +652,7 @@ fn snapshot_json(info: &SnapshotInfo) -> String {
         p.sent_blocks,
         p.sent_bytes,
         p.stored_bytes,
-        tags.join(",")
+        tags_json(&info.tags)
     )
 }
 

@@ -55,6 +55,35 @@ pub struct Entry {
     pub content: Content,
 }
 
+impl Entry {
+    /// The entry for a catalog directory entry, with its xattrs and content.
+    pub fn from_row(
+        row: crate::catalog::DirEntryRow,
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+        content: Content,
+    ) -> Entry {
+        let inode = row.inode;
+        Entry {
+            name: row.name,
+            kind: inode.kind,
+            ino: inode.ino,
+            perm: inode.perm,
+            uid: inode.uid,
+            gid: inode.gid,
+            nlink: inode.nlink,
+            size: inode.size,
+            rdev: inode.rdev,
+            atime: inode.atime,
+            mtime: inode.mtime,
+            ctime: inode.ctime,
+            crtime: inode.crtime,
+            target: inode.target,
+            xattrs,
+            content,
+        }
+    }
+}
+
 /// The object a snapshot is listed and restored from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotManifest {

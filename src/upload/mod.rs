@@ -399,26 +399,8 @@ impl Worker {
         content: Content,
         g: u64,
     ) -> Result<Entry, UploadError> {
-        let row = child.inode;
-        let xattrs = lock(&self.catalog).read(|tx| tx.xattrs_of(g, row.ino))?;
-        Ok(Entry {
-            name: child.name,
-            kind: row.kind,
-            ino: row.ino,
-            perm: row.perm,
-            uid: row.uid,
-            gid: row.gid,
-            nlink: row.nlink,
-            size: row.size,
-            rdev: row.rdev,
-            atime: row.atime,
-            mtime: row.mtime,
-            ctime: row.ctime,
-            crtime: row.crtime,
-            target: row.target,
-            xattrs,
-            content,
-        })
+        let xattrs = lock(&self.catalog).read(|tx| tx.xattrs_of(g, child.inode.ino))?;
+        Ok(Entry::from_row(child, xattrs, content))
     }
 
     fn compress(&self, data: &[u8]) -> Result<Vec<u8>, UploadError> {

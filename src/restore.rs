@@ -1,0 +1,855 @@
+//! Restoring a snapshot, or a path in one, into a directory: from the local volume or from
+//! the object store alone.
+//!
+//! The walk creates every node with `*at` calls relative to directory descriptors and
+//! `O_NOFOLLOW`, so nothing it writes can be redirected outside DEST by a symlink (one
+//! in DEST beforehand, or one it restored). Block reads run on worker threads; a block
+//! that fails verification removes its file and is reported, and the rest goes on.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use crate::blocks::{BlockHash, BlockStore};
+use crate::catalog::{self, Catalog, Kind, ROOT_INO};
+use crate::manifest::{self, Content, Entry, SnapshotManifest};
+use crate::store::{self, ObjectStore, StoreError, StoreUrl};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("no snapshot named {0}")]
+    NoSnapshot(String),
+    #[error("{0} does not exist in the snapshot")]
+    NoPath(String),
+    #[error("{0} is not empty: restore into a new directory, or pass --overwrite")]
+    DestNotEmpty(PathBuf),
+    #[error("{0} exists: pass --overwrite to replace it")]
+    DestExists(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Catalog(#[from] catalog::Error),
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+type Result<T, E = RestoreError> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
+    move |source| RestoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where a snapshot's tree and blocks come from.
+pub trait Source: Sync {
+    /// The snapshot's root directory.
+    fn root(&self) -> Result<Entry>;
+    /// The entries of directory `dir`, sorted by name.
+    fn children(&self, dir: &Entry) -> Result<Vec<Entry>>;
+    /// Block `hash`, verified against it.
+    fn block(&self, hash: &BlockHash) -> Result<Vec<u8>>;
+    fn block_size(&self) -> u64;
+    /// Block reads worth running at once.
+    fn parallelism(&self) -> usize;
+}
+
+/// A snapshot of a local volume, read beside a running mount (catalog read-only, blocks
+/// read directly).
+pub struct LocalSource {
+    catalog: Mutex<Catalog>,
+    blocks: BlockStore,
+    generation: u64,
+    block_size: u64,
+}
+
+impl LocalSource {
+    pub fn open(data_dir: &Path, snapshot: &str) -> Result<LocalSource> {
+        let path = data_dir.join("catalog.db");
+        if !path.exists() {
+            return Err(RestoreError::Io {
+                path: data_dir.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no snapfs volume here (no catalog.db)",
+                ),
+            });
+        }
+        let catalog = Catalog::open_read_only(&path)?;
+        let row = catalog
+            .read(|tx| tx.snapshots())?
+            .into_iter()
+            .find(|row| row.name == snapshot.as_bytes())
+            .ok_or_else(|| RestoreError::NoSnapshot(snapshot.to_owned()))?;
+        let block_size = u64::from(catalog.block_size());
+        Ok(LocalSource {
+            catalog: Mutex::new(catalog),
+            blocks: BlockStore::open_read_only(&data_dir.join("blocks")),
+            generation: row.generation,
+            block_size,
+        })
+    }
+
+    fn entry(&self, row: catalog::DirEntryRow) -> Result<Entry> {
+        let g = self.generation;
+        let catalog = crate::sync::lock(&self.catalog);
+        let xattrs = catalog.read(|tx| tx.xattrs_of(g, row.inode.ino))?;
+        let content = match row.inode.kind {
+            Kind::File => Content::Blocks(
+                catalog.read(|tx| tx.blocks_in_range(g, row.inode.ino, 0, i64::MAX as u64))?,
+            ),
+            // Directories are listed by inode here; the hash is not needed.
+            Kind::Dir => Content::Tree(BlockHash::of(&[])),
+            _ => Content::None,
+        };
+        Ok(Entry::from_row(row, xattrs, content))
+    }
+}
+
+impl Source for LocalSource {
+    fn root(&self) -> Result<Entry> {
+        let g = self.generation;
+        let inode = crate::sync::lock(&self.catalog)
+            .read(|tx| tx.inode(g, ROOT_INO))?
+            .ok_or_else(|| RestoreError::Corrupt("the snapshot has no root".into()))?;
+        self.entry(catalog::DirEntryRow {
+            name: Vec::new(),
+            inode,
+        })
+    }
+
+    fn children(&self, dir: &Entry) -> Result<Vec<Entry>> {
+        let g = self.generation;
+        let rows = crate::sync::lock(&self.catalog).read(|tx| tx.list_dir(g, dir.ino))?;
+        rows.into_iter().map(|row| self.entry(row)).collect()
+    }
+
+    fn block(&self, hash: &BlockHash) -> Result<Vec<u8>> {
+        self.blocks
+            .read_uncached(hash)
+            .map_err(|e| RestoreError::Corrupt(e.to_string()))
+    }
+
+    fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    fn parallelism(&self) -> usize {
+        4
+    }
+}
+
+/// A completed snapshot read from the object store alone. Everything read is checked: the
+/// volume header's format, each object's hash, each manifest's structure.
+pub struct StoreSource {
+    runtime: tokio::runtime::Runtime,
+    store: Arc<dyn ObjectStore>,
+    manifest: SnapshotManifest,
+}
+
+/// Blocks queued, and files open, before the queue is drained.
+const MAX_QUEUED_BLOCKS: usize = 4096;
+const MAX_OPEN_FILES: usize = 256;
+
+/// Largest decompressed tree or snapshot object accepted.
+const MAX_MANIFEST_OBJECT: usize = 256 << 20;
+
+impl StoreSource {
+    pub fn open(url: &StoreUrl, snapshot: &str) -> Result<StoreSource> {
+        let runtime = runtime()?;
+        let store = runtime.block_on(store::open(url))?;
+        let manifests = runtime.block_on(list_manifests(&*store))?;
+        let manifest = manifests
+            .into_iter()
+            .find(|m| m.name == snapshot.as_bytes())
+            .ok_or_else(|| RestoreError::NoSnapshot(format!("{snapshot} in {url}")))?;
+        Ok(StoreSource {
+            runtime,
+            store,
+            manifest,
+        })
+    }
+
+    fn object(&self, key: &str, max: usize) -> Result<Vec<u8>> {
+        self.runtime.block_on(fetch(&*self.store, key, max))
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(io_err(Path::new("tokio runtime")))
+}
+
+/// An object, decompressed (at most `max` bytes); a missing object is an error.
+async fn fetch(store: &dyn ObjectStore, key: &str, max: usize) -> Result<Vec<u8>> {
+    let object = store::retry(Some(5), || store.get(key))
+        .await?
+        .ok_or_else(|| RestoreError::Corrupt(format!("{key} is missing from the store")))?;
+    manifest::decompress(&object, max)
+        .map_err(|e| RestoreError::Corrupt(format!("{key} is corrupt or truncated: {e}")))
+}
+
+/// Every completed snapshot in the store, oldest first, read from the bucket alone.
+pub async fn list_manifests(store: &dyn ObjectStore) -> Result<Vec<SnapshotManifest>> {
+    let header = store::retry(Some(5), || store.get(store::VOLUME_KEY))
+        .await?
+        .ok_or_else(|| RestoreError::Corrupt(format!("{} holds no snapfs volume", store.url())))?;
+    let volume_id = check_header(&header)?;
+    let mut keys = store::retry(Some(5), || store.list("snapshots/")).await?;
+    keys.sort();
+    let mut manifests = Vec::new();
+    for key in keys {
+        let data = fetch(store, &key, MAX_MANIFEST_OBJECT).await?;
+        let manifest = manifest::decode_snapshot(&data)
+            .map_err(|e| RestoreError::Corrupt(format!("{key}: {e}")))?;
+        if manifest.volume_id != volume_id {
+            return Err(RestoreError::Corrupt(format!(
+                "{key} belongs to volume {}, not {volume_id}",
+                manifest.volume_id
+            )));
+        }
+        manifests.push(manifest);
+    }
+    Ok(manifests)
+}
+
+/// Checks the volume header's format version; returns the volume id.
+fn check_header(header: &[u8]) -> Result<String> {
+    let text = String::from_utf8_lossy(header);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .map(str::to_owned)
+    };
+    if !text.starts_with("snapfs volume\n") {
+        return Err(RestoreError::Corrupt(
+            "the volume header is not snapfs's".into(),
+        ));
+    }
+    match field("format").as_deref() {
+        Some("1") => {}
+        Some(other) => {
+            return Err(RestoreError::Corrupt(format!(
+                "the store has format {other}; this snapfs reads format {}: upgrade snapfs",
+                store::FORMAT_VERSION
+            )));
+        }
+        None => {
+            return Err(RestoreError::Corrupt(
+                "the volume header has no format".into(),
+            ));
+        }
+    }
+    field("id").ok_or_else(|| RestoreError::Corrupt("the volume header has no id".into()))
+}
+
+/// Lists the completed snapshots of the store at `url`.
+pub fn store_snapshots(url: &StoreUrl) -> Result<Vec<SnapshotManifest>> {
+    let runtime = runtime()?;
+    runtime.block_on(async {
+        let store = store::open(url).await?;
+        list_manifests(&*store).await
+    })
+}
+
+impl Source for StoreSource {
+    fn root(&self) -> Result<Entry> {
+        Ok(self.manifest.root.clone())
+    }
+
+    fn children(&self, dir: &Entry) -> Result<Vec<Entry>> {
+        let Content::Tree(hash) = &dir.content else {
+            return Err(RestoreError::Corrupt("a directory without a tree".into()));
+        };
+        let key = catalog::tree_key(hash);
+        let data = self.object(&key, MAX_MANIFEST_OBJECT)?;
+        if BlockHash::of(&data) != *hash {
+            return Err(RestoreError::Corrupt(format!(
+                "{key} does not match its hash"
+            )));
+        }
+        manifest::decode_tree(&data).map_err(|e| RestoreError::Corrupt(format!("{key}: {e}")))
+    }
+
+    fn block(&self, hash: &BlockHash) -> Result<Vec<u8>> {
+        let key = catalog::block_key(hash);
+        let data = self.object(&key, self.block_size() as usize)?;
+        let actual = BlockHash::of(&data);
+        if actual != *hash {
+            return Err(RestoreError::Corrupt(format!(
+                "block {hash} is corrupt in the store: its content hashes to {actual}"
+            )));
+        }
+        Ok(data)
+    }
+
+    fn block_size(&self) -> u64 {
+        u64::from(self.manifest.block_size)
+    }
+
+    fn parallelism(&self) -> usize {
+        16
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Replace existing files in DEST (otherwise a non-empty DEST is refused).
+    pub overwrite: bool,
+    /// Restore owners (needs root; otherwise files belong to the caller).
+    pub owners: bool,
+}
+
+/// What a restore did. `errors` name each file that could not be restored.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub hard_links: u64,
+    pub specials: u64,
+    pub bytes: u64,
+    pub errors: Vec<String>,
+}
+
+/// Progress callbacks (bytes written, files finished), for a progress bar.
+pub trait Progress: Sync {
+    fn total(&self, _bytes: u64) {}
+    fn advance(&self, _bytes: u64) {}
+}
+
+impl Progress for () {}
+
+/// Restores `path` (relative to the snapshot root; empty for all of it) of `source`
+/// to `dest`. A directory becomes `dest` (which must be empty or missing unless
+/// `overwrite`); a file becomes `dest`, or `dest/NAME` if `dest` is a directory.
+pub fn restore(
+    source: &dyn Source,
+    path: &str,
+    dest: &Path,
+    options: &Options,
+    progress: &dyn Progress,
+) -> Result<Report> {
+    let mut entry = source.root()?;
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        entry = source
+            .children(&entry)?
+            .into_iter()
+            .find(|child| child.name == part.as_bytes() && entry.kind == Kind::Dir)
+            .ok_or_else(|| RestoreError::NoPath(path.to_owned()))?;
+    }
+    let mut run = Run {
+        source,
+        options,
+        progress,
+        report: Mutex::new(Report::default()),
+        first_links: HashMap::new(),
+        finished_dirs: Vec::new(),
+        open_files: 0,
+        block_size: source.block_size(),
+    };
+    if entry.kind == Kind::Dir {
+        prepare_dir(dest, options.overwrite)?;
+        run.dirs(entry, dest)?;
+    } else {
+        let (parent, name) = match fs::metadata(dest) {
+            Ok(meta) if meta.is_dir() => (dest.to_owned(), entry.name.clone()),
+            _ => {
+                let name = dest.file_name().ok_or_else(|| {
+                    RestoreError::Corrupt(format!("{} has no file name", dest.display()))
+                })?;
+                let parent = dest.parent().filter(|p| !p.as_os_str().is_empty());
+                (
+                    parent.unwrap_or(Path::new(".")).to_owned(),
+                    name.as_bytes().to_vec(),
+                )
+            }
+        };
+        let target = parent.join(std::ffi::OsStr::from_bytes(&name));
+        if fs::symlink_metadata(&target).is_ok() && !options.overwrite {
+            return Err(RestoreError::DestExists(target));
+        }
+        let dir = Arc::new(open_dir_path(&parent)?);
+        entry.name = name;
+        let mut jobs = Vec::new();
+        run.nodes(vec![entry], &dir, &parent, &mut jobs)?;
+        run.drain_blocks(jobs);
+    }
+    Ok(run.report.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// DEST must be missing (it is created) or an empty directory, unless `overwrite`.
+fn prepare_dir(dest: &Path, overwrite: bool) -> Result<()> {
+    match fs::read_dir(dest) {
+        Ok(mut entries) => {
+            if !overwrite && entries.next().is_some() {
+                return Err(RestoreError::DestNotEmpty(dest.to_owned()));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(dest).map_err(io_err(dest))
+        }
+        Err(e) => Err(io_err(dest)(e)),
+    }
+}
+
+fn open_dir_path(path: &Path) -> Result<OwnedFd> {
+    let file = fs::File::open(path).map_err(io_err(path))?;
+    if !file.metadata().map_err(io_err(path))?.is_dir() {
+        return Err(io_err(path)(std::io::Error::from_raw_os_error(
+            libc::ENOTDIR,
+        )));
+    }
+    Ok(OwnedFd::from(file))
+}
+
+/// Opens directory `name` in `parent` without following a symlink.
+fn open_child_dir(parent: &OwnedFd, name: &[u8]) -> std::io::Result<OwnedFd> {
+    let name = cname(name)?;
+    // SAFETY: openat reads the NUL-terminated name; the parent fd is open.
+    let fd = check(unsafe {
+        libc::openat(
+            parent.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: the descriptor was just opened and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn cname(name: &[u8]) -> std::io::Result<CString> {
+    if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "unsafe name in the manifest",
+        ));
+    }
+    CString::new(name).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(ret: libc::c_int) -> std::io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn timespec(nanos: i64) -> libc::timespec {
+    libc::timespec {
+        tv_sec: nanos.div_euclid(1_000_000_000),
+        tv_nsec: nanos.rem_euclid(1_000_000_000),
+    }
+}
+
+/// A file whose blocks are being written by the workers.
+struct OpenFile {
+    dir: Arc<OwnedFd>,
+    name: CString,
+    path: PathBuf,
+    file: fs::File,
+    entry: Entry,
+    remaining: AtomicUsize,
+    failed: AtomicBool,
+}
+
+struct BlockJob {
+    file: Arc<OpenFile>,
+    index: u64,
+    hash: BlockHash,
+}
+
+struct Run<'a> {
+    source: &'a dyn Source,
+    options: &'a Options,
+    progress: &'a dyn Progress,
+    report: Mutex<Report>,
+    /// Hard links: the first restored path of each inode with nlink > 1.
+    first_links: HashMap<u64, PathBuf>,
+    /// Directories whose contents are done, deepest last: metadata is applied in reverse,
+    /// reopened by path (holding a descriptor each would run out of them).
+    finished_dirs: Vec<(PathBuf, Entry)>,
+    /// Files created since the block queue was last drained (each holds a descriptor).
+    open_files: usize,
+    block_size: u64,
+}
+
+impl Run<'_> {
+    fn error(&self, message: String) {
+        tracing::error!("{message}");
+        crate::sync::lock(&self.report).errors.push(message);
+    }
+
+    /// Restores the contents of directory `root` into `dest`, then its metadata.
+    fn dirs(&mut self, root: Entry, dest: &Path) -> Result<()> {
+        let mut jobs = Vec::new();
+        self.descend(
+            root,
+            Arc::new(open_dir_path(dest)?),
+            dest.to_owned(),
+            &mut jobs,
+        )?;
+        self.drain_blocks(jobs);
+        // Children first: setting a directory's times before its contents would undo them.
+        for (path, entry) in std::mem::take(&mut self.finished_dirs).into_iter().rev() {
+            let result = open_dir_path(&path).and_then(|fd| {
+                self.apply_metadata(fd.as_raw_fd(), None, &entry)
+                    .map_err(io_err(&path))
+            });
+            if let Err(e) = result {
+                self.error(e.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// Depth first from `root` (open as `fd`): subdirectories wait as (parent, name), so
+    /// open descriptors grow with the depth, not the width, of the tree.
+    fn descend(
+        &mut self,
+        root: Entry,
+        fd: Arc<OwnedFd>,
+        path: PathBuf,
+        jobs: &mut Vec<BlockJob>,
+    ) -> Result<()> {
+        let mut pending: Vec<(Entry, Arc<OwnedFd>, PathBuf)> = Vec::new();
+        let mut next = Some((root, fd, path));
+        loop {
+            let (dir, fd, path) = match next.take() {
+                Some(first) => first,
+                None => {
+                    let Some((entry, parent, path)) = pending.pop() else {
+                        break;
+                    };
+                    match open_child_dir(&parent, &entry.name) {
+                        Ok(fd) => (entry, Arc::new(fd), path),
+                        Err(e) => {
+                            self.error(format!("{}: {e}", path.display()));
+                            continue;
+                        }
+                    }
+                }
+            };
+            let children = match self.source.children(&dir) {
+                Ok(children) => children,
+                Err(e) => {
+                    self.error(format!("{}: {e}", path.display()));
+                    continue;
+                }
+            };
+            let subdirs = self.nodes(children, &fd, &path, jobs)?;
+            self.finished_dirs.push((path, dir));
+            pending.extend(
+                subdirs
+                    .into_iter()
+                    .map(|(entry, path)| (entry, fd.clone(), path)),
+            );
+            if jobs.len() > MAX_QUEUED_BLOCKS || self.open_files > MAX_OPEN_FILES {
+                *jobs = self.drain_blocks(std::mem::take(jobs));
+                self.open_files = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates `entries` in `dir`; returns the subdirectories made, to descend into.
+    /// File blocks are queued on `jobs`.
+    fn nodes(
+        &mut self,
+        entries: Vec<Entry>,
+        dir: &Arc<OwnedFd>,
+        dir_path: &Path,
+        jobs: &mut Vec<BlockJob>,
+    ) -> Result<Vec<(Entry, PathBuf)>> {
+        let mut subdirs = Vec::new();
+        for entry in entries {
+            let path = dir_path.join(std::ffi::OsStr::from_bytes(&entry.name));
+            match self.node(entry, dir, &path, jobs) {
+                Ok(Some(subdir)) => subdirs.push(subdir),
+                Ok(None) => {}
+                Err(e) => self.error(format!("{}: {e}", path.display())),
+            }
+        }
+        Ok(subdirs)
+    }
+
+    fn node(
+        &mut self,
+        entry: Entry,
+        dir: &Arc<OwnedFd>,
+        path: &Path,
+        jobs: &mut Vec<BlockJob>,
+    ) -> std::io::Result<Option<(Entry, PathBuf)>> {
+        let name = cname(&entry.name)?;
+        let dirfd = dir.as_raw_fd();
+        if self.options.overwrite {
+            self.clear(dirfd, &name, entry.kind)?;
+        }
+        let report = |f: fn(&mut Report)| f(&mut crate::sync::lock(&self.report));
+        match entry.kind {
+            Kind::Dir => {
+                // SAFETY: mkdirat reads the NUL-terminated name; dirfd is open.
+                let made = unsafe { libc::mkdirat(dirfd, name.as_ptr(), 0o700) };
+                if made != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                report(|r| r.dirs += 1);
+                Ok(Some((entry, path.to_owned())))
+            }
+            Kind::File => {
+                if entry.nlink > 1 {
+                    if let Some(first) = self.first_links.get(&entry.ino) {
+                        let first = CString::new(first.as_os_str().as_bytes())?;
+                        // SAFETY: both names are NUL-terminated; flag 0 does not follow
+                        // a symlink at the source.
+                        check(unsafe {
+                            libc::linkat(libc::AT_FDCWD, first.as_ptr(), dirfd, name.as_ptr(), 0)
+                        })?;
+                        report(|r| r.hard_links += 1);
+                        return Ok(None);
+                    }
+                    self.first_links.insert(entry.ino, path.to_owned());
+                }
+                // SAFETY: openat reads the NUL-terminated name; dirfd is open.
+                let fd = check(unsafe {
+                    libc::openat(
+                        dirfd,
+                        name.as_ptr(),
+                        libc::O_WRONLY
+                            | libc::O_CREAT
+                            | libc::O_EXCL
+                            | libc::O_NOFOLLOW
+                            | libc::O_CLOEXEC,
+                        0o600,
+                    )
+                })?;
+                // SAFETY: fd was just opened and is owned by nobody else.
+                let file = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+                file.set_len(entry.size)?;
+                let Content::Blocks(blocks) = &entry.content else {
+                    return Err(std::io::Error::other("a file without a block list"));
+                };
+                let blocks = blocks.clone();
+                if let Some((index, _)) = blocks.last() {
+                    if index.saturating_mul(self.block_size) >= entry.size.max(1) {
+                        drop(file);
+                        // SAFETY: unlinkat reads the NUL-terminated name.
+                        unsafe { libc::unlinkat(dirfd, name.as_ptr(), 0) };
+                        return Err(std::io::Error::other(
+                            "the manifest maps a block beyond the end of the file",
+                        ));
+                    }
+                }
+                let open = Arc::new(OpenFile {
+                    dir: dir.clone(),
+                    name,
+                    path: path.to_owned(),
+                    file,
+                    entry,
+                    remaining: AtomicUsize::new(blocks.len()),
+                    failed: AtomicBool::new(false),
+                });
+                self.progress.total(open.entry.size);
+                self.open_files += 1;
+                if blocks.is_empty() {
+                    self.finish_file(&open);
+                }
+                jobs.extend(blocks.into_iter().map(|(index, hash)| BlockJob {
+                    file: open.clone(),
+                    index,
+                    hash,
+                }));
+                Ok(None)
+            }
+            Kind::Symlink => {
+                let target = CString::new(entry.target.clone().unwrap_or_default())?;
+                // SAFETY: symlinkat reads the two NUL-terminated strings.
+                check(unsafe { libc::symlinkat(target.as_ptr(), dirfd, name.as_ptr()) })?;
+                self.apply_at(dirfd, &name, &entry)?;
+                report(|r| r.symlinks += 1);
+                Ok(None)
+            }
+            Kind::Fifo | Kind::Socket | Kind::CharDevice | Kind::BlockDevice => {
+                let kind = match entry.kind {
+                    Kind::Fifo => libc::S_IFIFO,
+                    Kind::Socket => libc::S_IFSOCK,
+                    Kind::CharDevice => libc::S_IFCHR,
+                    _ => libc::S_IFBLK,
+                };
+                // SAFETY: mknodat reads the NUL-terminated name.
+                check(unsafe {
+                    libc::mknodat(
+                        dirfd,
+                        name.as_ptr(),
+                        kind | 0o600,
+                        libc::dev_t::from(entry.rdev),
+                    )
+                })?;
+                self.apply_at(dirfd, &name, &entry)?;
+                report(|r| r.specials += 1);
+                Ok(None)
+            }
+        }
+    }
+
+    /// With --overwrite, makes room for `name`: an existing non-directory goes; an existing
+    /// directory stays only for a directory (restored into).
+    fn clear(&self, dirfd: libc::c_int, name: &CString, kind: Kind) -> std::io::Result<()> {
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatat fills `stat`; the name is NUL-terminated.
+        let found =
+            unsafe { libc::fstatat(dirfd, name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) };
+        if found != 0 {
+            return Ok(());
+        }
+        let is_dir = stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        match (is_dir, kind == Kind::Dir) {
+            (true, true) => Ok(()),
+            (true, false) => Err(std::io::Error::other(
+                "a directory is in the way (remove it to restore this file)",
+            )),
+            // SAFETY: unlinkat reads the NUL-terminated name.
+            _ => check(unsafe { libc::unlinkat(dirfd, name.as_ptr(), 0) }).map(drop),
+        }
+    }
+
+    /// Reads and writes the queued blocks on worker threads; returns an empty queue.
+    fn drain_blocks(&self, jobs: Vec<BlockJob>) -> Vec<BlockJob> {
+        if jobs.is_empty() {
+            return jobs;
+        }
+        let (send, receive) = mpsc::channel();
+        for job in jobs {
+            let _ = send.send(job);
+        }
+        drop(send);
+        let receive = Mutex::new(receive);
+        let workers = self.source.parallelism().max(1);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| {
+                    loop {
+                        let job = crate::sync::lock(&receive).recv();
+                        let Ok(job) = job else { return };
+                        self.write_block(&job);
+                    }
+                });
+            }
+        });
+        Vec::new()
+    }
+
+    fn write_block(&self, job: &BlockJob) {
+        let file = &job.file;
+        if !file.failed.load(Ordering::SeqCst) {
+            let offset = job.index * self.block_size;
+            let result = self.source.block(&job.hash).and_then(|data| {
+                let len = (file.entry.size.saturating_sub(offset)).min(data.len() as u64);
+                std::os::unix::fs::FileExt::write_all_at(&file.file, &data[..len as usize], offset)
+                    .map_err(io_err(&file.path))?;
+                self.progress.advance(len);
+                crate::sync::lock(&self.report).bytes += len;
+                Ok(())
+            });
+            if let Err(e) = result {
+                if !file.failed.swap(true, Ordering::SeqCst) {
+                    self.error(format!("{}: {e}; not restored", file.path.display()));
+                }
+            }
+        }
+        if file.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.finish_file(file);
+        }
+    }
+
+    /// All blocks of a file are written (or one failed: then it is removed).
+    fn finish_file(&self, file: &OpenFile) {
+        if file.failed.load(Ordering::SeqCst) {
+            // SAFETY: unlinkat reads the NUL-terminated name; the dir fd is open.
+            unsafe { libc::unlinkat(file.dir.as_raw_fd(), file.name.as_ptr(), 0) };
+            return;
+        }
+        match self.apply_metadata(file.file.as_raw_fd(), Some(&file.file), &file.entry) {
+            Ok(()) => crate::sync::lock(&self.report).files += 1,
+            Err(e) => self.error(format!("{}: {e}", file.path.display())),
+        }
+    }
+
+    /// Owner, xattrs, mode and times of an open file or directory, in that order (chown
+    /// clears set-id bits; times last, since the others change ctime only).
+    fn apply_metadata(
+        &self,
+        fd: libc::c_int,
+        file: Option<&fs::File>,
+        entry: &Entry,
+    ) -> std::io::Result<()> {
+        if self.options.owners {
+            // SAFETY: plain system call on an open descriptor.
+            check(unsafe { libc::fchown(fd, entry.uid, entry.gid) })?;
+        }
+        for (name, value) in &entry.xattrs {
+            let name = CString::new(name.clone())?;
+            // SAFETY: fsetxattr reads `value.len()` bytes of value and the name.
+            check(unsafe {
+                libc::fsetxattr(fd, name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+            })?;
+        }
+        // SAFETY: plain system call on an open descriptor.
+        check(unsafe { libc::fchmod(fd, entry.perm & 0o7777) })?;
+        if let Some(file) = file {
+            file.sync_data().ok();
+        }
+        let times = [timespec(entry.atime), timespec(entry.mtime)];
+        // SAFETY: futimens reads the two timespecs.
+        check(unsafe { libc::futimens(fd, times.as_ptr()) })?;
+        Ok(())
+    }
+
+    /// Owner, mode and times of a node that cannot be opened (symlinks, fifos, devices).
+    fn apply_at(&self, dirfd: libc::c_int, name: &CString, entry: &Entry) -> std::io::Result<()> {
+        if self.options.owners {
+            // SAFETY: fchownat reads the NUL-terminated name.
+            check(unsafe {
+                libc::fchownat(
+                    dirfd,
+                    name.as_ptr(),
+                    entry.uid,
+                    entry.gid,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })?;
+        }
+        if entry.kind != Kind::Symlink {
+            // SAFETY: fchmodat reads the NUL-terminated name.
+            check(unsafe { libc::fchmodat(dirfd, name.as_ptr(), entry.perm & 0o7777, 0) })?;
+        }
+        let times = [timespec(entry.atime), timespec(entry.mtime)];
+        // SAFETY: utimensat reads the name and the two timespecs.
+        check(unsafe {
+            libc::utimensat(
+                dirfd,
+                name.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })?;
+        Ok(())
+    }
+}
