@@ -1,0 +1,1309 @@
+//! `snapfs restore` and `snapfs snapshot list --store`, end to end: trees built through real
+//! mounts, restored beside the mount or from a real S3 bucket alone (Garage and s3s-fs), and
+//! compared node by node; DEST rules; hostile buckets crafted object by object (nothing may
+//! be written outside DEST, every bad object is a clear error); corrupt blocks (the file is
+//! named, left out, and everything else restored).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::s3::{S3Client, S3Env, unique_prefix};
+use common::*;
+use snapfs::blocks::BlockHash;
+use snapfs::catalog::Kind;
+use snapfs::manifest::{self, Content, Entry, SnapshotManifest};
+
+const COMPLETION_TIMEOUT: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------------------
+// Mounts, snapshots, commands
+// ---------------------------------------------------------------------------------------
+
+fn aws_vars(s3: &S3Env) -> Vec<(String, String)> {
+    [
+        ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", s3.access_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.as_str()),
+        ("AWS_REGION", s3.region.as_str()),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// A mount uploading to `prefix` of `s3`'s bucket.
+fn mount_to(s3: &S3Env, prefix: &str) -> Mount {
+    let mut mount = Mount::unmounted();
+    mount.set_env(aws_vars(s3));
+    let url = s3.url(prefix);
+    mount.set_args(&["--store", url.as_str()]);
+    mount.remount();
+    mount
+}
+
+fn snapshot_dir(mount: &Mount, name: &str) -> PathBuf {
+    mount.path().join(".snapshots").join(name)
+}
+
+fn take_snapshot(mount: &Mount, name: &str) -> PathBuf {
+    let dir = snapshot_dir(mount, name);
+    fs::create_dir(&dir).expect("mkdir .snapshots/NAME");
+    dir
+}
+
+fn snapshot_attr(mount: &Mount, name: &str, attr: &str) -> String {
+    let value = getxattr(&snapshot_dir(mount, name), attr).expect("snapshot xattr");
+    String::from_utf8(value).expect("utf-8 xattr")
+}
+
+/// Waits until snapshot `name` is `completed` (in the store).
+fn wait_completed(mount: &Mount, name: &str) {
+    let deadline = Instant::now() + COMPLETION_TIMEOUT;
+    loop {
+        let state = snapshot_attr(mount, name, "user.snapfs.state");
+        match state.as_str() {
+            "completed" => return,
+            "pending" if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            _ => panic!(
+                "snapshot {name} is {state}; daemon log:\n{}",
+                mount.daemon_log()
+            ),
+        }
+    }
+}
+
+/// `snapfs restore WHAT DEST --mount MP [extra]`
+fn restore_local(mount: &Mount, what: &str, dest: &Path, extra: &[&str]) -> Output {
+    run(snapfs()
+        .arg("restore")
+        .arg(what)
+        .arg(dest)
+        .arg("--mount")
+        .arg(mount.path())
+        .args(extra))
+}
+
+/// `snapfs restore --store URL WHAT DEST [extra]` with only the AWS environment.
+fn restore_store(s3: &S3Env, url: &str, what: &str, dest: &Path, extra: &[&str]) -> Output {
+    let mut cmd = snapfs();
+    cmd.arg("restore")
+        .arg("--store")
+        .arg(url)
+        .arg(what)
+        .arg(dest)
+        .args(extra);
+    s3.apply(&mut cmd);
+    run(&mut cmd)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[track_caller]
+fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: exit {}\nstdout: {}\nstderr: {}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    );
+}
+
+/// Fails with a non-zero status and a message containing every one of `needles`.
+#[track_caller]
+fn assert_fails_with(out: &Output, needles: &[&str], what: &str) {
+    let err = stderr(out);
+    assert!(
+        !out.status.success(),
+        "{what}: expected a failure, got exit {}\nstdout: {}\nstderr: {err}",
+        out.status,
+        stdout(out)
+    );
+    for needle in needles {
+        assert!(
+            err.contains(needle),
+            "{what}: stderr does not mention {needle:?}:\n{err}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Trees and their comparison
+// ---------------------------------------------------------------------------------------
+
+/// Compressible text.
+fn text(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 64);
+    let mut line = 0u64;
+    while out.len() < len {
+        out.extend_from_slice(format!("line {line}: nothing to report\n").as_bytes());
+        line += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+fn chmod(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+/// A varied tree in `root`: nested dirs, random and text files (empty, one byte, one
+/// block, multi-block), a sparse file with a six-block hole, a hard link across dirs,
+/// relative, absolute and dangling symlinks, a fifo, xattrs on files and dirs, setuid,
+/// sticky and private modes, foreign owners and explicit times.
+fn build_tree(root: &Path) {
+    let p = |rel: &str| root.join(rel);
+    for dir in ["a", "a/b", "a/b/c", "empty", "sticky"] {
+        fs::create_dir(p(dir)).expect("mkdir");
+    }
+    fs::write(p("a/random"), pattern(3 * BLOCK + 777, 11)).expect("write");
+    fs::write(p("a/b/text.txt"), text(40_000)).expect("write");
+    fs::write(p("a/b/c/deep"), b"x").expect("write");
+    fs::write(p("empty-file"), b"").expect("write");
+    fs::write(p("one-block"), pattern(BLOCK, 12)).expect("write");
+    fs::write(p("sticky/note"), b"in a sticky dir\n").expect("write");
+    let sparse = create(&p("sparse"));
+    sparse
+        .write_all_at(&pattern(BLOCK, 13), 0)
+        .expect("sparse head");
+    sparse
+        .write_all_at(&pattern(1000, 14), 7 * BLOCK as u64)
+        .expect("sparse tail");
+    drop(sparse);
+    fs::write(p("a/hard"), pattern(BLOCK + 5, 15)).expect("write");
+    fs::hard_link(p("a/hard"), p("hard-too")).expect("link");
+    symlink("a/b/text.txt", p("rel-link")).expect("symlink");
+    symlink("/etc/hostname", p("a/abs-link")).expect("symlink");
+    symlink("../nowhere/missing", p("a/b/dangling")).expect("symlink");
+    mkfifo(&p("a/fifo"), 0o640).expect("mkfifo");
+    setxattr(&p("a/random"), "user.color", b"blue", 0).expect("xattr");
+    setxattr(&p("a/b"), "user.dir", &[0, 1, 2, 255], 0).expect("xattr");
+    setxattr(&p("sparse"), "user.long", &pattern(3000, 16), 0).expect("xattr");
+
+    fs::write(p("suid"), b"#!/bin/sh\necho hi\n").expect("write");
+    std::os::unix::fs::chown(p("suid"), Some(1234), Some(5678)).expect("chown");
+    chmod(&p("suid"), 0o4755);
+    std::os::unix::fs::chown(p("a/b/text.txt"), Some(1234), Some(5678)).expect("chown");
+    chmod(&p("a/b/text.txt"), 0o640);
+    chmod(&p("a/random"), 0o755);
+    std::os::unix::fs::chown(p("a/b"), Some(1234), Some(5678)).expect("chown");
+    chmod(&p("a/b"), 0o750);
+    chmod(&p("sticky"), 0o1777);
+    chmod(&p("empty"), 0o700);
+    std::os::unix::fs::lchown(p("rel-link"), Some(1234), Some(5678)).expect("lchown");
+
+    let nodes = [
+        "a/random",
+        "a/b/text.txt",
+        "a/b/c/deep",
+        "empty-file",
+        "one-block",
+        "sticky/note",
+        "sparse",
+        "a/hard",
+        "rel-link",
+        "a/abs-link",
+        "a/b/dangling",
+        "a/fifo",
+        "suid",
+    ];
+    for (i, node) in nodes.iter().enumerate() {
+        let i = i as i64;
+        utimens(
+            &p(node),
+            (1_600_000_000 + i, 5),
+            (1_500_000_000 + i, 123_456_789),
+        )
+        .unwrap_or_else(|e| panic!("utimens {node}: {e}"));
+    }
+    // Directories last, deepest first: their contents change their mtime.
+    for (i, dir) in ["a/b/c", "a/b", "a", "empty", "sticky"].iter().enumerate() {
+        let i = i as i64;
+        utimens(
+            &p(dir),
+            (1_600_000_100, 0),
+            (1_400_000_000 + i, 987_654_321),
+        )
+        .unwrap_or_else(|e| panic!("utimens {dir}: {e}"));
+    }
+}
+
+/// The snapshot really holds what build_tree made (so comparing against it means something).
+#[track_caller]
+fn assert_varied(tree: &Tree) {
+    let node = |rel: &str| {
+        tree.get(Path::new(rel))
+            .unwrap_or_else(|| panic!("{rel} missing from the snapshot: {:?}", tree.keys()))
+    };
+    assert_eq!(tree.len(), 20, "{:?}", tree.keys());
+    assert_eq!(node("suid").mode & 0o7777, 0o4755);
+    assert_eq!((node("suid").uid, node("suid").gid), (1234, 5678));
+    assert_eq!(node("sticky").mode & 0o7777, 0o1777);
+    assert_eq!((node("a/b").uid, node("a/b").mode & 0o7777), (1234, 0o750));
+    assert_eq!(node("a/b").xattrs.len(), 1);
+    assert_eq!(node("a/b/c").mtime, (1_400_000_000, 987_654_321));
+    assert_eq!(node("a/hard").nlink, 2);
+    assert_eq!(node("a/b/dangling").content, b"../nowhere/missing");
+    assert_eq!(node("a/fifo").mode & libc::S_IFMT, libc::S_IFIFO);
+    assert_eq!(node("sparse").size, 7 * BLOCK as u64 + 1000);
+    assert_eq!(node("a/random").content.len(), 3 * BLOCK + 777);
+}
+
+/// Changes the live tree after a snapshot, so a restore must not see the live volume.
+fn modify_tree(root: &Path) {
+    fs::write(root.join("a/random"), b"replaced").expect("rewrite");
+    fs::remove_file(root.join("a/b/c/deep")).expect("rm");
+    fs::remove_file(root.join("hard-too")).expect("rm link");
+    fs::write(root.join("new-file"), b"after the snapshot").expect("write");
+    chmod(&root.join("a/b/text.txt"), 0o600);
+    fs::remove_dir(root.join("empty")).expect("rmdir");
+}
+
+type Tree = BTreeMap<PathBuf, NodeState>;
+
+/// What a restore must reproduce: the root's mtime (a snapshot's root shows the
+/// snapshot's creation time), its xattrs (a snapshot's root shows user.snapfs.*) and
+/// directory sizes and link counts (they differ between snapfs and ext4) aside.
+fn comparable(mut tree: Tree, whole_snapshot: bool) -> Tree {
+    for (path, node) in tree.iter_mut() {
+        if node.mode & libc::S_IFMT == libc::S_IFDIR {
+            node.size = 0;
+            node.nlink = 0;
+        }
+        if whole_snapshot && path.as_os_str().is_empty() {
+            node.mtime = (0, 0);
+            node.xattrs.clear();
+        }
+    }
+    tree
+}
+
+/// Node by node; file contents by their first difference.
+#[track_caller]
+fn assert_trees_eq(actual: &Tree, expected: &Tree, what: &str) {
+    let actual_paths: Vec<&PathBuf> = actual.keys().collect();
+    let expected_paths: Vec<&PathBuf> = expected.keys().collect();
+    assert_eq!(actual_paths, expected_paths, "{what}: the paths");
+    for (path, want) in expected {
+        let got = &actual[path];
+        assert_bytes_eq(
+            &got.content,
+            &want.content,
+            &format!("{what}: {}", path.display()),
+        );
+        let meta = |n: &NodeState| NodeState {
+            content: Vec::new(),
+            ..n.clone()
+        };
+        assert_eq!(meta(got), meta(want), "{what}: {}", path.display());
+    }
+}
+
+/// tree_state of one file, as a one-entry tree keyed by its name.
+fn file_state(path: &Path) -> Tree {
+    let name = PathBuf::from(path.file_name().expect("a file name"));
+    let mut parent = tree_state(path.parent().expect("a parent"));
+    let node = parent.remove(&name).expect("the file is there");
+    Tree::from([(name, node)])
+}
+
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `"key":N` occurs in `json`.
+#[track_caller]
+fn assert_json_count(json: &str, key: &str, n: u64) {
+    let needle = format!("\"{key}\":{n}");
+    assert!(
+        json.contains(&needle),
+        "expected {needle} in the JSON summary: {json}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Round trip beside a mount
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_snapshot_restores_beside_its_mount_exactly() {
+    let mount = Mount::new();
+    build_tree(mount.path());
+    let snap = take_snapshot(&mount, "snap");
+    modify_tree(mount.path());
+    let expected = comparable(tree_state(&snap), true);
+    assert_varied(&expected);
+
+    let dest = mount.scratch("out").join("dest");
+    let out = restore_local(&mount, "snap", &dest, &[]);
+    assert_ok(&out, "restore snap --mount");
+    assert_trees_eq(
+        &comparable(tree_state(&dest), true),
+        &expected,
+        "restored beside the mount",
+    );
+
+    // The root's own mode and owner, and the things tree_state cannot see.
+    let root = fs::symlink_metadata(&dest).expect("stat dest");
+    let snap_root = fs::symlink_metadata(&snap).expect("stat snapshot root");
+    assert_eq!(root.mode(), snap_root.mode());
+    let hard = fs::metadata(dest.join("a/hard")).expect("stat");
+    let hard_too = fs::metadata(dest.join("hard-too")).expect("stat");
+    assert_eq!(hard.ino(), hard_too.ino(), "hard links share an inode");
+    assert_eq!(hard.nlink(), 2);
+    let sparse = fs::metadata(dest.join("sparse")).expect("stat");
+    assert_eq!(sparse.len(), 7 * BLOCK as u64 + 1000);
+    assert!(
+        sparse.blocks() * 512 < 2 * BLOCK as u64,
+        "the hole stays a hole: {} bytes on disk",
+        sparse.blocks() * 512
+    );
+    assert!(
+        fs::symlink_metadata(dest.join("a/fifo"))
+            .expect("stat")
+            .file_type()
+            .is_fifo()
+    );
+    assert_eq!(
+        fs::read_link(dest.join("a/abs-link")).expect("readlink"),
+        Path::new("/etc/hostname")
+    );
+    assert_eq!(
+        fs::symlink_metadata(dest.join("suid"))
+            .expect("stat")
+            .mode()
+            & 0o7777,
+        0o4755,
+        "setuid survives the chown"
+    );
+    // The live volume was not touched by the restore, and is not what was restored.
+    assert_eq!(
+        fs::read(mount.path().join("a/random")).expect("read"),
+        b"replaced"
+    );
+    assert!(!dest.join("new-file").exists());
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. From the bucket alone
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_snapshot_restores_from_the_bucket_alone_on_both_servers() {
+    for (server, s3) in S3Env::all() {
+        let prefix = unique_prefix(&format!("restore-{server}"));
+        let url = s3.url(&prefix);
+        let mut mount = mount_to(&s3, &prefix);
+        build_tree(mount.path());
+        let snap = take_snapshot(&mount, "snap");
+        modify_tree(mount.path());
+        wait_completed(&mount, "snap");
+        let expected = comparable(tree_state(&snap), true);
+        assert_varied(&expected);
+        mount.unmount();
+        fs::remove_dir_all(mount.data_dir()).expect("delete the data dir");
+
+        let dest = mount.scratch(&format!("out-{server}")).join("dest");
+        let out = restore_store(&s3, &url, "snap", &dest, &[]);
+        assert_ok(&out, &format!("{server}: restore --store"));
+        assert_trees_eq(
+            &comparable(tree_state(&dest), true),
+            &expected,
+            &format!("{server}: restored from the bucket"),
+        );
+        let hard = fs::metadata(dest.join("a/hard")).expect("stat");
+        let hard_too = fs::metadata(dest.join("hard-too")).expect("stat");
+        assert_eq!(hard.ino(), hard_too.ino(), "{server}: hard links");
+        let sparse = fs::metadata(dest.join("sparse")).expect("stat");
+        assert!(
+            sparse.blocks() * 512 < 2 * BLOCK as u64,
+            "{server}: sparse file takes {} bytes",
+            sparse.blocks() * 512
+        );
+        assert!(!mount.data_dir().exists(), "restore made no data dir");
+
+        let mut list = snapfs();
+        list.args(["snapshot", "list", "--store", &url]);
+        s3.apply(&mut list);
+        let out = run(&mut list);
+        assert_ok(&out, "snapshot list --store");
+        let listing = stdout(&out);
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some("snap")),
+            "{server}: {listing}"
+        );
+        let mut list = snapfs();
+        list.args(["snapshot", "list", "--store", &url, "--json"]);
+        s3.apply(&mut list);
+        let out = run(&mut list);
+        assert_ok(&out, "snapshot list --store --json");
+        let json = stdout(&out);
+        for needle in ["\"name\":\"snap\"", "\"id\":1,", "\"state\":\"completed\""] {
+            assert!(json.contains(needle), "{server}: {needle} in {json}");
+        }
+        assert_eq!(json.matches("\"name\":").count(), 1, "{server}: {json}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Paths inside a snapshot
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_directory_or_a_file_inside_a_snapshot_restores_alone() {
+    let mount = Mount::new();
+    build_tree(mount.path());
+    let snap = take_snapshot(&mount, "snap");
+    modify_tree(mount.path());
+    let out_dir = mount.scratch("out");
+
+    // A directory becomes DEST, with its own attributes.
+    let dest = out_dir.join("sub");
+    assert_ok(
+        &restore_local(&mount, "snap:a/b", &dest, &[]),
+        "restore snap:a/b",
+    );
+    assert_trees_eq(
+        &comparable(tree_state(&dest), false),
+        &comparable(tree_state(&snap.join("a/b")), false),
+        "snap:a/b",
+    );
+
+    // A file into an existing directory: DEST/NAME.
+    let into = out_dir.join("into");
+    fs::create_dir(&into).expect("mkdir");
+    fs::write(into.join("unrelated"), b"mine").expect("write");
+    assert_ok(
+        &restore_local(&mount, "snap:a/b/text.txt", &into, &[]),
+        "restore a file into a dir",
+    );
+    assert_eq!(names(&into), ["text.txt", "unrelated"]);
+    let want = file_state(&snap.join("a/b/text.txt"));
+    assert_trees_eq(
+        &file_state(&into.join("text.txt")),
+        &want,
+        "a file into a dir",
+    );
+    assert_eq!(fs::read(into.join("unrelated")).expect("read"), b"mine");
+
+    // A file as a new name.
+    let renamed = out_dir.join("renamed.txt");
+    assert_ok(
+        &restore_local(&mount, "snap:a/b/text.txt", &renamed, &[]),
+        "restore a file as DEST",
+    );
+    let got = file_state(&renamed).into_values().collect::<Vec<_>>();
+    let want = want.into_values().collect::<Vec<_>>();
+    assert_eq!(got.len(), 1);
+    assert_bytes_eq(&got[0].content, &want[0].content, "a file as DEST");
+    assert_eq!(
+        NodeState {
+            content: Vec::new(),
+            ..got[0].clone()
+        },
+        NodeState {
+            content: Vec::new(),
+            ..want[0].clone()
+        },
+        "a file as DEST"
+    );
+
+    // Paths that are not there.
+    for path in ["a/nope", "a/random/inside", "nope/deeper"] {
+        let dest = out_dir.join("missing");
+        let out = restore_local(&mount, &format!("snap:{path}"), &dest, &[]);
+        assert_fails_with(&out, &[path], &format!("snap:{path}"));
+        assert!(!dest.exists(), "snap:{path} created DEST");
+    }
+    let out = restore_local(&mount, "nosuch", &out_dir.join("x"), &[]);
+    assert_fails_with(&out, &["no snapshot named", "nosuch"], "unknown snapshot");
+    assert!(!out_dir.join("x").exists());
+}
+
+#[test]
+fn paths_and_names_from_the_bucket_alone() {
+    let s3 = S3Env::garage();
+    let prefix = unique_prefix("restore-paths");
+    let url = s3.url(&prefix);
+    let mount = mount_to(&s3, &prefix);
+    fs::create_dir_all(mount.path().join("a/b")).expect("mkdir");
+    fs::write(mount.path().join("a/b/f"), pattern(BLOCK + 3, 20)).expect("write");
+    fs::write(mount.path().join("a/file"), b"file").expect("write");
+    let snap = take_snapshot(&mount, "snap");
+    wait_completed(&mount, "snap");
+    let out_dir = mount.scratch("out");
+
+    let dest = out_dir.join("sub");
+    assert_ok(
+        &restore_store(&s3, &url, "snap:a/b", &dest, &[]),
+        "restore --store snap:a/b",
+    );
+    assert_trees_eq(
+        &comparable(tree_state(&dest), false),
+        &comparable(tree_state(&snap.join("a/b")), false),
+        "snap:a/b from the store",
+    );
+    for path in ["a/nope", "a/file/inside"] {
+        let dest = out_dir.join("missing");
+        let out = restore_store(&s3, &url, &format!("snap:{path}"), &dest, &[]);
+        assert_fails_with(&out, &[path], &format!("--store snap:{path}"));
+        assert!(!dest.exists());
+    }
+    let out = restore_store(&s3, &url, "nosuch", &out_dir.join("x"), &[]);
+    assert_fails_with(&out, &["no snapshot named", "nosuch"], "unknown snapshot");
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. DEST rules
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_non_empty_dest_is_refused_unless_overwrite_which_replaces_only_snapshot_paths() {
+    let mount = Mount::new();
+    fs::create_dir_all(mount.path().join("a")).expect("mkdir");
+    let content = pattern(2 * BLOCK + 9, 30);
+    fs::write(mount.path().join("a/file"), &content).expect("write");
+    fs::write(mount.path().join("top"), b"top of the snapshot").expect("write");
+    let snap = take_snapshot(&mount, "snap");
+
+    let dest = mount.scratch("out").join("dest");
+    fs::create_dir_all(dest.join("a")).expect("mkdir");
+    fs::write(dest.join("a/file"), b"stale").expect("write");
+    fs::write(dest.join("a/mine"), b"unrelated").expect("write");
+    fs::write(dest.join("keep"), b"kept").expect("write");
+    let before = tree_state(&dest);
+
+    let out = restore_local(&mount, "snap", &dest, &[]);
+    assert_fails_with(&out, &["--overwrite"], "non-empty DEST");
+    assert_trees_eq(&tree_state(&dest), &before, "a refused restore");
+
+    // A single file over an existing one: refused too.
+    let out = restore_local(&mount, "snap:top", &dest.join("keep"), &[]);
+    assert_fails_with(&out, &["--overwrite"], "a file over an existing file");
+    assert_eq!(fs::read(dest.join("keep")).expect("read"), b"kept");
+
+    let out = restore_local(&mount, "snap", &dest, &["--overwrite"]);
+    assert_ok(&out, "restore --overwrite");
+    assert_bytes_eq(
+        &fs::read(dest.join("a/file")).expect("read"),
+        &content,
+        "a/file replaced",
+    );
+    assert_eq!(
+        fs::read(dest.join("top")).expect("read"),
+        b"top of the snapshot"
+    );
+    assert_eq!(fs::read(dest.join("a/mine")).expect("read"), b"unrelated");
+    assert_eq!(fs::read(dest.join("keep")).expect("read"), b"kept");
+    assert_eq!(names(&dest), ["a", "keep", "top"]);
+    let want = file_state(&snap.join("a/file"));
+    assert_trees_eq(&file_state(&dest.join("a/file")), &want, "a/file");
+
+    let out = restore_local(&mount, "snap:top", &dest.join("keep"), &["--overwrite"]);
+    assert_ok(&out, "a file over a file with --overwrite");
+    assert_eq!(
+        fs::read(dest.join("keep")).expect("read"),
+        b"top of the snapshot"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Hostile buckets
+// ---------------------------------------------------------------------------------------
+
+const VOLUME_ID: &str = "0123456789abcdef0123456789abcdef";
+const TIME: i64 = 1_600_000_000_000_000_000;
+
+static NEXT_INO: AtomicU64 = AtomicU64::new(100);
+
+fn entry(name: &[u8], kind: Kind, content: Content) -> Entry {
+    Entry {
+        name: name.to_vec(),
+        kind,
+        ino: NEXT_INO.fetch_add(1, Ordering::Relaxed),
+        perm: if kind == Kind::Dir { 0o755 } else { 0o644 },
+        uid: 0,
+        gid: 0,
+        nlink: 1,
+        size: 0,
+        rdev: 0,
+        atime: TIME,
+        mtime: TIME,
+        ctime: TIME,
+        crtime: TIME,
+        target: None,
+        xattrs: Vec::new(),
+        content,
+    }
+}
+
+/// A volume crafted object by object in its own prefix of a bucket.
+struct Crafted {
+    s3: S3Env,
+    client: S3Client,
+    prefix: String,
+    next_snapshot: u64,
+}
+
+impl Crafted {
+    fn new(s3: &S3Env, name: &str) -> Crafted {
+        let crafted = Crafted {
+            s3: s3.clone(),
+            client: s3.client(),
+            prefix: unique_prefix(name),
+            next_snapshot: 1,
+        };
+        crafted.volume(1);
+        crafted
+    }
+
+    fn url(&self) -> String {
+        self.s3.url(&self.prefix)
+    }
+
+    fn put(&self, key: &str, bytes: &[u8]) {
+        self.client.put(&format!("{}{key}", self.prefix), bytes);
+    }
+
+    fn get(&self, key: &str) -> Vec<u8> {
+        self.client
+            .get(&format!("{}{key}", self.prefix))
+            .unwrap_or_else(|| panic!("{key} missing"))
+    }
+
+    fn volume(&self, format: u32) {
+        let header = format!("snapfs volume\nformat {format}\nid {VOLUME_ID}\nblock_size 262144\n");
+        self.put("volume", header.as_bytes());
+    }
+
+    fn block(&self, data: &[u8]) -> BlockHash {
+        let hash = BlockHash::of(data);
+        self.put(
+            &format!("blocks/{hash}"),
+            &zstd::encode_all(data, 3).expect("zstd"),
+        );
+        hash
+    }
+
+    /// A file entry holding `data` in stored blocks.
+    fn file(&self, name: &str, data: &[u8]) -> Entry {
+        let blocks = data
+            .chunks(BLOCK)
+            .enumerate()
+            .map(|(i, chunk)| (i as u64, self.block(chunk)))
+            .collect();
+        let mut file = entry(name.as_bytes(), Kind::File, Content::Blocks(blocks));
+        file.size = data.len() as u64;
+        file
+    }
+
+    /// Stores a tree of `entries`, sorted by name but otherwise as they are (the encoder
+    /// does not validate them).
+    fn tree(&self, entries: &[Entry]) -> BlockHash {
+        let mut entries = entries.to_vec();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        let encoded = manifest::encode_tree(&entries);
+        let hash = BlockHash::of(&encoded);
+        self.put(
+            &format!("trees/{hash}"),
+            &zstd::encode_all(encoded.as_slice(), 3).expect("zstd"),
+        );
+        hash
+    }
+
+    fn dir(&self, name: &str, entries: &[Entry]) -> Entry {
+        entry(
+            name.as_bytes(),
+            Kind::Dir,
+            Content::Tree(self.tree(entries)),
+        )
+    }
+
+    fn snapshot_encoding(&self, name: &str, root_entries: &[Entry]) -> Vec<u8> {
+        let root = entry(b"", Kind::Dir, Content::Tree(self.tree(root_entries)));
+        manifest::encode_snapshot(&SnapshotManifest {
+            volume_id: VOLUME_ID.into(),
+            id: self.next_snapshot,
+            name: name.as_bytes().to_vec(),
+            generation: self.next_snapshot + 1,
+            created: TIME,
+            block_size: BLOCK as u32,
+            logical_bytes: 0,
+            tags: Vec::new(),
+            root,
+        })
+    }
+
+    /// Stores `bytes` (compressed) as the next snapshot object.
+    fn snapshot_object(&mut self, bytes: &[u8]) {
+        let key = format!("snapshots/{:010}", self.next_snapshot);
+        self.put(&key, &zstd::encode_all(bytes, 3).expect("zstd"));
+        self.next_snapshot += 1;
+    }
+
+    fn snapshot(&mut self, name: &str, root_entries: &[Entry]) {
+        let encoded = self.snapshot_encoding(name, root_entries);
+        self.snapshot_object(&encoded);
+    }
+
+    fn restore(&self, what: &str, dest: &Path, extra: &[&str]) -> Output {
+        restore_store(&self.s3, &self.url(), what, dest, extra)
+    }
+}
+
+/// A temp dir holding `victim/` (with `victim/secret`) beside where DEST goes: what a
+/// hostile restore must never touch.
+struct Arena {
+    dir: tempfile::TempDir,
+    before: Tree,
+}
+
+impl Arena {
+    fn new() -> Arena {
+        let dir = tempfile::Builder::new()
+            .prefix("snapfs-restore-arena.")
+            .tempdir()
+            .expect("temp dir");
+        fs::create_dir(dir.path().join("victim")).expect("mkdir victim");
+        fs::write(dir.path().join("victim/secret"), b"secret").expect("write");
+        let before = tree_state(dir.path());
+        Arena { dir, before }
+    }
+
+    fn victim(&self) -> PathBuf {
+        self.dir.path().join("victim")
+    }
+
+    fn dest(&self) -> PathBuf {
+        self.dir.path().join("dest")
+    }
+
+    /// Nothing but DEST changed in the arena.
+    #[track_caller]
+    fn assert_untouched(&self, what: &str) {
+        let mut now = tree_state(self.dir.path());
+        now.retain(|path, _| !path.starts_with("dest"));
+        let mut before = self.before.clone();
+        before.retain(|path, _| !path.starts_with("dest"));
+        // The arena's own mtime changes when DEST is created in it.
+        now.remove(Path::new(""));
+        before.remove(Path::new(""));
+        assert_trees_eq(&now, &before, &format!("{what}: outside DEST"));
+        let mut top = names(self.dir.path());
+        top.retain(|n| n != "dest");
+        assert_eq!(top, ["victim"], "{what}: nothing new beside DEST");
+    }
+}
+
+#[test]
+fn unsafe_names_in_a_tree_are_refused_and_nothing_lands_outside_dest() {
+    let s3 = S3Env::garage();
+    let mut crafted = Crafted::new(&s3, "hostile-names");
+    let bad_names: [&[u8]; 5] = [b"..", b".", b"a/b", b"../victim/pwned", b"x\0y"];
+    for (i, bad) in bad_names.iter().enumerate() {
+        let mut evil = crafted.file("placeholder", b"pwned");
+        evil.name = bad.to_vec();
+        let ok = crafted.file("ok", b"fine");
+        let sub = crafted.dir("sub", &[evil.clone()]);
+        crafted.snapshot(&format!("deep{i}"), &[ok.clone(), sub]);
+        crafted.snapshot(&format!("top{i}"), &[evil, ok]);
+    }
+    for (i, bad) in bad_names.iter().enumerate() {
+        for name in [format!("deep{i}"), format!("top{i}")] {
+            let arena = Arena::new();
+            let out = crafted.restore(&name, &arena.dest(), &[]);
+            let what = format!(
+                "{name} with an entry named {:?}",
+                String::from_utf8_lossy(bad)
+            );
+            assert_fails_with(&out, &["manifest", "unsafe name"], &what);
+            arena.assert_untouched(&what);
+            if arena.dest().exists() {
+                let mut all = tree_state(&arena.dest());
+                all.retain(|_, node| node.content == b"pwned");
+                assert!(
+                    all.is_empty(),
+                    "{what}: the hostile file was written: {all:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn symlinks_and_hard_links_already_in_dest_do_not_redirect_an_overwrite() {
+    let s3 = S3Env::garage();
+    let mut crafted = Crafted::new(&s3, "hostile-links");
+    let inside = crafted.file("pwned", b"gotcha");
+    let x = crafted.dir("x", &[inside]);
+    let h = crafted.file("h", b"overwritten");
+    let y = crafted.file("y", b"y-content");
+    let mut z = crafted.file("z", b"z-content");
+    z.perm = 0o600;
+    crafted.snapshot("snap", &[h, x, y, z]);
+
+    let arena = Arena::new();
+    let dest = arena.dest();
+    fs::create_dir(&dest).expect("mkdir dest");
+    // x: a symlink to the victim dir, where the snapshot has a directory.
+    symlink(arena.victim(), dest.join("x")).expect("symlink");
+    // h: a hard link to the victim's file, where the snapshot has a file.
+    fs::hard_link(arena.victim().join("secret"), dest.join("h")).expect("link");
+    // y: a symlink to the victim's file; z: a dangling symlink into the victim dir.
+    symlink(arena.victim().join("secret"), dest.join("y")).expect("symlink");
+    symlink(arena.victim().join("new"), dest.join("z")).expect("symlink");
+    let arena = Arena {
+        before: {
+            // The hard link raised the secret's link count: that is the baseline.
+            tree_state(arena.dir.path())
+        },
+        ..arena
+    };
+
+    let out = crafted.restore("snap", &dest, &["--overwrite"]);
+    assert_ok(&out, "restore --overwrite over planted links");
+    let x_meta = fs::symlink_metadata(dest.join("x")).expect("lstat x");
+    assert!(x_meta.is_dir(), "DEST/x is a real directory now");
+    assert_eq!(fs::read(dest.join("x/pwned")).expect("read"), b"gotcha");
+    assert_eq!(fs::read(dest.join("h")).expect("read"), b"overwritten");
+    assert_eq!(fs::read(dest.join("y")).expect("read"), b"y-content");
+    assert_eq!(fs::read(dest.join("z")).expect("read"), b"z-content");
+    for name in ["h", "y", "z"] {
+        assert!(
+            fs::symlink_metadata(dest.join(name))
+                .expect("lstat")
+                .is_file()
+        );
+    }
+    assert_eq!(
+        fs::read(arena.victim().join("secret")).expect("read"),
+        b"secret"
+    );
+    assert_eq!(names(&arena.victim()), ["secret"]);
+    // The secret lost DEST/h as a second name; everything else outside DEST is as it was.
+    assert_eq!(
+        fs::metadata(arena.victim().join("secret"))
+            .expect("stat")
+            .nlink(),
+        1
+    );
+    let mut now = tree_state(arena.dir.path());
+    let mut before = arena.before.clone();
+    for tree in [&mut now, &mut before] {
+        tree.retain(|path, _| path.starts_with("victim") && path != Path::new("victim/secret"));
+    }
+    assert_trees_eq(&now, &before, "the victim dir");
+}
+
+#[test]
+fn a_tree_that_does_not_match_its_key_is_refused_by_name() {
+    let s3 = S3Env::garage();
+    let mut crafted = Crafted::new(&s3, "hostile-tree-hash");
+    let inner = [crafted.file("aaa", b"inner"), crafted.file("bbb", b"more")];
+    let sub = crafted.dir("sub", &inner);
+    let Content::Tree(hash) = sub.content else {
+        unreachable!()
+    };
+    let ok = crafted.file("ok", b"fine");
+    crafted.snapshot("snap", &[ok, sub]);
+    // One byte changed (a name: the tree still decodes), the key kept.
+    let mut encoded = zstd::decode_all(crafted.get(&format!("trees/{hash}")).as_slice())
+        .expect("decode the tree");
+    let at = encoded
+        .windows(3)
+        .position(|w| w == b"bbb")
+        .expect("the name in the encoding");
+    encoded[at + 2] = b'c';
+    assert!(
+        manifest::decode_tree(&encoded).is_ok(),
+        "still a valid tree"
+    );
+    crafted.put(
+        &format!("trees/{hash}"),
+        &zstd::encode_all(encoded.as_slice(), 3).expect("zstd"),
+    );
+
+    let arena = Arena::new();
+    let out = crafted.restore("snap", &arena.dest(), &[]);
+    assert_fails_with(
+        &out,
+        &[&format!("trees/{hash}"), "does not match"],
+        "a tampered tree",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    arena.assert_untouched("a tampered tree");
+    assert_eq!(fs::read(arena.dest().join("ok")).expect("read"), b"fine");
+    assert!(!arena.dest().join("sub/bbc").exists());
+    assert!(!arena.dest().join("sub/aaa").exists());
+}
+
+#[test]
+fn truncated_or_future_snapshot_objects_and_headers_are_clear_errors() {
+    let s3 = S3Env::garage();
+    let cases: [(&str, &[&str]); 4] = [
+        ("truncated encoding", &["snapshots/0000000001", "truncated"]),
+        ("truncated frame", &["snapshots/0000000001", "truncated"]),
+        (
+            "future snapshot",
+            &["snapshots/0000000001", "upgrade snapfs"],
+        ),
+        ("future volume", &["format 2", "upgrade snapfs"]),
+    ];
+    for (case, needles) in cases {
+        let mut crafted = Crafted::new(&s3, "hostile-snapshot");
+        let ok = crafted.file("ok", b"fine");
+        let encoded = crafted.snapshot_encoding("snap", &[ok]);
+        match case {
+            "truncated encoding" => crafted.snapshot_object(&encoded[..encoded.len() - 5]),
+            "truncated frame" => {
+                let frame = zstd::encode_all(encoded.as_slice(), 3).expect("zstd");
+                crafted.put("snapshots/0000000001", &frame[..frame.len() / 2]);
+            }
+            "future snapshot" => {
+                let mut future = encoded.clone();
+                assert_eq!(&future[..8], b"snapfsS1");
+                future[7] = b'9';
+                crafted.snapshot_object(&future);
+            }
+            _ => {
+                crafted.snapshot_object(&encoded);
+                crafted.volume(2);
+            }
+        }
+        let arena = Arena::new();
+        let out = crafted.restore("snap", &arena.dest(), &[]);
+        assert_fails_with(&out, needles, case);
+        assert!(!arena.dest().exists(), "{case}: DEST created");
+        arena.assert_untouched(case);
+
+        let mut list = snapfs();
+        list.args(["snapshot", "list", "--store", &crafted.url()]);
+        s3.apply(&mut list);
+        assert_fails_with(&run(&mut list), needles, &format!("{case}: snapshot list"));
+    }
+}
+
+#[test]
+fn absurd_sizes_and_block_indexes_fail_that_file_quickly() {
+    let s3 = S3Env::garage();
+    let mut crafted = Crafted::new(&s3, "hostile-sizes");
+    let mut huge = crafted.file("huge", b"tiny");
+    huge.size = 1 << 62;
+    let mut far = crafted.file("far", b"tiny");
+    let Content::Blocks(blocks) = &mut far.content else {
+        unreachable!()
+    };
+    blocks[0].0 = 1 << 40;
+    far.size = 100;
+    let mut farthest = crafted.file("farthest", b"tiny");
+    let Content::Blocks(blocks) = &mut farthest.content else {
+        unreachable!()
+    };
+    blocks[0].0 = u64::MAX;
+    farthest.size = i64::MAX as u64;
+    let ok = crafted.file("ok", &pattern(BLOCK + 1, 40));
+    crafted.snapshot("snap", &[far, farthest, huge, ok]);
+
+    let arena = Arena::new();
+    let started = Instant::now();
+    let out = crafted.restore("snap", &arena.dest(), &[]);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    let dest = arena.dest();
+    assert_fails_with(&out, &["far", "farthest", "huge"], "absurd sizes");
+    assert_eq!(out.status.code(), Some(1));
+    assert_bytes_eq(
+        &fs::read(dest.join("ok")).expect("read"),
+        &pattern(BLOCK + 1, 40),
+        "ok",
+    );
+    assert_eq!(
+        names(&dest),
+        ["ok"],
+        "files that failed are not left behind: {}",
+        stderr(&out)
+    );
+    assert!(disk_usage(&dest) < 4 * BLOCK as u64);
+    arena.assert_untouched("absurd sizes");
+}
+
+#[test]
+fn one_damaged_snapshot_object_does_not_make_the_others_unrestorable() {
+    let s3 = S3Env::garage();
+    let mut crafted = Crafted::new(&s3, "hostile-one-bad-snapshot");
+    let ok = crafted.file("ok", b"fine");
+    crafted.snapshot("good", std::slice::from_ref(&ok));
+    let encoded = crafted.snapshot_encoding("bad", &[ok]);
+    crafted.snapshot_object(&encoded[..encoded.len() - 3]);
+
+    let arena = Arena::new();
+    let out = crafted.restore("good", &arena.dest(), &[]);
+    assert_ok(&out, "restore the intact snapshot beside a damaged one");
+    assert_eq!(fs::read(arena.dest().join("ok")).expect("read"), b"fine");
+    let out = crafted.restore("bad", &arena.dir.path().join("bad"), &[]);
+    assert_fails_with(&out, &["snapshots/0000000002"], "the damaged one");
+}
+
+/// Sets the open-file limit of a child to `limit` (soft and hard).
+fn limit_open_files(cmd: &mut std::process::Command, limit: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe; the closure only calls it.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rlimit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn a_wide_directory_restores_under_the_usual_open_file_limit() {
+    let s3 = S3Env::garage();
+    let mut crafted = Crafted::new(&s3, "wide-dir");
+    let block = crafted.block(b"x");
+    let files: Vec<Entry> = (0..2000)
+        .map(|i| {
+            let mut file = entry(
+                format!("f{i:05}").as_bytes(),
+                Kind::File,
+                Content::Blocks(vec![(0, block)]),
+            );
+            file.size = 1;
+            file
+        })
+        .collect();
+    let wide = crafted.dir("wide", &files);
+    crafted.snapshot("snap", &[wide]);
+
+    let arena = Arena::new();
+    let mut cmd = snapfs();
+    cmd.arg("restore")
+        .arg("--store")
+        .arg(crafted.url())
+        .arg("snap")
+        .arg(arena.dest())
+        .arg("--json");
+    s3.apply(&mut cmd);
+    limit_open_files(&mut cmd, 1024);
+    let out = run(&mut cmd);
+    let json = stdout(&out);
+    let errors = json.matches("Too many open files").count();
+    let first = json
+        .split("\"errors\":[")
+        .nth(1)
+        .unwrap_or("")
+        .chars()
+        .take(200);
+    assert!(
+        out.status.success() && errors == 0,
+        "2000 files in one directory with 1024 descriptors: exit {}, {errors} files failed \
+         with EMFILE, the first: {}",
+        out.status,
+        first.collect::<String>()
+    );
+    assert_json_count(&json, "files", 2000);
+    assert_eq!(names(&arena.dest().join("wide")).len(), 2000);
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Corrupt blocks
+// ---------------------------------------------------------------------------------------
+
+/// Files whose names say what happens to them; `damaged`'s block 1 is the one to corrupt.
+fn corruptible_tree(root: &Path) -> BlockHash {
+    fs::create_dir(root.join("dir")).expect("mkdir");
+    fs::write(root.join("good"), pattern(2 * BLOCK + 1, 50)).expect("write");
+    let damaged = pattern(3 * BLOCK, 51);
+    fs::write(root.join("damaged"), &damaged).expect("write");
+    fs::write(root.join("dir/good2"), text(10_000)).expect("write");
+    fs::write(root.join("dir/small"), b"small").expect("write");
+    BlockHash::of(&damaged[BLOCK..2 * BLOCK])
+}
+
+/// Everything restored but `damaged`, which is named in the errors; exit status 1.
+#[track_caller]
+fn assert_damaged_left_out(out: &Output, dest: &Path, expected: &Tree, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{what}: exit status; stderr:\n{}",
+        stderr(out)
+    );
+    let err = stderr(out);
+    assert!(err.contains("damaged"), "{what}: the file is named: {err}");
+    assert!(
+        !dest.join("damaged").exists(),
+        "{what}: a damaged file is not restored"
+    );
+    let mut expected = expected.clone();
+    expected.remove(Path::new("damaged"));
+    assert_trees_eq(
+        &comparable(tree_state(dest), true),
+        &expected,
+        &format!("{what}: the rest"),
+    );
+}
+
+#[test]
+fn a_corrupt_block_in_the_bucket_leaves_out_its_file_only() {
+    for (server, s3) in S3Env::all() {
+        let prefix = unique_prefix(&format!("restore-corrupt-{server}"));
+        let url = s3.url(&prefix);
+        let mount = mount_to(&s3, &prefix);
+        let bad = corruptible_tree(mount.path());
+        let snap = take_snapshot(&mount, "snap");
+        wait_completed(&mount, "snap");
+        let expected = comparable(tree_state(&snap), true);
+        let client = s3.client();
+        let key = format!("{prefix}blocks/{bad}");
+        assert!(client.get(&key).is_some(), "{server}: {key} uploaded");
+
+        // A valid zstd frame of other bytes, then bytes that are not zstd at all.
+        let other = zstd::encode_all(&pattern(BLOCK, 52)[..], 3).expect("zstd");
+        for (case, object) in [("other bytes", other), ("not zstd", b"garbage".to_vec())] {
+            client.put(&key, &object);
+            let what = format!("{server}: {case}");
+            let dest = mount.scratch(&format!("out-{case}")).join("dest");
+            let out = restore_store(&s3, &url, "snap", &dest, &[]);
+            assert_damaged_left_out(&out, &dest, &expected, &what);
+            assert!(
+                stderr(&out).contains(&bad.to_hex()),
+                "{what}: the block is named"
+            );
+
+            let dest = mount.scratch(&format!("json-{case}")).join("dest");
+            let out = restore_store(&s3, &url, "snap", &dest, &["--json"]);
+            let json = stdout(&out);
+            assert_json_count(&json, "files", 3);
+            assert_json_count(&json, "dirs", 1);
+            assert!(json.contains("\"errors\":[\""), "{what}: {json}");
+            assert!(json.contains("damaged"), "{what}: {json}");
+        }
+    }
+}
+
+#[test]
+fn a_corrupt_local_block_leaves_out_its_file_only() {
+    let mount = Mount::new();
+    let bad = corruptible_tree(mount.path());
+    let snap = take_snapshot(&mount, "snap");
+    let expected = comparable(tree_state(&snap), true);
+    let hex = bad.to_hex();
+    let block = mount.data_dir().join("blocks").join(&hex[..2]).join(&hex);
+    assert!(block.exists(), "{} exists", block.display());
+    fs::write(&block, pattern(BLOCK, 53)).expect("corrupt the block");
+
+    let dest = mount.scratch("out").join("dest");
+    let out = restore_local(&mount, "snap", &dest, &[]);
+    assert_damaged_left_out(&out, &dest, &expected, "local, --mount");
+
+    let dest = mount.scratch("out-data").join("dest");
+    let out = run(snapfs()
+        .arg("restore")
+        .arg("snap")
+        .arg(&dest)
+        .arg("--data")
+        .arg(mount.data_dir()));
+    assert_damaged_left_out(&out, &dest, &expected, "local, --data");
+}
+
+#[test]
+fn a_hard_linked_file_with_a_corrupt_block_is_left_out_under_every_name() {
+    let mount = Mount::new();
+    fs::create_dir(mount.path().join("dir")).expect("mkdir");
+    let data = pattern(2 * BLOCK, 60);
+    fs::write(mount.path().join("damaged"), &data).expect("write");
+    fs::hard_link(
+        mount.path().join("damaged"),
+        mount.path().join("dir/damaged-too"),
+    )
+    .expect("link");
+    fs::write(mount.path().join("good"), b"good").expect("write");
+    take_snapshot(&mount, "snap");
+    let hex = BlockHash::of(&data[BLOCK..]).to_hex();
+    let block = mount.data_dir().join("blocks").join(&hex[..2]).join(&hex);
+    fs::write(&block, pattern(BLOCK, 61)).expect("corrupt the block");
+
+    let dest = mount.scratch("out").join("dest");
+    let out = restore_local(&mount, "snap", &dest, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("damaged"), "{}", stderr(&out));
+    assert_eq!(fs::read(dest.join("good")).expect("read"), b"good");
+    assert!(!dest.join("damaged").exists(), "the first name is gone");
+    assert!(
+        !dest.join("dir/damaged-too").exists(),
+        "the other name of a file that failed must not remain with zeros where the bad \
+         block was: {:?}",
+        fs::read(dest.join("dir/damaged-too")).map(|d| d.len())
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. The JSON summary
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn the_json_summary_counts_what_was_restored() {
+    let mount = Mount::new();
+    let root = mount.path();
+    fs::create_dir_all(root.join("d/e")).expect("mkdir");
+    fs::write(root.join("f1"), pattern(1000, 70)).expect("write");
+    fs::write(root.join("d/f2"), pattern(BLOCK + 10, 71)).expect("write");
+    fs::write(root.join("d/empty"), b"").expect("write");
+    fs::hard_link(root.join("f1"), root.join("d/f1-link")).expect("link");
+    symlink("f1", root.join("sym")).expect("symlink");
+    mkfifo(&root.join("fifo"), 0o600).expect("mkfifo");
+    take_snapshot(&mount, "snap");
+
+    let dest = mount.scratch("out").join("dest");
+    let out = restore_local(&mount, "snap", &dest, &["--json"]);
+    assert_ok(&out, "restore --json");
+    let json = stdout(&out);
+    assert_eq!(json.trim().lines().count(), 1, "one line: {json}");
+    assert!(json.trim().starts_with('{') && json.trim().ends_with('}'));
+    assert_json_count(&json, "files", 3);
+    assert_json_count(&json, "dirs", 2);
+    assert_json_count(&json, "symlinks", 1);
+    assert_json_count(&json, "hard_links", 1);
+    assert_json_count(&json, "specials", 1);
+    assert_json_count(&json, "bytes", 1000 + BLOCK as u64 + 10);
+    assert!(json.contains("\"errors\":[]"), "{json}");
+    assert_eq!(
+        fs::read(dest.join("d/f1-link")).expect("read"),
+        pattern(1000, 70)
+    );
+}
