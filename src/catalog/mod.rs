@@ -13,7 +13,7 @@ pub use upload::{block_key, snapshot_key, tree_key};
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OptionalExtension, Row, ToSql, params};
+use rusqlite::{Connection, OptionalExtension, Row, ToSql, TransactionBehavior, params};
 
 use crate::blocks::BlockHash;
 
@@ -277,7 +277,9 @@ impl Catalog {
     }
 
     fn initialize(&mut self, block_size: u32, now: i64, (uid, gid): (u32, u32)) -> Result<u64> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         for (key, value) in [
             ("generation", 1),
             ("next_ino", FIRST_FREE_INO),
@@ -326,12 +328,18 @@ impl Catalog {
         self.generation
     }
 
-    /// Runs `f` in one transaction: all its changes land together or not at all.
+    /// Runs `f` in one transaction: all its changes land together or not at all. The
+    /// transaction takes the write lock at BEGIN (waiting for the uploader's connection
+    /// if it writes): a deferred one that read first could not upgrade after the other
+    /// connection committed, and would fail with SQLITE_BUSY at once.
     pub fn write<T, E: From<Error>>(
         &mut self,
         f: impl FnOnce(&Tx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let tx = self.conn.transaction().map_err(Error::from)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(Error::from)?;
         let value = f(&Tx {
             conn: &tx,
             g: self.generation,
@@ -357,7 +365,9 @@ impl Catalog {
         state: &str,
     ) -> Result<SnapshotRow> {
         let g = self.generation;
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let row = tx.query_row(
             &format!(
                 "INSERT INTO snapshots (name, generation, created, state, logical_bytes)
@@ -380,7 +390,9 @@ impl Catalog {
     /// Returns the blocks no longer referenced, for the caller to delete.
     pub fn delete_snapshot(&mut self, id: u64) -> Result<Vec<BlockHash>> {
         let live = self.generation;
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let freed = {
             let t = Tx { conn: &tx, g: live };
             let bounds = t.snapshot_bounds(id)?;

@@ -366,3 +366,39 @@ impl Tx<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier};
+
+    use super::super::{Catalog, LIVE, ROOT_INO};
+
+    /// The mount and the uploader each have a connection. A write transaction that reads
+    /// before it writes must not fail when the other connection commits in between (a
+    /// deferred transaction could not upgrade: SQLITE_BUSY at once, EIO to the user).
+    #[test]
+    fn a_write_transaction_survives_a_commit_by_the_other_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("catalog.db");
+        let mut mount = Catalog::open(&path, 4096, 0, (0, 0)).expect("open");
+        let mut uploader = Catalog::open(&path, 4096, 0, (0, 0)).expect("second connection");
+        let read_done = Arc::new(Barrier::new(2));
+        let other = read_done.clone();
+        let committer = std::thread::spawn(move || {
+            other.wait();
+            uploader
+                .write(|tx| tx.set_setting("uploader", "commits"))
+                .expect("the other connection commits");
+        });
+        mount
+            .write(|tx| {
+                tx.inode(LIVE, ROOT_INO)?;
+                read_done.wait();
+                // Give the other connection time to try (it waits for our lock).
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                tx.set_setting("mount", "writes")
+            })
+            .expect("read-then-write transaction");
+        committer.join().expect("committer");
+    }
+}
