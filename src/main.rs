@@ -372,7 +372,12 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             json,
             ..
         } => {
-            let manifests = snapfs::restore::store_snapshots(&url)?;
+            let listing = snapfs::restore::store_snapshots(&url)?;
+            for damaged in &listing.damaged {
+                eprintln!("snapfs: warning: {damaged}");
+            }
+            let manifests = listing.snapshots;
+            let damaged = listing.damaged.len();
             if json {
                 let items: Vec<String> = manifests
                     .iter()
@@ -403,6 +408,9 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                         tags_text(&m.tags)
                     );
                 }
+            }
+            if damaged > 0 {
+                return Err(format!("{damaged} snapshot objects in {url} are damaged").into());
             }
         }
         SnapshotCommand::List { volume, json, .. } => {

@@ -169,11 +169,22 @@ impl StoreSource {
     pub fn open(url: &StoreUrl, snapshot: &str) -> Result<StoreSource> {
         let runtime = runtime()?;
         let store = runtime.block_on(store::open(url))?;
-        let manifests = runtime.block_on(list_manifests(&*store))?;
-        let manifest = manifests
+        let listing = runtime.block_on(list_manifests(&*store))?;
+        let manifest = listing
+            .snapshots
             .into_iter()
             .find(|m| m.name == snapshot.as_bytes())
-            .ok_or_else(|| RestoreError::NoSnapshot(format!("{snapshot} in {url}")))?;
+            .ok_or_else(|| {
+                let damaged = if listing.damaged.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (unreadable snapshot objects: {})",
+                        listing.damaged.join("; ")
+                    )
+                };
+                RestoreError::NoSnapshot(format!("{snapshot} in {url}{damaged}"))
+            })?;
         Ok(StoreSource {
             runtime,
             store,
@@ -203,28 +214,43 @@ async fn fetch(store: &dyn ObjectStore, key: &str, max: usize) -> Result<Vec<u8>
         .map_err(|e| RestoreError::Corrupt(format!("{key} is corrupt or truncated: {e}")))
 }
 
+/// The snapshots found in a store: those that read back whole, and a message for each
+/// object that did not (one damaged object must not hide the others).
+pub struct Listing {
+    pub snapshots: Vec<SnapshotManifest>,
+    pub damaged: Vec<String>,
+}
+
 /// Every completed snapshot in the store, oldest first, read from the bucket alone.
-pub async fn list_manifests(store: &dyn ObjectStore) -> Result<Vec<SnapshotManifest>> {
+pub async fn list_manifests(store: &dyn ObjectStore) -> Result<Listing> {
     let header = store::retry(Some(5), || store.get(store::VOLUME_KEY))
         .await?
         .ok_or_else(|| RestoreError::Corrupt(format!("{} holds no snapfs volume", store.url())))?;
     let volume_id = check_header(&header)?;
     let mut keys = store::retry(Some(5), || store.list("snapshots/")).await?;
     keys.sort();
-    let mut manifests = Vec::new();
+    let mut listing = Listing {
+        snapshots: Vec::new(),
+        damaged: Vec::new(),
+    };
     for key in keys {
-        let data = fetch(store, &key, MAX_MANIFEST_OBJECT).await?;
-        let manifest = manifest::decode_snapshot(&data)
-            .map_err(|e| RestoreError::Corrupt(format!("{key}: {e}")))?;
-        if manifest.volume_id != volume_id {
-            return Err(RestoreError::Corrupt(format!(
+        let data = match fetch(store, &key, MAX_MANIFEST_OBJECT).await {
+            Err(RestoreError::Corrupt(message)) => {
+                listing.damaged.push(message);
+                continue;
+            }
+            result => result?,
+        };
+        match manifest::decode_snapshot(&data) {
+            Err(e) => listing.damaged.push(format!("{key}: {e}")),
+            Ok(manifest) if manifest.volume_id != volume_id => listing.damaged.push(format!(
                 "{key} belongs to volume {}, not {volume_id}",
                 manifest.volume_id
-            )));
+            )),
+            Ok(manifest) => listing.snapshots.push(manifest),
         }
-        manifests.push(manifest);
     }
-    Ok(manifests)
+    Ok(listing)
 }
 
 /// Checks the volume header's format version; returns the volume id.
@@ -258,7 +284,7 @@ fn check_header(header: &[u8]) -> Result<String> {
 }
 
 /// Lists the completed snapshots of the store at `url`.
-pub fn store_snapshots(url: &StoreUrl) -> Result<Vec<SnapshotManifest>> {
+pub fn store_snapshots(url: &StoreUrl) -> Result<Listing> {
     let runtime = runtime()?;
     runtime.block_on(async {
         let store = store::open(url).await?;
@@ -346,10 +372,13 @@ pub fn restore(
 ) -> Result<Report> {
     let mut entry = source.root()?;
     for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if entry.kind != Kind::Dir {
+            return Err(RestoreError::NoPath(path.to_owned()));
+        }
         entry = source
             .children(&entry)?
             .into_iter()
-            .find(|child| child.name == part.as_bytes() && entry.kind == Kind::Dir)
+            .find(|child| child.name == part.as_bytes())
             .ok_or_else(|| RestoreError::NoPath(path.to_owned()))?;
     }
     let mut run = Run {
@@ -358,6 +387,8 @@ pub fn restore(
         progress,
         report: Mutex::new(Report::default()),
         first_links: HashMap::new(),
+        later_links: Vec::new(),
+        failed_inodes: Mutex::new(std::collections::HashSet::new()),
         finished_dirs: Vec::new(),
         open_files: 0,
         block_size: source.block_size(),
@@ -388,6 +419,7 @@ pub fn restore(
         let mut jobs = Vec::new();
         run.nodes(vec![entry], &dir, &parent, &mut jobs)?;
         run.drain_blocks(jobs);
+        run.make_later_links();
     }
     Ok(run.report.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
@@ -482,6 +514,11 @@ struct Run<'a> {
     report: Mutex<Report>,
     /// Hard links: the first restored path of each inode with nlink > 1.
     first_links: HashMap<u64, PathBuf>,
+    /// Further names of those inodes, linked once all file data is written, so a file
+    /// that fails is left out under every name.
+    later_links: Vec<(u64, PathBuf)>,
+    /// Inodes whose data could not be restored.
+    failed_inodes: Mutex<std::collections::HashSet<u64>>,
     /// Directories whose contents are done, deepest last: metadata is applied in reverse,
     /// reopened by path (holding a descriptor each would run out of them).
     finished_dirs: Vec<(PathBuf, Entry)>,
@@ -506,6 +543,7 @@ impl Run<'_> {
             &mut jobs,
         )?;
         self.drain_blocks(jobs);
+        self.make_later_links();
         // Children first: setting a directory's times before its contents would undo them.
         for (path, entry) in std::mem::take(&mut self.finished_dirs).into_iter().rev() {
             let result = open_dir_path(&path).and_then(|fd| {
@@ -560,10 +598,6 @@ impl Run<'_> {
                     .into_iter()
                     .map(|(entry, path)| (entry, fd.clone(), path)),
             );
-            if jobs.len() > MAX_QUEUED_BLOCKS || self.open_files > MAX_OPEN_FILES {
-                *jobs = self.drain_blocks(std::mem::take(jobs));
-                self.open_files = 0;
-            }
         }
         Ok(())
     }
@@ -584,6 +618,11 @@ impl Run<'_> {
                 Ok(Some(subdir)) => subdirs.push(subdir),
                 Ok(None) => {}
                 Err(e) => self.error(format!("{}: {e}", path.display())),
+            }
+            // Each queued file holds a descriptor: drain before they run out.
+            if jobs.len() > MAX_QUEUED_BLOCKS || self.open_files >= MAX_OPEN_FILES {
+                *jobs = self.drain_blocks(std::mem::take(jobs));
+                self.open_files = 0;
             }
         }
         Ok(subdirs)
@@ -615,14 +654,8 @@ impl Run<'_> {
             }
             Kind::File => {
                 if entry.nlink > 1 {
-                    if let Some(first) = self.first_links.get(&entry.ino) {
-                        let first = CString::new(first.as_os_str().as_bytes())?;
-                        // SAFETY: both names are NUL-terminated; flag 0 does not follow
-                        // a symlink at the source.
-                        check(unsafe {
-                            libc::linkat(libc::AT_FDCWD, first.as_ptr(), dirfd, name.as_ptr(), 0)
-                        })?;
-                        report(|r| r.hard_links += 1);
+                    if self.first_links.contains_key(&entry.ino) {
+                        self.later_links.push((entry.ino, path.to_owned()));
                         return Ok(None);
                     }
                     self.first_links.insert(entry.ino, path.to_owned());
@@ -642,21 +675,30 @@ impl Run<'_> {
                 })?;
                 // SAFETY: fd was just opened and is owned by nobody else.
                 let file = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-                file.set_len(entry.size)?;
-                let Content::Blocks(blocks) = &entry.content else {
-                    return Err(std::io::Error::other("a file without a block list"));
-                };
-                let blocks = blocks.clone();
-                if let Some((index, _)) = blocks.last() {
-                    if index.saturating_mul(self.block_size) >= entry.size.max(1) {
+                let prepared = (|| {
+                    let Content::Blocks(blocks) = &entry.content else {
+                        return Err(std::io::Error::other("a file without a block list"));
+                    };
+                    if let Some((index, _)) = blocks.last() {
+                        if index.saturating_mul(self.block_size) >= entry.size.max(1) {
+                            return Err(std::io::Error::other(
+                                "the manifest maps a block beyond the end of the file",
+                            ));
+                        }
+                    }
+                    file.set_len(entry.size)?;
+                    Ok(blocks.clone())
+                })();
+                let blocks = match prepared {
+                    Ok(blocks) => blocks,
+                    Err(e) => {
                         drop(file);
                         // SAFETY: unlinkat reads the NUL-terminated name.
                         unsafe { libc::unlinkat(dirfd, name.as_ptr(), 0) };
-                        return Err(std::io::Error::other(
-                            "the manifest maps a block beyond the end of the file",
-                        ));
+                        self.first_links.remove(&entry.ino);
+                        return Err(e);
                     }
-                }
+                };
                 let open = Arc::new(OpenFile {
                     dir: dir.clone(),
                     name,
@@ -705,6 +747,40 @@ impl Run<'_> {
                 self.apply_at(dirfd, &name, &entry)?;
                 report(|r| r.specials += 1);
                 Ok(None)
+            }
+        }
+    }
+
+    /// Creates the further names of hard-linked files, now that their data is written.
+    fn make_later_links(&mut self) {
+        for (ino, path) in std::mem::take(&mut self.later_links) {
+            let failed = crate::sync::lock(&self.failed_inodes).contains(&ino);
+            let Some(first) = self.first_links.get(&ino).filter(|_| !failed) else {
+                self.error(format!(
+                    "{}: not restored (a hard link to a file that could not be)",
+                    path.display()
+                ));
+                continue;
+            };
+            let link = || -> std::io::Result<()> {
+                let first = CString::new(first.as_os_str().as_bytes())?;
+                let new = CString::new(path.as_os_str().as_bytes())?;
+                // SAFETY: both paths are NUL-terminated; flags 0 follows no symlink at the
+                // source.
+                check(unsafe {
+                    libc::linkat(
+                        libc::AT_FDCWD,
+                        first.as_ptr(),
+                        libc::AT_FDCWD,
+                        new.as_ptr(),
+                        0,
+                    )
+                })?;
+                Ok(())
+            };
+            match link() {
+                Ok(()) => crate::sync::lock(&self.report).hard_links += 1,
+                Err(e) => self.error(format!("{}: {e}", path.display())),
             }
         }
     }
@@ -784,6 +860,7 @@ impl Run<'_> {
         if file.failed.load(Ordering::SeqCst) {
             // SAFETY: unlinkat reads the NUL-terminated name; the dir fd is open.
             unsafe { libc::unlinkat(file.dir.as_raw_fd(), file.name.as_ptr(), 0) };
+            crate::sync::lock(&self.failed_inodes).insert(file.entry.ino);
             return;
         }
         match self.apply_metadata(file.file.as_raw_fd(), Some(&file.file), &file.entry) {
