@@ -57,6 +57,8 @@ pub enum BlockError {
     Missing { hash: BlockHash },
     #[error("block {hash} is corrupt: its content hashes to {actual}")]
     Corrupt { hash: BlockHash, actual: BlockHash },
+    #[error("block {hash} is not local and the store failed: {message}")]
+    Fetch { hash: BlockHash, message: String },
     #[error("block store I/O on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }

@@ -30,6 +30,8 @@ pub struct MountArgs {
     /// `--store`: `None` keeps the volume's store (a directory in the data dir at first).
     pub store: Option<StoreUrl>,
     pub upload: UploadOptions,
+    /// Most bytes of stored blocks kept on the local disk (`None`: all).
+    pub cache_size: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +230,11 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
         Ok::<_, StoreError>(opened)
     })?;
     volume.remember_store(&url)?;
+    volume.attach_store(
+        object_store.clone(),
+        runtime.handle().clone(),
+        args.cache_size,
+    )?;
     let worker = Worker::new(volume.clone(), object_store, args.upload.clone())?;
     volume
         .spawn_flusher(FLUSH_AGE)

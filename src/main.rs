@@ -76,6 +76,11 @@ enum Command {
         /// --limit-upload) [default: no limit].
         #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_size)]
         upload_limit: Option<u64>,
+        /// Most local disk for blocks already safe in the store, e.g. 10G: the least
+        /// recently used are evicted and fetched again when read. Blocks not yet uploaded
+        /// always stay [default: keep everything].
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        cache_size: Option<u64>,
     },
     /// Unmount a snapfs mount, waiting until its daemon has flushed everything and exited.
     #[command(after_help = "Example:\n  snapfs umount ~/work")]
@@ -280,6 +285,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             upload_concurrency,
             compression_level,
             upload_limit,
+            cache_size,
         } => {
             let data_dir = match data {
                 Some(dir) => dir,
@@ -301,6 +307,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     compression_level,
                     limit: upload_limit,
                 },
+                cache_size,
             })?;
         }
         Command::Umount { mountpoint } => daemon::unmount(&mountpoint)?,

@@ -72,7 +72,13 @@ pub struct LocalSource {
     blocks: BlockStore,
     generation: u64,
     block_size: u64,
+    /// The volume's store, for blocks evicted from the local disk (opened on first need).
+    store_url: Option<StoreUrl>,
+    remote: std::sync::OnceLock<Result<OpenStore, String>>,
 }
+
+/// A store opened with the runtime its requests run on.
+type OpenStore = (tokio::runtime::Runtime, Arc<dyn ObjectStore>);
 
 impl LocalSource {
     pub fn open(data_dir: &Path, snapshot: &str) -> Result<LocalSource> {
@@ -93,11 +99,16 @@ impl LocalSource {
             .find(|row| row.name == snapshot.as_bytes())
             .ok_or_else(|| RestoreError::NoSnapshot(snapshot.to_owned()))?;
         let block_size = u64::from(catalog.block_size());
+        let store_url = catalog
+            .read(|tx| tx.setting("store"))?
+            .and_then(|url| StoreUrl::parse(&url).ok());
         Ok(LocalSource {
             catalog: Mutex::new(catalog),
             blocks: BlockStore::open_read_only(&data_dir.join("blocks")),
             generation: row.generation,
             block_size,
+            store_url,
+            remote: std::sync::OnceLock::new(),
         })
     }
 
@@ -136,9 +147,28 @@ impl Source for LocalSource {
     }
 
     fn block(&self, hash: &BlockHash) -> Result<Vec<u8>> {
-        self.blocks
-            .read_uncached(hash)
-            .map_err(|e| RestoreError::Corrupt(e.to_string()))
+        match self.blocks.read_uncached(hash) {
+            Err(crate::blocks::BlockError::Missing { .. }) if self.store_url.is_some() => {
+                // Evicted (--cache-size): the store has it.
+                let remote = self.remote.get_or_init(|| {
+                    let url = self.store_url.as_ref().ok_or("no store")?;
+                    let runtime = runtime().map_err(|e| e.to_string())?;
+                    let store = runtime
+                        .block_on(store::open(url))
+                        .map_err(|e| e.to_string())?;
+                    Ok((runtime, store))
+                });
+                let (runtime, store) = remote.as_ref().map_err(|e| {
+                    RestoreError::Corrupt(format!("block {hash} is not local: {e}"))
+                })?;
+                Ok(runtime.block_on(store::fetch_block(
+                    &**store,
+                    hash,
+                    self.block_size as usize,
+                ))?)
+            }
+            result => result.map_err(|e| RestoreError::Corrupt(e.to_string())),
+        }
     }
 
     fn block_size(&self) -> u64 {
@@ -312,15 +342,10 @@ impl Source for StoreSource {
     }
 
     fn block(&self, hash: &BlockHash) -> Result<Vec<u8>> {
-        let key = catalog::block_key(hash);
-        let data = self.object(&key, self.block_size() as usize)?;
-        let actual = BlockHash::of(&data);
-        if actual != *hash {
-            return Err(RestoreError::Corrupt(format!(
-                "block {hash} is corrupt in the store: its content hashes to {actual}"
-            )));
-        }
-        Ok(data)
+        let max = self.block_size() as usize;
+        Ok(self
+            .runtime
+            .block_on(store::fetch_block(&*self.store, hash, max))?)
     }
 
     fn block_size(&self) -> u64 {

@@ -503,3 +503,79 @@ fn the_store_is_remembered_and_another_one_refused() {
     let out = run(&mut cmd);
     assert_refused(&out, &["keeps the store"], &s3.secret_key);
 }
+
+#[test]
+fn a_bounded_cache_evicts_stored_blocks_and_reads_fetch_them_again() {
+    let s3 = S3Env::garage();
+    let prefix = unique_prefix("cache");
+    // 1 MiB: four 256 KiB blocks of what the store holds may stay local.
+    let mut mount = mount_to(&s3, &prefix, &["--cache-size", "1M"]);
+    let random = pattern(16 * BLOCK, 13);
+    let words = text(8 * BLOCK);
+    fs::write(mount.path().join("random"), &random).expect("write");
+    fs::create_dir(mount.path().join("dir")).expect("mkdir");
+    fs::write(mount.path().join("dir/text"), &words).expect("write");
+    take_snapshot(&mount, "s");
+    wait_completed(&mount, "s");
+    wait_for(|| block_files(mount.data_dir()).len() <= 4);
+
+    // New live data is not in the store yet: it is never evicted.
+    let fresh = pattern(2 * BLOCK, 14);
+    let file = rw(&mount.path().join("random"));
+    std::os::unix::fs::FileExt::write_all_at(&file, &fresh, 0).expect("rewrite");
+    file.sync_all().expect("fsync");
+    drop(file);
+    let mut expected_live = random.clone();
+    expected_live[..fresh.len()].copy_from_slice(&fresh);
+    let local = block_files(mount.data_dir()).len();
+    assert!(local >= 2, "the unsent blocks stayed local ({local} files)");
+
+    // A remount drops the kernel's page cache: every read below goes to the daemon.
+    mount.remount();
+    assert_bytes_eq(
+        &fs::read(mount.path().join("random")).expect("read"),
+        &expected_live,
+        "live",
+    );
+    let snap = snapshot_dir(&mount, "s");
+    assert_bytes_eq(
+        &fs::read(snap.join("random")).expect("read"),
+        &random,
+        "snapshot",
+    );
+    assert_bytes_eq(
+        &fs::read(snap.join("dir/text")).expect("read"),
+        &words,
+        "snapshot text",
+    );
+    assert!(
+        block_files(mount.data_dir()).len() <= 4 + 2,
+        "the cache stayed bounded: {} block files",
+        block_files(mount.data_dir()).len()
+    );
+
+    // Restoring from the local volume fetches evicted blocks from the store too.
+    let dest = mount.scratch("restored");
+    let mut cmd = snapfs();
+    s3.apply(&mut cmd);
+    cmd.args(["restore", "s"])
+        .arg(&dest)
+        .arg("--data")
+        .arg(mount.data_dir());
+    let out = run(&mut cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_bytes_eq(
+        &fs::read(dest.join("random")).expect("read"),
+        &random,
+        "restored",
+    );
+    assert_bytes_eq(
+        &fs::read(dest.join("dir/text")).expect("read"),
+        &words,
+        "restored text",
+    );
+}

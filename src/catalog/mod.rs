@@ -691,8 +691,12 @@ impl Tx<'_> {
         let Some((hash, len)) = block else {
             return Ok(-old_len);
         };
+        // A block written again after it was evicted is local again.
         self.conn
-            .prepare_cached("INSERT OR IGNORE INTO blocks (hash, len) VALUES (?1, ?2)")?
+            .prepare_cached(
+                "INSERT INTO blocks (hash, len) VALUES (?1, ?2)
+                 ON CONFLICT (hash) DO UPDATE SET local = 1",
+            )?
             .execute(params![hash.as_bytes(), len])?;
         self.conn
             .prepare_cached("INSERT INTO blockmap (ino, idx, birth, hash) VALUES (?1, ?2, ?3, ?4)")?

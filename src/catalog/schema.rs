@@ -132,6 +132,8 @@ END;
 /// Snapshots taken before this version have never been uploaded: they become pending.
 const V3: &str = r#"
 ALTER TABLE blocks ADD COLUMN stored INTEGER NOT NULL DEFAULT 0;
+-- 0 once a stored block has been evicted from the local disk (--cache-size).
+ALTER TABLE blocks ADD COLUMN local INTEGER NOT NULL DEFAULT 1;
 CREATE INDEX blockmap_birth ON blockmap(birth);
 CREATE INDEX xattrs_birth ON xattrs(birth);
 

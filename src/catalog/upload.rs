@@ -131,6 +131,30 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Blocks safe in the store that are also on the local disk: what a bounded cache may
+    /// evict.
+    pub fn evictable_blocks(&self) -> Result<Vec<(BlockHash, u32)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT hash, len FROM blocks WHERE stored = 1 AND local = 1")?;
+        let mut rows = stmt.query([])?;
+        let mut found = Vec::new();
+        while let Some(row) = rows.next()? {
+            found.push((hash_of(row.get(0)?)?, row.get(1)?));
+        }
+        Ok(found)
+    }
+
+    /// Records whether a stored block is on the local disk. Only stored blocks may leave
+    /// it: `false` on a block the store lacks changes nothing (and returns false).
+    pub fn set_block_local(&self, hash: &BlockHash, local: bool) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("UPDATE blocks SET local = ?2 WHERE hash = ?1 AND stored = 1")?
+            .execute(params![hash.as_bytes(), local])?
+            > 0)
+    }
+
     /// Directories whose tree object differs between generations `base` and `g`: those
     /// with an entry added, removed or changed (attributes, data, xattrs), and their
     /// ancestors. Read from the generation indexes: unchanged parts are not visited.

@@ -189,6 +189,33 @@ where
     }
 }
 
+/// Fetches block `hash` from the store: decompressed (at most `max_len` bytes) and
+/// verified against its hash. Nothing from the store is used unverified.
+pub async fn fetch_block(
+    store: &dyn ObjectStore,
+    hash: &crate::blocks::BlockHash,
+    max_len: usize,
+) -> StoreResult<Vec<u8>> {
+    let key = crate::catalog::block_key(hash);
+    let object = retry(Some(5), || store.get(&key))
+        .await?
+        .ok_or_else(|| StoreError::permanent(format!("{key} is missing from {}", store.url())))?;
+    let data = zstd::bulk::decompress(&object, max_len).map_err(|e| {
+        StoreError::permanent(format!(
+            "{key} in {} is corrupt or truncated: {e}",
+            store.url()
+        ))
+    })?;
+    let actual = crate::blocks::BlockHash::of(&data);
+    if actual != *hash {
+        return Err(StoreError::permanent(format!(
+            "block {hash} is corrupt in {}: its content hashes to {actual}",
+            store.url()
+        )));
+    }
+    Ok(data)
+}
+
 /// The object that marks a prefix as one volume's: format version, volume id, block size.
 pub const VOLUME_KEY: &str = "volume";
 pub const FORMAT_VERSION: u32 = 1;

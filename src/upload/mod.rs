@@ -216,6 +216,9 @@ impl Worker {
             if finished || landed.len() >= RECORD_EVERY || last_record.elapsed() > RECORD_AGE {
                 lock(&self.catalog).write(|tx| tx.record_stored(id, &landed))?;
                 self.volume.refresh_snapshots()?;
+                let stored: Vec<(BlockHash, u32)> =
+                    landed.iter().map(|&(hash, len, _)| (hash, len)).collect();
+                self.volume.blocks_stored(&stored)?;
                 landed.clear();
                 last_record = Instant::now();
             }

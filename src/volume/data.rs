@@ -193,7 +193,7 @@ impl Volume {
             {
                 continue;
             }
-            let block = self.blocks.get(&hash)?;
+            let block = self.block(&hash)?;
             copy_overlap(&mut out, offset, idx * bs, &block);
         }
         if let Some(state) = &state {
@@ -214,7 +214,7 @@ impl Volume {
         let Some((_, hash)) = mapped.first() else {
             return Ok(Vec::new());
         };
-        let block = self.blocks.get(hash)?;
+        let block = self.block(hash)?;
         let keep = ((state.size - idx * bs) as usize).min(block.len());
         Ok(block[..keep].to_vec())
     }

@@ -87,7 +87,9 @@ impl Error {
                 Some(code @ (libc::ENOSPC | libc::EDQUOT)) => code,
                 _ => libc::EIO,
             },
-            Error::Block(BlockError::Missing { .. } | BlockError::Corrupt { .. }) => libc::EIO,
+            Error::Block(
+                BlockError::Missing { .. } | BlockError::Corrupt { .. } | BlockError::Fetch { .. },
+            ) => libc::EIO,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! write buffers and snapshot creation. No FUSE type appears here, so tests drive it
 //! directly; `fuse.rs` only translates requests into these calls.
 
+mod cache;
 mod data;
 pub mod error;
 mod node;
@@ -89,6 +90,10 @@ pub struct Volume {
     snapdir_visible: bool,
     /// Wakes the uploader: a snapshot was taken, deleted or renamed.
     upload_wake: Arc<tokio::sync::Notify>,
+    /// The object store, once attached: blocks not on the local disk come from there.
+    remote: std::sync::OnceLock<cache::Remote>,
+    /// Stored blocks on the local disk, for eviction under `--cache-size`.
+    evictable: Mutex<cache::Evictable>,
 }
 
 pub fn now() -> i64 {
@@ -166,6 +171,8 @@ impl Volume {
             snapshots: RwLock::new(BTreeMap::new()),
             snapdir_visible: options.snapdir_visible,
             upload_wake: Arc::new(tokio::sync::Notify::new()),
+            remote: std::sync::OnceLock::new(),
+            evictable: Mutex::new(cache::Evictable::unbounded()),
         };
         volume.load_snapshots()?;
         volume.remove_orphans()?;

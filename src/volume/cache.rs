@@ -1,0 +1,136 @@
+//! The local disk as a cache of the object store: blocks that are safe in the store may
+//! be evicted (least recently used first) to keep them under `--cache-size`, and a block
+//! that is not on the local disk is fetched from the store, verified, and kept again.
+//! Blocks the store lacks (the live volume's, not yet uploaded) are never evicted.
+
+use std::sync::Arc;
+
+use lru::LruCache;
+
+use super::{Error, Result, Volume};
+use crate::blocks::{BlockError, BlockHash};
+use crate::store::{self, ObjectStore};
+use crate::sync::lock;
+
+/// The volume's object store, reachable from the read path.
+pub struct Remote {
+    store: Arc<dyn ObjectStore>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// Stored blocks on the local disk, least recently used first, and their bytes.
+pub struct Evictable {
+    limit: Option<u64>,
+    blocks: LruCache<BlockHash, u32>,
+    bytes: u64,
+}
+
+impl Evictable {
+    pub fn unbounded() -> Evictable {
+        Evictable {
+            limit: None,
+            blocks: LruCache::unbounded(),
+            bytes: 0,
+        }
+    }
+
+    fn admit(&mut self, hash: BlockHash, len: u32) {
+        if self.blocks.put(hash, len).is_none() {
+            self.bytes += u64::from(len);
+        }
+    }
+
+    /// The next block to evict while over the limit.
+    fn over_limit(&mut self) -> Option<BlockHash> {
+        let limit = self.limit?;
+        if self.bytes <= limit {
+            return None;
+        }
+        let (hash, len) = self.blocks.pop_lru()?;
+        self.bytes -= u64::from(len);
+        Some(hash)
+    }
+}
+
+impl Volume {
+    /// Connects the read path to the volume's object store, bounding the local disk used
+    /// by stored blocks to `cache_size` bytes (`None`: keep everything).
+    pub fn attach_store(
+        &self,
+        store: Arc<dyn ObjectStore>,
+        runtime: tokio::runtime::Handle,
+        cache_size: Option<u64>,
+    ) -> Result<()> {
+        let evictable = lock(&self.catalog).read(|tx| tx.evictable_blocks())?;
+        {
+            let mut cache = lock(&self.evictable);
+            cache.limit = cache_size;
+            for (hash, len) in evictable {
+                cache.admit(hash, len);
+            }
+        }
+        // A second attach (a test reattaching) keeps the first store.
+        let _ = self.remote.set(Remote { store, runtime });
+        self.evict()
+    }
+
+    /// Block `hash`, from memory, the local disk, or the store.
+    pub(super) fn block(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>> {
+        match self.blocks.get(hash) {
+            Ok(data) => {
+                lock(&self.evictable).blocks.promote(hash);
+                Ok(data)
+            }
+            Err(BlockError::Missing { .. }) if self.remote.get().is_some() => self.fetch(hash),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn fetch(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>> {
+        let Some(remote) = self.remote.get() else {
+            return Err(BlockError::Missing { hash: *hash }.into());
+        };
+        let max = self.block_size as usize;
+        let data = remote
+            .runtime
+            .block_on(store::fetch_block(&*remote.store, hash, max))
+            .map_err(|e| {
+                tracing::error!(%hash, error = %e, "cannot fetch a block from the store");
+                Error::Block(BlockError::Fetch {
+                    hash: *hash,
+                    message: e.message,
+                })
+            })?;
+        self.blocks.put(hash, &data)?;
+        if lock(&self.catalog).read(|tx| tx.set_block_local(hash, true))? {
+            lock(&self.evictable).admit(*hash, data.len() as u32);
+        }
+        self.evict()?;
+        Ok(Arc::new(data))
+    }
+
+    /// Blocks that just reached the store: they may now be evicted.
+    pub fn blocks_stored(&self, blocks: &[(BlockHash, u32)]) -> Result<()> {
+        {
+            let mut cache = lock(&self.evictable);
+            for &(hash, len) in blocks {
+                cache.admit(hash, len);
+            }
+        }
+        self.evict()
+    }
+
+    /// Evicts least recently used stored blocks until the cache is within its limit.
+    fn evict(&self) -> Result<()> {
+        loop {
+            let Some(hash) = lock(&self.evictable).over_limit() else {
+                return Ok(());
+            };
+            // Marked first: a crash in between leaves a file the catalog calls evicted,
+            // which is only disk space, never a block the catalog believes local.
+            if lock(&self.catalog).read(|tx| tx.set_block_local(&hash, false))? {
+                self.blocks.remove(&hash)?;
+            }
+        }
+    }
+}
