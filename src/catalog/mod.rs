@@ -634,15 +634,19 @@ impl Tx<'_> {
         self.retire("dentries", "parent = ?1 AND name = ?2", &[&parent, &name])
     }
 
-    /// Ends the live life of the rows matching `cond` (which uses ?1..?n): rows born in this
-    /// generation no snapshot can see, so they go; older ones get `death = G`.
+    /// Ends the live life of the rows matching `cond` (which uses ?1..?n). Rows born after
+    /// the latest existing snapshot no snapshot can see, so they go (not only those born
+    /// in G: once snapshots are deleted, older rows may be seen by none); the others get
+    /// `death = G`.
     fn retire(&self, table: &str, cond: &str, args: &[&dyn ToSql]) -> Result<()> {
         let g_param = args.len() + 1;
         let mut with_g: Vec<&dyn ToSql> = args.to_vec();
         with_g.push(&self.g);
-        let drop_sql =
-            format!("DELETE FROM {table} WHERE {cond} AND death IS NULL AND birth = ?{g_param}");
-        self.conn.prepare_cached(&drop_sql)?.execute(&*with_g)?;
+        let drop_sql = format!(
+            "DELETE FROM {table} WHERE {cond} AND death IS NULL
+             AND birth > (SELECT coalesce(max(generation), 0) FROM snapshots)"
+        );
+        self.conn.prepare_cached(&drop_sql)?.execute(args)?;
         let retire_sql =
             format!("UPDATE {table} SET death = ?{g_param} WHERE {cond} AND death IS NULL");
         self.conn.prepare_cached(&retire_sql)?.execute(&*with_g)?;

@@ -40,6 +40,10 @@ impl FaultyStore {
         }
     }
 
+    fn put_count_total(&self) -> u32 {
+        self.puts.lock().expect("lock").values().sum()
+    }
+
     fn put_count(&self, key: &str) -> u32 {
         self.puts
             .lock()
@@ -468,4 +472,37 @@ fn renaming_a_completed_snapshot_rewrites_its_manifest_object() {
     t.upload();
     let (snapshot, _) = t.manifest(id);
     assert_eq!(snapshot.name, b"after");
+}
+
+#[test]
+fn a_snapshot_deleted_during_its_upload_leaves_nothing_in_the_store() {
+    let t = Setup::with_store(|dir| FaultyStore {
+        put_delay: Duration::from_millis(20),
+        ..FaultyStore::new(dir)
+    });
+    t.write(ROOT, "f", &pattern(32 * BLOCK, 15));
+    let id = t.snapshot("s");
+    let worker = Arc::new(t.worker());
+    let uploading = worker.clone();
+    let task = t
+        .runtime
+        .spawn(async move { uploading.upload_pending().await });
+    // Part-way through (32 blocks, 4 at a time, 20 ms each), the snapshot and the only
+    // live file that uses its blocks go.
+    std::thread::sleep(Duration::from_millis(120));
+    t.volume
+        .delete_snapshot(b"s")
+        .expect("delete during upload");
+    t.volume.unlink(ROOT, b"f").expect("unlink");
+    let outcomes = t
+        .runtime
+        .block_on(task)
+        .expect("upload task")
+        .expect("upload");
+    assert_eq!(outcomes, vec![(id, Outcome::Deleted)]);
+    // What was sent before the deletion is deleted from the store.
+    assert!(t.store.put_count_total() > 0, "some blocks were sent first");
+    t.upload();
+    assert_eq!(t.keys("blocks/"), Vec::<String>::new());
+    assert_eq!(t.keys("snapshots/"), Vec::<String>::new());
 }

@@ -485,16 +485,24 @@ pub fn setxattr(path: &Path, name: &str, value: &[u8], flags: i32) -> io::Result
 
 pub fn getxattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
     let (path, name) = (cpath(path), CString::new(name).expect("xattr name"));
-    // SAFETY: a size query (null buffer, size 0), then a read into a buffer of that size.
-    let size = check_size(unsafe {
-        libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0)
-    })?;
-    let mut buf = vec![0u8; size];
-    let len = check_size(unsafe {
-        libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), size)
-    })?;
-    buf.truncate(len);
-    Ok(buf)
+    // A value may grow between the size query and the read (a snapshot's upload
+    // progress does): ERANGE means ask again, as getfattr does.
+    loop {
+        // SAFETY: a size query (null buffer, size 0), then a read into a buffer of that size.
+        let size = check_size(unsafe {
+            libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0)
+        })?;
+        let mut buf = vec![0u8; size];
+        match check_size(unsafe {
+            libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), size)
+        }) {
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+            result => {
+                buf.truncate(result?);
+                return Ok(buf);
+            }
+        }
+    }
 }
 
 /// getxattr into a buffer of exactly `size` bytes.
