@@ -130,3 +130,89 @@ pub fn tag_snapshot(
     }
     Ok(())
 }
+
+/// Reads every regular file of the live volume at `mountpoint` once, through the mount,
+/// so the daemon fetches each block not yet local (a volume made with `--from`, or
+/// evicted by `--cache-size`): like initializing an EBS volume. `progress` gets the bytes
+/// to read, then the bytes read as they go. Returns (files, bytes).
+pub fn hydrate(
+    mountpoint: &Path,
+    total: impl Fn(u64),
+    progress: impl Fn(u64) + Sync,
+) -> Result<(u64, u64), ControlError> {
+    snapdir(mountpoint)?;
+    let io_err = |what, path: &Path| {
+        let path = path.to_owned();
+        move |source| ControlError::Io { what, path, source }
+    };
+    // The live tree only: `.snapshots` is not listed in the root, and snapshots share
+    // their blocks with it or are fetched when read.
+    let mut files = Vec::new();
+    let mut pending = vec![mountpoint.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).map_err(io_err("cannot list", &dir))? {
+            let entry = entry.map_err(io_err("cannot list", &dir))?;
+            let kind = entry
+                .file_type()
+                .map_err(io_err("cannot stat", &entry.path()))?;
+            if kind.is_dir() && entry.file_name() != ".snapshots" {
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                let len = entry
+                    .metadata()
+                    .map_err(io_err("cannot stat", &entry.path()))?
+                    .len();
+                files.push((entry.path(), len));
+            }
+        }
+    }
+    total(files.iter().map(|(_, len)| len).sum());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let read = |path: &Path| -> io::Result<u64> {
+        let mut file = fs::File::open(path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut done = 0;
+        loop {
+            let n = io::Read::read(&mut file, &mut buf)?;
+            if n == 0 {
+                return Ok(done);
+            }
+            done += n as u64;
+            progress(n as u64);
+        }
+    };
+    // A few readers at once: each block fetch waits on the store.
+    let results: Vec<Result<u64, ControlError>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut bytes = 0;
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((path, _)) = files.get(i) else {
+                            return Ok(bytes);
+                        };
+                        bytes += read(path).map_err(io_err("cannot read", path))?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join().unwrap_or_else(|_| {
+                    Err(ControlError::Io {
+                        what: "cannot read",
+                        path: mountpoint.to_owned(),
+                        source: io::Error::other("a reader thread panicked"),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut bytes = 0;
+    for result in results {
+        bytes += result?;
+    }
+    Ok((files.len() as u64, bytes))
+}

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::fuse::SnapFs;
+use crate::restore::StoreSource;
 use crate::store::{self, StoreError, StoreUrl};
 use crate::upload::{UploadError, UploadOptions, Uploader, Worker};
 use crate::volume::{self, Volume};
@@ -32,6 +33,8 @@ pub struct MountArgs {
     pub upload: UploadOptions,
     /// Most bytes of stored blocks kept on the local disk (`None`: all).
     pub cache_size: Option<u64>,
+    /// `--from URL@SNAPSHOT`: make the new volume from another volume's snapshot.
+    pub from: Option<(StoreUrl, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +59,8 @@ pub enum MountError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Upload(#[from] UploadError),
+    #[error("--from: {0}")]
+    From(#[from] crate::restore::RestoreError),
     #[error(
         "cannot mount on {path}: {source} (snapfs needs /dev/fuse and, when not root, fusermount3 from the fuse3 package)"
     )]
@@ -212,7 +217,7 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     // SAFETY: sets this thread's mask from a fully initialised set.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
 
-    let volume = Arc::new(open_volume(args)?);
+    let volume = Arc::new(open_from(args)?);
     // The store is checked before mounting: a bad URL, credential or bucket is an error
     // now, not a snapshot that never completes.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -224,12 +229,20 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     let url = volume.store_url(args.store.as_ref())?;
     let volume_id = volume.volume_id()?;
     let block_size = volume.block_size() as u32;
-    let object_store = runtime.block_on(async {
+    let origin = volume.origin()?;
+    let (object_store, origin_store) = runtime.block_on(async {
         let opened = store::open(&url).await?;
-        store::claim(&*opened, &volume_id, block_size).await?;
-        Ok::<_, StoreError>(opened)
+        store::claim(&*opened, &volume_id, block_size, origin.as_ref()).await?;
+        let origin_store = match &origin {
+            Some(origin) => Some(store::open(origin).await?),
+            None => None,
+        };
+        Ok::<_, StoreError>((opened, origin_store))
     })?;
     volume.remember_store(&url)?;
+    if let Some(origin_store) = origin_store {
+        volume.attach_origin(origin_store, runtime.handle().clone());
+    }
     volume.attach_store(
         object_store.clone(),
         runtime.handle().clone(),
@@ -288,10 +301,39 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
 
 /// Opens the volume; a daemon of the same data dir that is still shutting down (after a
 /// `umount`) gets a few seconds to let go of the lock.
-fn open_volume(args: &MountArgs) -> Result<Volume, MountError> {
+/// Opens the volume; with `--from`, a new data dir first becomes a volume whose live tree
+/// is that snapshot (metadata now, blocks on first read), with the snapshot's block size.
+fn open_from(args: &MountArgs) -> Result<Volume, MountError> {
+    let Some((url, snapshot)) = &args.from else {
+        return open_volume(args, &args.volume);
+    };
+    let is_new = !args.data_dir.join("catalog.db").exists();
+    if !is_new {
+        let volume = open_volume(args, &args.volume)?;
+        return match volume.origin_snapshot()? {
+            Some(origin) if origin == (url.to_string(), snapshot.clone()) => Ok(volume),
+            _ => Err(MountError::Reported(format!(
+                "{} already holds a volume: --from needs a new data dir (--data)",
+                args.data_dir.display()
+            ))),
+        };
+    }
+    let source = StoreSource::open(url, snapshot)?;
+    let options = volume::Options {
+        block_size: source.block_size_of(),
+        ..args.volume.clone()
+    };
+    let volume = open_volume(args, &options)?;
+    let entries = volume.import(&source)?;
+    volume.remember_origin(url, snapshot)?;
+    tracing::info!(origin = %url, snapshot = %snapshot, entries, "volume made from a snapshot");
+    Ok(volume)
+}
+
+fn open_volume(args: &MountArgs, options: &volume::Options) -> Result<Volume, MountError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match Volume::open(&args.data_dir, &args.volume) {
+        match Volume::open(&args.data_dir, options) {
             Err(volume::Error::Locked { .. }) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(100));
             }

@@ -81,6 +81,12 @@ enum Command {
         /// always stay [default: keep everything].
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         cache_size: Option<u64>,
+        /// Make a NEW volume (an empty --data dir) from another volume's completed snapshot,
+        /// like an EBS volume from a snapshot: usable at once, each block fetched from that
+        /// store on first read (`snapfs hydrate` fetches them all). The source is never
+        /// changed; blocks the two share are not uploaded again.
+        #[arg(long, value_name = "URL@SNAPSHOT", value_parser = parse_from)]
+        from: Option<(store::StoreUrl, String)>,
     },
     /// Unmount a snapfs mount, waiting until its daemon has flushed everything and exited.
     #[command(after_help = "Example:\n  snapfs umount ~/work")]
@@ -119,6 +125,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fetch every block of a volume's live files into the local disk now, so later reads
+    /// are local (like initializing an EBS volume made from a snapshot).
+    #[command(after_help = "Example:\n  \
+        snapfs mount ~/copy --data ~/.local/share/copy --from s3://my-bucket/laptop@friday\n  \
+        snapfs hydrate ~/copy")]
+    Hydrate { mountpoint: PathBuf },
     /// Show what changed between two snapshots, or since a snapshot (like `zfs diff`).
     #[command(
         after_help = "Output: one line per path, `+` added, `-` removed, `M` modified, \
@@ -252,6 +264,14 @@ fn parse_store_url(text: &str) -> Result<store::StoreUrl, String> {
     store::StoreUrl::parse(text).map_err(|e| e.to_string())
 }
 
+fn parse_from(text: &str) -> Result<(store::StoreUrl, String), String> {
+    let (url, snapshot) = text
+        .rsplit_once('@')
+        .filter(|(_, snapshot)| !snapshot.is_empty())
+        .ok_or_else(|| format!("'{text}' is not URL@SNAPSHOT (e.g. s3://bucket/laptop@monday)"))?;
+    Ok((parse_store_url(url)?, snapshot.to_owned()))
+}
+
 fn parse_block_size(text: &str) -> Result<u32, String> {
     let size = parse_size(text)?;
     if !(64 << 10..=1 << 20).contains(&size) || !size.is_power_of_two() {
@@ -286,6 +306,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             compression_level,
             upload_limit,
             cache_size,
+            from,
         } => {
             let data_dir = match data {
                 Some(dir) => dir,
@@ -308,9 +329,22 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     limit: upload_limit,
                 },
                 cache_size,
+                from,
             })?;
         }
         Command::Umount { mountpoint } => daemon::unmount(&mountpoint)?,
+        Command::Hydrate { mountpoint } => {
+            let bar = progress_bar(false);
+            let (files, bytes) = control::hydrate(
+                &mountpoint,
+                |total| bar.as_ref().map_or((), |b| b.set_length(total)),
+                |n| bar.as_ref().map_or((), |b| b.inc(n)),
+            )?;
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            eprintln!("hydrated {files} files ({})", human_bytes(bytes));
+        }
         Command::Snapshot(command) => snapshot(command)?,
         Command::Restore {
             what,
@@ -517,6 +551,22 @@ fn tags_json(tags: &[(Vec<u8>, Vec<u8>)]) -> String {
     tags.join(",")
 }
 
+/// A byte progress bar (rate, ETA) on stderr, when it is a terminal and not `--json`.
+fn progress_bar(json: bool) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some(bar)
+}
+
 /// A progress bar for restores, on a terminal only.
 struct RestoreBar(indicatif::ProgressBar);
 
@@ -538,24 +588,12 @@ fn restore(
     json: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
     use snapfs::restore::{self, LocalSource, Options, StoreSource};
-    use std::io::IsTerminal;
     let (snapshot, path) = what.split_once(':').unwrap_or((what, ""));
     let source: Box<dyn restore::Source> = match store {
         Some(url) => Box::new(StoreSource::open(url, snapshot)?),
         None => Box::new(LocalSource::open(&volume.data_dir()?, snapshot)?),
     };
-    let bar = if !json && std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Some(RestoreBar(bar))
-    } else {
-        None
-    };
+    let bar = progress_bar(json).map(RestoreBar);
     let options = Options {
         overwrite,
         // SAFETY: geteuid cannot fail.

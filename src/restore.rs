@@ -72,13 +72,44 @@ pub struct LocalSource {
     blocks: BlockStore,
     generation: u64,
     block_size: u64,
-    /// The volume's store, for blocks evicted from the local disk (opened on first need).
-    store_url: Option<StoreUrl>,
-    remote: std::sync::OnceLock<Result<OpenStore, String>>,
+    /// The volume's store and its origin's (`--from`), for blocks not on the local disk
+    /// (evicted, or never fetched); opened on first need.
+    store_urls: Vec<StoreUrl>,
+    stores: std::sync::OnceLock<Result<StoreChain, String>>,
 }
 
-/// A store opened with the runtime its requests run on.
-type OpenStore = (tokio::runtime::Runtime, Arc<dyn ObjectStore>);
+/// Stores to read blocks from, in order: a volume's own, then its origin's.
+struct StoreChain {
+    runtime: tokio::runtime::Runtime,
+    stores: Vec<Arc<dyn ObjectStore>>,
+}
+
+impl StoreChain {
+    fn open(urls: &[StoreUrl]) -> Result<StoreChain> {
+        let runtime = runtime()?;
+        let stores = urls
+            .iter()
+            .map(|url| runtime.block_on(store::open(url)))
+            .collect::<Result<_, _>>()?;
+        Ok(StoreChain { runtime, stores })
+    }
+
+    /// Block `hash` from the first store that has it, verified.
+    fn block(&self, hash: &BlockHash, max: usize) -> Result<Vec<u8>> {
+        for store in &self.stores {
+            if let Some(data) = self
+                .runtime
+                .block_on(store::fetch_block(&**store, hash, max))?
+            {
+                return Ok(data);
+            }
+        }
+        let first = self.stores.first().ok_or_else(|| {
+            RestoreError::Corrupt(format!("block {hash} is not local and there is no store"))
+        })?;
+        Err(store::missing_block(&**first, hash).into())
+    }
+}
 
 impl LocalSource {
     pub fn open(data_dir: &Path, snapshot: &str) -> Result<LocalSource> {
@@ -99,16 +130,22 @@ impl LocalSource {
             .find(|row| row.name == snapshot.as_bytes())
             .ok_or_else(|| RestoreError::NoSnapshot(snapshot.to_owned()))?;
         let block_size = u64::from(catalog.block_size());
-        let store_url = catalog
-            .read(|tx| tx.setting("store"))?
-            .and_then(|url| StoreUrl::parse(&url).ok());
+        let store_urls = catalog.read(|tx| {
+            Ok::<_, catalog::Error>(
+                [tx.setting("store")?, tx.setting("origin")?]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|url| StoreUrl::parse(&url).ok())
+                    .collect(),
+            )
+        })?;
         Ok(LocalSource {
             catalog: Mutex::new(catalog),
             blocks: BlockStore::open_read_only(&data_dir.join("blocks")),
             generation: row.generation,
             block_size,
-            store_url,
-            remote: std::sync::OnceLock::new(),
+            store_urls,
+            stores: std::sync::OnceLock::new(),
         })
     }
 
@@ -148,24 +185,15 @@ impl Source for LocalSource {
 
     fn block(&self, hash: &BlockHash) -> Result<Vec<u8>> {
         match self.blocks.read_uncached(hash) {
-            Err(crate::blocks::BlockError::Missing { .. }) if self.store_url.is_some() => {
-                // Evicted (--cache-size): the store has it.
-                let remote = self.remote.get_or_init(|| {
-                    let url = self.store_url.as_ref().ok_or("no store")?;
-                    let runtime = runtime().map_err(|e| e.to_string())?;
-                    let store = runtime
-                        .block_on(store::open(url))
-                        .map_err(|e| e.to_string())?;
-                    Ok((runtime, store))
-                });
-                let (runtime, store) = remote.as_ref().map_err(|e| {
-                    RestoreError::Corrupt(format!("block {hash} is not local: {e}"))
-                })?;
-                Ok(runtime.block_on(store::fetch_block(
-                    &**store,
-                    hash,
-                    self.block_size as usize,
-                ))?)
+            Err(crate::blocks::BlockError::Missing { .. }) if !self.store_urls.is_empty() => {
+                let stores = self
+                    .stores
+                    .get_or_init(|| StoreChain::open(&self.store_urls).map_err(|e| e.to_string()))
+                    .as_ref()
+                    .map_err(|e| {
+                        RestoreError::Corrupt(format!("block {hash} is not local: {e}"))
+                    })?;
+                stores.block(hash, self.block_size as usize)
             }
             result => result.map_err(|e| RestoreError::Corrupt(e.to_string())),
         }
@@ -183,8 +211,8 @@ impl Source for LocalSource {
 /// A completed snapshot read from the object store alone. Everything read is checked: the
 /// volume header's format, each object's hash, each manifest's structure.
 pub struct StoreSource {
-    runtime: tokio::runtime::Runtime,
-    store: Arc<dyn ObjectStore>,
+    /// The volume's store, then its origin's if it was made from another's snapshot.
+    stores: StoreChain,
     manifest: SnapshotManifest,
 }
 
@@ -197,9 +225,10 @@ const MAX_MANIFEST_OBJECT: usize = 256 << 20;
 
 impl StoreSource {
     pub fn open(url: &StoreUrl, snapshot: &str) -> Result<StoreSource> {
-        let runtime = runtime()?;
-        let store = runtime.block_on(store::open(url))?;
-        let listing = runtime.block_on(list_manifests(&*store))?;
+        let mut stores = StoreChain::open(std::slice::from_ref(url))?;
+        let listing = stores
+            .runtime
+            .block_on(list_manifests(&*stores.stores[0]))?;
         let manifest = listing
             .snapshots
             .into_iter()
@@ -215,15 +244,22 @@ impl StoreSource {
                 };
                 RestoreError::NoSnapshot(format!("{snapshot} in {url}{damaged}"))
             })?;
-        Ok(StoreSource {
-            runtime,
-            store,
-            manifest,
-        })
+        if let Some(origin) = &listing.origin {
+            let opened = stores.runtime.block_on(store::open(origin))?;
+            stores.stores.push(opened);
+        }
+        Ok(StoreSource { stores, manifest })
+    }
+
+    /// The snapshot's block size (a new volume made from it must use the same).
+    pub fn block_size_of(&self) -> u32 {
+        self.manifest.block_size
     }
 
     fn object(&self, key: &str, max: usize) -> Result<Vec<u8>> {
-        self.runtime.block_on(fetch(&*self.store, key, max))
+        self.stores
+            .runtime
+            .block_on(fetch(&*self.stores.stores[0], key, max))
     }
 }
 
@@ -249,6 +285,8 @@ async fn fetch(store: &dyn ObjectStore, key: &str, max: usize) -> Result<Vec<u8>
 pub struct Listing {
     pub snapshots: Vec<SnapshotManifest>,
     pub damaged: Vec<String>,
+    /// The store of the volume this one was made from, whose blocks it shares.
+    pub origin: Option<StoreUrl>,
 }
 
 /// Every completed snapshot in the store, oldest first, read from the bucket alone.
@@ -256,12 +294,13 @@ pub async fn list_manifests(store: &dyn ObjectStore) -> Result<Listing> {
     let header = store::retry(Some(5), || store.get(store::VOLUME_KEY))
         .await?
         .ok_or_else(|| RestoreError::Corrupt(format!("{} holds no snapfs volume", store.url())))?;
-    let volume_id = check_header(&header)?;
+    let (volume_id, origin) = check_header(&header)?;
     let mut keys = store::retry(Some(5), || store.list("snapshots/")).await?;
     keys.sort();
     let mut listing = Listing {
         snapshots: Vec::new(),
         damaged: Vec::new(),
+        origin,
     };
     for key in keys {
         let data = match fetch(store, &key, MAX_MANIFEST_OBJECT).await {
@@ -283,8 +322,8 @@ pub async fn list_manifests(store: &dyn ObjectStore) -> Result<Listing> {
     Ok(listing)
 }
 
-/// Checks the volume header's format version; returns the volume id.
-fn check_header(header: &[u8]) -> Result<String> {
+/// Checks the volume header's format version; returns the volume id and origin store.
+fn check_header(header: &[u8]) -> Result<(String, Option<StoreUrl>)> {
     let text = String::from_utf8_lossy(header);
     let field = |name: &str| {
         text.lines()
@@ -310,7 +349,16 @@ fn check_header(header: &[u8]) -> Result<String> {
             ));
         }
     }
-    field("id").ok_or_else(|| RestoreError::Corrupt("the volume header has no id".into()))
+    let origin = match field("origin") {
+        Some(url) => Some(
+            StoreUrl::parse(&url)
+                .map_err(|e| RestoreError::Corrupt(format!("the volume header's origin: {e}")))?,
+        ),
+        None => None,
+    };
+    let id =
+        field("id").ok_or_else(|| RestoreError::Corrupt("the volume header has no id".into()))?;
+    Ok((id, origin))
 }
 
 /// Lists the completed snapshots of the store at `url`.
@@ -342,10 +390,7 @@ impl Source for StoreSource {
     }
 
     fn block(&self, hash: &BlockHash) -> Result<Vec<u8>> {
-        let max = self.block_size() as usize;
-        Ok(self
-            .runtime
-            .block_on(store::fetch_block(&*self.store, hash, max))?)
+        self.stores.block(hash, self.block_size() as usize)
     }
 
     fn block_size(&self) -> u64 {

@@ -61,13 +61,13 @@ fn check_contract(name: &str, shared: Arc<dyn ObjectStore>, runtime: &tokio::run
         assert_eq!(store.get("a/big").await.expect("get"), None);
 
         // The volume header: claimed once, accepted again, refused to another volume.
-        store::claim(store, "volume-one", 4096)
+        store::claim(store, "volume-one", 4096, None)
             .await
             .expect("claim");
-        store::claim(store, "volume-one", 4096)
+        store::claim(store, "volume-one", 4096, None)
             .await
             .expect("claim again");
-        let err = store::claim(store, "volume-two", 4096)
+        let err = store::claim(store, "volume-two", 4096, None)
             .await
             .expect_err("another volume");
         assert!(err.to_string().contains("another snapfs volume"), "{err}");

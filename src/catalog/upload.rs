@@ -136,7 +136,7 @@ impl Tx<'_> {
     pub fn evictable_blocks(&self) -> Result<Vec<(BlockHash, u32)>> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT hash, len FROM blocks WHERE stored = 1 AND local = 1")?;
+            .prepare_cached("SELECT hash, len FROM blocks WHERE stored != 0 AND local = 1")?;
         let mut rows = stmt.query([])?;
         let mut found = Vec::new();
         while let Some(row) = rows.next()? {
@@ -145,14 +145,47 @@ impl Tx<'_> {
         Ok(found)
     }
 
-    /// Records whether a stored block is on the local disk. Only stored blocks may leave
-    /// it: `false` on a block the store lacks changes nothing (and returns false).
+    /// Records whether a stored block (in this volume's store or its origin's) is on the
+    /// local disk. Only those may leave it: `false` on a block no store has changes
+    /// nothing (and returns false).
     pub fn set_block_local(&self, hash: &BlockHash, local: bool) -> Result<bool> {
         Ok(self
             .conn
-            .prepare_cached("UPDATE blocks SET local = ?2 WHERE hash = ?1 AND stored = 1")?
+            .prepare_cached("UPDATE blocks SET local = ?2 WHERE hash = ?1 AND stored != 0")?
             .execute(params![hash.as_bytes(), local])?
             > 0)
+    }
+
+    /// Whether block `hash` comes from the origin volume's store (`--from`) rather than
+    /// this volume's.
+    pub fn block_in_origin(&self, hash: &BlockHash) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM blocks WHERE hash = ?1 AND stored = 2")?
+            .exists([hash.as_bytes()])?)
+    }
+
+    /// Maps block `idx` of `ino` to a block of the origin volume, which is in the origin's
+    /// store and not yet on the local disk (`stored = 2`: never sent, never deleted).
+    pub fn import_block(&self, ino: u64, idx: u64, hash: &BlockHash, len: u32) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO blocks (hash, len, stored, local) VALUES (?1, ?2, 2, 0)",
+            )?
+            .execute(params![hash.as_bytes(), len])?;
+        self.conn
+            .prepare_cached("INSERT INTO blockmap (ino, idx, birth, hash) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![ino, idx, self.g, hash.as_bytes()])?;
+        Ok(())
+    }
+
+    /// Makes new inode numbers start above `ino` (after an import kept the origin's).
+    pub fn reserve_inos_through(&self, ino: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE meta SET value = max(value, ?1 + 1) WHERE key = 'next_ino'",
+            [ino],
+        )?;
+        Ok(())
     }
 
     /// Directories whose tree object differs between generations `base` and `g`: those

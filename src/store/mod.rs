@@ -190,16 +190,17 @@ where
 }
 
 /// Fetches block `hash` from the store: decompressed (at most `max_len` bytes) and
-/// verified against its hash. Nothing from the store is used unverified.
+/// verified against its hash; `None` if the store does not have it. Nothing from the
+/// store is used unverified.
 pub async fn fetch_block(
     store: &dyn ObjectStore,
     hash: &crate::blocks::BlockHash,
     max_len: usize,
-) -> StoreResult<Vec<u8>> {
+) -> StoreResult<Option<Vec<u8>>> {
     let key = crate::catalog::block_key(hash);
-    let object = retry(Some(5), || store.get(&key))
-        .await?
-        .ok_or_else(|| StoreError::permanent(format!("{key} is missing from {}", store.url())))?;
+    let Some(object) = retry(Some(5), || store.get(&key)).await? else {
+        return Ok(None);
+    };
     let data = zstd::bulk::decompress(&object, max_len).map_err(|e| {
         StoreError::permanent(format!(
             "{key} in {} is corrupt or truncated: {e}",
@@ -213,7 +214,16 @@ pub async fn fetch_block(
             store.url()
         )));
     }
-    Ok(data)
+    Ok(Some(data))
+}
+
+/// The error for a block a store should have and does not.
+pub fn missing_block(store: &dyn ObjectStore, hash: &crate::blocks::BlockHash) -> StoreError {
+    StoreError::permanent(format!(
+        "{} is missing from {}",
+        crate::catalog::block_key(hash),
+        store.url()
+    ))
 }
 
 /// The object that marks a prefix as one volume's: format version, volume id, block size.
@@ -223,10 +233,20 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Claims the store for volume `volume_id`: writes the volume header if the prefix is
 /// empty, accepts it if it is this volume's, refuses another volume's. Bounded retries:
 /// this runs before mounting, where a dead endpoint must be reported, not waited out.
-pub async fn claim(store: &dyn ObjectStore, volume_id: &str, block_size: u32) -> StoreResult<()> {
-    let header = format!(
+/// A volume made from another's snapshot (`--from`) names that volume's store as its
+/// `origin`: the blocks it shares with it are read from there.
+pub async fn claim(
+    store: &dyn ObjectStore,
+    volume_id: &str,
+    block_size: u32,
+    origin: Option<&StoreUrl>,
+) -> StoreResult<()> {
+    let mut header = format!(
         "snapfs volume\nformat {FORMAT_VERSION}\nid {volume_id}\nblock_size {block_size}\n"
     );
+    if let Some(origin) = origin {
+        header.push_str(&format!("origin {origin}\n"));
+    }
     // A listing fails on a missing bucket on every server (some answer a GET of a key in
     // a missing bucket with NoSuchKey).
     retry(Some(3), || store.list(VOLUME_KEY)).await?;

@@ -74,6 +74,11 @@ impl Volume {
         self.evict()
     }
 
+    /// Connects the read path to the origin volume's store (`--from`).
+    pub fn attach_origin(&self, store: Arc<dyn ObjectStore>, runtime: tokio::runtime::Handle) {
+        let _ = self.origin.set(Remote { store, runtime });
+    }
+
     /// Block `hash`, from memory, the local disk, or the store.
     pub(super) fn block(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>> {
         match self.blocks.get(hash) {
@@ -81,19 +86,30 @@ impl Volume {
                 lock(&self.evictable).blocks.promote(hash);
                 Ok(data)
             }
-            Err(BlockError::Missing { .. }) if self.remote.get().is_some() => self.fetch(hash),
+            Err(BlockError::Missing { .. })
+                if self.remote.get().is_some() || self.origin.get().is_some() =>
+            {
+                self.fetch(hash)
+            }
             Err(e) => Err(e.into()),
         }
     }
 
     fn fetch(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>> {
-        let Some(remote) = self.remote.get() else {
+        let in_origin = lock(&self.catalog).read(|tx| tx.block_in_origin(hash))?;
+        let remote = if in_origin {
+            self.origin.get()
+        } else {
+            self.remote.get()
+        };
+        let Some(remote) = remote else {
             return Err(BlockError::Missing { hash: *hash }.into());
         };
         let max = self.block_size as usize;
         let data = remote
             .runtime
             .block_on(store::fetch_block(&*remote.store, hash, max))
+            .and_then(|data| data.ok_or_else(|| store::missing_block(&*remote.store, hash)))
             .map_err(|e| {
                 tracing::error!(%hash, error = %e, "cannot fetch a block from the store");
                 Error::Block(BlockError::Fetch {

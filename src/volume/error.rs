@@ -51,6 +51,8 @@ pub enum Error {
         remembered: String,
         requested: String,
     },
+    #[error("cannot import the origin snapshot: {0}")]
+    Import(String),
     #[error(transparent)]
     Catalog(#[from] catalog::Error),
     #[error(transparent)]
@@ -80,6 +82,7 @@ impl Error {
             Error::FileTooBig => libc::EFBIG,
             Error::Locked { .. } => libc::EBUSY,
             Error::StoreMismatch { .. } => libc::EINVAL,
+            Error::Import(_) => libc::EIO,
             Error::DataDir { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Catalog(e) if e.is_disk_full() => libc::ENOSPC,
             Error::Catalog(_) => libc::EIO,

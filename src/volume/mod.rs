@@ -5,6 +5,7 @@
 mod cache;
 mod data;
 pub mod error;
+mod import;
 mod node;
 mod snapshots;
 
@@ -92,6 +93,8 @@ pub struct Volume {
     upload_wake: Arc<tokio::sync::Notify>,
     /// The object store, once attached: blocks not on the local disk come from there.
     remote: std::sync::OnceLock<cache::Remote>,
+    /// The store of the volume this one was made from (`--from`), for the blocks they share.
+    origin: std::sync::OnceLock<cache::Remote>,
     /// Stored blocks on the local disk, for eviction under `--cache-size`.
     evictable: Mutex<cache::Evictable>,
 }
@@ -172,6 +175,7 @@ impl Volume {
             snapdir_visible: options.snapdir_visible,
             upload_wake: Arc::new(tokio::sync::Notify::new()),
             remote: std::sync::OnceLock::new(),
+            origin: std::sync::OnceLock::new(),
             evictable: Mutex::new(cache::Evictable::unbounded()),
         };
         volume.load_snapshots()?;
@@ -212,6 +216,29 @@ impl Volume {
                 .cloned()
                 .unwrap_or_else(|| StoreUrl::default_for(&self.dir))),
         }
+    }
+
+    /// The store of the volume this one was made from (`--from`), if any.
+    pub fn origin(&self) -> Result<Option<StoreUrl>> {
+        Ok(self
+            .origin_snapshot()?
+            .and_then(|(url, _)| StoreUrl::parse(&url).ok()))
+    }
+
+    /// The origin's store URL and snapshot name (`--from URL@SNAPSHOT`), if any.
+    pub fn origin_snapshot(&self) -> Result<Option<(String, String)>> {
+        Ok(lock(&self.catalog).read(|tx| {
+            Ok::<_, crate::catalog::Error>(
+                tx.setting("origin")?.zip(tx.setting("origin_snapshot")?),
+            )
+        })?)
+    }
+
+    pub fn remember_origin(&self, url: &StoreUrl, snapshot: &str) -> Result<()> {
+        Ok(lock(&self.catalog).write(|tx| {
+            tx.set_setting("origin", &url.to_string())?;
+            tx.set_setting("origin_snapshot", snapshot)
+        })?)
     }
 
     pub fn remember_store(&self, url: &StoreUrl) -> Result<()> {

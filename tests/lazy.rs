@@ -1,0 +1,227 @@
+//! Volumes made from another volume's snapshot (`snapfs mount --from URL@SNAPSHOT`), like
+//! EBS volumes from snapshots: usable at once, blocks fetched on first read, `hydrate`,
+//! their own snapshots sharing the source's blocks, the source never changed.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::s3::{S3Env, unique_prefix};
+use common::*;
+
+fn aws_vars(s3: &S3Env) -> Vec<(String, String)> {
+    let mut cmd = std::process::Command::new("true");
+    s3.apply(&mut cmd);
+    cmd.get_envs()
+        .filter_map(|(k, v)| Some((k.to_str()?.to_owned(), v?.to_str()?.to_owned())))
+        .collect()
+}
+
+fn mount_with(s3: &S3Env, args: &[&str]) -> Mount {
+    let mut mount = Mount::unmounted();
+    mount.set_env(aws_vars(s3));
+    mount.set_args(args);
+    mount.remount();
+    mount
+}
+
+fn wait_completed(mount: &Mount, name: &str) {
+    let dir = mount.path().join(".snapshots").join(name);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let state = getxattr(&dir, "user.snapfs.state").expect("state");
+        if state == b"completed" {
+            return;
+        }
+        assert_eq!(state, b"pending", "{}", mount.daemon_log());
+        assert!(Instant::now() < deadline, "{name} not completed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn keys(s3: &S3Env, prefix: &str) -> BTreeSet<String> {
+    s3.client()
+        .list(prefix)
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect()
+}
+
+/// The tree a restore or a new volume must reproduce (the root's own times and directory
+/// sizes aside: they differ by design between a snapshot root, a live root and ext4).
+fn contents(root: &Path) -> Vec<(std::path::PathBuf, u32, u64, Vec<u8>)> {
+    tree_state(root)
+        .into_iter()
+        .filter(|(path, _)| !path.as_os_str().is_empty())
+        .map(|(path, node)| {
+            (
+                path,
+                node.mode,
+                node.size * u64::from(node.mode & libc::S_IFMT == libc::S_IFREG),
+                node.content,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_volume_from_a_snapshot_is_usable_at_once_and_shares_the_source_blocks() {
+    let s3 = S3Env::garage();
+    let source_prefix = unique_prefix("lazy-source");
+    let copy_prefix = unique_prefix("lazy-copy");
+
+    // The source volume: some files, a snapshot in the store.
+    let mut source = mount_with(&s3, &["--store", &s3.url(&source_prefix)]);
+    fs::create_dir_all(source.path().join("dir/sub")).expect("mkdir");
+    fs::write(source.path().join("dir/big"), pattern(10 * BLOCK + 5, 1)).expect("write");
+    fs::write(source.path().join("dir/sub/small"), b"small file").expect("write");
+    fs::hard_link(
+        source.path().join("dir/big"),
+        source.path().join("big-link"),
+    )
+    .expect("link");
+    std::os::unix::fs::symlink("dir/sub/small", source.path().join("sym")).expect("symlink");
+    fs::create_dir(source.path().join(".snapshots/base")).expect("snapshot");
+    wait_completed(&source, "base");
+    let expected = contents(&source.path().join(".snapshots/base"));
+    source.unmount();
+    let source_keys = keys(&s3, &source_prefix);
+
+    // The new volume: metadata at once, no block local until read.
+    let from = format!("{}@base", s3.url(&source_prefix));
+    let mut copy = mount_with(&s3, &["--from", &from, "--store", &s3.url(&copy_prefix)]);
+    assert!(
+        block_files(copy.data_dir()).is_empty(),
+        "no block fetched yet"
+    );
+    let meta = fs::metadata(copy.path().join("dir/big")).expect("stat");
+    assert_eq!(meta.len(), 10 * BLOCK as u64 + 5);
+    assert_eq!(
+        fs::metadata(copy.path().join("big-link"))
+            .expect("stat")
+            .nlink(),
+        2
+    );
+    assert_eq!(
+        contents(copy.path()),
+        expected,
+        "the live tree is the snapshot"
+    );
+    assert!(
+        !block_files(copy.data_dir()).is_empty(),
+        "reads fetched blocks"
+    );
+
+    // It takes its own snapshots; only what it adds goes to its own prefix.
+    let added = pattern(2 * BLOCK, 2);
+    fs::write(copy.path().join("added"), &added).expect("write");
+    fs::create_dir(copy.path().join(".snapshots/next")).expect("snapshot");
+    wait_completed(&copy, "next");
+    let copy_blocks: Vec<String> = keys(&s3, &format!("{copy_prefix}blocks/"))
+        .into_iter()
+        .collect();
+    let added_hashes: BTreeSet<String> = added
+        .chunks(BLOCK)
+        .map(|c| format!("{copy_prefix}blocks/{}", snapfs::blocks::BlockHash::of(c)))
+        .collect();
+    assert_eq!(
+        copy_blocks.into_iter().collect::<BTreeSet<_>>(),
+        added_hashes,
+        "shared blocks are not sent again"
+    );
+    assert_eq!(
+        keys(&s3, &source_prefix),
+        source_keys,
+        "the source is never changed"
+    );
+
+    // Restoring the new volume's snapshot from its store alone reads the shared blocks
+    // from the origin.
+    let dest = copy.scratch("restored");
+    let mut cmd = snapfs();
+    s3.apply(&mut cmd);
+    cmd.args(["restore", "--store", &s3.url(&copy_prefix), "next"])
+        .arg(&dest);
+    let out = run(&mut cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_bytes_eq(
+        &fs::read(dest.join("dir/big")).expect("read"),
+        &pattern(10 * BLOCK + 5, 1),
+        "a shared file restored from the new volume's store",
+    );
+    assert_bytes_eq(
+        &fs::read(dest.join("added")).expect("read"),
+        &added,
+        "its own file",
+    );
+
+    // A remount keeps the origin; --from on a used data dir is refused.
+    copy.set_args(&["--store", &s3.url(&copy_prefix)]);
+    copy.remount();
+    assert_eq!(
+        fs::read(copy.path().join("dir/sub/small")).expect("read"),
+        b"small file"
+    );
+    copy.unmount();
+    let mut cmd = mount_cmd(copy.path(), copy.data_dir());
+    s3.apply(&mut cmd);
+    cmd.args(["--from", "s3://other-bucket/x@y"]);
+    let out = run(&mut cmd);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a new data dir"));
+}
+
+#[test]
+fn hydrate_fetches_every_block_of_the_live_volume() {
+    let s3 = S3Env::s3s();
+    let source_prefix = unique_prefix("hydrate-source");
+    let mut source = mount_with(&s3, &["--store", &s3.url(&source_prefix)]);
+    let data = pattern(12 * BLOCK, 3);
+    fs::write(source.path().join("f"), &data).expect("write");
+    fs::write(source.path().join("g"), b"tail").expect("write");
+    fs::create_dir(source.path().join(".snapshots/s")).expect("snapshot");
+    wait_completed(&source, "s");
+    source.unmount();
+
+    let from = format!("{}@s", s3.url(&source_prefix));
+    let copy_prefix = unique_prefix("hydrate-copy");
+    let copy = mount_with(&s3, &["--from", &from, "--store", &s3.url(&copy_prefix)]);
+    assert!(block_files(copy.data_dir()).is_empty());
+    let out = run(snapfs().arg("hydrate").arg(copy.path()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hydrated 2 files"));
+    assert_eq!(
+        block_files(copy.data_dir()).len(),
+        13,
+        "12 blocks of f, 1 of g"
+    );
+}
+
+#[test]
+fn a_missing_source_snapshot_is_a_clear_error() {
+    let s3 = S3Env::s3s();
+    let mount = Mount::unmounted();
+    let mut cmd = mount_cmd(mount.path(), mount.data_dir());
+    s3.apply(&mut cmd);
+    cmd.args([
+        "--from",
+        &format!("{}@nope", s3.url(&unique_prefix("empty"))),
+    ]);
+    let out = run(&mut cmd);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--from"), "{stderr}");
+    assert!(!mount.is_mounted());
+}
