@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, SessionACL};
 
+use crate::follow;
 use crate::fuse::SnapFs;
 use crate::restore::StoreSource;
 use crate::store::{self, StoreError, StoreUrl};
@@ -35,6 +36,10 @@ pub struct MountArgs {
     pub cache_size: Option<u64>,
     /// `--from URL@SNAPSHOT`: make the new volume from another volume's snapshot.
     pub from: Option<(StoreUrl, String)>,
+    /// `--read-only`: follow the store (another machine's volume) instead of writing.
+    pub read_only: bool,
+    /// How often a read-only mount looks for new snapshots in the store.
+    pub follow_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +231,9 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
         .enable_all()
         .build()
         .map_err(MountError::Daemon)?;
+    if args.read_only {
+        return serve_follower(args, ready, volume, runtime, signals);
+    }
     let url = volume.store_url(args.store.as_ref())?;
     let volume_id = volume.volume_id()?;
     let block_size = volume.block_size() as u32;
@@ -252,6 +260,66 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     volume
         .spawn_flusher(FLUSH_AGE)
         .map_err(MountError::Daemon)?;
+    let session = start_session(args, &volume)?;
+    let uploader = Uploader::start(runtime, worker).map_err(MountError::Daemon)?;
+    tracing::info!(mountpoint = %args.mountpoint.display(), data = %args.data_dir.display(), store = %url, "mounted");
+    wait_for_unmount(session, ready, &signals);
+    // Uploads left unfinished resume at the next mount.
+    uploader.stop();
+    volume.shutdown()?;
+    tracing::info!("unmounted cleanly");
+    Ok(())
+}
+
+/// A read-only mount following the store another machine's volume uploads to: the
+/// latest completed snapshot as the live tree, every one under `.snapshots`.
+fn serve_follower(
+    args: &MountArgs,
+    ready: &mut Option<fs::File>,
+    volume: Arc<Volume>,
+    runtime: tokio::runtime::Runtime,
+    signals: libc::sigset_t,
+) -> Result<(), MountError> {
+    let url = args.store.clone().ok_or_else(|| {
+        MountError::Reported("--read-only needs --store URL: the store to follow".into())
+    })?;
+    follow::claim(&volume, &url).map_err(MountError::Reported)?;
+    follow::follow_once(&volume, &url, &|_| {})
+        .map_err(|e| MountError::Reported(format!("store: {e}")))?;
+    let followed = runtime.block_on(store::open(&url))?;
+    volume.attach_origin(followed.clone(), runtime.handle().clone());
+    volume.attach_store(followed, runtime.handle().clone(), args.cache_size)?;
+    let session = start_session(args, &volume)?;
+    // Snapshots deleted in the store vanish here behind the kernel's back: drop its
+    // cached names (looked up with a long TTL).
+    let notifier = session.notifier.clone();
+    let forget = Box::new(move |name: &[u8]| {
+        let parent = fuser::INodeNo(volume::SNAPDIR.raw());
+        if let Err(e) = notifier.inval_entry(parent, std::ffi::OsStr::from_bytes(name)) {
+            tracing::debug!(error = %e, "cannot invalidate a deleted snapshot's name");
+        }
+    });
+    let follower =
+        follow::Follower::start(volume.clone(), url.clone(), args.follow_interval, forget)
+            .map_err(MountError::Daemon)?;
+    tracing::info!(mountpoint = %args.mountpoint.display(), store = %url, "mounted read-only, following");
+    wait_for_unmount(session, ready, &signals);
+    follower.stop();
+    drop(runtime);
+    volume.shutdown()?;
+    tracing::info!("unmounted cleanly");
+    Ok(())
+}
+
+/// The FUSE session, running on its own thread, which signals the main thread when the
+/// kernel ends it (an unmount).
+struct Session {
+    unmounter: fuser::SessionUnmounter,
+    notifier: fuser::Notifier,
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+fn start_session(args: &MountArgs, volume: &Arc<Volume>) -> Result<Session, MountError> {
     let mut session = fuser::Session::new(
         SnapFs::new(volume.clone()),
         &args.mountpoint,
@@ -261,8 +329,9 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
         path: args.mountpoint.clone(),
         source,
     })?;
-    let mut unmounter = session.unmount_callable();
-    let session_thread = std::thread::Builder::new()
+    let unmounter = session.unmount_callable();
+    let notifier = session.notifier();
+    let thread = std::thread::Builder::new()
         .name("fuse-session".into())
         .spawn(move || {
             let result = session.run();
@@ -272,15 +341,27 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
             result
         })
         .map_err(MountError::Daemon)?;
-    let uploader = Uploader::start(runtime, worker).map_err(MountError::Daemon)?;
-    tracing::info!(mountpoint = %args.mountpoint.display(), data = %args.data_dir.display(), store = %url, "mounted");
+    Ok(Session {
+        unmounter,
+        notifier,
+        thread,
+    })
+}
+
+/// Reports ready, then waits for an unmount or a signal (which unmounts), and for the
+/// session to end.
+fn wait_for_unmount(session: Session, ready: &mut Option<fs::File>, signals: &libc::sigset_t) {
+    let Session {
+        mut unmounter,
+        thread: session_thread,
+        ..
+    } = session;
     if let Some(mut pipe) = ready.take() {
         let _ = pipe.write_all(b"ready");
     }
-
     let mut signal = 0;
     // SAFETY: waits on the set initialised above; `signal` receives the number.
-    unsafe { libc::sigwait(&signals, &mut signal) };
+    unsafe { libc::sigwait(signals, &mut signal) };
     if signal != libc::SIGUSR1 {
         tracing::info!(signal, "unmounting on signal");
         if let Err(e) = unmounter.unmount() {
@@ -292,11 +373,6 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
         Err(_) => tracing::error!("FUSE session thread panicked"),
         Ok(Ok(())) => {}
     }
-    // Uploads left unfinished resume at the next mount.
-    uploader.stop();
-    volume.shutdown()?;
-    tracing::info!("unmounted cleanly");
-    Ok(())
 }
 
 /// Opens the volume; a daemon of the same data dir that is still shutting down (after a
@@ -304,10 +380,22 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
 /// Opens the volume; with `--from`, a new data dir first becomes a volume whose live tree
 /// is that snapshot (metadata now, blocks on first read), with the snapshot's block size.
 fn open_from(args: &MountArgs) -> Result<Volume, MountError> {
+    let is_new = !args.data_dir.join("catalog.db").exists();
+    if let (true, true, Some(url)) = (args.read_only, is_new, &args.store) {
+        // A new follower takes the block size of what it follows.
+        let listing = crate::restore::store_snapshots(url)?;
+        let options = volume::Options {
+            block_size: listing
+                .snapshots
+                .first()
+                .map_or(args.volume.block_size, |m| m.block_size),
+            ..args.volume.clone()
+        };
+        return open_volume(args, &options);
+    }
     let Some((url, snapshot)) = &args.from else {
         return open_volume(args, &args.volume);
     };
-    let is_new = !args.data_dir.join("catalog.db").exists();
     if !is_new {
         let volume = open_volume(args, &args.volume)?;
         return match volume.origin_snapshot()? {
@@ -350,6 +438,9 @@ fn mount_config(args: &MountArgs) -> Config {
         MountOption::DefaultPermissions,
         MountOption::NoAtime,
     ];
+    if args.read_only {
+        config.mount_options.push(MountOption::RO);
+    }
     config.acl = if args.allow_other {
         SessionACL::All
     } else {

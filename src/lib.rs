@@ -8,6 +8,7 @@ pub mod blocks;
 pub mod catalog;
 pub mod control;
 pub mod daemon;
+pub mod follow;
 pub mod fuse;
 pub mod inspect;
 pub mod manifest;

@@ -87,6 +87,15 @@ enum Command {
         /// changed; blocks the two share are not uploaded again.
         #[arg(long, value_name = "URL@SNAPSHOT", value_parser = parse_from)]
         from: Option<(store::StoreUrl, String)>,
+        /// Follow the --store of a volume another machine writes, read-only: its completed
+        /// snapshots appear in .snapshots (new ones as they complete) and the live tree is
+        /// the latest. Needs its own --data dir; nothing is ever written to the store.
+        #[arg(long, requires = "store", conflicts_with = "from")]
+        read_only: bool,
+        /// How often a --read-only mount looks for new snapshots, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        follow_interval: u64,
     },
     /// Unmount a snapfs mount, waiting until its daemon has flushed everything and exited.
     #[command(after_help = "Example:\n  snapfs umount ~/work")]
@@ -307,6 +316,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             upload_limit,
             cache_size,
             from,
+            read_only,
+            follow_interval,
         } => {
             let data_dir = match data {
                 Some(dir) => dir,
@@ -330,6 +341,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 },
                 cache_size,
                 from,
+                read_only,
+                follow_interval: std::time::Duration::from_secs(follow_interval),
             })?;
         }
         Command::Umount { mountpoint } => daemon::unmount(&mountpoint)?,

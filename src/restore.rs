@@ -225,7 +225,7 @@ const MAX_MANIFEST_OBJECT: usize = 256 << 20;
 
 impl StoreSource {
     pub fn open(url: &StoreUrl, snapshot: &str) -> Result<StoreSource> {
-        let mut stores = StoreChain::open(std::slice::from_ref(url))?;
+        let stores = StoreChain::open(std::slice::from_ref(url))?;
         let listing = stores
             .runtime
             .block_on(list_manifests(&*stores.stores[0]))?;
@@ -244,7 +244,29 @@ impl StoreSource {
                 };
                 RestoreError::NoSnapshot(format!("{snapshot} in {url}{damaged}"))
             })?;
-        if let Some(origin) = &listing.origin {
+        StoreSource::with_manifest(stores, manifest, listing.origin.as_ref())
+    }
+
+    /// The snapshot `manifest` of the store at `url` (listed already), whose volume was made
+    /// from `origin`'s if any.
+    pub fn for_manifest(
+        url: &StoreUrl,
+        manifest: SnapshotManifest,
+        origin: Option<&StoreUrl>,
+    ) -> Result<StoreSource> {
+        StoreSource::with_manifest(
+            StoreChain::open(std::slice::from_ref(url))?,
+            manifest,
+            origin,
+        )
+    }
+
+    fn with_manifest(
+        mut stores: StoreChain,
+        manifest: SnapshotManifest,
+        origin: Option<&StoreUrl>,
+    ) -> Result<StoreSource> {
+        if let Some(origin) = origin {
             let opened = stores.runtime.block_on(store::open(origin))?;
             stores.stores.push(opened);
         }

@@ -225,3 +225,73 @@ fn a_missing_source_snapshot_is_a_clear_error() {
     assert!(stderr.contains("--from"), "{stderr}");
     assert!(!mount.is_mounted());
 }
+
+#[test]
+fn a_read_only_mount_follows_the_store_another_volume_writes() {
+    let s3 = S3Env::garage();
+    let prefix = unique_prefix("follow");
+    let writer = mount_with(&s3, &["--store", &s3.url(&prefix)]);
+    fs::create_dir(writer.path().join("d")).expect("mkdir");
+    fs::write(writer.path().join("d/f"), pattern(3 * BLOCK, 4)).expect("write");
+    fs::create_dir(writer.path().join(".snapshots/one")).expect("snapshot");
+    wait_completed(&writer, "one");
+    let before = keys(&s3, &prefix);
+
+    let reader = mount_with(
+        &s3,
+        &[
+            "--store",
+            &s3.url(&prefix),
+            "--read-only",
+            "--follow-interval",
+            "1",
+        ],
+    );
+    assert_eq!(
+        contents(&reader.path().join(".snapshots/one")),
+        contents(&writer.path().join(".snapshots/one"))
+    );
+    assert_eq!(
+        contents(reader.path()),
+        contents(&writer.path().join(".snapshots/one"))
+    );
+    assert_eq!(
+        keys(&s3, &prefix),
+        before,
+        "the reader writes nothing to the store"
+    );
+    assert_eq!(
+        errno(fs::write(reader.path().join("new"), b"x")),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(fs::create_dir(reader.path().join(".snapshots/mine"))),
+        libc::EROFS
+    );
+
+    // The writer goes on: a change, a new snapshot, a deleted one.
+    fs::write(writer.path().join("d/f"), b"changed").expect("write");
+    fs::write(writer.path().join("g"), b"new file").expect("write");
+    fs::create_dir(writer.path().join(".snapshots/two")).expect("snapshot");
+    wait_completed(&writer, "two");
+    fs::remove_dir(writer.path().join(".snapshots/one")).expect("rmdir");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reader.path().join(".snapshots/one").exists()
+        || !reader.path().join(".snapshots/two").exists()
+    {
+        assert!(Instant::now() < deadline, "the reader did not follow");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        fs::read(reader.path().join(".snapshots/two/d/f")).expect("read"),
+        b"changed"
+    );
+    assert_eq!(
+        fs::read(reader.path().join("g")).expect("read"),
+        b"new file"
+    );
+    assert_eq!(
+        fs::read(reader.path().join("d/f")).expect("read"),
+        b"changed"
+    );
+}

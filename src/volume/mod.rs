@@ -218,6 +218,15 @@ impl Volume {
         }
     }
 
+    /// A setting kept with the volume (store URLs, what a follower has imported).
+    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+        Ok(lock(&self.catalog).read(|tx| tx.setting(key))?)
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        Ok(lock(&self.catalog).write(|tx| tx.set_setting(key, value))?)
+    }
+
     /// The store of the volume this one was made from (`--from`), if any.
     pub fn origin(&self) -> Result<Option<StoreUrl>> {
         Ok(self

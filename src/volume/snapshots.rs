@@ -172,6 +172,27 @@ impl Volume {
         self.snapshot_info(row.id)
     }
 
+    /// Pins the live tree as a snapshot that is already safe in a store: a read-only mount
+    /// following the store of another machine's volume (see `follow`).
+    pub fn pin_followed_snapshot(
+        &self,
+        name: &[u8],
+        created: i64,
+        tags: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<()> {
+        check_snapshot_name(name)?;
+        let _writers_held = write(&self.gate);
+        if self.snapshot_by_name(name).is_ok() {
+            return Err(Error::Exists);
+        }
+        let row = lock(&self.catalog).create_snapshot(name, created, "completed")?;
+        lock(&self.catalog).write(|tx| {
+            tags.iter()
+                .try_for_each(|(key, value)| tx.set_snapshot_tag(row.id, key, value))
+        })?;
+        self.load_snapshots()
+    }
+
     /// Deletes a snapshot, freeing the rows and blocks nothing else needs.
     pub fn delete_snapshot(&self, name: &[u8]) -> Result<()> {
         let row = self.snapshot_by_name(name)?;

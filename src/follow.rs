@@ -1,0 +1,142 @@
+//! Read-only mounts that follow a store another machine's volume uploads to
+//! (`snapfs mount --read-only --store URL`): each completed snapshot in the store becomes a
+//! snapshot here, and the live tree shows the latest one. Blocks are fetched on first read.
+//! The store is never written.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crate::restore::{StoreSource, store_snapshots};
+use crate::store::StoreUrl;
+use crate::volume::Volume;
+
+/// The setting that names the store a data dir follows, and the last snapshot id imported.
+const FOLLOWS: &str = "follows";
+const FOLLOWED_ID: &str = "followed_id";
+
+/// Checks that `volume` may follow `url` (a new data dir, or one that already follows it).
+pub fn claim(volume: &Volume, url: &StoreUrl) -> Result<(), String> {
+    match volume.setting(FOLLOWS).map_err(|e| e.to_string())? {
+        Some(followed) if followed == url.to_string() => Ok(()),
+        Some(followed) => Err(format!("this data dir follows {followed}, not {url}")),
+        None if volume.is_new().map_err(|e| e.to_string())?
+            && volume
+                .setting("store")
+                .map_err(|e| e.to_string())?
+                .is_none() =>
+        {
+            volume
+                .set_setting(FOLLOWS, &url.to_string())
+                .map_err(|e| e.to_string())
+        }
+        None => Err(
+            "this data dir holds a volume of its own: --read-only needs a new data dir (--data)"
+                .into(),
+        ),
+    }
+}
+
+/// Imports the snapshots completed in the store since the last call, in order, and drops
+/// those deleted there, telling `forget` each name dropped (the kernel caches names).
+/// Returns how many were imported.
+pub fn follow_once(
+    volume: &Volume,
+    url: &StoreUrl,
+    forget: &dyn Fn(&[u8]),
+) -> Result<usize, String> {
+    let listing = store_snapshots(url).map_err(|e| e.to_string())?;
+    for damaged in &listing.damaged {
+        tracing::warn!(url = %url, "{damaged}");
+    }
+    let first_new: u64 = volume
+        .setting(FOLLOWED_ID)
+        .map_err(|e| e.to_string())?
+        .and_then(|id| id.parse().ok())
+        .unwrap_or(0);
+    let mut imported = 0;
+    for manifest in listing.snapshots.iter().filter(|m| m.id > first_new) {
+        let name = manifest.name.clone();
+        let source = StoreSource::for_manifest(url, manifest.clone(), listing.origin.as_ref())
+            .map_err(|e| e.to_string())?;
+        volume.sync_to(&source, true).map_err(|e| e.to_string())?;
+        match volume.pin_followed_snapshot(&name, manifest.created, &manifest.tags) {
+            Ok(()) => imported += 1,
+            Err(e) => {
+                tracing::warn!(name = %String::from_utf8_lossy(&name), error = %e, "snapshot not followed")
+            }
+        }
+        volume
+            .set_setting(FOLLOWED_ID, &manifest.id.to_string())
+            .map_err(|e| e.to_string())?;
+    }
+    let remaining: HashSet<&[u8]> = listing
+        .snapshots
+        .iter()
+        .map(|m| m.name.as_slice())
+        .collect();
+    for local in volume.list_snapshots() {
+        if !remaining.contains(local.name.as_slice()) {
+            volume
+                .delete_snapshot(&local.name)
+                .map_err(|e| e.to_string())?;
+            forget(&local.name);
+        }
+    }
+    Ok(imported)
+}
+
+/// Called with the name of each snapshot deleted in the store.
+pub type Forget = Box<dyn Fn(&[u8]) + Send>;
+
+/// A thread that calls `follow_once` every `interval` until stopped.
+pub struct Follower {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Follower {
+    pub fn start(
+        volume: Arc<Volume>,
+        url: StoreUrl,
+        interval: Duration,
+        forget: Forget,
+    ) -> std::io::Result<Follower> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("follower".into())
+            .spawn(move || {
+                let (flag, wake) = &*stopping;
+                let mut stopped = crate::sync::lock(flag);
+                while !*stopped {
+                    stopped = wake
+                        .wait_timeout(stopped, interval)
+                        .map(|(guard, _)| guard)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+                    if *stopped {
+                        break;
+                    }
+                    drop(stopped);
+                    match follow_once(&volume, &url, &*forget) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(imported = n, "followed new snapshots"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "following the store failed; retrying")
+                        }
+                    }
+                    stopped = crate::sync::lock(flag);
+                }
+            })?;
+        Ok(Follower { stop, thread })
+    }
+
+    pub fn stop(self) {
+        let (flag, wake) = &*self.stop;
+        *crate::sync::lock(flag) = true;
+        wake.notify_all();
+        if self.thread.join().is_err() {
+            tracing::error!("the follower thread panicked");
+        }
+    }
+}
