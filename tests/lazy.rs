@@ -13,36 +13,6 @@ use std::time::{Duration, Instant};
 use common::s3::{S3Env, unique_prefix};
 use common::*;
 
-fn aws_vars(s3: &S3Env) -> Vec<(String, String)> {
-    let mut cmd = std::process::Command::new("true");
-    s3.apply(&mut cmd);
-    cmd.get_envs()
-        .filter_map(|(k, v)| Some((k.to_str()?.to_owned(), v?.to_str()?.to_owned())))
-        .collect()
-}
-
-fn mount_with(s3: &S3Env, args: &[&str]) -> Mount {
-    let mut mount = Mount::unmounted();
-    mount.set_env(aws_vars(s3));
-    mount.set_args(args);
-    mount.remount();
-    mount
-}
-
-fn wait_completed(mount: &Mount, name: &str) {
-    let dir = mount.path().join(".snapshots").join(name);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let state = getxattr(&dir, "user.snapfs.state").expect("state");
-        if state == b"completed" {
-            return;
-        }
-        assert_eq!(state, b"pending", "{}", mount.daemon_log());
-        assert!(Instant::now() < deadline, "{name} not completed");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn keys(s3: &S3Env, prefix: &str) -> BTreeSet<String> {
     s3.client()
         .list(prefix)
@@ -75,7 +45,7 @@ fn a_volume_from_a_snapshot_is_usable_at_once_and_shares_the_source_blocks() {
     let copy_prefix = unique_prefix("lazy-copy");
 
     // The source volume: some files, a snapshot in the store.
-    let mut source = mount_with(&s3, &["--store", &s3.url(&source_prefix)]);
+    let mut source = s3.mount_store(&source_prefix, &[]);
     fs::create_dir_all(source.path().join("dir/sub")).expect("mkdir");
     fs::write(source.path().join("dir/big"), pattern(10 * BLOCK + 5, 1)).expect("write");
     fs::write(source.path().join("dir/sub/small"), b"small file").expect("write");
@@ -93,7 +63,7 @@ fn a_volume_from_a_snapshot_is_usable_at_once_and_shares_the_source_blocks() {
 
     // The new volume: metadata at once, no block local until read.
     let from = format!("{}@base", s3.url(&source_prefix));
-    let mut copy = mount_with(&s3, &["--from", &from, "--store", &s3.url(&copy_prefix)]);
+    let mut copy = s3.mount(&["--from", &from, "--store", &s3.url(&copy_prefix)]);
     assert!(
         block_files(copy.data_dir()).is_empty(),
         "no block fetched yet"
@@ -183,7 +153,7 @@ fn a_volume_from_a_snapshot_is_usable_at_once_and_shares_the_source_blocks() {
 fn hydrate_fetches_every_block_of_the_live_volume() {
     let s3 = S3Env::s3s();
     let source_prefix = unique_prefix("hydrate-source");
-    let mut source = mount_with(&s3, &["--store", &s3.url(&source_prefix)]);
+    let mut source = s3.mount_store(&source_prefix, &[]);
     let data = pattern(12 * BLOCK, 3);
     fs::write(source.path().join("f"), &data).expect("write");
     fs::write(source.path().join("g"), b"tail").expect("write");
@@ -193,7 +163,7 @@ fn hydrate_fetches_every_block_of_the_live_volume() {
 
     let from = format!("{}@s", s3.url(&source_prefix));
     let copy_prefix = unique_prefix("hydrate-copy");
-    let copy = mount_with(&s3, &["--from", &from, "--store", &s3.url(&copy_prefix)]);
+    let copy = s3.mount(&["--from", &from, "--store", &s3.url(&copy_prefix)]);
     assert!(block_files(copy.data_dir()).is_empty());
     let out = run(snapfs().arg("hydrate").arg(copy.path()));
     assert!(
@@ -230,23 +200,20 @@ fn a_missing_source_snapshot_is_a_clear_error() {
 fn a_read_only_mount_follows_the_store_another_volume_writes() {
     let s3 = S3Env::garage();
     let prefix = unique_prefix("follow");
-    let writer = mount_with(&s3, &["--store", &s3.url(&prefix)]);
+    let writer = s3.mount_store(&prefix, &[]);
     fs::create_dir(writer.path().join("d")).expect("mkdir");
     fs::write(writer.path().join("d/f"), pattern(3 * BLOCK, 4)).expect("write");
     fs::create_dir(writer.path().join(".snapshots/one")).expect("snapshot");
     wait_completed(&writer, "one");
     let before = keys(&s3, &prefix);
 
-    let reader = mount_with(
-        &s3,
-        &[
-            "--store",
-            &s3.url(&prefix),
-            "--read-only",
-            "--follow-interval",
-            "1",
-        ],
-    );
+    let reader = s3.mount(&[
+        "--store",
+        &s3.url(&prefix),
+        "--read-only",
+        "--follow-interval",
+        "1",
+    ]);
     assert_eq!(
         contents(&reader.path().join(".snapshots/one")),
         contents(&writer.path().join(".snapshots/one"))

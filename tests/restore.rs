@@ -20,67 +20,9 @@ use snapfs::blocks::BlockHash;
 use snapfs::catalog::Kind;
 use snapfs::manifest::{self, Content, Entry, SnapshotManifest};
 
-const COMPLETION_TIMEOUT: Duration = Duration::from_secs(120);
-
 // ---------------------------------------------------------------------------------------
 // Mounts, snapshots, commands
 // ---------------------------------------------------------------------------------------
-
-fn aws_vars(s3: &S3Env) -> Vec<(String, String)> {
-    [
-        ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
-        ("AWS_ACCESS_KEY_ID", s3.access_key.as_str()),
-        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.as_str()),
-        ("AWS_REGION", s3.region.as_str()),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
-}
-
-/// A mount uploading to `prefix` of `s3`'s bucket.
-fn mount_to(s3: &S3Env, prefix: &str) -> Mount {
-    let mut mount = Mount::unmounted();
-    mount.set_env(aws_vars(s3));
-    let url = s3.url(prefix);
-    mount.set_args(&["--store", url.as_str()]);
-    mount.remount();
-    mount
-}
-
-fn snapshot_dir(mount: &Mount, name: &str) -> PathBuf {
-    mount.path().join(".snapshots").join(name)
-}
-
-fn take_snapshot(mount: &Mount, name: &str) -> PathBuf {
-    let dir = snapshot_dir(mount, name);
-    fs::create_dir(&dir).expect("mkdir .snapshots/NAME");
-    dir
-}
-
-fn snapshot_attr(mount: &Mount, name: &str, attr: &str) -> String {
-    let value = getxattr(&snapshot_dir(mount, name), attr).expect("snapshot xattr");
-    String::from_utf8(value).expect("utf-8 xattr")
-}
-
-/// Waits until snapshot `name` is `completed` (in the store).
-fn wait_completed(mount: &Mount, name: &str) {
-    let deadline = Instant::now() + COMPLETION_TIMEOUT;
-    loop {
-        let state = snapshot_attr(mount, name, "user.snapfs.state");
-        match state.as_str() {
-            "completed" => return,
-            "pending" if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            _ => panic!(
-                "snapshot {name} is {state}; daemon log:\n{}",
-                mount.daemon_log()
-            ),
-        }
-    }
-}
 
 /// `snapfs restore WHAT DEST --mount MP [extra]`
 fn restore_local(mount: &Mount, what: &str, dest: &Path, extra: &[&str]) -> Output {
@@ -146,18 +88,6 @@ fn assert_fails_with(out: &Output, needles: &[&str], what: &str) {
 // ---------------------------------------------------------------------------------------
 // Trees and their comparison
 // ---------------------------------------------------------------------------------------
-
-/// Compressible text.
-fn text(len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 64);
-    let mut line = 0u64;
-    while out.len() < len {
-        out.extend_from_slice(format!("line {line}: nothing to report\n").as_bytes());
-        line += 1;
-    }
-    out.truncate(len);
-    out
-}
 
 fn chmod(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
@@ -416,7 +346,7 @@ fn a_snapshot_restores_from_the_bucket_alone_on_both_servers() {
     for (server, s3) in S3Env::all() {
         let prefix = unique_prefix(&format!("restore-{server}"));
         let url = s3.url(&prefix);
-        let mut mount = mount_to(&s3, &prefix);
+        let mut mount = s3.mount_store(&prefix, &[]);
         build_tree(mount.path());
         let snap = take_snapshot(&mount, "snap");
         modify_tree(mount.path());
@@ -550,7 +480,7 @@ fn paths_and_names_from_the_bucket_alone() {
     let s3 = S3Env::garage();
     let prefix = unique_prefix("restore-paths");
     let url = s3.url(&prefix);
-    let mount = mount_to(&s3, &prefix);
+    let mount = s3.mount_store(&prefix, &[]);
     fs::create_dir_all(mount.path().join("a/b")).expect("mkdir");
     fs::write(mount.path().join("a/b/f"), pattern(BLOCK + 3, 20)).expect("write");
     fs::write(mount.path().join("a/file"), b"file").expect("write");
@@ -1183,7 +1113,7 @@ fn a_corrupt_block_in_the_bucket_leaves_out_its_file_only() {
     for (server, s3) in S3Env::all() {
         let prefix = unique_prefix(&format!("restore-corrupt-{server}"));
         let url = s3.url(&prefix);
-        let mount = mount_to(&s3, &prefix);
+        let mount = s3.mount_store(&prefix, &[]);
         let bad = corruptible_tree(mount.path());
         let snap = take_snapshot(&mount, "snap");
         wait_completed(&mount, "snap");

@@ -13,67 +13,6 @@ use common::*;
 use snapfs::blocks::BlockHash;
 use snapfs::manifest::{self, Content, Entry};
 
-/// Long enough for a few MiB through a fault-ridden store on a loaded machine.
-const COMPLETION_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn aws_vars(s3: &S3Env) -> Vec<(String, String)> {
-    [
-        ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
-        ("AWS_ACCESS_KEY_ID", s3.access_key.as_str()),
-        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.as_str()),
-        ("AWS_REGION", s3.region.as_str()),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
-}
-
-/// A mount uploading to `prefix` of `s3`'s bucket.
-fn mount_to(s3: &S3Env, prefix: &str, extra: &[&str]) -> Mount {
-    let mut mount = Mount::unmounted();
-    mount.set_env(aws_vars(s3));
-    let url = s3.url(prefix);
-    let mut args = vec!["--store", url.as_str()];
-    args.extend_from_slice(extra);
-    mount.set_args(&args);
-    mount.remount();
-    mount
-}
-
-fn snapshot_dir(mount: &Mount, name: &str) -> std::path::PathBuf {
-    mount.path().join(".snapshots").join(name)
-}
-
-fn take_snapshot(mount: &Mount, name: &str) {
-    fs::create_dir(snapshot_dir(mount, name)).expect("mkdir .snapshots/NAME");
-}
-
-fn snapshot_attr(mount: &Mount, name: &str, attr: &str) -> String {
-    let value = getxattr(&snapshot_dir(mount, name), attr).expect("snapshot xattr");
-    String::from_utf8(value).expect("utf-8 xattr")
-}
-
-/// Waits until snapshot `name` is `completed`; panics with its state and the daemon log
-/// if it fails or takes too long.
-fn wait_completed(mount: &Mount, name: &str) {
-    let deadline = Instant::now() + COMPLETION_TIMEOUT;
-    loop {
-        let state = snapshot_attr(mount, name, "user.snapfs.state");
-        match state.as_str() {
-            "completed" => return,
-            "pending" if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            _ => panic!(
-                "snapshot {name} is {state} ({}); daemon log:\n{}",
-                snapshot_attr(mount, name, "user.snapfs.progress"),
-                mount.daemon_log()
-            ),
-        }
-    }
-}
-
 /// Sent bytes of a snapshot, from `user.snapfs.progress` ("SENT/TOTAL bytes ...").
 fn sent_bytes(mount: &Mount, name: &str) -> u64 {
     let progress = snapshot_attr(mount, name, "user.snapfs.progress");
@@ -146,23 +85,11 @@ fn file_blocks(entry: &Entry) -> Vec<String> {
     }
 }
 
-/// Compressible text whose blocks all differ.
-fn text(len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 64);
-    let mut line = 0u64;
-    while out.len() < len {
-        out.extend_from_slice(format!("log line {line}: all quiet on the volume\n").as_bytes());
-        line += 1;
-    }
-    out.truncate(len);
-    out
-}
-
 #[test]
 fn snapshots_reach_both_servers_as_verified_zstd_blocks_and_manifests() {
     for (server, s3) in S3Env::all() {
         let prefix = unique_prefix(&format!("basic-{server}"));
-        let mount = mount_to(&s3, &prefix, &[]);
+        let mount = s3.mount_store(&prefix, &[]);
         let random = pattern(4 * BLOCK + 1000, 1);
         let words = text(3 * BLOCK);
         fs::write(mount.path().join("random"), &random).expect("write");
@@ -214,7 +141,7 @@ fn snapshots_reach_both_servers_as_verified_zstd_blocks_and_manifests() {
 fn a_later_snapshot_sends_only_the_changed_block() {
     let s3 = S3Env::garage();
     let prefix = unique_prefix("incremental");
-    let mount = mount_to(&s3, &prefix, &[]);
+    let mount = s3.mount_store(&prefix, &[]);
     let data = pattern(8 * BLOCK, 2);
     fs::write(mount.path().join("big"), &data).expect("write");
     fs::write(mount.path().join("other"), pattern(BLOCK, 3)).expect("write");
@@ -259,7 +186,7 @@ fn a_later_snapshot_sends_only_the_changed_block() {
 fn deleting_snapshots_deletes_the_objects_only_they_needed() {
     let s3 = S3Env::s3s();
     let prefix = unique_prefix("delete");
-    let mount = mount_to(&s3, &prefix, &[]);
+    let mount = s3.mount_store(&prefix, &[]);
     let old = pattern(2 * BLOCK, 5);
     let new = pattern(2 * BLOCK, 6);
     fs::write(mount.path().join("f"), &old).expect("write");
@@ -355,7 +282,7 @@ fn bad_stores_are_refused_before_mounting_with_one_line_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid store URL"));
 
     // A prefix that holds another volume.
-    let first = mount_to(&s3, &prefix, &[]);
+    let first = s3.mount_store(&prefix, &[]);
     drop(first);
     let out = try_mount(&mount, &s3, &s3.url(&prefix));
     assert_refused(&out, &["another snapfs volume"], &s3.secret_key);
@@ -367,7 +294,7 @@ fn uploads_ride_out_throttling_errors_and_resets() {
     let s3 = S3Env::garage();
     let (proxy, through) = FaultProxy::for_env(&s3);
     let prefix = unique_prefix("faults");
-    let mount = mount_to(&through, &prefix, &["--upload-concurrency", "4"]);
+    let mount = through.mount_store(&prefix, &["--upload-concurrency", "4"]);
     let data = pattern(12 * BLOCK, 7);
     fs::write(mount.path().join("f"), &data).expect("write");
 
@@ -404,7 +331,7 @@ fn a_killed_daemon_resumes_its_upload_at_the_next_mount() {
     let s3 = S3Env::garage();
     let prefix = unique_prefix("resume");
     // Slow enough to be killed mid-way: 12 MiB at 1 MiB/s.
-    let mut mount = mount_to(&s3, &prefix, &["--upload-limit", "1M"]);
+    let mut mount = s3.mount_store(&prefix, &["--upload-limit", "1M"]);
     let data = pattern(48 * BLOCK, 8);
     fs::write(mount.path().join("f"), &data).expect("write");
     let file = fs::File::open(mount.path().join("f")).expect("open");
@@ -435,7 +362,7 @@ fn a_killed_daemon_resumes_its_upload_at_the_next_mount() {
 fn live_writes_during_an_upload_do_not_change_what_is_uploaded() {
     let s3 = S3Env::s3s();
     let prefix = unique_prefix("isolation");
-    let mount = mount_to(&s3, &prefix, &["--upload-limit", "4M"]);
+    let mount = s3.mount_store(&prefix, &["--upload-limit", "4M"]);
     let original = pattern(16 * BLOCK, 9);
     fs::write(mount.path().join("f"), &original).expect("write");
     fs::write(mount.path().join("gone"), pattern(4 * BLOCK, 10)).expect("write");
@@ -465,7 +392,7 @@ fn live_writes_during_an_upload_do_not_change_what_is_uploaded() {
 fn the_upload_limit_bounds_the_rate() {
     let s3 = S3Env::s3s();
     let prefix = unique_prefix("limit");
-    let mount = mount_to(&s3, &prefix, &["--upload-limit", "1M"]);
+    let mount = s3.mount_store(&prefix, &["--upload-limit", "1M"]);
     fs::write(mount.path().join("f"), pattern(12 * BLOCK, 12)).expect("write");
     let start = Instant::now();
     take_snapshot(&mount, "s");
@@ -482,7 +409,7 @@ fn the_upload_limit_bounds_the_rate() {
 fn the_store_is_remembered_and_another_one_refused() {
     let s3 = S3Env::s3s();
     let prefix = unique_prefix("remember");
-    let mut mount = mount_to(&s3, &prefix, &[]);
+    let mut mount = s3.mount_store(&prefix, &[]);
     fs::write(mount.path().join("f"), b"remembered").expect("write");
     mount.unmount();
     // No --store: the volume keeps uploading where it did.
@@ -509,7 +436,7 @@ fn a_bounded_cache_evicts_stored_blocks_and_reads_fetch_them_again() {
     let s3 = S3Env::garage();
     let prefix = unique_prefix("cache");
     // 1 MiB: four 256 KiB blocks of what the store holds may stay local.
-    let mut mount = mount_to(&s3, &prefix, &["--cache-size", "1M"]);
+    let mut mount = s3.mount_store(&prefix, &["--cache-size", "1M"]);
     let random = pattern(16 * BLOCK, 13);
     let words = text(8 * BLOCK);
     fs::write(mount.path().join("random"), &random).expect("write");

@@ -397,6 +397,60 @@ fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
     usize::try_from(ret).map_err(|_| io::Error::last_os_error())
 }
 
+/// How long a snapshot may take to reach `completed`: a few MiB through a fault-ridden
+/// store on a loaded machine.
+pub const COMPLETION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `MOUNTPOINT/.snapshots/NAME`
+pub fn snapshot_dir(mount: &Mount, name: &str) -> PathBuf {
+    mount.path().join(".snapshots").join(name)
+}
+
+/// Takes snapshot `name` by mkdir; returns its directory.
+pub fn take_snapshot(mount: &Mount, name: &str) -> PathBuf {
+    let dir = snapshot_dir(mount, name);
+    fs::create_dir(&dir).expect("mkdir .snapshots/NAME");
+    dir
+}
+
+/// A `user.snapfs.*` (or tag) xattr of snapshot `name`, as text.
+pub fn snapshot_attr(mount: &Mount, name: &str, attr: &str) -> String {
+    let value = getxattr(&snapshot_dir(mount, name), attr).expect("snapshot xattr");
+    String::from_utf8(value).expect("utf-8 xattr")
+}
+
+/// Waits until snapshot `name` is `completed`; panics with its state, progress and the
+/// daemon log if it is anything but `pending` meanwhile, or takes too long.
+pub fn wait_completed(mount: &Mount, name: &str) {
+    let deadline = Instant::now() + COMPLETION_TIMEOUT;
+    loop {
+        let state = snapshot_attr(mount, name, "user.snapfs.state");
+        match state.as_str() {
+            "completed" => return,
+            "pending" if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            _ => panic!(
+                "snapshot {name} is {state} ({}); daemon log:\n{}",
+                snapshot_attr(mount, name, "user.snapfs.progress"),
+                mount.daemon_log()
+            ),
+        }
+    }
+}
+
+/// Compressible text whose blocks all differ.
+pub fn text(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 64);
+    let mut line = 0u64;
+    while out.len() < len {
+        out.extend_from_slice(format!("log line {line}: all quiet on the volume\n").as_bytes());
+        line += 1;
+    }
+    out.truncate(len);
+    out
+}
+
 /// Deterministic pseudo-random bytes (xorshift64*): distinct seeds give distinct blocks,
 /// so the content-addressed store cannot deduplicate them.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {

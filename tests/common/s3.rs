@@ -96,17 +96,45 @@ impl S3Env {
         Ok(env)
     }
 
+    /// The standard AWS variables that point an AWS SDK at this server.
+    pub fn vars(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", self.access_key.as_str()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key.as_str()),
+            ("AWS_REGION", self.region.as_str()),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
     /// Sets the standard AWS variables on `cmd` (and clears those that would override
     /// them), so an AWS SDK in the child talks to this server.
     pub fn apply(&self, cmd: &mut Command) {
-        cmd.env("AWS_ENDPOINT_URL", &self.endpoint)
-            .env("AWS_ACCESS_KEY_ID", &self.access_key)
-            .env("AWS_SECRET_ACCESS_KEY", &self.secret_key)
-            .env("AWS_REGION", &self.region)
-            .env("AWS_EC2_METADATA_DISABLED", "true")
+        cmd.envs(self.vars())
             .env_remove("AWS_SESSION_TOKEN")
             .env_remove("AWS_PROFILE")
             .env_remove("AWS_DEFAULT_REGION");
+    }
+
+    /// A snapfs mount (in the foreground, its own temp dir) whose daemon talks to this
+    /// server, with `snapfs mount` arguments `args`.
+    pub fn mount(&self, args: &[&str]) -> super::Mount {
+        let mut mount = super::Mount::unmounted();
+        mount.set_env(self.vars());
+        mount.set_args(args);
+        mount.remount();
+        mount
+    }
+
+    /// A mount uploading to `prefix` of this server's bucket, with `extra` arguments.
+    pub fn mount_store(&self, prefix: &str, extra: &[&str]) -> super::Mount {
+        let url = self.url(prefix);
+        let mut args = vec!["--store", url.as_str()];
+        args.extend_from_slice(extra);
+        self.mount(&args)
     }
 
     /// The same server reached through another endpoint (a `FaultProxy::url()`).
