@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use super::*;
 use crate::manifest::{decode_snapshot, decode_tree, decompress};
 use crate::store::{LocalStore, StoreFuture};
+use crate::volume::tests::pattern;
 use crate::volume::{Caller, NodeId, Options, View};
 
 const ME: Caller = Caller { uid: 0, gid: 0 };
@@ -214,19 +215,6 @@ impl Setup {
         );
         decode_tree(&encoded).expect("tree decodes")
     }
-}
-
-/// Distinct, incompressible-ish, non-zero bytes.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    let mut state = u64::from(seed) * 0x9E37_79B9_7F4A_7C15 + 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state as u8) | 1
-        })
-        .collect()
 }
 
 fn blocks_of(entry: &Entry) -> &[(u64, BlockHash)] {

@@ -1076,4 +1076,4 @@ fn apply_setattr(row: &mut InodeRow, set: &SetAttr, time: i64) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
