@@ -973,7 +973,12 @@ impl Tx<'_> {
     }
 
     pub fn snapshots(&self) -> Result<Vec<SnapshotRow>> {
-        let sql = format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots ORDER BY id");
+        self.snapshot_rows("ORDER BY id")
+    }
+
+    /// The snapshots a clause (`WHERE ... ORDER BY ...`) selects.
+    fn snapshot_rows(&self, clause: &str) -> Result<Vec<SnapshotRow>> {
+        let sql = format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots {clause}");
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let mut rows = stmt.query([])?;
         let mut found = Vec::new();

@@ -83,17 +83,27 @@ impl Tx<'_> {
     /// The blocks snapshot `g` sees that the store lacks: those mapped after `base` (the
     /// block-map birth index reads only them) and not yet stored.
     pub fn upload_set(&self, base: u64, g: u64) -> Result<Vec<(BlockHash, u32)>> {
-        let mut stmt = self.conn.prepare_cached(
+        self.blocks_with_len(
             "SELECT b.hash, b.len FROM blocks b WHERE b.stored = 0 AND b.hash IN (
                  SELECT hash FROM blockmap
                  WHERE birth > :base AND birth <= :g AND (death IS NULL OR death > :g))",
-        )?;
-        let mut rows = stmt.query(rusqlite::named_params! {":base": base, ":g": g})?;
-        let mut set = Vec::new();
+            rusqlite::named_params! {":base": base, ":g": g},
+        )
+    }
+
+    /// The (hash, length) rows of a query on `blocks`.
+    fn blocks_with_len(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<(BlockHash, u32)>> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(params)?;
+        let mut found = Vec::new();
         while let Some(row) = rows.next()? {
-            set.push((hash_of(row.get(0)?)?, row.get(1)?));
+            found.push((hash_of(row.get(0)?)?, row.get(1)?));
         }
-        Ok(set)
+        Ok(found)
     }
 
     pub fn set_upload_totals(&self, id: u64, blocks: u64, bytes: u64) -> Result<()> {
@@ -134,15 +144,10 @@ impl Tx<'_> {
     /// Blocks safe in the store that are also on the local disk: what a bounded cache may
     /// evict.
     pub fn evictable_blocks(&self) -> Result<Vec<(BlockHash, u32)>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT hash, len FROM blocks WHERE stored != 0 AND local = 1")?;
-        let mut rows = stmt.query([])?;
-        let mut found = Vec::new();
-        while let Some(row) = rows.next()? {
-            found.push((hash_of(row.get(0)?)?, row.get(1)?));
-        }
-        Ok(found)
+        self.blocks_with_len(
+            "SELECT hash, len FROM blocks WHERE stored != 0 AND local = 1",
+            [],
+        )
     }
 
     /// Records whether a stored block (in this volume's store or its origin's) is on the
@@ -313,17 +318,9 @@ impl Tx<'_> {
 
     /// Completed snapshots renamed or retagged since their manifest object was written.
     pub fn stale_manifests(&self) -> Result<Vec<SnapshotRow>> {
-        let sql = format!(
-            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots
-             WHERE state = 'completed' AND manifest_written != manifest_version"
-        );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let mut rows = stmt.query([])?;
-        let mut found = Vec::new();
-        while let Some(row) = rows.next()? {
-            found.push(SnapshotRow::try_from(row)?);
-        }
-        Ok(found)
+        self.snapshot_rows(
+            "WHERE state = 'completed' AND manifest_written != manifest_version ORDER BY id",
+        )
     }
 
     /// The version of snapshot `id`'s name and tags, to pass to `manifest_written` once a
