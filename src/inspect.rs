@@ -34,18 +34,8 @@ pub struct Inspector {
 
 impl Inspector {
     pub fn open(data_dir: &Path) -> Result<Inspector> {
-        let path = data_dir.join("catalog.db");
-        if !path.exists() {
-            return Err(Error::DataDir {
-                path: data_dir.to_owned(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no snapfs volume here (no catalog.db)",
-                ),
-            });
-        }
         Ok(Inspector {
-            catalog: Catalog::open_read_only(&path)?,
+            catalog: Catalog::open_data_dir_read_only(data_dir)?,
         })
     }
 

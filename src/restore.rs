@@ -113,17 +113,7 @@ impl StoreChain {
 
 impl LocalSource {
     pub fn open(data_dir: &Path, snapshot: &str) -> Result<LocalSource> {
-        let path = data_dir.join("catalog.db");
-        if !path.exists() {
-            return Err(RestoreError::Io {
-                path: data_dir.to_owned(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no snapfs volume here (no catalog.db)",
-                ),
-            });
-        }
-        let catalog = Catalog::open_read_only(&path)?;
+        let catalog = Catalog::open_data_dir_read_only(data_dir)?;
         let row = catalog
             .read(|tx| tx.snapshots())?
             .into_iter()

@@ -44,6 +44,8 @@ pub enum Error {
         "{path} is an SQLite database of another program, not a snapfs catalog; left untouched"
     )]
     Foreign { path: PathBuf },
+    #[error("data dir {0}: no snapfs volume here (no catalog.db)")]
+    NoVolume(PathBuf),
     #[error("catalog query failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("catalog is inconsistent: {0}")]
@@ -253,6 +255,16 @@ impl Catalog {
             .try_into()
             .map_err(|_| Error::Corrupt("block size out of range".into()))?;
         Ok(catalog)
+    }
+
+    /// Opens the catalog of the volume in `data_dir` for reading only; a dir without one
+    /// is `NoVolume` (nothing is created).
+    pub fn open_data_dir_read_only(data_dir: &Path) -> Result<Catalog> {
+        let path = data_dir.join("catalog.db");
+        if !path.exists() {
+            return Err(Error::NoVolume(data_dir.to_owned()));
+        }
+        Catalog::open_read_only(&path)
     }
 
     /// Opens an existing catalog for reading only (CLI commands beside a running mount).
