@@ -10,7 +10,7 @@ use lru::LruCache;
 use super::{Error, Result, Volume};
 use crate::blocks::{BlockError, BlockHash};
 use crate::store::{self, ObjectStore};
-use crate::sync::lock;
+use crate::sync::{Mutex, lock};
 
 /// The volume's object store, reachable from the read path.
 pub struct Remote {
@@ -18,22 +18,15 @@ pub struct Remote {
     runtime: tokio::runtime::Handle,
 }
 
-/// Stored blocks on the local disk, least recently used first, and their bytes.
+/// Stored blocks on the local disk, least recently used first, and their bytes: kept
+/// only under `--cache-size`.
 pub struct Evictable {
-    limit: Option<u64>,
+    limit: u64,
     blocks: LruCache<BlockHash, u32>,
     bytes: u64,
 }
 
 impl Evictable {
-    pub fn unbounded() -> Evictable {
-        Evictable {
-            limit: None,
-            blocks: LruCache::unbounded(),
-            bytes: 0,
-        }
-    }
-
     fn admit(&mut self, hash: BlockHash, len: u32) {
         if self.blocks.put(hash, len).is_none() {
             self.bytes += u64::from(len);
@@ -42,8 +35,7 @@ impl Evictable {
 
     /// The next block to evict while over the limit.
     fn over_limit(&mut self) -> Option<BlockHash> {
-        let limit = self.limit?;
-        if self.bytes <= limit {
+        if self.bytes <= self.limit {
             return None;
         }
         let (hash, len) = self.blocks.pop_lru()?;
@@ -61,13 +53,18 @@ impl Volume {
         runtime: tokio::runtime::Handle,
         cache_size: Option<u64>,
     ) -> Result<()> {
-        let evictable = lock(&self.catalog).read(|tx| tx.evictable_blocks())?;
-        {
-            let mut cache = lock(&self.evictable);
-            cache.limit = cache_size;
-            for (hash, len) in evictable {
+        // Without a limit nothing is evicted: no need to know what could be, at mount or
+        // on each read.
+        if let Some(limit) = cache_size {
+            let mut cache = Evictable {
+                limit,
+                blocks: LruCache::unbounded(),
+                bytes: 0,
+            };
+            for (hash, len) in lock(&self.catalog).read(|tx| tx.evictable_blocks())? {
                 cache.admit(hash, len);
             }
+            let _ = self.evictable.set(Mutex::new(cache));
         }
         // A second attach (a test reattaching) keeps the first store.
         let _ = self.remote.set(Remote { store, runtime });
@@ -83,7 +80,9 @@ impl Volume {
     pub(super) fn block(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>> {
         match self.blocks.get(hash) {
             Ok(data) => {
-                lock(&self.evictable).blocks.promote(hash);
+                if let Some(cache) = self.evictable.get() {
+                    lock(cache).blocks.promote(hash);
+                }
                 Ok(data)
             }
             Err(BlockError::Missing { .. })
@@ -118,8 +117,9 @@ impl Volume {
                 })
             })?;
         self.blocks.put(hash, &data)?;
-        if lock(&self.catalog).read(|tx| tx.set_block_local(hash, true))? {
-            lock(&self.evictable).admit(*hash, data.len() as u32);
+        let local = lock(&self.catalog).read(|tx| tx.set_block_local(hash, true))?;
+        if let (true, Some(cache)) = (local, self.evictable.get()) {
+            lock(cache).admit(*hash, data.len() as u32);
         }
         self.evict()?;
         Ok(Arc::new(data))
@@ -127,8 +127,11 @@ impl Volume {
 
     /// Blocks that just reached the store: they may now be evicted.
     pub fn blocks_stored(&self, blocks: &[(BlockHash, u32)]) -> Result<()> {
+        let Some(cache) = self.evictable.get() else {
+            return Ok(());
+        };
         {
-            let mut cache = lock(&self.evictable);
+            let mut cache = lock(cache);
             for &(hash, len) in blocks {
                 cache.admit(hash, len);
             }
@@ -138,8 +141,11 @@ impl Volume {
 
     /// Evicts least recently used stored blocks until the cache is within its limit.
     fn evict(&self) -> Result<()> {
+        let Some(cache) = self.evictable.get() else {
+            return Ok(());
+        };
         loop {
-            let Some(hash) = lock(&self.evictable).over_limit() else {
+            let Some(hash) = lock(cache).over_limit() else {
                 return Ok(());
             };
             // Marked first: a crash in between leaves a file the catalog calls evicted,

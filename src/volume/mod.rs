@@ -95,8 +95,8 @@ pub struct Volume {
     remote: std::sync::OnceLock<cache::Remote>,
     /// The store of the volume this one was made from (`--from`), for the blocks they share.
     origin: std::sync::OnceLock<cache::Remote>,
-    /// Stored blocks on the local disk, for eviction under `--cache-size`.
-    evictable: Mutex<cache::Evictable>,
+    /// Stored blocks on the local disk, for eviction under `--cache-size` (set only then).
+    evictable: std::sync::OnceLock<Mutex<cache::Evictable>>,
 }
 
 pub fn now() -> i64 {
@@ -176,7 +176,7 @@ impl Volume {
             upload_wake: Arc::new(tokio::sync::Notify::new()),
             remote: std::sync::OnceLock::new(),
             origin: std::sync::OnceLock::new(),
-            evictable: Mutex::new(cache::Evictable::unbounded()),
+            evictable: std::sync::OnceLock::new(),
         };
         volume.load_snapshots()?;
         volume.remove_orphans()?;
