@@ -117,6 +117,15 @@ fn check_name(name: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// A store URL the catalog remembers; one that no longer parses is a damaged catalog.
+fn parse_remembered(what: &str, url: &str) -> Result<StoreUrl> {
+    StoreUrl::parse(url).map_err(|e| {
+        Error::Catalog(crate::catalog::Error::Corrupt(format!(
+            "remembered {what}: {e}"
+        )))
+    })
+}
+
 fn take_data_dir_lock(dir: &Path) -> Result<fs::File> {
     let data_dir_err = |source| Error::DataDir {
         path: dir.to_owned(),
@@ -199,19 +208,14 @@ impl Volume {
     /// `requested` (a `--store` URL) may only repeat. The default is a directory beside
     /// the volume. A new volume's choice is kept by `remember_store` once it works.
     pub fn store_url(&self, requested: Option<&StoreUrl>) -> Result<StoreUrl> {
-        let remembered = lock(&self.catalog).read(|tx| tx.setting("store"))?;
-        match (remembered, requested) {
+        match (self.setting("store")?, requested) {
             (Some(remembered), Some(requested)) if remembered != requested.to_string() => {
                 Err(Error::StoreMismatch {
                     remembered,
                     requested: requested.to_string(),
                 })
             }
-            (Some(remembered), _) => StoreUrl::parse(&remembered).map_err(|e| {
-                Error::Catalog(crate::catalog::Error::Corrupt(format!(
-                    "remembered store: {e}"
-                )))
-            }),
+            (Some(remembered), _) => parse_remembered("store", &remembered),
             (None, requested) => Ok(requested
                 .cloned()
                 .unwrap_or_else(|| StoreUrl::default_for(&self.dir))),
@@ -229,18 +233,16 @@ impl Volume {
 
     /// The store of the volume this one was made from (`--from`), if any.
     pub fn origin(&self) -> Result<Option<StoreUrl>> {
-        Ok(self
-            .origin_snapshot()?
-            .and_then(|(url, _)| StoreUrl::parse(&url).ok()))
+        self.origin_snapshot()?
+            .map(|(url, _)| parse_remembered("origin", &url))
+            .transpose()
     }
 
     /// The origin's store URL and snapshot name (`--from URL@SNAPSHOT`), if any.
     pub fn origin_snapshot(&self) -> Result<Option<(String, String)>> {
-        Ok(lock(&self.catalog).read(|tx| {
-            Ok::<_, crate::catalog::Error>(
-                tx.setting("origin")?.zip(tx.setting("origin_snapshot")?),
-            )
-        })?)
+        Ok(self
+            .setting("origin")?
+            .zip(self.setting("origin_snapshot")?))
     }
 
     pub fn remember_origin(&self, url: &StoreUrl, snapshot: &str) -> Result<()> {
@@ -251,13 +253,12 @@ impl Volume {
     }
 
     pub fn remember_store(&self, url: &StoreUrl) -> Result<()> {
-        Ok(lock(&self.catalog).write(|tx| tx.set_setting("store", &url.to_string()))?)
+        self.set_setting("store", &url.to_string())
     }
 
     /// The volume's identity in the store (random, made with its catalog).
     pub fn volume_id(&self) -> Result<String> {
-        lock(&self.catalog)
-            .read(|tx| tx.setting("volume_id"))?
+        self.setting("volume_id")?
             .ok_or_else(|| Error::Catalog(crate::catalog::Error::Corrupt("no volume id".into())))
     }
 
