@@ -184,6 +184,11 @@ impl BlockStore {
         Ok(data)
     }
 
+    /// The length of block `hash`'s file, `None` if there is none.
+    pub fn len_of(&self, hash: &BlockHash) -> Option<u64> {
+        fs::metadata(self.path_of(hash)).ok().map(|m| m.len())
+    }
+
     /// Deletes a block no one references any more.
     pub fn remove(&self, hash: &BlockHash) -> Result<(), BlockError> {
         self.lock_cache().pop(hash);

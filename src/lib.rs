@@ -16,4 +16,5 @@ pub mod restore;
 pub mod store;
 pub mod sync;
 pub mod upload;
+pub mod verify;
 pub mod volume;

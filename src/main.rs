@@ -11,6 +11,7 @@ use snapfs::daemon::{self, MountArgs};
 use snapfs::inspect::{Change, Inspector};
 use snapfs::store;
 use snapfs::upload::UploadOptions;
+use snapfs::verify::{self, Options};
 use snapfs::volume::{self, SnapshotInfo};
 
 #[derive(Parser)]
@@ -131,6 +132,35 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
         /// Print a JSON summary at the end (no progress bar).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that a volume is whole: its catalog (SQLite's integrity check and snapfs's
+    /// invariants), its local blocks, and its store (every block, tree and manifest the
+    /// completed snapshots need). With --store, check a store alone.
+    #[command(after_help = "Examples:\n  \
+        snapfs verify --mount ~/work                  # beside a running mount\n  \
+        snapfs verify --data /srv/vol1 --deep         # download and hash every block\n  \
+        snapfs verify --data /srv/vol1 --repair       # unmounted: fix what can be fixed\n  \
+        snapfs verify --store s3://my-bucket/laptop   # the bucket alone\n\n\
+        Exit status: 0 when everything is whole, 1 when problems were found (listed on \
+        stdout), 2 when the check could not run.")]
+    Verify {
+        #[command(flatten)]
+        volume: VolumeSource,
+        /// Check an object store alone, with no data dir: s3://BUCKET[/PREFIX] or file:///DIR.
+        #[arg(long, value_name = "URL", value_parser = parse_store_url,
+              conflicts_with_all = ["data", "mount"])]
+        store: Option<store::StoreUrl>,
+        /// Read and hash every block, local and stored (downloads the whole store).
+        #[arg(long)]
+        deep: bool,
+        /// On an unmounted volume: upload blocks the store lacks or holds damaged from good
+        /// local copies, fetch damaged or missing local blocks from the store, delete block
+        /// files nothing references; then check again.
+        #[arg(long, conflicts_with = "store")]
+        repair: bool,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -301,7 +331,7 @@ fn default_data_dir() -> Result<PathBuf, String> {
         .ok_or_else(|| "neither XDG_DATA_HOME nor HOME is set: pass --data DIR".to_owned())
 }
 
-fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match cli.command {
         Command::Mount {
             mountpoint,
@@ -367,6 +397,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             overwrite,
             json,
         } => restore(&what, &dest, &volume, store.as_ref(), overwrite, json)?,
+        Command::Verify {
+            volume,
+            store,
+            deep,
+            repair,
+            json,
+        } => return verify(&volume, store.as_ref(), Options { deep, repair }, json),
         Command::Diff { from, to, volume } => {
             let inspector = volume.open()?;
             let changes = inspector
@@ -384,7 +421,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> {
@@ -565,25 +602,31 @@ fn tags_json(tags: &[(Vec<u8>, Vec<u8>)]) -> String {
 }
 
 /// A byte progress bar (rate, ETA) on stderr, when it is a terminal and not `--json`.
+/// A progress bar counting bytes, on a terminal only.
 fn progress_bar(json: bool) -> Option<indicatif::ProgressBar> {
+    counting_bar(
+        json,
+        "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+    )
+}
+
+fn counting_bar(json: bool, template: &str) -> Option<indicatif::ProgressBar> {
     use std::io::IsTerminal;
     if json || !std::io::stderr().is_terminal() {
         return None;
     }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     Some(bar)
 }
 
-/// A progress bar for restores, on a terminal only.
-struct RestoreBar(indicatif::ProgressBar);
+/// A progress bar for restores and checks, on a terminal only.
+struct Bar(indicatif::ProgressBar);
 
-impl snapfs::restore::Progress for RestoreBar {
+impl snapfs::restore::Progress for Bar {
     fn total(&self, bytes: u64) {
         self.0.inc_length(bytes);
     }
@@ -606,7 +649,7 @@ fn restore(
         Some(url) => Box::new(StoreSource::open(url, snapshot)?),
         None => Box::new(LocalSource::open(&volume.data_dir()?, snapshot)?),
     };
-    let bar = progress_bar(json).map(RestoreBar);
+    let bar = progress_bar(json).map(Bar);
     let options = Options {
         overwrite,
         // SAFETY: geteuid cannot fail.
@@ -656,6 +699,99 @@ fn restore(
     } else {
         Err(format!("{} files could not be restored", report.errors.len()).into())
     }
+}
+
+fn verify(
+    volume: &VolumeSource,
+    store: Option<&store::StoreUrl>,
+    options: Options,
+    json: bool,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let bar = counting_bar(json, "{bar:30} {pos}/{len} blocks hashed, ETA {eta}").map(Bar);
+    let progress: &dyn snapfs::restore::Progress = match &bar {
+        Some(bar) => bar,
+        None => &(),
+    };
+    let (what, report) = match store {
+        Some(url) => (url.to_string(), verify::verify_store(url, options, progress)?),
+        None => {
+            let dir = volume.data_dir()?;
+            let report = verify::verify_volume(&dir, options, progress)?;
+            (dir.display().to_string(), report)
+        }
+    };
+    if let Some(bar) = &bar {
+        bar.0.finish_and_clear();
+    }
+    let c = &report.counts;
+    if json {
+        let strings = |list: &[String]| {
+            let quoted: Vec<String> = list.iter().map(|s| json_string(s.as_bytes())).collect();
+            format!("[{}]", quoted.join(","))
+        };
+        let findings: Vec<String> = report
+            .findings
+            .iter()
+            .map(|f| {
+                format!(
+                    "{{\"problem\":{},\"count\":{},\"examples\":{}}}",
+                    json_string(f.problem.as_bytes()),
+                    f.count,
+                    strings(&f.examples)
+                )
+            })
+            .collect();
+        println!(
+            "{{\"clean\":{},\"snapshots\":{},\"local_blocks\":{},\"stored_blocks\":{},\"trees\":{},\"hashed_blocks\":{},\"findings\":[{}],\"notes\":{},\"repaired\":{}}}",
+            report.is_clean(),
+            c.snapshots,
+            c.local_blocks,
+            c.stored_blocks,
+            c.trees,
+            c.hashed_blocks,
+            findings.join(","),
+            strings(&report.notes),
+            strings(&report.repaired)
+        );
+    } else {
+        for done in &report.repaired {
+            println!("repaired: {done}");
+        }
+        for finding in &report.findings {
+            println!("PROBLEM: {} ({})", finding.problem, finding.count);
+            for example in &finding.examples {
+                println!("    {example}");
+            }
+            if finding.count > finding.examples.len() as u64 {
+                println!("    ...");
+            }
+        }
+        for note in &report.notes {
+            println!("note: {note}");
+        }
+        println!(
+            "{what}: {} snapshots, {} local blocks, {} stored blocks, {} trees checked{}: {}",
+            c.snapshots,
+            c.local_blocks,
+            c.stored_blocks,
+            c.trees,
+            if c.hashed_blocks > 0 {
+                format!(", {} blocks hashed", c.hashed_blocks)
+            } else {
+                String::new()
+            },
+            if report.is_clean() {
+                "clean".to_owned()
+            } else {
+                format!("{} problems", report.findings.len())
+            }
+        );
+    }
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn human_bytes(bytes: u64) -> String {
@@ -723,11 +859,17 @@ fn snapshot_json(info: &SnapshotInfo) -> String {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let cli = Cli::parse();
+    // verify's 1 means "problems found": its own failures to run are 2.
+    let failure = match cli.command {
+        Command::Verify { .. } => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    };
+    match run(cli) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("snapfs: {e}");
-            ExitCode::FAILURE
+            failure
         }
     }
 }

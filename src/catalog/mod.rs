@@ -8,8 +8,10 @@
 
 mod schema;
 mod upload;
+mod verify;
 
 pub use upload::{block_key, snapshot_key, tree_key};
+pub use verify::{BlockRecord, Finding};
 
 use std::path::{Path, PathBuf};
 
@@ -366,6 +368,21 @@ impl Catalog {
             conn: &self.conn,
             g: self.generation,
         })
+    }
+
+    /// Runs `f` inside one read transaction: every statement sees the same state even
+    /// while another process (a running mount) commits.
+    pub fn read_consistent<T, E: From<Error>>(
+        &self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let tx = self.conn.unchecked_transaction().map_err(Error::from)?;
+        let value = f(&Tx {
+            conn: &tx,
+            g: self.generation,
+        })?;
+        tx.finish().map_err(Error::from)?;
+        Ok(value)
     }
 
     /// Pins the live generation as a new snapshot and starts the next one. O(1): no row is

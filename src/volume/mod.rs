@@ -126,6 +126,15 @@ fn parse_remembered(what: &str, url: &str) -> Result<StoreUrl> {
     })
 }
 
+/// Takes the data dir's lock if no mount holds it (`None` if one does), for tools that
+/// must not run beside a mount or want none to start meanwhile.
+pub fn try_lock_data_dir(dir: &Path) -> Result<Option<fs::File>> {
+    match take_data_dir_lock(dir) {
+        Err(Error::Locked { .. }) => Ok(None),
+        result => result.map(Some),
+    }
+}
+
 fn take_data_dir_lock(dir: &Path) -> Result<fs::File> {
     let data_dir_err = |source| Error::DataDir {
         path: dir.to_owned(),

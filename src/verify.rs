@@ -1,0 +1,666 @@
+//! `snapfs verify`: checks that a volume is whole and that its store can restore every
+//! completed snapshot, and repairs what a good copy elsewhere allows.
+//!
+//! A volume's check covers the catalog (SQLite's integrity check and snapfs's invariants),
+//! the local block files, and the store: every object the catalog records as stored, and
+//! every object the store's own manifests name. A store's check needs nothing but the
+//! bucket. `deep` reads every block, local and stored, and hashes it.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+
+use crate::blocks::{BlockError, BlockHash, BlockStore};
+use crate::catalog::{self, BlockRecord, Catalog, Finding};
+use crate::manifest::{self, Content};
+use crate::restore::{self, Progress, RestoreError};
+use crate::store::{self, ObjectStore, StoreError, StoreUrl};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Catalog(#[from] catalog::Error),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error(transparent)]
+    Volume(#[from] crate::volume::Error),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("data dir {0} is in use by a mount: unmount it before --repair")]
+    InUse(PathBuf),
+}
+
+type Result<T, E = VerifyError> = std::result::Result<T, E>;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Read and hash every block (downloading the store's).
+    pub deep: bool,
+    /// Upload blocks the store lacks or holds damaged from good local copies, fetch local
+    /// blocks that are missing or damaged from the store, delete block files nothing
+    /// references; then check again.
+    pub repair: bool,
+}
+
+/// What a check found. `findings` are problems (the exit status is non-zero); `notes`
+/// are harmless (left-overs that a mount or `--repair` cleans up).
+#[derive(Debug, Default)]
+pub struct Report {
+    pub findings: Vec<Finding>,
+    pub notes: Vec<String>,
+    /// What `repair` did, before the second check whose findings these are.
+    pub repaired: Vec<String>,
+    pub counts: Counts,
+    /// Blocks the volume's store lacks or holds damaged.
+    store_gaps: HashSet<BlockHash>,
+    /// Blocks whose local file is missing or damaged.
+    local_gaps: HashSet<BlockHash>,
+    /// Block files no catalog row names (written before a crash could commit them).
+    orphans: Vec<PathBuf>,
+    /// Blocks downloaded and hashed already.
+    downloaded: HashSet<BlockHash>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub snapshots: u64,
+    /// Block files checked on the local disk.
+    pub local_blocks: u64,
+    /// Block objects checked in the stores.
+    pub stored_blocks: u64,
+    pub trees: u64,
+    /// Blocks read and hashed (`deep`).
+    pub hashed_blocks: u64,
+}
+
+/// Store requests in flight at once.
+const CONCURRENCY: usize = 32;
+/// Largest decompressed tree object accepted.
+const MAX_TREE: usize = 256 << 20;
+/// Largest block accepted from a store whose block size is not known.
+const MAX_BLOCK: usize = 1 << 20;
+
+impl Report {
+    pub fn is_clean(&self) -> bool {
+        self.findings.is_empty()
+    }
+
+    fn problem(&mut self, problem: impl Into<String>, examples: Vec<String>) {
+        if examples.is_empty() {
+            return;
+        }
+        self.findings.push(Finding {
+            problem: problem.into(),
+            count: examples.len() as u64,
+            examples: examples.into_iter().take(10).collect(),
+        });
+    }
+}
+
+/// Checks the volume in `data_dir` and its store; with `repair`, fixes what it can and
+/// checks again. Progress counts blocks (`deep`).
+pub fn verify_volume(
+    data_dir: &Path,
+    options: Options,
+    progress: &dyn Progress,
+) -> Result<Report> {
+    // Holding the lock keeps a mount from starting meanwhile. Without it (a mount is
+    // running) blocks are written and freed under us: absences are checked twice, and
+    // block files are not called orphans.
+    if !data_dir.join("catalog.db").exists() {
+        return Err(catalog::Error::NoVolume(data_dir.to_owned()).into());
+    }
+    let lock = crate::volume::try_lock_data_dir(data_dir)?;
+    if lock.is_none() && options.repair {
+        return Err(VerifyError::InUse(data_dir.to_owned()));
+    }
+    let first = check_volume(data_dir, options, lock.is_some(), progress)?;
+    if !options.repair || (first.is_clean() && first.orphans.is_empty()) {
+        return Ok(first);
+    }
+    let repaired = repair(data_dir, &first)?;
+    let mut second = check_volume(data_dir, options, true, progress)?;
+    second.repaired = repaired;
+    Ok(second)
+}
+
+/// Checks the store at `url` alone: every completed snapshot's manifest and trees read
+/// back and every block they name is present (and, `deep`, intact).
+pub fn verify_store(url: &StoreUrl, options: Options, progress: &dyn Progress) -> Result<Report> {
+    let mut report = Report::default();
+    runtime()?.block_on(async {
+        let own = store::open(url).await?;
+        let listing = restore::list_manifests(&*own).await?;
+        let origin = match &listing.origin {
+            Some(origin) => Some(store::open(origin).await?),
+            None => None,
+        };
+        let stores = Stores::list(own, origin).await?;
+        stores
+            .check_manifests(listing, options.deep, &mut report, progress)
+            .await
+    })?;
+    Ok(report)
+}
+
+fn check_volume(
+    data_dir: &Path,
+    options: Options,
+    locked: bool,
+    progress: &dyn Progress,
+) -> Result<Report> {
+    let catalog = Catalog::open_data_dir_read_only(data_dir)?;
+    let mut report = Report::default();
+    let (records, completed_trees, snapshots, urls) = catalog.read_consistent(|tx| {
+        for line in tx.integrity_check()? {
+            report.problem("the catalog fails SQLite's integrity check", vec![line]);
+        }
+        report
+            .findings
+            .extend(tx.invariant_findings(u64::from(catalog.block_size()))?);
+        let urls = (tx.setting("store")?, tx.setting("origin")?);
+        Ok::<_, VerifyError>((
+            tx.block_records()?,
+            tx.completed_trees()?,
+            tx.snapshots()?,
+            urls,
+        ))
+    })?;
+    report.counts.snapshots = snapshots.len() as u64;
+    let still_referenced = |hash: &BlockHash| {
+        locked || catalog.read(|tx| tx.block_referenced(hash)).unwrap_or(true)
+    };
+
+    let blocks_dir = data_dir.join("blocks");
+    let blocks = BlockStore::open_read_only(&blocks_dir);
+    check_local_blocks(&blocks, &records, options.deep, &mut report, progress);
+    report.local_gaps.retain(|hash| still_referenced(hash));
+    let gaps: Vec<String> = report.local_gaps.iter().map(|h| h.to_hex()).collect();
+    report.problem(
+        format!("blocks missing or damaged in {}", blocks_dir.display()),
+        gaps,
+    );
+    if locked {
+        report.orphans = orphan_files(&blocks_dir, &records)?;
+        if !report.orphans.is_empty() {
+            report.notes.push(format!(
+                "{} block files in {} belong to nothing (written before a crash could \
+                 record them): --repair deletes them",
+                report.orphans.len(),
+                blocks_dir.display()
+            ));
+        }
+    }
+
+    let (url, origin) = store_urls(data_dir, urls)?;
+    runtime()?.block_on(async {
+        let own = store::open(&url).await?;
+        let origin = match &origin {
+            Some(origin) => Some(store::open(origin).await?),
+            None => None,
+        };
+        let stores = Stores::list(own, origin).await?;
+        let missing_manifests = snapshots
+            .iter()
+            .filter(|s| s.state == "completed")
+            .filter(|s| !stores.has(&catalog::snapshot_key(s.id)))
+            .map(|s| String::from_utf8_lossy(&s.name).into_owned())
+            .collect();
+        report.problem(
+            format!("completed snapshots whose manifest is missing from {url}"),
+            missing_manifests,
+        );
+        report.counts.trees = completed_trees.len() as u64;
+        let missing_trees = completed_trees
+            .iter()
+            .map(catalog::tree_key)
+            .filter(|key| !stores.has(key))
+            .collect();
+        report.problem(
+            format!("tree objects of completed snapshots missing from {url}"),
+            missing_trees,
+        );
+        let recorded: Vec<(BlockHash, bool)> = records
+            .iter()
+            .filter(|r| r.stored != 0)
+            .map(|r| (r.hash, r.stored == 2))
+            .collect();
+        stores
+            .check_blocks(&recorded, options.deep, &mut report, progress)
+            .await;
+        // The store's view of the snapshots the catalog has completed: deleted ones may
+        // linger in the store, half deleted, until the next mount finishes the job.
+        let completed: HashSet<u64> = snapshots
+            .iter()
+            .filter(|s| s.state == "completed")
+            .map(|s| s.id)
+            .collect();
+        if completed.is_empty() {
+            return Ok(());
+        }
+        let mut listing = restore::list_manifests(&*stores.own).await?;
+        let stale = listing.snapshots.len();
+        listing.snapshots.retain(|m| completed.contains(&m.id));
+        let stale = stale - listing.snapshots.len();
+        if stale > 0 {
+            report.notes.push(format!(
+                "{stale} deleted snapshots are still in {url}: the next mount deletes them"
+            ));
+        }
+        stores
+            .check_manifests(listing, options.deep, &mut report, progress)
+            .await
+    })?;
+    Ok(report)
+}
+
+/// Checks every local block file: present with its length, and (`deep`) its hash.
+fn check_local_blocks(
+    blocks: &BlockStore,
+    records: &[BlockRecord],
+    deep: bool,
+    report: &mut Report,
+    progress: &dyn Progress,
+) {
+    let local: Vec<&BlockRecord> = records.iter().filter(|r| r.local).collect();
+    if deep {
+        progress.total(local.len() as u64);
+    }
+    for record in local {
+        report.counts.local_blocks += 1;
+        let intact = if deep {
+            report.counts.hashed_blocks += 1;
+            progress.advance(1);
+            blocks
+                .read_uncached(&record.hash)
+                .is_ok_and(|data| data.len() == record.len as usize)
+        } else {
+            blocks.len_of(&record.hash) == Some(u64::from(record.len))
+        };
+        if !intact {
+            report.local_gaps.insert(record.hash);
+        }
+    }
+}
+
+/// Files in the block directory that no catalog row names.
+fn orphan_files(blocks_dir: &Path, records: &[BlockRecord]) -> Result<Vec<PathBuf>> {
+    let known: HashSet<String> = records.iter().map(|r| r.hash.to_hex()).collect();
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| VerifyError::Io { path, source }
+    };
+    let mut orphans = Vec::new();
+    let Ok(shards) = fs::read_dir(blocks_dir) else {
+        return Ok(orphans);
+    };
+    for shard in shards {
+        let shard = shard.map_err(io(blocks_dir))?.path();
+        let is_shard = shard
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !is_shard {
+            continue;
+        }
+        for file in fs::read_dir(&shard).map_err(io(&shard))? {
+            let file = file.map_err(io(&shard))?.path();
+            let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if !known.contains(name) {
+                orphans.push(file);
+            }
+        }
+    }
+    Ok(orphans)
+}
+
+/// Fixes what `report` found that a good copy elsewhere allows; returns what it did.
+fn repair(data_dir: &Path, report: &Report) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    for orphan in &report.orphans {
+        fs::remove_file(orphan).map_err(|source| VerifyError::Io {
+            path: orphan.clone(),
+            source,
+        })?;
+    }
+    if !report.orphans.is_empty() {
+        done.push(format!(
+            "deleted {} unreferenced block files",
+            report.orphans.len()
+        ));
+    }
+    if report.store_gaps.is_empty() && report.local_gaps.is_empty() {
+        return Ok(done);
+    }
+    let catalog = Catalog::open_data_dir_read_only(data_dir)?;
+    let urls =
+        catalog.read(|tx| Ok::<_, catalog::Error>((tx.setting("store")?, tx.setting("origin")?)))?;
+    let (url, origin) = store_urls(data_dir, urls)?;
+    let block_size = catalog.block_size() as usize;
+    let blocks = BlockStore::open(&data_dir.join("blocks"), 1)?;
+    runtime()?.block_on(async {
+        let own = store::open(&url).await?;
+        let mut uploaded = 0;
+        for hash in &report.store_gaps {
+            if report.local_gaps.contains(hash) {
+                continue;
+            }
+            let Ok(data) = blocks.read_uncached(hash) else {
+                continue;
+            };
+            let object = manifest::compress(&data, 3).map_err(|source| VerifyError::Io {
+                path: PathBuf::from(catalog::block_key(hash)),
+                source,
+            })?;
+            let key = catalog::block_key(hash);
+            store::retry(Some(5), || own.put(&key, object.clone())).await?;
+            uploaded += 1;
+        }
+        if uploaded > 0 {
+            done.push(format!("uploaded {uploaded} blocks to {url} from local copies"));
+        }
+        let mut sources = vec![own];
+        if let Some(origin) = &origin {
+            sources.push(store::open(origin).await?);
+        }
+        let mut fetched = 0;
+        for hash in &report.local_gaps {
+            for source in &sources {
+                if let Ok(Some(data)) = store::fetch_block(&**source, hash, block_size).await {
+                    blocks.remove(hash)?;
+                    blocks.put(hash, &data)?;
+                    fetched += 1;
+                    break;
+                }
+            }
+        }
+        if fetched > 0 {
+            done.push(format!("rewrote {fetched} local blocks from the store"));
+        }
+        Ok::<_, VerifyError>(())
+    })?;
+    blocks.sync()?;
+    Ok(done)
+}
+
+/// A volume's store (and its origin's), with the keys each holds.
+struct Stores {
+    own: Arc<dyn ObjectStore>,
+    own_keys: HashSet<String>,
+    origin: Option<(Arc<dyn ObjectStore>, HashSet<String>)>,
+}
+
+impl Stores {
+    async fn list(own: Arc<dyn ObjectStore>, origin: Option<Arc<dyn ObjectStore>>) -> Result<Stores> {
+        let mut own_keys = HashSet::new();
+        for prefix in ["blocks/", "trees/", "snapshots/"] {
+            own_keys.extend(store::retry(Some(5), || own.list(prefix)).await?);
+        }
+        let origin = match origin {
+            Some(origin) => {
+                let keys = store::retry(Some(5), || origin.list("blocks/")).await?;
+                Some((origin, keys.into_iter().collect()))
+            }
+            None => None,
+        };
+        Ok(Stores {
+            own,
+            own_keys,
+            origin,
+        })
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.own_keys.contains(key)
+    }
+
+    /// The store holding block `hash`: the volume's own, else its origin's.
+    fn holder(&self, hash: &BlockHash) -> Option<&Arc<dyn ObjectStore>> {
+        let key = catalog::block_key(hash);
+        if self.own_keys.contains(&key) {
+            return Some(&self.own);
+        }
+        self.origin
+            .as_ref()
+            .filter(|(_, keys)| keys.contains(&key))
+            .map(|(store, _)| store)
+    }
+
+    /// Checks that every block in `blocks` (hash, whether it lives in the origin's
+    /// store) is where it should be, and (`deep`) intact.
+    async fn check_blocks(
+        &self,
+        blocks: &[(BlockHash, bool)],
+        deep: bool,
+        report: &mut Report,
+        progress: &dyn Progress,
+    ) {
+        let mut missing = Vec::new();
+        let mut present = Vec::new();
+        for &(hash, in_origin) in blocks {
+            report.counts.stored_blocks += 1;
+            let key = catalog::block_key(&hash);
+            let store = match (&self.origin, in_origin) {
+                (Some((origin, keys)), true) if keys.contains(&key) => Some(origin),
+                (_, false) if self.own_keys.contains(&key) => Some(&self.own),
+                _ => None,
+            };
+            match store {
+                Some(store) => present.push((hash, store.clone())),
+                None => {
+                    if !in_origin {
+                        report.store_gaps.insert(hash);
+                    }
+                    missing.push(key);
+                }
+            }
+        }
+        report.problem(
+            format!(
+                "blocks recorded as stored that are missing from {}",
+                self.own.url()
+            ),
+            missing,
+        );
+        if deep {
+            self.hash_blocks(present, report, progress).await;
+        }
+    }
+
+    /// Downloads and hashes `blocks`, each from the store given.
+    async fn hash_blocks(
+        &self,
+        blocks: Vec<(BlockHash, Arc<dyn ObjectStore>)>,
+        report: &mut Report,
+        progress: &dyn Progress,
+    ) {
+        progress.total(blocks.len() as u64);
+        let mut damaged = Vec::new();
+        let mut pending = JoinSet::new();
+        let mut queue = blocks.into_iter();
+        loop {
+            while pending.len() < CONCURRENCY {
+                let Some((hash, store)) = queue.next() else {
+                    break;
+                };
+                pending.spawn(async move {
+                    let result = store::fetch_block(&*store, &hash, MAX_BLOCK).await;
+                    let own = store.url().to_owned();
+                    (hash, own, result)
+                });
+            }
+            let Some(done) = pending.join_next().await else {
+                break;
+            };
+            progress.advance(1);
+            report.counts.hashed_blocks += 1;
+            let Ok((hash, url, result)) = done else {
+                continue;
+            };
+            report.downloaded.insert(hash);
+            match result {
+                Ok(Some(_)) => {}
+                Ok(None) => damaged.push(format!("{} vanished from {url}", hash.to_hex())),
+                Err(e) => {
+                    if url == self.own.url() {
+                        report.store_gaps.insert(hash);
+                    }
+                    damaged.push(e.to_string());
+                }
+            }
+        }
+        report.problem("block objects that fail verification", damaged);
+    }
+
+    /// Reads every completed snapshot's manifest and trees from the store and checks
+    /// that the blocks they name are present (and, `deep`, intact).
+    async fn check_manifests(
+        &self,
+        listing: restore::Listing,
+        deep: bool,
+        report: &mut Report,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        report.problem("snapshot objects that cannot be read", listing.damaged);
+        report.counts.snapshots = report.counts.snapshots.max(listing.snapshots.len() as u64);
+        let mut blocks: HashMap<BlockHash, String> = HashMap::new();
+        let mut seen_trees = HashSet::new();
+        let mut level: Vec<(BlockHash, String)> = Vec::new();
+        let mut broken = Vec::new();
+        for snapshot in &listing.snapshots {
+            let name = String::from_utf8_lossy(&snapshot.name).into_owned();
+            match &snapshot.root.content {
+                Content::Tree(hash) => level.push((*hash, name)),
+                _ => broken.push(format!("snapshot {name}: its root is not a directory")),
+            }
+        }
+        while !level.is_empty() {
+            let mut fetches = JoinSet::new();
+            let mut next = Vec::new();
+            for (hash, snapshot) in level {
+                if !seen_trees.insert(hash) {
+                    continue;
+                }
+                let store = self.own.clone();
+                fetches.spawn(async move {
+                    let result = read_tree(&*store, &hash).await;
+                    (snapshot, result)
+                });
+                while fetches.len() >= CONCURRENCY {
+                    collect_tree(fetches.join_next().await, &mut next, &mut blocks, &mut broken);
+                }
+            }
+            while let Some(done) = fetches.join_next().await {
+                collect_tree(Some(done), &mut next, &mut blocks, &mut broken);
+            }
+            level = next;
+        }
+        report.counts.trees = report.counts.trees.max(seen_trees.len() as u64);
+        report.problem("manifests that cannot be read back whole", broken);
+        let missing = blocks
+            .iter()
+            .filter(|(hash, _)| self.holder(hash).is_none())
+            .map(|(hash, snapshot)| format!("{} (snapshot {snapshot})", catalog::block_key(hash)))
+            .collect();
+        report.problem("blocks named by a snapshot's manifest that no store holds", missing);
+        if deep {
+            // Blocks the catalog's check downloaded already are not fetched twice.
+            let present = blocks
+                .keys()
+                .filter(|hash| !report.downloaded.contains(hash))
+                .filter_map(|hash| Some((*hash, self.holder(hash)?.clone())))
+                .collect::<Vec<_>>();
+            self.hash_blocks(present, report, progress).await;
+        }
+        Ok(())
+    }
+}
+
+type TreeResult = (String, Result<Vec<manifest::Entry>, String>);
+
+/// Adds a fetched tree's subdirectories to `next` and its blocks to `blocks`.
+fn collect_tree(
+    done: Option<Result<TreeResult, tokio::task::JoinError>>,
+    next: &mut Vec<(BlockHash, String)>,
+    blocks: &mut HashMap<BlockHash, String>,
+    broken: &mut Vec<String>,
+) {
+    let Some(Ok((snapshot, result))) = done else {
+        return;
+    };
+    match result {
+        Err(e) => broken.push(format!("snapshot {snapshot}: {e}")),
+        Ok(entries) => {
+            for entry in entries {
+                match entry.content {
+                    Content::Tree(hash) => next.push((hash, snapshot.clone())),
+                    Content::Blocks(list) => {
+                        for (_, hash) in list {
+                            blocks.entry(hash).or_insert_with(|| snapshot.clone());
+                        }
+                    }
+                    Content::None => {}
+                }
+            }
+        }
+    }
+}
+
+/// Tree object `hash`, verified and decoded.
+async fn read_tree(
+    store: &dyn ObjectStore,
+    hash: &BlockHash,
+) -> Result<Vec<manifest::Entry>, String> {
+    let key = catalog::tree_key(hash);
+    let object = store::retry(Some(5), || store.get(&key))
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{key} is missing"))?;
+    let data = manifest::decompress(&object, MAX_TREE)
+        .map_err(|e| format!("{key} is corrupt or truncated: {e}"))?;
+    if BlockHash::of(&data) != *hash {
+        return Err(format!("{key} does not match its hash"));
+    }
+    manifest::decode_tree(&data).map_err(|e| format!("{key}: {e}"))
+}
+
+/// The volume's store and its origin's, from the catalog's settings (`store`, `origin`).
+fn store_urls(
+    data_dir: &Path,
+    (store, origin): (Option<String>, Option<String>),
+) -> Result<(StoreUrl, Option<StoreUrl>)> {
+    let url = match store {
+        Some(url) => parse_remembered(&url)?,
+        None => StoreUrl::default_for(data_dir),
+    };
+    Ok((url, origin.as_deref().map(parse_remembered).transpose()?))
+}
+
+fn parse_remembered(url: &str) -> Result<StoreUrl> {
+    StoreUrl::parse(url).map_err(|e| {
+        VerifyError::Catalog(catalog::Error::Corrupt(format!(
+            "the remembered store URL: {e}"
+        )))
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|source| VerifyError::Io {
+            path: PathBuf::from("tokio runtime"),
+            source,
+        })
+}
