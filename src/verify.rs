@@ -109,11 +109,7 @@ impl Report {
 
 /// Checks the volume in `data_dir` and its store; with `repair`, fixes what it can and
 /// checks again. Progress counts blocks (`deep`).
-pub fn verify_volume(
-    data_dir: &Path,
-    options: Options,
-    progress: &dyn Progress,
-) -> Result<Report> {
+pub fn verify_volume(data_dir: &Path, options: Options, progress: &dyn Progress) -> Result<Report> {
     // Holding the lock keeps a mount from starting meanwhile. Without it (a mount is
     // running) blocks are written and freed under us: absences are checked twice, and
     // block files are not called orphans.
@@ -177,9 +173,8 @@ fn check_volume(
         ))
     })?;
     report.counts.snapshots = snapshots.len() as u64;
-    let still_referenced = |hash: &BlockHash| {
-        locked || catalog.read(|tx| tx.block_referenced(hash)).unwrap_or(true)
-    };
+    let still_referenced =
+        |hash: &BlockHash| locked || catalog.read(|tx| tx.block_referenced(hash)).unwrap_or(true);
 
     let blocks_dir = data_dir.join("blocks");
     let blocks = BlockStore::open_read_only(&blocks_dir);
@@ -343,8 +338,8 @@ fn repair(data_dir: &Path, report: &Report) -> Result<Vec<String>> {
         return Ok(done);
     }
     let catalog = Catalog::open_data_dir_read_only(data_dir)?;
-    let urls =
-        catalog.read(|tx| Ok::<_, catalog::Error>((tx.setting("store")?, tx.setting("origin")?)))?;
+    let urls = catalog
+        .read(|tx| Ok::<_, catalog::Error>((tx.setting("store")?, tx.setting("origin")?)))?;
     let (url, origin) = store_urls(data_dir, urls)?;
     let block_size = catalog.block_size() as usize;
     let blocks = BlockStore::open(&data_dir.join("blocks"), 1)?;
@@ -367,7 +362,9 @@ fn repair(data_dir: &Path, report: &Report) -> Result<Vec<String>> {
             uploaded += 1;
         }
         if uploaded > 0 {
-            done.push(format!("uploaded {uploaded} blocks to {url} from local copies"));
+            done.push(format!(
+                "uploaded {uploaded} blocks to {url} from local copies"
+            ));
         }
         let mut sources = vec![own];
         if let Some(origin) = &origin {
@@ -401,7 +398,10 @@ struct Stores {
 }
 
 impl Stores {
-    async fn list(own: Arc<dyn ObjectStore>, origin: Option<Arc<dyn ObjectStore>>) -> Result<Stores> {
+    async fn list(
+        own: Arc<dyn ObjectStore>,
+        origin: Option<Arc<dyn ObjectStore>>,
+    ) -> Result<Stores> {
         let mut own_keys = HashSet::new();
         for prefix in ["blocks/", "trees/", "snapshots/"] {
             own_keys.extend(store::retry(Some(5), || own.list(prefix)).await?);
@@ -557,7 +557,12 @@ impl Stores {
                     (snapshot, result)
                 });
                 while fetches.len() >= CONCURRENCY {
-                    collect_tree(fetches.join_next().await, &mut next, &mut blocks, &mut broken);
+                    collect_tree(
+                        fetches.join_next().await,
+                        &mut next,
+                        &mut blocks,
+                        &mut broken,
+                    );
                 }
             }
             while let Some(done) = fetches.join_next().await {
@@ -572,7 +577,10 @@ impl Stores {
             .filter(|(hash, _)| self.holder(hash).is_none())
             .map(|(hash, snapshot)| format!("{} (snapshot {snapshot})", catalog::block_key(hash)))
             .collect();
-        report.problem("blocks named by a snapshot's manifest that no store holds", missing);
+        report.problem(
+            "blocks named by a snapshot's manifest that no store holds",
+            missing,
+        );
         if deep {
             // Blocks the catalog's check downloaded already are not fetched twice.
             let present = blocks

@@ -399,8 +399,19 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Up to `limit` store objects waiting to be deleted.
+    /// Up to `limit` store objects waiting to be deleted, snapshot objects before
+    /// anything else: the store must never hold a snapshot whose trees or blocks are
+    /// gone, even if the deletion is cut short.
     pub fn store_deletions(&self, limit: u32) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT key FROM store_deletions WHERE key >= 'snapshots/' AND key < 'snapshots0'
+             LIMIT ?1",
+        )?;
+        let keys = stmt.query_map([limit], |r| r.get(0))?;
+        let snapshots: Vec<String> = keys.collect::<rusqlite::Result<_>>()?;
+        if !snapshots.is_empty() {
+            return Ok(snapshots);
+        }
         let mut stmt = self
             .conn
             .prepare_cached("SELECT key FROM store_deletions LIMIT ?1")?;
@@ -472,5 +483,35 @@ mod tests {
             })
             .expect("read-then-write transaction");
         committer.join().expect("committer");
+    }
+
+    /// A deletion cut short must not leave a snapshot object whose trees or blocks are
+    /// gone: snapshot objects are handed out first, alone.
+    #[test]
+    fn snapshot_objects_are_deleted_before_what_they_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut catalog =
+            Catalog::open(&dir.path().join("catalog.db"), 4096, 0, (0, 0)).expect("open");
+        let queued = ["blocks/aa", "snapshots/0000000001", "trees/bb", "blocks/cc"];
+        catalog
+            .write(|tx| {
+                queued.iter().try_for_each(|key| {
+                    tx.conn
+                        .execute("INSERT INTO store_deletions (key) VALUES (?1)", [key])?;
+                    Ok::<_, super::Error>(())
+                })
+            })
+            .expect("queue");
+        let first = catalog
+            .read(|tx| tx.store_deletions(10))
+            .expect("first batch");
+        assert_eq!(first, vec!["snapshots/0000000001".to_owned()]);
+        catalog
+            .write(|tx| tx.forget_deletion("snapshots/0000000001"))
+            .expect("forget");
+        let second = catalog
+            .read(|tx| tx.store_deletions(10))
+            .expect("second batch");
+        assert_eq!(second, vec!["blocks/aa", "blocks/cc", "trees/bb"]);
     }
 }
