@@ -164,6 +164,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a new random encryption key to FILE (mode 0600). With SNAPFS_KEY_FILE=FILE
+    /// set, snapfs seals every object it stores (blocks and manifests, XChaCha20-Poly1305;
+    /// block and tree names hidden too): the bucket's holder learns only sizes. Keep a copy
+    /// of the key elsewhere: without it nothing in the store can be restored.
+    #[command(after_help = "Example:\n  \
+        snapfs keygen ~/.config/snapfs/key\n  \
+        export SNAPFS_KEY_FILE=~/.config/snapfs/key\n  \
+        snapfs mount ~/work --store s3://my-bucket/laptop\n\n\
+        The key must be set at the first mount (or upload) of a volume and whenever its store \
+        is read: mount, restore, snapshot list --store, verify. SNAPFS_KEY=HEX works too.")]
+    Keygen {
+        /// Where to write the key; must not exist.
+        file: PathBuf,
+    },
     /// Fetch every block of a volume's live files into the local disk now, so later reads
     /// are local (like initializing an EBS volume made from a snapshot).
     #[command(after_help = "Example:\n  \
@@ -397,6 +411,23 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             overwrite,
             json,
         } => restore(&what, &dest, &volume, store.as_ref(), overwrite, json)?,
+        Command::Keygen { file } => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            writeln!(out, "{}", store::Key::generate().to_hex())
+                .and_then(|()| out.sync_all())
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            eprintln!(
+                "wrote a new key to {}: set SNAPFS_KEY_FILE to it, and keep a copy somewhere safe",
+                file.display()
+            );
+        }
         Command::Verify {
             volume,
             store,
@@ -713,7 +744,10 @@ fn verify(
         None => &(),
     };
     let (what, report) = match store {
-        Some(url) => (url.to_string(), verify::verify_store(url, options, progress)?),
+        Some(url) => (
+            url.to_string(),
+            verify::verify_store(url, options, progress)?,
+        ),
         None => {
             let dir = volume.data_dir()?;
             let report = verify::verify_volume(&dir, options, progress)?;
@@ -794,6 +828,18 @@ fn verify(
     })
 }
 
+/// Makes a relative SNAPFS_KEY_FILE absolute: a mount reads it after the daemon has left
+/// the directory it was started in.
+fn absolute_key_file() {
+    let Some(path) = std::env::var_os(store::KEY_FILE_VAR) else {
+        return;
+    };
+    if let Ok(absolute) = std::path::absolute(&path) {
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe { std::env::set_var(store::KEY_FILE_VAR, absolute) };
+    }
+}
+
 fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
@@ -859,6 +905,7 @@ fn snapshot_json(info: &SnapshotInfo) -> String {
 }
 
 fn main() -> ExitCode {
+    absolute_key_file();
     let cli = Cli::parse();
     // verify's 1 means "problems found": its own failures to run are 2.
     let failure = match cli.command {

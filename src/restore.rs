@@ -306,7 +306,7 @@ pub async fn list_manifests(store: &dyn ObjectStore) -> Result<Listing> {
     let header = store::retry(Some(5), || store.get(store::VOLUME_KEY))
         .await?
         .ok_or_else(|| RestoreError::Corrupt(format!("{} holds no snapfs volume", store.url())))?;
-    let (volume_id, origin) = check_header(&header)?;
+    let (volume_id, origin) = check_header(store, &header)?;
     let mut keys = store::retry(Some(5), || store.list("snapshots/")).await?;
     keys.sort();
     let mut listing = Listing {
@@ -334,14 +334,11 @@ pub async fn list_manifests(store: &dyn ObjectStore) -> Result<Listing> {
     Ok(listing)
 }
 
-/// Checks the volume header's format version; returns the volume id and origin store.
-fn check_header(header: &[u8]) -> Result<(String, Option<StoreUrl>)> {
+/// Checks the volume header's format version and that `store` has the volume's key (if
+/// it is encrypted); returns the volume id and origin store.
+fn check_header(store: &dyn ObjectStore, header: &[u8]) -> Result<(String, Option<StoreUrl>)> {
     let text = String::from_utf8_lossy(header);
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-            .map(str::to_owned)
-    };
+    let field = |name: &str| store::header_field(&text, name);
     if !text.starts_with("snapfs volume\n") {
         return Err(RestoreError::Corrupt(
             "the volume header is not snapfs's".into(),
@@ -370,6 +367,7 @@ fn check_header(header: &[u8]) -> Result<(String, Option<StoreUrl>)> {
     };
     let id =
         field("id").ok_or_else(|| RestoreError::Corrupt("the volume header has no id".into()))?;
+    store::check_encryption(store, &text)?;
     Ok((id, origin))
 }
 

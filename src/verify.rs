@@ -420,19 +420,27 @@ impl Stores {
         })
     }
 
+    /// Whether the volume's store holds `key`.
     fn has(&self, key: &str) -> bool {
-        self.own_keys.contains(key)
+        self.own_keys.contains(&self.own.object_name(key))
+    }
+
+    /// Whether the origin's store holds `key`.
+    fn origin_has(&self, key: &str) -> bool {
+        self.origin
+            .as_ref()
+            .is_some_and(|(store, keys)| keys.contains(&store.object_name(key)))
     }
 
     /// The store holding block `hash`: the volume's own, else its origin's.
     fn holder(&self, hash: &BlockHash) -> Option<&Arc<dyn ObjectStore>> {
         let key = catalog::block_key(hash);
-        if self.own_keys.contains(&key) {
+        if self.has(&key) {
             return Some(&self.own);
         }
         self.origin
             .as_ref()
-            .filter(|(_, keys)| keys.contains(&key))
+            .filter(|_| self.origin_has(&key))
             .map(|(store, _)| store)
     }
 
@@ -451,8 +459,8 @@ impl Stores {
             report.counts.stored_blocks += 1;
             let key = catalog::block_key(&hash);
             let store = match (&self.origin, in_origin) {
-                (Some((origin, keys)), true) if keys.contains(&key) => Some(origin),
-                (_, false) if self.own_keys.contains(&key) => Some(&self.own),
+                (Some((origin, _)), true) if self.origin_has(&key) => Some(origin),
+                (_, false) if self.has(&key) => Some(&self.own),
                 _ => None,
             };
             match store {

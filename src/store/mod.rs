@@ -5,6 +5,7 @@
 
 mod local;
 mod s3;
+mod sealed;
 
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 pub use local::LocalStore;
 pub use s3::S3Store;
+pub use sealed::{KEY_FILE_VAR, KEY_VAR, Key, Sealed};
 
 /// What a failed store request means for the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +70,16 @@ pub trait ObjectStore: Send + Sync {
     fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<String>>;
     /// The store's URL, for messages (never with credentials).
     fn url(&self) -> &str;
+    /// The name `list` shows for the object under `key` (an encrypting store hides
+    /// content hashes).
+    fn object_name(&self, key: &str) -> String {
+        key.to_owned()
+    }
+    /// The volume header's `encryption` value for this store's key, `None` if objects
+    /// are stored as they are.
+    fn encryption(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A parsed `--store` URL.
@@ -148,12 +160,19 @@ impl std::fmt::Display for StoreUrl {
 
 /// Opens the store `url` names. S3 stores resolve credentials and region here, so a
 /// missing credential is reported now rather than at the first upload.
+/// Opens the store at `url`, sealed with the key from `SNAPFS_KEY_FILE` or `SNAPFS_KEY`
+/// if one is set (like the AWS credentials, the key comes from the environment).
 pub async fn open(url: &StoreUrl) -> StoreResult<Arc<dyn ObjectStore>> {
-    Ok(match url {
+    let key = Key::from_env()?;
+    let store: Arc<dyn ObjectStore> = match url {
         StoreUrl::Local(dir) => Arc::new(LocalStore::open(dir, url.to_string())?),
         StoreUrl::S3 { bucket, prefix } => {
             Arc::new(S3Store::open(bucket, prefix, url.to_string()).await?)
         }
+    };
+    Ok(match key {
+        Some(key) => Arc::new(Sealed::new(store, &key)),
+        None => store,
     })
 }
 
@@ -247,6 +266,9 @@ pub async fn claim(
     if let Some(origin) = origin {
         header.push_str(&format!("origin {origin}\n"));
     }
+    if let Some(encryption) = store.encryption() {
+        header.push_str(&format!("{} {encryption}\n", sealed::HEADER_FIELD));
+    }
     // A listing fails on a missing bucket on every server (some answer a GET of a key in
     // a missing bucket with NoSuchKey).
     retry(Some(3), || store.list(VOLUME_KEY)).await?;
@@ -261,16 +283,46 @@ pub async fn claim(
         Some(found) if found == header.as_bytes() => Ok(()),
         Some(found) => {
             let found = String::from_utf8_lossy(&found);
-            let other = found
-                .lines()
-                .find_map(|line| line.strip_prefix("id "))
-                .unwrap_or("unknown");
+            check_encryption(store, &found)?;
+            let other = header_field(&found, "id").unwrap_or_else(|| "unknown".into());
             Err(StoreError::permanent(format!(
                 "{} already holds another snapfs volume (id {other}; this volume is {volume_id}): \
                  give this volume its own prefix",
                 store.url()
             )))
         }
+    }
+}
+
+/// The value of `field` in a volume header.
+pub fn header_field(header: &str, field: &str) -> Option<String> {
+    header
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(' '))
+        .map(str::to_owned)
+}
+
+/// Checks that `store` reads the volume whose header is `header` with the right key, or
+/// with none if the volume is not encrypted.
+pub fn check_encryption(store: &dyn ObjectStore, header: &str) -> StoreResult<()> {
+    let url = store.url();
+    match (
+        header_field(header, sealed::HEADER_FIELD),
+        store.encryption(),
+    ) {
+        (None, None) => Ok(()),
+        (Some(theirs), Some(ours)) if theirs == ours => Ok(()),
+        (Some(_), None) => Err(StoreError::permanent(format!(
+            "{url} is encrypted: set {KEY_FILE_VAR} to the file holding its key (or {KEY_VAR} \
+             to the key)"
+        ))),
+        (Some(_), Some(_)) => Err(StoreError::permanent(format!(
+            "the key in {KEY_FILE_VAR}/{KEY_VAR} is not {url}'s key"
+        ))),
+        (None, Some(_)) => Err(StoreError::permanent(format!(
+            "{url} is not encrypted but a key is set ({KEY_FILE_VAR}/{KEY_VAR}): unset it to \
+             use this store, or give an encrypted volume its own store"
+        ))),
     }
 }
 
