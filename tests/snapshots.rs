@@ -209,15 +209,36 @@ fn unreadable_files_stay_unreadable_in_snapshots() {
     let secret = mount.path().join("secret");
     fs::write(&secret, b"s3cr3t").expect("write");
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).expect("chmod");
-    let snap = snapshot(&mount, "s").join("secret");
-    for path in [&secret, &snap] {
-        let c_path = cpath(path);
+    let private = mount.path().join("private");
+    fs::create_dir(&private).expect("mkdir");
+    fs::write(private.join("inside"), b"x").expect("write");
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).expect("chmod");
+    let snap = snapshot(&mount, "s");
+    // Opening the file, listing the directory and reaching through it: refused alike.
+    let cases = [
+        (secret.clone(), libc::O_RDONLY),
+        (snap.join("secret"), libc::O_RDONLY),
+        (private.clone(), libc::O_RDONLY | libc::O_DIRECTORY),
+        (snap.join("private"), libc::O_RDONLY | libc::O_DIRECTORY),
+        (private.join("inside"), libc::O_RDONLY),
+        (snap.join("private/inside"), libc::O_RDONLY),
+    ];
+    for (path, flags) in cases {
+        let c_path = cpath(&path);
         // SAFETY: a valid NUL-terminated path.
         let code = errno_as_user(65534, 65534, || unsafe {
-            libc::open(c_path.as_ptr(), libc::O_RDONLY)
+            libc::open(c_path.as_ptr(), flags)
         });
         assert_eq!(code, libc::EACCES, "{}", path.display());
     }
+    // A later chmod of the live file does not open up the snapshot's copy.
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let c_path = cpath(&snap.join("secret"));
+    // SAFETY: a valid NUL-terminated path.
+    let code = errno_as_user(65534, 65534, || unsafe {
+        libc::open(c_path.as_ptr(), libc::O_RDONLY)
+    });
+    assert_eq!(code, libc::EACCES, "the snapshot keeps the old mode");
 }
 
 /// Fixed-size records, so a torn write would be visible.
