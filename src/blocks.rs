@@ -4,6 +4,7 @@
 //! and renamed into place, so a crash leaves either no block or a whole one. Every read is
 //! checked against the name: a mismatch is [`BlockError::Corrupt`], never wrong data.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::fs;
 use std::io::{self, Write};
@@ -29,6 +30,13 @@ impl BlockHash {
 
     pub fn to_hex(self) -> String {
         blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    /// Parses 64 hex digits; `None` for anything else.
+    pub fn from_hex(hex: &str) -> Option<BlockHash> {
+        blake3::Hash::from_hex(hex)
+            .ok()
+            .map(|h| BlockHash(*h.as_bytes()))
     }
 }
 
@@ -187,6 +195,30 @@ impl BlockStore {
     /// The length of block `hash`'s file, `None` if there is none.
     pub fn len_of(&self, hash: &BlockHash) -> Option<u64> {
         fs::metadata(self.path_of(hash)).ok().map(|m| m.len())
+    }
+
+    /// Block files whose hash is not in `known`: written by a process that died before
+    /// it could record them in the catalog. Only meaningful while nothing writes blocks.
+    pub fn strays(&self, known: &HashSet<BlockHash>) -> Result<Vec<PathBuf>, BlockError> {
+        let mut strays = Vec::new();
+        for shard in 0..=255u8 {
+            let shard = self.dir.join(format!("{shard:02x}"));
+            let entries = match fs::read_dir(&shard) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                result => result.map_err(|e| BlockError::io(&shard, e))?,
+            };
+            for entry in entries {
+                let path = entry.map_err(|e| BlockError::io(&shard, e))?.path();
+                let hash = path
+                    .file_name()
+                    .and_then(|name| name.to_str())
+                    .and_then(BlockHash::from_hex);
+                if hash.is_none_or(|hash| !known.contains(&hash)) {
+                    strays.push(path);
+                }
+            }
+        }
+        Ok(strays)
     }
 
     /// Deletes a block no one references any more.

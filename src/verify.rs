@@ -186,7 +186,8 @@ fn check_volume(
         gaps,
     );
     if locked {
-        report.orphans = orphan_files(&blocks_dir, &records)?;
+        let known = records.iter().map(|r| r.hash).collect();
+        report.orphans = blocks.strays(&known)?;
         if !report.orphans.is_empty() {
             report.notes.push(format!(
                 "{} block files in {} belong to nothing (written before a crash could \
@@ -286,37 +287,6 @@ fn check_local_blocks(
             report.local_gaps.insert(record.hash);
         }
     }
-}
-
-/// Files in the block directory that no catalog row names.
-fn orphan_files(blocks_dir: &Path, records: &[BlockRecord]) -> Result<Vec<PathBuf>> {
-    let known: HashSet<String> = records.iter().map(|r| r.hash.to_hex()).collect();
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| VerifyError::Io { path, source }
-    };
-    let mut orphans = Vec::new();
-    let Ok(shards) = fs::read_dir(blocks_dir) else {
-        return Ok(orphans);
-    };
-    for shard in shards {
-        let shard = shard.map_err(io(blocks_dir))?.path();
-        let is_shard = shard
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()));
-        if !is_shard {
-            continue;
-        }
-        for file in fs::read_dir(&shard).map_err(io(&shard))? {
-            let file = file.map_err(io(&shard))?.path();
-            let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if !known.contains(name) {
-                orphans.push(file);
-            }
-        }
-    }
-    Ok(orphans)
 }
 
 /// Fixes what `report` found that a good copy elsewhere allows; returns what it did.

@@ -126,6 +126,10 @@ fn parse_remembered(what: &str, url: &str) -> Result<StoreUrl> {
     })
 }
 
+/// Present in the data dir while a volume is open: found at open, the last process to
+/// open it died without shutting down.
+const RUNNING_MARKER: &str = "running";
+
 /// Takes the data dir's lock if no mount holds it (`None` if one does), for tools that
 /// must not run beside a mount or want none to start meanwhile.
 pub fn try_lock_data_dir(dir: &Path) -> Result<Option<fs::File>> {
@@ -198,6 +202,14 @@ impl Volume {
         };
         volume.load_snapshots()?;
         volume.remove_orphans()?;
+        let marker = dir.join(RUNNING_MARKER);
+        if marker.exists() {
+            volume.remove_stray_blocks()?;
+        }
+        fs::write(&marker, b"").map_err(|source| Error::DataDir {
+            path: marker,
+            source,
+        })?;
         Ok(volume)
     }
 
@@ -290,6 +302,26 @@ impl Volume {
             Ok::<_, Error>(())
         })?;
         self.collect_garbage()
+    }
+
+    /// Deletes block files that a process killed before it could record them left behind
+    /// (nothing else writes blocks yet: the volume is not being served).
+    fn remove_stray_blocks(&self) -> Result<()> {
+        let known = lock(&self.catalog).read(|tx| tx.block_records())?;
+        let known = known.into_iter().map(|record| record.hash).collect();
+        let strays = self.blocks.strays(&known)?;
+        for path in &strays {
+            if let Err(e) = fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a stray block");
+            }
+        }
+        if !strays.is_empty() {
+            tracing::info!(
+                count = strays.len(),
+                "removed block files a crash left behind"
+            );
+        }
+        Ok(())
     }
 
     /// Deletes the data of blocks nothing references any more.
@@ -954,7 +986,13 @@ impl Volume {
         self.flush_all()?;
         self.sync()?;
         lock(&self.catalog).checkpoint()?;
-        Ok(())
+        match fs::remove_file(self.dir.join(RUNNING_MARKER)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::DataDir {
+                path: self.dir.join(RUNNING_MARKER),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -277,6 +277,29 @@ fn xattr_flags_and_errors() {
     );
 }
 
+/// A process killed between writing a block file and committing it leaves a file nothing
+/// names: the next open after such a death removes it; the volume's own blocks stay.
+#[test]
+fn block_files_a_crash_left_are_removed_at_the_next_open() {
+    let mut t = TestVolume::new();
+    t.write_file("kept", &pattern(3 * 4096, 7));
+    t.reopen();
+    let before = t.stored_blocks();
+    let stray = t.dir.path().join("blocks/ab").join("ab".repeat(32));
+    fs::write(&stray, b"written, never recorded").expect("plant stray");
+
+    // A clean open does not look for strays: only a death can leave them.
+    t.reopen();
+    assert!(stray.exists());
+
+    // Dropped without shutdown, as a killed daemon would be.
+    drop(t.volume.take());
+    t.volume = Some(Volume::open(t.dir.path(), &small_blocks()).expect("reopen after crash"));
+    assert!(!stray.exists(), "the stray is removed");
+    assert_eq!(t.stored_blocks(), before, "the volume's blocks stay");
+    assert_eq!(t.read_all(node_for(&t, "kept")), pattern(3 * 4096, 7));
+}
+
 #[test]
 fn second_open_of_a_data_dir_is_refused() {
     let t = TestVolume::new();
