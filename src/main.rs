@@ -675,10 +675,39 @@ fn restore(
     json: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
     use snapfs::restore::{self, LocalSource, Options, StoreSource};
-    let (snapshot, path) = what.split_once(':').unwrap_or((what, ""));
-    let source: Box<dyn restore::Source> = match store {
-        Some(url) => Box::new(StoreSource::open(url, snapshot)?),
-        None => Box::new(LocalSource::open(&volume.data_dir()?, snapshot)?),
+    // Snapshot names may hold ':': the whole of WHAT is tried as a name first, then
+    // each split at a ':' from the left, until a snapshot by that name exists.
+    let splits = std::iter::once((what, "")).chain(
+        what.match_indices(':')
+            .map(|(i, _)| (&what[..i], &what[i + 1..])),
+    );
+    enum From<'a> {
+        Store(&'a store::StoreUrl),
+        Volume(PathBuf),
+    }
+    let from = match store {
+        Some(url) => From::Store(url),
+        None => From::Volume(volume.data_dir()?),
+    };
+    let mut missing = Vec::new();
+    let mut found = None;
+    for (snapshot, path) in splits {
+        let opened: Result<Box<dyn restore::Source>, _> = match &from {
+            From::Store(url) => StoreSource::open(url, snapshot).map(|s| Box::new(s) as _),
+            From::Volume(dir) => LocalSource::open(dir, snapshot).map(|s| Box::new(s) as _),
+        };
+        match opened {
+            Err(e @ restore::RestoreError::NoSnapshot(_)) => missing.push(e),
+            result => {
+                found = Some((result?, path));
+                break;
+            }
+        }
+    }
+    let Some((source, path)) = found else {
+        // Say what the usual reading (SNAPSHOT:PATH at the first ':') did not find.
+        let usual = missing.len().min(2).saturating_sub(1);
+        return Err(missing.swap_remove(usual).into());
     };
     let bar = progress_bar(json).map(Bar);
     let options = Options {

@@ -475,6 +475,32 @@ fn a_directory_or_a_file_inside_a_snapshot_restores_alone() {
     assert!(!out_dir.join("x").exists());
 }
 
+/// Snapshot names may contain ':' (a time of day): the whole argument names a snapshot
+/// if one has that name, else it splits at the first ':' that leaves an existing name.
+#[test]
+fn snapshot_names_with_colons_restore_whole_and_in_part() {
+    let mount = Mount::new();
+    fs::create_dir(mount.path().join("d")).expect("mkdir");
+    fs::write(mount.path().join("d/f"), b"at ten").expect("write");
+    take_snapshot(&mount, "10:00");
+    let out = mount.scratch("out");
+    assert_ok(
+        &restore_local(&mount, "10:00", &out.join("whole"), &[]),
+        "10:00",
+    );
+    assert_eq!(fs::read(out.join("whole/d/f")).expect("read"), b"at ten");
+    assert_ok(
+        &restore_local(&mount, "10:00:d/f", &out.join("one"), &[]),
+        "10:00:d/f",
+    );
+    assert_eq!(fs::read(out.join("one")).expect("read"), b"at ten");
+    assert_fails_with(
+        &restore_local(&mount, "11:00:d/f", &out.join("none"), &[]),
+        &["no snapshot named 11"],
+        "missing snapshot",
+    );
+}
+
 #[test]
 fn paths_and_names_from_the_bucket_alone() {
     let s3 = S3Env::garage();
