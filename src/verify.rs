@@ -424,6 +424,7 @@ impl Stores {
         progress: &dyn Progress,
     ) {
         let mut missing = Vec::new();
+        let mut missing_in_origin = Vec::new();
         let mut present = Vec::new();
         for &(hash, in_origin) in blocks {
             report.counts.stored_blocks += 1;
@@ -435,10 +436,9 @@ impl Stores {
             };
             match store {
                 Some(store) => present.push((hash, store.clone())),
+                None if in_origin => missing_in_origin.push(key),
                 None => {
-                    if !in_origin {
-                        report.store_gaps.insert(hash);
-                    }
+                    report.store_gaps.insert(hash);
                     missing.push(key);
                 }
             }
@@ -449,6 +449,16 @@ impl Stores {
                 self.own.url()
             ),
             missing,
+        );
+        let origin = self
+            .origin
+            .as_ref()
+            .map_or("its origin's store (none is known)", |(store, _)| {
+                store.url()
+            });
+        report.problem(
+            format!("blocks shared with the volume's origin that are missing from {origin}"),
+            missing_in_origin,
         );
         if deep {
             self.hash_blocks(present, report, progress).await;

@@ -290,3 +290,40 @@ fn no_volume_is_an_error_not_a_verdict() {
     let (code, text) = verify(&["--store", "file:///nonexistent/snapfs-store"], &[]);
     assert_eq!(code, 2, "{text}");
 }
+
+#[test]
+fn a_volume_made_from_a_snapshot_checks_the_blocks_it_shares_in_the_origin_store() {
+    let mut origin = Mount::new();
+    fs::write(origin.path().join("shared"), pattern(2 * BLOCK, 8)).expect("write");
+    take_snapshot(&origin, "base");
+    wait_completed(&origin, "base");
+    origin.unmount();
+    let origin_store = origin.data_dir().join("store");
+
+    let from = format!("file://{}@base", origin_store.display());
+    let mut copy = Mount::with_args(&["--from", &from]);
+    fs::write(copy.path().join("own"), pattern(BLOCK, 9)).expect("write");
+    take_snapshot(&copy, "next");
+    wait_completed(&copy, "next");
+    copy.unmount();
+    let (code, text) = verify_data(copy.data_dir(), &["--deep"]);
+    assert_clean((code, text.clone()));
+    assert!(
+        text.contains("3 stored blocks"),
+        "two shared, one own: {text}"
+    );
+
+    for block in fs::read_dir(origin_store.join("blocks")).expect("origin blocks") {
+        fs::remove_file(block.expect("entry").path()).expect("remove");
+    }
+    let found = verify_data(copy.data_dir(), &[]);
+    assert_problem(
+        &found,
+        "blocks shared with the volume's origin that are missing from file://",
+    );
+    assert!(
+        !found.1.contains("recorded as stored that are missing"),
+        "the copy's own store is whole: {}",
+        found.1
+    );
+}
