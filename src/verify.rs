@@ -155,12 +155,25 @@ fn check_volume(
     locked: bool,
     progress: &dyn Progress,
 ) -> Result<Report> {
-    let catalog = Catalog::open_data_dir_read_only(data_dir)?;
     let mut report = Report::default();
-    let (records, completed_trees, snapshots, urls) = catalog.read_consistent(|tx| {
-        for line in tx.integrity_check()? {
-            report.problem("the catalog fails SQLite's integrity check", vec![line]);
+    let damaged = |report: &mut Report, e: &dyn std::fmt::Display| {
+        report.problem("the catalog cannot be read whole", vec![e.to_string()]);
+    };
+    let catalog = match Catalog::open_data_dir_read_only(data_dir) {
+        // A damaged database file: that is the finding, and nothing else can be checked.
+        Err(
+            e @ (catalog::Error::Sqlite(_)
+            | catalog::Error::Corrupt(_)
+            | catalog::Error::NotACatalog { .. }),
+        ) => {
+            damaged(&mut report, &e);
+            return Ok(report);
         }
+        opened => opened?,
+    };
+    let read = catalog.read_consistent(|tx| {
+        let damage = tx.integrity_check()?;
+        report.problem("the catalog fails SQLite's integrity check", damage);
         report
             .findings
             .extend(tx.invariant_findings(u64::from(catalog.block_size()))?);
@@ -171,7 +184,15 @@ fn check_volume(
             tx.snapshots()?,
             urls,
         ))
-    })?;
+    });
+    let (records, completed_trees, snapshots, urls) = match read {
+        Ok(read) => read,
+        Err(VerifyError::Catalog(e)) => {
+            damaged(&mut report, &e);
+            return Ok(report);
+        }
+        Err(e) => return Err(e),
+    };
     report.counts.snapshots = snapshots.len() as u64;
     let still_referenced =
         |hash: &BlockHash| locked || catalog.read(|tx| tx.block_referenced(hash)).unwrap_or(true);

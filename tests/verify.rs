@@ -327,3 +327,24 @@ fn a_volume_made_from_a_snapshot_checks_the_blocks_it_shares_in_the_origin_store
         found.1
     );
 }
+
+#[test]
+fn a_damaged_catalog_file_is_a_finding_not_a_crash() {
+    let mut mount = Mount::new();
+    volume_with_snapshots(&mut mount);
+    let db = mount.data_dir().join("catalog.db");
+    let mut bytes = fs::read(&db).expect("read catalog");
+    assert!(bytes.len() >= 4 * 4096, "catalog of {} bytes", bytes.len());
+    // Pages 2 and 3 (tables and indexes) become noise; the header stays readable.
+    for (i, byte) in bytes[4096..3 * 4096].iter_mut().enumerate() {
+        *byte = (i * 7 + 13) as u8;
+    }
+    fs::write(&db, &bytes).expect("damage catalog");
+    let (code, text) = verify_data(mount.data_dir(), &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("PROBLEM: the catalog fails SQLite's integrity check")
+            || text.contains("PROBLEM: the catalog cannot be read whole"),
+        "{text}"
+    );
+}
