@@ -3,7 +3,7 @@
 //! snapshot here, and the live tree shows the latest one. Blocks are fetched on first read.
 //! The store is never written.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -37,8 +37,9 @@ pub fn claim(volume: &Volume, url: &StoreUrl) -> Result<(), String> {
     }
 }
 
-/// Imports the snapshots completed in the store since the last call, in order, and drops
-/// those deleted there, telling `forget` each name dropped (the kernel caches names).
+/// Imports the snapshots completed in the store since the last call, in order, renames
+/// those renamed there and drops those deleted there, telling `forget` each name that went
+/// away (the kernel caches names).
 /// Returns how many were imported.
 pub fn follow_once(
     volume: &Volume,
@@ -70,18 +71,27 @@ pub fn follow_once(
             .set_setting(FOLLOWED_ID, &manifest.id.to_string())
             .map_err(|e| e.to_string())?;
     }
-    let remaining: HashSet<&[u8]> = listing
+    // A snapshot here is the one in the store created at the same moment (pinned with its
+    // creation time): one renamed there is renamed here, one deleted there is deleted.
+    let remaining: HashMap<i64, &[u8]> = listing
         .snapshots
         .iter()
-        .map(|m| m.name.as_slice())
+        .map(|m| (m.created, m.name.as_slice()))
         .collect();
     for local in volume.list_snapshots() {
-        if !remaining.contains(local.name.as_slice()) {
-            volume
+        match remaining.get(&local.created) {
+            Some(name) if *name == local.name.as_slice() => continue,
+            Some(name) => {
+                if let Err(e) = volume.rename_snapshot(&local.name, name) {
+                    tracing::warn!(name = %String::from_utf8_lossy(name), error = %e, "snapshot rename not followed");
+                    continue;
+                }
+            }
+            None => volume
                 .delete_snapshot(&local.name)
-                .map_err(|e| e.to_string())?;
-            forget(&local.name);
+                .map_err(|e| e.to_string())?,
         }
+        forget(&local.name);
     }
     Ok(imported)
 }

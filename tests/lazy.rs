@@ -261,4 +261,25 @@ fn a_read_only_mount_follows_the_store_another_volume_writes() {
         fs::read(reader.path().join("d/f")).expect("read"),
         b"changed"
     );
+
+    // A rename there is a rename here: same content, the old name gone.
+    fs::rename(
+        writer.path().join(".snapshots/two"),
+        writer.path().join(".snapshots/second"),
+    )
+    .expect("rename snapshot");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reader.path().join(".snapshots/two").exists()
+        || !reader.path().join(".snapshots/second").exists()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the reader did not follow the rename"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        fs::read(reader.path().join(".snapshots/second/d/f")).expect("read"),
+        b"changed"
+    );
 }
