@@ -311,6 +311,86 @@ mod tests {
         }
     }
 
+    /// One block object whose first `bad` GETs come back mangled, as a proxy or a flaky
+    /// network may hand them over.
+    struct Mangling {
+        object: Vec<u8>,
+        bad: std::sync::atomic::AtomicU32,
+        gets: std::sync::atomic::AtomicU32,
+    }
+
+    impl ObjectStore for Mangling {
+        fn put<'a>(&'a self, _: &'a str, _: Vec<u8>) -> StoreFuture<'a, ()> {
+            Box::pin(async { Err(StoreError::permanent("read-only")) })
+        }
+
+        fn get<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            Box::pin(async {
+                self.gets.fetch_add(1, SeqCst);
+                let mut object = self.object.clone();
+                if self
+                    .bad
+                    .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    // Alternately a flipped byte and a body cut short.
+                    if self.gets.load(SeqCst) % 2 == 1 {
+                        let mid = object.len() / 2;
+                        object[mid] ^= 0x55;
+                    } else {
+                        object.truncate(object.len() / 2);
+                    }
+                }
+                Ok(Some(object))
+            })
+        }
+
+        fn delete<'a>(&'a self, _: &'a str) -> StoreFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn list<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Vec<String>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+
+        fn url(&self) -> &str {
+            "mem://mangling"
+        }
+    }
+
+    #[test]
+    fn a_block_that_fails_verification_is_fetched_again_then_refused() {
+        let block: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let hash = crate::blocks::BlockHash::of(&block);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let store = |bad| Mangling {
+            object: zstd::bulk::compress(&block, 3).expect("compress"),
+            bad: std::sync::atomic::AtomicU32::new(bad),
+            gets: std::sync::atomic::AtomicU32::new(0),
+        };
+        // A mangled copy or two: a later GET brings a good one.
+        for bad in [1, 2] {
+            let store = store(bad);
+            let got = runtime
+                .block_on(fetch_block(&store, &hash, 1 << 20))
+                .expect("a good copy after retries");
+            assert_eq!(got, Some(block.clone()));
+            assert_eq!(store.gets.into_inner(), bad + 1);
+        }
+        // Bad every time: a permanent error naming the block, after a bounded number of GETs.
+        let store = store(u32::MAX);
+        let err = runtime
+            .block_on(fetch_block(&store, &hash, 1 << 20))
+            .expect_err("never a good copy");
+        assert!(!err.is_transient());
+        assert!(err.message.contains(&hash.to_string()), "{}", err.message);
+        assert_eq!(store.gets.into_inner(), 3);
+    }
+
     #[test]
     fn backoff_grows_and_is_bounded() {
         let max = Duration::from_secs(30);
