@@ -189,32 +189,46 @@ where
     }
 }
 
+/// How many copies of a block object are fetched before one that fails verification is
+/// reported corrupt: a proxy or the network may have mangled a copy (a body cut short with
+/// a matching Content-Length, flipped bits), while an object bad in the store stays bad.
+pub const VERIFY_ATTEMPTS: u32 = 3;
+
 /// Fetches block `hash` from the store: decompressed (at most `max_len` bytes) and
 /// verified against its hash; `None` if the store does not have it. Nothing from the
-/// store is used unverified.
+/// store is used unverified: a copy that fails verification is fetched again, up to
+/// [`VERIFY_ATTEMPTS`] copies, then the block is a permanent error naming it.
 pub async fn fetch_block(
     store: &dyn ObjectStore,
     hash: &crate::blocks::BlockHash,
     max_len: usize,
 ) -> StoreResult<Option<Vec<u8>>> {
     let key = crate::catalog::block_key(hash);
-    let Some(object) = retry(Some(5), || store.get(&key)).await? else {
-        return Ok(None);
-    };
-    let data = zstd::bulk::decompress(&object, max_len).map_err(|e| {
-        StoreError::permanent(format!(
-            "{key} in {} is corrupt or truncated: {e}",
-            store.url()
-        ))
-    })?;
-    let actual = crate::blocks::BlockHash::of(&data);
-    if actual != *hash {
-        return Err(StoreError::permanent(format!(
-            "block {hash} is corrupt in {}: its content hashes to {actual}",
-            store.url()
-        )));
+    let mut attempt = 0u32;
+    loop {
+        let Some(object) = retry(Some(5), || store.get(&key)).await? else {
+            return Ok(None);
+        };
+        let problem = match zstd::bulk::decompress(&object, max_len) {
+            Ok(data) => {
+                let actual = crate::blocks::BlockHash::of(&data);
+                if actual == *hash {
+                    return Ok(Some(data));
+                }
+                format!("its content hashes to {actual}")
+            }
+            Err(e) => format!("not a zstd frame of at most {max_len} bytes: {e}"),
+        };
+        attempt += 1;
+        if attempt >= VERIFY_ATTEMPTS {
+            return Err(StoreError::permanent(format!(
+                "block {hash} is corrupt in {} ({key}: {problem}; {attempt} copies fetched)",
+                store.url()
+            )));
+        }
+        tracing::warn!(%hash, attempt, "{key} from {} failed verification ({problem}); fetching it again", store.url());
+        tokio::time::sleep(backoff(attempt, Duration::from_secs(2))).await;
     }
-    Ok(Some(data))
 }
 
 /// The error for a block a store should have and does not.
@@ -388,7 +402,7 @@ mod tests {
             .expect_err("never a good copy");
         assert!(!err.is_transient());
         assert!(err.message.contains(&hash.to_string()), "{}", err.message);
-        assert_eq!(store.gets.into_inner(), 3);
+        assert_eq!(store.gets.into_inner(), VERIFY_ATTEMPTS);
     }
 
     #[test]
