@@ -189,45 +189,69 @@ where
     }
 }
 
-/// How many copies of a block object are fetched before one that fails verification is
+/// How many copies of an object are fetched before one that fails verification is
 /// reported corrupt: a proxy or the network may have mangled a copy (a body cut short with
 /// a matching Content-Length, flipped bits), while an object bad in the store stays bad.
 pub const VERIFY_ATTEMPTS: u32 = 3;
 
+/// Fetches `key` and verifies the copy with `check` (decompress, hash, decode): a copy
+/// that fails is logged and fetched again, up to [`VERIFY_ATTEMPTS`] copies. `None` if the
+/// store does not have the object; `Some(Err(problem))` if every copy failed `check`.
+pub async fn fetch_verified<T>(
+    store: &dyn ObjectStore,
+    key: &str,
+    check: impl Fn(Vec<u8>) -> Result<T, String>,
+) -> StoreResult<Option<Result<T, String>>> {
+    let mut attempt = 0u32;
+    loop {
+        let Some(object) = retry(Some(5), || store.get(key)).await? else {
+            return Ok(None);
+        };
+        let problem = match check(object) {
+            Ok(value) => return Ok(Some(Ok(value))),
+            Err(problem) => problem,
+        };
+        attempt += 1;
+        if attempt >= VERIFY_ATTEMPTS {
+            return Ok(Some(Err(problem)));
+        }
+        tracing::warn!(
+            attempt,
+            "{key} from {} failed verification ({problem}); fetching it again",
+            store.url()
+        );
+        tokio::time::sleep(backoff(attempt, Duration::from_secs(2))).await;
+    }
+}
+
 /// Fetches block `hash` from the store: decompressed (at most `max_len` bytes) and
 /// verified against its hash; `None` if the store does not have it. Nothing from the
-/// store is used unverified: a copy that fails verification is fetched again, up to
-/// [`VERIFY_ATTEMPTS`] copies, then the block is a permanent error naming it.
+/// store is used unverified: after [`VERIFY_ATTEMPTS`] bad copies the block is a
+/// permanent error naming it.
 pub async fn fetch_block(
     store: &dyn ObjectStore,
     hash: &crate::blocks::BlockHash,
     max_len: usize,
 ) -> StoreResult<Option<Vec<u8>>> {
     let key = crate::catalog::block_key(hash);
-    let mut attempt = 0u32;
-    loop {
-        let Some(object) = retry(Some(5), || store.get(&key)).await? else {
-            return Ok(None);
-        };
-        let problem = match zstd::bulk::decompress(&object, max_len) {
-            Ok(data) => {
-                let actual = crate::blocks::BlockHash::of(&data);
-                if actual == *hash {
-                    return Ok(Some(data));
-                }
-                format!("its content hashes to {actual}")
-            }
-            Err(e) => format!("not a zstd frame of at most {max_len} bytes: {e}"),
-        };
-        attempt += 1;
-        if attempt >= VERIFY_ATTEMPTS {
-            return Err(StoreError::permanent(format!(
-                "block {hash} is corrupt in {} ({key}: {problem}; {attempt} copies fetched)",
-                store.url()
-            )));
+    let checked = fetch_verified(store, &key, |object| {
+        let data = zstd::bulk::decompress(&object, max_len)
+            .map_err(|e| format!("not a zstd frame of at most {max_len} bytes: {e}"))?;
+        let actual = crate::blocks::BlockHash::of(&data);
+        if actual == *hash {
+            Ok(data)
+        } else {
+            Err(format!("its content hashes to {actual}"))
         }
-        tracing::warn!(%hash, attempt, "{key} from {} failed verification ({problem}); fetching it again", store.url());
-        tokio::time::sleep(backoff(attempt, Duration::from_secs(2))).await;
+    })
+    .await?;
+    match checked {
+        None => Ok(None),
+        Some(Ok(data)) => Ok(Some(data)),
+        Some(Err(problem)) => Err(StoreError::permanent(format!(
+            "block {hash} is corrupt in {} ({key}: {problem}; {VERIFY_ATTEMPTS} copies fetched)",
+            store.url()
+        ))),
     }
 }
 
