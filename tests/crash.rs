@@ -1296,49 +1296,76 @@ fn a_store_unreachable_for_a_while_delays_uploads_and_loses_nothing() {
     let s3 = S3Env::garage();
     let (proxy, through) = FaultProxy::for_env(&s3);
     let prefix = unique_prefix("crash-outage");
-    let mut mount = through.mount_store(&prefix, &[]);
-    let first = pattern(4 * BLOCK, rng.next());
-    fs::write(mount.path().join("first"), &first).expect("write");
+    // 1 MiB of cache: `cold` is mostly in the store only when the outage starts.
+    let mut mount = through.mount_store(&prefix, &["--cache-size", "1M"]);
+    let cold = pattern(12 * BLOCK, rng.next());
+    fs::write(mount.path().join("cold"), &cold).expect("write");
     take_snapshot(&mount, "before");
     wait_completed(&mount, "before");
+    wait_until("eviction", COMPLETION_TIMEOUT, || {
+        block_files(mount.data_dir()).len() <= 4
+    });
+    // A remount empties the page cache: reads of `cold` need the store.
+    mount.remount();
 
-    // Hanging connections or refused ones, for the whole outage.
-    let fault = *rng.pick(&[Fault::Stall, Fault::Reset]);
+    // Hanging connections for the first half of the outage, refused ones for the second.
     let outage = if torture_seconds() > SHORT_PROFILE {
         budget(0.25).min(Duration::from_secs(300))
     } else {
         Duration::from_secs(20)
     };
-    proxy.set_fault(fault);
+    proxy.set_fault(Fault::Stall);
     let started = Instant::now();
+    let mut fault = Fault::Stall;
+
+    // A reader of data only the store has, meanwhile: the right bytes or EIO, never wrong
+    // ones, and it must not hold up the local work below.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let cold_reader = {
+        let (path, cold, stop) = (mount.path().join("cold"), cold.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut outcomes: BTreeMap<&str, u64> = BTreeMap::new();
+            while !stop.load(Ordering::SeqCst) {
+                let ok = read_exact_or_eio(&path, &cold);
+                *outcomes
+                    .entry(if ok { "exact" } else { "EIO" })
+                    .or_default() += 1;
+            }
+            outcomes
+        })
+    };
+
     let mut expected: BTreeMap<String, BTreeMap<String, Vec<u8>>> = BTreeMap::new();
     let mut live: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    live.insert("first".into(), first.clone());
+    live.insert("cold".into(), cold.clone());
     let mut round = 0u64;
     let limit = Duration::from_secs(10);
     while started.elapsed() < outage {
-        // Local work must go on at local speed meanwhile.
+        if fault == Fault::Stall && started.elapsed() > outage / 2 {
+            fault = Fault::Reset;
+            proxy.set_fault(fault);
+        }
+        // Local work goes on at local speed: writes, fsyncs, reads of what is not in the
+        // store yet (never evicted), snapshots.
         let name = format!("f{}", round % 5);
         let bytes = pattern(rng.range(1, 3 * BLOCK as u64) as usize, rng.next());
         let path = mount.path().join(&name);
         let written = bytes.clone();
-        within(
-            &format!("write {name} during the outage"),
+        let back = within(
+            &format!("write, fsync and read {name} during the outage"),
             limit,
             move || {
                 let file = fs::File::create(&path).expect("create");
                 file.write_all_at(&written, 0).expect("write");
                 file.sync_all().expect("fsync");
+                drop(file);
+                fs::read(&path).expect("read back")
             },
         );
-        live.insert(name.clone(), bytes);
-        let path = mount.path().join("first");
-        let back = within("read during the outage", limit, move || {
-            fs::read(path).expect("read")
-        });
-        assert_bytes_eq(&back, &first, "first, during the outage");
+        assert_bytes_eq(&back, &bytes, &format!("{name}, during the outage"));
+        live.insert(name, bytes);
         if round % 3 == 2 {
-            let snap = format!("during{round}");
+            let snap = format!("during{round:04}");
             let dir = snapshot_dir(&mount, &snap);
             within(
                 &format!("mkdir {snap} during the outage"),
@@ -1362,6 +1389,12 @@ fn a_store_unreachable_for_a_while_delays_uploads_and_loses_nothing() {
     let (_, faulted) = proxy.counts();
     proxy.set_fault(Fault::None);
     let healed = Instant::now();
+    stop.store(true, Ordering::SeqCst);
+    let cold_reads = cold_reader.join().expect("cold reader");
+    assert!(
+        read_exact_or_eio(&mount.path().join("cold"), &cold),
+        "cold is readable once the store is back"
+    );
     for (snap, files) in &expected {
         wait_completed(&mount, snap);
         for (name, bytes) in files {
@@ -1393,8 +1426,9 @@ fn a_store_unreachable_for_a_while_delays_uploads_and_loses_nothing() {
     }
     verify_clean_with(mount.data_dir(), &s3.vars());
     eprintln!(
-        "outage: {fault:?} for {outage:?}, {faulted} requests faulted, {round} rounds of local \
-         work, {} snapshots taken meanwhile, all completed {catch_up:?} after the store healed",
+        "outage: Stall then Reset for {outage:?}, {faulted} requests faulted, {round} rounds of local \
+         work, {} snapshots taken meanwhile, all completed {catch_up:?} after the store healed; \
+         reads of store-only data meanwhile: {cold_reads:?}",
         expected.len()
     );
 }
