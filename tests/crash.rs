@@ -1300,6 +1300,8 @@ fn a_store_unreachable_for_a_while_delays_uploads_and_loses_nothing() {
     let mut mount = through.mount_store(&prefix, &["--cache-size", "1M"]);
     let cold = pattern(12 * BLOCK, rng.next());
     fs::write(mount.path().join("cold"), &cold).expect("write");
+    let mut cold2 = pattern(12 * BLOCK, rng.next());
+    fs::write(mount.path().join("cold2"), &cold2).expect("write");
     take_snapshot(&mount, "before");
     wait_completed(&mount, "before");
     wait_until("eviction", COMPLETION_TIMEOUT, || {
@@ -1332,6 +1334,37 @@ fn a_store_unreachable_for_a_while_delays_uploads_and_loses_nothing() {
                     .or_default() += 1;
             }
             outcomes
+        })
+    };
+
+    // And a writer of a few bytes into blocks only the store has (a write starts from
+    // their bytes): it succeeds or fails with EIO, changing nothing then.
+    let cold_writer = {
+        let (path, stop) = (mount.path().join("cold2"), stop.clone());
+        let mut cold2 = cold2.clone();
+        let seed = rng.next();
+        std::thread::spawn(move || {
+            let mut outcomes: BTreeMap<&str, u64> = BTreeMap::new();
+            let mut rng = Rng::new(seed);
+            while !stop.load(Ordering::SeqCst) {
+                let at = rng.below(cold2.len() as u64 - 8);
+                let bytes = pattern(8, rng.next());
+                let written = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.write_all_at(&bytes, at));
+                match written {
+                    Ok(()) => {
+                        cold2[at as usize..at as usize + 8].copy_from_slice(&bytes);
+                        *outcomes.entry("written").or_default() += 1;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                        *outcomes.entry("EIO").or_default() += 1;
+                    }
+                    Err(e) => panic!("write into cold2: {e}"),
+                }
+            }
+            (outcomes, cold2)
         })
     };
 
@@ -1391,6 +1424,13 @@ fn a_store_unreachable_for_a_while_delays_uploads_and_loses_nothing() {
     let healed = Instant::now();
     stop.store(true, Ordering::SeqCst);
     let cold_reads = cold_reader.join().expect("cold reader");
+    let cold_writes;
+    (cold_writes, cold2) = cold_writer.join().expect("cold writer");
+    assert_bytes_eq(
+        &fs::read(mount.path().join("cold2")).expect("read cold2"),
+        &cold2,
+        "cold2: the writes that returned, and only them",
+    );
     assert!(
         read_exact_or_eio(&mount.path().join("cold"), &cold),
         "cold is readable once the store is back"
@@ -1428,7 +1468,7 @@ fn a_store_unreachable_for_a_while_delays_uploads_and_loses_nothing() {
     eprintln!(
         "outage: Stall then Reset for {outage:?}, {faulted} requests faulted, {round} rounds of local \
          work, {} snapshots taken meanwhile, all completed {catch_up:?} after the store healed; \
-         reads of store-only data meanwhile: {cold_reads:?}",
+         reads of store-only data meanwhile: {cold_reads:?}, writes into it: {cold_writes:?}",
         expected.len()
     );
 }
