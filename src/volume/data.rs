@@ -281,6 +281,7 @@ impl Volume {
             .checked_add(data.len() as u64)
             .filter(|&end| end <= MAX_FILE_SIZE)
             .ok_or(Error::FileTooBig)?;
+        self.fetch_partly_written(node.ino, offset, end)?;
         let _change = self.enter_change();
         let state = self.file_state(node.ino)?;
         let mut state = lock(&state);
@@ -331,6 +332,44 @@ impl Volume {
             self.flush_all()?;
         }
         Ok(data.len() as u32)
+    }
+
+    /// Makes local the blocks only a store has that a write of `[offset, end)` covers in
+    /// part (it starts from their bytes), before the write takes the gate and the file's
+    /// lock: a fetch may wait minutes on a store that is down, and snapshots and writers
+    /// would wait with it. A failed fetch fails the write before it changes anything.
+    fn fetch_partly_written(&self, ino: u64, offset: u64, end: u64) -> Result<()> {
+        if end == offset || (self.remote.get().is_none() && self.origin.get().is_none()) {
+            return Ok(());
+        }
+        let bs = self.block_size;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let mut partial = Vec::new();
+        if offset % bs != 0 || end < (first + 1) * bs {
+            partial.push(first);
+        }
+        if last != first && end % bs != 0 {
+            partial.push(last);
+        }
+        for idx in partial {
+            let state = lock(&self.files).get(&ino).cloned();
+            if let Some(state) = state {
+                let state = lock(&state);
+                if idx * bs >= state.size
+                    || state.dirty.contains_key(&idx)
+                    || !state.catalog_block_valid(idx, bs)
+                {
+                    continue;
+                }
+            }
+            let mapped = lock(&self.catalog).read(|tx| tx.blocks_in_range(LIVE, ino, idx, idx))?;
+            for (_, hash) in mapped {
+                if self.local_block(&hash)?.is_none() {
+                    self.block(&hash)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sets the size of an open (or about to be flushed) file.
