@@ -532,18 +532,20 @@ fn workload(
                     fsync: true,
                 }),
                 KillPoint::Mkdir => {
-                    // Dirty data for the snapshot to flush.
-                    ops.push(Op::Write {
-                        name: rng.pick(&NAMES).to_string(),
-                        offset: 0,
-                        len: 2 << 20,
-                        seed: rng.next(),
-                        fsync: false,
-                    });
+                    // Dirty data for the snapshot to flush, in two files.
+                    for _ in 0..2 {
+                        ops.push(Op::Write {
+                            name: rng.pick(&NAMES).to_string(),
+                            offset: 0,
+                            len: 3 << 20,
+                            seed: rng.next(),
+                            fsync: false,
+                        });
+                    }
                     ops.push(Op::Snapshot {
                         name: model.new_snapshot_name(),
                     });
-                    arm_delay = Some(Duration::from_micros(rng.below(8000)));
+                    arm_delay = Some(Duration::from_micros(rng.below(3000)));
                 }
                 KillPoint::Rmdir => {
                     if model.snapshots.is_empty() {
@@ -554,7 +556,7 @@ fn workload(
                     ops.push(Op::DeleteSnapshot {
                         name: String::new(),
                     });
-                    arm_delay = Some(Duration::from_micros(rng.below(8000)));
+                    arm_delay = Some(Duration::from_micros(rng.below(2000)));
                 }
                 KillPoint::Upload => {
                     ops.push(Op::Write {
@@ -786,6 +788,20 @@ fn crash_cycles(
                 "Random (in {})",
                 end.inflight.as_ref().map_or("between ops", Op::kind)
             ),
+            (KillPoint::BigWrite | KillPoint::Mkdir | KillPoint::Rmdir, _) => {
+                let during = matches!(
+                    (point, &end.inflight),
+                    (KillPoint::BigWrite, Some(Op::Write { .. }))
+                        | (KillPoint::Mkdir, Some(Op::Snapshot { .. }))
+                        | (KillPoint::Rmdir, Some(Op::DeleteSnapshot { .. }))
+                );
+                let when = if during {
+                    "during it"
+                } else {
+                    "after it returned"
+                };
+                format!("{point:?} ({when})")
+            }
             _ => format!("{point:?}"),
         };
         *stats.kills.entry(kind).or_default() += 1;
@@ -827,6 +843,36 @@ fn crash_cycles(
     let live = read_files(mount.path()).expect("read the live tree");
     assert_eq!(live, model.live(), "{test}: the live tree at the end");
     (model, stats)
+}
+
+/// Every modelled snapshot, restored from the store alone (`url`; `env`: credentials),
+/// must hold exactly the files the model says.
+fn restore_each_from_store(mount: &Mount, model: &Model, url: &str, env: &[(String, String)]) {
+    for (name, files) in &model.snapshots {
+        let dest = mount.scratch(&format!("restored-{name}"));
+        let out = run(snapfs()
+            .args(["restore", "--store", url, name])
+            .arg(&dest)
+            .envs(env.iter().map(|(k, v)| (k, v))));
+        assert!(
+            out.status.success(),
+            "restore {name} from {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let restored = read_files(&dest).expect("read the restored tree");
+        assert_eq!(
+            restored.keys().collect::<Vec<_>>(),
+            files.keys().collect::<Vec<_>>(),
+            "files of {name} restored from {url}"
+        );
+        for (file, content) in files {
+            assert_bytes_eq(
+                &restored[file],
+                content,
+                &format!("{name}/{file} from {url}"),
+            );
+        }
+    }
 }
 
 /// Every block of every modelled snapshot: the keys it may have.
@@ -878,10 +924,11 @@ fn kill9_at_random_moments_with_an_s3_store_loses_nothing() {
         || client.list(&format!("{prefix}snapshots/")).len() == model.snapshots.len(),
     );
     mount.unmount();
+    restore_each_from_store(&mount, &model, &url, &s3.vars());
     verify_clean_with(mount.data_dir(), &s3.vars());
     eprintln!(
         "kill9_s3: {} cycles, kills {:?}, ops {:?}, faults {:?}; checked {} fsynced files, \
-         {} snapshots, {} bytes; {} blocks in the store",
+         {} snapshots, {} bytes; {} blocks in the store; {} snapshots restored from it",
         stats.cycles,
         stats.kills,
         stats.ops,
@@ -889,7 +936,8 @@ fn kill9_at_random_moments_with_an_s3_store_loses_nothing() {
         stats.files_checked,
         stats.snapshots_checked,
         stats.bytes_checked,
-        needed.len()
+        needed.len(),
+        model.snapshots.len()
     );
 }
 
@@ -914,16 +962,19 @@ fn kill9_at_random_moments_with_the_default_store_loses_nothing() {
         );
     }
     mount.unmount();
+    let url = format!("file://{}", store.display());
+    restore_each_from_store(&mount, &model, &url, &[]);
     verify_clean(mount.data_dir());
     eprintln!(
         "kill9_local: {} cycles, kills {:?}, ops {:?}; checked {} fsynced files, {} snapshots, \
-         {} bytes",
+         {} bytes; {} snapshots restored from the store",
         stats.cycles,
         stats.kills,
         stats.ops,
         stats.files_checked,
         stats.snapshots_checked,
-        stats.bytes_checked
+        stats.bytes_checked,
+        model.snapshots.len()
     );
 }
 
@@ -947,7 +998,7 @@ fn contents(root: &Path) -> Vec<(PathBuf, u32, u64, Vec<u8>)> {
 /// Writes a tree with big and small files, a sparse one, a hard link and a symlink.
 fn populate(root: &Path, seed: u64) {
     fs::create_dir_all(root.join("dir/sub")).expect("mkdir");
-    fs::write(root.join("big"), pattern(24 * BLOCK + 99, seed)).expect("write");
+    fs::write(root.join("big"), pattern(48 * BLOCK + 99, seed)).expect("write");
     fs::write(root.join("dir/text"), text(8 * BLOCK)).expect("write");
     fs::write(root.join("dir/sub/small"), b"small").expect("write");
     let sparse = create(&root.join("sparse"));
@@ -1014,7 +1065,7 @@ fn a_restore_killed_at_random_moments_reruns_to_completion_with_overwrite() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("spawn snapfs restore");
-        std::thread::sleep(Duration::from_millis(rng.below(whole)));
+        std::thread::sleep(Duration::from_millis(rng.below(whole * 2 / 3)));
         let finished = child.try_wait().expect("try_wait").is_some();
         child.kill().expect("SIGKILL restore");
         child.wait().expect("reap restore");
