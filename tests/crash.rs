@@ -897,8 +897,9 @@ fn kill9_at_random_moments_with_an_s3_store_loses_nothing() {
     let (proxy, through) = FaultProxy::for_env(&s3);
     let prefix = unique_prefix("crash");
     let url = s3.url(&prefix);
-    // A modest rate limit keeps uploads in progress long enough to be killed.
-    let mut mount = s3.mount_store(&prefix, &["--upload-limit", "8M"]);
+    // A modest rate limit keeps uploads in progress long enough to be killed; a small cache
+    // evicts stored blocks, so reads and partial writes fetch them back between kills.
+    let mut mount = s3.mount_store(&prefix, &["--upload-limit", "8M", "--cache-size", "2M"]);
     let route = Route::S3 {
         s3: &s3,
         proxy: &proxy,
