@@ -719,17 +719,17 @@ enum Route<'a> {
 
 /// The kill -9 loop: cycles of workload and kill until `time` is spent (at least
 /// `min_cycles`), each checked after a remount; then every snapshot must complete.
+/// `model`: what the volume holds at the start (its root has the directory `d`).
 fn crash_cycles(
     test: &str,
     mount: &mut Mount,
+    mut model: Model,
     route: &Route,
     rng: &mut Rng,
     time: Duration,
     min_cycles: u64,
 ) -> (Model, Stats) {
-    let mut model = Model::default();
     let mut stats = Stats::default();
-    fs::create_dir(mount.path().join("d")).expect("mkdir d");
     let started = Instant::now();
     while stats.cycles < min_cycles || started.elapsed() < time {
         let cycle = stats.cycles;
@@ -905,7 +905,16 @@ fn kill9_at_random_moments_with_an_s3_store_loses_nothing() {
         proxy: &proxy,
         through: &through,
     };
-    let (model, stats) = crash_cycles("kill9_s3", &mut mount, &route, &mut rng, budget(0.7), 10);
+    fs::create_dir(mount.path().join("d")).expect("mkdir d");
+    let (model, stats) = crash_cycles(
+        "kill9_s3",
+        &mut mount,
+        Model::default(),
+        &route,
+        &mut rng,
+        budget(0.7),
+        10,
+    );
 
     // Every block of every snapshot is in the bucket, and the snapshots deleted are not.
     let client = s3.client();
@@ -947,9 +956,11 @@ fn kill9_at_random_moments_with_an_s3_store_loses_nothing() {
 fn kill9_at_random_moments_with_the_default_store_loses_nothing() {
     let mut rng = Rng::new(seed("kill9_local"));
     let mut mount = Mount::new();
+    fs::create_dir(mount.path().join("d")).expect("mkdir d");
     let (model, stats) = crash_cycles(
         "kill9_local",
         &mut mount,
+        Model::default(),
         &Route::Local,
         &mut rng,
         budget(0.4),
@@ -973,6 +984,72 @@ fn kill9_at_random_moments_with_the_default_store_loses_nothing() {
         stats.cycles,
         stats.kills,
         stats.ops,
+        stats.files_checked,
+        stats.snapshots_checked,
+        stats.bytes_checked,
+        model.snapshots.len()
+    );
+}
+
+#[test]
+fn kill9_of_a_volume_made_from_a_snapshot_loses_nothing() {
+    let mut rng = Rng::new(seed("kill9_lazy"));
+    let s3 = S3Env::garage();
+    let (proxy, through) = FaultProxy::for_env(&s3);
+    let source_prefix = unique_prefix("crash-lazy-source");
+    let copy_prefix = unique_prefix("crash-lazy-copy");
+    // The source: files in a completed snapshot, which the copy loads lazily.
+    let mut source = s3.mount_store(&source_prefix, &[]);
+    fs::create_dir(source.path().join("d")).expect("mkdir d");
+    let mut model = Model::default();
+    for name in ["a", "c", "d/a", "d/g"] {
+        let content = pattern(
+            rng.range(BLOCK as u64, 5 * BLOCK as u64) as usize,
+            rng.next(),
+        );
+        fs::write(source.path().join(name), &content).expect("write");
+        model.files.insert(
+            name.to_owned(),
+            FileModel {
+                content,
+                clean: true,
+            },
+        );
+    }
+    take_snapshot(&source, "origin");
+    wait_completed(&source, "origin");
+    source.unmount();
+
+    let from = format!("{}@origin", s3.url(&source_prefix));
+    let copy_url = s3.url(&copy_prefix);
+    let mut copy = s3.mount(&["--from", &from, "--store", &copy_url, "--cache-size", "1M"]);
+    // Later mounts keep the origin; --from is for a new data dir only.
+    copy.set_args(&["--store", &copy_url, "--cache-size", "1M"]);
+    let route = Route::S3 {
+        s3: &s3,
+        proxy: &proxy,
+        through: &through,
+    };
+    let (model, stats) = crash_cycles(
+        "kill9_lazy",
+        &mut copy,
+        model,
+        &route,
+        &mut rng,
+        budget(0.3),
+        6,
+    );
+    copy.unmount();
+    // The copy's snapshots restore from its store alone (shared blocks from the origin's).
+    restore_each_from_store(&copy, &model, &copy_url, &s3.vars());
+    verify_clean_with(copy.data_dir(), &s3.vars());
+    eprintln!(
+        "kill9_lazy: {} cycles, kills {:?}, ops {:?}, faults {:?}; checked {} fsynced files, \
+         {} snapshots, {} bytes; {} snapshots restored from the store",
+        stats.cycles,
+        stats.kills,
+        stats.ops,
+        stats.faults,
         stats.files_checked,
         stats.snapshots_checked,
         stats.bytes_checked,
