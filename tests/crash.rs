@@ -1541,7 +1541,7 @@ fn a_store_unreachable_for_a_while_delays_uploads_and_loses_nothing() {
         );
         assert_bytes_eq(&back, &bytes, &format!("{name}, during the outage"));
         live.insert(name, bytes);
-        if round % 3 == 2 {
+        if round % 8 == 2 {
             let snap = format!("during{round:04}");
             let dir = snapshot_dir(&mount, &snap);
             within(
