@@ -416,7 +416,11 @@ pub fn decode_snapshot(data: &[u8]) -> Result<SnapshotManifest> {
 
 /// Compresses a manifest or block for the store.
 pub fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
-    zstd::bulk::compress(data, level)
+    // With the frame's content checksum, decompression refuses a damaged object (snapshot
+    // objects have no key hash to catch it; zstd would decode damaged literals silently).
+    let mut compressor = zstd::bulk::Compressor::new(level)?;
+    compressor.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+    compressor.compress(data)
 }
 
 /// Decompresses an object from the store, refusing more than `max` bytes of output.
