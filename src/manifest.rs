@@ -416,7 +416,11 @@ pub fn decode_snapshot(data: &[u8]) -> Result<SnapshotManifest> {
 
 /// Compresses a manifest or block for the store.
 pub fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
-    zstd::bulk::compress(data, level)
+    // With the frame's content checksum, decompression refuses a damaged object (snapshot
+    // objects have no key hash to catch it; zstd would decode damaged literals silently).
+    let mut compressor = zstd::bulk::Compressor::new(level)?;
+    compressor.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+    compressor.compress(data)
 }
 
 /// Decompresses an object from the store, refusing more than `max` bytes of output.
@@ -446,6 +450,39 @@ mod tests {
             target: None,
             xattrs: vec![(b"user.a".to_vec(), vec![0, 1, 2])],
             content: Content::Blocks(blocks),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_object_with_a_flipped_byte_is_refused_not_misread() {
+        // Snapshot objects have no hash to be checked against: the frame must catch damage.
+        let mut root = file("", vec![]);
+        root.kind = Kind::Dir;
+        root.content = Content::Tree(BlockHash::of(b"tree"));
+        let snapshot = SnapshotManifest {
+            volume_id: "0123456789abcdef0123456789abcdef".into(),
+            id: 12,
+            name: b"nightly-2026-11-25".to_vec(),
+            generation: 40,
+            created: 1_700_000_000_000_000_000,
+            block_size: 256 * 1024,
+            logical_bytes: 123_456_789,
+            tags: vec![(b"reason".to_vec(), b"upgrade".to_vec())],
+            root,
+        };
+        let object = compress(&encode_snapshot(&snapshot), 3).expect("compress");
+        for at in 0..object.len() {
+            for bit in 0..8 {
+                let mut damaged = object.clone();
+                damaged[at] ^= 1 << bit;
+                let read = decompress(&damaged, 1 << 20)
+                    .ok()
+                    .and_then(|data| decode_snapshot(&data).ok());
+                assert!(
+                    read.is_none() || read.as_ref() == Some(&snapshot),
+                    "bit {bit} of byte {at} flipped: read as {read:?}"
+                );
+            }
         }
     }
 

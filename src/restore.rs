@@ -268,10 +268,15 @@ impl StoreSource {
         self.manifest.block_size
     }
 
-    fn object(&self, key: &str, max: usize) -> Result<Vec<u8>> {
+    fn object<T>(
+        &self,
+        key: &str,
+        max: usize,
+        check: impl Fn(Vec<u8>) -> std::result::Result<T, String>,
+    ) -> Result<T> {
         self.stores
             .runtime
-            .block_on(fetch(&*self.stores.stores[0], key, max))
+            .block_on(fetch(&*self.stores.stores[0], key, max, check))
     }
 }
 
@@ -283,13 +288,28 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .map_err(io_err(Path::new("tokio runtime")))
 }
 
-/// An object, decompressed (at most `max` bytes); a missing object is an error.
-async fn fetch(store: &dyn ObjectStore, key: &str, max: usize) -> Result<Vec<u8>> {
-    let object = store::retry(Some(5), || store.get(key))
-        .await?
-        .ok_or_else(|| RestoreError::Corrupt(format!("{key} is missing from the store")))?;
-    manifest::decompress(&object, max)
-        .map_err(|e| RestoreError::Corrupt(format!("{key} is corrupt or truncated: {e}")))
+/// An object, decompressed (at most `max` bytes) and checked by `check` (hash, decode);
+/// a copy that fails is fetched again (see `store::fetch_verified`). A missing object, or
+/// one that fails every time, is an error.
+async fn fetch<T>(
+    store: &dyn ObjectStore,
+    key: &str,
+    max: usize,
+    check: impl Fn(Vec<u8>) -> std::result::Result<T, String>,
+) -> Result<T> {
+    let checked = store::fetch_verified(store, key, |object| {
+        let data =
+            manifest::decompress(&object, max).map_err(|e| format!("corrupt or truncated: {e}"))?;
+        check(data)
+    })
+    .await?;
+    match checked {
+        None => Err(RestoreError::Corrupt(format!(
+            "{key} is missing from the store"
+        ))),
+        Some(Ok(value)) => Ok(value),
+        Some(Err(problem)) => Err(RestoreError::Corrupt(format!("{key}: {problem}"))),
+    }
 }
 
 /// The snapshots found in a store: those that read back whole, and a message for each
@@ -315,15 +335,10 @@ pub async fn list_manifests(store: &dyn ObjectStore) -> Result<Listing> {
         origin,
     };
     for key in keys {
-        let data = match fetch(store, &key, MAX_MANIFEST_OBJECT).await {
-            Err(RestoreError::Corrupt(message)) => {
-                listing.damaged.push(message);
-                continue;
-            }
-            result => result?,
-        };
-        match manifest::decode_snapshot(&data) {
-            Err(e) => listing.damaged.push(format!("{key}: {e}")),
+        let decode = |data: Vec<u8>| manifest::decode_snapshot(&data).map_err(|e| e.to_string());
+        match fetch(store, &key, MAX_MANIFEST_OBJECT, decode).await {
+            Err(RestoreError::Corrupt(message)) => listing.damaged.push(message),
+            Err(e) => return Err(e),
             Ok(manifest) if manifest.volume_id != volume_id => listing.damaged.push(format!(
                 "{key} belongs to volume {}, not {volume_id}",
                 manifest.volume_id
@@ -390,13 +405,12 @@ impl Source for StoreSource {
             return Err(RestoreError::Corrupt("a directory without a tree".into()));
         };
         let key = catalog::tree_key(hash);
-        let data = self.object(&key, MAX_MANIFEST_OBJECT)?;
-        if BlockHash::of(&data) != *hash {
-            return Err(RestoreError::Corrupt(format!(
-                "{key} does not match its hash"
-            )));
-        }
-        manifest::decode_tree(&data).map_err(|e| RestoreError::Corrupt(format!("{key}: {e}")))
+        self.object(&key, MAX_MANIFEST_OBJECT, |data| {
+            if BlockHash::of(&data) != *hash {
+                return Err("does not match its hash".to_owned());
+            }
+            manifest::decode_tree(&data).map_err(|e| e.to_string())
+        })
     }
 
     fn block(&self, hash: &BlockHash) -> Result<Vec<u8>> {

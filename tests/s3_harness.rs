@@ -247,3 +247,67 @@ fn fault_proxy_stall_holds_until_cleared() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(proxy.counts(), (0, 1));
 }
+
+#[test]
+fn fault_proxy_mangles_bodies_of_object_gets_only() {
+    for (name, env) in S3Env::all() {
+        let (proxy, through) = FaultProxy::for_env(&env);
+        let client = through.client();
+        let prefix = unique_prefix("harness-body");
+        let key = format!("{prefix}obj");
+        let bytes = pattern(90_000, 5);
+        client.put(&key, &bytes);
+
+        // Every 2nd object GET; the PUT and the listing neither count nor change.
+        proxy.fail_every(2, Fault::Corrupt);
+        assert_eq!(
+            client.list(&prefix),
+            vec![(key.clone(), bytes.len() as u64)]
+        );
+        let bodies: Vec<Vec<u8>> = (0..4)
+            .map(|_| client.get(&key).expect("the object"))
+            .collect();
+        assert_eq!(bodies[0], bytes, "{name}: 1st GET forwarded");
+        assert_eq!(bodies[1].len(), bytes.len(), "{name}: same length");
+        let flipped = bodies[1].iter().zip(&bytes).filter(|(a, b)| a != b).count();
+        assert_eq!(flipped, 3, "{name}: three bytes flipped");
+        assert_eq!(bodies[2], bytes, "{name}");
+        assert_ne!(bodies[3], bytes, "{name}");
+        assert_eq!(proxy.counts().1, 2, "{name}: two bodies corrupted");
+
+        // A shorter body with a Content-Length to match: looks like a whole answer.
+        proxy.set_fault(Fault::Truncate {
+            consistent_length: true,
+        });
+        let resp = client.request("GET", &key, &[], b"").expect("an answer");
+        assert_eq!(resp.status, 200, "{name}");
+        assert_eq!(resp.body, bytes[..bytes.len() / 2], "{name}: half the body");
+        assert_eq!(
+            resp.header("content-length"),
+            Some((bytes.len() / 2).to_string().as_str()),
+            "{name}"
+        );
+        // The full length announced, the connection closed early: a connection error.
+        proxy.set_fault(Fault::Truncate {
+            consistent_length: false,
+        });
+        let err = client
+            .request("GET", &key, &[], b"")
+            .expect_err("a body cut off");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::UnexpectedEof,
+            "{name}: {err}"
+        );
+        // A missing object's 404 is left alone.
+        let resp = client
+            .request("GET", &format!("{prefix}none"), &[], b"")
+            .expect("an answer");
+        assert_eq!(resp.status, 404, "{name}");
+        assert_eq!(proxy.counts().1, 4, "{name}: faults applied");
+
+        proxy.set_fault(Fault::None);
+        assert_eq!(client.get(&key).as_deref(), Some(&bytes[..]), "{name}");
+        client.delete(&key);
+    }
+}

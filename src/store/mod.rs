@@ -208,32 +208,70 @@ where
     }
 }
 
+/// How many copies of an object are fetched before one that fails verification is
+/// reported corrupt: a proxy or the network may have mangled a copy (a body cut short with
+/// a matching Content-Length, flipped bits), while an object bad in the store stays bad.
+pub const VERIFY_ATTEMPTS: u32 = 3;
+
+/// Fetches `key` and verifies the copy with `check` (decompress, hash, decode): a copy
+/// that fails is logged and fetched again, up to [`VERIFY_ATTEMPTS`] copies. `None` if the
+/// store does not have the object; `Some(Err(problem))` if every copy failed `check`.
+pub async fn fetch_verified<T>(
+    store: &dyn ObjectStore,
+    key: &str,
+    check: impl Fn(Vec<u8>) -> Result<T, String>,
+) -> StoreResult<Option<Result<T, String>>> {
+    let mut attempt = 0u32;
+    loop {
+        let Some(object) = retry(Some(5), || store.get(key)).await? else {
+            return Ok(None);
+        };
+        let problem = match check(object) {
+            Ok(value) => return Ok(Some(Ok(value))),
+            Err(problem) => problem,
+        };
+        attempt += 1;
+        if attempt >= VERIFY_ATTEMPTS {
+            return Ok(Some(Err(problem)));
+        }
+        tracing::warn!(
+            attempt,
+            "{key} from {} failed verification ({problem}); fetching it again",
+            store.url()
+        );
+        tokio::time::sleep(backoff(attempt, Duration::from_secs(2))).await;
+    }
+}
+
 /// Fetches block `hash` from the store: decompressed (at most `max_len` bytes) and
 /// verified against its hash; `None` if the store does not have it. Nothing from the
-/// store is used unverified.
+/// store is used unverified: after [`VERIFY_ATTEMPTS`] bad copies the block is a
+/// permanent error naming it.
 pub async fn fetch_block(
     store: &dyn ObjectStore,
     hash: &crate::blocks::BlockHash,
     max_len: usize,
 ) -> StoreResult<Option<Vec<u8>>> {
     let key = crate::catalog::block_key(hash);
-    let Some(object) = retry(Some(5), || store.get(&key)).await? else {
-        return Ok(None);
-    };
-    let data = zstd::bulk::decompress(&object, max_len).map_err(|e| {
-        StoreError::permanent(format!(
-            "{key} in {} is corrupt or truncated: {e}",
+    let checked = fetch_verified(store, &key, |object| {
+        let data = zstd::bulk::decompress(&object, max_len)
+            .map_err(|e| format!("not a zstd frame of at most {max_len} bytes: {e}"))?;
+        let actual = crate::blocks::BlockHash::of(&data);
+        if actual == *hash {
+            Ok(data)
+        } else {
+            Err(format!("its content hashes to {actual}"))
+        }
+    })
+    .await?;
+    match checked {
+        None => Ok(None),
+        Some(Ok(data)) => Ok(Some(data)),
+        Some(Err(problem)) => Err(StoreError::permanent(format!(
+            "block {hash} is corrupt in {} ({key}: {problem}; {VERIFY_ATTEMPTS} copies fetched)",
             store.url()
-        ))
-    })?;
-    let actual = crate::blocks::BlockHash::of(&data);
-    if actual != *hash {
-        return Err(StoreError::permanent(format!(
-            "block {hash} is corrupt in {}: its content hashes to {actual}",
-            store.url()
-        )));
+        ))),
     }
-    Ok(Some(data))
 }
 
 /// The error for a block a store should have and does not.
@@ -361,6 +399,86 @@ mod tests {
         ] {
             assert!(StoreUrl::parse(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    /// One block object whose first `bad` GETs come back mangled, as a proxy or a flaky
+    /// network may hand them over.
+    struct Mangling {
+        object: Vec<u8>,
+        bad: std::sync::atomic::AtomicU32,
+        gets: std::sync::atomic::AtomicU32,
+    }
+
+    impl ObjectStore for Mangling {
+        fn put<'a>(&'a self, _: &'a str, _: Vec<u8>) -> StoreFuture<'a, ()> {
+            Box::pin(async { Err(StoreError::permanent("read-only")) })
+        }
+
+        fn get<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            Box::pin(async {
+                self.gets.fetch_add(1, SeqCst);
+                let mut object = self.object.clone();
+                if self
+                    .bad
+                    .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    // Alternately a flipped byte and a body cut short.
+                    if self.gets.load(SeqCst) % 2 == 1 {
+                        let mid = object.len() / 2;
+                        object[mid] ^= 0x55;
+                    } else {
+                        object.truncate(object.len() / 2);
+                    }
+                }
+                Ok(Some(object))
+            })
+        }
+
+        fn delete<'a>(&'a self, _: &'a str) -> StoreFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn list<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Vec<String>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+
+        fn url(&self) -> &str {
+            "mem://mangling"
+        }
+    }
+
+    #[test]
+    fn a_block_that_fails_verification_is_fetched_again_then_refused() {
+        let block: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let hash = crate::blocks::BlockHash::of(&block);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let store = |bad| Mangling {
+            object: zstd::bulk::compress(&block, 3).expect("compress"),
+            bad: std::sync::atomic::AtomicU32::new(bad),
+            gets: std::sync::atomic::AtomicU32::new(0),
+        };
+        // A mangled copy or two: a later GET brings a good one.
+        for bad in [1, 2] {
+            let store = store(bad);
+            let got = runtime
+                .block_on(fetch_block(&store, &hash, 1 << 20))
+                .expect("a good copy after retries");
+            assert_eq!(got, Some(block.clone()));
+            assert_eq!(store.gets.into_inner(), bad + 1);
+        }
+        // Bad every time: a permanent error naming the block, after a bounded number of GETs.
+        let store = store(u32::MAX);
+        let err = runtime
+            .block_on(fetch_block(&store, &hash, 1 << 20))
+            .expect_err("never a good copy");
+        assert!(!err.is_transient());
+        assert!(err.message.contains(&hash.to_string()), "{}", err.message);
+        assert_eq!(store.gets.into_inner(), VERIFY_ATTEMPTS);
     }
 
     #[test]

@@ -78,17 +78,25 @@ impl Volume {
 
     /// Block `hash`, from memory, the local disk, or the store.
     pub(super) fn block(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>> {
+        match self.local_block(hash)? {
+            Some(data) => Ok(data),
+            None => self.fetch(hash),
+        }
+    }
+
+    /// Block `hash` from memory or the local disk; `None` if only a store has it.
+    pub(super) fn local_block(&self, hash: &BlockHash) -> Result<Option<Arc<Vec<u8>>>> {
         match self.blocks.get(hash) {
             Ok(data) => {
                 if let Some(cache) = self.evictable.get() {
                     lock(cache).blocks.promote(hash);
                 }
-                Ok(data)
+                Ok(Some(data))
             }
             Err(BlockError::Missing { .. })
                 if self.remote.get().is_some() || self.origin.get().is_some() =>
             {
-                self.fetch(hash)
+                Ok(None)
             }
             Err(e) => Err(e.into()),
         }

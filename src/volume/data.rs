@@ -17,6 +17,9 @@ use crate::sync::{Mutex, lock};
 /// A dirty block ready for the catalog: its index, and its hash and length (None: a hole).
 type StagedBlock = (u64, Option<(BlockHash, u32)>);
 
+/// Rounds of fetching a read's missing blocks before it runs with them local.
+const FETCH_ROUNDS: usize = 3;
+
 /// Largest file size: offsets must fit in an off_t.
 const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 
@@ -162,6 +165,45 @@ impl Volume {
     }
 
     pub fn read(&self, node: NodeId, offset: u64, len: u32) -> Result<Vec<u8>> {
+        // Blocks only the store has are fetched with the file's state unlocked: a fetch may
+        // wait minutes on a store that is down, and writers, fsync and snapshots of the
+        // file wait for that lock. The read itself then runs locked on local blocks.
+        let mut failed: Option<(BlockHash, Error)> = None;
+        for _ in 0..FETCH_ROUNDS {
+            let missing = match self.read_from(node, offset, len, false)? {
+                Ok(data) => return Ok(data),
+                Err(missing) => missing,
+            };
+            if let Some((hash, e)) = failed.take()
+                && missing.contains(&hash)
+            {
+                return Err(e);
+            }
+            // A failure counts only if the read still needs the block (a writer may have
+            // replaced and freed it meanwhile).
+            for hash in missing {
+                if let Err(e) = self.block(&hash) {
+                    failed = Some((hash, e));
+                    break;
+                }
+            }
+        }
+        // Evicted again as fast as fetched (a cache smaller than one read): fetch locked.
+        match self.read_from(node, offset, len, true)? {
+            Ok(data) => Ok(data),
+            Err(_) => unreachable!("a read that fetches misses no block"),
+        }
+    }
+
+    /// Reads with the file's state locked. Unless `fetch`, a block that is neither in
+    /// memory nor on the local disk is not fetched: the blocks missing are returned.
+    fn read_from(
+        &self,
+        node: NodeId,
+        offset: u64,
+        len: u32,
+        fetch: bool,
+    ) -> Result<std::result::Result<Vec<u8>, Vec<BlockHash>>> {
         let view = self.view_generation(node.view)?;
         let state = match node.view {
             View::Live => lock(&self.files).get(&node.ino).cloned(),
@@ -179,7 +221,7 @@ impl Volume {
             }
         };
         if offset >= size || len == 0 {
-            return Ok(Vec::new());
+            return Ok(Ok(Vec::new()));
         }
         let end = size.min(offset + u64::from(len));
         let mut out = vec![0; (end - offset) as usize];
@@ -187,21 +229,35 @@ impl Volume {
         let (first, last) = (offset / bs, (end - 1) / bs);
         let mapped =
             lock(&self.catalog).read(|tx| tx.blocks_in_range(view, node.ino, first, last))?;
+        let mut missing = Vec::new();
         for (idx, hash) in mapped {
             if let Some(state) = &state
                 && (state.dirty.contains_key(&idx) || !state.catalog_block_valid(idx, bs))
             {
                 continue;
             }
-            let block = self.block(&hash)?;
+            let block = if fetch {
+                self.block(&hash)?
+            } else {
+                match self.local_block(&hash)? {
+                    Some(block) => block,
+                    None => {
+                        missing.push(hash);
+                        continue;
+                    }
+                }
+            };
             copy_overlap(&mut out, offset, idx * bs, &block);
+        }
+        if !missing.is_empty() {
+            return Ok(Err(missing));
         }
         if let Some(state) = &state {
             for (&idx, block) in state.dirty.range(first..=last) {
                 copy_overlap(&mut out, offset, idx * bs, block);
             }
         }
-        Ok(out)
+        Ok(Ok(out))
     }
 
     /// The current content of block `idx` as a starting point for a partial write.
@@ -225,6 +281,7 @@ impl Volume {
             .checked_add(data.len() as u64)
             .filter(|&end| end <= MAX_FILE_SIZE)
             .ok_or(Error::FileTooBig)?;
+        self.fetch_partly_written(node.ino, offset, end)?;
         let _change = self.enter_change();
         let state = self.file_state(node.ino)?;
         let mut state = lock(&state);
@@ -275,6 +332,44 @@ impl Volume {
             self.flush_all()?;
         }
         Ok(data.len() as u32)
+    }
+
+    /// Makes local the blocks only a store has that a write of `[offset, end)` covers in
+    /// part (it starts from their bytes), before the write takes the gate and the file's
+    /// lock: a fetch may wait minutes on a store that is down, and snapshots and writers
+    /// would wait with it. A failed fetch fails the write before it changes anything.
+    fn fetch_partly_written(&self, ino: u64, offset: u64, end: u64) -> Result<()> {
+        if end == offset || (self.remote.get().is_none() && self.origin.get().is_none()) {
+            return Ok(());
+        }
+        let bs = self.block_size;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let mut partial = Vec::new();
+        if offset % bs != 0 || end < (first + 1) * bs {
+            partial.push(first);
+        }
+        if last != first && end % bs != 0 {
+            partial.push(last);
+        }
+        for idx in partial {
+            let state = lock(&self.files).get(&ino).cloned();
+            if let Some(state) = state {
+                let state = lock(&state);
+                if idx * bs >= state.size
+                    || state.dirty.contains_key(&idx)
+                    || !state.catalog_block_valid(idx, bs)
+                {
+                    continue;
+                }
+            }
+            let mapped = lock(&self.catalog).read(|tx| tx.blocks_in_range(LIVE, ino, idx, idx))?;
+            for (_, hash) in mapped {
+                if self.local_block(&hash)?.is_none() {
+                    self.block(&hash)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sets the size of an open (or about to be flushed) file.

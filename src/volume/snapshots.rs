@@ -104,8 +104,12 @@ pub fn rfc3339(nanos: i64) -> String {
 impl Volume {
     /// Loads the snapshot table into memory: views resolve their generation from it.
     pub(super) fn load_snapshots(&self) -> Result<()> {
+        // The table stays locked while the catalog is read: a snapshot created or deleted
+        // meanwhile (catalog first, then the table) updates the table after this reload,
+        // instead of being undone by a read from before it.
+        let mut table = write(&self.snapshots);
         let rows = lock(&self.catalog).read(|tx| tx.snapshots())?;
-        *write(&self.snapshots) = rows.into_iter().map(|row| (row.id, row)).collect();
+        *table = rows.into_iter().map(|row| (row.id, row)).collect();
         Ok(())
     }
 

@@ -702,3 +702,35 @@ fn rename_between_links_of_one_file_does_nothing() {
     assert_eq!(t.v().lookup(ROOT, b"c").expect("c").node, node);
     assert_eq!(t.v().getattr(node).expect("attr").nlink, 2);
 }
+
+#[test]
+fn snapshots_taken_and_deleted_while_the_uploader_refreshes_the_table_stay_as_they_are() {
+    // The uploader reloads the snapshot table from its thread after every state change; a
+    // reload that read the catalog before a mkdir or rmdir must not undo it.
+    let t = TestVolume::new();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                t.v().refresh_snapshots().expect("refresh");
+            }
+        });
+        for i in 0..2000u32 {
+            let name = format!("s{i}");
+            let result = t.v().create_snapshot(name.as_bytes());
+            let gone = i.checked_sub(1).map(|j| {
+                let old = format!("s{j}");
+                t.v().delete_snapshot(old.as_bytes()).expect("delete");
+                old
+            });
+            let listed: Vec<Vec<u8>> = t.v().list_snapshots().into_iter().map(|s| s.name).collect();
+            done.store(
+                result.is_err() || listed != [name.as_bytes()],
+                std::sync::atomic::Ordering::SeqCst,
+            );
+            result.unwrap_or_else(|e| panic!("create {name}: {e}"));
+            assert_eq!(listed, [name.into_bytes()], "after deleting {gone:?}");
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+}

@@ -721,6 +721,30 @@ impl Head {
         self.start.split(' ').next().unwrap_or_default()
     }
 
+    /// A GET of one object (path-style `/BUCKET/KEY`), not of a bucket or its listing.
+    fn is_object_get(&self) -> bool {
+        let target = self.start.split(' ').nth(1).unwrap_or_default();
+        let path = target.split('?').next().unwrap_or_default();
+        self.method() == "GET"
+            && path
+                .trim_start_matches('/')
+                .split_once('/')
+                .is_some_and(|(_, key)| !key.is_empty())
+    }
+
+    /// This (response) head re-serialized with `Content-Length: len` and no other framing
+    /// header, for a body the proxy rewrote.
+    fn with_length(&self, len: usize) -> Vec<u8> {
+        let mut out = format!("{}\r\n", self.start);
+        for (name, value) in &self.headers {
+            if name != "content-length" && name != "transfer-encoding" {
+                out.push_str(&format!("{name}: {value}\r\n"));
+            }
+        }
+        out.push_str(&format!("content-length: {len}\r\n\r\n"));
+        out.into_bytes()
+    }
+
     fn status(&self) -> io::Result<u16> {
         self.start
             .split(' ')
@@ -858,6 +882,21 @@ pub enum Fault {
     /// Never answer: hold the connection until the proxy's faults are changed (any
     /// `set_fault` or `fail_every`), the proxy is dropped, or 60 s pass; then close it.
     Stall,
+    /// Forward it, then flip bytes in the body of a successful answer, keeping its length.
+    /// Only object GETs get it (and only they count for `fail_every`).
+    Corrupt,
+    /// Forward it, then cut the body of a successful answer in half. `consistent_length`:
+    /// the Content-Length says the shorter length, so the answer looks whole (the nasty
+    /// case); otherwise the full length is announced and the connection closes early.
+    /// Only object GETs get it (and only they count for `fail_every`).
+    Truncate { consistent_length: bool },
+}
+
+impl Fault {
+    /// Faults that mangle the body of an answer instead of replacing it.
+    fn on_body(self) -> bool {
+        matches!(self, Fault::Corrupt | Fault::Truncate { .. })
+    }
 }
 
 /// Which requests get a fault.
@@ -881,9 +920,14 @@ struct Shared {
 }
 
 impl Shared {
-    fn next_fault(&self) -> Fault {
+    /// The fault for the next request; `object_get`: it is a GET of an object (not of a
+    /// listing), the only request body faults apply to.
+    fn next_fault(&self, object_get: bool) -> Fault {
         let mut plan = self.plan.lock().expect("fault plan lock");
         match &mut *plan {
+            Plan::Always(fault) | Plan::Every { fault, .. } if fault.on_body() && !object_get => {
+                Fault::None
+            }
             Plan::Always(fault) => *fault,
             Plan::Every { n, fault, seen } => {
                 *seen += 1;
@@ -1040,12 +1084,13 @@ fn serve(shared: &Shared, id: u64, client: TcpStream) -> io::Result<()> {
         let head = Head::parse(&raw)?;
         let request_framing = head.request_framing()?;
         let head_request = head.method() == "HEAD";
-        let fault = shared.next_fault();
-        if fault != Fault::None {
+        let fault = shared.next_fault(head.is_object_get());
+        // Body faults count once applied (to a successful answer with a body).
+        if fault != Fault::None && !fault.on_body() {
             shared.faulted.fetch_add(1, Ordering::SeqCst);
         }
         match fault {
-            Fault::None => {}
+            Fault::None | Fault::Corrupt | Fault::Truncate { .. } => {}
             Fault::SlowDown | Fault::InternalError => {
                 // Read the body, to keep the connection in step, unless the client waits
                 // for a 100 Continue: then the answer is final and the connection closes.
@@ -1103,16 +1148,49 @@ fn serve(shared: &Shared, id: u64, client: TcpStream) -> io::Result<()> {
         up_out.flush()?;
 
         // Interim responses are relayed as they come; then the final one.
-        let (response, status) = loop {
+        let (raw, response, status) = loop {
             let raw = read_head(up_in)?.ok_or_else(upstream_closed)?;
-            client_out.write_all(&raw)?;
             let response = Head::parse(&raw)?;
             let status = response.status()?;
             if !(100..200).contains(&status) || status == 101 {
-                break (response, status);
+                break (raw, response, status);
             }
+            client_out.write_all(&raw)?;
         };
         let framing = response.response_framing(status, head_request);
+        if fault.on_body() && status == 200 {
+            let mut body = Vec::new();
+            copy_body(up_in, &mut body, framing, true)?;
+            if !body.is_empty() {
+                shared.faulted.fetch_add(1, Ordering::SeqCst);
+            }
+            let whole = body.len();
+            let announced = match fault {
+                Fault::Corrupt => {
+                    // A few bytes spread over the body, each flipped.
+                    for at in [whole / 3, whole / 2, whole * 3 / 4] {
+                        if let Some(byte) = body.get_mut(at) {
+                            *byte ^= 0xA5;
+                        }
+                    }
+                    whole
+                }
+                Fault::Truncate { consistent_length } => {
+                    body.truncate(whole / 2);
+                    if consistent_length { whole / 2 } else { whole }
+                }
+                _ => unreachable!("only body faults mangle bodies"),
+            };
+            client_out.write_all(&response.with_length(announced))?;
+            client_out.write_all(&body)?;
+            client_out.flush()?;
+            // A body shorter than announced leaves the connection out of step: close it.
+            if announced != body.len() || framing == Framing::UntilEof || response.wants_close() {
+                return Ok(());
+            }
+            continue;
+        }
+        client_out.write_all(&raw)?;
         copy_body(up_in, &mut client_out, framing, false)?;
         client_out.flush()?;
         if framing == Framing::UntilEof || response.wants_close() || head.wants_close() {
