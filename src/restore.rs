@@ -267,17 +267,6 @@ impl StoreSource {
     pub fn block_size_of(&self) -> u32 {
         self.manifest.block_size
     }
-
-    fn object<T>(
-        &self,
-        key: &str,
-        max: usize,
-        check: impl Fn(Vec<u8>) -> std::result::Result<T, String>,
-    ) -> Result<T> {
-        self.stores
-            .runtime
-            .block_on(fetch(&*self.stores.stores[0], key, max, check))
-    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -310,6 +299,18 @@ async fn fetch<T>(
         Some(Ok(value)) => Ok(value),
         Some(Err(problem)) => Err(RestoreError::Corrupt(format!("{key}: {problem}"))),
     }
+}
+
+/// Tree object `hash` from `store`: verified against its hash and decoded.
+pub async fn read_tree(store: &dyn ObjectStore, hash: &BlockHash) -> Result<Vec<Entry>> {
+    let key = catalog::tree_key(hash);
+    fetch(store, &key, MAX_MANIFEST_OBJECT, |data| {
+        if BlockHash::of(&data) != *hash {
+            return Err("does not match its hash".to_owned());
+        }
+        manifest::decode_tree(&data).map_err(|e| e.to_string())
+    })
+    .await
 }
 
 /// The snapshots found in a store: those that read back whole, and a message for each
@@ -404,13 +405,9 @@ impl Source for StoreSource {
         let Content::Tree(hash) = &dir.content else {
             return Err(RestoreError::Corrupt("a directory without a tree".into()));
         };
-        let key = catalog::tree_key(hash);
-        self.object(&key, MAX_MANIFEST_OBJECT, |data| {
-            if BlockHash::of(&data) != *hash {
-                return Err("does not match its hash".to_owned());
-            }
-            manifest::decode_tree(&data).map_err(|e| e.to_string())
-        })
+        self.stores
+            .runtime
+            .block_on(read_tree(&*self.stores.stores[0], hash))
     }
 
     fn block(&self, hash: &BlockHash) -> Result<Vec<u8>> {

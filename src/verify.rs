@@ -85,8 +85,6 @@ pub struct Counts {
 
 /// Store requests in flight at once.
 const CONCURRENCY: usize = 32;
-/// Largest decompressed tree object accepted.
-const MAX_TREE: usize = 256 << 20;
 /// Largest block accepted from a store whose block size is not known.
 const MAX_BLOCK: usize = 1 << 20;
 
@@ -562,7 +560,9 @@ impl Stores {
                 }
                 let store = self.own.clone();
                 fetches.spawn(async move {
-                    let result = read_tree(&*store, &hash).await;
+                    let result = restore::read_tree(&*store, &hash)
+                        .await
+                        .map_err(|e| e.to_string());
                     (snapshot, result)
                 });
                 while fetches.len() >= CONCURRENCY {
@@ -631,24 +631,6 @@ fn collect_tree(
             }
         }
     }
-}
-
-/// Tree object `hash`, verified and decoded.
-async fn read_tree(
-    store: &dyn ObjectStore,
-    hash: &BlockHash,
-) -> Result<Vec<manifest::Entry>, String> {
-    let key = catalog::tree_key(hash);
-    let object = store::retry(Some(5), || store.get(&key))
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("{key} is missing"))?;
-    let data = manifest::decompress(&object, MAX_TREE)
-        .map_err(|e| format!("{key} is corrupt or truncated: {e}"))?;
-    if BlockHash::of(&data) != *hash {
-        return Err(format!("{key} does not match its hash"));
-    }
-    manifest::decode_tree(&data).map_err(|e| format!("{key}: {e}"))
 }
 
 /// The volume's store and its origin's, from the catalog's settings (`store`, `origin`).

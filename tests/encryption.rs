@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::s3::{S3Env, unique_prefix};
+use common::s3::{Fault, FaultProxy, S3Env, unique_prefix};
 use common::*;
 use snapfs::blocks::BlockHash;
 
@@ -224,6 +224,23 @@ fn a_tampered_object_is_refused_and_named() {
     take_snapshot(&mount, "s");
     wait_completed(&mount, "s");
     mount.unmount();
+
+    // A copy mangled on the way fails authentication like a damaged object, and is
+    // fetched again: every other GET corrupted, the sequential listing still reads whole.
+    let (proxy, through) = FaultProxy::for_env(&env);
+    proxy.fail_every(2, Fault::Corrupt);
+    let output = run(&mut with_key(
+        &through,
+        Some(&key),
+        &["snapshot", "list", "--store", &url, "--json"],
+    ));
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("\"name\":\"s\""),
+        "{output:?}"
+    );
+    assert!(proxy.counts().1 > 0, "the proxy mangled copies");
+    drop(proxy);
 
     // Flip one bit of every block object: each must be refused, none served.
     let client = env.client();

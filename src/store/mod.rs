@@ -25,6 +25,9 @@ pub enum ErrorKind {
     Transient,
     /// Will fail again the same way: bad credentials, no such bucket, access denied.
     Permanent,
+    /// The object came back but fails authentication: a mangled copy (fetch it again) or
+    /// a damaged object (which stays so).
+    Damaged,
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -45,6 +48,13 @@ impl StoreError {
     pub fn permanent(message: impl Into<String>) -> StoreError {
         StoreError {
             kind: ErrorKind::Permanent,
+            message: message.into(),
+        }
+    }
+
+    pub fn damaged(message: impl Into<String>) -> StoreError {
+        StoreError {
+            kind: ErrorKind::Damaged,
             message: message.into(),
         }
     }
@@ -223,10 +233,14 @@ pub async fn fetch_verified<T>(
 ) -> StoreResult<Option<Result<T, String>>> {
     let mut attempt = 0u32;
     loop {
-        let Some(object) = retry(Some(5), || store.get(key)).await? else {
-            return Ok(None);
+        let checked = match retry(Some(5), || store.get(key)).await {
+            Ok(Some(object)) => check(object),
+            Ok(None) => return Ok(None),
+            // An encrypting store authenticates the copy before it is returned.
+            Err(e) if e.kind == ErrorKind::Damaged => Err(e.message),
+            Err(e) => return Err(e),
         };
-        let problem = match check(object) {
+        let problem = match checked {
             Ok(value) => return Ok(Some(Ok(value))),
             Err(problem) => problem,
         };

@@ -142,7 +142,7 @@ impl Sealed {
 
     fn open(&self, key: &str, object: &[u8]) -> StoreResult<Vec<u8>> {
         let failed = || {
-            StoreError::permanent(format!(
+            StoreError::damaged(format!(
                 "{key} in {} fails authentication: damaged, or sealed with another key",
                 self.inner.url()
             ))
