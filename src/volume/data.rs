@@ -154,8 +154,8 @@ impl Volume {
             // Unlinked while open: now it goes. Checked with a read, the common case.
             let unlinked = self.row(node).is_ok_and(|row| row.nlink == 0);
             if unlinked {
-                lock(&self.catalog).write(|tx| tx.retire_inode(node.ino))?;
-                self.collect_garbage()?;
+                self.freeing(|| Ok(lock(&self.catalog).write(|tx| tx.retire_inode(node.ino))?))?;
+                self.freeing(|| self.collect_garbage())?;
             }
         }
         Ok(())

@@ -197,7 +197,7 @@ impl Volume {
     pub fn delete_snapshot(&self, name: &[u8]) -> Result<()> {
         let row = self.snapshot_by_name(name)?;
         let _no_block_being_adopted = write(&self.gc);
-        let freed = lock(&self.catalog).delete_snapshot(row.id)?;
+        let freed = self.freeing(|| Ok(lock(&self.catalog).delete_snapshot(row.id)?))?;
         write(&self.snapshots).remove(&row.id);
         self.upload_wake.notify_one();
         for hash in freed {
