@@ -343,35 +343,71 @@ impl Volume {
         if !state.changed {
             return Ok(());
         }
-        let _adopting = crate::sync::read(&self.gc);
+        if state.opens == 0 && self.row(NodeId::live(ino)).is_ok_and(|row| row.nlink == 0) {
+            // Unlinked and closed while its flush kept failing (a full disk): no one can
+            // read these bytes any more, and storing them could only fill the disk again.
+            Self::discard_buffers(&self.dirty_bytes, state);
+            self.freeing(|| Ok(lock(&self.catalog).write(|tx| tx.retire_inode(ino))?))?;
+            return self.freeing(|| self.collect_garbage());
+        }
+        let adopting = crate::sync::read(&self.gc);
         let blocks: Vec<(u64, &Vec<u8>)> = state.dirty.iter().map(|(&i, b)| (i, b)).collect();
-        let staged = self.store_blocks(&blocks)?;
         let bs = self.block_size;
-        lock(&self.catalog).write(|tx| {
-            let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
-            let mut alloc = row.alloc as i64;
-            if let Some(size) = state.truncated_to {
-                alloc += tx.unmap_blocks_from(ino, size.div_ceil(bs))?;
-            }
-            for (idx, block) in &staged {
-                alloc += tx.set_block(ino, *idx, block.as_ref().map(|(h, len)| (h, *len)))?;
-            }
-            row.size = state.size;
-            row.mtime = state.mtime;
-            row.ctime = state.ctime;
-            row.alloc = alloc.max(0) as u64;
-            tx.update_inode(&row)?;
-            Ok::<_, Error>(())
-        })?;
-        self.dirty_bytes
-            .fetch_sub(state.buffered, Ordering::Relaxed);
+        let flushed = self.store_blocks(&blocks).and_then(|staged| {
+            lock(&self.catalog).write(|tx| {
+                let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
+                let mut alloc = row.alloc as i64;
+                if let Some(size) = state.truncated_to {
+                    alloc += tx.unmap_blocks_from(ino, size.div_ceil(bs))?;
+                }
+                for (idx, block) in &staged {
+                    alloc += tx.set_block(ino, *idx, block.as_ref().map(|(h, len)| (h, *len)))?;
+                }
+                row.size = state.size;
+                row.mtime = state.mtime;
+                row.ctime = state.ctime;
+                row.alloc = alloc.max(0) as u64;
+                tx.update_inode(&row)?;
+                Ok::<_, Error>(())
+            })
+        });
+        drop(adopting);
+        if let Err(e) = flushed {
+            // The blocks this flush stored but the catalog never adopted would hold their
+            // space for good: on a full disk, all the space deleting files gives back.
+            let hashes: Vec<BlockHash> = blocks
+                .iter()
+                .filter(|(_, block)| block.iter().any(|&b| b != 0))
+                .map(|(_, block)| BlockHash::of(block))
+                .collect();
+            self.remove_unadopted(&hashes)?;
+            return Err(e);
+        }
+        Self::discard_buffers(&self.dirty_bytes, state);
+        self.collect_garbage()
+    }
+
+    /// Empties a file's buffers once flushed (or when no one can read them any more).
+    fn discard_buffers(dirty_bytes: &std::sync::atomic::AtomicU64, state: &mut FileState) {
+        dirty_bytes.fetch_sub(state.buffered, Ordering::Relaxed);
         state.dirty.clear();
         state.buffered = 0;
         state.truncated_to = None;
         state.changed = false;
         state.dirty_since = None;
-        drop(_adopting);
-        self.collect_garbage()
+    }
+
+    /// Deletes the data of blocks a failed flush stored that the catalog does not know.
+    /// With the exclusive GC lock no other flush is between storing a block and adopting
+    /// it, so a block the catalog lacks is no one's.
+    fn remove_unadopted(&self, hashes: &[BlockHash]) -> Result<()> {
+        let _exclusive = crate::sync::write(&self.gc);
+        for hash in hashes {
+            if !lock(&self.catalog).read(|tx| tx.has_block(hash))? {
+                self.blocks.remove(hash)?;
+            }
+        }
+        Ok(())
     }
 
     /// Hashes and stores dirty blocks (all-zero ones become holes), on every core when
