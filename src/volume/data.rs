@@ -226,6 +226,11 @@ impl Volume {
             .filter(|&end| end <= MAX_FILE_SIZE)
             .ok_or(Error::FileTooBig)?;
         let _change = self.enter_change();
+        if self.dirty_bytes.load(Ordering::Relaxed) > self.dirty_limit {
+            // Buffers fill memory: bound it whatever the write pattern. Before buffering,
+            // so that a write failing here (ENOSPC) has changed nothing.
+            self.flush_all()?;
+        }
         let state = self.file_state(node.ino)?;
         let mut state = lock(&state);
         let bs = self.block_size;
@@ -266,14 +271,6 @@ impl Volume {
         state.mtime = time;
         state.ctime = time;
         state.mark_changed();
-        if self.dirty_bytes.load(Ordering::Relaxed) > self.dirty_limit {
-            self.flush_locked(node.ino, &mut state)?;
-        }
-        drop(state);
-        if self.dirty_bytes.load(Ordering::Relaxed) > self.dirty_limit {
-            // Others' buffers fill memory too: bound it whatever the write pattern.
-            self.flush_all()?;
-        }
         Ok(data.len() as u32)
     }
 
