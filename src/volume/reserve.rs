@@ -15,6 +15,8 @@ use super::{Result, Volume};
 
 /// Enough for the catalog transactions of many deletions.
 const RESERVE_BYTES: u64 = 4 << 20;
+/// Less is not worth keeping: a few of the catalog's pages.
+const MIN_RESERVE_BYTES: u64 = 64 << 10;
 
 pub(super) struct Reserve {
     path: PathBuf,
@@ -30,24 +32,28 @@ impl Reserve {
         reserve
     }
 
-    /// Sets the room aside if it is not; leaves it for a later call if the disk is full.
+    /// Sets the room aside if it is not, or as much of it as the disk has: after the
+    /// reserve was used, whatever the deletion freed goes back into it first.
     pub(super) fn refill(&self) {
         if fs::metadata(&self.path).is_ok_and(|m| m.blocks() * 512 >= RESERVE_BYTES) {
             return;
         }
-        let allocated = OpenOptions::new()
+        let Ok(file) = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .open(&self.path)
-            .is_ok_and(|file| {
-                // SAFETY: fallocate on an open descriptor; it allocates blocks for real
-                // (unlike a sparse set_len) or fails cleanly with ENOSPC.
-                unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, RESERVE_BYTES as i64) == 0 }
-            });
-        if !allocated {
-            // A part-allocated file would only hold back part of what little room is left.
-            let _ = fs::remove_file(&self.path);
+        else {
+            return;
+        };
+        let mut len = RESERVE_BYTES;
+        while len >= MIN_RESERVE_BYTES {
+            // SAFETY: fallocate on an open descriptor; it allocates blocks for real
+            // (unlike a sparse set_len) or fails cleanly with ENOSPC.
+            if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as i64) } == 0 {
+                return;
+            }
+            len /= 2;
         }
     }
 
