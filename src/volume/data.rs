@@ -144,8 +144,10 @@ impl Volume {
             return Ok(());
         };
         let mut state = lock(&state);
-        let flushed = self.flush_locked(node.ino, &mut state);
+        // Counted out first: the last close of an unlinked file drops its buffers rather
+        // than storing what no one can read (see `flush_locked`).
         state.opens = state.opens.saturating_sub(1);
+        let flushed = self.flush_locked(node.ino, &mut state);
         let last = state.opens == 0;
         self.drop_state_if_idle(node.ino, &state);
         drop(state);
@@ -341,8 +343,9 @@ impl Volume {
             return Ok(());
         }
         if state.opens == 0 && self.row(NodeId::live(ino)).is_ok_and(|row| row.nlink == 0) {
-            // Unlinked and closed while its flush kept failing (a full disk): no one can
-            // read these bytes any more, and storing them could only fill the disk again.
+            // Unlinked and closed (at its last release, or later if a full disk made that
+            // flush fail): no one can read these bytes any more, and storing them could
+            // only fill the disk again.
             Self::discard_buffers(&self.dirty_bytes, state);
             self.freeing(|| Ok(lock(&self.catalog).write(|tx| tx.retire_inode(ino))?))?;
             return self.freeing(|| self.collect_garbage());
