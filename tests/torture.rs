@@ -10,7 +10,7 @@ mod common;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -1187,4 +1187,470 @@ fn concurrent_writers_snapshots_and_readers_match_the_model() {
     shared.mount.remount();
     check_all(&shared, "after a remount");
     shared.counts.report("concurrency", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. A full data dir
+
+/// The disk is filled with files written in chunks of this size, FILL_FILE long, fsynced;
+/// or now and then with one BIG_FILE, more than the daemon buffers, so a write fails.
+const FILL_CHUNK: usize = 256 * 1024;
+const FILL_FILE: usize = 8 << 20;
+const BIG_FILE: usize = 96 << 20;
+
+/// A file the test knows the exact content of: its length and pattern seed.
+#[derive(Clone, Copy, Debug)]
+struct Known {
+    len: usize,
+    seed: u64,
+}
+
+impl Known {
+    fn bytes(&self) -> Vec<u8> {
+        pattern(self.len, self.seed)
+    }
+}
+
+/// Ok, or ENOSPC: anything else (EIO above all) fails the test.
+#[track_caller]
+fn ok_or_enospc<T: std::fmt::Debug>(result: io::Result<T>, what: &str) -> Option<T> {
+    match result {
+        Ok(value) => Some(value),
+        Err(e) => {
+            assert_eq!(
+                e.raw_os_error(),
+                Some(libc::ENOSPC),
+                "{what} on a full disk: {e}, expected ENOSPC"
+            );
+            None
+        }
+    }
+}
+
+/// close(2), with its result (dropping a File ignores it).
+fn close(file: File) -> io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: closes the descriptor the File owned, once.
+    check(unsafe { libc::close(file.into_raw_fd()) }).map(drop)
+}
+
+/// Writes a whole file, fsyncs and closes it, reporting the first call that failed.
+fn write_synced(path: &Path, known: Known) -> io::Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    file.write_all_at(&known.bytes(), 0)?;
+    file.sync_all()?;
+    close(file)
+}
+
+struct FullDisk<'a> {
+    mount: Mount,
+    rng: Rng,
+    /// Files whose fsync and close returned: they must survive anything.
+    synced: BTreeMap<String, Known>,
+    /// Files a call failed on: their content is unknown, but they must stay readable.
+    junk: BTreeSet<String>,
+    /// Snapshots and what they hold (None: a junk file).
+    snapshots: BTreeMap<String, BTreeMap<String, Option<Known>>>,
+    counts: &'a Counts,
+    next: u64,
+}
+
+/// On failure: the end of the daemon's log, and where the disk's space went.
+impl Drop for FullDisk<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let log = self.mount.daemon_log();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        eprintln!("daemon log (end):\n{tail}");
+        let data = self.mount.data_dir();
+        for entry in fs::read_dir(data).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let bytes = if path.is_dir() {
+                disk_usage(&path)
+            } else {
+                fs::metadata(&path).map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            };
+            eprintln!("data dir: {} holds {bytes} bytes", path.display());
+        }
+    }
+}
+
+impl FullDisk<'_> {
+    fn check_synced(&self, when: &str) {
+        for (name, known) in &self.synced {
+            let got = read_file(&self.mount.path().join(name));
+            assert_bytes_eq(&got, &known.bytes(), &format!("{name} {when}"));
+        }
+        self.counts.add("files compared", self.synced.len() as u64);
+    }
+
+    fn check_snapshots(&self, when: &str) {
+        for (snap, files) in &self.snapshots {
+            let dir = snapshot_dir(&self.mount, snap);
+            let mut names: Vec<String> = fs::read_dir(&dir)
+                .expect("list snapshot")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            assert_eq!(
+                names,
+                files.keys().cloned().collect::<Vec<_>>(),
+                "snapshot {snap} {when}"
+            );
+            for (name, known) in files {
+                let got = read_file(&dir.join(name));
+                if let Some(known) = known {
+                    assert_bytes_eq(&got, &known.bytes(), &format!("{snap}/{name} {when}"));
+                }
+            }
+            self.counts.add("snapshots checked", 1);
+            self.counts.add("files compared", files.len() as u64);
+        }
+    }
+
+    fn known(&mut self, len: usize) -> Known {
+        Known {
+            len,
+            seed: self.rng.next(),
+        }
+    }
+
+    /// Writes and fsyncs a few files while there is room.
+    fn write_base_files(&mut self, count: usize) {
+        for _ in 0..count {
+            self.next += 1;
+            let name = format!("kept{}", self.next);
+            let len = self.rng.range(1, 1 << 20) as usize;
+            let known = self.known(len);
+            write_synced(&self.mount.path().join(&name), known).expect("write a kept file");
+            self.synced.insert(name, known);
+            self.counts.add("files synced", 1);
+        }
+    }
+
+    fn snapshot(&mut self) -> io::Result<()> {
+        self.next += 1;
+        let name = format!("snap{}", self.next);
+        fs::create_dir(snapshot_dir(&self.mount, &name))?;
+        let synced = self.synced.iter().map(|(n, k)| (n.clone(), Some(*k)));
+        let junk = self.junk.iter().map(|n| (n.clone(), None));
+        self.snapshots.insert(name, synced.chain(junk).collect());
+        self.counts.add("snapshots taken", 1);
+        Ok(())
+    }
+
+    /// Writes files until a call fails, which must be with ENOSPC; returns the names
+    /// of those that fit.
+    fn fill(&mut self) -> Vec<String> {
+        let mut names = Vec::new();
+        loop {
+            self.next += 1;
+            let name = format!("fill{}", self.next);
+            let len = if self.rng.chance(3) {
+                BIG_FILE
+            } else {
+                FILL_FILE
+            };
+            let known = self.known(len);
+            let bytes = known.bytes();
+            let file = File::create(self.mount.path().join(&name));
+            let Some(file) = ok_or_enospc(file, "create") else {
+                self.counts.add("ENOSPC from create", 1);
+                return names;
+            };
+            let mut full = false;
+            for chunk in (0..len).step_by(FILL_CHUNK) {
+                let written = file.write_all_at(&bytes[chunk..chunk + FILL_CHUNK], chunk as u64);
+                if ok_or_enospc(written, "write").is_none() {
+                    self.counts.add("ENOSPC from write", 1);
+                    full = true;
+                    break;
+                }
+            }
+            // Once full, fsync and close may still fail or succeed (a write that failed
+            // left nothing buffered), but only with ENOSPC.
+            if ok_or_enospc(file.sync_all(), "fsync").is_none() {
+                self.counts.add("ENOSPC from fsync", 1);
+                full = true;
+            }
+            if ok_or_enospc(close(file), "close").is_none() {
+                self.counts.add("ENOSPC from close", 1);
+                full = true;
+            }
+            if full {
+                self.junk.insert(name);
+                return names;
+            }
+            names.push(name.clone());
+            self.synced.insert(name, known);
+            self.counts.add("files synced", 1);
+        }
+    }
+
+    /// On the full disk: a snapshot, a file, a directory, a small write each either work
+    /// or fail with ENOSPC, and damage nothing.
+    fn poke_while_full(&mut self) {
+        match ok_or_enospc(self.snapshot(), "mkdir .snapshots/NAME") {
+            Some(()) => self.counts.add("snapshots taken while full", 1),
+            None => self.counts.add("ENOSPC from snapshot", 1),
+        }
+        self.next += 1;
+        let dir = self.mount.path().join(format!("dir{}", self.next));
+        match ok_or_enospc(fs::create_dir(&dir), "mkdir") {
+            Some(()) => fs::remove_dir(&dir).expect("rmdir the new dir"),
+            None => self.counts.add("ENOSPC from mkdir", 1),
+        }
+        self.next += 1;
+        let name = format!("small{}", self.next);
+        let known = self.known(100);
+        match ok_or_enospc(
+            write_synced(&self.mount.path().join(&name), known),
+            "a small write",
+        ) {
+            Some(()) => {
+                self.synced.insert(name, known);
+            }
+            None => {
+                // It may have been created before a later call failed.
+                if self.mount.path().join(&name).exists() {
+                    self.junk.insert(name);
+                }
+                self.counts.add("ENOSPC from a small file", 1);
+            }
+        }
+    }
+}
+
+#[test]
+fn full_data_dir_gives_enospc_and_loses_nothing() {
+    let seed = seed("full_disk");
+    let replay = Replay::new("full_disk", seed);
+    let deadline = budget(20);
+    let counts = Counts::default();
+    let started = Instant::now();
+    // Slow uploads keep each round's snapshot pending while the disk fills: its upload to
+    // the default store (on the same tmpfs) must wait for room and lose nothing.
+    let mut disk = FullDisk {
+        mount: Mount::with_tmpfs_data("64m", &["--upload-limit", "4M"]),
+        rng: Rng(seed),
+        synced: BTreeMap::new(),
+        junk: BTreeSet::new(),
+        snapshots: BTreeMap::new(),
+        counts: &counts,
+        next: 0,
+    };
+    let mut round = 0;
+    // At least one round; the long profile repeats fill and free until its time is up.
+    while round == 0 || started.elapsed() < deadline {
+        round += 1;
+        replay.start(round, "write kept files and a snapshot".into());
+        disk.write_base_files(3);
+        disk.snapshot().expect("snapshot with room to spare");
+        // Rewrite some so the snapshot pins blocks the live tree no longer uses.
+        let names: Vec<String> = disk.synced.keys().cloned().collect();
+        for name in &names {
+            if disk.rng.chance(2) {
+                continue;
+            }
+            let known = disk.known(disk.synced[name].len);
+            write_synced(&disk.mount.path().join(name), known).expect("rewrite a kept file");
+            disk.synced.insert(name.clone(), known);
+        }
+        replay.start(round, "fill the disk".into());
+        let filled = disk.fill();
+        let pending = disk
+            .snapshots
+            .keys()
+            .filter(|snap| snapshot_attr(&disk.mount, snap, "user.snapfs.state") == "pending")
+            .count();
+        counts.add("snapshots pending on the full disk", pending as u64);
+        disk.check_synced("on the full disk");
+        disk.check_snapshots("on the full disk");
+        replay.start(round, "use the full disk".into());
+        disk.poke_while_full();
+        disk.check_synced("after using the full disk");
+        disk.check_snapshots("after using the full disk");
+        replay.start(round, "free space".into());
+        for name in filled.iter().chain(&std::mem::take(&mut disk.junk)) {
+            fs::remove_file(disk.mount.path().join(name)).expect("unlink on a full disk");
+            disk.synced.remove(name);
+        }
+        // Keep a few kept files and the newest snapshot, so rounds do not pile up: live
+        // files, the blocks snapshots pin and their copies in the store must fit in 64m.
+        while disk.synced.len() > 3 {
+            let name = disk
+                .synced
+                .keys()
+                .nth(disk.rng.below(disk.synced.len()))
+                .cloned();
+            let name = name.expect("a kept file");
+            fs::remove_file(disk.mount.path().join(&name)).expect("unlink a kept file");
+            disk.synced.remove(&name);
+        }
+        // Keep the newest snapshot; the others go.
+        let newest = disk.snapshots.keys().last().cloned();
+        let old: Vec<String> = disk
+            .snapshots
+            .keys()
+            .filter(|&s| Some(s) != newest.as_ref())
+            .cloned()
+            .collect();
+        for snap in old {
+            fs::remove_dir(snapshot_dir(&disk.mount, &snap)).expect("rmdir a snapshot");
+            disk.snapshots.remove(&snap);
+            counts.add("snapshots deleted", 1);
+        }
+        replay.start(round, "write after freeing space".into());
+        disk.write_base_files(2);
+        for snap in disk.snapshots.keys() {
+            wait_completed(&disk.mount, snap);
+        }
+        disk.check_synced("after freeing space");
+        disk.check_snapshots("after freeing space");
+        replay.start(round, "remount".into());
+        disk.mount.remount();
+        counts.add("remounts", 1);
+        disk.check_synced("after a remount");
+        disk.check_snapshots("after a remount");
+        counts.add("rounds", 1);
+    }
+    counts.report("full_disk", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------
+// Focused regressions of what the full-disk torture found
+
+/// Free bytes of the filesystem holding `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let stat = statvfs(path).expect("statvfs");
+    stat.f_bavail * stat.f_frsize
+}
+
+/// Writes fsynced 1 MiB files into `dir` until one fails (with ENOSPC); returns those that
+/// fit. The one that failed is removed.
+fn fill_with_synced_files(dir: &Path) -> Vec<PathBuf> {
+    let mut fitted = Vec::new();
+    for i in 0.. {
+        let path = dir.join(format!("filler{i}"));
+        let known = Known {
+            len: 1 << 20,
+            seed: i,
+        };
+        match write_synced(&path, known) {
+            Ok(()) => fitted.push(path),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling: {e}");
+                fs::remove_file(&path).expect("unlink on a full disk");
+                return fitted;
+            }
+        }
+    }
+    unreachable!("a tmpfs is finite")
+}
+
+/// Fills what is left of the disk holding `dir` to the last byte, as another program (or
+/// an upload to a store on the same disk) would.
+fn top_off(dir: &Path) {
+    let mut ballast = File::create(dir.join("ballast")).expect("create ballast");
+    let page = [0u8; 4096];
+    loop {
+        match ballast.write(&page) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return,
+            Err(e) => panic!("writing ballast: {e}"),
+        }
+    }
+}
+
+#[test]
+fn deleting_works_on_a_full_data_dir() {
+    let m = Mount::with_tmpfs_data("24m", &[]);
+    fs::write(m.path().join("before"), b"pinned by a snapshot").expect("write");
+    take_snapshot(&m, "s");
+    let fitted = fill_with_synced_files(m.path());
+    assert!(fitted.len() > 4, "only {} MiB fitted", fitted.len());
+    top_off(m.data_dir());
+    // SQLite appends a deletion to its WAL before anything is freed: it must still work.
+    for path in &fitted[..2] {
+        fs::remove_file(path).expect("unlink on a full disk");
+    }
+    fs::remove_dir(snapshot_dir(&m, "s")).expect("rmdir a snapshot on a full disk");
+    write_synced(
+        &m.path().join("after"),
+        Known {
+            len: 1 << 20,
+            seed: 99,
+        },
+    )
+    .expect("write once space is freed");
+}
+
+#[test]
+fn space_a_failed_flush_used_comes_back() {
+    let m = Mount::with_tmpfs_data("24m", &[]);
+    let data = m.data_dir();
+    let free = free_bytes(data);
+    // More than the disk holds, less than the daemon buffers: fsync and close fail.
+    let big = m.path().join("big");
+    let file = File::create(&big).expect("create");
+    file.write_all_at(&pattern(32 << 20, 1), 0)
+        .expect("buffered write");
+    assert_eq!(errno(file.sync_all()), libc::ENOSPC, "fsync");
+    // The blocks the failed flushes stored must go (now, and at close), and the buffers
+    // at the last close of the unlinked file: nothing may keep the space.
+    fs::remove_file(&big).expect("unlink");
+    assert_eq!(errno(close(file)), libc::ENOSPC, "close");
+    let now = free_bytes(data);
+    assert!(
+        now + (1 << 20) >= free,
+        "{now} bytes free after unlinking, {free} before"
+    );
+    let fitted = fill_with_synced_files(m.path());
+    assert!(fitted.len() >= 16, "only {} MiB fitted after", fitted.len());
+}
+
+#[test]
+fn a_write_that_fails_with_enospc_changes_nothing() {
+    let m = Mount::with_tmpfs_data("24m", &[]);
+    let file = create(&m.path().join("f"));
+    let mut expected = pattern(1 << 20, 1);
+    file.write_all_at(&expected, 0).expect("write");
+    file.sync_all().expect("fsync");
+    // A full disk, so no flush can succeed (the timer's neither)...
+    fill_with_synced_files(m.path());
+    // ...and exactly the daemon's dirty limit (64 MiB) buffered in another file...
+    let other = create(&m.path().join("other"));
+    for chunk in 0..64u64 {
+        other
+            .write_all_at(&pattern(1 << 20, 100 + chunk), chunk << 20)
+            .expect("a buffered write");
+    }
+    // ...so rewriting f soon needs a flush, which fails: the write that reports ENOSPC
+    // must not have taken effect.
+    let failed = (0..3).find(|&i| {
+        let data = pattern(1 << 20, 200 + i);
+        match file.write_all_at(&data, 0) {
+            Ok(()) => {
+                expected = data;
+                false
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "write: {e}");
+                true
+            }
+        }
+    });
+    assert!(failed.is_some(), "no write failed with 65 MiB buffered");
+    assert_bytes_eq(
+        &read_at(&file, 0, 1 << 20),
+        &expected,
+        "f after a failed write",
+    );
 }
