@@ -97,10 +97,25 @@ impl Volume {
         Ok(lock(&self.files).entry(ino).or_insert(fresh).clone())
     }
 
-    /// Forgets the state of a file no one has open once it is clean.
-    fn drop_state_if_idle(&self, ino: u64, state: &FileState) {
+    /// Whether `state` is still the one `files` holds for `ino`. Checked with the state
+    /// locked, it stays so until unlocked: only `drop_state_if_idle` removes states, and
+    /// it holds the state's lock.
+    fn is_current(&self, ino: u64, state: &Arc<Mutex<FileState>>) -> bool {
+        lock(&self.files)
+            .get(&ino)
+            .is_some_and(|s| Arc::ptr_eq(s, state))
+    }
+
+    /// Forgets the state of a file no one has open once it is clean; `current` is the
+    /// state locked as `state`. Only if it is still the file's state: a flush of all files
+    /// works through states it listed earlier, and one of those may since have been
+    /// dropped and replaced by a fresh one, which must stay.
+    fn drop_state_if_idle(&self, ino: u64, current: &Arc<Mutex<FileState>>, state: &FileState) {
         if state.opens == 0 && !state.changed {
-            lock(&self.files).remove(&ino);
+            let mut files = lock(&self.files);
+            if files.get(&ino).is_some_and(|s| Arc::ptr_eq(s, current)) {
+                files.remove(&ino);
+            }
         }
     }
 
@@ -117,9 +132,16 @@ impl Volume {
                 Ok(())
             };
         }
-        let state = self.file_state(node.ino)?;
-        lock(&state).opens += 1;
-        Ok(())
+        // The state looked up may be dropped as idle before it is locked: the open must
+        // count on the current one, or the file would seem closed while open.
+        loop {
+            let current = self.file_state(node.ino)?;
+            let mut state = lock(&current);
+            if self.is_current(node.ino, &current) {
+                state.opens += 1;
+                return Ok(());
+            }
+        }
     }
 
     /// Creates and opens a regular file.
@@ -140,16 +162,16 @@ impl Volume {
         if node.view != View::Live {
             return Ok(());
         }
-        let Some(state) = lock(&self.files).get(&node.ino).cloned() else {
+        let Some(current) = lock(&self.files).get(&node.ino).cloned() else {
             return Ok(());
         };
-        let mut state = lock(&state);
+        let mut state = lock(&current);
         // Counted out first: the last close of an unlinked file drops its buffers rather
         // than storing what no one can read (see `flush_locked`).
         state.opens = state.opens.saturating_sub(1);
         let flushed = self.flush_locked(node.ino, &mut state);
         let last = state.opens == 0;
-        self.drop_state_if_idle(node.ino, &state);
+        self.drop_state_if_idle(node.ino, &current, &state);
         drop(state);
         flushed?;
         if last {
@@ -317,21 +339,36 @@ impl Volume {
 
     /// setattr of a regular file: size goes through its buffers, the rest to the catalog.
     pub(super) fn setattr_file(&self, ino: u64, set: SetAttr) -> Result<Attr> {
-        let state = self.file_state(ino)?;
-        let mut state = lock(&state);
-        if let Some(size) = set.size {
-            self.truncate_locked(ino, &mut state, size)?;
+        loop {
+            // As in `open_file`: a size set on a forgotten state would be lost to the next.
+            let current = self.file_state(ino)?;
+            let mut state = lock(&current);
+            if self.is_current(ino, &current) {
+                return self.setattr_locked(ino, &current, &mut state, &set);
+            }
         }
-        self.flush_locked(ino, &mut state)?;
+    }
+
+    fn setattr_locked(
+        &self,
+        ino: u64,
+        current: &Arc<Mutex<FileState>>,
+        state: &mut FileState,
+        set: &SetAttr,
+    ) -> Result<Attr> {
+        if let Some(size) = set.size {
+            self.truncate_locked(ino, state, size)?;
+        }
+        self.flush_locked(ino, state)?;
         let row = lock(&self.catalog).write(|tx| {
             let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
-            apply_setattr(&mut row, &set, now());
+            apply_setattr(&mut row, set, now());
             tx.update_inode(&row)?;
             Ok::<_, Error>(row)
         })?;
         state.mtime = row.mtime;
         state.ctime = row.ctime;
-        self.drop_state_if_idle(ino, &state);
+        self.drop_state_if_idle(ino, current, state);
         Ok(Attr::from_row(View::Live, &row))
     }
 
@@ -487,15 +524,15 @@ impl Volume {
             .map(|(&ino, state)| (ino, state.clone()))
             .collect();
         let mut first_error = None;
-        for (ino, state) in states {
-            let mut state = lock(&state);
+        for (ino, current) in states {
+            let mut state = lock(&current);
             if due(&state)
                 && let Err(e) = self.flush_locked(ino, &mut state)
             {
                 tracing::warn!(ino, error = %e, "flush failed; the data stays buffered");
                 first_error.get_or_insert(e);
             }
-            self.drop_state_if_idle(ino, &state);
+            self.drop_state_if_idle(ino, &current, &state);
         }
         first_error.map_or(Ok(()), Err)
     }
