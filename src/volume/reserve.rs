@@ -53,6 +53,10 @@ impl Reserve {
             if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as i64) } == 0 {
                 return;
             }
+            // Without fallocate (some network filesystems) there is no reserve.
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSPC) {
+                return;
+            }
             len /= 2;
         }
     }
