@@ -1031,10 +1031,15 @@ fn reader(shared: &Shared, seed: u64) {
         };
         let root = snapshot_dir(&shared.mount, &snap.name);
         let dir = format!("d{}", rng.below(SHARED_DIRS));
-        let names: Vec<_> = fs::read_dir(root.join(&dir))
-            .expect("list a snapshot dir")
-            .map(|e| e.expect("entry").file_name())
-            .collect();
+        let names: Vec<_> = match fs::read_dir(root.join(&dir)) {
+            Ok(entries) => entries.map(|e| e.expect("entry").file_name()).collect(),
+            Err(e) => panic!(
+                "list {dir} in snapshot {}: {e}; the snapshot: {:?}; {dir} again: {:?}",
+                snap.name,
+                fs::read_dir(&root).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>()),
+                fs::metadata(root.join(&dir)).map(|m| m.len()),
+            ),
+        };
         if names.is_empty() {
             continue;
         }
@@ -1053,17 +1058,19 @@ fn reader(shared: &Shared, seed: u64) {
             });
             assert_eq!(version.owner, owner, "owner of {}", rel.display());
         }
-        let fits = snap.windows[owner]
-            .states()
-            .iter()
-            .any(|state| state.fits(&rel, &bytes));
-        assert!(
-            fits,
-            "snapshot {}: {} ({} bytes) is no version its owner had there",
-            snap.name,
-            rel.display(),
-            bytes.len()
-        );
+        let states = snap.windows[owner].states();
+        if !states.iter().any(|state| state.fits(&rel, &bytes)) {
+            let again = read_file(&root.join(&rel));
+            let candidates: Vec<_> = states.iter().map(|s| s.tree.get(&rel)).collect();
+            panic!(
+                "snapshot {}: {} is {:?}, no version its owner had there: {candidates:?}; \
+                 read again: {:?}",
+                snap.name,
+                rel.display(),
+                Version::parse(&bytes),
+                Version::parse(&again)
+            );
+        }
         shared.counts.add("snapshot reads", 1);
     }
 }
