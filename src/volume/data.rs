@@ -100,10 +100,25 @@ impl Volume {
         Ok(lock(&self.files).entry(ino).or_insert(fresh).clone())
     }
 
-    /// Forgets the state of a file no one has open once it is clean.
-    fn drop_state_if_idle(&self, ino: u64, state: &FileState) {
+    /// Whether `state` is still the one `files` holds for `ino`. Checked with the state
+    /// locked, it stays so until unlocked: only `drop_state_if_idle` removes states, and
+    /// it holds the state's lock.
+    fn is_current(&self, ino: u64, state: &Arc<Mutex<FileState>>) -> bool {
+        lock(&self.files)
+            .get(&ino)
+            .is_some_and(|s| Arc::ptr_eq(s, state))
+    }
+
+    /// Forgets the state of a file no one has open once it is clean; `current` is the
+    /// state locked as `state`. Only if it is still the file's state: a flush of all files
+    /// works through states it listed earlier, and one of those may since have been
+    /// dropped and replaced by a fresh one, which must stay.
+    fn drop_state_if_idle(&self, ino: u64, current: &Arc<Mutex<FileState>>, state: &FileState) {
         if state.opens == 0 && !state.changed {
-            lock(&self.files).remove(&ino);
+            let mut files = lock(&self.files);
+            if files.get(&ino).is_some_and(|s| Arc::ptr_eq(s, current)) {
+                files.remove(&ino);
+            }
         }
     }
 
@@ -120,9 +135,16 @@ impl Volume {
                 Ok(())
             };
         }
-        let state = self.file_state(node.ino)?;
-        lock(&state).opens += 1;
-        Ok(())
+        // The state looked up may be dropped as idle before it is locked: the open must
+        // count on the current one, or the file would seem closed while open.
+        loop {
+            let current = self.file_state(node.ino)?;
+            let mut state = lock(&current);
+            if self.is_current(node.ino, &current) {
+                state.opens += 1;
+                return Ok(());
+            }
+        }
     }
 
     /// Creates and opens a regular file.
@@ -143,22 +165,24 @@ impl Volume {
         if node.view != View::Live {
             return Ok(());
         }
-        let Some(state) = lock(&self.files).get(&node.ino).cloned() else {
+        let Some(current) = lock(&self.files).get(&node.ino).cloned() else {
             return Ok(());
         };
-        let mut state = lock(&state);
-        let flushed = self.flush_locked(node.ino, &mut state);
+        let mut state = lock(&current);
+        // Counted out first: the last close of an unlinked file drops its buffers rather
+        // than storing what no one can read (see `flush_locked`).
         state.opens = state.opens.saturating_sub(1);
+        let flushed = self.flush_locked(node.ino, &mut state);
         let last = state.opens == 0;
-        self.drop_state_if_idle(node.ino, &state);
+        self.drop_state_if_idle(node.ino, &current, &state);
         drop(state);
         flushed?;
         if last {
             // Unlinked while open: now it goes. Checked with a read, the common case.
             let unlinked = self.row(node).is_ok_and(|row| row.nlink == 0);
             if unlinked {
-                lock(&self.catalog).write(|tx| tx.retire_inode(node.ino))?;
-                self.collect_garbage()?;
+                self.freeing(|| Ok(lock(&self.catalog).write(|tx| tx.retire_inode(node.ino))?))?;
+                self.freeing(|| self.collect_garbage())?;
             }
         }
         Ok(())
@@ -283,6 +307,11 @@ impl Volume {
             .ok_or(Error::FileTooBig)?;
         self.fetch_partly_written(node.ino, offset, end)?;
         let _change = self.enter_change();
+        if self.dirty_bytes.load(Ordering::Relaxed) > self.dirty_limit {
+            // Buffers fill memory: bound it whatever the write pattern. Before buffering,
+            // so that a write failing here (ENOSPC) has changed nothing.
+            self.flush_all()?;
+        }
         let state = self.file_state(node.ino)?;
         let mut state = lock(&state);
         let bs = self.block_size;
@@ -323,14 +352,6 @@ impl Volume {
         state.mtime = time;
         state.ctime = time;
         state.mark_changed();
-        if self.dirty_bytes.load(Ordering::Relaxed) > self.dirty_limit {
-            self.flush_locked(node.ino, &mut state)?;
-        }
-        drop(state);
-        if self.dirty_bytes.load(Ordering::Relaxed) > self.dirty_limit {
-            // Others' buffers fill memory too: bound it whatever the write pattern.
-            self.flush_all()?;
-        }
         Ok(data.len() as u32)
     }
 
@@ -413,21 +434,36 @@ impl Volume {
 
     /// setattr of a regular file: size goes through its buffers, the rest to the catalog.
     pub(super) fn setattr_file(&self, ino: u64, set: SetAttr) -> Result<Attr> {
-        let state = self.file_state(ino)?;
-        let mut state = lock(&state);
-        if let Some(size) = set.size {
-            self.truncate_locked(ino, &mut state, size)?;
+        loop {
+            // As in `open_file`: a size set on a forgotten state would be lost to the next.
+            let current = self.file_state(ino)?;
+            let mut state = lock(&current);
+            if self.is_current(ino, &current) {
+                return self.setattr_locked(ino, &current, &mut state, &set);
+            }
         }
-        self.flush_locked(ino, &mut state)?;
+    }
+
+    fn setattr_locked(
+        &self,
+        ino: u64,
+        current: &Arc<Mutex<FileState>>,
+        state: &mut FileState,
+        set: &SetAttr,
+    ) -> Result<Attr> {
+        if let Some(size) = set.size {
+            self.truncate_locked(ino, state, size)?;
+        }
+        self.flush_locked(ino, state)?;
         let row = lock(&self.catalog).write(|tx| {
             let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
-            apply_setattr(&mut row, &set, now());
+            apply_setattr(&mut row, set, now());
             tx.update_inode(&row)?;
             Ok::<_, Error>(row)
         })?;
         state.mtime = row.mtime;
         state.ctime = row.ctime;
-        self.drop_state_if_idle(ino, &state);
+        self.drop_state_if_idle(ino, current, state);
         Ok(Attr::from_row(View::Live, &row))
     }
 
@@ -438,35 +474,72 @@ impl Volume {
         if !state.changed {
             return Ok(());
         }
-        let _adopting = crate::sync::read(&self.gc);
+        if state.opens == 0 && self.row(NodeId::live(ino)).is_ok_and(|row| row.nlink == 0) {
+            // Unlinked and closed (at its last release, or later if a full disk made that
+            // flush fail): no one can read these bytes any more, and storing them could
+            // only fill the disk again.
+            Self::discard_buffers(&self.dirty_bytes, state);
+            self.freeing(|| Ok(lock(&self.catalog).write(|tx| tx.retire_inode(ino))?))?;
+            return self.freeing(|| self.collect_garbage());
+        }
+        let adopting = crate::sync::read(&self.gc);
         let blocks: Vec<(u64, &Vec<u8>)> = state.dirty.iter().map(|(&i, b)| (i, b)).collect();
-        let staged = self.store_blocks(&blocks)?;
         let bs = self.block_size;
-        lock(&self.catalog).write(|tx| {
-            let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
-            let mut alloc = row.alloc as i64;
-            if let Some(size) = state.truncated_to {
-                alloc += tx.unmap_blocks_from(ino, size.div_ceil(bs))?;
-            }
-            for (idx, block) in &staged {
-                alloc += tx.set_block(ino, *idx, block.as_ref().map(|(h, len)| (h, *len)))?;
-            }
-            row.size = state.size;
-            row.mtime = state.mtime;
-            row.ctime = state.ctime;
-            row.alloc = alloc.max(0) as u64;
-            tx.update_inode(&row)?;
-            Ok::<_, Error>(())
-        })?;
-        self.dirty_bytes
-            .fetch_sub(state.buffered, Ordering::Relaxed);
+        let flushed = self.store_blocks(&blocks).and_then(|staged| {
+            lock(&self.catalog).write(|tx| {
+                let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
+                let mut alloc = row.alloc as i64;
+                if let Some(size) = state.truncated_to {
+                    alloc += tx.unmap_blocks_from(ino, size.div_ceil(bs))?;
+                }
+                for (idx, block) in &staged {
+                    alloc += tx.set_block(ino, *idx, block.as_ref().map(|(h, len)| (h, *len)))?;
+                }
+                row.size = state.size;
+                row.mtime = state.mtime;
+                row.ctime = state.ctime;
+                row.alloc = alloc.max(0) as u64;
+                tx.update_inode(&row)?;
+                Ok::<_, Error>(())
+            })
+        });
+        drop(adopting);
+        if let Err(e) = flushed {
+            // The blocks this flush stored but the catalog never adopted would hold their
+            // space for good: on a full disk, all the space deleting files gives back.
+            let hashes: Vec<BlockHash> = blocks
+                .iter()
+                .filter(|(_, block)| block.iter().any(|&b| b != 0))
+                .map(|(_, block)| BlockHash::of(block))
+                .collect();
+            self.remove_unadopted(&hashes)?;
+            return Err(e);
+        }
+        Self::discard_buffers(&self.dirty_bytes, state);
+        self.collect_garbage()
+    }
+
+    /// Empties a file's buffers once flushed (or when no one can read them any more).
+    fn discard_buffers(dirty_bytes: &std::sync::atomic::AtomicU64, state: &mut FileState) {
+        dirty_bytes.fetch_sub(state.buffered, Ordering::Relaxed);
         state.dirty.clear();
         state.buffered = 0;
         state.truncated_to = None;
         state.changed = false;
         state.dirty_since = None;
-        drop(_adopting);
-        self.collect_garbage()
+    }
+
+    /// Deletes the data of blocks a failed flush stored that the catalog does not know.
+    /// With the exclusive GC lock no other flush is between storing a block and adopting
+    /// it, so a block the catalog lacks is no one's.
+    fn remove_unadopted(&self, hashes: &[BlockHash]) -> Result<()> {
+        let _exclusive = crate::sync::write(&self.gc);
+        for hash in hashes {
+            if !lock(&self.catalog).read(|tx| tx.has_block(hash))? {
+                self.blocks.remove(hash)?;
+            }
+        }
+        Ok(())
     }
 
     /// Hashes and stores dirty blocks (all-zero ones become holes), on every core when
@@ -546,15 +619,15 @@ impl Volume {
             .map(|(&ino, state)| (ino, state.clone()))
             .collect();
         let mut first_error = None;
-        for (ino, state) in states {
-            let mut state = lock(&state);
+        for (ino, current) in states {
+            let mut state = lock(&current);
             if due(&state)
                 && let Err(e) = self.flush_locked(ino, &mut state)
             {
                 tracing::warn!(ino, error = %e, "flush failed; the data stays buffered");
                 first_error.get_or_insert(e);
             }
-            self.drop_state_if_idle(ino, &state);
+            self.drop_state_if_idle(ino, &current, &state);
         }
         first_error.map_or(Ok(()), Err)
     }

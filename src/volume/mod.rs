@@ -7,6 +7,7 @@ mod data;
 pub mod error;
 mod import;
 mod node;
+mod reserve;
 mod snapshots;
 
 use std::collections::{BTreeMap, HashMap};
@@ -97,6 +98,8 @@ pub struct Volume {
     origin: std::sync::OnceLock<cache::Remote>,
     /// Stored blocks on the local disk, for eviction under `--cache-size` (set only then).
     evictable: std::sync::OnceLock<Mutex<cache::Evictable>>,
+    /// Room set aside so that deleting works on a full disk.
+    reserve: reserve::Reserve,
 }
 
 pub fn now() -> i64 {
@@ -199,6 +202,7 @@ impl Volume {
             remote: std::sync::OnceLock::new(),
             origin: std::sync::OnceLock::new(),
             evictable: std::sync::OnceLock::new(),
+            reserve: reserve::Reserve::new(dir),
         };
         volume.load_snapshots()?;
         volume.remove_orphans()?;
@@ -653,18 +657,20 @@ impl Volume {
         }
         let _change = self.enter_change();
         let time = now();
-        lock(&self.catalog).write(|tx| {
-            live_dir(tx, parent.ino)?;
-            let (ino, kind) = tx.lookup(LIVE, parent.ino, name)?.ok_or(Error::NotFound)?;
-            match (is_rmdir, kind == Kind::Dir) {
-                (true, false) => return Err(Error::NotDir),
-                (false, true) => return Err(Error::IsDir),
-                _ => {}
-            }
-            self.drop_entry(tx, parent.ino, name, ino, time)?;
-            touch_dir(tx, parent.ino, 0, time)
+        self.freeing(|| {
+            lock(&self.catalog).write(|tx| {
+                live_dir(tx, parent.ino)?;
+                let (ino, kind) = tx.lookup(LIVE, parent.ino, name)?.ok_or(Error::NotFound)?;
+                match (is_rmdir, kind == Kind::Dir) {
+                    (true, false) => return Err(Error::NotDir),
+                    (false, true) => return Err(Error::IsDir),
+                    _ => {}
+                }
+                self.drop_entry(tx, parent.ino, name, ino, time)?;
+                touch_dir(tx, parent.ino, 0, time)
+            })
         })?;
-        self.collect_garbage()
+        self.freeing(|| self.collect_garbage())
     }
 
     /// Removes entry `name` (naming `ino`) from `parent` and drops one link of `ino`:

@@ -169,8 +169,12 @@ impl Volume {
             return Err(Error::Exists);
         }
         self.flush_all()?;
-        let row = lock(&self.catalog).create_snapshot(name, now(), "pending")?;
-        write(&self.snapshots).insert(row.id, row.clone());
+        let row = {
+            let mut map = write(&self.snapshots);
+            let row = lock(&self.catalog).create_snapshot(name, now(), "pending")?;
+            map.insert(row.id, row.clone());
+            row
+        };
         self.upload_wake.notify_one();
         tracing::info!(name = %String::from_utf8_lossy(name), id = row.id, "snapshot taken");
         self.snapshot_info(row.id)
@@ -201,8 +205,12 @@ impl Volume {
     pub fn delete_snapshot(&self, name: &[u8]) -> Result<()> {
         let row = self.snapshot_by_name(name)?;
         let _no_block_being_adopted = write(&self.gc);
-        let freed = lock(&self.catalog).delete_snapshot(row.id)?;
-        write(&self.snapshots).remove(&row.id);
+        let freed = {
+            let mut map = write(&self.snapshots);
+            let freed = self.freeing(|| Ok(lock(&self.catalog).delete_snapshot(row.id)?))?;
+            map.remove(&row.id);
+            freed
+        };
         self.upload_wake.notify_one();
         for hash in freed {
             self.blocks.remove(&hash)?;
@@ -220,10 +228,12 @@ impl Volume {
         if self.snapshot_by_name(new_name).is_ok() {
             return Err(Error::Exists);
         }
+        let mut map = write(&self.snapshots);
         lock(&self.catalog).read(|tx| tx.rename_snapshot(row.id, new_name))?;
-        if let Some(cached) = write(&self.snapshots).get_mut(&row.id) {
+        if let Some(cached) = map.get_mut(&row.id) {
             cached.name = new_name.to_vec();
         }
+        drop(map);
         self.upload_wake.notify_one();
         Ok(())
     }

@@ -703,34 +703,44 @@ fn rename_between_links_of_one_file_does_nothing() {
     assert_eq!(t.v().getattr(node).expect("attr").nlink, 2);
 }
 
+/// Found by the concurrency torture test: the uploader reloads the snapshot table after
+/// each completion; a reload that read the table just before a snapshot was taken put the
+/// map back without it, and the new snapshot was ENOENT until the next reload (and one
+/// just deleted could come back).
 #[test]
-fn snapshots_taken_and_deleted_while_the_uploader_refreshes_the_table_stay_as_they_are() {
-    // The uploader reloads the snapshot table from its thread after every state change; a
-    // reload that read the catalog before a mkdir or rmdir must not undo it.
+fn snapshots_taken_during_reloads_of_the_table_stay_visible() {
+    /// Stops the reloading thread however the test ends, so a failure cannot hang it.
+    struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     let t = TestVolume::new();
-    let done = std::sync::atomic::AtomicBool::new(false);
+    let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         scope.spawn(|| {
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                t.v().refresh_snapshots().expect("refresh");
+            while !stop.load(Ordering::Relaxed) {
+                t.v()
+                    .refresh_snapshots()
+                    .expect("reload the snapshot table");
             }
         });
-        for i in 0..2000u32 {
+        let _stop = Stop(&stop);
+        for i in 0..500 {
             let name = format!("s{i}");
-            let result = t.v().create_snapshot(name.as_bytes());
-            let gone = i.checked_sub(1).map(|j| {
-                let old = format!("s{j}");
-                t.v().delete_snapshot(old.as_bytes()).expect("delete");
-                old
-            });
-            let listed: Vec<Vec<u8>> = t.v().list_snapshots().into_iter().map(|s| s.name).collect();
-            done.store(
-                result.is_err() || listed != [name.as_bytes()],
-                std::sync::atomic::Ordering::SeqCst,
-            );
-            result.unwrap_or_else(|e| panic!("create {name}: {e}"));
-            assert_eq!(listed, [name.into_bytes()], "after deleting {gone:?}");
+            t.v().create_snapshot(name.as_bytes()).expect("snapshot");
+            let found = t.v().lookup(SNAPDIR, name.as_bytes());
+            assert!(found.is_ok(), "snapshot {name} just taken: {found:?}");
+            if i % 2 == 1 {
+                let older = format!("s{}", i - 1);
+                t.v().delete_snapshot(older.as_bytes()).expect("delete");
+                let gone = t.v().lookup(SNAPDIR, older.as_bytes());
+                assert!(
+                    gone.is_err(),
+                    "snapshot {older} just deleted is still there"
+                );
+            }
         }
-        done.store(true, std::sync::atomic::Ordering::SeqCst);
     });
 }

@@ -49,6 +49,8 @@ pub struct Mount {
     /// Extra environment of the daemon (store credentials and endpoint).
     env: Vec<(String, String)>,
     child: Option<Child>,
+    /// The data dir is a tmpfs this harness mounted (unmounted on drop).
+    tmpfs_data: bool,
 }
 
 impl Mount {
@@ -86,7 +88,24 @@ impl Mount {
             args: Vec::new(),
             env: Vec::new(),
             child: None,
+            tmpfs_data: false,
         }
+    }
+
+    /// Mounts with the data dir on a fresh tmpfs of `size` (as `mount -o size=`): a small
+    /// disk that fills up. The tmpfs goes when the Mount is dropped.
+    pub fn with_tmpfs_data(size: &str, extra: &[&str]) -> Mount {
+        let mut mount = Mount::unmounted();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&mount.data)
+            .status()
+            .expect("run mount -t tmpfs");
+        assert!(status.success(), "mount -t tmpfs on the data dir: {status}");
+        mount.tmpfs_data = true;
+        mount.set_args(extra);
+        mount.spawn();
+        mount
     }
 
     /// Replaces the daemon's extra environment for the next (re)mount.
@@ -258,6 +277,9 @@ impl Drop for Mount {
         }
         if mount_source(&self.mountpoint).is_some() {
             detach(&self.mountpoint);
+        }
+        if self.tmpfs_data {
+            detach(&self.data);
         }
     }
 }
