@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore};
@@ -65,6 +66,8 @@ pub enum Outcome {
     Failed(String),
     /// Deleted while it was being uploaded.
     Deleted,
+    /// The uploader is stopping (unmount); the upload resumes at the next mount.
+    Interrupted,
 }
 
 /// The uploader's state; `run` drives it, tests may call `upload_pending` directly.
@@ -75,6 +78,9 @@ pub struct Worker {
     store: Arc<dyn ObjectStore>,
     options: UploadOptions,
     limiter: Option<RateLimit>,
+    /// Set when the mount ends: no new request starts, those in flight land and are
+    /// recorded.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -90,7 +96,17 @@ impl Worker {
             store,
             limiter: options.limit.map(RateLimit::new),
             options,
+            stopping: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Starts no new upload request from now on; `upload_pending` returns soon.
+    pub fn stop_sending(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     /// Uploads until no snapshot is pending and the deletion queue is empty (or, for the
@@ -98,6 +114,9 @@ impl Worker {
     pub async fn upload_pending(&self) -> Result<Vec<(u64, Outcome)>, UploadError> {
         let mut outcomes = Vec::new();
         loop {
+            if self.is_stopping() {
+                return Ok(outcomes);
+            }
             self.delete_unneeded().await?;
             self.rewrite_stale_manifests().await?;
             let next = lock(&self.catalog).read(|tx| tx.next_pending_snapshot())?;
@@ -113,6 +132,7 @@ impl Worker {
                 }
                 Outcome::Completed => tracing::info!(id, "snapshot completed"),
                 Outcome::Deleted => tracing::info!(id, "snapshot deleted during its upload"),
+                Outcome::Interrupted => return Ok(outcomes),
             }
             self.volume.refresh_snapshots()?;
             outcomes.push((id, outcome));
@@ -137,6 +157,9 @@ impl Worker {
             }
             if let Err(reason) = self.send_blocks(id, batch).await? {
                 return self.failure(id, reason);
+            }
+            if self.is_stopping() {
+                return Ok(Outcome::Interrupted);
             }
             self.delete_unneeded().await?;
         }
@@ -174,6 +197,7 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
         let mut tasks = JoinSet::new();
         for &(hash, len) in blocks {
+            let stopping = self.stopping.clone();
             let permits = permits.clone();
             let volume = self.volume.clone();
             let store = self.store.clone();
@@ -181,6 +205,9 @@ impl Worker {
             let limiter = self.limiter.clone();
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
+                if stopping.load(Ordering::SeqCst) {
+                    return Ok(None);
+                }
                 let data = tokio::task::spawn_blocking(move || {
                     let data = volume.read_block_uncached(&hash)?;
                     manifest::compress(&data, level).map_err(|e| volume::Error::DataDir {
@@ -199,7 +226,7 @@ impl Worker {
                 store::retry(None, || store.put(&key, data.clone()))
                     .await
                     .map_err(|e| e.message)?;
-                Ok::<_, String>((hash, len, wire))
+                Ok::<_, String>(Some((hash, len, wire)))
             });
         }
         let mut landed = Vec::new();
@@ -207,7 +234,8 @@ impl Worker {
         let mut failure = None;
         while let Some(result) = tasks.join_next().await {
             match result.map_err(|e| format!("upload task failed: {e}")) {
-                Ok(Ok(sent)) => landed.push(sent),
+                Ok(Ok(Some(sent))) => landed.push(sent),
+                Ok(Ok(None)) => {}
                 Ok(Err(reason)) | Err(reason) => {
                     failure.get_or_insert(reason);
                 }
@@ -539,6 +567,8 @@ pub struct Uploader {
 
 /// How often the uploader looks for work without being woken (a failed deletion, say).
 const IDLE_POLL: Duration = Duration::from_secs(5);
+/// How long an unmount waits for upload requests in flight to land.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 impl Uploader {
     /// Starts uploading on `runtime` (which the store was opened on).
@@ -550,18 +580,26 @@ impl Uploader {
             .name("uploader".into())
             .spawn(move || {
                 runtime.block_on(async {
+                    let running = run(&worker, &wake);
+                    tokio::pin!(running);
                     tokio::select! {
                         _ = stopping.notified() => {}
-                        _ = run(&worker, &wake) => {}
+                        _ = &mut running => return,
                     }
+                    // Requests in flight land and are recorded: an object the catalog
+                    // does not know would stay in the store for good if its block were
+                    // freed before being sent again. An outage cuts the wait short.
+                    worker.stop_sending();
+                    let _ = tokio::time::timeout(STOP_GRACE, &mut running).await;
                 });
-                // In-flight requests are abandoned: the catalog says what is stored.
+                // What is still in flight is abandoned: the catalog says what is stored.
                 runtime.shutdown_timeout(Duration::from_secs(1));
             })?;
         Ok(Uploader { stop, thread })
     }
 
-    /// Stops the uploader, abandoning requests in flight (they are resent next time).
+    /// Stops the uploader: requests in flight get `STOP_GRACE` to land and be recorded;
+    /// what does not is resent next time.
     pub fn stop(self) {
         self.stop.notify_one();
         if self.thread.join().is_err() {
@@ -572,7 +610,11 @@ impl Uploader {
 
 async fn run(worker: &Worker, wake: &Notify) {
     loop {
-        if let Err(e) = worker.upload_pending().await {
+        let result = worker.upload_pending().await;
+        if worker.is_stopping() {
+            return;
+        }
+        if let Err(e) = result {
             tracing::error!(error = %e, "uploader error; retrying shortly");
             tokio::time::sleep(IDLE_POLL).await;
             continue;

@@ -494,3 +494,34 @@ fn a_snapshot_deleted_during_its_upload_leaves_nothing_in_the_store() {
     assert_eq!(t.keys("blocks/"), Vec::<String>::new());
     assert_eq!(t.keys("snapshots/"), Vec::<String>::new());
 }
+
+/// An unmount mid-upload lets the requests in flight land and records them: every block
+/// object in the store is one the catalog knows is there. One it did not know would stay
+/// in the store for good if its block were freed before being sent again.
+#[test]
+fn stopping_records_every_block_that_landed_and_sends_no_more() {
+    let t = Setup::with_store(|dir| FaultyStore {
+        put_delay: Duration::from_millis(20),
+        ..FaultyStore::new(dir)
+    });
+    t.write(ROOT, "f", &pattern(64 * BLOCK, 12));
+    let id = t.snapshot("s");
+    let worker = t.worker();
+    let outcomes = t.runtime.block_on(async {
+        let upload = worker.upload_pending();
+        tokio::pin!(upload);
+        // Part-way (RECORD_EVERY blocks land every 0.5 s at most), stop.
+        let _ = tokio::time::timeout(Duration::from_millis(150), &mut upload).await;
+        worker.stop_sending();
+        upload.await.expect("the upload stops cleanly")
+    });
+    assert_eq!(outcomes, vec![]);
+    let row = t.state(id);
+    assert_eq!(row.state, "pending");
+    let in_store = t.keys("blocks/").len() as u64;
+    assert!(in_store > 0 && in_store < 64, "{in_store} blocks sent");
+    assert_eq!(
+        row.upload.sent_blocks, in_store,
+        "every block object in the store is recorded as sent"
+    );
+}
