@@ -1638,10 +1638,11 @@ fn a_write_that_fails_with_enospc_changes_nothing() {
     let mut expected = pattern(1 << 20, 1);
     file.write_all_at(&expected, 0).expect("write");
     file.sync_all().expect("fsync");
+    // Created first: on a full disk creating a file may rightly fail with ENOSPC.
+    let other = create(&m.path().join("other"));
     // A full disk, so no flush can succeed (the timer's neither)...
     fill_with_synced_files(m.path());
     // ...and exactly the daemon's dirty limit (64 MiB) buffered in another file...
-    let other = create(&m.path().join("other"));
     for chunk in 0..64u64 {
         other
             .write_all_at(&pattern(1 << 20, 100 + chunk), chunk << 20)
