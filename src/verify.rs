@@ -135,11 +135,7 @@ pub fn verify_store(url: &StoreUrl, options: Options, progress: &dyn Progress) -
     runtime()?.block_on(async {
         let own = store::open(url).await?;
         let listing = restore::list_manifests(&*own).await?;
-        let origin = match &listing.origin {
-            Some(origin) => Some(store::open(origin).await?),
-            None => None,
-        };
-        let stores = Stores::list(own, origin).await?;
+        let stores = Stores::list(own, listing.origin.as_ref()).await?;
         stores
             .check_manifests(listing, options.deep, &mut report, progress)
             .await
@@ -219,12 +215,7 @@ fn check_volume(
 
     let (url, origin) = store_urls(data_dir, urls)?;
     runtime()?.block_on(async {
-        let own = store::open(&url).await?;
-        let origin = match &origin {
-            Some(origin) => Some(store::open(origin).await?),
-            None => None,
-        };
-        let stores = Stores::list(own, origin).await?;
+        let stores = Stores::list(store::open(&url).await?, origin.as_ref()).await?;
         let missing_manifests = snapshots
             .iter()
             .filter(|s| s.state == "completed")
@@ -387,16 +378,15 @@ struct Stores {
 }
 
 impl Stores {
-    async fn list(
-        own: Arc<dyn ObjectStore>,
-        origin: Option<Arc<dyn ObjectStore>>,
-    ) -> Result<Stores> {
+    /// Lists the volume's store `own`, and opens and lists its origin's if it has one.
+    async fn list(own: Arc<dyn ObjectStore>, origin: Option<&StoreUrl>) -> Result<Stores> {
         let mut own_keys = HashSet::new();
         for prefix in ["blocks/", "trees/", "snapshots/"] {
             own_keys.extend(store::retry(Some(5), || own.list(prefix)).await?);
         }
         let origin = match origin {
-            Some(origin) => {
+            Some(url) => {
+                let origin = store::open(url).await?;
                 let keys = store::retry(Some(5), || origin.list("blocks/")).await?;
                 Some((origin, keys.into_iter().collect()))
             }
