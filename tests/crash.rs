@@ -1103,11 +1103,7 @@ fn a_restore_killed_at_random_moments_reruns_to_completion_with_overwrite() {
 
     // How long a whole restore takes here: the kills land within that.
     let timed = Instant::now();
-    let mut cmd = snapfs();
-    s3.apply(&mut cmd);
-    cmd.args(["restore", "--store", &s3.url(&prefix), "s"])
-        .arg(mount.scratch("timed"));
-    let out = run(&mut cmd);
+    let out = s3.restore(&s3.url(&prefix), "s", &mount.scratch("timed"), &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -1281,14 +1277,8 @@ fn corrupted_or_truncated_blocks_from_the_store_are_fetched_again_never_served()
         // every file restored is exact, and a rerun once the path heals completes it.
         let dest = source.scratch(&format!("restored-{}", injected.len()));
         let restore = |overwrite: bool| {
-            let mut cmd = snapfs();
-            through.apply(&mut cmd);
-            cmd.args(["restore", "--store", &s3.url(&prefix), "base"])
-                .arg(&dest);
-            if overwrite {
-                cmd.arg("--overwrite");
-            }
-            run(&mut cmd)
+            let extra: &[&str] = if overwrite { &["--overwrite"] } else { &[] };
+            through.restore(&s3.url(&prefix), "base", &dest, extra)
         };
         proxy.fail_every(every, fault);
         let out = restore(false);
@@ -1418,11 +1408,7 @@ fn a_block_bad_in_the_store_is_eio_and_a_log_line_naming_it() {
 
     // Restore leaves the file out, names it, restores the rest, exits 1.
     let dest = mount.scratch("restored");
-    let mut cmd = snapfs();
-    s3.apply(&mut cmd);
-    cmd.args(["restore", "--store", &s3.url(&prefix), "s"])
-        .arg(&dest);
-    let out = run(&mut cmd);
+    let out = s3.restore(&s3.url(&prefix), "s", &dest, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("bad"), "{stderr}");
@@ -1595,11 +1581,7 @@ fn a_store_unreachable_for_a_while_delays_uploads_and_loses_nothing() {
     // Nothing lost: the last snapshot restores from the bucket alone.
     let (last, files) = expected.last_key_value().expect("a snapshot");
     let dest = mount.scratch("restored");
-    let mut cmd = snapfs();
-    s3.apply(&mut cmd);
-    cmd.args(["restore", "--store", &s3.url(&prefix), last])
-        .arg(&dest);
-    let out = run(&mut cmd);
+    let out = s3.restore(&s3.url(&prefix), last, &dest, &[]);
     assert!(
         out.status.success(),
         "{}",

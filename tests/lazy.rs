@@ -112,11 +112,7 @@ fn a_volume_from_a_snapshot_is_usable_at_once_and_shares_the_source_blocks() {
     // Restoring the new volume's snapshot from its store alone reads the shared blocks
     // from the origin.
     let dest = copy.scratch("restored");
-    let mut cmd = snapfs();
-    s3.apply(&mut cmd);
-    cmd.args(["restore", "--store", &s3.url(&copy_prefix), "next"])
-        .arg(&dest);
-    let out = run(&mut cmd);
+    let out = s3.restore(&s3.url(&copy_prefix), "next", &dest, &[]);
     assert!(
         out.status.success(),
         "{}",

@@ -37,15 +37,7 @@ fn restore_local(mount: &Mount, what: &str, dest: &Path, extra: &[&str]) -> Outp
 
 /// `snapfs restore --store URL WHAT DEST [extra]` with only the AWS environment.
 fn restore_store(s3: &S3Env, url: &str, what: &str, dest: &Path, extra: &[&str]) -> Output {
-    let mut cmd = snapfs();
-    cmd.arg("restore")
-        .arg("--store")
-        .arg(url)
-        .arg(what)
-        .arg(dest)
-        .args(extra);
-    s3.apply(&mut cmd);
-    run(&mut cmd)
+    s3.restore(url, what, dest, extra)
 }
 
 fn stderr(out: &Output) -> String {

@@ -142,14 +142,7 @@ fn a_volume_in_garage_is_clean_and_a_lost_object_is_found_and_repaired() {
 
     // The repaired bucket restores the snapshot byte for byte on its own.
     let dest = mount.scratch("restored");
-    let mut restore = snapfs();
-    restore
-        .args(["restore", "--store", &env.url(&prefix), "two"])
-        .arg(&dest);
-    for (key, value) in &vars {
-        restore.env(key, value);
-    }
-    let output = run(&mut restore);
+    let output = env.restore(&env.url(&prefix), "two", &dest, &[]);
     assert!(output.status.success(), "{output:?}");
     assert_bytes_eq(
         &fs::read(dest.join("big")).expect("read big"),

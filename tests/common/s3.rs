@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -148,6 +149,16 @@ impl S3Env {
     /// `s3://BUCKET/PREFIX`
     pub fn url(&self, prefix: &str) -> String {
         format!("s3://{}/{prefix}", self.bucket)
+    }
+
+    /// `snapfs restore --store URL WHAT DEST [extra]` with this server's variables.
+    pub fn restore(&self, url: &str, what: &str, dest: &Path, extra: &[&str]) -> Output {
+        let mut cmd = super::snapfs();
+        self.apply(&mut cmd);
+        cmd.args(["restore", "--store", url, what])
+            .arg(dest)
+            .args(extra);
+        super::run(&mut cmd)
     }
 
     pub fn client(&self) -> S3Client {
