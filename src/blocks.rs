@@ -10,8 +10,10 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use crate::sync::{Mutex, MutexGuard, lock};
 
 use lru::LruCache;
 
@@ -265,11 +267,8 @@ impl BlockStore {
         dirs.into_iter().try_for_each(sync_one)
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, LruCache<BlockHash, Arc<Vec<u8>>>> {
-        // A panic while holding the cache cannot leave it inconsistent: keep using it.
-        self.cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock_cache(&self) -> MutexGuard<'_, LruCache<BlockHash, Arc<Vec<u8>>>> {
+        lock(&self.cache)
     }
 }
 

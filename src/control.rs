@@ -7,6 +7,8 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use crate::catalog::NAME_MAX;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("{0} is not a snapfs mount (no .snapshots directory)")]
@@ -38,7 +40,7 @@ fn snapdir(mountpoint: &Path) -> Result<PathBuf, ControlError> {
 }
 
 fn snapshot_path(mountpoint: &Path, name: &str) -> Result<PathBuf, ControlError> {
-    if name.is_empty() || name.contains('/') || name.starts_with('.') || name.len() > 255 {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') || name.len() > NAME_MAX {
         return Err(ControlError::BadName(name.to_owned()));
     }
     Ok(snapdir(mountpoint)?.join(name))

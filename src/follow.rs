@@ -4,30 +4,31 @@
 //! The store is never written.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::catalog::Setting;
 use crate::restore::{StoreSource, store_snapshots};
 use crate::store::StoreUrl;
+use crate::sync::{Condvar, Mutex};
 use crate::volume::Volume;
-
-/// The setting that names the store a data dir follows, and the last snapshot id imported.
-const FOLLOWS: &str = "follows";
-const FOLLOWED_ID: &str = "followed_id";
 
 /// Checks that `volume` may follow `url` (a new data dir, or one that already follows it).
 pub fn claim(volume: &Volume, url: &StoreUrl) -> Result<(), String> {
-    match volume.setting(FOLLOWS).map_err(|e| e.to_string())? {
+    match volume
+        .setting(Setting::Follows)
+        .map_err(|e| e.to_string())?
+    {
         Some(followed) if followed == url.to_string() => Ok(()),
         Some(followed) => Err(format!("this data dir follows {followed}, not {url}")),
         None if volume.is_new().map_err(|e| e.to_string())?
             && volume
-                .setting("store")
+                .setting(Setting::Store)
                 .map_err(|e| e.to_string())?
                 .is_none() =>
         {
             volume
-                .set_setting(FOLLOWS, &url.to_string())
+                .set_setting(Setting::Follows, &url.to_string())
                 .map_err(|e| e.to_string())
         }
         None => Err(
@@ -51,7 +52,7 @@ pub fn follow_once(
         tracing::warn!(url = %url, "{damaged}");
     }
     let first_new: u64 = volume
-        .setting(FOLLOWED_ID)
+        .setting(Setting::FollowedId)
         .map_err(|e| e.to_string())?
         .and_then(|id| id.parse().ok())
         .unwrap_or(0);
@@ -68,7 +69,7 @@ pub fn follow_once(
             }
         }
         volume
-            .set_setting(FOLLOWED_ID, &manifest.id.to_string())
+            .set_setting(Setting::FollowedId, &manifest.id.to_string())
             .map_err(|e| e.to_string())?;
     }
     // A snapshot here is the one in the store created at the same moment (pinned with its
@@ -120,10 +121,7 @@ impl Follower {
                 let (flag, wake) = &*stopping;
                 let mut stopped = crate::sync::lock(flag);
                 while !*stopped {
-                    stopped = wake
-                        .wait_timeout(stopped, interval)
-                        .map(|(guard, _)| guard)
-                        .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+                    stopped = crate::sync::wait_timeout(wake, stopped, interval);
                     if *stopped {
                         break;
                     }

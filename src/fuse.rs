@@ -338,7 +338,7 @@ impl Filesystem for SnapFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         match self.volume.open_file(node(ino), write) {
-            Ok(()) => reply.opened(FileHandle(0), open_flags(node(ino))),
+            Ok(handle) => reply.opened(FileHandle(handle.0), open_flags(node(ino))),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -389,14 +389,14 @@ impl Filesystem for SnapFs {
     fn release(
         &self,
         _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
+        _ino: INodeNo,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.volume.release(node(ino)));
+        reply_empty(reply, self.volume.release(volume::FileHandle(fh.0)));
     }
 
     fn fsync(
@@ -560,11 +560,11 @@ impl Filesystem for SnapFs {
             .volume
             .create(node(parent), name.as_bytes(), mode & !umask, caller(req))
         {
-            Ok(attr) => reply.created(
+            Ok((attr, handle)) => reply.created(
                 &ttl(attr.node),
                 &file_attr(&attr, self.block_size()),
                 Generation(0),
-                FileHandle(0),
+                FileHandle(handle.0),
                 open_flags(attr.node),
             ),
             Err(e) => reply.error(errno(&e)),

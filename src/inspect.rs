@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::catalog::{Catalog, EntryChange, LIVE, Tx};
+use crate::catalog::{Catalog, EntryChange, LIVE, ReadTx};
 use crate::volume::{Error, Result, SnapshotInfo, describe};
 
 /// One difference between two points in time, as `zfs diff` reports it.
@@ -79,7 +79,7 @@ impl Inspector {
     }
 }
 
-fn entry_path(tx: &Tx<'_>, view: u64, entry: &EntryChange) -> Result<Vec<u8>> {
+fn entry_path(tx: &ReadTx<'_>, view: u64, entry: &EntryChange) -> Result<Vec<u8>> {
     let mut path = tx
         .path_of(view, entry.parent)?
         .unwrap_or_else(|| b"/?".to_vec());
@@ -90,7 +90,7 @@ fn entry_path(tx: &Tx<'_>, view: u64, entry: &EntryChange) -> Result<Vec<u8>> {
     Ok(path)
 }
 
-fn changes(tx: &Tx<'_>, from: u64, to: u64) -> Result<Vec<Change>> {
+fn changes(tx: &ReadTx<'_>, from: u64, to: u64) -> Result<Vec<Change>> {
     let (removed, added) = tx.changed_entries(from, to)?;
     // An inode that lost a name and gained one was renamed (pairing links in order).
     let mut gained: BTreeMap<u64, Vec<&EntryChange>> = BTreeMap::new();

@@ -917,7 +917,7 @@ fn snapshot_json(info: &SnapshotInfo) -> String {
          \"tags\":{{{}}}}}",
         info.id,
         json_string(&info.name),
-        json_string(info.state.as_bytes()),
+        json_string(info.state.as_str().as_bytes()),
         info.error
             .as_ref()
             .map_or_else(|| "null".to_owned(), |e| json_string(e.as_bytes())),

@@ -9,15 +9,13 @@
 //! Decoding treats the input as hostile: every length is bounded before it is used.
 
 use crate::blocks::BlockHash;
-use crate::catalog::Kind;
+use crate::catalog::{Kind, NAME_MAX, XATTR_SIZE_MAX};
 
 const TREE_MAGIC: &[u8; 8] = b"snapfsT1";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"snapfsS1";
 /// Bounds on decoded values: far above anything valid, far below what would exhaust memory.
-const MAX_NAME: usize = 255;
 const MAX_ENTRIES: u64 = 10_000_000;
 const MAX_XATTRS: u64 = 10_000;
-const MAX_XATTR_VALUE: usize = 64 * 1024;
 const MAX_TARGET: usize = 4096;
 /// Most bytes a decompressed manifest object may have.
 pub const MAX_OBJECT: usize = 1 << 30;
@@ -246,7 +244,7 @@ impl<'a> Reader<'a> {
     }
 
     fn entry(&mut self) -> Result<Entry> {
-        let name = self.bytes(MAX_NAME, "name")?;
+        let name = self.bytes(NAME_MAX, "name")?;
         let kind = i64::try_from(self.uint()?)
             .ok()
             .and_then(|k| Kind::try_from(k).ok())
@@ -263,7 +261,7 @@ impl<'a> Reader<'a> {
         }
         let (atime, mtime, ctime, crtime) = (self.int()?, self.int()?, self.int()?, self.int()?);
         let target = self.bytes(MAX_TARGET, "symlink target")?;
-        let xattrs = self.pairs(MAX_NAME, MAX_XATTR_VALUE, "xattrs")?;
+        let xattrs = self.pairs(NAME_MAX, XATTR_SIZE_MAX, "xattrs")?;
         let content = match self.uint()? {
             0 => Content::None,
             1 => {
@@ -387,7 +385,7 @@ pub fn decode_snapshot(data: &[u8]) -> Result<SnapshotManifest> {
     let volume_id =
         String::from_utf8(r.bytes(64, "volume id")?).or_else(|_| bad("volume id is not text"))?;
     let id = r.uint()?;
-    let name = r.bytes(MAX_NAME, "snapshot name")?;
+    let name = r.bytes(NAME_MAX, "snapshot name")?;
     let generation = r.uint()?;
     let created = r.int()?;
     let block_size = r.u32("block size")?;
@@ -395,7 +393,7 @@ pub fn decode_snapshot(data: &[u8]) -> Result<SnapshotManifest> {
         return bad(format!("block size {block_size}"));
     }
     let logical_bytes = r.uint()?;
-    let tags = r.pairs(MAX_NAME, MAX_XATTR_VALUE, "tags")?;
+    let tags = r.pairs(NAME_MAX, XATTR_SIZE_MAX, "tags")?;
     let root = r.entry()?;
     if root.kind != Kind::Dir {
         return bad("the root is not a directory");

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use crate::blocks::{BlockHash, BlockStore};
-use crate::catalog::{self, Catalog, Kind, ROOT_INO};
+use crate::catalog::{self, Catalog, Kind, ROOT_INO, Setting};
 use crate::manifest::{self, Content, Entry, SnapshotManifest};
 use crate::store::{self, ObjectStore, StoreError, StoreUrl};
 
@@ -122,7 +122,7 @@ impl LocalSource {
         let block_size = u64::from(catalog.block_size());
         let store_urls = catalog.read(|tx| {
             Ok::<_, catalog::Error>(
-                [tx.setting("store")?, tx.setting("origin")?]
+                [tx.setting(Setting::Store)?, tx.setting(Setting::Origin)?]
                     .into_iter()
                     .flatten()
                     .filter_map(|url| StoreUrl::parse(&url).ok())

@@ -1,8 +1,12 @@
-//! Locks come through here, so the whole crate agrees on one policy: a panic in one request
-//! must not wedge the mount, so a poisoned lock is taken over (its data is kept consistent
-//! by the transaction or the single assignment that the panicking holder was doing).
+//! Locks come through here, so the whole crate agrees on one policy (and concurrency tests
+//! can swap the primitives in one place): a panic in one request must not wedge the mount,
+//! so a poisoned lock is taken over (its data is kept consistent by the transaction or the
+//! single assignment that the panicking holder was doing). The order in which the core
+//! takes its locks is in docs/architecture.md ("Locks").
 
-pub use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+pub use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
@@ -17,4 +21,16 @@ pub fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 pub fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Waits on `condvar` for at most `timeout`, giving the guard back either way.
+pub fn wait_timeout<'a, T>(
+    condvar: &Condvar,
+    guard: MutexGuard<'a, T>,
+    timeout: Duration,
+) -> MutexGuard<'a, T> {
+    condvar
+        .wait_timeout(guard, timeout)
+        .map(|(guard, _)| guard)
+        .unwrap_or_else(|poisoned| poisoned.into_inner().0)
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 
 use crate::blocks::{BlockError, BlockHash, BlockStore};
-use crate::catalog::{self, BlockRecord, Catalog, Finding};
+use crate::catalog::{self, BlockLocation, BlockRecord, Catalog, Finding, Setting, SnapshotState};
 use crate::manifest::{self, Content};
 use crate::restore::{self, Progress, RestoreError};
 use crate::store::{self, ObjectStore, StoreError, StoreUrl};
@@ -165,13 +165,13 @@ fn check_volume(
         }
         opened => opened?,
     };
-    let read = catalog.read_consistent(|tx| {
+    let read = catalog.read(|tx| {
         let damage = tx.integrity_check()?;
         report.problem("the catalog fails SQLite's integrity check", damage);
         report
             .findings
             .extend(tx.invariant_findings(u64::from(catalog.block_size()))?);
-        let urls = (tx.setting("store")?, tx.setting("origin")?);
+        let urls = (tx.setting(Setting::Store)?, tx.setting(Setting::Origin)?);
         Ok::<_, VerifyError>((
             tx.block_records()?,
             tx.completed_trees()?,
@@ -218,7 +218,7 @@ fn check_volume(
         let stores = Stores::list(store::open(&url).await?, origin.as_ref()).await?;
         let missing_manifests = snapshots
             .iter()
-            .filter(|s| s.state == "completed")
+            .filter(|s| s.state == SnapshotState::Completed)
             .filter(|s| !stores.has(&catalog::snapshot_key(s.id)))
             .map(|s| String::from_utf8_lossy(&s.name).into_owned())
             .collect();
@@ -238,8 +238,8 @@ fn check_volume(
         );
         let recorded: Vec<(BlockHash, bool)> = records
             .iter()
-            .filter(|r| r.stored != 0)
-            .map(|r| (r.hash, r.stored == 2))
+            .filter(|r| r.stored.is_stored())
+            .map(|r| (r.hash, r.stored == BlockLocation::Origin))
             .collect();
         stores
             .check_blocks(&recorded, options.deep, &mut report, progress)
@@ -248,7 +248,7 @@ fn check_volume(
         // linger in the store, half deleted, until the next mount finishes the job.
         let completed: HashSet<u64> = snapshots
             .iter()
-            .filter(|s| s.state == "completed")
+            .filter(|s| s.state == SnapshotState::Completed)
             .map(|s| s.id)
             .collect();
         if completed.is_empty() {
@@ -318,8 +318,9 @@ fn repair(data_dir: &Path, report: &Report) -> Result<Vec<String>> {
         return Ok(done);
     }
     let catalog = Catalog::open_data_dir_read_only(data_dir)?;
-    let urls = catalog
-        .read(|tx| Ok::<_, catalog::Error>((tx.setting("store")?, tx.setting("origin")?)))?;
+    let urls = catalog.read(|tx| {
+        Ok::<_, catalog::Error>((tx.setting(Setting::Store)?, tx.setting(Setting::Origin)?))
+    })?;
     let (url, origin) = store_urls(data_dir, urls)?;
     let block_size = catalog.block_size() as usize;
     let blocks = BlockStore::open(&data_dir.join("blocks"), 1)?;

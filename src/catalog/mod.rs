@@ -22,6 +22,11 @@ use crate::blocks::BlockHash;
 /// The view generation that sees exactly the live volume's rows.
 pub const LIVE: u64 = i64::MAX as u64;
 
+/// Longest name of one directory entry (and snapshot name, and xattr name), as on ext4.
+pub const NAME_MAX: usize = 255;
+/// Largest value of one extended attribute (Linux's XATTR_SIZE_MAX).
+pub const XATTR_SIZE_MAX: usize = 64 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot open catalog {path}: {source}")]
@@ -161,6 +166,119 @@ pub struct EntryChange {
     pub kind: Kind,
 }
 
+/// Where a snapshot's upload stands (`snapshots.state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SnapshotState {
+    /// Taken; its blocks and manifest are not all in the store yet.
+    Pending,
+    /// Everything it needs is in the store.
+    Completed,
+    /// The upload hit what retries cannot fix (`SnapshotRow::error` says what).
+    Failed,
+}
+
+impl SnapshotState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotState::Pending => "pending",
+            SnapshotState::Completed => "completed",
+            SnapshotState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for SnapshotState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// Lets tests and reports compare with the name users see.
+impl PartialEq<&str> for SnapshotState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl ToSql for SnapshotState {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for SnapshotState {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        match value.as_str()? {
+            "pending" => Ok(SnapshotState::Pending),
+            "completed" => Ok(SnapshotState::Completed),
+            "failed" => Ok(SnapshotState::Failed),
+            other => Err(rusqlite::types::FromSqlError::Other(
+                format!("unknown snapshot state {other:?}").into(),
+            )),
+        }
+    }
+}
+
+/// Where the only copies outside the local disk of a block are (`blocks.stored`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockLocation {
+    /// Not uploaded yet: the local disk holds the only copy.
+    LocalOnly = 0,
+    /// In this volume's store.
+    Store = 1,
+    /// In the store of the volume this one was made from (`--from`): never uploaded,
+    /// never deleted by this volume.
+    Origin = 2,
+}
+
+impl BlockLocation {
+    /// Whether some store holds the block, so the local copy may be evicted.
+    pub fn is_stored(self) -> bool {
+        self != BlockLocation::LocalOnly
+    }
+}
+
+impl rusqlite::types::FromSql for BlockLocation {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        match value.as_i64()? {
+            0 => Ok(BlockLocation::LocalOnly),
+            1 => Ok(BlockLocation::Store),
+            2 => Ok(BlockLocation::Origin),
+            other => Err(rusqlite::types::FromSqlError::OutOfRange(other)),
+        }
+    }
+}
+
+/// The values a volume keeps in `settings`, each under one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting {
+    /// The volume's identity in the store (random, made with its catalog).
+    VolumeId,
+    /// The store URL the volume uploads to, once its check passed.
+    Store,
+    /// The store URL of the volume this one was made from (`--from`).
+    Origin,
+    /// The name of the snapshot this volume was made from.
+    OriginSnapshot,
+    /// The store a read-only volume follows.
+    Follows,
+    /// The id of the last snapshot a follower imported.
+    FollowedId,
+}
+
+impl Setting {
+    fn key(self) -> &'static str {
+        match self {
+            Setting::VolumeId => "volume_id",
+            Setting::Store => "store",
+            Setting::Origin => "origin",
+            Setting::OriginSnapshot => "origin_snapshot",
+            Setting::Follows => "follows",
+            Setting::FollowedId => "followed_id",
+        }
+    }
+}
+
 /// A snapshot as the catalog records it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotRow {
@@ -168,7 +286,7 @@ pub struct SnapshotRow {
     pub name: Vec<u8>,
     pub generation: u64,
     pub created: i64,
-    pub state: String,
+    pub state: SnapshotState,
     /// Bytes of all regular files when the snapshot was taken.
     pub logical_bytes: u64,
     pub upload: UploadProgress,
@@ -321,7 +439,7 @@ impl Catalog {
             alloc: 0,
             target: None,
         };
-        Tx { conn: &tx, g: 1 }.insert_inode(&root)?;
+        WriteTx::new(&tx, 1).insert_inode(&root)?;
         tx.commit()?;
         Ok(1)
     }
@@ -342,42 +460,31 @@ impl Catalog {
         self.generation
     }
 
-    /// Runs `f` in one transaction: all its changes land together or not at all. The
-    /// transaction takes the write lock at BEGIN (waiting for the uploader's connection
-    /// if it writes): a deferred one that read first could not upgrade after the other
-    /// connection committed, and would fail with SQLITE_BUSY at once.
+    /// Runs `f` in one write transaction: all its changes land together or not at all.
+    /// It takes the write lock at BEGIN (waiting for the other connection if it writes):
+    /// a deferred one that read first could not upgrade after the other connection
+    /// committed, and would fail with SQLITE_BUSY at once.
     pub fn write<T, E: From<Error>>(
         &mut self,
-        f: impl FnOnce(&Tx<'_>) -> Result<T, E>,
+        f: impl FnOnce(&WriteTx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(Error::from)?;
-        let value = f(&Tx {
-            conn: &tx,
-            g: self.generation,
-        })?;
+        let value = f(&WriteTx::new(&tx, self.generation))?;
         tx.commit().map_err(Error::from)?;
         Ok(value)
     }
 
-    /// Runs `f` against a consistent read of the catalog.
-    pub fn read<T, E: From<Error>>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T, E>) -> Result<T, E> {
-        f(&Tx {
-            conn: &self.conn,
-            g: self.generation,
-        })
-    }
-
     /// Runs `f` inside one read transaction: every statement sees the same state even
-    /// while another process (a running mount) commits.
-    pub fn read_consistent<T, E: From<Error>>(
+    /// while another connection commits. `ReadTx` has no method that writes.
+    pub fn read<T, E: From<Error>>(
         &self,
-        f: impl FnOnce(&Tx<'_>) -> Result<T, E>,
+        f: impl FnOnce(&ReadTx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
         let tx = self.conn.unchecked_transaction().map_err(Error::from)?;
-        let value = f(&Tx {
+        let value = f(&ReadTx {
             conn: &tx,
             g: self.generation,
         })?;
@@ -391,7 +498,7 @@ impl Catalog {
         &mut self,
         name: &[u8],
         created: i64,
-        state: &str,
+        state: SnapshotState,
     ) -> Result<SnapshotRow> {
         let g = self.generation;
         let tx = self
@@ -423,7 +530,7 @@ impl Catalog {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let freed = {
-            let t = Tx { conn: &tx, g: live };
+            let t = WriteTx::new(&tx, live);
             let bounds = t.snapshot_bounds(id)?;
             tx.execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
             for table in ["inodes", "dentries", "blockmap", "xattrs"] {
@@ -526,14 +633,36 @@ fn exclusive_rows(alias: &str, b: &SnapshotBounds) -> String {
 /// exactly the rows with no death.
 const VISIBLE: &str = "birth <= :g AND (death IS NULL OR death > :g)";
 
-/// Catalog operations inside one transaction (or one consistent read).
-pub struct Tx<'a> {
+/// Catalog reads inside one read transaction: every statement sees the same state, even
+/// while another connection (the uploader, a running mount) commits.
+pub struct ReadTx<'a> {
     conn: &'a Connection,
     /// The live generation: new rows are born in it.
     g: u64,
 }
 
-impl Tx<'_> {
+/// Catalog changes inside one write transaction: all land together or none does. It reads
+/// too (through `ReadTx`), seeing its own changes.
+pub struct WriteTx<'a> {
+    read: ReadTx<'a>,
+}
+
+impl<'a> std::ops::Deref for WriteTx<'a> {
+    type Target = ReadTx<'a>;
+    fn deref(&self) -> &ReadTx<'a> {
+        &self.read
+    }
+}
+
+impl<'a> WriteTx<'a> {
+    fn new(conn: &'a Connection, g: u64) -> WriteTx<'a> {
+        WriteTx {
+            read: ReadTx { conn, g },
+        }
+    }
+}
+
+impl ReadTx<'_> {
     pub fn inode(&self, view: u64, ino: u64) -> Result<Option<InodeRow>> {
         let sql = format!("SELECT {INODE_COLUMNS} FROM inodes WHERE ino = :ino AND {VISIBLE}");
         let mut stmt = self.conn.prepare_cached(&sql)?;
@@ -586,102 +715,6 @@ impl Tx<'_> {
         Ok(!stmt.exists(rusqlite::named_params! {":parent": dir, ":g": view})?)
     }
 
-    pub fn alloc_ino(&self) -> Result<u64> {
-        Ok(self.conn.query_row(
-            "UPDATE meta SET value = value + 1 WHERE key = 'next_ino' RETURNING value - 1",
-            [],
-            |r| r.get(0),
-        )?)
-    }
-
-    pub fn insert_inode(&self, row: &InodeRow) -> Result<()> {
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO inodes (ino, birth, kind, perm, uid, gid, nlink, size, rdev, parent,
-                                 atime, mtime, ctime, crtime, alloc, target)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-        )?;
-        stmt.execute(self.inode_params(row))?;
-        Ok(())
-    }
-
-    /// `row` as ?1..?16 of the insert and update statements, born in this generation.
-    fn inode_params<'r>(&'r self, row: &'r InodeRow) -> [&'r dyn ToSql; 16] {
-        [
-            &row.ino,
-            &self.g,
-            &row.kind,
-            &row.perm,
-            &row.uid,
-            &row.gid,
-            &row.nlink,
-            &row.size,
-            &row.rdev,
-            &row.parent,
-            &row.atime,
-            &row.mtime,
-            &row.ctime,
-            &row.crtime,
-            &row.alloc,
-            &row.target,
-        ]
-    }
-
-    /// Replaces the live version of the inode `row.ino` with `row`.
-    pub fn update_inode(&self, row: &InodeRow) -> Result<()> {
-        let mut stmt = self.conn.prepare_cached(
-            "UPDATE inodes SET kind = ?3, perm = ?4, uid = ?5, gid = ?6, nlink = ?7, size = ?8,
-                    rdev = ?9, parent = ?10, atime = ?11, mtime = ?12, ctime = ?13,
-                    crtime = ?14, alloc = ?15, target = ?16
-             WHERE ino = ?1 AND birth = ?2 AND death IS NULL",
-        )?;
-        let changed = stmt.execute(self.inode_params(row))?;
-        if changed == 0 {
-            // Born before the last snapshot: keep that version for it, start a new one.
-            self.retire("inodes", "ino = ?1", &[&row.ino])?;
-            self.insert_inode(row)?;
-        }
-        Ok(())
-    }
-
-    /// Removes the inode from the live view with its block map and xattrs.
-    pub fn retire_inode(&self, ino: u64) -> Result<()> {
-        for table in ["inodes", "blockmap", "xattrs"] {
-            self.retire(table, "ino = ?1", &[&ino])?;
-        }
-        Ok(())
-    }
-
-    pub fn insert_dentry(&self, parent: u64, name: &[u8], ino: u64, kind: Kind) -> Result<()> {
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO dentries (parent, name, birth, ino, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        stmt.execute(params![parent, name, self.g, ino, kind])?;
-        Ok(())
-    }
-
-    pub fn retire_dentry(&self, parent: u64, name: &[u8]) -> Result<()> {
-        self.retire("dentries", "parent = ?1 AND name = ?2", &[&parent, &name])
-    }
-
-    /// Ends the live life of the rows matching `cond` (which uses ?1..?n). Rows born after
-    /// the latest existing snapshot no snapshot can see, so they go (not only those born
-    /// in G: once snapshots are deleted, older rows may be seen by none); the others get
-    /// `death = G`.
-    fn retire(&self, table: &str, cond: &str, args: &[&dyn ToSql]) -> Result<()> {
-        let g_param = args.len() + 1;
-        let mut with_g: Vec<&dyn ToSql> = args.to_vec();
-        with_g.push(&self.g);
-        let drop_sql = format!(
-            "DELETE FROM {table} WHERE {cond} AND death IS NULL
-             AND birth > (SELECT coalesce(max(generation), 0) FROM snapshots)"
-        );
-        self.conn.prepare_cached(&drop_sql)?.execute(args)?;
-        let retire_sql =
-            format!("UPDATE {table} SET death = ?{g_param} WHERE {cond} AND death IS NULL");
-        self.conn.prepare_cached(&retire_sql)?.execute(&*with_g)?;
-        Ok(())
-    }
-
     /// The mapped blocks of `ino` with index in `first..=last`, in index order.
     pub fn blocks_in_range(
         &self,
@@ -708,48 +741,6 @@ impl Tx<'_> {
         Ok(found)
     }
 
-    /// Maps block `idx` of `ino` to `block` (`None`: a hole). Returns the change in the
-    /// file's allocated bytes.
-    pub fn set_block(&self, ino: u64, idx: u64, block: Option<(&BlockHash, u32)>) -> Result<i64> {
-        let old_len: i64 = self
-            .conn
-            .prepare_cached(
-                "SELECT b.len FROM blockmap m JOIN blocks b ON b.hash = m.hash
-                 WHERE m.ino = ?1 AND m.idx = ?2 AND m.death IS NULL",
-            )?
-            .query_row(params![ino, idx], |r| r.get(0))
-            .optional()?
-            .unwrap_or(0);
-        self.retire("blockmap", "ino = ?1 AND idx = ?2", &[&ino, &idx])?;
-        let Some((hash, len)) = block else {
-            return Ok(-old_len);
-        };
-        // A block written again after it was evicted is local again.
-        self.conn
-            .prepare_cached(
-                "INSERT INTO blocks (hash, len) VALUES (?1, ?2)
-                 ON CONFLICT (hash) DO UPDATE SET local = 1",
-            )?
-            .execute(params![hash.as_bytes(), len])?;
-        self.conn
-            .prepare_cached("INSERT INTO blockmap (ino, idx, birth, hash) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![ino, idx, self.g, hash.as_bytes()])?;
-        Ok(i64::from(len) - old_len)
-    }
-
-    /// Unmaps every block of `ino` from index `first` on. Returns the change in allocated bytes.
-    pub fn unmap_blocks_from(&self, ino: u64, first: u64) -> Result<i64> {
-        let freed: i64 = self
-            .conn
-            .prepare_cached(
-                "SELECT coalesce(sum(b.len), 0) FROM blockmap m JOIN blocks b ON b.hash = m.hash
-                 WHERE m.ino = ?1 AND m.idx >= ?2 AND m.death IS NULL",
-            )?
-            .query_row(params![ino, first], |r| r.get(0))?;
-        self.retire("blockmap", "ino = ?1 AND idx >= ?2", &[&ino, &first])?;
-        Ok(-freed)
-    }
-
     /// Whether the store already holds a block (some map row references it or did).
     pub fn has_block(&self, hash: &BlockHash) -> Result<bool> {
         Ok(self
@@ -763,31 +754,6 @@ impl Tx<'_> {
             .conn
             .prepare_cached("SELECT 1 FROM blocks WHERE refs = 0 LIMIT 1")?
             .exists([])?)
-    }
-
-    /// Forgets the blocks no map row references any more and returns them, so the caller
-    /// can delete their data. Those already in the object store are queued for deletion
-    /// there.
-    pub fn take_unreferenced_blocks(&self) -> Result<Vec<BlockHash>> {
-        self.conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO store_deletions (key)
-                 SELECT 'blocks/' || lower(hex(hash)) FROM blocks WHERE refs = 0 AND stored = 1",
-            )?
-            .execute([])?;
-        let mut stmt = self
-            .conn
-            .prepare_cached("DELETE FROM blocks WHERE refs = 0 RETURNING hash")?;
-        let hashes = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
-        let mut freed = Vec::new();
-        for hash in hashes {
-            let hash = hash?;
-            freed.push(
-                BlockHash::try_from(hash.as_slice())
-                    .map_err(|_| Error::Corrupt("bad hash in the block table".into()))?,
-            );
-        }
-        Ok(freed)
     }
 
     /// Live inodes that no directory names any more: left by a crash while they were open.
@@ -834,18 +800,6 @@ impl Tx<'_> {
         Ok(names.collect::<rusqlite::Result<_>>()?)
     }
 
-    pub fn xattr_set(&self, ino: u64, name: &[u8], value: &[u8]) -> Result<()> {
-        self.xattr_remove(ino, name)?;
-        self.conn
-            .prepare_cached("INSERT INTO xattrs (ino, name, birth, value) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![ino, name, self.g, value])?;
-        Ok(())
-    }
-
-    pub fn xattr_remove(&self, ino: u64, name: &[u8]) -> Result<()> {
-        self.retire("xattrs", "ino = ?1 AND name = ?2", &[&ino, &name])
-    }
-
     /// The generations before and after snapshot `id`.
     pub fn snapshot_bounds(&self, id: u64) -> Result<SnapshotBounds> {
         let generation: u64 = self
@@ -882,37 +836,12 @@ impl Tx<'_> {
         Ok(self.conn.query_row(&sql, [], |r| r.get(0))?)
     }
 
-    pub fn rename_snapshot(&self, id: u64, name: &[u8]) -> Result<()> {
-        self.conn.execute(
-            "UPDATE snapshots SET name = ?2 WHERE id = ?1",
-            params![id, name],
-        )?;
-        Ok(())
-    }
-
     pub fn snapshot_tags(&self, id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT key, value FROM snapshot_tags WHERE snapshot = ?1 ORDER BY key",
         )?;
         let tags = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(tags.collect::<rusqlite::Result<_>>()?)
-    }
-
-    pub fn set_snapshot_tag(&self, id: u64, key: &[u8], value: &[u8]) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO snapshot_tags (snapshot, key, value) VALUES (?1, ?2, ?3)
-             ON CONFLICT (snapshot, key) DO UPDATE SET value = excluded.value",
-            params![id, key, value],
-        )?;
-        Ok(())
-    }
-
-    /// Removes a tag; whether it existed.
-    pub fn remove_snapshot_tag(&self, id: u64, key: &[u8]) -> Result<bool> {
-        Ok(self.conn.execute(
-            "DELETE FROM snapshot_tags WHERE snapshot = ?1 AND key = ?2",
-            params![id, key],
-        )? > 0)
     }
 
     /// Entries visible at `from` but gone at `to`, and entries new at `to` (`from < to`;
@@ -1015,5 +944,207 @@ impl Tx<'_> {
             found.push(SnapshotRow::try_from(row)?);
         }
         Ok(found)
+    }
+}
+
+impl WriteTx<'_> {
+    pub fn alloc_ino(&self) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "UPDATE meta SET value = value + 1 WHERE key = 'next_ino' RETURNING value - 1",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    pub fn insert_inode(&self, row: &InodeRow) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO inodes (ino, birth, kind, perm, uid, gid, nlink, size, rdev, parent,
+                                 atime, mtime, ctime, crtime, alloc, target)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )?;
+        stmt.execute(self.inode_params(row))?;
+        Ok(())
+    }
+
+    /// `row` as ?1..?16 of the insert and update statements, born in this generation.
+    fn inode_params<'r>(&'r self, row: &'r InodeRow) -> [&'r dyn ToSql; 16] {
+        [
+            &row.ino,
+            &self.g,
+            &row.kind,
+            &row.perm,
+            &row.uid,
+            &row.gid,
+            &row.nlink,
+            &row.size,
+            &row.rdev,
+            &row.parent,
+            &row.atime,
+            &row.mtime,
+            &row.ctime,
+            &row.crtime,
+            &row.alloc,
+            &row.target,
+        ]
+    }
+
+    /// Replaces the live version of the inode `row.ino` with `row`.
+    pub fn update_inode(&self, row: &InodeRow) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "UPDATE inodes SET kind = ?3, perm = ?4, uid = ?5, gid = ?6, nlink = ?7, size = ?8,
+                    rdev = ?9, parent = ?10, atime = ?11, mtime = ?12, ctime = ?13,
+                    crtime = ?14, alloc = ?15, target = ?16
+             WHERE ino = ?1 AND birth = ?2 AND death IS NULL",
+        )?;
+        let changed = stmt.execute(self.inode_params(row))?;
+        if changed == 0 {
+            // Born before the last snapshot: keep that version for it, start a new one.
+            self.retire("inodes", "ino = ?1", &[&row.ino])?;
+            self.insert_inode(row)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the inode from the live view with its block map and xattrs.
+    pub fn retire_inode(&self, ino: u64) -> Result<()> {
+        for table in ["inodes", "blockmap", "xattrs"] {
+            self.retire(table, "ino = ?1", &[&ino])?;
+        }
+        Ok(())
+    }
+
+    pub fn insert_dentry(&self, parent: u64, name: &[u8], ino: u64, kind: Kind) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO dentries (parent, name, birth, ino, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        stmt.execute(params![parent, name, self.g, ino, kind])?;
+        Ok(())
+    }
+
+    pub fn retire_dentry(&self, parent: u64, name: &[u8]) -> Result<()> {
+        self.retire("dentries", "parent = ?1 AND name = ?2", &[&parent, &name])
+    }
+
+    /// Ends the live life of the rows matching `cond` (which uses ?1..?n). Rows born after
+    /// the latest existing snapshot no snapshot can see, so they go (not only those born
+    /// in G: once snapshots are deleted, older rows may be seen by none); the others get
+    /// `death = G`.
+    fn retire(&self, table: &str, cond: &str, args: &[&dyn ToSql]) -> Result<()> {
+        let g_param = args.len() + 1;
+        let mut with_g: Vec<&dyn ToSql> = args.to_vec();
+        with_g.push(&self.g);
+        let drop_sql = format!(
+            "DELETE FROM {table} WHERE {cond} AND death IS NULL
+             AND birth > (SELECT coalesce(max(generation), 0) FROM snapshots)"
+        );
+        self.conn.prepare_cached(&drop_sql)?.execute(args)?;
+        let retire_sql =
+            format!("UPDATE {table} SET death = ?{g_param} WHERE {cond} AND death IS NULL");
+        self.conn.prepare_cached(&retire_sql)?.execute(&*with_g)?;
+        Ok(())
+    }
+
+    /// Maps block `idx` of `ino` to `block` (`None`: a hole). Returns the change in the
+    /// file's allocated bytes.
+    pub fn set_block(&self, ino: u64, idx: u64, block: Option<(&BlockHash, u32)>) -> Result<i64> {
+        let old_len: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT b.len FROM blockmap m JOIN blocks b ON b.hash = m.hash
+                 WHERE m.ino = ?1 AND m.idx = ?2 AND m.death IS NULL",
+            )?
+            .query_row(params![ino, idx], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        self.retire("blockmap", "ino = ?1 AND idx = ?2", &[&ino, &idx])?;
+        let Some((hash, len)) = block else {
+            return Ok(-old_len);
+        };
+        // A block written again after it was evicted is local again.
+        self.conn
+            .prepare_cached(
+                "INSERT INTO blocks (hash, len) VALUES (?1, ?2)
+                 ON CONFLICT (hash) DO UPDATE SET local = 1",
+            )?
+            .execute(params![hash.as_bytes(), len])?;
+        self.conn
+            .prepare_cached("INSERT INTO blockmap (ino, idx, birth, hash) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![ino, idx, self.g, hash.as_bytes()])?;
+        Ok(i64::from(len) - old_len)
+    }
+
+    /// Unmaps every block of `ino` from index `first` on. Returns the change in allocated bytes.
+    pub fn unmap_blocks_from(&self, ino: u64, first: u64) -> Result<i64> {
+        let freed: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT coalesce(sum(b.len), 0) FROM blockmap m JOIN blocks b ON b.hash = m.hash
+                 WHERE m.ino = ?1 AND m.idx >= ?2 AND m.death IS NULL",
+            )?
+            .query_row(params![ino, first], |r| r.get(0))?;
+        self.retire("blockmap", "ino = ?1 AND idx >= ?2", &[&ino, &first])?;
+        Ok(-freed)
+    }
+
+    /// Forgets the blocks no map row references any more and returns them, so the caller
+    /// can delete their data. Those already in the object store are queued for deletion
+    /// there.
+    pub fn take_unreferenced_blocks(&self) -> Result<Vec<BlockHash>> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO store_deletions (key)
+                 SELECT 'blocks/' || lower(hex(hash)) FROM blocks WHERE refs = 0 AND stored = 1",
+            )?
+            .execute([])?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("DELETE FROM blocks WHERE refs = 0 RETURNING hash")?;
+        let hashes = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut freed = Vec::new();
+        for hash in hashes {
+            let hash = hash?;
+            freed.push(
+                BlockHash::try_from(hash.as_slice())
+                    .map_err(|_| Error::Corrupt("bad hash in the block table".into()))?,
+            );
+        }
+        Ok(freed)
+    }
+
+    pub fn xattr_set(&self, ino: u64, name: &[u8], value: &[u8]) -> Result<()> {
+        self.xattr_remove(ino, name)?;
+        self.conn
+            .prepare_cached("INSERT INTO xattrs (ino, name, birth, value) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![ino, name, self.g, value])?;
+        Ok(())
+    }
+
+    pub fn xattr_remove(&self, ino: u64, name: &[u8]) -> Result<()> {
+        self.retire("xattrs", "ino = ?1 AND name = ?2", &[&ino, &name])
+    }
+
+    pub fn rename_snapshot(&self, id: u64, name: &[u8]) -> Result<()> {
+        self.conn.execute(
+            "UPDATE snapshots SET name = ?2 WHERE id = ?1",
+            params![id, name],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_snapshot_tag(&self, id: u64, key: &[u8], value: &[u8]) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO snapshot_tags (snapshot, key, value) VALUES (?1, ?2, ?3)
+             ON CONFLICT (snapshot, key) DO UPDATE SET value = excluded.value",
+            params![id, key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a tag; whether it existed.
+    pub fn remove_snapshot_tag(&self, id: u64, key: &[u8]) -> Result<bool> {
+        Ok(self.conn.execute(
+            "DELETE FROM snapshot_tags WHERE snapshot = ?1 AND key = ?2",
+            params![id, key],
+        )? > 0)
     }
 }

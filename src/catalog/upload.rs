@@ -7,7 +7,7 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::{Error, Result, SNAPSHOT_COLUMNS, SnapshotRow, Tx, VISIBLE};
+use super::{Error, ReadTx, Result, SNAPSHOT_COLUMNS, Setting, SnapshotRow, VISIBLE, WriteTx};
 use crate::blocks::BlockHash;
 
 /// Rows of a versioned table whose life started or ended in `(:base, :g]`.
@@ -31,23 +31,16 @@ fn hash_of(bytes: Vec<u8>) -> Result<BlockHash> {
         .map_err(|_| Error::Corrupt("a stored hash is not 32 bytes".into()))
 }
 
-impl Tx<'_> {
-    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+impl ReadTx<'_> {
+    pub fn setting(&self, setting: Setting) -> Result<Option<String>> {
         Ok(self
             .conn
-            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT value FROM settings WHERE key = ?1",
+                [setting.key()],
+                |r| r.get(0),
+            )
             .optional()?)
-    }
-
-    pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO settings (key, value) VALUES (?1, ?2)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            [key, value],
-        )?;
-        Ok(())
     }
 
     /// The oldest snapshot still waiting for its upload.
@@ -106,41 +99,6 @@ impl Tx<'_> {
         Ok(found)
     }
 
-    pub fn set_upload_totals(&self, id: u64, blocks: u64, bytes: u64) -> Result<()> {
-        self.conn.execute(
-            "UPDATE snapshots SET upload_blocks = ?2, upload_bytes = ?3 WHERE id = ?1",
-            params![id, blocks, bytes],
-        )?;
-        Ok(())
-    }
-
-    /// Records blocks that are now in the store, and the progress of snapshot `id`. A
-    /// block freed while it was being sent is queued for deletion from the store.
-    pub fn record_stored(&self, id: u64, sent: &[(BlockHash, u32, u64)]) -> Result<()> {
-        let mut mark = self
-            .conn
-            .prepare_cached("UPDATE blocks SET stored = 1 WHERE hash = ?1")?;
-        let mut orphan = self
-            .conn
-            .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?;
-        let (mut raw, mut wire) = (0u64, 0u64);
-        for (hash, len, wire_len) in sent {
-            if mark.execute([hash.as_bytes()])? == 0 {
-                orphan.execute([block_key(hash)])?;
-            }
-            raw += u64::from(*len);
-            wire += wire_len;
-        }
-        self.conn
-            .prepare_cached(
-                "UPDATE snapshots SET sent_blocks = sent_blocks + ?2,
-                     sent_bytes = sent_bytes + ?3, stored_bytes = stored_bytes + ?4
-                 WHERE id = ?1",
-            )?
-            .execute(params![id, sent.len() as u64, raw, wire])?;
-        Ok(())
-    }
-
     /// Blocks safe in the store that are also on the local disk: what a bounded cache may
     /// evict.
     pub fn evictable_blocks(&self) -> Result<Vec<(BlockHash, u32)>> {
@@ -148,17 +106,6 @@ impl Tx<'_> {
             "SELECT hash, len FROM blocks WHERE stored != 0 AND local = 1",
             [],
         )
-    }
-
-    /// Records whether a stored block (in this volume's store or its origin's) is on the
-    /// local disk. Only those may leave it: `false` on a block no store has changes
-    /// nothing (and returns false).
-    pub fn set_block_local(&self, hash: &BlockHash, local: bool) -> Result<bool> {
-        Ok(self
-            .conn
-            .prepare_cached("UPDATE blocks SET local = ?2 WHERE hash = ?1 AND stored != 0")?
-            .execute(params![hash.as_bytes(), local])?
-            > 0)
     }
 
     /// Whether block `hash` comes from the origin volume's store (`--from`) rather than
@@ -170,45 +117,12 @@ impl Tx<'_> {
             .exists([hash.as_bytes()])?)
     }
 
-    /// Maps block `idx` of `ino` to a block of the origin volume, which is in the origin's
-    /// store and not yet on the local disk (`stored = 2`: never sent, never deleted).
-    pub fn import_block(&self, ino: u64, idx: u64, hash: &BlockHash, len: u32) -> Result<()> {
-        self.retire("blockmap", "ino = ?1 AND idx = ?2", &[&ino, &idx])?;
-        self.conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO blocks (hash, len, stored, local) VALUES (?1, ?2, 2, 0)",
-            )?
-            .execute(params![hash.as_bytes(), len])?;
-        self.conn
-            .prepare_cached("INSERT INTO blockmap (ino, idx, birth, hash) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![ino, idx, self.g, hash.as_bytes()])?;
-        Ok(())
-    }
-
     /// Whether some live directory entry names `ino`.
     pub fn is_linked(&self, ino: u64) -> Result<bool> {
         Ok(self
             .conn
             .prepare_cached("SELECT 1 FROM dentries WHERE ino = ?1 AND death IS NULL")?
             .exists([ino])?)
-    }
-
-    /// Records the tree object the live directory `ino` now matches (a followed store's).
-    pub fn set_live_tree(&self, ino: u64, hash: &BlockHash) -> Result<()> {
-        self.retire("dir_trees", "ino = ?1", &[&ino])?;
-        self.conn
-            .prepare_cached("INSERT INTO dir_trees (ino, birth, hash) VALUES (?1, ?2, ?3)")?
-            .execute(params![ino, self.g, hash.as_bytes()])?;
-        Ok(())
-    }
-
-    /// Makes new inode numbers start above `ino` (after an import kept the origin's).
-    pub fn reserve_inos_through(&self, ino: u64) -> Result<()> {
-        self.conn.execute(
-            "UPDATE meta SET value = max(value, ?1 + 1) WHERE key = 'next_ino'",
-            [ino],
-        )?;
-        Ok(())
     }
 
     /// Directories whose tree object differs between generations `base` and `g`: those
@@ -280,6 +194,156 @@ impl Tx<'_> {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Completed snapshots renamed or retagged since their manifest object was written.
+    pub fn stale_manifests(&self) -> Result<Vec<SnapshotRow>> {
+        self.snapshot_rows(
+            "WHERE state = 'completed' AND manifest_written != manifest_version ORDER BY id",
+        )
+    }
+
+    /// The version of snapshot `id`'s name and tags, to pass to `manifest_written` once a
+    /// manifest object made from them is stored.
+    pub fn manifest_version(&self, id: u64) -> Result<i64> {
+        Ok(self.conn.query_row(
+            "SELECT manifest_version FROM snapshots WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Up to `limit` store objects waiting to be deleted, snapshot objects before
+    /// anything else: the store must never hold a snapshot whose trees or blocks are
+    /// gone, even if the deletion is cut short.
+    pub fn store_deletions(&self, limit: u32) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT key FROM store_deletions WHERE key >= 'snapshots/' AND key < 'snapshots0'
+             LIMIT ?1",
+        )?;
+        let keys = stmt.query_map([limit], |r| r.get(0))?;
+        let snapshots: Vec<String> = keys.collect::<rusqlite::Result<_>>()?;
+        if !snapshots.is_empty() {
+            return Ok(snapshots);
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key FROM store_deletions LIMIT ?1")?;
+        let keys = stmt.query_map([limit], |r| r.get(0))?;
+        Ok(keys.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Whether the object under `key` is needed again (its content came back since it was
+    /// queued): then it must not be deleted.
+    pub fn object_needed(&self, key: &str) -> Result<bool> {
+        let (kind, name) = key.split_once('/').unwrap_or((key, ""));
+        let exists = |sql: &str, value: &dyn rusqlite::ToSql| -> Result<bool> {
+            Ok(self.conn.prepare_cached(sql)?.exists([value])?)
+        };
+        let hash = || {
+            blake3::Hash::from_hex(name)
+                .map(|h| h.as_bytes().to_vec())
+                .map_err(|_| Error::Corrupt(format!("bad key {key} in the deletion queue")))
+        };
+        match kind {
+            "blocks" => exists("SELECT 1 FROM blocks WHERE hash = ?1", &hash()?),
+            "trees" => exists("SELECT 1 FROM dir_trees WHERE hash = ?1", &hash()?),
+            "snapshots" => match name.parse::<u64>() {
+                Ok(id) => exists("SELECT 1 FROM snapshots WHERE id = ?1", &id),
+                Err(_) => Ok(false),
+            },
+            _ => Ok(false),
+        }
+    }
+}
+
+impl WriteTx<'_> {
+    pub fn set_setting(&self, setting: Setting, value: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [setting.key(), value],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_upload_totals(&self, id: u64, blocks: u64, bytes: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE snapshots SET upload_blocks = ?2, upload_bytes = ?3 WHERE id = ?1",
+            params![id, blocks, bytes],
+        )?;
+        Ok(())
+    }
+
+    /// Records blocks that are now in the store, and the progress of snapshot `id`. A
+    /// block freed while it was being sent is queued for deletion from the store.
+    pub fn record_stored(&self, id: u64, sent: &[(BlockHash, u32, u64)]) -> Result<()> {
+        let mut mark = self
+            .conn
+            .prepare_cached("UPDATE blocks SET stored = 1 WHERE hash = ?1")?;
+        let mut orphan = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?;
+        let (mut raw, mut wire) = (0u64, 0u64);
+        for (hash, len, wire_len) in sent {
+            if mark.execute([hash.as_bytes()])? == 0 {
+                orphan.execute([block_key(hash)])?;
+            }
+            raw += u64::from(*len);
+            wire += wire_len;
+        }
+        self.conn
+            .prepare_cached(
+                "UPDATE snapshots SET sent_blocks = sent_blocks + ?2,
+                     sent_bytes = sent_bytes + ?3, stored_bytes = stored_bytes + ?4
+                 WHERE id = ?1",
+            )?
+            .execute(params![id, sent.len() as u64, raw, wire])?;
+        Ok(())
+    }
+
+    /// Records whether a stored block (in this volume's store or its origin's) is on the
+    /// local disk. Only those may leave it: `false` on a block no store has changes
+    /// nothing (and returns false).
+    pub fn set_block_local(&self, hash: &BlockHash, local: bool) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("UPDATE blocks SET local = ?2 WHERE hash = ?1 AND stored != 0")?
+            .execute(params![hash.as_bytes(), local])?
+            > 0)
+    }
+
+    /// Maps block `idx` of `ino` to a block of the origin volume, which is in the origin's
+    /// store and not yet on the local disk (`stored = 2`: never sent, never deleted).
+    pub fn import_block(&self, ino: u64, idx: u64, hash: &BlockHash, len: u32) -> Result<()> {
+        self.retire("blockmap", "ino = ?1 AND idx = ?2", &[&ino, &idx])?;
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO blocks (hash, len, stored, local) VALUES (?1, ?2, 2, 0)",
+            )?
+            .execute(params![hash.as_bytes(), len])?;
+        self.conn
+            .prepare_cached("INSERT INTO blockmap (ino, idx, birth, hash) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![ino, idx, self.g, hash.as_bytes()])?;
+        Ok(())
+    }
+
+    /// Records the tree object the live directory `ino` now matches (a followed store's).
+    pub fn set_live_tree(&self, ino: u64, hash: &BlockHash) -> Result<()> {
+        self.retire("dir_trees", "ino = ?1", &[&ino])?;
+        self.conn
+            .prepare_cached("INSERT INTO dir_trees (ino, birth, hash) VALUES (?1, ?2, ?3)")?
+            .execute(params![ino, self.g, hash.as_bytes()])?;
+        Ok(())
+    }
+
+    /// Makes new inode numbers start above `ino` (after an import kept the origin's).
+    pub fn reserve_inos_through(&self, ino: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE meta SET value = max(value, ?1 + 1) WHERE key = 'next_ino'",
+            [ino],
+        )?;
+        Ok(())
+    }
+
     /// Marks snapshot `id` (generation `g`) completed, recording the directory trees its
     /// manifest wrote and retiring those of directories it no longer has.
     pub fn complete_snapshot(
@@ -314,23 +378,6 @@ impl Tx<'_> {
             [id],
         )?;
         Ok(())
-    }
-
-    /// Completed snapshots renamed or retagged since their manifest object was written.
-    pub fn stale_manifests(&self) -> Result<Vec<SnapshotRow>> {
-        self.snapshot_rows(
-            "WHERE state = 'completed' AND manifest_written != manifest_version ORDER BY id",
-        )
-    }
-
-    /// The version of snapshot `id`'s name and tags, to pass to `manifest_written` once a
-    /// manifest object made from them is stored.
-    pub fn manifest_version(&self, id: u64) -> Result<i64> {
-        Ok(self.conn.query_row(
-            "SELECT manifest_version FROM snapshots WHERE id = ?1",
-            [id],
-            |r| r.get(0),
-        )?)
     }
 
     pub fn manifest_written(&self, id: u64, version: i64) -> Result<()> {
@@ -399,49 +446,6 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Up to `limit` store objects waiting to be deleted, snapshot objects before
-    /// anything else: the store must never hold a snapshot whose trees or blocks are
-    /// gone, even if the deletion is cut short.
-    pub fn store_deletions(&self, limit: u32) -> Result<Vec<String>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT key FROM store_deletions WHERE key >= 'snapshots/' AND key < 'snapshots0'
-             LIMIT ?1",
-        )?;
-        let keys = stmt.query_map([limit], |r| r.get(0))?;
-        let snapshots: Vec<String> = keys.collect::<rusqlite::Result<_>>()?;
-        if !snapshots.is_empty() {
-            return Ok(snapshots);
-        }
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT key FROM store_deletions LIMIT ?1")?;
-        let keys = stmt.query_map([limit], |r| r.get(0))?;
-        Ok(keys.collect::<rusqlite::Result<_>>()?)
-    }
-
-    /// Whether the object under `key` is needed again (its content came back since it was
-    /// queued): then it must not be deleted.
-    pub fn object_needed(&self, key: &str) -> Result<bool> {
-        let (kind, name) = key.split_once('/').unwrap_or((key, ""));
-        let exists = |sql: &str, value: &dyn rusqlite::ToSql| -> Result<bool> {
-            Ok(self.conn.prepare_cached(sql)?.exists([value])?)
-        };
-        let hash = || {
-            blake3::Hash::from_hex(name)
-                .map(|h| h.as_bytes().to_vec())
-                .map_err(|_| Error::Corrupt(format!("bad key {key} in the deletion queue")))
-        };
-        match kind {
-            "blocks" => exists("SELECT 1 FROM blocks WHERE hash = ?1", &hash()?),
-            "trees" => exists("SELECT 1 FROM dir_trees WHERE hash = ?1", &hash()?),
-            "snapshots" => match name.parse::<u64>() {
-                Ok(id) => exists("SELECT 1 FROM snapshots WHERE id = ?1", &id),
-                Err(_) => Ok(false),
-            },
-            _ => Ok(false),
-        }
-    }
-
     pub fn forget_deletion(&self, key: &str) -> Result<()> {
         self.conn
             .prepare_cached("DELETE FROM store_deletions WHERE key = ?1")?
@@ -454,7 +458,7 @@ impl Tx<'_> {
 mod tests {
     use std::sync::{Arc, Barrier};
 
-    use super::super::{Catalog, LIVE, ROOT_INO};
+    use super::super::{Catalog, LIVE, ROOT_INO, Setting};
 
     /// The mount and the uploader each have a connection. A write transaction that reads
     /// before it writes must not fail when the other connection commits in between (a
@@ -470,7 +474,7 @@ mod tests {
         let committer = std::thread::spawn(move || {
             other.wait();
             uploader
-                .write(|tx| tx.set_setting("uploader", "commits"))
+                .write(|tx| tx.set_setting(Setting::FollowedId, "1"))
                 .expect("the other connection commits");
         });
         mount
@@ -479,7 +483,7 @@ mod tests {
                 read_done.wait();
                 // Give the other connection time to try (it waits for our lock).
                 std::thread::sleep(std::time::Duration::from_millis(50));
-                tx.set_setting("mount", "writes")
+                tx.set_setting(Setting::FollowedId, "2")
             })
             .expect("read-then-write transaction");
         committer.join().expect("committer");

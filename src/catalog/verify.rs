@@ -3,7 +3,7 @@
 
 use rusqlite::types::Value;
 
-use super::{Error, Result, Tx};
+use super::{BlockLocation, Error, ReadTx, Result, WriteTx};
 use crate::blocks::BlockHash;
 
 /// Examples listed per kind of problem; the count covers them all.
@@ -22,8 +22,7 @@ pub struct Finding {
 pub struct BlockRecord {
     pub hash: BlockHash,
     pub len: u32,
-    /// 0: not uploaded, 1: in the volume's store, 2: in its origin's store.
-    pub stored: u8,
+    pub stored: BlockLocation,
     pub local: bool,
 }
 
@@ -36,7 +35,7 @@ const VERSIONED: [(&str, &str, &str); 5] = [
     ("dir_trees", "ino", "'dir', ino"),
 ];
 
-impl Tx<'_> {
+impl ReadTx<'_> {
     /// SQLite's integrity check: page structure, indexes matching their tables.
     pub fn integrity_check(&self) -> Result<Vec<String>> {
         let mut stmt = self.conn.prepare("PRAGMA integrity_check")?;
@@ -214,7 +213,9 @@ impl Tx<'_> {
         }
         Ok(trees)
     }
+}
 
+impl WriteTx<'_> {
     /// Records that block `hash` is now in the volume's store (re-uploaded by a repair).
     pub fn set_block_stored(&self, hash: &BlockHash) -> Result<()> {
         self.conn.execute(

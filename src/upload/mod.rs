@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::blocks::BlockHash;
+use crate::blocks::{BlockHash, BlockStore};
 use crate::catalog::{self, Catalog, Kind, ROOT_INO, SnapshotRow};
 use crate::manifest::{self, Content, Entry, SnapshotManifest};
 use crate::store::{self, ObjectStore, StoreError};
@@ -70,11 +70,34 @@ pub enum Outcome {
     Interrupted,
 }
 
+/// What the uploader tells the core: its one way in. Delivered before the uploader goes
+/// on, so the core's view is current when `upload_pending` returns.
+#[derive(Debug)]
+pub enum UploadEvent<'a> {
+    /// Snapshot states or upload progress changed in the catalog.
+    SnapshotsChanged,
+    /// These blocks (hash, length) reached the store: the local disk may now let them go.
+    BlocksStored(&'a [(BlockHash, u32)]),
+}
+
+/// The core's side of the uploader's events (`Volume` in a mount).
+pub trait UploadEvents: Send + Sync {
+    fn upload_event(&self, event: UploadEvent<'_>) -> Result<(), volume::Error>;
+}
+
 /// The uploader's state; `run` drives it, tests may call `upload_pending` directly.
 pub struct Worker {
-    volume: Arc<Volume>,
+    /// Where its events go; it calls nothing else of the core.
+    core: Arc<dyn UploadEvents>,
     /// Its own connection: long manifest reads do not hold up the mount.
     catalog: Mutex<Catalog>,
+    /// The volume's block files, read (and verified) directly, leaving the mount's read
+    /// cache alone.
+    blocks: Arc<BlockStore>,
+    volume_id: String,
+    block_size: u32,
+    /// Notified when snapshots change, so the uploader looks for work.
+    wake: Arc<Notify>,
     store: Arc<dyn ObjectStore>,
     options: UploadOptions,
     limiter: Option<RateLimit>,
@@ -84,6 +107,7 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// A worker for `volume`, which hears from it only through `UploadEvents`.
     pub fn new(
         volume: Arc<Volume>,
         store: Arc<dyn ObjectStore>,
@@ -91,8 +115,12 @@ impl Worker {
     ) -> Result<Worker, UploadError> {
         let catalog = Catalog::open(&volume.catalog_path(), 0, 0, (0, 0))?;
         Ok(Worker {
-            volume,
             catalog: Mutex::new(catalog),
+            blocks: Arc::new(BlockStore::open_read_only(&volume.blocks_dir())),
+            volume_id: volume.volume_id()?,
+            block_size: volume.block_size() as u32,
+            wake: volume.upload_wake(),
+            core: volume,
             store,
             limiter: options.limit.map(RateLimit::new),
             options,
@@ -134,7 +162,7 @@ impl Worker {
                 Outcome::Deleted => tracing::info!(id, "snapshot deleted during its upload"),
                 Outcome::Interrupted => return Ok(outcomes),
             }
-            self.volume.refresh_snapshots()?;
+            self.core.upload_event(UploadEvent::SnapshotsChanged)?;
             outcomes.push((id, outcome));
         }
     }
@@ -148,7 +176,7 @@ impl Worker {
         if snapshot.upload.total_blocks.is_none() {
             let bytes = set.iter().map(|(_, len)| u64::from(*len)).sum();
             lock(&self.catalog).write(|tx| tx.set_upload_totals(id, set.len() as u64, bytes))?;
-            self.volume.refresh_snapshots()?;
+            self.core.upload_event(UploadEvent::SnapshotsChanged)?;
         }
         tracing::info!(id, base, blocks = set.len(), "uploading snapshot");
         for batch in set.chunks(BATCH) {
@@ -199,7 +227,7 @@ impl Worker {
         for &(hash, len) in blocks {
             let stopping = self.stopping.clone();
             let permits = permits.clone();
-            let volume = self.volume.clone();
+            let blocks = self.blocks.clone();
             let store = self.store.clone();
             let level = self.options.compression_level;
             let limiter = self.limiter.clone();
@@ -209,7 +237,7 @@ impl Worker {
                     return Ok(None);
                 }
                 let data = tokio::task::spawn_blocking(move || {
-                    let data = volume.read_block_uncached(&hash)?;
+                    let data = blocks.read_uncached(&hash).map_err(volume::Error::from)?;
                     manifest::compress(&data, level).map_err(|e| volume::Error::DataDir {
                         path: "zstd".into(),
                         source: e,
@@ -243,10 +271,10 @@ impl Worker {
             let finished = tasks.is_empty();
             if finished || landed.len() >= RECORD_EVERY || last_record.elapsed() > RECORD_AGE {
                 lock(&self.catalog).write(|tx| tx.record_stored(id, &landed))?;
-                self.volume.refresh_snapshots()?;
+                self.core.upload_event(UploadEvent::SnapshotsChanged)?;
                 let stored: Vec<(BlockHash, u32)> =
                     landed.iter().map(|&(hash, len, _)| (hash, len)).collect();
-                self.volume.blocks_stored(&stored)?;
+                self.core.upload_event(UploadEvent::BlocksStored(&stored))?;
                 landed.clear();
                 last_record = Instant::now();
             }
@@ -358,8 +386,6 @@ impl Worker {
         g: u64,
         root_tree: BlockHash,
     ) -> Result<Option<(i64, Vec<u8>)>, UploadError> {
-        let volume_id = self.volume.volume_id()?;
-        let block_size = self.volume.block_size() as u32;
         let found = lock(&self.catalog).read(|tx| {
             // The version first: a rename after it makes the object stale, never lost.
             let Some(row) = tx.snapshot(id)? else {
@@ -383,12 +409,12 @@ impl Worker {
             g,
         )?;
         let encoded = manifest::encode_snapshot(&SnapshotManifest {
-            volume_id,
+            volume_id: self.volume_id.clone(),
             id,
             name: row.name,
             generation: g,
             created: row.created,
-            block_size,
+            block_size: self.block_size,
             logical_bytes: row.logical_bytes,
             tags,
             root,
@@ -531,24 +557,21 @@ struct DirFrame {
 #[derive(Clone)]
 struct RateLimit {
     bytes_per_sec: u64,
-    next_free: Arc<std::sync::Mutex<Instant>>,
+    next_free: Arc<Mutex<Instant>>,
 }
 
 impl RateLimit {
     fn new(bytes_per_sec: u64) -> RateLimit {
         RateLimit {
             bytes_per_sec: bytes_per_sec.max(1),
-            next_free: Arc::new(std::sync::Mutex::new(Instant::now())),
+            next_free: Arc::new(Mutex::new(Instant::now())),
         }
     }
 
     /// Waits until `bytes` more may be sent.
     async fn acquire(&self, bytes: u64) {
         let wait = {
-            let mut next_free = self
-                .next_free
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut next_free = lock(&self.next_free);
             let now = Instant::now();
             let start = (*next_free).max(now);
             *next_free = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
@@ -575,7 +598,7 @@ impl Uploader {
     pub fn start(runtime: tokio::runtime::Runtime, worker: Worker) -> std::io::Result<Uploader> {
         let stop = Arc::new(Notify::new());
         let stopping = stop.clone();
-        let wake = worker.volume.upload_wake();
+        let wake = worker.wake.clone();
         let thread = std::thread::Builder::new()
             .name("uploader".into())
             .spawn(move || {

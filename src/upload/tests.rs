@@ -145,17 +145,21 @@ impl Setup {
     }
 
     fn write(&self, parent: NodeId, name: &str, data: &[u8]) -> NodeId {
-        let node = match self.volume.lookup(parent, name.as_bytes()) {
-            Ok(attr) => attr.node,
+        let (node, handle) = match self.volume.lookup(parent, name.as_bytes()) {
+            Ok(attr) => (
+                attr.node,
+                self.volume.open_file(attr.node, true).expect("open"),
+            ),
             Err(_) => {
-                self.volume
+                let (attr, handle) = self
+                    .volume
                     .create(parent, name.as_bytes(), 0o644, ME)
-                    .expect("create")
-                    .node
+                    .expect("create");
+                (attr.node, handle)
             }
         };
         self.volume.write(node, 0, data).expect("write");
-        self.volume.release(node).expect("release");
+        self.volume.release(handle).expect("release");
         node
     }
 
@@ -237,10 +241,11 @@ fn first_snapshot_sends_every_block_once_and_a_manifest_of_everything() {
         .symlink(ROOT, b"link", b"dir/c", ME)
         .expect("symlink");
     let sparse = t.write(ROOT, "sparse", b"x");
+    let handle = t.volume.open_file(sparse, true).expect("open");
     t.volume
         .write(sparse, 10 * BLOCK as u64, b"y")
         .expect("write after a hole");
-    t.volume.release(sparse).expect("release");
+    t.volume.release(handle).expect("release");
 
     let id = t.snapshot("first");
     assert_eq!(t.upload(), vec![(id, Outcome::Completed)]);
@@ -299,10 +304,11 @@ fn later_snapshots_send_only_changed_blocks_and_the_trees_on_the_path() {
 
     // Rewrite one block in place.
     let node = t.volume.lookup(dir, b"big").expect("lookup").node;
+    let handle = t.volume.open_file(node, true).expect("open");
     t.volume
         .write(node, 3 * BLOCK as u64, &pattern(BLOCK, 9))
         .expect("write");
-    t.volume.release(node).expect("release");
+    t.volume.release(handle).expect("release");
     let second = t.snapshot("two");
     assert_eq!(t.upload(), vec![(second, Outcome::Completed)]);
     let row = t.state(second);

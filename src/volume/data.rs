@@ -4,15 +4,15 @@
 //! Invariant: no block (stored or buffered) holds bytes at or past the file's size, so a
 //! file that grows reads zeros there without anyone writing them.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{Attr, Error, NodeId, Result, SetAttr, View, Volume, apply_setattr, now};
+use super::namespace::apply_setattr;
+use super::open_files::{FileState, PinnedFile};
+use super::{Attr, Error, FileHandle, NodeId, Result, SetAttr, View, Volume, now};
 use crate::blocks::BlockHash;
-use crate::catalog::{InodeRow, Kind, LIVE};
-use crate::sync::{Mutex, lock};
+use crate::catalog::{Kind, LIVE};
+use crate::sync::lock;
 
 /// A dirty block ready for the catalog: its index, and its hash and length (None: a hole).
 type StagedBlock = (u64, Option<(BlockHash, u32)>);
@@ -22,52 +22,6 @@ const FETCH_ROUNDS: usize = 3;
 
 /// Largest file size: offsets must fit in an off_t.
 const MAX_FILE_SIZE: u64 = i64::MAX as u64;
-
-/// The in-memory state of a live file while it is open: the authority for its size and
-/// times until flushed.
-pub(super) struct FileState {
-    pub size: u64,
-    pub mtime: i64,
-    pub ctime: i64,
-    /// Changed blocks by index, each at most a block long and never past `size`.
-    dirty: BTreeMap<u64, Vec<u8>>,
-    /// Bytes held in `dirty`, as counted in the volume's `dirty_bytes`.
-    buffered: u64,
-    /// Size, times or blocks differ from the catalog.
-    changed: bool,
-    /// Smallest size truncated to since the last flush: catalog blocks past it are stale.
-    truncated_to: Option<u64>,
-    /// Open handles; the state goes when the last one is released and it is clean.
-    opens: u32,
-    dirty_since: Option<Instant>,
-}
-
-impl FileState {
-    fn new(row: &InodeRow) -> FileState {
-        FileState {
-            size: row.size,
-            mtime: row.mtime,
-            ctime: row.ctime,
-            dirty: BTreeMap::new(),
-            buffered: 0,
-            changed: false,
-            truncated_to: None,
-            opens: 0,
-            dirty_since: None,
-        }
-    }
-
-    /// Whether the catalog block `idx` may be used: not cut off by a pending truncate.
-    fn catalog_block_valid(&self, idx: u64, block_size: u64) -> bool {
-        self.truncated_to
-            .is_none_or(|t| idx < t.div_ceil(block_size))
-    }
-
-    fn mark_changed(&mut self) {
-        self.changed = true;
-        self.dirty_since.get_or_insert_with(Instant::now);
-    }
-}
 
 /// Copies the part of `block` (the block starting at file offset `block_start`) that falls
 /// in `out` (which starts at file offset `out_start`).
@@ -83,68 +37,37 @@ fn copy_overlap(out: &mut [u8], out_start: u64, block_start: u64, block: &[u8]) 
 }
 
 impl Volume {
-    /// The state of live file `ino`, loaded from the catalog if it has none yet.
-    fn file_state(&self, ino: u64) -> Result<Arc<Mutex<FileState>>> {
-        if let Some(state) = lock(&self.files).get(&ino) {
-            return Ok(state.clone());
-        }
-        let row = self.row(NodeId::live(ino))?;
-        if row.kind != Kind::File {
-            return Err(if row.kind == Kind::Dir {
-                Error::IsDir
-            } else {
-                Error::Invalid("not a regular file")
-            });
-        }
-        let fresh = Arc::new(Mutex::new(FileState::new(&row)));
-        Ok(lock(&self.files).entry(ino).or_insert(fresh).clone())
-    }
-
-    /// Whether `state` is still the one `files` holds for `ino`. Checked with the state
-    /// locked, it stays so until unlocked: only `drop_state_if_idle` removes states, and
-    /// it holds the state's lock.
-    fn is_current(&self, ino: u64, state: &Arc<Mutex<FileState>>) -> bool {
-        lock(&self.files)
-            .get(&ino)
-            .is_some_and(|s| Arc::ptr_eq(s, state))
-    }
-
-    /// Forgets the state of a file no one has open once it is clean; `current` is the
-    /// state locked as `state`. Only if it is still the file's state: a flush of all files
-    /// works through states it listed earlier, and one of those may since have been
-    /// dropped and replaced by a fresh one, which must stay.
-    fn drop_state_if_idle(&self, ino: u64, current: &Arc<Mutex<FileState>>, state: &FileState) {
-        if state.opens == 0 && !state.changed {
-            let mut files = lock(&self.files);
-            if files.get(&ino).is_some_and(|s| Arc::ptr_eq(s, current)) {
-                files.remove(&ino);
+    /// Pins the state of live regular file `ino`, loading it from the catalog if needed.
+    fn pin_file(&self, ino: u64) -> Result<PinnedFile<'_>> {
+        self.files.pin(ino, || {
+            let row = self.row(NodeId::live(ino))?;
+            match row.kind {
+                Kind::File => Ok(FileState::new(&row)),
+                Kind::Dir => Err(Error::IsDir),
+                _ => Err(Error::Invalid("not a regular file")),
             }
-        }
+        })
     }
 
-    /// Opens a file for I/O. Writing into a snapshot is refused.
-    pub fn open_file(&self, node: NodeId, write: bool) -> Result<()> {
+    /// Opens a file for I/O and returns its handle. Writing into a snapshot is refused.
+    pub fn open_file(&self, node: NodeId, write: bool) -> Result<FileHandle> {
         if node.view != View::Live {
-            return if write { Err(Error::ReadOnly) } else { Ok(()) };
+            return if write {
+                Err(Error::ReadOnly)
+            } else {
+                Ok(FileHandle(self.files.add_handle(None)))
+            };
         }
         let row = self.row(node)?;
         if row.kind != Kind::File {
             return if row.kind == Kind::Dir && write {
                 Err(Error::IsDir)
             } else {
-                Ok(())
+                Ok(FileHandle(self.files.add_handle(None)))
             };
         }
-        // The state looked up may be dropped as idle before it is locked: the open must
-        // count on the current one, or the file would seem closed while open.
-        loop {
-            let current = self.file_state(node.ino)?;
-            let mut state = lock(&current);
-            if self.is_current(node.ino, &current) {
-                state.opens += 1;
-                return Ok(());
-            }
-        }
+        let pinned = self.pin_file(node.ino)?;
+        Ok(FileHandle(self.files.add_handle(Some(pinned))))
     }
 
     /// Creates and opens a regular file.
@@ -154,34 +77,36 @@ impl Volume {
         name: &[u8],
         mode: u32,
         caller: super::Caller,
-    ) -> Result<Attr> {
+    ) -> Result<(Attr, FileHandle)> {
         let attr = self.mknod(parent, name, (mode & 0o7777) | libc::S_IFREG, 0, caller)?;
-        self.open_file(attr.node, true)?;
-        Ok(attr)
+        let handle = self.open_file(attr.node, true)?;
+        Ok((attr, handle))
     }
 
     /// Last close of one handle: flush, and free the file if it was unlinked meanwhile.
-    pub fn release(&self, node: NodeId) -> Result<()> {
-        if node.view != View::Live {
-            return Ok(());
-        }
-        let Some(current) = lock(&self.files).get(&node.ino).cloned() else {
+    pub fn release(&self, handle: FileHandle) -> Result<()> {
+        let pinned = self
+            .files
+            .take_handle(handle.0)
+            .ok_or(Error::Invalid("unknown file handle"))?;
+        let Some(pinned) = pinned else {
             return Ok(());
         };
-        let mut state = lock(&current);
-        // Counted out first: the last close of an unlinked file drops its buffers rather
-        // than storing what no one can read (see `flush_locked`).
-        state.opens = state.opens.saturating_sub(1);
-        let flushed = self.flush_locked(node.ino, &mut state);
-        let last = state.opens == 0;
-        self.drop_state_if_idle(node.ino, &current, &state);
-        drop(state);
+        let ino = pinned.ino();
+        let (flushed, last) = {
+            let mut state = pinned.lock();
+            // Counted out first: the last close of an unlinked file drops its buffers
+            // rather than storing what no one can read (see `flush_locked`).
+            state.opens = state.opens.saturating_sub(1);
+            (self.flush_locked(ino, &mut state), state.opens == 0)
+        };
+        drop(pinned);
         flushed?;
         if last {
             // Unlinked while open: now it goes. Checked with a read, the common case.
-            let unlinked = self.row(node).is_ok_and(|row| row.nlink == 0);
+            let unlinked = self.row(NodeId::live(ino)).is_ok_and(|row| row.nlink == 0);
             if unlinked {
-                self.freeing(|| Ok(lock(&self.catalog).write(|tx| tx.retire_inode(node.ino))?))?;
+                self.freeing(|| Ok(lock(&self.catalog).write(|tx| tx.retire_inode(ino))?))?;
                 self.freeing(|| self.collect_garbage())?;
             }
         }
@@ -206,7 +131,7 @@ impl Volume {
             // A failure counts only if the read still needs the block (a writer may have
             // replaced and freed it meanwhile).
             for hash in missing {
-                if let Err(e) = self.block(&hash) {
+                if let Err(e) = self.blocks.block(&hash) {
                     failed = Some((hash, e));
                     break;
                 }
@@ -230,7 +155,7 @@ impl Volume {
     ) -> Result<std::result::Result<Vec<u8>, Vec<BlockHash>>> {
         let view = self.view_generation(node.view)?;
         let state = match node.view {
-            View::Live => lock(&self.files).get(&node.ino).cloned(),
+            View::Live => self.files.peek(node.ino),
             View::Snapshot(_) => None,
         };
         let state = state.as_ref().map(|s| lock(s));
@@ -261,9 +186,9 @@ impl Volume {
                 continue;
             }
             let block = if fetch {
-                self.block(&hash)?
+                self.blocks.block(&hash)?
             } else {
-                match self.local_block(&hash)? {
+                match self.blocks.local_block(&hash)? {
                     Some(block) => block,
                     None => {
                         missing.push(hash);
@@ -294,7 +219,7 @@ impl Volume {
         let Some((_, hash)) = mapped.first() else {
             return Ok(Vec::new());
         };
-        let block = self.block(hash)?;
+        let block = self.blocks.block(hash)?;
         let keep = ((state.size - idx * bs) as usize).min(block.len());
         Ok(block[..keep].to_vec())
     }
@@ -307,13 +232,13 @@ impl Volume {
             .ok_or(Error::FileTooBig)?;
         self.fetch_partly_written(node.ino, offset, end)?;
         let _change = self.enter_change();
-        if self.dirty_bytes.load(Ordering::Relaxed) > self.dirty_limit {
+        if self.files.over_dirty_limit() {
             // Buffers fill memory: bound it whatever the write pattern. Before buffering,
             // so that a write failing here (ENOSPC) has changed nothing.
             self.flush_all()?;
         }
-        let state = self.file_state(node.ino)?;
-        let mut state = lock(&state);
+        let pinned = self.pin_file(node.ino)?;
+        let mut state = pinned.lock();
         let bs = self.block_size;
         let mut pos = offset;
         while pos < end {
@@ -326,9 +251,7 @@ impl Volume {
                 } else {
                     self.block_for_update(node.ino, idx, &state)?
                 };
-                state.buffered += base.len() as u64;
-                self.dirty_bytes
-                    .fetch_add(base.len() as u64, Ordering::Relaxed);
+                self.files.add_dirty(&mut state, base.len() as u64);
                 state.dirty.insert(idx, base);
             }
             let block = state.dirty.get_mut(&idx).ok_or(Error::NotFound)?;
@@ -343,8 +266,7 @@ impl Volume {
                 }
                 block[in_block..in_block + n].copy_from_slice(src);
             }
-            state.buffered += grown as u64;
-            self.dirty_bytes.fetch_add(grown as u64, Ordering::Relaxed);
+            self.files.add_dirty(&mut state, grown as u64);
             pos += n as u64;
         }
         state.size = state.size.max(end);
@@ -360,7 +282,7 @@ impl Volume {
     /// lock: a fetch may wait minutes on a store that is down, and snapshots and writers
     /// would wait with it. A failed fetch fails the write before it changes anything.
     fn fetch_partly_written(&self, ino: u64, offset: u64, end: u64) -> Result<()> {
-        if end == offset || (self.remote.get().is_none() && self.origin.get().is_none()) {
+        if end == offset || !self.blocks.has_remote() {
             return Ok(());
         }
         let bs = self.block_size;
@@ -373,8 +295,7 @@ impl Volume {
             partial.push(last);
         }
         for idx in partial {
-            let state = lock(&self.files).get(&ino).cloned();
-            if let Some(state) = state {
+            if let Some(state) = self.files.peek(ino) {
                 let state = lock(&state);
                 if idx * bs >= state.size
                     || state.dirty.contains_key(&idx)
@@ -385,8 +306,8 @@ impl Volume {
             }
             let mapped = lock(&self.catalog).read(|tx| tx.blocks_in_range(LIVE, ino, idx, idx))?;
             for (_, hash) in mapped {
-                if self.local_block(&hash)?.is_none() {
-                    self.block(&hash)?;
+                if self.blocks.local_block(&hash)?.is_none() {
+                    self.blocks.block(&hash)?;
                 }
             }
         }
@@ -404,9 +325,7 @@ impl Volume {
             let tail_idx = size / bs;
             if tail != 0 && !state.dirty.contains_key(&tail_idx) {
                 let base = self.block_for_update(ino, tail_idx, state)?;
-                state.buffered += base.len() as u64;
-                self.dirty_bytes
-                    .fetch_add(base.len() as u64, Ordering::Relaxed);
+                self.files.add_dirty(state, base.len() as u64);
                 state.dirty.insert(tail_idx, base);
             }
             let beyond = state.dirty.split_off(&size.div_ceil(bs));
@@ -418,8 +337,7 @@ impl Volume {
                 freed += (block.len() - tail) as u64;
                 block.truncate(tail);
             }
-            state.buffered -= freed;
-            self.dirty_bytes.fetch_sub(freed, Ordering::Relaxed);
+            self.files.sub_dirty(state, freed);
             state.truncated_to = Some(state.truncated_to.map_or(size, |t| t.min(size)));
         }
         if size != state.size {
@@ -434,36 +352,20 @@ impl Volume {
 
     /// setattr of a regular file: size goes through its buffers, the rest to the catalog.
     pub(super) fn setattr_file(&self, ino: u64, set: SetAttr) -> Result<Attr> {
-        loop {
-            // As in `open_file`: a size set on a forgotten state would be lost to the next.
-            let current = self.file_state(ino)?;
-            let mut state = lock(&current);
-            if self.is_current(ino, &current) {
-                return self.setattr_locked(ino, &current, &mut state, &set);
-            }
-        }
-    }
-
-    fn setattr_locked(
-        &self,
-        ino: u64,
-        current: &Arc<Mutex<FileState>>,
-        state: &mut FileState,
-        set: &SetAttr,
-    ) -> Result<Attr> {
+        let pinned = self.pin_file(ino)?;
+        let mut state = pinned.lock();
         if let Some(size) = set.size {
-            self.truncate_locked(ino, state, size)?;
+            self.truncate_locked(ino, &mut state, size)?;
         }
-        self.flush_locked(ino, state)?;
+        self.flush_locked(ino, &mut state)?;
         let row = lock(&self.catalog).write(|tx| {
             let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
-            apply_setattr(&mut row, set, now());
+            apply_setattr(&mut row, &set, now());
             tx.update_inode(&row)?;
             Ok::<_, Error>(row)
         })?;
         state.mtime = row.mtime;
         state.ctime = row.ctime;
-        self.drop_state_if_idle(ino, current, state);
         Ok(Attr::from_row(View::Live, &row))
     }
 
@@ -478,7 +380,7 @@ impl Volume {
             // Unlinked and closed (at its last release, or later if a full disk made that
             // flush fail): no one can read these bytes any more, and storing them could
             // only fill the disk again.
-            Self::discard_buffers(&self.dirty_bytes, state);
+            self.files.discard_buffers(state);
             self.freeing(|| Ok(lock(&self.catalog).write(|tx| tx.retire_inode(ino))?))?;
             return self.freeing(|| self.collect_garbage());
         }
@@ -515,18 +417,8 @@ impl Volume {
             self.remove_unadopted(&hashes)?;
             return Err(e);
         }
-        Self::discard_buffers(&self.dirty_bytes, state);
+        self.files.discard_buffers(state);
         self.collect_garbage()
-    }
-
-    /// Empties a file's buffers once flushed (or when no one can read them any more).
-    fn discard_buffers(dirty_bytes: &std::sync::atomic::AtomicU64, state: &mut FileState) {
-        dirty_bytes.fetch_sub(state.buffered, Ordering::Relaxed);
-        state.dirty.clear();
-        state.buffered = 0;
-        state.truncated_to = None;
-        state.changed = false;
-        state.dirty_since = None;
     }
 
     /// Deletes the data of blocks a failed flush stored that the catalog does not know.
@@ -536,7 +428,7 @@ impl Volume {
         let _exclusive = crate::sync::write(&self.gc);
         for hash in hashes {
             if !lock(&self.catalog).read(|tx| tx.has_block(hash))? {
-                self.blocks.remove(hash)?;
+                self.blocks.local().remove(hash)?;
             }
         }
         Ok(())
@@ -553,7 +445,7 @@ impl Volume {
                         return Ok((idx, None));
                     }
                     let hash = BlockHash::of(block);
-                    self.blocks.put(&hash, block)?;
+                    self.blocks.local().put(&hash, block)?;
                     Ok((idx, Some((hash, block.len() as u32))))
                 })
                 .collect()
@@ -585,7 +477,7 @@ impl Volume {
         if node.view != View::Live {
             return Ok(());
         }
-        let Some(state) = lock(&self.files).get(&node.ino).cloned() else {
+        let Some(state) = self.files.peek(node.ino) else {
             return Ok(());
         };
         self.flush_locked(node.ino, &mut lock(&state))
@@ -599,7 +491,7 @@ impl Volume {
 
     /// Makes everything flushed so far durable: blocks first, then the catalog naming them.
     pub(super) fn sync(&self) -> Result<()> {
-        self.blocks.sync()?;
+        self.blocks.local().sync()?;
         lock(&self.catalog).sync()?;
         Ok(())
     }
@@ -614,20 +506,15 @@ impl Volume {
     }
 
     fn flush_where(&self, due: impl Fn(&FileState) -> bool) -> Result<()> {
-        let states: Vec<(u64, Arc<Mutex<FileState>>)> = lock(&self.files)
-            .iter()
-            .map(|(&ino, state)| (ino, state.clone()))
-            .collect();
         let mut first_error = None;
-        for (ino, current) in states {
-            let mut state = lock(&current);
+        for pinned in self.files.pin_all() {
+            let mut state = pinned.lock();
             if due(&state)
-                && let Err(e) = self.flush_locked(ino, &mut state)
+                && let Err(e) = self.flush_locked(pinned.ino(), &mut state)
             {
-                tracing::warn!(ino, error = %e, "flush failed; the data stays buffered");
+                tracing::warn!(ino = pinned.ino(), error = %e, "flush failed; the data stays buffered");
                 first_error.get_or_insert(e);
             }
-            self.drop_state_if_idle(ino, &current, &state);
         }
         first_error.map_or(Ok(()), Err)
     }

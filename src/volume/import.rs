@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::{Error, Result, Volume};
 use crate::blocks::BlockHash;
-use crate::catalog::{InodeRow, Kind, LIVE, ROOT_INO, Tx};
+use crate::catalog::{InodeRow, Kind, LIVE, ROOT_INO, WriteTx};
 use crate::manifest::{Content, Entry};
 use crate::restore::Source;
 use crate::sync::lock;
@@ -154,7 +154,7 @@ const FIRST_IMPORTED_INO: u64 = 16;
 
 /// Brings inode `row` (from `entry`) up to date in the live view: attributes, xattrs and
 /// block map, each only where it differs. Whether anything changed.
-fn sync_inode(tx: &Tx<'_>, entry: &Entry, row: InodeRow, block_size: u64) -> Result<bool> {
+fn sync_inode(tx: &WriteTx<'_>, entry: &Entry, row: InodeRow, block_size: u64) -> Result<bool> {
     let current = tx.inode(LIVE, row.ino)?;
     if current.as_ref() == Some(&row) {
         return Ok(false);

@@ -16,6 +16,10 @@ pub enum View {
     Snapshot(u64),
 }
 
+/// An open file, as the kernel names it from open to release: each open gets its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileHandle(pub u64);
+
 /// A node of the mount: a catalog inode seen through one view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NodeId {

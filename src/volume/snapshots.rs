@@ -5,8 +5,10 @@
 //! with writers held at the gate, then inserts one row. Nothing else is copied.
 
 use super::{Attr, Error, NodeId, Result, View, Volume, now};
-use crate::catalog::{InodeRow, Kind, ROOT_INO, SnapshotRow, Tx, UploadProgress};
-use crate::sync::{lock, read, write};
+use crate::catalog::{
+    InodeRow, Kind, ROOT_INO, ReadTx, SnapshotRow, SnapshotState, UploadProgress,
+};
+use crate::sync::{lock, write};
 
 /// Name of the control directory in the live root.
 pub const SNAPDIR_NAME: &[u8] = b".snapshots";
@@ -30,7 +32,7 @@ pub const TAG_PREFIX: &[u8] = b"user.tag.";
 pub struct SnapshotInfo {
     pub id: u64,
     pub name: Vec<u8>,
-    pub state: String,
+    pub state: SnapshotState,
     /// Creation time, nanoseconds since the epoch.
     pub created: i64,
     pub logical_bytes: u64,
@@ -43,7 +45,7 @@ pub struct SnapshotInfo {
 }
 
 /// What users see of snapshot `row`: its catalog row with its space and tags.
-pub fn describe(tx: &Tx<'_>, row: SnapshotRow) -> Result<SnapshotInfo> {
+pub fn describe(tx: &ReadTx<'_>, row: SnapshotRow) -> Result<SnapshotInfo> {
     Ok(SnapshotInfo {
         exclusive_bytes: tx.exclusive_bytes(row.id)?,
         tags: tx.snapshot_tags(row.id)?,
@@ -102,42 +104,21 @@ pub fn rfc3339(nanos: i64) -> String {
 }
 
 impl Volume {
-    /// Loads the snapshot table into memory: views resolve their generation from it.
+    /// Loads the snapshot table from the catalog: views resolve their generation from it.
     pub(super) fn load_snapshots(&self) -> Result<()> {
-        // The table stays locked while the catalog is read: a snapshot created or deleted
-        // meanwhile (catalog first, then the table) updates the table after this reload,
-        // instead of being undone by a read from before it.
-        let mut table = write(&self.snapshots);
-        let rows = lock(&self.catalog).read(|tx| tx.snapshots())?;
-        *table = rows.into_iter().map(|row| (row.id, row)).collect();
-        Ok(())
-    }
-
-    pub(super) fn snapshot_row(&self, id: u64) -> Result<SnapshotRow> {
-        read(&self.snapshots)
-            .get(&id)
-            .cloned()
-            .ok_or(Error::NotFound)
-    }
-
-    pub(super) fn snapshot_by_name(&self, name: &[u8]) -> Result<SnapshotRow> {
-        read(&self.snapshots)
-            .values()
-            .find(|row| row.name == name)
-            .cloned()
-            .ok_or(Error::NotFound)
+        self.snapshots
+            .reload(|| Ok(lock(&self.catalog).read(|tx| tx.snapshots())?))
     }
 
     /// Attributes of the control directory: owned like the root, one link per snapshot.
     pub(super) fn snapdir_attr(&self, root: &InodeRow) -> Attr {
-        let snapshots = read(&self.snapshots);
-        let latest = snapshots.values().map(|s| s.created).max();
+        let (count, latest) = self.snapshots.count_and_latest();
         let time = latest.unwrap_or(root.crtime);
         let row = InodeRow {
             ino: SNAPDIR_INO,
             kind: Kind::Dir,
             perm: 0o755,
-            nlink: 2 + snapshots.len() as u32,
+            nlink: 2 + count as u32,
             size: 0,
             parent: ROOT_INO,
             atime: time,
@@ -153,7 +134,7 @@ impl Volume {
     /// Attributes of a snapshot's root: the volume root as it was, with the snapshot's
     /// creation time as its mtime.
     pub(super) fn snapshot_root_attr(&self, id: u64, row: &InodeRow) -> Result<Attr> {
-        let created = self.snapshot_row(id)?.created;
+        let created = self.snapshots.get(id)?.created;
         let mut attr = Attr::from_row(View::Snapshot(id), row);
         attr.mtime = created;
         attr.ctime = created;
@@ -165,16 +146,13 @@ impl Volume {
     pub fn create_snapshot(&self, name: &[u8]) -> Result<SnapshotInfo> {
         check_snapshot_name(name)?;
         let _writers_held = write(&self.gate);
-        if self.snapshot_by_name(name).is_ok() {
+        if self.snapshots.by_name(name).is_ok() {
             return Err(Error::Exists);
         }
         self.flush_all()?;
-        let row = {
-            let mut map = write(&self.snapshots);
-            let row = lock(&self.catalog).create_snapshot(name, now(), "pending")?;
-            map.insert(row.id, row.clone());
-            row
-        };
+        let row = self.snapshots.insert(name, || {
+            Ok(lock(&self.catalog).create_snapshot(name, now(), SnapshotState::Pending)?)
+        })?;
         self.upload_wake.notify_one();
         tracing::info!(name = %String::from_utf8_lossy(name), id = row.id, "snapshot taken");
         self.snapshot_info(row.id)
@@ -190,30 +168,28 @@ impl Volume {
     ) -> Result<()> {
         check_snapshot_name(name)?;
         let _writers_held = write(&self.gate);
-        if self.snapshot_by_name(name).is_ok() {
-            return Err(Error::Exists);
-        }
-        let row = lock(&self.catalog).create_snapshot(name, created, "completed")?;
-        lock(&self.catalog).write(|tx| {
-            tags.iter()
-                .try_for_each(|(key, value)| tx.set_snapshot_tag(row.id, key, value))
+        self.snapshots.insert(name, || {
+            let mut catalog = lock(&self.catalog);
+            let row = catalog.create_snapshot(name, created, SnapshotState::Completed)?;
+            catalog.write(|tx| {
+                tags.iter()
+                    .try_for_each(|(key, value)| tx.set_snapshot_tag(row.id, key, value))
+            })?;
+            Ok(row)
         })?;
-        self.load_snapshots()
+        Ok(())
     }
 
     /// Deletes a snapshot, freeing the rows and blocks nothing else needs.
     pub fn delete_snapshot(&self, name: &[u8]) -> Result<()> {
-        let row = self.snapshot_by_name(name)?;
+        let row = self.snapshots.by_name(name)?;
         let _no_block_being_adopted = write(&self.gc);
-        let freed = {
-            let mut map = write(&self.snapshots);
-            let freed = self.freeing(|| Ok(lock(&self.catalog).delete_snapshot(row.id)?))?;
-            map.remove(&row.id);
-            freed
-        };
+        let freed = self.snapshots.remove(row.id, || {
+            self.freeing(|| Ok(lock(&self.catalog).delete_snapshot(row.id)?))
+        })?;
         self.upload_wake.notify_one();
         for hash in freed {
-            self.blocks.remove(&hash)?;
+            self.blocks.local().remove(&hash)?;
         }
         tracing::info!(name = %String::from_utf8_lossy(name), "snapshot deleted");
         Ok(())
@@ -221,45 +197,30 @@ impl Volume {
 
     pub fn rename_snapshot(&self, name: &[u8], new_name: &[u8]) -> Result<()> {
         check_snapshot_name(new_name)?;
-        let row = self.snapshot_by_name(name)?;
-        if name == new_name {
-            return Ok(());
-        }
-        if self.snapshot_by_name(new_name).is_ok() {
-            return Err(Error::Exists);
-        }
-        let mut map = write(&self.snapshots);
-        lock(&self.catalog).read(|tx| tx.rename_snapshot(row.id, new_name))?;
-        if let Some(cached) = map.get_mut(&row.id) {
-            cached.name = new_name.to_vec();
-        }
-        drop(map);
+        self.snapshots.rename(name, new_name, |id| {
+            Ok(lock(&self.catalog).write(|tx| tx.rename_snapshot(id, new_name))?)
+        })?;
         self.upload_wake.notify_one();
         Ok(())
     }
 
     pub fn snapshot_info(&self, id: u64) -> Result<SnapshotInfo> {
-        let row = self.snapshot_row(id)?;
+        let row = self.snapshots.get(id)?;
         lock(&self.catalog).read(|tx| describe(tx, row))
     }
 
-    /// Reloads the snapshot table after the uploader changed states or progress.
-    pub fn refresh_snapshots(&self) -> Result<()> {
-        self.load_snapshots()
-    }
-
     pub fn list_snapshots(&self) -> Vec<SnapshotRow> {
-        read(&self.snapshots).values().cloned().collect()
+        self.snapshots.list()
     }
 
     /// Extended attributes of a snapshot's root: its metadata and tags.
     /// Reads only the row and the tags: no space accounting, which xattrs do not show.
     pub(super) fn snapshot_xattrs(&self, id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let row = self.snapshot_row(id)?;
+        let row = self.snapshots.get(id)?;
         let tags = lock(&self.catalog).read(|tx| tx.snapshot_tags(id))?;
         let mut attrs = vec![
             (XATTR_ID.to_vec(), row.id.to_string().into_bytes()),
-            (XATTR_STATE.to_vec(), row.state.into_bytes()),
+            (XATTR_STATE.to_vec(), row.state.as_str().as_bytes().to_vec()),
             (XATTR_CREATED.to_vec(), rfc3339(row.created).into_bytes()),
             (
                 XATTR_PROGRESS.to_vec(),
@@ -286,7 +247,7 @@ impl Volume {
             .strip_prefix(TAG_PREFIX)
             .filter(|key| !key.is_empty())
             .ok_or(Error::ReadOnly)?;
-        lock(&self.catalog).read(|tx| match value {
+        lock(&self.catalog).write(|tx| match value {
             Some(value) => Ok(tx.set_snapshot_tag(id, key, value)?),
             None if tx.remove_snapshot_tag(id, key)? => Ok(()),
             None => Err(Error::NoXattr),

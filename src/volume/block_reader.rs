@@ -1,26 +1,30 @@
-//! The local disk as a cache of the object store: blocks that are safe in the store may
-//! be evicted (least recently used first) to keep them under `--cache-size`, and a block
-//! that is not on the local disk is fetched from the store, verified, and kept again.
-//! Blocks the store lacks (the live volume's, not yet uploaded) are never evicted.
+//! `BlockReader`: where a block's bytes come from. The local block store (memory cache,
+//! then `blocks/`), else the volume's object store or its origin's (`--from`), fetched,
+//! verified and kept again. It owns the local disk as a cache of the store: blocks that
+//! are safe in a store may be evicted (least recently used first) to keep them under
+//! `--cache-size`; blocks the store lacks (not yet uploaded) are never evicted.
+//!
+//! Locks: `evictable` is a leaf; the catalog is taken with nothing of this held.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use lru::LruCache;
 
-use super::{Error, Result, Volume};
-use crate::blocks::{BlockError, BlockHash};
+use super::{Error, Result};
+use crate::blocks::{BlockError, BlockHash, BlockStore};
+use crate::catalog::Catalog;
 use crate::store::{self, ObjectStore};
 use crate::sync::{Mutex, lock};
 
-/// The volume's object store, reachable from the read path.
-pub struct Remote {
+/// An object store, reachable from the read path.
+struct Remote {
     store: Arc<dyn ObjectStore>,
     runtime: tokio::runtime::Handle,
 }
 
 /// Stored blocks on the local disk, least recently used first, and their bytes: kept
 /// only under `--cache-size`.
-pub struct Evictable {
+struct Evictable {
     limit: u64,
     blocks: LruCache<BlockHash, u32>,
     bytes: u64,
@@ -44,7 +48,40 @@ impl Evictable {
     }
 }
 
-impl Volume {
+pub(super) struct BlockReader {
+    local: BlockStore,
+    block_size: u64,
+    catalog: Arc<Mutex<Catalog>>,
+    /// The volume's object store, once attached.
+    remote: OnceLock<Remote>,
+    /// The store of the volume this one was made from (`--from`), for the blocks they share.
+    origin: OnceLock<Remote>,
+    /// Stored blocks on the local disk, for eviction under `--cache-size` (set only then).
+    evictable: OnceLock<Mutex<Evictable>>,
+}
+
+impl BlockReader {
+    pub fn new(local: BlockStore, block_size: u64, catalog: Arc<Mutex<Catalog>>) -> BlockReader {
+        BlockReader {
+            local,
+            block_size,
+            catalog,
+            remote: OnceLock::new(),
+            origin: OnceLock::new(),
+            evictable: OnceLock::new(),
+        }
+    }
+
+    /// The local block store, where flushes write new blocks.
+    pub fn local(&self) -> &BlockStore {
+        &self.local
+    }
+
+    /// Whether a store may hold blocks the local disk lacks.
+    pub fn has_remote(&self) -> bool {
+        self.remote.get().is_some() || self.origin.get().is_some()
+    }
+
     /// Connects the read path to the volume's object store, bounding the local disk used
     /// by stored blocks to `cache_size` bytes (`None`: keep everything).
     pub fn attach_store(
@@ -77,7 +114,7 @@ impl Volume {
     }
 
     /// Block `hash`, from memory, the local disk, or the store.
-    pub(super) fn block(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>> {
+    pub fn block(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>> {
         match self.local_block(hash)? {
             Some(data) => Ok(data),
             None => self.fetch(hash),
@@ -85,19 +122,15 @@ impl Volume {
     }
 
     /// Block `hash` from memory or the local disk; `None` if only a store has it.
-    pub(super) fn local_block(&self, hash: &BlockHash) -> Result<Option<Arc<Vec<u8>>>> {
-        match self.blocks.get(hash) {
+    pub fn local_block(&self, hash: &BlockHash) -> Result<Option<Arc<Vec<u8>>>> {
+        match self.local.get(hash) {
             Ok(data) => {
                 if let Some(cache) = self.evictable.get() {
                     lock(cache).blocks.promote(hash);
                 }
                 Ok(Some(data))
             }
-            Err(BlockError::Missing { .. })
-                if self.remote.get().is_some() || self.origin.get().is_some() =>
-            {
-                Ok(None)
-            }
+            Err(BlockError::Missing { .. }) if self.has_remote() => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -124,8 +157,8 @@ impl Volume {
                     message: e.message,
                 })
             })?;
-        self.blocks.put(hash, &data)?;
-        let local = lock(&self.catalog).read(|tx| tx.set_block_local(hash, true))?;
+        self.local.put(hash, &data)?;
+        let local = lock(&self.catalog).write(|tx| tx.set_block_local(hash, true))?;
         if let (true, Some(cache)) = (local, self.evictable.get()) {
             lock(cache).admit(*hash, data.len() as u32);
         }
@@ -134,7 +167,7 @@ impl Volume {
     }
 
     /// Blocks that just reached the store: they may now be evicted.
-    pub fn blocks_stored(&self, blocks: &[(BlockHash, u32)]) -> Result<()> {
+    pub fn stored(&self, blocks: &[(BlockHash, u32)]) -> Result<()> {
         let Some(cache) = self.evictable.get() else {
             return Ok(());
         };
@@ -158,8 +191,8 @@ impl Volume {
             };
             // Marked first: a crash in between leaves a file the catalog calls evicted,
             // which is only disk space, never a block the catalog believes local.
-            if lock(&self.catalog).read(|tx| tx.set_block_local(&hash, false))? {
-                self.blocks.remove(&hash)?;
+            if lock(&self.catalog).write(|tx| tx.set_block_local(&hash, false))? {
+                self.local.remove(&hash)?;
             }
         }
     }

@@ -1,0 +1,260 @@
+//! `OpenFiles`: the in-memory state of live files that are open, being changed, or holding
+//! unflushed writes (their dirty blocks, authoritative size and times), the file handles
+//! the kernel holds on them, and the dirty-byte budget over all files.
+//!
+//! A file's state is pinned while anyone works on it (an open handle, a write, a truncate,
+//! a flush of all files): a pinned state is never forgotten, so a caller that looked it up
+//! works on the one every other caller sees. An unpinned state goes once it is clean.
+//!
+//! Locks: the map (`files`) is a leaf, taken alone or under a file state's lock, never the
+//! other way round.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use super::Result;
+use crate::catalog::InodeRow;
+use crate::sync::{Mutex, MutexGuard, lock};
+
+/// The state of a live file while it is open or has unflushed changes: the authority for
+/// its size and times until flushed.
+pub(super) struct FileState {
+    pub size: u64,
+    pub mtime: i64,
+    pub ctime: i64,
+    /// Changed blocks by index, each at most a block long and never past `size`.
+    pub dirty: BTreeMap<u64, Vec<u8>>,
+    /// Bytes held in `dirty`, as counted in `OpenFiles::dirty_bytes`.
+    pub buffered: u64,
+    /// Size, times or blocks differ from the catalog.
+    pub changed: bool,
+    /// Smallest size truncated to since the last flush: catalog blocks past it are stale.
+    pub truncated_to: Option<u64>,
+    /// Open handles: the last close of an unlinked file drops its buffers.
+    pub opens: u32,
+    pub dirty_since: Option<Instant>,
+}
+
+impl FileState {
+    pub fn new(row: &InodeRow) -> FileState {
+        FileState {
+            size: row.size,
+            mtime: row.mtime,
+            ctime: row.ctime,
+            dirty: BTreeMap::new(),
+            buffered: 0,
+            changed: false,
+            truncated_to: None,
+            opens: 0,
+            dirty_since: None,
+        }
+    }
+
+    /// Whether the catalog block `idx` may be used: not cut off by a pending truncate.
+    pub fn catalog_block_valid(&self, idx: u64, block_size: u64) -> bool {
+        self.truncated_to
+            .is_none_or(|t| idx < t.div_ceil(block_size))
+    }
+
+    pub fn mark_changed(&mut self) {
+        self.changed = true;
+        self.dirty_since.get_or_insert_with(Instant::now);
+    }
+}
+
+pub(super) type SharedState = Arc<Mutex<FileState>>;
+
+/// A file's state and how many are working on it.
+struct Tracked {
+    state: SharedState,
+    pins: usize,
+}
+
+/// What a file handle refers to: a live regular file's state, or nothing to track (a
+/// file in a snapshot, a directory opened for reading...).
+struct Handle {
+    file: Option<(u64, SharedState)>,
+}
+
+pub(super) struct OpenFiles {
+    files: Mutex<HashMap<u64, Tracked>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+    /// Bytes buffered over all files.
+    dirty_bytes: AtomicU64,
+    /// Past it, writers flush before they buffer more.
+    dirty_limit: u64,
+}
+
+/// A file state pinned for as long as this lives: lock it through `lock`, and let the
+/// state's guard go before this does (unpinning locks the state).
+pub(super) struct PinnedFile<'a> {
+    files: &'a OpenFiles,
+    ino: u64,
+    state: SharedState,
+    /// False once the pin moved into a file handle.
+    armed: bool,
+}
+
+impl PinnedFile<'_> {
+    pub fn lock(&self) -> MutexGuard<'_, FileState> {
+        lock(&self.state)
+    }
+
+    pub fn ino(&self) -> u64 {
+        self.ino
+    }
+}
+
+impl Drop for PinnedFile<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.files.unpin(self.ino, &self.state);
+        }
+    }
+}
+
+impl OpenFiles {
+    pub fn new(dirty_limit: u64) -> OpenFiles {
+        OpenFiles {
+            files: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            dirty_bytes: AtomicU64::new(0),
+            dirty_limit,
+        }
+    }
+
+    /// Pins the state of live file `ino`, made by `load` if it has none.
+    pub fn pin(
+        &self,
+        ino: u64,
+        load: impl FnOnce() -> Result<FileState>,
+    ) -> Result<PinnedFile<'_>> {
+        if let Some(pinned) = self.pin_existing(ino) {
+            return Ok(pinned);
+        }
+        // Loaded without the map's lock (it reads the catalog); if another caller got there
+        // first, its state is the one.
+        let fresh = Arc::new(Mutex::new(load()?));
+        let mut files = lock(&self.files);
+        let tracked = files.entry(ino).or_insert(Tracked {
+            state: fresh,
+            pins: 0,
+        });
+        tracked.pins += 1;
+        Ok(PinnedFile {
+            files: self,
+            ino,
+            state: tracked.state.clone(),
+            armed: true,
+        })
+    }
+
+    fn pin_existing(&self, ino: u64) -> Option<PinnedFile<'_>> {
+        let mut files = lock(&self.files);
+        let tracked = files.get_mut(&ino)?;
+        tracked.pins += 1;
+        Some(PinnedFile {
+            files: self,
+            ino,
+            state: tracked.state.clone(),
+            armed: true,
+        })
+    }
+
+    /// Pins every tracked state (a flush of all files).
+    pub fn pin_all(&self) -> Vec<PinnedFile<'_>> {
+        let mut files = lock(&self.files);
+        files
+            .iter_mut()
+            .map(|(&ino, tracked)| {
+                tracked.pins += 1;
+                PinnedFile {
+                    files: self,
+                    ino,
+                    state: tracked.state.clone(),
+                    armed: true,
+                }
+            })
+            .collect()
+    }
+
+    /// Forgets the state once no one works on it and it is clean.
+    fn unpin(&self, ino: u64, state: &SharedState) {
+        let state_guard = lock(state);
+        let mut files = lock(&self.files);
+        let Some(tracked) = files.get_mut(&ino) else {
+            return;
+        };
+        tracked.pins = tracked.pins.saturating_sub(1);
+        if tracked.pins == 0 && !state_guard.changed && Arc::ptr_eq(&tracked.state, state) {
+            files.remove(&ino);
+        }
+    }
+
+    /// The state of `ino` if it has one, not pinned: for readers, which tolerate it being
+    /// forgotten meanwhile (it is then clean: the catalog says the same).
+    pub fn peek(&self, ino: u64) -> Option<SharedState> {
+        lock(&self.files).get(&ino).map(|t| t.state.clone())
+    }
+
+    /// Whether live file `ino` is open or has unflushed changes: an unlinked file then
+    /// lives on, unnamed, until its last release.
+    pub fn is_tracked(&self, ino: u64) -> bool {
+        lock(&self.files).contains_key(&ino)
+    }
+
+    /// A new handle on `file` (a pinned live file, counted open), or on nothing to track.
+    pub fn add_handle(&self, file: Option<PinnedFile<'_>>) -> u64 {
+        let file = file.map(|mut pinned| {
+            pinned.lock().opens += 1;
+            // The pin moves into the handle: `take_handle` gives it back.
+            pinned.armed = false;
+            (pinned.ino, pinned.state.clone())
+        });
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(handle, Handle { file });
+        handle
+    }
+
+    /// Ends handle `handle`: its file, still pinned (until the result is dropped), or
+    /// `None` for a handle on nothing. An unknown handle is an error.
+    pub fn take_handle(&self, handle: u64) -> Option<Option<PinnedFile<'_>>> {
+        let taken = lock(&self.handles).remove(&handle)?;
+        Some(taken.file.map(|(ino, state)| PinnedFile {
+            files: self,
+            ino,
+            state,
+            armed: true,
+        }))
+    }
+
+    pub fn over_dirty_limit(&self) -> bool {
+        self.dirty_bytes.load(Ordering::Relaxed) > self.dirty_limit
+    }
+
+    /// `bytes` more are buffered in `state`.
+    pub fn add_dirty(&self, state: &mut FileState, bytes: u64) {
+        state.buffered += bytes;
+        self.dirty_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// `bytes` fewer are buffered in `state`.
+    pub fn sub_dirty(&self, state: &mut FileState, bytes: u64) {
+        state.buffered -= bytes;
+        self.dirty_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Empties a file's buffers once flushed (or when no one can read them any more).
+    pub fn discard_buffers(&self, state: &mut FileState) {
+        let buffered = state.buffered;
+        self.sub_dirty(state, buffered);
+        state.dirty.clear();
+        state.truncated_to = None;
+        state.changed = false;
+        state.dirty_since = None;
+    }
+}

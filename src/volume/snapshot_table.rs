@@ -1,0 +1,99 @@
+//! `SnapshotTable`: the volume's snapshots by id, mirrored from the catalog so that every
+//! request into a snapshot resolves its generation without a query.
+//!
+//! Changes go catalog first, with the table's lock held across both, so a reload racing a
+//! change can never undo it. Locks: the table before the catalog, never the other way.
+
+use std::collections::BTreeMap;
+
+use super::{Error, Result};
+use crate::catalog::SnapshotRow;
+use crate::sync::{RwLock, read, write};
+
+#[derive(Default)]
+pub(super) struct SnapshotTable {
+    rows: RwLock<BTreeMap<u64, SnapshotRow>>,
+}
+
+impl SnapshotTable {
+    /// Replaces the table with what `load` reads from the catalog. The table stays locked
+    /// meanwhile: a snapshot created or deleted concurrently updates it after this reload,
+    /// instead of being undone by a read from before it.
+    pub fn reload(&self, load: impl FnOnce() -> Result<Vec<SnapshotRow>>) -> Result<()> {
+        let mut rows = write(&self.rows);
+        *rows = load()?.into_iter().map(|row| (row.id, row)).collect();
+        Ok(())
+    }
+
+    pub fn get(&self, id: u64) -> Result<SnapshotRow> {
+        read(&self.rows).get(&id).cloned().ok_or(Error::NotFound)
+    }
+
+    pub fn by_name(&self, name: &[u8]) -> Result<SnapshotRow> {
+        read(&self.rows)
+            .values()
+            .find(|row| row.name == name)
+            .cloned()
+            .ok_or(Error::NotFound)
+    }
+
+    pub fn list(&self) -> Vec<SnapshotRow> {
+        read(&self.rows).values().cloned().collect()
+    }
+
+    /// How many snapshots there are, and when the newest was taken.
+    pub fn count_and_latest(&self) -> (usize, Option<i64>) {
+        let rows = read(&self.rows);
+        (rows.len(), rows.values().map(|s| s.created).max())
+    }
+
+    /// Adds the snapshot `create` makes in the catalog, unless the name is taken.
+    pub fn insert(
+        &self,
+        name: &[u8],
+        create: impl FnOnce() -> Result<SnapshotRow>,
+    ) -> Result<SnapshotRow> {
+        let mut rows = write(&self.rows);
+        if rows.values().any(|row| row.name == name) {
+            return Err(Error::Exists);
+        }
+        let row = create()?;
+        rows.insert(row.id, row.clone());
+        Ok(row)
+    }
+
+    /// Removes snapshot `id` once `delete` took it out of the catalog.
+    pub fn remove<T>(&self, id: u64, delete: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut rows = write(&self.rows);
+        let done = delete()?;
+        rows.remove(&id);
+        Ok(done)
+    }
+
+    /// Renames snapshot `name` once `rename` renamed it in the catalog; a taken name is
+    /// `Exists`.
+    pub fn rename(
+        &self,
+        name: &[u8],
+        new_name: &[u8],
+        rename: impl FnOnce(u64) -> Result<()>,
+    ) -> Result<()> {
+        let mut rows = write(&self.rows);
+        let id = rows
+            .values()
+            .find(|row| row.name == name)
+            .map(|row| row.id)
+            .ok_or(Error::NotFound)?;
+        if name == new_name {
+            return Ok(());
+        }
+        if rows.values().any(|row| row.name == new_name) {
+            return Err(Error::Exists);
+        }
+        rename(id)?;
+        if let Some(row) = rows.get_mut(&id) {
+            row.name = new_name.to_vec();
+        }
+        Ok(())
+    }
+}
