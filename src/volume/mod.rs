@@ -232,15 +232,14 @@ impl Volume {
         self.dir.join("blocks")
     }
 
-    /// Connects the read path to the volume's object store, bounding the local disk used
-    /// by stored blocks to `cache_size` bytes (`None`: keep everything).
+    /// Connects the read path to the volume's store (see `BlockReader::attach_store`).
     pub fn attach_store(
         &self,
         store: Arc<dyn ObjectStore>,
         runtime: tokio::runtime::Handle,
-        cache_size: Option<u64>,
+        cache: Option<u64>,
     ) -> Result<()> {
-        self.blocks.attach_store(store, runtime, cache_size)
+        self.blocks.attach_store(store, runtime, cache)
     }
 
     /// Connects the read path to the origin volume's store (`--from`).
