@@ -14,6 +14,7 @@ use fuser::{Config, MountOption, SessionACL};
 
 use crate::follow;
 use crate::fuse::SnapFs;
+use crate::metrics;
 use crate::restore::StoreSource;
 use crate::store::{self, StoreError, StoreUrl};
 use crate::upload::{UploadError, UploadOptions, Uploader, Worker};
@@ -40,6 +41,8 @@ pub struct MountArgs {
     pub read_only: bool,
     /// How often a read-only mount looks for new snapshots in the store.
     pub follow_interval: Duration,
+    /// `--metrics`: where to serve Prometheus metrics.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +226,9 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
 
     let volume = Arc::new(open_from(args)?);
+    if let Some(addr) = args.metrics {
+        serve_metrics(addr, &volume)?;
+    }
     // The store is checked before mounting: a bad URL, credential or bucket is an error
     // now, not a snapshot that never completes.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -268,6 +274,20 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     uploader.stop();
     volume.shutdown()?;
     tracing::info!("unmounted cleanly");
+    Ok(())
+}
+
+/// Serves `--metrics` at `addr`; a scrape reads the snapshot table for the gauges. Holds
+/// the volume weakly: the metrics thread lives on until the process exits.
+fn serve_metrics(addr: std::net::SocketAddr, volume: &Arc<Volume>) -> Result<(), MountError> {
+    let volume = Arc::downgrade(volume);
+    metrics::serve(addr, move || {
+        volume
+            .upgrade()
+            .map(|volume| volume.metrics_gauges())
+            .unwrap_or_default()
+    })
+    .map_err(|e| MountError::Reported(format!("--metrics {addr}: {e}")))?;
     Ok(())
 }
 

@@ -16,6 +16,7 @@ use fuser::{
 };
 
 use crate::catalog::Kind;
+use crate::metrics;
 use crate::volume::{self, Attr, Caller, NodeId, SetAttr, SetTime, View, Volume};
 
 /// How long the kernel may cache live attributes and entries: every change comes through
@@ -36,6 +37,7 @@ impl SnapFs {
 
 fn errno(err: &volume::Error) -> Errno {
     let code = err.errno();
+    metrics::operation_error(code);
     if code == libc::EIO {
         tracing::error!(error = %err, "I/O error");
     }
@@ -200,10 +202,12 @@ impl Filesystem for SnapFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _op = metrics::operation("lookup");
         self.reply_entry(reply, self.volume.lookup(node(parent), name.as_bytes()));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _op = metrics::operation("getattr");
         self.reply_attr(reply, self.volume.getattr(node(ino)));
     }
 
@@ -225,6 +229,7 @@ impl Filesystem for SnapFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _op = metrics::operation("setattr");
         let set = SetAttr {
             mode,
             uid,
@@ -238,6 +243,7 @@ impl Filesystem for SnapFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _op = metrics::operation("readlink");
         reply_data(reply, self.volume.readlink(node(ino)));
     }
 
@@ -251,6 +257,7 @@ impl Filesystem for SnapFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _op = metrics::operation("mknod");
         let result = self.volume.mknod(
             node(parent),
             name.as_bytes(),
@@ -270,6 +277,7 @@ impl Filesystem for SnapFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _op = metrics::operation("mkdir");
         let result = self
             .volume
             .mkdir(node(parent), name.as_bytes(), mode & !umask, caller(req));
@@ -277,10 +285,12 @@ impl Filesystem for SnapFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = metrics::operation("unlink");
         reply_empty(reply, self.volume.unlink(node(parent), name.as_bytes()));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = metrics::operation("rmdir");
         reply_empty(reply, self.volume.rmdir(node(parent), name.as_bytes()));
     }
 
@@ -292,6 +302,7 @@ impl Filesystem for SnapFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _op = metrics::operation("symlink");
         let result = self.volume.symlink(
             node(parent),
             link_name.as_bytes(),
@@ -311,6 +322,7 @@ impl Filesystem for SnapFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _op = metrics::operation("rename");
         let result = self.volume.rename(
             node(parent),
             name.as_bytes(),
@@ -329,6 +341,7 @@ impl Filesystem for SnapFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _op = metrics::operation("link");
         let result = self
             .volume
             .link(node(ino), node(newparent), newname.as_bytes());
@@ -336,6 +349,7 @@ impl Filesystem for SnapFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _op = metrics::operation("open");
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         match self.volume.open_file(node(ino), write) {
             Ok(handle) => reply.opened(FileHandle(handle.0), open_flags(node(ino))),
@@ -354,7 +368,12 @@ impl Filesystem for SnapFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        reply_data(reply, self.volume.read(node(ino), offset, size));
+        let _op = metrics::operation("read");
+        let result = self.volume.read(node(ino), offset, size);
+        if let Ok(data) = &result {
+            metrics::read_bytes(data.len());
+        }
+        reply_data(reply, result);
     }
 
     fn write(
@@ -369,8 +388,12 @@ impl Filesystem for SnapFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _op = metrics::operation("write");
         match self.volume.write(node(ino), offset, data) {
-            Ok(written) => reply.written(written),
+            Ok(written) => {
+                metrics::written_bytes(written as usize);
+                reply.written(written)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -383,6 +406,7 @@ impl Filesystem for SnapFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _op = metrics::operation("flush");
         reply_empty(reply, self.volume.flush(node(ino)));
     }
 
@@ -396,6 +420,7 @@ impl Filesystem for SnapFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = metrics::operation("release");
         reply_empty(reply, self.volume.release(volume::FileHandle(fh.0)));
     }
 
@@ -407,10 +432,12 @@ impl Filesystem for SnapFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = metrics::operation("fsync");
         reply_empty(reply, self.volume.fsync(node(ino)));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _op = metrics::operation("opendir");
         match self.volume.opendir(node(ino)) {
             Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
@@ -425,6 +452,7 @@ impl Filesystem for SnapFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _op = metrics::operation("readdir");
         let result = self.each_entry(fh, offset, |next, entry| {
             let name = OsStr::from_bytes(&entry.name);
             let kind = file_type(entry.attr.kind);
@@ -444,6 +472,7 @@ impl Filesystem for SnapFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _op = metrics::operation("readdirplus");
         let result = self.each_entry(fh, offset, |next, entry| {
             let attr = &entry.attr;
             reply.add(
@@ -469,6 +498,7 @@ impl Filesystem for SnapFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _op = metrics::operation("releasedir");
         self.volume.releasedir(fh.0);
         reply.ok();
     }
@@ -481,10 +511,12 @@ impl Filesystem for SnapFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = metrics::operation("fsyncdir");
         reply_empty(reply, self.volume.fsync(node(ino)));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _op = metrics::operation("statfs");
         match self.volume.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks,
@@ -510,6 +542,7 @@ impl Filesystem for SnapFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _op = metrics::operation("setxattr");
         let result = self
             .volume
             .setxattr(node(ino), name.as_bytes(), value, flags);
@@ -517,6 +550,7 @@ impl Filesystem for SnapFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _op = metrics::operation("getxattr");
         match self.volume.getxattr(node(ino), name.as_bytes()) {
             Ok(value) => reply_xattr(reply, size, &value),
             Err(e) => reply.error(errno(&e)),
@@ -524,6 +558,7 @@ impl Filesystem for SnapFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _op = metrics::operation("listxattr");
         match self.volume.listxattr(node(ino)) {
             Ok(names) => {
                 let mut list = Vec::new();
@@ -538,10 +573,12 @@ impl Filesystem for SnapFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = metrics::operation("removexattr");
         reply_empty(reply, self.volume.removexattr(node(ino), name.as_bytes()));
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _op = metrics::operation("access");
         let mask = mask.bits() as u32;
         reply_empty(reply, self.volume.access(node(ino), mask, caller(req)));
     }
@@ -556,6 +593,7 @@ impl Filesystem for SnapFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let _op = metrics::operation("create");
         match self
             .volume
             .create(node(parent), name.as_bytes(), mode & !umask, caller(req))

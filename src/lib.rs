@@ -12,6 +12,7 @@ pub mod follow;
 pub mod fuse;
 pub mod inspect;
 pub mod manifest;
+pub mod metrics;
 pub mod restore;
 pub mod store;
 pub mod sync;

@@ -9,6 +9,7 @@ use snapfs::catalog::UploadProgress;
 use snapfs::control;
 use snapfs::daemon::{self, MountArgs};
 use snapfs::inspect::{Change, Inspector};
+use snapfs::metrics;
 use snapfs::store;
 use snapfs::upload::UploadOptions;
 use snapfs::verify::{self, Options};
@@ -97,6 +98,11 @@ enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 30,
               value_parser = clap::value_parser!(u64).range(1..))]
         follow_interval: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics: PORT (on 127.0.0.1, e.g. 9477)
+        /// or HOST:PORT. Requests by operation with latencies, bytes read and written,
+        /// snapshots by state, pending bytes, uploads, store requests, the block cache.
+        #[arg(long, value_name = "ADDR", value_parser = metrics::parse_address)]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Unmount a snapfs mount, waiting until its daemon has flushed everything and exited.
     #[command(after_help = "Example:\n  snapfs umount ~/work")]
@@ -362,6 +368,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             from,
             read_only,
             follow_interval,
+            metrics,
         } => {
             let data_dir = match data {
                 Some(dir) => dir,
@@ -387,6 +394,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 from,
                 read_only,
                 follow_interval: std::time::Duration::from_secs(follow_interval),
+                metrics,
             })?;
         }
         Command::Umount { mountpoint } => daemon::unmount(&mountpoint)?,

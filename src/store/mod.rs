@@ -4,6 +4,7 @@
 //! docs/format.md for the layout.
 
 mod local;
+mod metered;
 mod s3;
 mod sealed;
 
@@ -180,9 +181,14 @@ pub async fn open(url: &StoreUrl) -> StoreResult<Arc<dyn ObjectStore>> {
             Arc::new(S3Store::open(bucket, prefix, url.to_string()).await?)
         }
     };
-    Ok(match key {
+    let store: Arc<dyn ObjectStore> = match key {
         Some(key) => Arc::new(Sealed::new(store, &key)),
         None => store,
+    };
+    Ok(if crate::metrics::enabled() {
+        Arc::new(metered::Metered::new(store))
+    } else {
+        store
     })
 }
 
@@ -210,6 +216,7 @@ where
         match request().await {
             Err(e) if e.is_transient() && attempts.is_none_or(|limit| attempt + 1 < limit) => {
                 tracing::debug!(error = %e, attempt, "store request failed; retrying");
+                crate::metrics::store_retry();
                 tokio::time::sleep(backoff(attempt, Duration::from_secs(30))).await;
                 attempt = attempt.saturating_add(1);
             }

@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use crate::blocks::{BlockHash, BlockStore};
 use crate::catalog::{self, Catalog, Kind, ROOT_INO, SnapshotRow};
 use crate::manifest::{self, Content, Entry, SnapshotManifest};
+use crate::metrics;
 use crate::store::{self, ObjectStore, StoreError};
 use crate::sync::{Mutex, lock};
 use crate::volume::{self, Volume};
@@ -156,6 +157,7 @@ impl Worker {
             match &outcome {
                 Outcome::Failed(reason) => {
                     tracing::error!(id, reason = %reason, "snapshot upload failed");
+                    metrics::upload_error();
                     lock(&self.catalog).write(|tx| tx.fail_snapshot(id, reason))?;
                 }
                 Outcome::Completed => tracing::info!(id, "snapshot completed"),
@@ -254,6 +256,7 @@ impl Worker {
                 store::retry(None, || store.put(&key, data.clone()))
                     .await
                     .map_err(|e| e.message)?;
+                metrics::uploaded(wire);
                 Ok::<_, String>(Some((hash, len, wire)))
             });
         }
@@ -478,7 +481,10 @@ impl Worker {
                 if let Some(limiter) = &limiter {
                     limiter.acquire(body.len() as u64).await;
                 }
-                store::retry(None, || store.put(&key, body.clone())).await
+                let sent = body.len() as u64;
+                store::retry(None, || store.put(&key, body.clone())).await?;
+                metrics::uploaded(sent);
+                Ok::<_, StoreError>(())
             });
         }
         while let Some(result) = tasks.join_next().await {
@@ -639,6 +645,7 @@ async fn run(worker: &Worker, wake: &Notify) {
         }
         if let Err(e) = result {
             tracing::error!(error = %e, "uploader error; retrying shortly");
+            metrics::upload_error();
             tokio::time::sleep(IDLE_POLL).await;
             continue;
         }

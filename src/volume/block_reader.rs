@@ -13,6 +13,7 @@ use lru::LruCache;
 use super::{Error, Result};
 use crate::blocks::{BlockError, BlockHash, BlockStore};
 use crate::catalog::Catalog;
+use crate::metrics;
 use crate::store::{self, ObjectStore};
 use crate::sync::{Mutex, lock};
 
@@ -117,7 +118,10 @@ impl BlockReader {
     pub fn block(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>> {
         match self.local_block(hash)? {
             Some(data) => Ok(data),
-            None => self.fetch(hash),
+            None => {
+                metrics::cache_miss();
+                self.fetch(hash)
+            }
         }
     }
 
@@ -125,6 +129,7 @@ impl BlockReader {
     pub fn local_block(&self, hash: &BlockHash) -> Result<Option<Arc<Vec<u8>>>> {
         match self.local.get(hash) {
             Ok(data) => {
+                metrics::cache_hit();
                 if let Some(cache) = self.evictable.get() {
                     lock(cache).blocks.promote(hash);
                 }
@@ -193,6 +198,7 @@ impl BlockReader {
             // which is only disk space, never a block the catalog believes local.
             if lock(&self.catalog).write(|tx| tx.set_block_local(&hash, false))? {
                 self.local.remove(&hash)?;
+                metrics::cache_eviction();
             }
         }
     }

@@ -418,6 +418,7 @@ impl Volume {
             return Err(e);
         }
         self.files.discard_buffers(state);
+        crate::metrics::flushed();
         self.collect_garbage()
     }
 

@@ -213,6 +213,33 @@ impl Volume {
         self.snapshots.list()
     }
 
+    /// Snapshots by state, and the bytes pending ones still have to send (of the totals
+    /// known so far), for a metrics scrape.
+    pub fn metrics_gauges(&self) -> crate::metrics::VolumeGauges {
+        let rows = self.snapshots.list();
+        let snapshots = [
+            SnapshotState::Pending,
+            SnapshotState::Completed,
+            SnapshotState::Failed,
+        ]
+        .map(|state| {
+            let count = rows.iter().filter(|row| row.state == state).count();
+            (state.as_str(), count as u64)
+        });
+        let pending_bytes = rows
+            .iter()
+            .filter(|row| row.state == SnapshotState::Pending)
+            .map(|row| {
+                let total = row.upload.total_bytes.unwrap_or(row.logical_bytes);
+                total.saturating_sub(row.upload.sent_bytes)
+            })
+            .sum();
+        crate::metrics::VolumeGauges {
+            snapshots: snapshots.to_vec(),
+            pending_bytes,
+        }
+    }
+
     /// Extended attributes of a snapshot's root: its metadata and tags.
     /// Reads only the row and the tags: no space accounting, which xattrs do not show.
     pub(super) fn snapshot_xattrs(&self, id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
