@@ -1,5 +1,7 @@
 //! The ObjectStore suite: one contract, run on every implementation (the directory store,
-//! and the S3 store against Garage and s3s-fs), so snapfs is not tuned to one server.
+//! and the S3 store against Garage and s3s-fs), so snapfs is not tuned to one server, and
+//! on each of them sealed by the encrypting wrapper, as `store::open` returns them when a
+//! key is set.
 
 mod common;
 
@@ -7,7 +9,7 @@ use std::sync::Arc;
 
 use common::pattern;
 use common::s3::{S3Env, unique_prefix};
-use snapfs::store::{self, ObjectStore, StoreUrl};
+use snapfs::store::{self, KEY_FILE_VAR, KEY_VAR, Key, ObjectStore, StoreUrl};
 
 fn check_contract(name: &str, shared: Arc<dyn ObjectStore>, runtime: &tokio::runtime::Runtime) {
     let store = &*shared;
@@ -60,6 +62,36 @@ fn check_contract(name: &str, shared: Arc<dyn ObjectStore>, runtime: &tokio::run
         store.delete("a/big").await.expect("delete");
         assert_eq!(store.get("a/big").await.expect("get"), None);
 
+        // Blocks and trees are named by their content hash. `list` shows each object's
+        // `object_name`: the key itself, except in a sealed store, which names blocks and
+        // trees by a keyed hash of their key so the bucket does not tell content hashes
+        // (the keys above, neither blocks nor trees, list as themselves there too).
+        let hash = blake3::hash(b"content").to_hex().to_string();
+        for kind in ["blocks", "trees"] {
+            let key = format!("{kind}/{hash}");
+            let object = store.object_name(&key);
+            if store.encryption().is_none() {
+                assert_eq!(object, key, "{name}: a plain store lists keys");
+            } else {
+                assert!(
+                    object.starts_with(&format!("{kind}/")) && !object.contains(&hash),
+                    "{name}: {object} hides the hash of {key}"
+                );
+            }
+            store.put(&key, b"content".to_vec()).await.expect("put");
+            assert_eq!(
+                store.get(&key).await.expect("get").as_deref(),
+                Some(&b"content"[..]),
+                "{name}: {key}"
+            );
+            let listed = store.list(&format!("{kind}/")).await.expect("list");
+            assert_eq!(listed, [object], "{name}: {kind} listed by object name");
+            store.delete(&key).await.expect("delete");
+            assert_eq!(store.get(&key).await.expect("get"), None, "{name}: {key}");
+            let listed = store.list(&format!("{kind}/")).await.expect("list");
+            assert!(listed.is_empty(), "{name}: {kind} after delete: {listed:?}");
+        }
+
         // The volume header: claimed once, accepted again, refused to another volume.
         store::claim(store, "volume-one", 4096, None)
             .await
@@ -74,17 +106,58 @@ fn check_contract(name: &str, shared: Arc<dyn ObjectStore>, runtime: &tokio::run
     });
 }
 
-fn open(url: &str, runtime: &tokio::runtime::Runtime) -> Arc<dyn ObjectStore> {
+/// The store at `url` as `store::open` gives it: sealed with `key` if one is given (in
+/// SNAPFS_KEY, as users set it).
+fn open(url: &str, key: Option<&Key>, runtime: &tokio::runtime::Runtime) -> Arc<dyn ObjectStore> {
     let url = StoreUrl::parse(url).expect("store URL");
-    runtime.block_on(store::open(&url)).expect("open store")
+    // SAFETY: this test binary has no other test and no other thread reading the
+    // environment while it is changed.
+    unsafe {
+        std::env::remove_var(KEY_FILE_VAR);
+        match key {
+            Some(key) => std::env::set_var(KEY_VAR, key.to_hex()),
+            None => std::env::remove_var(KEY_VAR),
+        }
+    }
+    let store = runtime.block_on(store::open(&url)).expect("open store");
+    assert_eq!(store.encryption().is_some(), key.is_some(), "{url}: sealed");
+    store
+}
+
+/// The contract on the store at the URL `place` gives for a name, plain and sealed (each
+/// in its own place: a sealed volume's header is not a plain one's). A sealed volume's
+/// place then refuses a plain store, which could not read it.
+fn check_plain_and_sealed(
+    name: &str,
+    place: impl Fn(&str) -> String,
+    runtime: &tokio::runtime::Runtime,
+) {
+    check_contract(name, open(&place("plain"), None, runtime), runtime);
+    let key = Key::generate();
+    let sealed_url = place("sealed");
+    let sealed_name = format!("{name} sealed");
+    check_contract(
+        &sealed_name,
+        open(&sealed_url, Some(&key), runtime),
+        runtime,
+    );
+    let plain = open(&sealed_url, None, runtime);
+    let err = runtime
+        .block_on(store::claim(&*plain, "volume-one", 4096, None))
+        .expect_err("a plain store on a sealed volume");
+    assert!(err.to_string().contains("is encrypted"), "{name}: {err}");
 }
 
 #[test]
 fn every_store_keeps_the_same_contract() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let local = open(&format!("file://{}", dir.path().display()), &runtime);
-    check_contract("file://", local, &runtime);
+    let root = dir.path().display().to_string();
+    check_plain_and_sealed(
+        "file://",
+        |place| format!("file://{root}/{place}"),
+        &runtime,
+    );
 
     for (server, s3) in S3Env::all() {
         // The S3 store reads the standard AWS variables, as users set them. One test
@@ -95,14 +168,13 @@ fn every_store_keeps_the_same_contract() {
             ("AWS_SECRET_ACCESS_KEY", &s3.secret_key),
             ("AWS_REGION", &s3.region),
         ] {
-            // SAFETY: this test binary has no other test and no other thread reading
-            // the environment while it is changed.
+            // SAFETY: as in `open`.
             unsafe { std::env::set_var(key, value) };
         }
-        let store = open(
-            &s3.url(&unique_prefix(&format!("contract-{server}"))),
+        check_plain_and_sealed(
+            server,
+            |place| s3.url(&unique_prefix(&format!("contract-{server}-{place}"))),
             &runtime,
         );
-        check_contract(server, store, &runtime);
     }
 }

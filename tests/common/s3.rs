@@ -1,7 +1,7 @@
 //! Real S3 servers for the tests: where they are (`S3Env`, read from the env files that
-//! `scripts/s3-server start` writes and `scripts/test` names), a small signed client for
-//! assertions (`S3Client`), and a fault-injecting HTTP proxy to put between snapfs and a
-//! server (`FaultProxy`). Std only: SHA-256, HMAC and SigV4 are written out below.
+//! `scripts/s3-server start` writes and `scripts/test` names), a blocking client over
+//! aws-sdk-s3 for assertions (`S3Client`), and a fault-injecting HTTP proxy to put between
+//! snapfs and a server (`FaultProxy`), with the HTTP/1.1 framing it needs.
 //!
 //! Like the rest of `common`, every test crate compiles this and uses a subset of it; the
 //! `#![allow(dead_code)]` of `common/mod.rs` covers this module too.
@@ -16,6 +16,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::presigning::PresigningConfig;
+use aws_sdk_s3::primitives::ByteStream;
 
 /// How long the client and the proxy wait for a peer that stopped talking.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
@@ -192,49 +202,115 @@ fn host_port(endpoint: &str) -> Result<String, String> {
 // The client
 // ---------------------------------------------------------------------------------------
 
-/// One HTTP response, body decoded (no chunk framing).
+/// A request that did not succeed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum S3Error {
+    /// An error answer (from the server or the proxy): its HTTP status and S3 error code.
+    Status { status: u16, code: Option<String> },
+    /// No whole answer: the connection failed or closed, or the body was cut off.
+    Transport(String),
+}
+
+impl S3Error {
+    fn from_sdk<E>(err: SdkError<E, HttpResponse>) -> S3Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        match (&err, err.raw_response()) {
+            (SdkError::ServiceError(_), Some(raw)) => S3Error::Status {
+                status: raw.status().as_u16(),
+                code: err.code().map(str::to_owned),
+            },
+            _ => S3Error::Transport(DisplayErrorContext(&err).to_string()),
+        }
+    }
+
+    /// The HTTP status of an error answer.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            S3Error::Status { status, .. } => Some(*status),
+            S3Error::Transport(_) => None,
+        }
+    }
+
+    /// The S3 error code of an error answer, if it had one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            S3Error::Status { code, .. } => code.as_deref(),
+            S3Error::Transport(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for S3Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            S3Error::Status { status, code } => {
+                write!(
+                    f,
+                    "HTTP {status} {}",
+                    code.as_deref().unwrap_or("(no code)")
+                )
+            }
+            S3Error::Transport(detail) => write!(f, "no answer: {detail}"),
+        }
+    }
+}
+
+/// An object as a GET brought it.
 #[derive(Clone, Debug)]
-pub struct Response {
-    pub status: u16,
-    /// Names in lower case, in the order received.
-    pub headers: Vec<(String, String)>,
+pub struct Object {
     pub body: Vec<u8>,
+    /// The answer's Content-Length.
+    pub content_length: Option<i64>,
 }
 
-impl Response {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    /// The `<Code>` of an S3 error body, if any.
-    pub fn error_code(&self) -> Option<String> {
-        xml_values(&self.text(), "Code").into_iter().next()
-    }
-}
-
-/// A minimal S3 client (path-style, SigV4, one HTTP/1.1 connection per request) for
-/// assertions about what reached a bucket. `list`, `get`, `put` and `delete` panic on
-/// anything unexpected; `request` returns the raw outcome, for fault tests.
-#[derive(Clone, Debug)]
+/// A blocking S3 client (aws-sdk-s3 on a small runtime of its own, path-style, no retries
+/// and no checksums, so every request is one exchange a proxy can fault) for assertions
+/// about what reached a bucket. `list`, `get`, `put` and `delete` panic on anything
+/// unexpected; the `try_` methods return the outcome, for fault tests.
+#[derive(Clone)]
 pub struct S3Client {
     env: S3Env,
-    host: String,
     page_size: usize,
+    sdk: aws_sdk_s3::Client,
+    /// Shared by clones; a current-thread runtime runs only inside `block_on`, which is
+    /// all a blocking client needs.
+    runtime: Arc<tokio::runtime::Runtime>,
 }
 
 impl S3Client {
     pub fn new(env: &S3Env) -> S3Client {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("the S3 client's runtime");
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(&env.endpoint)
+            .region(Region::new(env.region.clone()))
+            .credentials_provider(Credentials::new(
+                &env.access_key,
+                &env.secret_key,
+                None,
+                None,
+                "snapfs tests",
+            ))
+            .force_path_style(true)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .operation_attempt_timeout(IO_TIMEOUT)
+                    .build(),
+            )
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .build();
         S3Client {
-            host: host_port(&env.endpoint).expect("S3Env endpoint"),
             env: env.clone(),
             page_size: 1000,
+            sdk: aws_sdk_s3::Client::from_conf(config),
+            runtime: Arc::new(runtime),
         }
     }
 
@@ -250,64 +326,61 @@ impl S3Client {
 
     /// Every object under `prefix`, with its size, in key order.
     pub fn list(&self, prefix: &str) -> Vec<(String, u64)> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        let page_size = self.page_size.to_string();
-        loop {
-            let mut query = vec![
-                ("list-type", "2"),
-                ("prefix", prefix),
-                ("max-keys", page_size.as_str()),
-            ];
-            if let Some(token) = &token {
-                query.push(("continuation-token", token));
+        let page_size = i32::try_from(self.page_size).expect("page size");
+        self.runtime.block_on(async {
+            let mut out = Vec::new();
+            let mut token = None;
+            loop {
+                let page = self
+                    .sdk
+                    .list_objects_v2()
+                    .bucket(&self.env.bucket)
+                    .prefix(prefix)
+                    .max_keys(page_size)
+                    .set_continuation_token(token)
+                    .send()
+                    .await
+                    .map_err(S3Error::from_sdk)
+                    .unwrap_or_else(|e| self.fail(&format!("list {prefix:?}"), e));
+                for object in page.contents() {
+                    let (Some(key), Some(size)) = (object.key(), object.size()) else {
+                        panic!("list {prefix:?}: an object without key or size: {object:?}");
+                    };
+                    let size = u64::try_from(size)
+                        .unwrap_or_else(|_| panic!("list {prefix:?}: {key} has size {size}"));
+                    out.push((key.to_owned(), size));
+                }
+                if page.is_truncated() != Some(true) {
+                    return out;
+                }
+                token = page.next_continuation_token().map(str::to_owned);
+                assert!(
+                    token.is_some(),
+                    "list {prefix:?}: truncated page without a continuation token"
+                );
             }
-            let resp = self.expect_ok("GET", "", &query, b"");
-            let text = resp.text();
-            for contents in xml_elements(&text, "Contents") {
-                let key = xml_values(contents, "Key").into_iter().next();
-                let size = xml_values(contents, "Size").into_iter().next();
-                let (Some(key), Some(size)) = (key, size) else {
-                    panic!("list {prefix:?}: <Contents> without <Key> or <Size>: {contents}");
-                };
-                let size = size
-                    .parse()
-                    .unwrap_or_else(|_| panic!("list {prefix:?}: bad <Size> {size:?}"));
-                out.push((key, size));
-            }
-            let truncated =
-                xml_values(&text, "IsTruncated").first().map(String::as_str) == Some("true");
-            if !truncated {
-                break;
-            }
-            token = xml_values(&text, "NextContinuationToken")
-                .into_iter()
-                .next();
-            assert!(
-                token.is_some(),
-                "list {prefix:?}: truncated page without NextContinuationToken: {text}"
-            );
-        }
-        out
+        })
     }
 
     /// The object's bytes, or None if there is no such key.
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let resp = self.send("GET", key, &[], b"");
-        match resp.status {
-            200 => Some(resp.body),
-            404 => None,
-            status => panic!("GET {key:?}: HTTP {status}: {}", resp.text()),
+        match self.try_get(key) {
+            Ok(object) => Some(object.body),
+            Err(S3Error::Status { status: 404, .. }) => None,
+            Err(e) => self.fail(&format!("GET {key:?}"), e),
         }
     }
 
     pub fn put(&self, key: &str, bytes: &[u8]) {
-        self.expect_ok("PUT", key, &[], bytes);
+        self.try_put(key, bytes)
+            .unwrap_or_else(|e| self.fail(&format!("PUT {key:?}"), e));
     }
 
     /// Deletes the object (no error if it does not exist).
     pub fn delete(&self, key: &str) {
-        self.expect_ok("DELETE", key, &[], b"");
+        let request = self.sdk.delete_object().bucket(&self.env.bucket).key(key);
+        self.run(request.send())
+            .unwrap_or_else(|e| self.fail(&format!("DELETE {key:?}"), e));
     }
 
     /// Deletes every object under `prefix`; returns how many.
@@ -319,117 +392,123 @@ impl S3Client {
         keys.len()
     }
 
-    fn send(&self, method: &str, key: &str, query: &[(&str, &str)], body: &[u8]) -> Response {
-        self.request(method, key, query, body)
-            .unwrap_or_else(|e| panic!("{method} {key:?} at {}: {e}", self.env.endpoint))
+    /// One GetObject, body and all.
+    pub fn try_get(&self, key: &str) -> Result<Object, S3Error> {
+        self.runtime.block_on(async {
+            let answer = self
+                .sdk
+                .get_object()
+                .bucket(&self.env.bucket)
+                .key(key)
+                .send()
+                .await
+                .map_err(S3Error::from_sdk)?;
+            let content_length = answer.content_length();
+            let body = answer
+                .body
+                .collect()
+                .await
+                .map_err(|e| S3Error::Transport(DisplayErrorContext(&e).to_string()))?;
+            Ok(Object {
+                body: body.into_bytes().to_vec(),
+                content_length,
+            })
+        })
     }
 
-    fn expect_ok(&self, method: &str, key: &str, query: &[(&str, &str)], body: &[u8]) -> Response {
-        let resp = self.send(method, key, query, body);
-        assert!(
-            (200..300).contains(&resp.status),
-            "{method} {key:?} {query:?} at {}: HTTP {}: {}",
-            self.env.endpoint,
-            resp.status,
-            resp.text()
-        );
-        resp
+    /// One PutObject.
+    pub fn try_put(&self, key: &str, bytes: &[u8]) -> Result<(), S3Error> {
+        let request = self.sdk.put_object().bucket(&self.env.bucket).key(key);
+        self.run(request.body(ByteStream::from(bytes.to_vec())).send())
+            .map(drop)
     }
 
-    /// One signed request on a new connection (`Connection: close`). `key` "" addresses
-    /// the bucket itself. Err for connection failures (refused, reset, closed early).
-    pub fn request(
+    /// One HeadObject.
+    pub fn try_head(&self, key: &str) -> Result<(), S3Error> {
+        let request = self.sdk.head_object().bucket(&self.env.bucket).key(key);
+        self.run(request.send()).map(drop)
+    }
+
+    /// Runs one SDK request to its end.
+    fn run<T, E>(
         &self,
-        method: &str,
-        key: &str,
-        query: &[(&str, &str)],
-        body: &[u8],
-    ) -> io::Result<Response> {
-        let head = self.signed_head(method, key, query, body, &[("Connection", "close")]);
-        let mut stream = self.connect()?;
-        stream.write_all(&head)?;
-        stream.write_all(body)?;
-        stream.flush()?;
-        read_response(&mut BufReader::new(stream), method == "HEAD")
+        request: impl Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+    ) -> Result<T, S3Error>
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        self.runtime.block_on(request).map_err(S3Error::from_sdk)
     }
 
-    /// A new connection to the endpoint, with the harness's timeouts.
+    /// A new connection to the endpoint, with the harness's timeouts, for tests that
+    /// drive one by hand (keep-alive, `Expect`) with `presigned_head`.
     pub fn connect(&self) -> io::Result<TcpStream> {
-        let stream = TcpStream::connect(&self.host)?;
+        let stream = TcpStream::connect(host_port(&self.env.endpoint).expect("S3Env endpoint"))?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         Ok(stream)
     }
 
-    /// The signed head (request line, headers, blank line) of a request whose body is
-    /// `body`, for tests that drive a connection by hand (keep-alive, `Expect`). `extra`
+    /// The head (request line, headers, blank line) of a GET, or of a PUT of a body of
+    /// `body_len` bytes, signed by the SDK in its query string (a presigned URL). `extra`
     /// headers are sent unsigned.
-    pub fn signed_head(
+    pub fn presigned_head(
         &self,
         method: &str,
         key: &str,
-        query: &[(&str, &str)],
-        body: &[u8],
+        body_len: usize,
         extra: &[(&str, &str)],
     ) -> Vec<u8> {
-        let path = if key.is_empty() {
-            format!("/{}", self.env.bucket)
-        } else {
-            format!("/{}/{}", self.env.bucket, uri_encode(key, true))
-        };
-        let mut pairs: Vec<(String, String)> = query
-            .iter()
-            .map(|(k, v)| (uri_encode(k, false), uri_encode(v, false)))
-            .collect();
-        pairs.sort();
-        let query = pairs
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("&");
-        let (amz_date, day) = amz_date(SystemTime::now());
-        let payload = hex(&sha256(body));
-        let signed_headers = "host;x-amz-content-sha256;x-amz-date";
-        let canonical = format!(
-            "{method}\n{path}\n{query}\nhost:{}\nx-amz-content-sha256:{payload}\n\
-             x-amz-date:{amz_date}\n\n{signed_headers}\n{payload}",
-            self.host
-        );
-        let scope = format!("{day}/{}/s3/aws4_request", self.env.region);
-        let to_sign = format!(
-            "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
-            hex(&sha256(canonical.as_bytes()))
-        );
-        let mut signing_key = format!("AWS4{}", self.env.secret_key).into_bytes();
-        for part in [day.as_str(), &self.env.region, "s3", "aws4_request"] {
-            signing_key = hmac_sha256(&signing_key, part.as_bytes()).to_vec();
-        }
-        let signature = hex(&hmac_sha256(&signing_key, to_sign.as_bytes()));
-        let target = if query.is_empty() {
-            path
-        } else {
-            format!("{path}?{query}")
-        };
+        let config = PresigningConfig::expires_in(Duration::from_secs(600)).expect("expiry");
+        let bucket = &self.env.bucket;
+        let presigned = self
+            .runtime
+            .block_on(async {
+                match method {
+                    "GET" => {
+                        let request = self.sdk.get_object().bucket(bucket).key(key);
+                        request.presigned(config).await.map_err(S3Error::from_sdk)
+                    }
+                    "PUT" => {
+                        let request = self.sdk.put_object().bucket(bucket).key(key);
+                        request.presigned(config).await.map_err(S3Error::from_sdk)
+                    }
+                    _ => panic!("presigned_head: {method} is not GET or PUT"),
+                }
+            })
+            .unwrap_or_else(|e| self.fail(&format!("presign {method} {key:?}"), e));
+        let target = presigned
+            .uri()
+            .strip_prefix(&self.env.endpoint)
+            .unwrap_or_else(|| panic!("presigned URL {} off the endpoint", presigned.uri()));
         let mut head = format!(
-            "{method} {target} HTTP/1.1\r\nHost: {}\r\nx-amz-date: {amz_date}\r\n\
-             x-amz-content-sha256: {payload}\r\nAuthorization: AWS4-HMAC-SHA256 \
-             Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}\r\n\
-             Content-Length: {}\r\n",
-            self.host,
-            self.env.access_key,
-            body.len()
+            "{method} {target} HTTP/1.1\r\nHost: {}\r\nContent-Length: {body_len}\r\n",
+            host_port(&self.env.endpoint).expect("S3Env endpoint")
         );
-        for (name, value) in extra {
+        let signed = presigned
+            .headers()
+            .filter(|(name, _)| !name.eq_ignore_ascii_case("host"));
+        for (name, value) in signed.chain(extra.iter().copied()) {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
         head.push_str("\r\n");
         head.into_bytes()
     }
+
+    fn fail(&self, what: &str, err: S3Error) -> ! {
+        panic!("{what} at {}: {err}", self.env.endpoint)
+    }
 }
 
-/// Reads one response (skipping interim 1xx ones) from a connection. `head_only`: the
-/// request was a HEAD, so there is no body whatever the headers say.
-pub fn read_response(reader: &mut impl BufRead, head_only: bool) -> io::Result<Response> {
+/// One HTTP response read off a connection driven by hand, body decoded.
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// Reads one response to a GET or PUT (skipping interim 1xx ones) from a connection.
+pub fn read_response(reader: &mut impl BufRead) -> io::Result<Response> {
     loop {
         let raw = read_head(reader)?.ok_or_else(|| {
             io::Error::new(
@@ -443,209 +522,14 @@ pub fn read_response(reader: &mut impl BufRead, head_only: bool) -> io::Result<R
             continue;
         }
         let mut body = Vec::new();
-        let framing = head.response_framing(status, head_only);
+        let framing = head.response_framing(status, false);
         copy_body(reader, &mut body, framing, true)?;
-        return Ok(Response {
-            status,
-            headers: head.headers,
-            body,
-        });
+        return Ok(Response { status, body });
     }
-}
-
-/// Percent-encodes all but the unreserved characters (and `/` if `keep_slash`), as SigV4
-/// canonical URIs and query strings want.
-fn uri_encode(s: &str, keep_slash: bool) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(b as char)
-            }
-            b'/' if keep_slash => out.push('/'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
-/// `(YYYYMMDDTHHMMSSZ, YYYYMMDD)` in UTC.
-fn amz_date(time: SystemTime) -> (String, String) {
-    let secs = time
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs();
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let date = format!("{year:04}{month:02}{day:02}");
-    let full = format!(
-        "{date}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    );
-    (full, date)
-}
-
-/// The text of every `<tag>...</tag>` (not nested in itself), raw.
-fn xml_elements<'a>(text: &'a str, tag: &str) -> Vec<&'a str> {
-    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find(&open) {
-        let after = &rest[start + open.len()..];
-        let Some(end) = after.find(&close) else { break };
-        out.push(&after[..end]);
-        rest = &after[end + close.len()..];
-    }
-    out
-}
-
-/// The unescaped text of every `<tag>...</tag>`.
-fn xml_values(text: &str, tag: &str) -> Vec<String> {
-    xml_elements(text, tag)
-        .into_iter()
-        .map(xml_unescape)
-        .collect()
-}
-
-fn xml_unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(amp) = rest.find('&') {
-        out.push_str(&rest[..amp]);
-        rest = &rest[amp..];
-        let Some(semi) = rest.find(';') else { break };
-        let entity = &rest[1..semi];
-        let ch = match entity {
-            "amp" => Some('&'),
-            "lt" => Some('<'),
-            "gt" => Some('>'),
-            "quot" => Some('"'),
-            "apos" => Some('\''),
-            _ => entity
-                .strip_prefix("#x")
-                .map(|h| u32::from_str_radix(h, 16).ok())
-                .unwrap_or_else(|| entity.strip_prefix('#').and_then(|d| d.parse().ok()))
-                .and_then(char::from_u32),
-        };
-        match ch {
-            Some(ch) => {
-                out.push(ch);
-                rest = &rest[semi + 1..];
-            }
-            None => {
-                out.push('&');
-                rest = &rest[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 // ---------------------------------------------------------------------------------------
-// SHA-256 and HMAC-SHA256 (FIPS 180-4, RFC 2104)
-// ---------------------------------------------------------------------------------------
-
-const SHA256_K: [u32; 64] = [
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
-];
-
-pub fn sha256(data: &[u8]) -> [u8; 32] {
-    let mut state: [u32; 8] = [
-        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
-        0x5be0cd19,
-    ];
-    // The final blocks: the tail of the data, 0x80, zeros, the length in bits.
-    let full = data.len() / 64 * 64;
-    let mut tail = data[full..].to_vec();
-    tail.push(0x80);
-    while tail.len() % 64 != 56 {
-        tail.push(0);
-    }
-    tail.extend_from_slice(&(data.len() as u64).wrapping_mul(8).to_be_bytes());
-    for block in data[..full].chunks_exact(64).chain(tail.chunks_exact(64)) {
-        let mut w = [0u32; 64];
-        for (word, bytes) in w.iter_mut().zip(block.chunks_exact(4)) {
-            *word = u32::from_be_bytes(bytes.try_into().expect("4 bytes"));
-        }
-        for i in 16..64 {
-            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16]
-                .wrapping_add(s0)
-                .wrapping_add(w[i - 7])
-                .wrapping_add(s1);
-        }
-        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = state;
-        for (k, wi) in SHA256_K.iter().zip(w) {
-            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
-            let ch = (e & f) ^ (!e & g);
-            let t1 = h
-                .wrapping_add(s1)
-                .wrapping_add(ch)
-                .wrapping_add(*k)
-                .wrapping_add(wi);
-            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
-            let maj = (a & b) ^ (a & c) ^ (b & c);
-            let t2 = s0.wrapping_add(maj);
-            h = g;
-            g = f;
-            f = e;
-            e = d.wrapping_add(t1);
-            d = c;
-            c = b;
-            b = a;
-            a = t1.wrapping_add(t2);
-        }
-        for (s, v) in state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
-            *s = s.wrapping_add(v);
-        }
-    }
-    let mut out = [0u8; 32];
-    for (bytes, word) in out.chunks_exact_mut(4).zip(state) {
-        bytes.copy_from_slice(&word.to_be_bytes());
-    }
-    out
-}
-
-pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    let mut block = [0u8; 64];
-    if key.len() > 64 {
-        block[..32].copy_from_slice(&sha256(key));
-    } else {
-        block[..key.len()].copy_from_slice(key);
-    }
-    let mut inner: Vec<u8> = block.iter().map(|b| b ^ 0x36).collect();
-    inner.extend_from_slice(message);
-    let mut outer: Vec<u8> = block.iter().map(|b| b ^ 0x5c).collect();
-    outer.extend_from_slice(&sha256(&inner));
-    sha256(&outer)
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-// ---------------------------------------------------------------------------------------
-// HTTP/1.1 message framing, shared by the client and the proxy
+// HTTP/1.1 message framing, for the proxy and connections driven by hand
 // ---------------------------------------------------------------------------------------
 
 /// A parsed message head: the request or status line and the headers.
