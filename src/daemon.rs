@@ -281,7 +281,7 @@ fn serve_follower(
     })?;
     follow::claim(&volume, &url).map_err(MountError::Reported)?;
     let followed = runtime.block_on(store::open(&url))?;
-    let mut stores = StoreChain::new(runtime.handle().clone(), followed.clone());
+    let mut stores = StoreChain::new(runtime.handle(), followed.clone());
     follow::follow_once(&volume, &mut stores, &|_| {})
         .map_err(|e| MountError::Reported(format!("store: {e}")))?;
     volume.attach_origin(followed.clone(), runtime.handle().clone());

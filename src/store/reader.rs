@@ -59,9 +59,9 @@ pub struct StoreChain {
 
 impl StoreChain {
     /// A chain of the store `own`, opened already.
-    pub fn new(runtime: Handle, own: Arc<dyn ObjectStore>) -> StoreChain {
+    pub fn new(runtime: &Handle, own: Arc<dyn ObjectStore>) -> StoreChain {
         StoreChain {
-            runtime,
+            runtime: runtime.clone(),
             own,
             origin: None,
         }
@@ -69,7 +69,7 @@ impl StoreChain {
 
     /// Opens the stores at `own` and `origin`.
     pub fn open(runtime: &Handle, own: &StoreUrl, origin: Option<&StoreUrl>) -> Result<StoreChain> {
-        let mut chain = StoreChain::new(runtime.clone(), runtime.block_on(super::open(own))?);
+        let mut chain = StoreChain::new(runtime, runtime.block_on(super::open(own))?);
         chain.set_origin(origin)?;
         Ok(chain)
     }
