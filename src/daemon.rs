@@ -15,8 +15,7 @@ use fuser::{Config, MountOption, SessionACL};
 use crate::follow;
 use crate::fuse::SnapFs;
 use crate::metrics;
-use crate::restore::StoreSource;
-use crate::store::{self, StoreError, StoreUrl};
+use crate::store::{self, ReadError, StoreChain, StoreError, StoreSource, StoreUrl};
 use crate::upload::{UploadError, UploadOptions, Uploader, Worker};
 use crate::volume::{self, Volume};
 
@@ -68,7 +67,7 @@ pub enum MountError {
     #[error(transparent)]
     Upload(#[from] UploadError),
     #[error("--from: {0}")]
-    From(#[from] crate::restore::RestoreError),
+    From(#[from] ReadError),
     #[error(
         "cannot mount on {path}: {source} (snapfs needs /dev/fuse and, when not root, fusermount3 from the fuse3 package)"
     )]
@@ -225,18 +224,15 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     // SAFETY: sets this thread's mask from a fully initialised set.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
 
-    let volume = Arc::new(open_from(args)?);
+    // The daemon's one runtime: every store request (import, uploads, block fetches,
+    // following) runs on it.
+    let runtime = store::runtime().map_err(MountError::Daemon)?;
+    let volume = Arc::new(open_from(args, runtime.handle())?);
     if let Some(addr) = args.metrics {
         serve_metrics(addr, &volume)?;
     }
     // The store is checked before mounting: a bad URL, credential or bucket is an error
     // now, not a snapshot that never completes.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("uploader-io")
-        .enable_all()
-        .build()
-        .map_err(MountError::Daemon)?;
     if args.read_only {
         return serve_follower(args, ready, volume, runtime, signals);
     }
@@ -304,9 +300,10 @@ fn serve_follower(
         MountError::Reported("--read-only needs --store URL: the store to follow".into())
     })?;
     follow::claim(&volume, &url).map_err(MountError::Reported)?;
-    follow::follow_once(&volume, &url, &|_| {})
-        .map_err(|e| MountError::Reported(format!("store: {e}")))?;
     let followed = runtime.block_on(store::open(&url))?;
+    let mut stores = StoreChain::new(runtime.handle(), followed.clone());
+    follow::follow_once(&volume, &mut stores, &|_| {})
+        .map_err(|e| MountError::Reported(format!("store: {e}")))?;
     volume.attach_origin(followed.clone(), runtime.handle().clone());
     volume.attach_store(followed, runtime.handle().clone(), args.cache_size)?;
     let session = start_session(args, &volume)?;
@@ -319,9 +316,8 @@ fn serve_follower(
             tracing::debug!(error = %e, "cannot invalidate a deleted snapshot's name");
         }
     });
-    let follower =
-        follow::Follower::start(volume.clone(), url.clone(), args.follow_interval, forget)
-            .map_err(MountError::Daemon)?;
+    let follower = follow::Follower::start(volume.clone(), stores, args.follow_interval, forget)
+        .map_err(MountError::Daemon)?;
     tracing::info!(mountpoint = %args.mountpoint.display(), store = %url, "mounted read-only, following");
     wait_for_unmount(session, ready, &signals);
     follower.stop();
@@ -399,11 +395,11 @@ fn wait_for_unmount(session: Session, ready: &mut Option<fs::File>, signals: &li
 /// `umount`) gets a few seconds to let go of the lock.
 /// Opens the volume; with `--from`, a new data dir first becomes a volume whose live tree
 /// is that snapshot (metadata now, blocks on first read), with the snapshot's block size.
-fn open_from(args: &MountArgs) -> Result<Volume, MountError> {
+fn open_from(args: &MountArgs, runtime: &tokio::runtime::Handle) -> Result<Volume, MountError> {
     let is_new = !args.data_dir.join("catalog.db").exists();
     if let (true, true, Some(url)) = (args.read_only, is_new, &args.store) {
         // A new follower takes the block size of what it follows.
-        let listing = crate::restore::store_snapshots(url)?;
+        let listing = StoreChain::open(runtime, url, None)?.list()?;
         let options = volume::Options {
             block_size: listing
                 .snapshots
@@ -426,7 +422,7 @@ fn open_from(args: &MountArgs) -> Result<Volume, MountError> {
             ))),
         };
     }
-    let source = StoreSource::open(url, snapshot)?;
+    let source = StoreSource::open(runtime, url, snapshot)?;
     let options = volume::Options {
         block_size: source.block_size_of(),
         ..args.volume.clone()

@@ -1,15 +1,15 @@
 //! Read-only mounts that follow a store another machine's volume uploads to
 //! (`snapfs mount --read-only --store URL`): each completed snapshot in the store becomes a
 //! snapshot here, and the live tree shows the latest one. Blocks are fetched on first read.
-//! The store is never written.
+//! The store is never written. The store is opened once, by the daemon, and read on the
+//! daemon's runtime.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::catalog::Setting;
-use crate::restore::{StoreSource, store_snapshots};
-use crate::store::StoreUrl;
+use crate::store::{StoreChain, StoreSource, StoreUrl};
 use crate::sync::{Condvar, Mutex};
 use crate::volume::Volume;
 
@@ -41,15 +41,16 @@ pub fn claim(volume: &Volume, url: &StoreUrl) -> Result<(), String> {
 /// Imports the snapshots completed in the store since the last call, in order, renames
 /// those renamed there and drops those deleted there, telling `forget` each name that went
 /// away (the kernel caches names).
-/// Returns how many were imported.
+/// `stores` is the followed store (its origin's is added the first time the listing names
+/// one). Returns how many were imported.
 pub fn follow_once(
     volume: &Volume,
-    url: &StoreUrl,
+    stores: &mut StoreChain,
     forget: &dyn Fn(&[u8]),
 ) -> Result<usize, String> {
-    let listing = store_snapshots(url).map_err(|e| e.to_string())?;
+    let listing = stores.list().map_err(|e| e.to_string())?;
     for damaged in &listing.damaged {
-        tracing::warn!(url = %url, "{damaged}");
+        tracing::warn!(url = %stores.url(), "{damaged}");
     }
     let first_new: u64 = volume
         .setting(Setting::FollowedId)
@@ -59,8 +60,10 @@ pub fn follow_once(
     let mut imported = 0;
     for manifest in listing.snapshots.iter().filter(|m| m.id > first_new) {
         let name = manifest.name.clone();
-        let source = StoreSource::for_manifest(url, manifest.clone(), listing.origin.as_ref())
+        stores
+            .set_origin(listing.origin.as_ref())
             .map_err(|e| e.to_string())?;
+        let source = StoreSource::new(stores.clone(), manifest.clone());
         volume.sync_to(&source, true).map_err(|e| e.to_string())?;
         match volume.pin_followed_snapshot(&name, manifest.created, &manifest.tags) {
             Ok(()) => imported += 1,
@@ -109,7 +112,7 @@ pub struct Follower {
 impl Follower {
     pub fn start(
         volume: Arc<Volume>,
-        url: StoreUrl,
+        mut stores: StoreChain,
         interval: Duration,
         forget: Forget,
     ) -> std::io::Result<Follower> {
@@ -126,7 +129,7 @@ impl Follower {
                         break;
                     }
                     drop(stopped);
-                    match follow_once(&volume, &url, &*forget) {
+                    match follow_once(&volume, &mut stores, &*forget) {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(imported = n, "followed new snapshots"),
                         Err(e) => {

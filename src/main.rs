@@ -502,7 +502,8 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             json,
             ..
         } => {
-            let listing = snapfs::restore::store_snapshots(&url)?;
+            let runtime = store_runtime()?;
+            let listing = store::StoreChain::open(runtime.handle(), &url, None)?.list()?;
             for damaged in &listing.damaged {
                 eprintln!("snapfs: warning: {damaged}");
             }
@@ -682,7 +683,8 @@ fn restore(
     overwrite: bool,
     json: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    use snapfs::restore::{self, LocalSource, Options, StoreSource};
+    use snapfs::restore::{self, LocalSource, Options};
+    use snapfs::store::{ReadError, Source, StoreSource};
     // Snapshot names may hold ':': the whole of WHAT is tried as a name first, then
     // each split at a ':' from the left, until a snapshot by that name exists.
     let splits = std::iter::once((what, "")).chain(
@@ -697,15 +699,20 @@ fn restore(
         Some(url) => From::Store(url),
         None => From::Volume(volume.data_dir()?),
     };
+    let runtime = store_runtime()?;
     let mut missing = Vec::new();
     let mut found = None;
     for (snapshot, path) in splits {
-        let opened: Result<Box<dyn restore::Source>, _> = match &from {
-            From::Store(url) => StoreSource::open(url, snapshot).map(|s| Box::new(s) as _),
-            From::Volume(dir) => LocalSource::open(dir, snapshot).map(|s| Box::new(s) as _),
+        let opened: Result<Box<dyn Source>, _> = match &from {
+            From::Store(url) => {
+                StoreSource::open(runtime.handle(), url, snapshot).map(|s| Box::new(s) as _)
+            }
+            From::Volume(dir) => {
+                LocalSource::open(runtime.handle(), dir, snapshot).map(|s| Box::new(s) as _)
+            }
         };
         match opened {
-            Err(e @ restore::RestoreError::NoSnapshot(_)) => missing.push(e),
+            Err(e @ ReadError::NoSnapshot(_)) => missing.push(e),
             result => {
                 found = Some((result?, path));
                 break;
@@ -767,6 +774,11 @@ fn restore(
     } else {
         Err(format!("{} files could not be restored", report.errors.len()).into())
     }
+}
+
+/// The runtime a command's store requests run on.
+fn store_runtime() -> Result<tokio::runtime::Runtime, String> {
+    store::runtime().map_err(|e| format!("tokio runtime: {e}"))
 }
 
 fn verify(

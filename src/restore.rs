@@ -1,10 +1,14 @@
-//! Restoring a snapshot, or a path in one, into a directory: from the local volume or from
-//! the object store alone.
+//! Restoring a snapshot, or a path in one, into a directory: from any [`Source`], the
+//! object store's ([`crate::store::StoreSource`]) or a local volume's ([`LocalSource`]).
 //!
 //! The walk creates every node with `*at` calls relative to directory descriptors and
 //! `O_NOFOLLOW`, so nothing it writes can be redirected outside DEST by a symlink (one
 //! in DEST beforehand, or one it restored). Block reads run on worker threads; a block
 //! that fails verification removes its file and is reported, and the rest goes on.
+//!
+//! `LocalSource` lives here, not with the volume or the store reader: only a restore
+//! reads a volume this way (its catalog read-only beside a running mount, block files
+//! directly), and it needs nothing of `Volume`.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -15,32 +19,30 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
+use tokio::runtime::Handle;
+
 use crate::blocks::{BlockHash, BlockStore};
 use crate::catalog::{self, Catalog, Kind, ROOT_INO, Setting};
-use crate::manifest::{self, Content, Entry, SnapshotManifest};
-use crate::store::{self, ObjectStore, StoreError, StoreUrl};
+use crate::manifest::{Content, Entry};
+use crate::store::{ReadError, Source, StoreChain, StoreUrl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error("no snapshot named {0}")]
-    NoSnapshot(String),
     #[error("{0} does not exist in the snapshot")]
     NoPath(String),
     #[error("{0} is not empty: restore into a new directory, or pass --overwrite")]
     DestNotEmpty(PathBuf),
     #[error("{0} exists: pass --overwrite to replace it")]
     DestExists(PathBuf),
+    #[error("{} has no file name", .0.display())]
+    DestNoName(PathBuf),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("store: {0}")]
-    Store(#[from] StoreError),
     #[error(transparent)]
-    Catalog(#[from] catalog::Error),
-    #[error("{0}")]
-    Corrupt(String),
+    Read(#[from] ReadError),
 }
 
 type Result<T, E = RestoreError> = std::result::Result<T, E>;
@@ -52,19 +54,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
     }
 }
 
-/// Where a snapshot's tree and blocks come from.
-pub trait Source: Sync {
-    /// The snapshot's root directory.
-    fn root(&self) -> Result<Entry>;
-    /// The entries of directory `dir`, sorted by name.
-    fn children(&self, dir: &Entry) -> Result<Vec<Entry>>;
-    /// Block `hash`, verified against it.
-    fn block(&self, hash: &BlockHash) -> Result<Vec<u8>>;
-    fn block_size(&self) -> u64;
-    /// Block reads worth running at once.
-    fn parallelism(&self) -> usize;
-}
-
 /// A snapshot of a local volume, read beside a running mount (catalog read-only, blocks
 /// read directly).
 pub struct LocalSource {
@@ -72,61 +61,34 @@ pub struct LocalSource {
     blocks: BlockStore,
     generation: u64,
     block_size: u64,
+    runtime: Handle,
     /// The volume's store and its origin's (`--from`), for blocks not on the local disk
     /// (evicted, or never fetched); opened on first need.
-    store_urls: Vec<StoreUrl>,
+    store_urls: Option<(StoreUrl, Option<StoreUrl>)>,
     stores: std::sync::OnceLock<Result<StoreChain, String>>,
 }
 
-/// Stores to read blocks from, in order: a volume's own, then its origin's.
-struct StoreChain {
-    runtime: tokio::runtime::Runtime,
-    stores: Vec<Arc<dyn ObjectStore>>,
-}
-
-impl StoreChain {
-    fn open(urls: &[StoreUrl]) -> Result<StoreChain> {
-        let runtime = runtime()?;
-        let stores = urls
-            .iter()
-            .map(|url| runtime.block_on(store::open(url)))
-            .collect::<Result<_, _>>()?;
-        Ok(StoreChain { runtime, stores })
-    }
-
-    /// Block `hash` from the first store that has it, verified.
-    fn block(&self, hash: &BlockHash, max: usize) -> Result<Vec<u8>> {
-        for store in &self.stores {
-            if let Some(data) = self
-                .runtime
-                .block_on(store::fetch_block(&**store, hash, max))?
-            {
-                return Ok(data);
-            }
-        }
-        let first = self.stores.first().ok_or_else(|| {
-            RestoreError::Corrupt(format!("block {hash} is not local and there is no store"))
-        })?;
-        Err(store::missing_block(&**first, hash).into())
-    }
-}
-
 impl LocalSource {
-    pub fn open(data_dir: &Path, snapshot: &str) -> Result<LocalSource> {
+    /// Snapshot `snapshot` of the volume in `data_dir`; blocks missing there are read
+    /// from its stores on `runtime`.
+    pub fn open(
+        runtime: &Handle,
+        data_dir: &Path,
+        snapshot: &str,
+    ) -> Result<LocalSource, ReadError> {
         let catalog = Catalog::open_data_dir_read_only(data_dir)?;
         let row = catalog
             .read(|tx| tx.snapshots())?
             .into_iter()
             .find(|row| row.name == snapshot.as_bytes())
-            .ok_or_else(|| RestoreError::NoSnapshot(snapshot.to_owned()))?;
+            .ok_or_else(|| ReadError::NoSnapshot(snapshot.to_owned()))?;
         let block_size = u64::from(catalog.block_size());
-        let store_urls = catalog.read(|tx| {
+        let mut store_urls = catalog.read(|tx| {
             Ok::<_, catalog::Error>(
                 [tx.setting(Setting::Store)?, tx.setting(Setting::Origin)?]
                     .into_iter()
                     .flatten()
-                    .filter_map(|url| StoreUrl::parse(&url).ok())
-                    .collect(),
+                    .filter_map(|url| StoreUrl::parse(&url).ok()),
             )
         })?;
         Ok(LocalSource {
@@ -134,12 +96,13 @@ impl LocalSource {
             blocks: BlockStore::open_read_only(&data_dir.join("blocks")),
             generation: row.generation,
             block_size,
-            store_urls,
+            runtime: runtime.clone(),
+            store_urls: store_urls.next().map(|own| (own, store_urls.next())),
             stores: std::sync::OnceLock::new(),
         })
     }
 
-    fn entry(&self, row: catalog::DirEntryRow) -> Result<Entry> {
+    fn entry(&self, row: catalog::DirEntryRow) -> Result<Entry, ReadError> {
         let g = self.generation;
         let catalog = crate::sync::lock(&self.catalog);
         let xattrs = catalog.read(|tx| tx.xattrs_of(g, row.inode.ino))?;
@@ -156,36 +119,37 @@ impl LocalSource {
 }
 
 impl Source for LocalSource {
-    fn root(&self) -> Result<Entry> {
+    fn root(&self) -> Result<Entry, ReadError> {
         let g = self.generation;
         let inode = crate::sync::lock(&self.catalog)
             .read(|tx| tx.inode(g, ROOT_INO))?
-            .ok_or_else(|| RestoreError::Corrupt("the snapshot has no root".into()))?;
+            .ok_or_else(|| ReadError::Corrupt("the snapshot has no root".into()))?;
         self.entry(catalog::DirEntryRow {
             name: Vec::new(),
             inode,
         })
     }
 
-    fn children(&self, dir: &Entry) -> Result<Vec<Entry>> {
+    fn children(&self, dir: &Entry) -> Result<Vec<Entry>, ReadError> {
         let g = self.generation;
         let rows = crate::sync::lock(&self.catalog).read(|tx| tx.list_dir(g, dir.ino))?;
         rows.into_iter().map(|row| self.entry(row)).collect()
     }
 
-    fn block(&self, hash: &BlockHash) -> Result<Vec<u8>> {
-        match self.blocks.read_uncached(hash) {
-            Err(crate::blocks::BlockError::Missing { .. }) if !self.store_urls.is_empty() => {
+    fn block(&self, hash: &BlockHash) -> Result<Vec<u8>, ReadError> {
+        match (self.blocks.read_uncached(hash), &self.store_urls) {
+            (Err(crate::blocks::BlockError::Missing { .. }), Some((own, origin))) => {
                 let stores = self
                     .stores
-                    .get_or_init(|| StoreChain::open(&self.store_urls).map_err(|e| e.to_string()))
+                    .get_or_init(|| {
+                        StoreChain::open(&self.runtime, own, origin.as_ref())
+                            .map_err(|e| e.to_string())
+                    })
                     .as_ref()
-                    .map_err(|e| {
-                        RestoreError::Corrupt(format!("block {hash} is not local: {e}"))
-                    })?;
+                    .map_err(|e| ReadError::Corrupt(format!("block {hash} is not local: {e}")))?;
                 stores.block(hash, self.block_size as usize)
             }
-            result => result.map_err(|e| RestoreError::Corrupt(e.to_string())),
+            (result, _) => result.map_err(|e| ReadError::Corrupt(e.to_string())),
         }
     }
 
@@ -198,232 +162,9 @@ impl Source for LocalSource {
     }
 }
 
-/// A completed snapshot read from the object store alone. Everything read is checked: the
-/// volume header's format, each object's hash, each manifest's structure.
-pub struct StoreSource {
-    /// The volume's store, then its origin's if it was made from another's snapshot.
-    stores: StoreChain,
-    manifest: SnapshotManifest,
-}
-
 /// Blocks queued, and files open, before the queue is drained.
 const MAX_QUEUED_BLOCKS: usize = 4096;
 const MAX_OPEN_FILES: usize = 256;
-
-/// Largest decompressed tree or snapshot object accepted.
-const MAX_MANIFEST_OBJECT: usize = 256 << 20;
-
-impl StoreSource {
-    pub fn open(url: &StoreUrl, snapshot: &str) -> Result<StoreSource> {
-        let stores = StoreChain::open(std::slice::from_ref(url))?;
-        let listing = stores
-            .runtime
-            .block_on(list_manifests(&*stores.stores[0]))?;
-        let manifest = listing
-            .snapshots
-            .into_iter()
-            .find(|m| m.name == snapshot.as_bytes())
-            .ok_or_else(|| {
-                let damaged = if listing.damaged.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        " (unreadable snapshot objects: {})",
-                        listing.damaged.join("; ")
-                    )
-                };
-                RestoreError::NoSnapshot(format!("{snapshot} in {url}{damaged}"))
-            })?;
-        StoreSource::with_manifest(stores, manifest, listing.origin.as_ref())
-    }
-
-    /// The snapshot `manifest` of the store at `url` (listed already), whose volume was made
-    /// from `origin`'s if any.
-    pub fn for_manifest(
-        url: &StoreUrl,
-        manifest: SnapshotManifest,
-        origin: Option<&StoreUrl>,
-    ) -> Result<StoreSource> {
-        StoreSource::with_manifest(
-            StoreChain::open(std::slice::from_ref(url))?,
-            manifest,
-            origin,
-        )
-    }
-
-    fn with_manifest(
-        mut stores: StoreChain,
-        manifest: SnapshotManifest,
-        origin: Option<&StoreUrl>,
-    ) -> Result<StoreSource> {
-        if let Some(origin) = origin {
-            let opened = stores.runtime.block_on(store::open(origin))?;
-            stores.stores.push(opened);
-        }
-        Ok(StoreSource { stores, manifest })
-    }
-
-    /// The snapshot's block size (a new volume made from it must use the same).
-    pub fn block_size_of(&self) -> u32 {
-        self.manifest.block_size
-    }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(io_err(Path::new("tokio runtime")))
-}
-
-/// An object, decompressed (at most `max` bytes) and checked by `check` (hash, decode);
-/// a copy that fails is fetched again (see `store::fetch_verified`). A missing object, or
-/// one that fails every time, is an error.
-async fn fetch<T>(
-    store: &dyn ObjectStore,
-    key: &str,
-    max: usize,
-    check: impl Fn(Vec<u8>) -> std::result::Result<T, String>,
-) -> Result<T> {
-    let checked = store::fetch_verified(store, key, |object| {
-        let data =
-            manifest::decompress(&object, max).map_err(|e| format!("corrupt or truncated: {e}"))?;
-        check(data)
-    })
-    .await?;
-    match checked {
-        None => Err(RestoreError::Corrupt(format!(
-            "{key} is missing from the store"
-        ))),
-        Some(Ok(value)) => Ok(value),
-        Some(Err(problem)) => Err(RestoreError::Corrupt(format!("{key}: {problem}"))),
-    }
-}
-
-/// Tree object `hash` from `store`: verified against its hash and decoded.
-pub async fn read_tree(store: &dyn ObjectStore, hash: &BlockHash) -> Result<Vec<Entry>> {
-    let key = catalog::tree_key(hash);
-    fetch(store, &key, MAX_MANIFEST_OBJECT, |data| {
-        if BlockHash::of(&data) != *hash {
-            return Err("does not match its hash".to_owned());
-        }
-        manifest::decode_tree(&data).map_err(|e| e.to_string())
-    })
-    .await
-}
-
-/// The snapshots found in a store: those that read back whole, and a message for each
-/// object that did not (one damaged object must not hide the others).
-pub struct Listing {
-    pub snapshots: Vec<SnapshotManifest>,
-    pub damaged: Vec<String>,
-    /// The store of the volume this one was made from, whose blocks it shares.
-    pub origin: Option<StoreUrl>,
-}
-
-/// Every completed snapshot in the store, oldest first, read from the bucket alone.
-pub async fn list_manifests(store: &dyn ObjectStore) -> Result<Listing> {
-    let header = store::retry(Some(5), || store.get(store::VOLUME_KEY))
-        .await?
-        .ok_or_else(|| RestoreError::Corrupt(format!("{} holds no snapfs volume", store.url())))?;
-    let (volume_id, origin) = check_header(store, &header)?;
-    let mut keys = store::retry(Some(5), || store.list("snapshots/")).await?;
-    keys.sort();
-    let mut listing = Listing {
-        snapshots: Vec::new(),
-        damaged: Vec::new(),
-        origin,
-    };
-    for key in keys {
-        let decode = |data: Vec<u8>| manifest::decode_snapshot(&data).map_err(|e| e.to_string());
-        match fetch(store, &key, MAX_MANIFEST_OBJECT, decode).await {
-            Err(RestoreError::Corrupt(message)) => listing.damaged.push(message),
-            Err(e) => return Err(e),
-            Ok(manifest) if manifest.volume_id != volume_id => listing.damaged.push(format!(
-                "{key} belongs to volume {}, not {volume_id}",
-                manifest.volume_id
-            )),
-            Ok(manifest) => listing.snapshots.push(manifest),
-        }
-    }
-    Ok(listing)
-}
-
-/// Checks the volume header's format version and that `store` has the volume's key (if
-/// it is encrypted); returns the volume id and origin store.
-fn check_header(store: &dyn ObjectStore, header: &[u8]) -> Result<(String, Option<StoreUrl>)> {
-    let text = String::from_utf8_lossy(header);
-    let field = |name: &str| store::header_field(&text, name);
-    if !text.starts_with("snapfs volume\n") {
-        return Err(RestoreError::Corrupt(
-            "the volume header is not snapfs's".into(),
-        ));
-    }
-    match field("format").as_deref() {
-        Some("1") => {}
-        Some(other) => {
-            return Err(RestoreError::Corrupt(format!(
-                "the store has format {other}; this snapfs reads format {}: upgrade snapfs",
-                store::FORMAT_VERSION
-            )));
-        }
-        None => {
-            return Err(RestoreError::Corrupt(
-                "the volume header has no format".into(),
-            ));
-        }
-    }
-    let origin = match field("origin") {
-        Some(url) => Some(
-            StoreUrl::parse(&url)
-                .map_err(|e| RestoreError::Corrupt(format!("the volume header's origin: {e}")))?,
-        ),
-        None => None,
-    };
-    let id =
-        field("id").ok_or_else(|| RestoreError::Corrupt("the volume header has no id".into()))?;
-    store::check_encryption(store, &text)?;
-    Ok((id, origin))
-}
-
-/// Lists the completed snapshots of the store at `url`.
-pub fn store_snapshots(url: &StoreUrl) -> Result<Listing> {
-    let runtime = runtime()?;
-    runtime.block_on(async {
-        let store = store::open(url).await?;
-        list_manifests(&*store).await
-    })
-}
-
-impl Source for StoreSource {
-    fn root(&self) -> Result<Entry> {
-        Ok(self.manifest.root.clone())
-    }
-
-    fn children(&self, dir: &Entry) -> Result<Vec<Entry>> {
-        let Content::Tree(hash) = &dir.content else {
-            return Err(RestoreError::Corrupt("a directory without a tree".into()));
-        };
-        self.stores
-            .runtime
-            .block_on(read_tree(&*self.stores.stores[0], hash))
-    }
-
-    fn block(&self, hash: &BlockHash) -> Result<Vec<u8>> {
-        self.stores.block(hash, self.block_size() as usize)
-    }
-
-    fn block_size(&self) -> u64 {
-        u64::from(self.manifest.block_size)
-    }
-
-    fn parallelism(&self) -> usize {
-        // Each request waits tens of milliseconds on a loopback server, far more on a
-        // remote one: many in flight keep the link busy (the CPU is mostly idle).
-        64
-    }
-}
 
 #[derive(Clone, Debug, Default)]
 pub struct Options {
@@ -493,9 +234,9 @@ pub fn restore(
         let (parent, name) = match fs::metadata(dest) {
             Ok(meta) if meta.is_dir() => (dest.to_owned(), entry.name.clone()),
             _ => {
-                let name = dest.file_name().ok_or_else(|| {
-                    RestoreError::Corrupt(format!("{} has no file name", dest.display()))
-                })?;
+                let name = dest
+                    .file_name()
+                    .ok_or_else(|| RestoreError::DestNoName(dest.to_owned()))?;
                 let parent = dest.parent().filter(|p| !p.as_os_str().is_empty());
                 (
                     parent.unwrap_or(Path::new(".")).to_owned(),
@@ -929,14 +670,22 @@ impl Run<'_> {
         let file = &job.file;
         if !file.failed.load(Ordering::SeqCst) {
             let offset = job.index * self.block_size;
-            let result = self.source.block(&job.hash).and_then(|data| {
-                let len = (file.entry.size.saturating_sub(offset)).min(data.len() as u64);
-                std::os::unix::fs::FileExt::write_all_at(&file.file, &data[..len as usize], offset)
+            let result = self
+                .source
+                .block(&job.hash)
+                .map_err(RestoreError::from)
+                .and_then(|data| {
+                    let len = (file.entry.size.saturating_sub(offset)).min(data.len() as u64);
+                    std::os::unix::fs::FileExt::write_all_at(
+                        &file.file,
+                        &data[..len as usize],
+                        offset,
+                    )
                     .map_err(io_err(&file.path))?;
-                self.progress.advance(len);
-                crate::sync::lock(&self.report).bytes += len;
-                Ok(())
-            });
+                    self.progress.advance(len);
+                    crate::sync::lock(&self.report).bytes += len;
+                    Ok(())
+                });
             if let Err(e) = result {
                 if !file.failed.swap(true, Ordering::SeqCst) {
                     self.error(format!("{}: {e}; not restored", file.path.display()));

@@ -11,13 +11,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 
 use crate::blocks::{BlockError, BlockHash, BlockStore};
 use crate::catalog::{self, BlockLocation, BlockRecord, Catalog, Finding, Setting, SnapshotState};
 use crate::manifest::{self, Content};
-use crate::restore::{self, Progress, RestoreError};
-use crate::store::{self, ObjectStore, StoreError, StoreUrl};
+use crate::restore::Progress;
+use crate::store::{self, Listing, ObjectKey, ObjectStore, ReadError, StoreError, StoreUrl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -26,7 +27,7 @@ pub enum VerifyError {
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Restore(#[from] RestoreError),
+    Read(#[from] ReadError),
     #[error(transparent)]
     Volume(#[from] crate::volume::Error),
     #[error(transparent)]
@@ -118,12 +119,13 @@ pub fn verify_volume(data_dir: &Path, options: Options, progress: &dyn Progress)
     if lock.is_none() && options.repair {
         return Err(VerifyError::InUse(data_dir.to_owned()));
     }
-    let first = check_volume(data_dir, options, lock.is_some(), progress)?;
+    let runtime = runtime()?;
+    let first = check_volume(&runtime, data_dir, options, lock.is_some(), progress)?;
     if !options.repair || (first.is_clean() && first.orphans.is_empty()) {
         return Ok(first);
     }
-    let repaired = repair(data_dir, &first)?;
-    let mut second = check_volume(data_dir, options, true, progress)?;
+    let repaired = repair(&runtime, data_dir, &first)?;
+    let mut second = check_volume(&runtime, data_dir, options, true, progress)?;
     second.repaired = repaired;
     Ok(second)
 }
@@ -134,7 +136,7 @@ pub fn verify_store(url: &StoreUrl, options: Options, progress: &dyn Progress) -
     let mut report = Report::default();
     runtime()?.block_on(async {
         let own = store::open(url).await?;
-        let listing = restore::list_manifests(&*own).await?;
+        let listing = store::list_manifests(&*own).await?;
         let stores = Stores::list(own, listing.origin.as_ref()).await?;
         stores
             .check_manifests(listing, options.deep, &mut report, progress)
@@ -144,6 +146,7 @@ pub fn verify_store(url: &StoreUrl, options: Options, progress: &dyn Progress) -
 }
 
 fn check_volume(
+    runtime: &Runtime,
     data_dir: &Path,
     options: Options,
     locked: bool,
@@ -214,12 +217,12 @@ fn check_volume(
     }
 
     let (url, origin) = store_urls(data_dir, urls)?;
-    runtime()?.block_on(async {
+    runtime.block_on(async {
         let stores = Stores::list(store::open(&url).await?, origin.as_ref()).await?;
         let missing_manifests = snapshots
             .iter()
             .filter(|s| s.state == SnapshotState::Completed)
-            .filter(|s| !stores.has(&catalog::snapshot_key(s.id)))
+            .filter(|s| !stores.has(&ObjectKey::snapshot(s.id)))
             .map(|s| String::from_utf8_lossy(&s.name).into_owned())
             .collect();
         report.problem(
@@ -229,8 +232,9 @@ fn check_volume(
         report.counts.trees = completed_trees.len() as u64;
         let missing_trees = completed_trees
             .iter()
-            .map(catalog::tree_key)
+            .map(ObjectKey::tree)
             .filter(|key| !stores.has(key))
+            .map(String::from)
             .collect();
         report.problem(
             format!("tree objects of completed snapshots missing from {url}"),
@@ -254,7 +258,7 @@ fn check_volume(
         if completed.is_empty() {
             return Ok(());
         }
-        let mut listing = restore::list_manifests(&*stores.own).await?;
+        let mut listing = store::list_manifests(&*stores.own).await?;
         let stale = listing.snapshots.len();
         listing.snapshots.retain(|m| completed.contains(&m.id));
         let stale = stale - listing.snapshots.len();
@@ -300,7 +304,7 @@ fn check_local_blocks(
 }
 
 /// Fixes what `report` found that a good copy elsewhere allows; returns what it did.
-fn repair(data_dir: &Path, report: &Report) -> Result<Vec<String>> {
+fn repair(runtime: &Runtime, data_dir: &Path, report: &Report) -> Result<Vec<String>> {
     let mut done = Vec::new();
     for orphan in &report.orphans {
         fs::remove_file(orphan).map_err(|source| VerifyError::Io {
@@ -324,7 +328,7 @@ fn repair(data_dir: &Path, report: &Report) -> Result<Vec<String>> {
     let (url, origin) = store_urls(data_dir, urls)?;
     let block_size = catalog.block_size() as usize;
     let blocks = BlockStore::open(&data_dir.join("blocks"), 1)?;
-    runtime()?.block_on(async {
+    runtime.block_on(async {
         let own = store::open(&url).await?;
         let mut uploaded = 0;
         for hash in &report.store_gaps {
@@ -334,11 +338,11 @@ fn repair(data_dir: &Path, report: &Report) -> Result<Vec<String>> {
             let Ok(data) = blocks.read_uncached(hash) else {
                 continue;
             };
+            let key = ObjectKey::block(hash);
             let object = manifest::compress(&data, 3).map_err(|source| VerifyError::Io {
-                path: PathBuf::from(catalog::block_key(hash)),
+                path: PathBuf::from(key.as_str()),
                 source,
             })?;
-            let key = catalog::block_key(hash);
             store::retry(Some(5), || own.put(&key, object.clone())).await?;
             uploaded += 1;
         }
@@ -382,13 +386,13 @@ impl Stores {
     /// Lists the volume's store `own`, and opens and lists its origin's if it has one.
     async fn list(own: Arc<dyn ObjectStore>, origin: Option<&StoreUrl>) -> Result<Stores> {
         let mut own_keys = HashSet::new();
-        for prefix in ["blocks/", "trees/", "snapshots/"] {
+        for prefix in [ObjectKey::BLOCKS, ObjectKey::TREES, ObjectKey::SNAPSHOTS] {
             own_keys.extend(store::retry(Some(5), || own.list(prefix)).await?);
         }
         let origin = match origin {
             Some(url) => {
                 let origin = store::open(url).await?;
-                let keys = store::retry(Some(5), || origin.list("blocks/")).await?;
+                let keys = store::retry(Some(5), || origin.list(ObjectKey::BLOCKS)).await?;
                 Some((origin, keys.into_iter().collect()))
             }
             None => None,
@@ -414,7 +418,7 @@ impl Stores {
 
     /// The store holding block `hash`: the volume's own, else its origin's.
     fn holder(&self, hash: &BlockHash) -> Option<&Arc<dyn ObjectStore>> {
-        let key = catalog::block_key(hash);
+        let key = ObjectKey::block(hash);
         if self.has(&key) {
             return Some(&self.own);
         }
@@ -438,7 +442,7 @@ impl Stores {
         let mut present = Vec::new();
         for &(hash, in_origin) in blocks {
             report.counts.stored_blocks += 1;
-            let key = catalog::block_key(&hash);
+            let key = ObjectKey::block(&hash);
             let store = match (&self.origin, in_origin) {
                 (Some((origin, _)), true) if self.origin_has(&key) => Some(origin),
                 (_, false) if self.has(&key) => Some(&self.own),
@@ -446,10 +450,10 @@ impl Stores {
             };
             match store {
                 Some(store) => present.push((hash, store.clone())),
-                None if in_origin => missing_in_origin.push(key),
+                None if in_origin => missing_in_origin.push(key.into()),
                 None => {
                     report.store_gaps.insert(hash);
-                    missing.push(key);
+                    missing.push(key.into());
                 }
             }
         }
@@ -524,7 +528,7 @@ impl Stores {
     /// that the blocks they name are present (and, `deep`, intact).
     async fn check_manifests(
         &self,
-        listing: restore::Listing,
+        listing: Listing,
         deep: bool,
         report: &mut Report,
         progress: &dyn Progress,
@@ -551,7 +555,7 @@ impl Stores {
                 }
                 let store = self.own.clone();
                 fetches.spawn(async move {
-                    let result = restore::read_tree(&*store, &hash)
+                    let result = store::read_tree(&*store, &hash)
                         .await
                         .map_err(|e| e.to_string());
                     (snapshot, result)
@@ -575,7 +579,7 @@ impl Stores {
         let missing = blocks
             .iter()
             .filter(|(hash, _)| self.holder(hash).is_none())
-            .map(|(hash, snapshot)| format!("{} (snapshot {snapshot})", catalog::block_key(hash)))
+            .map(|(hash, snapshot)| format!("{} (snapshot {snapshot})", ObjectKey::block(hash)))
             .collect();
         report.problem(
             "blocks named by a snapshot's manifest that no store holds",
@@ -644,13 +648,10 @@ fn parse_remembered(url: &str) -> Result<StoreUrl> {
     })
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|source| VerifyError::Io {
-            path: PathBuf::from("tokio runtime"),
-            source,
-        })
+/// The runtime one check (and its repair) runs its store requests on.
+fn runtime() -> Result<Runtime> {
+    store::runtime().map_err(|source| VerifyError::Io {
+        path: PathBuf::from("tokio runtime"),
+        source,
+    })
 }

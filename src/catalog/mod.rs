@@ -10,7 +10,6 @@ mod schema;
 mod upload;
 mod verify;
 
-pub use upload::{block_key, snapshot_key, tree_key};
 pub use verify::{BlockRecord, Finding};
 
 use std::path::{Path, PathBuf};
@@ -1093,9 +1092,9 @@ impl WriteTx<'_> {
         self.conn
             .prepare_cached(
                 "INSERT OR IGNORE INTO store_deletions (key)
-                 SELECT 'blocks/' || lower(hex(hash)) FROM blocks WHERE refs = 0 AND stored = 1",
+                 SELECT ?1 || lower(hex(hash)) FROM blocks WHERE refs = 0 AND stored = 1",
             )?
-            .execute([])?;
+            .execute([crate::store::ObjectKey::BLOCKS])?;
         let mut stmt = self
             .conn
             .prepare_cached("DELETE FROM blocks WHERE refs = 0 RETURNING hash")?;

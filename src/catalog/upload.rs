@@ -9,22 +9,10 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{Error, ReadTx, Result, SNAPSHOT_COLUMNS, Setting, SnapshotRow, VISIBLE, WriteTx};
 use crate::blocks::BlockHash;
+use crate::store::ObjectKey;
 
 /// Rows of a versioned table whose life started or ended in `(:base, :g]`.
 const CHANGED: &str = "((birth > :base AND birth <= :g) OR (death > :base AND death <= :g))";
-
-/// The store key of a snapshot's manifest object.
-pub fn snapshot_key(id: u64) -> String {
-    format!("snapshots/{id:010}")
-}
-
-pub fn tree_key(hash: &BlockHash) -> String {
-    format!("trees/{hash}")
-}
-
-pub fn block_key(hash: &BlockHash) -> String {
-    format!("blocks/{hash}")
-}
 
 fn hash_of(bytes: Vec<u8>) -> Result<BlockHash> {
     BlockHash::try_from(bytes.as_slice())
@@ -216,10 +204,12 @@ impl ReadTx<'_> {
     /// gone, even if the deletion is cut short.
     pub fn store_deletions(&self, limit: u32) -> Result<Vec<String>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT key FROM store_deletions WHERE key >= 'snapshots/' AND key < 'snapshots0'
-             LIMIT ?1",
+            "SELECT key FROM store_deletions WHERE key >= ?2 AND key < ?3 LIMIT ?1",
         )?;
-        let keys = stmt.query_map([limit], |r| r.get(0))?;
+        let prefix = ObjectKey::SNAPSHOTS;
+        let keys = stmt.query_map(params![limit, prefix, ObjectKey::prefix_end(prefix)], |r| {
+            r.get(0)
+        })?;
         let snapshots: Vec<String> = keys.collect::<rusqlite::Result<_>>()?;
         if !snapshots.is_empty() {
             return Ok(snapshots);
@@ -285,7 +275,7 @@ impl WriteTx<'_> {
         let (mut raw, mut wire) = (0u64, 0u64);
         for (hash, len, wire_len) in sent {
             if mark.execute([hash.as_bytes()])? == 0 {
-                orphan.execute([block_key(hash)])?;
+                orphan.execute([ObjectKey::block(hash).as_str()])?;
             }
             raw += u64::from(*len);
             wire += wire_len;
@@ -405,7 +395,7 @@ impl WriteTx<'_> {
         let mut queue = self
             .conn
             .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?;
-        queue.execute([snapshot_key(id)])?;
+        queue.execute([ObjectKey::snapshot(id).as_str()])?;
         let (previous, next): (u64, Option<u64>) = self.conn.query_row(
             "SELECT (SELECT coalesce(max(generation), 0) FROM snapshots
                      WHERE generation < ?1 AND state = 'completed'),
@@ -440,7 +430,7 @@ impl WriteTx<'_> {
             .prepare_cached("SELECT 1 FROM dir_trees WHERE hash = ?1")?;
         for hash in freed {
             if !still_used.exists([&hash])? {
-                queue.execute([tree_key(&hash_of(hash)?)])?;
+                queue.execute([ObjectKey::tree(&hash_of(hash)?).as_str()])?;
             }
         }
         Ok(())

@@ -1,10 +1,15 @@
 //! Object stores: where snapshots go off the machine. One seam, [`ObjectStore`], with a
 //! directory implementation (`file:///DIR`, the embedded default) and an S3 one
 //! (`s3://BUCKET/PREFIX`). Keys are relative to the volume's place in the store; see
-//! docs/format.md for the layout.
+//! docs/format.md for the layout (owned by `key.rs`). The writer's side is the uploader
+//! (src/upload/) and [`claim`]; the reader's side (the header check, listing snapshots,
+//! trees, a snapshot to restore or import) is `reader.rs`.
 
+mod header;
+mod key;
 mod local;
 mod metered;
+mod reader;
 mod s3;
 mod sealed;
 
@@ -15,7 +20,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use header::VolumeHeader;
+pub use key::ObjectKey;
 pub use local::LocalStore;
+pub use reader::{Listing, ReadError, Source, StoreChain, StoreSource, list_manifests, read_tree};
 pub use s3::S3Store;
 pub use sealed::{KEY_FILE_VAR, KEY_VAR, Key, Sealed};
 
@@ -273,7 +281,7 @@ pub async fn fetch_block(
     hash: &crate::blocks::BlockHash,
     max_len: usize,
 ) -> StoreResult<Option<Vec<u8>>> {
-    let key = crate::catalog::block_key(hash);
+    let key = ObjectKey::block(hash);
     let checked = fetch_verified(store, &key, |object| {
         let data = zstd::bulk::decompress(&object, max_len)
             .map_err(|e| format!("not a zstd frame of at most {max_len} bytes: {e}"))?;
@@ -299,14 +307,10 @@ pub async fn fetch_block(
 pub fn missing_block(store: &dyn ObjectStore, hash: &crate::blocks::BlockHash) -> StoreError {
     StoreError::permanent(format!(
         "{} is missing from {}",
-        crate::catalog::block_key(hash),
+        ObjectKey::block(hash),
         store.url()
     ))
 }
-
-/// The object that marks a prefix as one volume's: format version, volume id, block size.
-pub const VOLUME_KEY: &str = "volume";
-pub const FORMAT_VERSION: u32 = 1;
 
 /// Claims the store for volume `volume_id`: writes the volume header if the prefix is
 /// empty, accepts it if it is this volume's, refuses another volume's. Bounded retries:
@@ -319,31 +323,23 @@ pub async fn claim(
     block_size: u32,
     origin: Option<&StoreUrl>,
 ) -> StoreResult<()> {
-    let mut header = format!(
-        "snapfs volume\nformat {FORMAT_VERSION}\nid {volume_id}\nblock_size {block_size}\n"
-    );
-    if let Some(origin) = origin {
-        header.push_str(&format!("origin {origin}\n"));
+    let header = VolumeHeader {
+        id: volume_id.to_owned(),
+        block_size,
+        origin: origin.cloned(),
+        encryption: store.encryption(),
     }
-    if let Some(encryption) = store.encryption() {
-        header.push_str(&format!("{} {encryption}\n", sealed::HEADER_FIELD));
-    }
+    .encode();
+    let key = &ObjectKey::HEADER;
     // A listing fails on a missing bucket on every server (some answer a GET of a key in
     // a missing bucket with NoSuchKey).
-    retry(Some(3), || store.list(VOLUME_KEY)).await?;
-    let existing = retry(Some(3), || store.get(VOLUME_KEY)).await?;
+    retry(Some(3), || store.list(key)).await?;
+    let existing = retry(Some(3), || store.get(key)).await?;
     match existing {
-        None => {
-            retry(Some(3), || {
-                store.put(VOLUME_KEY, header.clone().into_bytes())
-            })
-            .await
-        }
-        Some(found) if found == header.as_bytes() => Ok(()),
+        None => retry(Some(3), || store.put(key, header.clone())).await,
+        Some(found) if found == header => Ok(()),
         Some(found) => {
-            let found = String::from_utf8_lossy(&found);
-            check_encryption(store, &found)?;
-            let other = header_field(&found, "id").unwrap_or_else(|| "unknown".into());
+            let other = header::foreign_id(store, &found)?;
             Err(StoreError::permanent(format!(
                 "{} already holds another snapfs volume (id {other}; this volume is {volume_id}): \
                  give this volume its own prefix",
@@ -353,36 +349,14 @@ pub async fn claim(
     }
 }
 
-/// The value of `field` in a volume header.
-pub fn header_field(header: &str, field: &str) -> Option<String> {
-    header
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(' '))
-        .map(str::to_owned)
-}
-
-/// Checks that `store` reads the volume whose header is `header` with the right key, or
-/// with none if the volume is not encrypted.
-pub fn check_encryption(store: &dyn ObjectStore, header: &str) -> StoreResult<()> {
-    let url = store.url();
-    match (
-        header_field(header, sealed::HEADER_FIELD),
-        store.encryption(),
-    ) {
-        (None, None) => Ok(()),
-        (Some(theirs), Some(ours)) if theirs == ours => Ok(()),
-        (Some(_), None) => Err(StoreError::permanent(format!(
-            "{url} is encrypted: set {KEY_FILE_VAR} to the file holding its key (or {KEY_VAR} \
-             to the key)"
-        ))),
-        (Some(_), Some(_)) => Err(StoreError::permanent(format!(
-            "the key in {KEY_FILE_VAR}/{KEY_VAR} is not {url}'s key"
-        ))),
-        (None, Some(_)) => Err(StoreError::permanent(format!(
-            "{url} is not encrypted but a key is set ({KEY_FILE_VAR}/{KEY_VAR}): unset it to \
-             use this store, or give an encrypted volume its own store"
-        ))),
-    }
+/// The tokio runtime store requests run on, for a command or a daemon (which passes its
+/// handle down): two worker threads, as requests wait on the network, not the CPU.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("store-io")
+        .enable_all()
+        .build()
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
-use super::{ObjectStore, StoreError, StoreFuture, StoreResult};
+use super::{ObjectKey, ObjectStore, StoreError, StoreFuture, StoreResult};
 
 const MAGIC: &[u8; 8] = b"snapfsE1";
 const NONCE_LEN: usize = 24;
@@ -24,8 +24,6 @@ const TAG_LEN: usize = 16;
 /// Where the key comes from: a file holding it, or the variable itself.
 pub const KEY_FILE_VAR: &str = "SNAPFS_KEY_FILE";
 pub const KEY_VAR: &str = "SNAPFS_KEY";
-/// The volume header's line naming the cipher and the key check value.
-pub const HEADER_FIELD: &str = "encryption";
 const CIPHER: &str = "xchacha20poly1305";
 
 /// A volume's encryption key (never printed: no Debug, no Display).
@@ -112,12 +110,12 @@ impl Sealed {
     /// `key`'s object name in the bucket: block and tree names, being content hashes,
     /// are replaced by a keyed hash of themselves.
     fn name(&self, key: &str) -> String {
-        match key.split_once('/') {
-            Some((kind @ ("blocks" | "trees"), hash)) => format!(
-                "{kind}/{}",
+        match ObjectKey::split_content_named(key) {
+            Some((prefix, hash)) => format!(
+                "{prefix}{}",
                 blake3::keyed_hash(&self.names, hash.as_bytes()).to_hex()
             ),
-            _ => key.to_owned(),
+            None => key.to_owned(),
         }
     }
 
@@ -167,7 +165,7 @@ impl Sealed {
 impl ObjectStore for Sealed {
     fn put<'a>(&'a self, key: &'a str, body: Vec<u8>) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            if key == super::VOLUME_KEY {
+            if key == ObjectKey::HEADER.as_str() {
                 return self.inner.put(key, body).await;
             }
             let object = self.seal(key, &body)?;
@@ -177,7 +175,7 @@ impl ObjectStore for Sealed {
 
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
         Box::pin(async move {
-            if key == super::VOLUME_KEY {
+            if key == ObjectKey::HEADER.as_str() {
                 return self.inner.get(key).await;
             }
             match self.inner.get(&self.name(key)).await? {

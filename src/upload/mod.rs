@@ -18,7 +18,7 @@ use crate::blocks::{BlockHash, BlockStore};
 use crate::catalog::{self, Catalog, Kind, ROOT_INO, SnapshotRow};
 use crate::manifest::{self, Content, Entry, SnapshotManifest};
 use crate::metrics;
-use crate::store::{self, ObjectStore, StoreError};
+use crate::store::{self, ObjectKey, ObjectStore, StoreError};
 use crate::sync::{Mutex, lock};
 use crate::volume::{self, Volume};
 
@@ -252,7 +252,7 @@ impl Worker {
                 if let Some(limiter) = &limiter {
                     limiter.acquire(wire).await;
                 }
-                let key = catalog::block_key(&hash);
+                let key = ObjectKey::block(&hash);
                 store::retry(None, || store.put(&key, data.clone()))
                     .await
                     .map_err(|e| e.message)?;
@@ -351,7 +351,7 @@ impl Worker {
             trees.push((frame.ino, hash));
             let compressed = self.compress(&encoded)?;
             outgoing_bytes += compressed.len();
-            outgoing.push((catalog::tree_key(&hash), compressed));
+            outgoing.push((ObjectKey::tree(&hash).into(), compressed));
             if outgoing_bytes > TREE_BATCH_BYTES {
                 self.put_all(std::mem::take(&mut outgoing)).await?;
                 outgoing_bytes = 0;
@@ -372,7 +372,7 @@ impl Worker {
         let Some(object) = self.snapshot_object(snapshot.id, g, root_tree)? else {
             return Ok(None);
         };
-        self.put_all(vec![(catalog::snapshot_key(snapshot.id), object.1)])
+        self.put_all(vec![(ObjectKey::snapshot(snapshot.id).into(), object.1)])
             .await?;
         Ok(Some(WrittenManifest {
             trees,
@@ -436,7 +436,7 @@ impl Worker {
             else {
                 continue;
             };
-            self.put_all(vec![(catalog::snapshot_key(snapshot.id), object)])
+            self.put_all(vec![(ObjectKey::snapshot(snapshot.id).into(), object)])
                 .await?;
             lock(&self.catalog).write(|tx| tx.manifest_written(snapshot.id, version))?;
         }

@@ -202,7 +202,7 @@ impl Setup {
     }
 
     fn manifest(&self, id: u64) -> (SnapshotManifest, Vec<Entry>) {
-        let snapshot = decode_snapshot(&self.object(&catalog::snapshot_key(id))).expect("decode");
+        let snapshot = decode_snapshot(&self.object(&ObjectKey::snapshot(id))).expect("decode");
         let Content::Tree(root) = snapshot.root.content else {
             panic!("root without a tree")
         };
@@ -211,7 +211,7 @@ impl Setup {
     }
 
     fn tree(&self, hash: &BlockHash) -> Vec<Entry> {
-        let encoded = self.object(&catalog::tree_key(hash));
+        let encoded = self.object(&ObjectKey::tree(hash));
         assert_eq!(
             BlockHash::of(&encoded),
             *hash,
@@ -348,13 +348,16 @@ fn deleting_snapshots_deletes_the_objects_nothing_else_needs() {
     t.upload();
     let old_keys: Vec<String> = old
         .chunks(BLOCK)
-        .map(|c| catalog::block_key(&BlockHash::of(c)))
+        .map(|c| ObjectKey::block(&BlockHash::of(c)).into())
         .collect();
     let remaining = t.keys("blocks/");
     assert_eq!(remaining.len(), 2);
     assert!(old_keys.iter().all(|k| !remaining.contains(k)));
-    assert_eq!(t.keys("snapshots/"), [catalog::snapshot_key(second)]);
-    assert!(!t.keys("snapshots/").contains(&catalog::snapshot_key(first)));
+    assert_eq!(t.keys("snapshots/"), [ObjectKey::snapshot(second).as_str()]);
+    assert!(
+        !t.keys("snapshots/")
+            .contains(&ObjectKey::snapshot(first).into())
+    );
     // The remaining snapshot's trees are all still there.
     let (_, root) = t.manifest(second);
     assert_eq!(blocks_of(&root[0]).len(), 2);

@@ -8,7 +8,7 @@ use super::{Error, Result, Volume};
 use crate::blocks::BlockHash;
 use crate::catalog::{InodeRow, Kind, LIVE, ROOT_INO, WriteTx};
 use crate::manifest::{Content, Entry};
-use crate::restore::Source;
+use crate::store::{ReadError, Source};
 use crate::sync::lock;
 
 fn inode_row(entry: &Entry, parent: u64, block_size: u64) -> InodeRow {
@@ -70,7 +70,7 @@ impl Volume {
     /// records the trees it matched in `dir_trees`: `record_trees`). Returns the number of
     /// entries written.
     pub fn sync_to(&self, source: &dyn Source, record_trees: bool) -> Result<u64> {
-        let import_err = |e: crate::restore::RestoreError| Error::Import(e.to_string());
+        let import_err = |e: ReadError| Error::Import(e.to_string());
         let root = source.root().map_err(import_err)?;
         let block_size = self.block_size;
         let mut written = 0u64;

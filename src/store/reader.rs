@@ -1,0 +1,258 @@
+//! Reading a volume from its store alone: the header check, the list of completed
+//! snapshots, directory trees, and a snapshot as a [`Source`] to restore or import.
+//! Everything read is checked: the header's format and key, each object's hash, each
+//! manifest's structure. Requests run on a runtime the caller owns (the daemon's, or one
+//! from [`super::runtime`] for a command) and are awaited from plain threads.
+
+use std::sync::Arc;
+
+use tokio::runtime::Handle;
+
+use super::{ObjectKey, ObjectStore, StoreError, StoreUrl, VolumeHeader};
+use crate::blocks::BlockHash;
+use crate::catalog;
+use crate::manifest::{self, Content, Entry, SnapshotManifest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("no snapshot named {0}")]
+    NoSnapshot(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// A local volume's catalog (`restore::LocalSource`).
+    #[error(transparent)]
+    Catalog(#[from] catalog::Error),
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+type Result<T, E = ReadError> = std::result::Result<T, E>;
+
+/// Where a snapshot's tree and blocks come from: the store ([`StoreSource`]) or a local
+/// volume (`restore::LocalSource`, which falls back to a [`StoreChain`] for blocks not
+/// on its disk). Restore writes one to a directory; `Volume::sync_to` imports one.
+/// It lives with the reader because its one remote implementation, its chain of stores
+/// and its error are the reader's.
+pub trait Source: Sync {
+    /// The snapshot's root directory.
+    fn root(&self) -> Result<Entry>;
+    /// The entries of directory `dir`, sorted by name.
+    fn children(&self, dir: &Entry) -> Result<Vec<Entry>>;
+    /// Block `hash`, verified against it.
+    fn block(&self, hash: &BlockHash) -> Result<Vec<u8>>;
+    fn block_size(&self) -> u64;
+    /// Block reads worth running at once.
+    fn parallelism(&self) -> usize;
+}
+
+/// Largest decompressed tree or snapshot object accepted.
+const MAX_MANIFEST_OBJECT: usize = 256 << 20;
+
+/// Stores to read a volume from: its own, then (for blocks) its origin's, the volume it
+/// was made from. Cloning shares the open stores.
+#[derive(Clone)]
+pub struct StoreChain {
+    runtime: Handle,
+    own: Arc<dyn ObjectStore>,
+    origin: Option<Arc<dyn ObjectStore>>,
+}
+
+impl StoreChain {
+    /// A chain of the store `own`, opened already.
+    pub fn new(runtime: &Handle, own: Arc<dyn ObjectStore>) -> StoreChain {
+        StoreChain {
+            runtime: runtime.clone(),
+            own,
+            origin: None,
+        }
+    }
+
+    /// Opens the stores at `own` and `origin`.
+    pub fn open(runtime: &Handle, own: &StoreUrl, origin: Option<&StoreUrl>) -> Result<StoreChain> {
+        let mut chain = StoreChain::new(runtime, runtime.block_on(super::open(own))?);
+        chain.set_origin(origin)?;
+        Ok(chain)
+    }
+
+    /// Opens the origin's store at `url` (from the listing's header), unless the chain
+    /// has one already: a volume's origin never changes.
+    pub fn set_origin(&mut self, url: Option<&StoreUrl>) -> Result<()> {
+        if let (None, Some(url)) = (&self.origin, url) {
+            self.origin = Some(self.runtime.block_on(super::open(url))?);
+        }
+        Ok(())
+    }
+
+    /// The volume's store, for messages.
+    pub fn url(&self) -> &str {
+        self.own.url()
+    }
+
+    /// The completed snapshots in the volume's store (see [`list_manifests`]).
+    pub fn list(&self) -> Result<Listing> {
+        self.runtime.block_on(list_manifests(&*self.own))
+    }
+
+    /// Tree object `hash` from the volume's store.
+    fn tree(&self, hash: &BlockHash) -> Result<Vec<Entry>> {
+        self.runtime.block_on(read_tree(&*self.own, hash))
+    }
+
+    /// Block `hash` (at most `max` bytes) from the first store that has it, verified.
+    pub fn block(&self, hash: &BlockHash, max: usize) -> Result<Vec<u8>> {
+        for store in std::iter::once(&self.own).chain(&self.origin) {
+            if let Some(data) = self
+                .runtime
+                .block_on(super::fetch_block(&**store, hash, max))?
+            {
+                return Ok(data);
+            }
+        }
+        Err(super::missing_block(&*self.own, hash).into())
+    }
+}
+
+/// A completed snapshot read from the object store alone.
+pub struct StoreSource {
+    /// The volume's store, then its origin's if it was made from another's snapshot.
+    stores: StoreChain,
+    manifest: SnapshotManifest,
+}
+
+impl StoreSource {
+    /// Snapshot `snapshot` of the volume in the store at `url`.
+    pub fn open(runtime: &Handle, url: &StoreUrl, snapshot: &str) -> Result<StoreSource> {
+        let mut stores = StoreChain::open(runtime, url, None)?;
+        let listing = stores.list()?;
+        let manifest = listing
+            .snapshots
+            .into_iter()
+            .find(|m| m.name == snapshot.as_bytes())
+            .ok_or_else(|| {
+                let damaged = if listing.damaged.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (unreadable snapshot objects: {})",
+                        listing.damaged.join("; ")
+                    )
+                };
+                ReadError::NoSnapshot(format!("{snapshot} in {url}{damaged}"))
+            })?;
+        stores.set_origin(listing.origin.as_ref())?;
+        Ok(StoreSource { stores, manifest })
+    }
+
+    /// The snapshot `manifest`, listed already from `stores` (whose origin is set).
+    pub fn new(stores: StoreChain, manifest: SnapshotManifest) -> StoreSource {
+        StoreSource { stores, manifest }
+    }
+
+    /// The snapshot's block size (a new volume made from it must use the same).
+    pub fn block_size_of(&self) -> u32 {
+        self.manifest.block_size
+    }
+}
+
+impl Source for StoreSource {
+    fn root(&self) -> Result<Entry> {
+        Ok(self.manifest.root.clone())
+    }
+
+    fn children(&self, dir: &Entry) -> Result<Vec<Entry>> {
+        let Content::Tree(hash) = &dir.content else {
+            return Err(ReadError::Corrupt("a directory without a tree".into()));
+        };
+        self.stores.tree(hash)
+    }
+
+    fn block(&self, hash: &BlockHash) -> Result<Vec<u8>> {
+        self.stores.block(hash, self.block_size() as usize)
+    }
+
+    fn block_size(&self) -> u64 {
+        u64::from(self.manifest.block_size)
+    }
+
+    fn parallelism(&self) -> usize {
+        // Each request waits tens of milliseconds on a loopback server, far more on a
+        // remote one: many in flight keep the link busy (the CPU is mostly idle).
+        64
+    }
+}
+
+/// An object, decompressed (at most `max` bytes) and checked by `check` (hash, decode);
+/// a copy that fails is fetched again (see `store::fetch_verified`). A missing object, or
+/// one that fails every time, is an error.
+async fn fetch<T>(
+    store: &dyn ObjectStore,
+    key: &str,
+    max: usize,
+    check: impl Fn(Vec<u8>) -> std::result::Result<T, String>,
+) -> Result<T> {
+    let checked = super::fetch_verified(store, key, |object| {
+        let data =
+            manifest::decompress(&object, max).map_err(|e| format!("corrupt or truncated: {e}"))?;
+        check(data)
+    })
+    .await?;
+    match checked {
+        None => Err(ReadError::Corrupt(format!(
+            "{key} is missing from the store"
+        ))),
+        Some(Ok(value)) => Ok(value),
+        Some(Err(problem)) => Err(ReadError::Corrupt(format!("{key}: {problem}"))),
+    }
+}
+
+/// Tree object `hash` from `store`: verified against its hash and decoded.
+pub async fn read_tree(store: &dyn ObjectStore, hash: &BlockHash) -> Result<Vec<Entry>> {
+    let key = ObjectKey::tree(hash);
+    fetch(store, &key, MAX_MANIFEST_OBJECT, |data| {
+        if BlockHash::of(&data) != *hash {
+            return Err("does not match its hash".to_owned());
+        }
+        manifest::decode_tree(&data).map_err(|e| e.to_string())
+    })
+    .await
+}
+
+/// The snapshots found in a store: those that read back whole, and a message for each
+/// object that did not (one damaged object must not hide the others).
+pub struct Listing {
+    pub snapshots: Vec<SnapshotManifest>,
+    pub damaged: Vec<String>,
+    /// The store of the volume this one was made from, whose blocks it shares.
+    pub origin: Option<StoreUrl>,
+}
+
+/// Every completed snapshot in the store, oldest first, read from the bucket alone, after
+/// the volume header is checked (format, key).
+pub async fn list_manifests(store: &dyn ObjectStore) -> Result<Listing> {
+    let key = ObjectKey::HEADER;
+    let header = super::retry(Some(5), || store.get(&key))
+        .await?
+        .ok_or_else(|| ReadError::Corrupt(format!("{} holds no snapfs volume", store.url())))?;
+    let header = VolumeHeader::parse(&header).map_err(ReadError::Corrupt)?;
+    header.check_key(store)?;
+    let mut keys = super::retry(Some(5), || store.list(ObjectKey::SNAPSHOTS)).await?;
+    keys.sort();
+    let mut listing = Listing {
+        snapshots: Vec::new(),
+        damaged: Vec::new(),
+        origin: header.origin,
+    };
+    for key in keys {
+        let decode = |data: Vec<u8>| manifest::decode_snapshot(&data).map_err(|e| e.to_string());
+        match fetch(store, &key, MAX_MANIFEST_OBJECT, decode).await {
+            Err(ReadError::Corrupt(message)) => listing.damaged.push(message),
+            Err(e) => return Err(e),
+            Ok(manifest) if manifest.volume_id != header.id => listing.damaged.push(format!(
+                "{key} belongs to volume {}, not {}",
+                manifest.volume_id, header.id
+            )),
+            Ok(manifest) => listing.snapshots.push(manifest),
+        }
+    }
+    Ok(listing)
+}
