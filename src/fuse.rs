@@ -95,18 +95,19 @@ fn set_time(time: TimeOrNow) -> SetTime {
 fn file_attr(attr: &Attr, block_size: u32) -> FileAttr {
     FileAttr {
         ino: INodeNo(attr.node.raw()),
-        size: attr.size,
+        size: attr.attrs.size,
         blocks: attr.blocks,
-        atime: system_time(attr.atime),
-        mtime: system_time(attr.mtime),
-        ctime: system_time(attr.ctime),
-        crtime: system_time(attr.crtime),
-        kind: file_type(attr.kind),
-        perm: attr.perm,
-        nlink: attr.nlink,
-        uid: attr.uid,
-        gid: attr.gid,
-        rdev: attr.rdev,
+        atime: system_time(attr.attrs.atime),
+        mtime: system_time(attr.attrs.mtime),
+        ctime: system_time(attr.attrs.ctime),
+        crtime: system_time(attr.attrs.crtime),
+        kind: file_type(attr.attrs.kind),
+        // `Attr::from_row` keeps only the 12 permission bits.
+        perm: attr.attrs.perm as u16,
+        nlink: attr.attrs.nlink,
+        uid: attr.attrs.uid,
+        gid: attr.attrs.gid,
+        rdev: attr.attrs.rdev,
         blksize: block_size,
         flags: 0,
     }
@@ -455,7 +456,7 @@ impl Filesystem for SnapFs {
         let _op = metrics::operation("readdir");
         let result = self.each_entry(fh, offset, |next, entry| {
             let name = OsStr::from_bytes(&entry.name);
-            let kind = file_type(entry.attr.kind);
+            let kind = file_type(entry.attr.attrs.kind);
             reply.add(INodeNo(entry.attr.node.raw()), next, kind, name)
         });
         match result {

@@ -9,7 +9,7 @@
 //! Decoding treats the input as hostile: every length is bounded before it is used.
 
 use crate::blocks::BlockHash;
-use crate::catalog::{Kind, NAME_MAX, XATTR_SIZE_MAX};
+use crate::catalog::{Attrs, Kind, NAME_MAX, XATTR_SIZE_MAX};
 
 const TREE_MAGIC: &[u8; 8] = b"snapfsT1";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"snapfsS1";
@@ -34,20 +34,9 @@ pub enum Content {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub name: Vec<u8>,
-    pub kind: Kind,
     /// The volume's inode number: entries with the same one are hard links.
     pub ino: u64,
-    pub perm: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub nlink: u32,
-    pub size: u64,
-    pub rdev: u32,
-    /// Nanoseconds since the epoch.
-    pub atime: i64,
-    pub mtime: i64,
-    pub ctime: i64,
-    pub crtime: i64,
+    pub attrs: Attrs,
     pub target: Option<Vec<u8>>,
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     pub content: Content,
@@ -63,18 +52,8 @@ impl Entry {
         let inode = row.inode;
         Entry {
             name: row.name,
-            kind: inode.kind,
             ino: inode.ino,
-            perm: inode.perm,
-            uid: inode.uid,
-            gid: inode.gid,
-            nlink: inode.nlink,
-            size: inode.size,
-            rdev: inode.rdev,
-            atime: inode.atime,
-            mtime: inode.mtime,
-            ctime: inode.ctime,
-            crtime: inode.crtime,
+            attrs: inode.attrs,
             target: inode.target,
             xattrs,
             content,
@@ -143,13 +122,24 @@ impl Writer {
 
     fn entry(&mut self, entry: &Entry) {
         self.bytes(&entry.name);
-        self.uint(entry.kind as u64);
+        self.uint(entry.attrs.kind as u64);
         self.uint(entry.ino);
-        for value in [entry.perm, entry.uid, entry.gid, entry.nlink, entry.rdev] {
+        for value in [
+            entry.attrs.perm,
+            entry.attrs.uid,
+            entry.attrs.gid,
+            entry.attrs.nlink,
+            entry.attrs.rdev,
+        ] {
             self.uint(u64::from(value));
         }
-        self.uint(entry.size);
-        for time in [entry.atime, entry.mtime, entry.ctime, entry.crtime] {
+        self.uint(entry.attrs.size);
+        for time in [
+            entry.attrs.atime,
+            entry.attrs.mtime,
+            entry.attrs.ctime,
+            entry.attrs.crtime,
+        ] {
             self.int(time);
         }
         self.bytes(entry.target.as_deref().unwrap_or_default());
@@ -296,18 +286,20 @@ impl<'a> Reader<'a> {
         }
         Ok(Entry {
             name,
-            kind,
             ino,
-            perm,
-            uid,
-            gid,
-            nlink,
-            size,
-            rdev,
-            atime,
-            mtime,
-            ctime,
-            crtime,
+            attrs: Attrs {
+                kind,
+                perm,
+                uid,
+                gid,
+                nlink,
+                size,
+                rdev,
+                atime,
+                mtime,
+                ctime,
+                crtime,
+            },
             target: (kind == Kind::Symlink).then_some(target),
             xattrs,
             content,
@@ -395,7 +387,7 @@ pub fn decode_snapshot(data: &[u8]) -> Result<SnapshotManifest> {
     let logical_bytes = r.uint()?;
     let tags = r.pairs(NAME_MAX, XATTR_SIZE_MAX, "tags")?;
     let root = r.entry()?;
-    if root.kind != Kind::Dir {
+    if root.attrs.kind != Kind::Dir {
         return bad("the root is not a directory");
     }
     r.finish()?;
@@ -433,18 +425,20 @@ mod tests {
     fn file(name: &str, blocks: Vec<(u64, BlockHash)>) -> Entry {
         Entry {
             name: name.as_bytes().to_vec(),
-            kind: Kind::File,
             ino: 20,
-            perm: 0o644,
-            uid: 1000,
-            gid: 1000,
-            nlink: 1,
-            size: 1 << 20,
-            rdev: 0,
-            atime: -5,
-            mtime: 1_700_000_000_000_000_000,
-            ctime: 0,
-            crtime: i64::MAX,
+            attrs: Attrs {
+                kind: Kind::File,
+                perm: 0o644,
+                uid: 1000,
+                gid: 1000,
+                nlink: 1,
+                size: 1 << 20,
+                rdev: 0,
+                atime: -5,
+                mtime: 1_700_000_000_000_000_000,
+                ctime: 0,
+                crtime: i64::MAX,
+            },
             target: None,
             xattrs: vec![(b"user.a".to_vec(), vec![0, 1, 2])],
             content: Content::Blocks(blocks),
@@ -455,7 +449,7 @@ mod tests {
     fn a_snapshot_object_with_a_flipped_byte_is_refused_not_misread() {
         // Snapshot objects have no hash to be checked against: the frame must catch damage.
         let mut root = file("", vec![]);
-        root.kind = Kind::Dir;
+        root.attrs.kind = Kind::Dir;
         root.content = Content::Tree(BlockHash::of(b"tree"));
         let snapshot = SnapshotManifest {
             volume_id: "0123456789abcdef0123456789abcdef".into(),
@@ -488,7 +482,7 @@ mod tests {
     fn trees_and_snapshots_round_trip() {
         let h = |b: u8| BlockHash::of(&[b]);
         let mut link = file("link", vec![]);
-        link.kind = Kind::Symlink;
+        link.attrs.kind = Kind::Symlink;
         link.target = Some(b"../target".to_vec());
         link.content = Content::None;
         let tree = vec![file("a", vec![(0, h(1)), (7, h(2))]), link];
@@ -496,7 +490,7 @@ mod tests {
         assert_eq!(decode_tree(&encoded).expect("decodes"), tree);
 
         let mut root = file("", vec![]);
-        root.kind = Kind::Dir;
+        root.attrs.kind = Kind::Dir;
         root.content = Content::Tree(BlockHash::of(&encoded));
         let snapshot = SnapshotManifest {
             volume_id: "00ff".into(),

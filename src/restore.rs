@@ -106,7 +106,7 @@ impl LocalSource {
         let g = self.generation;
         let catalog = crate::sync::lock(&self.catalog);
         let xattrs = catalog.read(|tx| tx.xattrs_of(g, row.inode.ino))?;
-        let content = match row.inode.kind {
+        let content = match row.inode.attrs.kind {
             Kind::File => Content::Blocks(
                 catalog.read(|tx| tx.blocks_in_range(g, row.inode.ino, 0, i64::MAX as u64))?,
             ),
@@ -206,7 +206,7 @@ pub fn restore(
 ) -> Result<Report> {
     let mut entry = source.root()?;
     for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
-        if entry.kind != Kind::Dir {
+        if entry.attrs.kind != Kind::Dir {
             return Err(RestoreError::NoPath(path.to_owned()));
         }
         entry = source
@@ -227,7 +227,7 @@ pub fn restore(
         open_files: 0,
         block_size: source.block_size(),
     };
-    if entry.kind == Kind::Dir {
+    if entry.attrs.kind == Kind::Dir {
         prepare_dir(dest, options.overwrite)?;
         run.dirs(entry, dest)?;
     } else {
@@ -472,10 +472,10 @@ impl Run<'_> {
         let name = cname(&entry.name)?;
         let dirfd = dir.as_raw_fd();
         if self.options.overwrite {
-            self.clear(dirfd, &name, entry.kind)?;
+            self.clear(dirfd, &name, entry.attrs.kind)?;
         }
         let report = |f: fn(&mut Report)| f(&mut crate::sync::lock(&self.report));
-        match entry.kind {
+        match entry.attrs.kind {
             Kind::Dir => {
                 // SAFETY: mkdirat reads the NUL-terminated name; dirfd is open.
                 let made = unsafe { libc::mkdirat(dirfd, name.as_ptr(), 0o700) };
@@ -487,7 +487,7 @@ impl Run<'_> {
                 Ok(Some((entry, path.to_owned())))
             }
             Kind::File => {
-                if entry.nlink > 1 {
+                if entry.attrs.nlink > 1 {
                     if self.first_links.contains_key(&entry.ino) {
                         self.later_links.push((entry.ino, path.to_owned()));
                         return Ok(None);
@@ -514,13 +514,13 @@ impl Run<'_> {
                         return Err(std::io::Error::other("a file without a block list"));
                     };
                     if let Some((index, _)) = blocks.last() {
-                        if index.saturating_mul(self.block_size) >= entry.size.max(1) {
+                        if index.saturating_mul(self.block_size) >= entry.attrs.size.max(1) {
                             return Err(std::io::Error::other(
                                 "the manifest maps a block beyond the end of the file",
                             ));
                         }
                     }
-                    file.set_len(entry.size)?;
+                    file.set_len(entry.attrs.size)?;
                     Ok(blocks.clone())
                 })();
                 let blocks = match prepared {
@@ -542,7 +542,7 @@ impl Run<'_> {
                     remaining: AtomicUsize::new(blocks.len()),
                     failed: AtomicBool::new(false),
                 });
-                self.progress.total(open.entry.size);
+                self.progress.total(open.entry.attrs.size);
                 self.open_files += 1;
                 if blocks.is_empty() {
                     self.finish_file(&open);
@@ -563,7 +563,7 @@ impl Run<'_> {
                 Ok(None)
             }
             Kind::Fifo | Kind::Socket | Kind::CharDevice | Kind::BlockDevice => {
-                let kind = match entry.kind {
+                let kind = match entry.attrs.kind {
                     Kind::Fifo => libc::S_IFIFO,
                     Kind::Socket => libc::S_IFSOCK,
                     Kind::CharDevice => libc::S_IFCHR,
@@ -575,7 +575,7 @@ impl Run<'_> {
                         dirfd,
                         name.as_ptr(),
                         kind | 0o600,
-                        libc::dev_t::from(entry.rdev),
+                        libc::dev_t::from(entry.attrs.rdev),
                     )
                 })?;
                 self.apply_at(dirfd, &name, &entry)?;
@@ -675,7 +675,7 @@ impl Run<'_> {
                 .block(&job.hash)
                 .map_err(RestoreError::from)
                 .and_then(|data| {
-                    let len = (file.entry.size.saturating_sub(offset)).min(data.len() as u64);
+                    let len = (file.entry.attrs.size.saturating_sub(offset)).min(data.len() as u64);
                     std::os::unix::fs::FileExt::write_all_at(
                         &file.file,
                         &data[..len as usize],
@@ -721,7 +721,7 @@ impl Run<'_> {
     ) -> std::io::Result<()> {
         if self.options.owners {
             // SAFETY: plain system call on an open descriptor.
-            check(unsafe { libc::fchown(fd, entry.uid, entry.gid) })?;
+            check(unsafe { libc::fchown(fd, entry.attrs.uid, entry.attrs.gid) })?;
         }
         for (name, value) in &entry.xattrs {
             let name = CString::new(name.clone())?;
@@ -731,11 +731,11 @@ impl Run<'_> {
             })?;
         }
         // SAFETY: plain system call on an open descriptor.
-        check(unsafe { libc::fchmod(fd, entry.perm & 0o7777) })?;
+        check(unsafe { libc::fchmod(fd, entry.attrs.perm & 0o7777) })?;
         if let Some(file) = file {
             file.sync_data().ok();
         }
-        let times = [timespec(entry.atime), timespec(entry.mtime)];
+        let times = [timespec(entry.attrs.atime), timespec(entry.attrs.mtime)];
         // SAFETY: futimens reads the two timespecs.
         check(unsafe { libc::futimens(fd, times.as_ptr()) })?;
         Ok(())
@@ -749,17 +749,17 @@ impl Run<'_> {
                 libc::fchownat(
                     dirfd,
                     name.as_ptr(),
-                    entry.uid,
-                    entry.gid,
+                    entry.attrs.uid,
+                    entry.attrs.gid,
                     libc::AT_SYMLINK_NOFOLLOW,
                 )
             })?;
         }
-        if entry.kind != Kind::Symlink {
+        if entry.attrs.kind != Kind::Symlink {
             // SAFETY: fchmodat reads the NUL-terminated name.
-            check(unsafe { libc::fchmodat(dirfd, name.as_ptr(), entry.perm & 0o7777, 0) })?;
+            check(unsafe { libc::fchmodat(dirfd, name.as_ptr(), entry.attrs.perm & 0o7777, 0) })?;
         }
-        let times = [timespec(entry.atime), timespec(entry.mtime)];
+        let times = [timespec(entry.attrs.atime), timespec(entry.attrs.mtime)];
         // SAFETY: utimensat reads the name and the two timespecs.
         check(unsafe {
             libc::utimensat(

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::s3::{S3Client, S3Env, unique_prefix};
 use common::*;
 use snapfs::blocks::BlockHash;
-use snapfs::catalog::Kind;
+use snapfs::catalog::{Attrs, Kind};
 use snapfs::manifest::{self, Content, Entry, SnapshotManifest};
 
 // ---------------------------------------------------------------------------------------
@@ -592,18 +592,20 @@ static NEXT_INO: AtomicU64 = AtomicU64::new(100);
 fn entry(name: &[u8], kind: Kind, content: Content) -> Entry {
     Entry {
         name: name.to_vec(),
-        kind,
         ino: NEXT_INO.fetch_add(1, Ordering::Relaxed),
-        perm: if kind == Kind::Dir { 0o755 } else { 0o644 },
-        uid: 0,
-        gid: 0,
-        nlink: 1,
-        size: 0,
-        rdev: 0,
-        atime: TIME,
-        mtime: TIME,
-        ctime: TIME,
-        crtime: TIME,
+        attrs: Attrs {
+            kind,
+            perm: if kind == Kind::Dir { 0o755 } else { 0o644 },
+            uid: 0,
+            gid: 0,
+            nlink: 1,
+            size: 0,
+            rdev: 0,
+            atime: TIME,
+            mtime: TIME,
+            ctime: TIME,
+            crtime: TIME,
+        },
         target: None,
         xattrs: Vec::new(),
         content,
@@ -666,7 +668,7 @@ impl Crafted {
             .map(|(i, chunk)| (i as u64, self.block(chunk)))
             .collect();
         let mut file = entry(name.as_bytes(), Kind::File, Content::Blocks(blocks));
-        file.size = data.len() as u64;
+        file.attrs.size = data.len() as u64;
         file
     }
 
@@ -812,7 +814,7 @@ fn symlinks_and_hard_links_already_in_dest_do_not_redirect_an_overwrite() {
     let h = crafted.file("h", b"overwritten");
     let y = crafted.file("y", b"y-content");
     let mut z = crafted.file("z", b"z-content");
-    z.perm = 0o600;
+    z.attrs.perm = 0o600;
     crafted.snapshot("snap", &[h, x, y, z]);
 
     let arena = Arena::new();
@@ -961,19 +963,19 @@ fn absurd_sizes_and_block_indexes_fail_that_file_quickly() {
     let s3 = S3Env::garage();
     let mut crafted = Crafted::new(&s3, "hostile-sizes");
     let mut huge = crafted.file("huge", b"tiny");
-    huge.size = 1 << 62;
+    huge.attrs.size = 1 << 62;
     let mut far = crafted.file("far", b"tiny");
     let Content::Blocks(blocks) = &mut far.content else {
         unreachable!()
     };
     blocks[0].0 = 1 << 40;
-    far.size = 100;
+    far.attrs.size = 100;
     let mut farthest = crafted.file("farthest", b"tiny");
     let Content::Blocks(blocks) = &mut farthest.content else {
         unreachable!()
     };
     blocks[0].0 = u64::MAX;
-    farthest.size = i64::MAX as u64;
+    farthest.attrs.size = i64::MAX as u64;
     let ok = crafted.file("ok", &pattern(BLOCK + 1, 40));
     crafted.snapshot("snap", &[far, farthest, huge, ok]);
 
@@ -1050,7 +1052,7 @@ fn a_wide_directory_restores_under_the_usual_open_file_limit() {
                 Kind::File,
                 Content::Blocks(vec![(0, block)]),
             );
-            file.size = 1;
+            file.attrs.size = 1;
             file
         })
         .collect();

@@ -127,7 +127,7 @@ fn snapshots_reach_both_servers_as_verified_zstd_blocks_and_manifests() {
         let names: Vec<&[u8]> = root.iter().map(|e| e.name.as_slice()).collect();
         assert_eq!(names, [&b"copy"[..], b"dir", b"random"], "{server}");
         assert_eq!(file_blocks(&root[0]), file_blocks(&root[2]));
-        assert_eq!(root[2].size, random.len() as u64);
+        assert_eq!(root[2].attrs.size, random.len() as u64);
         let restored: Vec<u8> = file_blocks(&root[2])
             .iter()
             .flat_map(|h| blocks[h].clone())

@@ -102,23 +102,36 @@ impl ToSql for Kind {
     }
 }
 
-/// One inode as a generation sees it. Times are nanoseconds since the Unix epoch.
+/// An inode's attributes: what stat(2) shows and a restore recreates. One type for the
+/// catalog's rows (`InodeRow`), the store's entries (`manifest::Entry`) and the core's
+/// answers (`volume::Attr`), so moving an inode between them copies one value.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InodeRow {
-    pub ino: u64,
+pub struct Attrs {
     pub kind: Kind,
+    /// Permission bits with set-user-id, set-group-id and sticky (no file type).
     pub perm: u32,
     pub uid: u32,
     pub gid: u32,
     pub nlink: u32,
     pub size: u64,
     pub rdev: u32,
-    pub parent: u64,
+    /// Nanoseconds since the Unix epoch.
     pub atime: i64,
     pub mtime: i64,
     pub ctime: i64,
     pub crtime: i64,
+}
+
+/// One inode as a generation sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InodeRow {
+    pub ino: u64,
+    pub attrs: Attrs,
+    /// A directory's parent directory (0 for other kinds, which may have many).
+    pub parent: u64,
+    /// Bytes of blocks stored for it (holes cost nothing).
     pub alloc: u64,
+    /// A symlink's target.
     pub target: Option<Vec<u8>>,
 }
 
@@ -131,18 +144,20 @@ impl TryFrom<&Row<'_>> for InodeRow {
     fn try_from(row: &Row<'_>) -> Result<Self> {
         Ok(InodeRow {
             ino: row.get(0)?,
-            kind: Kind::try_from(row.get::<_, i64>(1)?)?,
-            perm: row.get(2)?,
-            uid: row.get(3)?,
-            gid: row.get(4)?,
-            nlink: row.get(5)?,
-            size: row.get(6)?,
-            rdev: row.get(7)?,
+            attrs: Attrs {
+                kind: Kind::try_from(row.get::<_, i64>(1)?)?,
+                perm: row.get(2)?,
+                uid: row.get(3)?,
+                gid: row.get(4)?,
+                nlink: row.get(5)?,
+                size: row.get(6)?,
+                rdev: row.get(7)?,
+                atime: row.get(9)?,
+                mtime: row.get(10)?,
+                ctime: row.get(11)?,
+                crtime: row.get(12)?,
+            },
             parent: row.get(8)?,
-            atime: row.get(9)?,
-            mtime: row.get(10)?,
-            ctime: row.get(11)?,
-            crtime: row.get(12)?,
             alloc: row.get(13)?,
             target: row.get(14)?,
         })
@@ -423,18 +438,20 @@ impl Catalog {
         }
         let root = InodeRow {
             ino: ROOT_INO,
-            kind: Kind::Dir,
-            perm: 0o755,
-            uid,
-            gid,
-            nlink: 2,
-            size: 0,
-            rdev: 0,
+            attrs: Attrs {
+                kind: Kind::Dir,
+                perm: 0o755,
+                uid,
+                gid,
+                nlink: 2,
+                size: 0,
+                rdev: 0,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                crtime: now,
+            },
             parent: ROOT_INO,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            crtime: now,
             alloc: 0,
             target: None,
         };
@@ -970,18 +987,18 @@ impl WriteTx<'_> {
         [
             &row.ino,
             &self.g,
-            &row.kind,
-            &row.perm,
-            &row.uid,
-            &row.gid,
-            &row.nlink,
-            &row.size,
-            &row.rdev,
+            &row.attrs.kind,
+            &row.attrs.perm,
+            &row.attrs.uid,
+            &row.attrs.gid,
+            &row.attrs.nlink,
+            &row.attrs.size,
+            &row.attrs.rdev,
             &row.parent,
-            &row.atime,
-            &row.mtime,
-            &row.ctime,
-            &row.crtime,
+            &row.attrs.atime,
+            &row.attrs.mtime,
+            &row.attrs.ctime,
+            &row.attrs.crtime,
             &row.alloc,
             &row.target,
         ]

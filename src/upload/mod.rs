@@ -309,7 +309,7 @@ impl Worker {
             };
             if let Some(child) = frame.pending.pop() {
                 let row = &child.inode;
-                let content = match row.kind {
+                let content = match row.attrs.kind {
                     Kind::Dir => {
                         let known = if rewrite.contains(&row.ino) || base == 0 {
                             None

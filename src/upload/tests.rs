@@ -286,7 +286,7 @@ fn first_snapshot_sends_every_block_once_and_a_manifest_of_everything() {
     };
     let dir_entries = t.tree(dir_tree);
     assert_eq!(dir_entries.len(), 1);
-    assert_eq!(dir_entries[0].size, 10);
+    assert_eq!(dir_entries[0].attrs.size, 10);
 }
 
 #[test]

@@ -41,7 +41,7 @@ impl Volume {
     fn pin_file(&self, ino: u64) -> Result<PinnedFile<'_>> {
         self.files.pin(ino, || {
             let row = self.row(NodeId::live(ino))?;
-            match row.kind {
+            match row.attrs.kind {
                 Kind::File => Ok(FileState::new(&row)),
                 Kind::Dir => Err(Error::IsDir),
                 _ => Err(Error::Invalid("not a regular file")),
@@ -59,8 +59,8 @@ impl Volume {
             };
         }
         let row = self.row(node)?;
-        if row.kind != Kind::File {
-            return if row.kind == Kind::Dir && write {
+        if row.attrs.kind != Kind::File {
+            return if row.attrs.kind == Kind::Dir && write {
                 Err(Error::IsDir)
             } else {
                 Ok(FileHandle(self.files.add_handle(None)))
@@ -104,7 +104,9 @@ impl Volume {
         flushed?;
         if last {
             // Unlinked while open: now it goes. Checked with a read, the common case.
-            let unlinked = self.row(NodeId::live(ino)).is_ok_and(|row| row.nlink == 0);
+            let unlinked = self
+                .row(NodeId::live(ino))
+                .is_ok_and(|row| row.attrs.nlink == 0);
             if unlinked {
                 self.freeing(|| Ok(lock(&self.catalog).write(|tx| tx.retire_inode(ino))?))?;
                 self.freeing(|| self.collect_garbage())?;
@@ -163,10 +165,10 @@ impl Volume {
             Some(state) => state.size,
             None => {
                 let row = self.row(node)?;
-                if row.kind == Kind::Dir {
+                if row.attrs.kind == Kind::Dir {
                     return Err(Error::IsDir);
                 }
-                row.size
+                row.attrs.size
             }
         };
         if offset >= size || len == 0 {
@@ -364,8 +366,8 @@ impl Volume {
             tx.update_inode(&row)?;
             Ok::<_, Error>(row)
         })?;
-        state.mtime = row.mtime;
-        state.ctime = row.ctime;
+        state.mtime = row.attrs.mtime;
+        state.ctime = row.attrs.ctime;
         Ok(Attr::from_row(View::Live, &row))
     }
 
@@ -376,7 +378,11 @@ impl Volume {
         if !state.changed {
             return Ok(());
         }
-        if state.opens == 0 && self.row(NodeId::live(ino)).is_ok_and(|row| row.nlink == 0) {
+        if state.opens == 0
+            && self
+                .row(NodeId::live(ino))
+                .is_ok_and(|row| row.attrs.nlink == 0)
+        {
             // Unlinked and closed (at its last release, or later if a full disk made that
             // flush fail): no one can read these bytes any more, and storing them could
             // only fill the disk again.
@@ -397,9 +403,9 @@ impl Volume {
                 for (idx, block) in &staged {
                     alloc += tx.set_block(ino, *idx, block.as_ref().map(|(h, len)| (h, *len)))?;
                 }
-                row.size = state.size;
-                row.mtime = state.mtime;
-                row.ctime = state.ctime;
+                row.attrs.size = state.size;
+                row.attrs.mtime = state.mtime;
+                row.attrs.ctime = state.ctime;
                 row.alloc = alloc.max(0) as u64;
                 tx.update_inode(&row)?;
                 Ok::<_, Error>(())

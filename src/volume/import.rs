@@ -14,18 +14,12 @@ use crate::sync::lock;
 fn inode_row(entry: &Entry, parent: u64, block_size: u64) -> InodeRow {
     InodeRow {
         ino: entry.ino,
-        kind: entry.kind,
-        perm: entry.perm,
-        uid: entry.uid,
-        gid: entry.gid,
-        nlink: entry.nlink,
-        size: entry.size,
-        rdev: entry.rdev,
-        parent: if entry.kind == Kind::Dir { parent } else { 0 },
-        atime: entry.atime,
-        mtime: entry.mtime,
-        ctime: entry.ctime,
-        crtime: entry.crtime,
+        attrs: entry.attrs.clone(),
+        parent: if entry.attrs.kind == Kind::Dir {
+            parent
+        } else {
+            0
+        },
         alloc: block_lens(entry, block_size)
             .map(|(_, _, len)| u64::from(len))
             .sum(),
@@ -43,7 +37,11 @@ fn block_lens(
         _ => &[],
     };
     blocks.iter().map(move |(idx, hash)| {
-        let len = entry.size.saturating_sub(idx * block_size).min(block_size);
+        let len = entry
+            .attrs
+            .size
+            .saturating_sub(idx * block_size)
+            .min(block_size);
         (*idx, hash, len as u32)
     })
 }
@@ -115,7 +113,7 @@ impl Volume {
                     }
                     max_ino = max_ino.max(entry.ino);
                     if current.get(&entry.name) != Some(&entry.ino) {
-                        tx.insert_dentry(dir_ino, &entry.name, entry.ino, entry.kind)?;
+                        tx.insert_dentry(dir_ino, &entry.name, entry.ino, entry.attrs.kind)?;
                         written += 1;
                     }
                     // Hard links: the inode once, under its first name.
@@ -123,7 +121,7 @@ impl Volume {
                         let row = inode_row(&entry, dir_ino, block_size);
                         written += u64::from(sync_inode(tx, &entry, row, block_size)?);
                     }
-                    if entry.kind == Kind::Dir {
+                    if entry.attrs.kind == Kind::Dir {
                         pending.push((entry.ino, entry));
                     }
                 }
@@ -160,7 +158,7 @@ fn sync_inode(tx: &WriteTx<'_>, entry: &Entry, row: InodeRow, block_size: u64) -
         return Ok(false);
     }
     match current {
-        Some(current) if current.kind == row.kind => tx.update_inode(&row)?,
+        Some(current) if current.attrs.kind == row.attrs.kind => tx.update_inode(&row)?,
         Some(_) => {
             tx.retire_inode(row.ino)?;
             tx.insert_inode(&row)?;

@@ -407,12 +407,12 @@ impl Volume {
     /// Attributes of a row, with the size and times of an open file's unflushed writes.
     fn attr_of(&self, view: View, row: &InodeRow) -> Attr {
         let mut attr = Attr::from_row(view, row);
-        if view == View::Live && row.kind == Kind::File {
+        if view == View::Live && row.attrs.kind == Kind::File {
             if let Some(state) = self.files.peek(row.ino) {
                 let state = lock(&state);
-                attr.size = state.size;
-                attr.mtime = state.mtime;
-                attr.ctime = state.ctime;
+                attr.attrs.size = state.size;
+                attr.attrs.mtime = state.mtime;
+                attr.attrs.ctime = state.ctime;
             }
         }
         attr

@@ -11,7 +11,7 @@ use super::{
     Attr, Caller, DirEntry, Error, NAME_MAX, NodeId, Result, SNAPDIR_NAME, SetAttr, SetTime, View,
     Volume, W_OK, XATTR_CREATE, XATTR_REPLACE, XATTR_SIZE_MAX, check_name, now, permits,
 };
-use crate::catalog::{InodeRow, Kind, LIVE, ROOT_INO, ReadTx, WriteTx};
+use crate::catalog::{Attrs, InodeRow, Kind, LIVE, ROOT_INO, ReadTx, WriteTx};
 use crate::sync::lock;
 
 impl Volume {
@@ -45,7 +45,7 @@ impl Volume {
         let view = self.view_generation(parent.view)?;
         let row = lock(&self.catalog).read(|tx| {
             let dir = tx.inode(view, parent.ino)?.ok_or(Error::NotFound)?;
-            if dir.kind != Kind::Dir {
+            if dir.attrs.kind != Kind::Dir {
                 return Err(Error::NotDir);
             }
             let ino = match name {
@@ -92,28 +92,30 @@ impl Volume {
             }
             let mut perm = mode & 0o7777;
             // A set-group-id directory hands its group down, and its bit to subdirectories.
-            let gid = if dir.perm & libc::S_ISGID != 0 {
+            let gid = if dir.attrs.perm & libc::S_ISGID != 0 {
                 if kind == Kind::Dir {
                     perm |= libc::S_ISGID;
                 }
-                dir.gid
+                dir.attrs.gid
             } else {
                 caller.gid
             };
             let row = InodeRow {
                 ino: tx.alloc_ino()?,
-                kind,
-                perm,
-                uid: caller.uid,
-                gid,
-                nlink: if kind == Kind::Dir { 2 } else { 1 },
-                size: target.map_or(0, |t| t.len() as u64),
-                rdev,
+                attrs: Attrs {
+                    kind,
+                    perm,
+                    uid: caller.uid,
+                    gid,
+                    nlink: if kind == Kind::Dir { 2 } else { 1 },
+                    size: target.map_or(0, |t| t.len() as u64),
+                    rdev,
+                    atime: time,
+                    mtime: time,
+                    ctime: time,
+                    crtime: time,
+                },
                 parent: if kind == Kind::Dir { parent.ino } else { 0 },
-                atime: time,
-                mtime: time,
-                ctime: time,
-                crtime: time,
                 alloc: 0,
                 target: target.map(<[u8]>::to_vec),
             };
@@ -205,7 +207,7 @@ impl Volume {
 
     pub fn readlink(&self, node: NodeId) -> Result<Vec<u8>> {
         let row = self.row(node)?;
-        match (row.kind, row.target) {
+        match (row.attrs.kind, row.target) {
             (Kind::Symlink, Some(target)) => Ok(target),
             _ => Err(Error::Invalid("not a symbolic link")),
         }
@@ -220,16 +222,16 @@ impl Volume {
         let time = now();
         let row = lock(&self.catalog).write(|tx| {
             let mut row = tx.inode(LIVE, node.ino)?.ok_or(Error::NotFound)?;
-            if row.kind == Kind::Dir {
+            if row.attrs.kind == Kind::Dir {
                 return Err(Error::NotPermitted("hard links to directories"));
             }
             live_dir(tx, new_parent.ino)?;
             if tx.lookup(LIVE, new_parent.ino, new_name)?.is_some() {
                 return Err(Error::Exists);
             }
-            tx.insert_dentry(new_parent.ino, new_name, row.ino, row.kind)?;
-            row.nlink += 1;
-            row.ctime = time;
+            tx.insert_dentry(new_parent.ino, new_name, row.ino, row.attrs.kind)?;
+            row.attrs.nlink += 1;
+            row.attrs.ctime = time;
             tx.update_inode(&row)?;
             touch_dir(tx, new_parent.ino, 0, time)?;
             Ok(row)
@@ -290,18 +292,18 @@ impl Volume {
         time: i64,
     ) -> Result<()> {
         let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
-        if row.kind == Kind::Dir && !tx.dir_is_empty(LIVE, ino)? {
+        if row.attrs.kind == Kind::Dir && !tx.dir_is_empty(LIVE, ino)? {
             return Err(Error::NotEmpty);
         }
         tx.retire_dentry(parent, name)?;
-        if row.kind == Kind::Dir {
+        if row.attrs.kind == Kind::Dir {
             tx.retire_inode(ino)?;
             return touch_dir(tx, parent, -1, time);
         }
-        row.nlink = row.nlink.saturating_sub(1);
-        row.ctime = time;
+        row.attrs.nlink = row.attrs.nlink.saturating_sub(1);
+        row.attrs.ctime = time;
         // An open file lives on unnamed until its last release (see `release`).
-        if row.nlink == 0 && !self.files.is_tracked(ino) {
+        if row.attrs.nlink == 0 && !self.files.is_tracked(ino) {
             Ok(tx.retire_inode(ino)?)
         } else {
             Ok(tx.update_inode(&row)?)
@@ -389,11 +391,11 @@ impl Volume {
         Self::writable(node)?;
         let _change = self.enter_change();
         let row = self.row(node)?;
-        if row.kind == Kind::File {
+        if row.attrs.kind == Kind::File {
             return self.setattr_file(node.ino, set);
         }
         if set.size.is_some() {
-            return Err(if row.kind == Kind::Dir {
+            return Err(if row.attrs.kind == Kind::Dir {
                 Error::IsDir
             } else {
                 Error::Invalid("cannot truncate this kind of file")
@@ -461,7 +463,7 @@ impl Volume {
         let view = self.view_generation(node.view)?;
         let (dir, rows) = lock(&self.catalog).read(|tx| {
             let dir = tx.inode(view, node.ino)?.ok_or(Error::NotFound)?;
-            if dir.kind != Kind::Dir {
+            if dir.attrs.kind != Kind::Dir {
                 return Err(Error::NotDir);
             }
             let parent = tx.inode(view, dir.parent)?.unwrap_or_else(|| dir.clone());
@@ -558,7 +560,7 @@ impl Volume {
                 return Err(Error::NoXattr);
             }
             tx.xattr_set(node.ino, name, value)?;
-            row.ctime = time;
+            row.attrs.ctime = time;
             tx.update_inode(&row).map_err(Error::from)
         })
     }
@@ -577,7 +579,7 @@ impl Volume {
                 return Err(Error::NoXattr);
             }
             tx.xattr_remove(node.ino, name)?;
-            row.ctime = time;
+            row.attrs.ctime = time;
             tx.update_inode(&row).map_err(Error::from)
         })
     }
@@ -603,7 +605,7 @@ fn snapshot_root(node: NodeId) -> Option<u64> {
 /// is not supported.
 fn check_xattr_namespace(row: &InodeRow, name: &[u8]) -> Result<()> {
     if name.starts_with(b"user.") {
-        if !matches!(row.kind, Kind::File | Kind::Dir) {
+        if !matches!(row.attrs.kind, Kind::File | Kind::Dir) {
             return Err(Error::NotPermitted("user.* attributes on special files"));
         }
         return Ok(());
@@ -617,7 +619,7 @@ fn check_xattr_namespace(row: &InodeRow, name: &[u8]) -> Result<()> {
 /// The live directory `ino`, or the error an operation inside a non-directory gets.
 fn live_dir(tx: &ReadTx<'_>, ino: u64) -> Result<InodeRow> {
     let dir = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
-    if dir.kind != Kind::Dir {
+    if dir.attrs.kind != Kind::Dir {
         return Err(Error::NotDir);
     }
     Ok(dir)
@@ -627,9 +629,9 @@ fn live_dir(tx: &ReadTx<'_>, ino: u64) -> Result<InodeRow> {
 /// subdirectories.
 fn touch_dir(tx: &WriteTx<'_>, ino: u64, nlink_delta: i32, time: i64) -> Result<()> {
     let mut dir = live_dir(tx, ino)?;
-    dir.nlink = dir.nlink.saturating_add_signed(nlink_delta);
-    dir.mtime = time;
-    dir.ctime = time;
+    dir.attrs.nlink = dir.attrs.nlink.saturating_add_signed(nlink_delta);
+    dir.attrs.mtime = time;
+    dir.attrs.ctime = time;
     tx.update_inode(&dir)?;
     Ok(())
 }
@@ -638,8 +640,8 @@ fn touch_dir(tx: &WriteTx<'_>, ino: u64, nlink_delta: i32, time: i64) -> Result<
 /// '..' and both parents' link counts.
 fn move_node(tx: &WriteTx<'_>, ino: u64, from: u64, to: u64, time: i64) -> Result<()> {
     let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
-    row.ctime = time;
-    let is_dir_move = row.kind == Kind::Dir && from != to;
+    row.attrs.ctime = time;
+    let is_dir_move = row.attrs.kind == Kind::Dir && from != to;
     if is_dir_move {
         row.parent = to;
     }
@@ -671,29 +673,29 @@ pub(super) fn apply_setattr(row: &mut InodeRow, set: &SetAttr, time: i64) {
         SetTime::Now => time,
     };
     if let Some(mode) = set.mode {
-        row.perm = mode & 0o7777;
+        row.attrs.perm = mode & 0o7777;
     }
     let owner_changes =
-        set.uid.is_some_and(|u| u != row.uid) || set.gid.is_some_and(|g| g != row.gid);
+        set.uid.is_some_and(|u| u != row.attrs.uid) || set.gid.is_some_and(|g| g != row.attrs.gid);
     if let Some(uid) = set.uid {
-        row.uid = uid;
+        row.attrs.uid = uid;
     }
     if let Some(gid) = set.gid {
-        row.gid = gid;
+        row.attrs.gid = gid;
     }
     // chown clears set-user-id, and set-group-id where it means "group executes", on files
     // (unless root asks for the bits with the same call).
-    if owner_changes && row.kind == Kind::File && set.mode.is_none() {
-        row.perm &= !libc::S_ISUID;
-        if row.perm & 0o010 != 0 {
-            row.perm &= !libc::S_ISGID;
+    if owner_changes && row.attrs.kind == Kind::File && set.mode.is_none() {
+        row.attrs.perm &= !libc::S_ISUID;
+        if row.attrs.perm & 0o010 != 0 {
+            row.attrs.perm &= !libc::S_ISGID;
         }
     }
     if let Some(atime) = set.atime {
-        row.atime = resolve(atime);
+        row.attrs.atime = resolve(atime);
     }
     if let Some(mtime) = set.mtime {
-        row.mtime = resolve(mtime);
+        row.attrs.mtime = resolve(mtime);
     }
-    row.ctime = set.ctime.unwrap_or(time);
+    row.attrs.ctime = set.ctime.unwrap_or(time);
 }

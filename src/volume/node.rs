@@ -4,7 +4,7 @@
 //! must have two inode numbers. So a node id packs the view (0 = live, else a snapshot id)
 //! above the catalog's inode number.
 
-use crate::catalog::{InodeRow, Kind};
+use crate::catalog::{Attrs, InodeRow, Kind};
 
 const VIEW_SHIFT: u32 = 40;
 const INO_MASK: u64 = (1 << VIEW_SHIFT) - 1;
@@ -59,37 +59,19 @@ impl NodeId {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attr {
     pub node: NodeId,
-    pub kind: Kind,
-    pub perm: u16,
-    pub nlink: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub size: u64,
+    pub attrs: Attrs,
     /// 512-byte units actually stored (holes cost nothing).
     pub blocks: u64,
-    pub atime: i64,
-    pub mtime: i64,
-    pub ctime: i64,
-    pub crtime: i64,
-    pub rdev: u32,
 }
 
 impl Attr {
     pub fn from_row(view: View, row: &InodeRow) -> Attr {
+        let mut attrs = row.attrs.clone();
+        attrs.perm &= 0o7777;
         Attr {
             node: NodeId { view, ino: row.ino },
-            kind: row.kind,
-            perm: (row.perm & 0o7777) as u16,
-            nlink: row.nlink,
-            uid: row.uid,
-            gid: row.gid,
-            size: row.size,
+            attrs,
             blocks: row.alloc.div_ceil(512),
-            atime: row.atime,
-            mtime: row.mtime,
-            ctime: row.ctime,
-            crtime: row.crtime,
-            rdev: row.rdev,
         }
     }
 }
@@ -149,14 +131,14 @@ pub const X_OK: u32 = 1;
 
 /// POSIX permission check of `mask` (R_OK|W_OK|X_OK) on `attr` for `caller`.
 pub fn permits(attr: &Attr, caller: Caller, mask: u32) -> bool {
-    let perm = u32::from(attr.perm);
+    let perm = attr.attrs.perm;
     if caller.uid == 0 {
         // Root may do anything but execute a file no one may execute.
-        return mask & X_OK == 0 || attr.kind == Kind::Dir || perm & 0o111 != 0;
+        return mask & X_OK == 0 || attr.attrs.kind == Kind::Dir || perm & 0o111 != 0;
     }
-    let granted = if caller.uid == attr.uid {
+    let granted = if caller.uid == attr.attrs.uid {
         perm >> 6
-    } else if caller.gid == attr.gid {
+    } else if caller.gid == attr.attrs.gid {
         perm >> 3
     } else {
         perm

@@ -40,9 +40,9 @@ pub(super) struct FileState {
 impl FileState {
     pub fn new(row: &InodeRow) -> FileState {
         FileState {
-            size: row.size,
-            mtime: row.mtime,
-            ctime: row.ctime,
+            size: row.attrs.size,
+            mtime: row.attrs.mtime,
+            ctime: row.attrs.ctime,
             dirty: BTreeMap::new(),
             buffered: 0,
             changed: false,

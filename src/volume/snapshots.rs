@@ -6,7 +6,7 @@
 
 use super::{Attr, Error, NodeId, Result, View, Volume, now};
 use crate::catalog::{
-    InodeRow, Kind, ROOT_INO, ReadTx, SnapshotRow, SnapshotState, UploadProgress,
+    Attrs, InodeRow, Kind, ROOT_INO, ReadTx, SnapshotRow, SnapshotState, UploadProgress,
 };
 use crate::sync::{lock, write};
 
@@ -113,20 +113,22 @@ impl Volume {
     /// Attributes of the control directory: owned like the root, one link per snapshot.
     pub(super) fn snapdir_attr(&self, root: &InodeRow) -> Attr {
         let (count, latest) = self.snapshots.count_and_latest();
-        let time = latest.unwrap_or(root.crtime);
+        let time = latest.unwrap_or(root.attrs.crtime);
         let row = InodeRow {
             ino: SNAPDIR_INO,
-            kind: Kind::Dir,
-            perm: 0o755,
-            nlink: 2 + count as u32,
-            size: 0,
+            attrs: Attrs {
+                kind: Kind::Dir,
+                perm: 0o755,
+                nlink: 2 + count as u32,
+                size: 0,
+                atime: time,
+                mtime: time,
+                ctime: time,
+                ..root.attrs.clone()
+            },
             parent: ROOT_INO,
-            atime: time,
-            mtime: time,
-            ctime: time,
             alloc: 0,
             target: None,
-            ..root.clone()
         };
         Attr::from_row(View::Live, &row)
     }
@@ -136,8 +138,8 @@ impl Volume {
     pub(super) fn snapshot_root_attr(&self, id: u64, row: &InodeRow) -> Result<Attr> {
         let created = self.snapshots.get(id)?.created;
         let mut attr = Attr::from_row(View::Snapshot(id), row);
-        attr.mtime = created;
-        attr.ctime = created;
+        attr.attrs.mtime = created;
+        attr.attrs.ctime = created;
         Ok(attr)
     }
 

@@ -69,7 +69,7 @@ impl TestVolume {
     }
 
     fn read_all(&self, node: NodeId) -> Vec<u8> {
-        let size = self.v().getattr(node).expect("getattr").size;
+        let size = self.v().getattr(node).expect("getattr").attrs.size;
         self.v().read(node, 0, size as u32).expect("read")
     }
 }
@@ -108,7 +108,7 @@ fn write_read_across_blocks_and_reopen() {
     );
     t.reopen();
     let attr = t.v().lookup(ROOT, b"f").expect("lookup");
-    assert_eq!(attr.size, data.len() as u64);
+    assert_eq!(attr.attrs.size, data.len() as u64);
     assert_eq!(t.read_all(attr.node), data);
 }
 
@@ -136,7 +136,7 @@ fn sparse_files_store_nothing_for_holes() {
         .expect("write in the middle");
     t.v().release(handle).expect("release");
     let attr = t.v().getattr(node).expect("getattr");
-    assert_eq!(attr.size, 1 << 40);
+    assert_eq!(attr.attrs.size, 1 << 40);
     assert!(attr.blocks <= 8, "st_blocks {} for one byte", attr.blocks);
     assert_eq!(
         t.v().read(node, (1 << 30) - 2, 4).expect("read"),
@@ -221,7 +221,7 @@ fn namespace_errors() {
             .map_err(|e| e.errno()),
         Err(libc::EINVAL)
     );
-    assert_eq!(t.v().getattr(dir).expect("d").nlink, 3);
+    assert_eq!(t.v().getattr(dir).expect("d").attrs.nlink, 3);
 }
 
 #[test]
@@ -579,7 +579,7 @@ fn snapshot_is_isolated_from_later_changes() {
         node.raw(),
         "a snapshot's file has its own st_ino"
     );
-    assert_eq!(old.perm, 0o644);
+    assert_eq!(old.attrs.perm, 0o644);
     assert_eq!(t.read_all(old.node), data);
     assert_eq!(t.v().getxattr(old.node, b"user.k").expect("xattr"), b"old");
     assert!(t.v().lookup(root, b"d").is_ok());
@@ -705,7 +705,7 @@ fn rename_between_links_of_one_file_does_nothing() {
     t.v().rename(ROOT, b"b", ROOT, b"c", 0).expect("rename");
     assert_eq!(t.v().lookup(ROOT, b"b").expect("b").node, node);
     assert_eq!(t.v().lookup(ROOT, b"c").expect("c").node, node);
-    assert_eq!(t.v().getattr(node).expect("attr").nlink, 2);
+    assert_eq!(t.v().getattr(node).expect("attr").attrs.nlink, 2);
 }
 
 /// Found by the concurrency torture test: the uploader reloads the snapshot table after
