@@ -525,18 +525,42 @@ pub fn data_dir_of_mount(mountpoint: &Path) -> Result<PathBuf, MountError> {
 
 /// The source of the FUSE mount at `mountpoint`, from /proc/self/mountinfo.
 fn mount_source(mountpoint: &Path) -> Option<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let wanted = mountpoint.to_string_lossy();
-    info.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let separator = fields.iter().position(|f| *f == "-")?;
-        let fs_type = fields.get(separator + 1)?;
-        let source = fields.get(separator + 2)?;
-        (unescape_mountinfo(fields.get(4)?) == *wanted
-            && fs_type.starts_with("fuse")
-            && source.starts_with("snapfs"))
-        .then(|| source.to_string())
-    })
+    snapfs_mounts()
+        .into_iter()
+        .find_map(|(at, source)| (at == *wanted).then_some(source))
+}
+
+/// Where the volume of `data_dir` is mounted, if it is (and its path could be named in
+/// the mount's source: see `fs_name`).
+pub fn mountpoint_of(data_dir: &Path) -> Option<PathBuf> {
+    let dir = fs::canonicalize(data_dir).ok()?;
+    let wanted = fs_name(&dir);
+    if !wanted.starts_with("snapfs:") {
+        return None;
+    }
+    snapfs_mounts()
+        .into_iter()
+        .find_map(|(at, source)| (source == wanted).then(|| PathBuf::from(at)))
+}
+
+/// The snapfs FUSE mounts as (mountpoint, source), the latest first.
+fn snapfs_mounts() -> Vec<(String, String)> {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .rev()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let separator = fields.iter().position(|f| *f == "-")?;
+            let fs_type = fields.get(separator + 1)?;
+            let source = fields.get(separator + 2)?;
+            let mountpoint = fields.get(4)?;
+            (fs_type.starts_with("fuse") && source.starts_with("snapfs"))
+                .then(|| (unescape_mountinfo(mountpoint), source.to_string()))
+        })
+        .collect()
 }
 
 /// Decodes the octal escapes (`\040` for a space...) the kernel writes in mountinfo.

@@ -13,6 +13,7 @@ pub mod fuse;
 pub mod inspect;
 pub mod manifest;
 pub mod restore;
+pub mod status;
 pub mod store;
 pub mod sync;
 pub mod upload;

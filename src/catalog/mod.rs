@@ -7,9 +7,11 @@
 //! retired (`death = G`) and replaced, so every snapshot keeps seeing what it saw.
 
 mod schema;
+mod status;
 mod upload;
 mod verify;
 
+pub use status::{LocalUsage, Outstanding};
 pub use upload::{block_key, snapshot_key, tree_key};
 pub use verify::{BlockRecord, Finding};
 
@@ -264,6 +266,8 @@ pub enum Setting {
     Follows,
     /// The id of the last snapshot a follower imported.
     FollowedId,
+    /// The mount's `--cache-size` in bytes (absent: no limit), for `snapfs status`.
+    CacheSize,
 }
 
 impl Setting {
@@ -275,6 +279,7 @@ impl Setting {
             Setting::OriginSnapshot => "origin_snapshot",
             Setting::Follows => "follows",
             Setting::FollowedId => "followed_id",
+            Setting::CacheSize => "cache_size",
         }
     }
 }

@@ -646,5 +646,6 @@ async fn run(worker: &Worker, wake: &Notify) {
     }
 }
 
+pub mod drain;
 #[cfg(test)]
 mod tests;
