@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, SessionACL};
 
+use crate::catalog::Setting;
 use crate::follow;
 use crate::fuse::SnapFs;
 use crate::restore::StoreSource;
@@ -238,9 +239,17 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     let volume_id = volume.volume_id()?;
     let block_size = volume.block_size() as u32;
     let origin = volume.origin()?;
+    let claimed_before = volume.setting(Setting::Store)?.is_some();
     let (object_store, origin_store) = runtime.block_on(async {
         let opened = store::open(&url).await?;
-        store::claim(&*opened, &volume_id, block_size, origin.as_ref()).await?;
+        claim_at_mount(
+            &*opened,
+            &volume_id,
+            block_size,
+            origin.as_ref(),
+            claimed_before,
+        )
+        .await?;
         let origin_store = match &origin {
             Some(origin) => Some(store::open(origin).await?),
             None => None,
@@ -269,6 +278,25 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     volume.shutdown()?;
     tracing::info!("unmounted cleanly");
     Ok(())
+}
+
+/// Claims the store (`store::claim`); a store this volume claimed at an earlier mount
+/// that cannot be reached now (a laptop offline) is no reason to refuse the mount: the
+/// uploader waits for it, and `snapfs upload` can send the snapshots later.
+async fn claim_at_mount(
+    store: &dyn store::ObjectStore,
+    volume_id: &str,
+    block_size: u32,
+    origin: Option<&StoreUrl>,
+    claimed_before: bool,
+) -> Result<(), StoreError> {
+    match store::claim(store, volume_id, block_size, origin).await {
+        Err(e) if claimed_before && e.is_transient() => {
+            tracing::warn!(error = %e, "the store cannot be reached; mounting anyway, uploads wait for it");
+            Ok(())
+        }
+        result => result,
+    }
 }
 
 /// A read-only mount following the store another machine's volume uploads to: the

@@ -354,13 +354,7 @@ enum SnapdirMode {
 /// Parses sizes such as 65536, 64K, 256KiB or 1M.
 fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{text}' is not a size (try 256K or 1M)"))?;
+    let (number, unit) = number_and_unit(text, "a size (try 256K or 1M)")?;
     let shift = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
@@ -1094,13 +1088,7 @@ fn status(
 /// Parses durations such as 90, 90s, 30m, 2h or 1d.
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration (try 90s, 30m or 2h)"))?;
+    let (number, unit) = number_and_unit(text, "a duration (try 90s, 30m or 2h)")?;
     let seconds = match unit.trim() {
         "" | "s" => 1,
         "m" => 60,
@@ -1112,6 +1100,19 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         .checked_mul(seconds)
         .map(std::time::Duration::from_secs)
         .ok_or_else(|| format!("duration '{text}' is too long"))
+}
+
+/// The leading digits of `text` as a number, and the unit after them; `what` names what
+/// `text` should have been.
+fn number_and_unit<'a>(text: &'a str, what: &str) -> Result<(u64, &'a str), String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number = digits
+        .parse()
+        .map_err(|e| format!("'{text}' is not {what}: {e}"))?;
+    Ok((number, unit))
 }
 
 /// Makes a relative SNAPFS_KEY_FILE absolute: a mount reads it after the daemon has left
