@@ -104,7 +104,9 @@ pub fn status(dir: &Path, options: &StatusOptions) -> Result<Status, StatusError
             tx.snapshots()?,
             tx.outstanding()?,
             tx.local_usage()?,
-            tx.setting(Setting::Store)?,
+            // A read-only volume's store is the one it follows.
+            tx.setting(Setting::Store)?
+                .or(tx.setting(Setting::Follows)?),
             tx.setting(Setting::CacheSize)?,
         ))
     })?;

@@ -205,6 +205,10 @@ fn snapshots_taken_offline_drain_without_a_mount_and_restore_from_the_store() {
     };
     assert_eq!(code, Some(2), "{report}");
     assert!(report.starts_with("snapfs: store:"), "{report}");
+    assert!(
+        !mount.data_dir().join("running").exists(),
+        "closed as an unmount closes it"
+    );
 
     // Too slow for the time it is given: timed out, still pending.
     let (code, r) = upload(

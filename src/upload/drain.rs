@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{STOP_GRACE, UploadError, UploadOptions, Worker};
-use crate::catalog::{self, Catalog, Outstanding, SnapshotState};
+use crate::catalog::{self, Catalog, Outstanding, Setting, SnapshotState};
 use crate::store::{self, StoreError, StoreUrl};
 use crate::volume::{self, Volume};
 
@@ -65,6 +65,8 @@ pub enum DrainError {
     Upload(#[from] UploadError),
     #[error("cannot start the upload runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("this volume follows {0} read-only: it uploads nothing")]
+    Follower(String),
     #[error("timed out before the store answered")]
     StoreTimeout,
 }
@@ -75,45 +77,32 @@ pub enum DrainError {
 pub fn drain(
     dir: &Path,
     options: DrainOptions,
-    progress: &(dyn Fn(u64, u64) + Sync),
+    progress: &dyn Fn(u64, u64),
 ) -> Result<DrainReport, DrainError> {
     let started = Instant::now();
     let deadline = options.timeout.map(|t| started + t);
     // A dir without a volume is refused, never turned into a new one.
     let watch = Catalog::open_data_dir_read_only(dir)?;
-    let volume = match Volume::open(dir, &volume::Options::default()) {
-        Err(volume::Error::Locked { dir, pid }) => return Err(DrainError::InUse { dir, pid }),
-        opened => Arc::new(opened?),
-    };
-    let sent_before = watch.read(|tx| tx.sent_bytes_total())?;
-    let was_pending: Vec<u64> = watch
-        .read(|tx| tx.snapshots())?
-        .into_iter()
-        .filter(|s| s.state == SnapshotState::Pending)
-        .map(|s| s.id)
-        .collect();
-    let Outstanding { bytes: total, .. } = watch.read(|tx| tx.outstanding())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("upload-io")
         .enable_all()
         .build()
         .map_err(DrainError::Runtime)?;
-    let (url, timed_out) = std::thread::scope(|scope| {
-        let sending = scope.spawn(|| runtime.block_on(send(&volume, options, deadline)));
-        // The catalog connection stays on this thread (it is not Sync).
-        while !sending.is_finished() {
-            if let Ok(sent) = watch.read(|tx| tx.sent_bytes_total()) {
-                progress(sent.saturating_sub(sent_before), total);
-            }
-            std::thread::sleep(PROGRESS_EVERY);
-        }
-        sending
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })?;
-    // Unfinished uploads resume at the next mount or run, as after an unmount.
+    let volume = match Volume::open(dir, &volume::Options::default()) {
+        Err(volume::Error::Locked { dir, pid }) => return Err(DrainError::InUse { dir, pid }),
+        opened => Arc::new(opened?),
+    };
+    let sent = send_watched(&volume, &watch, &runtime, options, deadline, progress);
+    // Also after a failure: unfinished uploads resume at the next mount or run, as after
+    // an unmount.
     volume.shutdown()?;
+    let Sent {
+        url,
+        timed_out,
+        was_pending,
+        sent_before,
+    } = sent?;
     let mut report = DrainReport {
         store: url.to_string(),
         sent_bytes: watch
@@ -138,6 +127,54 @@ pub fn drain(
     Ok(report)
 }
 
+/// What `send_watched` did.
+struct Sent {
+    url: StoreUrl,
+    timed_out: bool,
+    /// The snapshots pending before.
+    was_pending: Vec<u64>,
+    /// `sent_bytes_total` before.
+    sent_before: u64,
+}
+
+/// Runs `send` on `runtime` while telling `progress` what the catalog records.
+fn send_watched(
+    volume: &Arc<Volume>,
+    watch: &Catalog,
+    runtime: &tokio::runtime::Runtime,
+    options: DrainOptions,
+    deadline: Option<Instant>,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Sent, DrainError> {
+    let sent_before = watch.read(|tx| tx.sent_bytes_total())?;
+    let was_pending = watch
+        .read(|tx| tx.snapshots())?
+        .into_iter()
+        .filter(|s| s.state == SnapshotState::Pending)
+        .map(|s| s.id)
+        .collect();
+    let Outstanding { bytes: total, .. } = watch.read(|tx| tx.outstanding())?;
+    let (url, timed_out) = std::thread::scope(|scope| {
+        let sending = scope.spawn(|| runtime.block_on(send(volume, options, deadline)));
+        // The catalog connection stays on this thread (it is not Sync).
+        while !sending.is_finished() {
+            if let Ok(sent) = watch.read(|tx| tx.sent_bytes_total()) {
+                progress(sent.saturating_sub(sent_before), total);
+            }
+            std::thread::sleep(PROGRESS_EVERY);
+        }
+        sending
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })?;
+    Ok(Sent {
+        url,
+        timed_out,
+        was_pending,
+        sent_before,
+    })
+}
+
 /// Checks and claims the store as a mount does, then uploads until nothing is pending or
 /// `deadline`; true if the deadline came first.
 async fn send(
@@ -145,6 +182,9 @@ async fn send(
     options: DrainOptions,
     deadline: Option<Instant>,
 ) -> Result<(StoreUrl, bool), DrainError> {
+    if let Some(followed) = volume.setting(Setting::Follows)? {
+        return Err(DrainError::Follower(followed));
+    }
     let url = volume.store_url(options.store.as_ref())?;
     let (volume_id, block_size, origin) = (
         volume.volume_id()?,
