@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, SessionACL};
 
+use crate::catalog::Setting;
 use crate::follow;
 use crate::fuse::SnapFs;
 use crate::metrics;
@@ -240,9 +241,17 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     let volume_id = volume.volume_id()?;
     let block_size = volume.block_size() as u32;
     let origin = volume.origin()?;
+    let claimed_before = volume.setting(Setting::Store)?.is_some();
     let (object_store, origin_store) = runtime.block_on(async {
         let opened = store::open(&url).await?;
-        store::claim(&*opened, &volume_id, block_size, origin.as_ref()).await?;
+        claim_at_mount(
+            &*opened,
+            &volume_id,
+            block_size,
+            origin.as_ref(),
+            claimed_before,
+        )
+        .await?;
         let origin_store = match &origin {
             Some(origin) => Some(store::open(origin).await?),
             None => None,
@@ -285,6 +294,25 @@ fn serve_metrics(addr: std::net::SocketAddr, volume: &Arc<Volume>) -> Result<(),
     })
     .map_err(|e| MountError::Reported(format!("--metrics {addr}: {e}")))?;
     Ok(())
+}
+
+/// Claims the store (`store::claim`); a store this volume claimed at an earlier mount
+/// that cannot be reached now (a laptop offline) is no reason to refuse the mount: the
+/// uploader waits for it, and `snapfs upload` can send the snapshots later.
+async fn claim_at_mount(
+    store: &dyn store::ObjectStore,
+    volume_id: &str,
+    block_size: u32,
+    origin: Option<&StoreUrl>,
+    claimed_before: bool,
+) -> Result<(), StoreError> {
+    match store::claim(store, volume_id, block_size, origin).await {
+        Err(e) if claimed_before && e.is_transient() => {
+            tracing::warn!(error = %e, "the store cannot be reached; mounting anyway, uploads wait for it");
+            Ok(())
+        }
+        result => result,
+    }
 }
 
 /// A read-only mount following the store another machine's volume uploads to: the
@@ -541,18 +569,42 @@ pub fn data_dir_of_mount(mountpoint: &Path) -> Result<PathBuf, MountError> {
 
 /// The source of the FUSE mount at `mountpoint`, from /proc/self/mountinfo.
 fn mount_source(mountpoint: &Path) -> Option<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let wanted = mountpoint.to_string_lossy();
-    info.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let separator = fields.iter().position(|f| *f == "-")?;
-        let fs_type = fields.get(separator + 1)?;
-        let source = fields.get(separator + 2)?;
-        (unescape_mountinfo(fields.get(4)?) == *wanted
-            && fs_type.starts_with("fuse")
-            && source.starts_with("snapfs"))
-        .then(|| source.to_string())
-    })
+    snapfs_mounts()
+        .into_iter()
+        .find_map(|(at, source)| (at == *wanted).then_some(source))
+}
+
+/// Where the volume of `data_dir` is mounted, if it is (and its path could be named in
+/// the mount's source: see `fs_name`).
+pub fn mountpoint_of(data_dir: &Path) -> Option<PathBuf> {
+    let dir = fs::canonicalize(data_dir).ok()?;
+    let wanted = fs_name(&dir);
+    if !wanted.starts_with("snapfs:") {
+        return None;
+    }
+    snapfs_mounts()
+        .into_iter()
+        .find_map(|(at, source)| (source == wanted).then(|| PathBuf::from(at)))
+}
+
+/// The snapfs FUSE mounts as (mountpoint, source), the latest first.
+fn snapfs_mounts() -> Vec<(String, String)> {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .rev()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let separator = fields.iter().position(|f| *f == "-")?;
+            let fs_type = fields.get(separator + 1)?;
+            let source = fields.get(separator + 2)?;
+            let mountpoint = fields.get(4)?;
+            (fs_type.starts_with("fuse") && source.starts_with("snapfs"))
+                .then(|| (unescape_mountinfo(mountpoint), source.to_string()))
+        })
+        .collect()
 }
 
 /// Decodes the octal escapes (`\040` for a space...) the kernel writes in mountinfo.

@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod manifest;
 pub mod metrics;
 pub mod restore;
+pub mod status;
 pub mod store;
 pub mod sync;
 pub mod upload;

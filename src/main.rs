@@ -10,8 +10,10 @@ use snapfs::control;
 use snapfs::daemon::{self, MountArgs};
 use snapfs::inspect::{Change, Inspector};
 use snapfs::metrics;
+use snapfs::status::{self, StatusOptions};
 use snapfs::store;
 use snapfs::upload::UploadOptions;
+use snapfs::upload::drain::{self, DrainOptions};
 use snapfs::verify::{self, Options};
 use snapfs::volume::{self, SnapshotInfo};
 
@@ -205,6 +207,64 @@ enum Command {
         #[command(flatten)]
         volume: VolumeSource,
     },
+    /// Send what pending snapshots still need to the volume's store, without a mount, and
+    /// exit when none is pending (or after --timeout). For a volume that took snapshots
+    /// offline (a laptop): run it from cron once the network is back.
+    #[command(after_help = "Examples:\n  \
+        snapfs upload --data ~/.local/share/snapfs --timeout 30m\n  \
+        snapfs upload --data /srv/vol1 --json         # a summary for scripts\n\n\
+        The volume must not be mounted (a mount uploads by itself). A progress bar shows on \
+        a terminal.\n\n\
+        Exit status: 0 every pending snapshot completed, 1 an upload failed (the snapshot is \
+        `failed`, its reason printed), 2 the upload could not run (mounted, no volume, store unreachable or \
+        refused), 3 --timeout came first (what was sent is kept; the next run or mount goes on).")]
+    Upload {
+        /// The volume's data dir [default: as for `snapfs mount`].
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// The volume's store, as at mount: only needed if it was never mounted with one.
+        #[arg(long, value_name = "URL", value_parser = parse_store_url)]
+        store: Option<store::StoreUrl>,
+        /// Stop after this long, e.g. 90s, 30m, 2h [default: until done].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// Most bytes per second to send, e.g. 1M [default: no limit].
+        #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_size)]
+        upload_limit: Option<u64>,
+        /// Print a JSON summary at the end (no progress bar).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show whether a volume's backups are current: mounted or not, its store and whether it
+    /// answers, pending snapshots with what is left, the upload rate and ETA, the last
+    /// completed snapshot and its age, the last error, local disk used.
+    #[command(after_help = "Examples:\n  \
+        snapfs status ~/work\n  \
+        snapfs status --data /srv/vol1 --json\n  \
+        snapfs status --data /srv/vol1 --max-age 26h || mail -s 'backups behind' root < /dev/null\n\n\
+        Exit status: 0 backups are current (no snapshot pending, the newest finished upload \
+        completed, the store answers, and with --max-age the last completed snapshot is \
+        recent enough), 1 they are not (the reasons are printed), 2 the status could not be \
+        read. The store gets 5 s to answer a listing; while snapshots upload, the rate is \
+        measured over --sample.")]
+    Status {
+        /// A running snapfs mount; its data dir is read.
+        #[arg(value_name = "MOUNTPOINT", conflicts_with = "data")]
+        mountpoint: Option<PathBuf>,
+        /// The volume's data dir [default: as for `snapfs mount`].
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// Not current if the last completed snapshot is older than this, e.g. 26h.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        max_age: Option<std::time::Duration>,
+        /// How long to watch uploads for their rate, e.g. 2s; 0 skips it.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration,
+              default_value = "2s")]
+        sample: std::time::Duration,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -300,13 +360,7 @@ enum SnapdirMode {
 /// Parses sizes such as 65536, 64K, 256KiB or 1M.
 fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{text}' is not a size (try 256K or 1M)"))?;
+    let (number, unit) = number_and_unit(text, "a size (try 256K or 1M)")?;
     let shift = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
@@ -443,6 +497,45 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             repair,
             json,
         } => return verify(&volume, store.as_ref(), Options { deep, repair }, json),
+        Command::Upload {
+            data,
+            store,
+            timeout,
+            upload_limit,
+            json,
+        } => {
+            let dir = match data {
+                Some(dir) => dir,
+                None => default_data_dir()?,
+            };
+            let options = DrainOptions {
+                store,
+                upload: UploadOptions {
+                    limit: upload_limit,
+                    ..UploadOptions::default()
+                },
+                timeout,
+            };
+            return upload(&dir, options, json);
+        }
+        Command::Status {
+            mountpoint,
+            data,
+            max_age,
+            sample,
+            json,
+        } => {
+            let source = VolumeSource {
+                data,
+                mount: mountpoint,
+            };
+            let options = StatusOptions {
+                sample,
+                store_timeout: std::time::Duration::from_secs(5),
+                max_age,
+            };
+            return status(&source.data_dir()?, &options, json);
+        }
         Command::Diff { from, to, volume } => {
             let inspector = volume.open()?;
             let changes = inspector
@@ -877,6 +970,171 @@ fn verify(
     })
 }
 
+fn upload(
+    dir: &std::path::Path,
+    options: DrainOptions,
+    json: bool,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let bar = progress_bar(json);
+    let report = drain::drain(dir, options, &|sent, total| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(sent);
+        }
+    })?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        for failed in &report.failed {
+            eprintln!(
+                "snapfs: the upload of snapshot {} failed: {}",
+                failed.name, failed.error
+            );
+        }
+        eprintln!(
+            "{}: {} snapshots completed, {} failed, {} still pending; {} sent in {:.1} s{}",
+            report.store,
+            report.completed.len(),
+            report.failed.len(),
+            report.pending.len(),
+            human_bytes(report.sent_bytes),
+            report.seconds,
+            if report.timed_out { " (timed out)" } else { "" }
+        );
+    }
+    Ok(if !report.failed.is_empty() {
+        ExitCode::FAILURE
+    } else if report.timed_out {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn status(
+    dir: &std::path::Path,
+    options: &StatusOptions,
+    json: bool,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let s = status::status(dir, options)?;
+    if json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        println!("volume:     {}", s.data_dir.display());
+        let holder = format!(
+            "pid {}, since {}",
+            s.pid.as_deref().unwrap_or("?"),
+            s.since.as_deref().unwrap_or("?")
+        );
+        match (&s.mountpoint, s.state) {
+            (Some(at), _) => println!("mounted:    on {} ({holder})", at.display()),
+            (None, "busy") => println!("mounted:    no; in use by another snapfs ({holder})"),
+            _ => println!("mounted:    no"),
+        }
+        match &s.store {
+            None => println!("store:      none yet (set at the first mount)"),
+            Some(store) => match &store.error {
+                None => println!("store:      {} (reachable)", store.url),
+                Some(error) => println!("store:      {} (UNREACHABLE: {error})", store.url),
+            },
+        }
+        println!(
+            "pending:    {} snapshots, {} in {} blocks left",
+            s.pending.len(),
+            human_bytes(s.left_bytes),
+            s.left_blocks
+        );
+        for p in &s.pending {
+            let sized = p.total_bytes.map_or_else(
+                || "not started".to_owned(),
+                |total| {
+                    format!(
+                        "{} of {} sent",
+                        human_bytes(p.sent_bytes),
+                        human_bytes(total)
+                    )
+                },
+            );
+            println!("            {} (taken {}): {sized}", p.name, p.created);
+        }
+        match (s.rate_bytes_per_sec, s.eta_seconds) {
+            (Some(rate), Some(eta)) => {
+                println!("upload:     {}/s, ETA {eta} s", human_bytes(rate as u64))
+            }
+            (Some(_), None) => println!("upload:     stalled (nothing landed while watching)"),
+            (None, _) if !s.pending.is_empty() => println!("upload:     not running"),
+            (None, _) => println!("upload:     idle"),
+        }
+        match &s.last_completed {
+            Some(last) => println!(
+                "last:       {} (taken {}, {} s ago)",
+                last.name, last.created, last.age_seconds
+            ),
+            None => println!("last:       no snapshot has completed"),
+        }
+        if let Some(failed) = &s.last_error {
+            println!(
+                "last error: {}: {}",
+                failed.name,
+                failed.error.as_deref().unwrap_or("?")
+            );
+        }
+        println!(
+            "disk:       {} in {} blocks; cache {} of {}",
+            human_bytes(s.disk.bytes),
+            s.disk.blocks,
+            human_bytes(s.disk.cache_bytes),
+            s.disk
+                .cache_limit
+                .map_or_else(|| "no limit".to_owned(), human_bytes)
+        );
+        if s.current {
+            println!("backups:    current");
+        }
+        for problem in &s.problems {
+            println!("backups:    NOT CURRENT: {problem}");
+        }
+    }
+    Ok(if s.current {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Parses durations such as 90, 90s, 30m, 2h or 1d.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = number_and_unit(text, "a duration (try 90s, 30m or 2h)")?;
+    let seconds = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("unknown unit in '{text}' (use s, m, h or d)")),
+    };
+    number
+        .checked_mul(seconds)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("duration '{text}' is too long"))
+}
+
+/// The leading digits of `text` as a number, and the unit after them; `what` names what
+/// `text` should have been.
+fn number_and_unit<'a>(text: &'a str, what: &str) -> Result<(u64, &'a str), String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number = digits
+        .parse()
+        .map_err(|e| format!("'{text}' is not {what}: {e}"))?;
+    Ok((number, unit))
+}
+
 /// Makes a relative SNAPFS_KEY_FILE absolute: a mount reads it after the daemon has left
 /// the directory it was started in.
 fn absolute_key_file() {
@@ -958,7 +1216,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // verify's 1 means "problems found": its own failures to run are 2.
     let failure = match cli.command {
-        Command::Verify { .. } => ExitCode::from(2),
+        Command::Verify { .. } | Command::Upload { .. } | Command::Status { .. } => {
+            ExitCode::from(2)
+        }
         _ => ExitCode::FAILURE,
     };
     match run(cli) {
@@ -984,6 +1244,17 @@ mod tests {
         assert_eq!(parse_block_size("128K"), Ok(128 << 10));
         assert!(parse_block_size("100K").is_err());
         assert!(parse_block_size("4M").is_err());
+        assert_eq!(parse_duration("90"), Ok(std::time::Duration::from_secs(90)));
+        assert_eq!(
+            parse_duration("30m"),
+            Ok(std::time::Duration::from_secs(1800))
+        );
+        assert_eq!(
+            parse_duration("2h"),
+            Ok(std::time::Duration::from_secs(7200))
+        );
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("").is_err());
     }
 
     #[test]

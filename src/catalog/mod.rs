@@ -7,9 +7,11 @@
 //! retired (`death = G`) and replaced, so every snapshot keeps seeing what it saw.
 
 mod schema;
+mod status;
 mod upload;
 mod verify;
 
+pub use status::{LocalUsage, Outstanding};
 pub use verify::{BlockRecord, Finding};
 
 use std::path::{Path, PathBuf};
@@ -278,6 +280,8 @@ pub enum Setting {
     Follows,
     /// The id of the last snapshot a follower imported.
     FollowedId,
+    /// The mount's `--cache-size` in bytes (absent: no limit), for `snapfs status`.
+    CacheSize,
 }
 
 impl Setting {
@@ -289,6 +293,7 @@ impl Setting {
             Setting::OriginSnapshot => "origin_snapshot",
             Setting::Follows => "follows",
             Setting::FollowedId => "followed_id",
+            Setting::CacheSize => "cache_size",
         }
     }
 }

@@ -653,5 +653,6 @@ async fn run(worker: &Worker, wake: &Notify) {
     }
 }
 
+pub mod drain;
 #[cfg(test)]
 mod tests;

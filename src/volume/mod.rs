@@ -144,6 +144,43 @@ pub fn try_lock_data_dir(dir: &Path) -> Result<Option<fs::File>> {
     }
 }
 
+/// Who holds a data dir's lock (a mount, or a tool such as `snapfs upload`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockHolder {
+    /// The pid the holder wrote into the lock file.
+    pub pid: String,
+    /// When it took the lock: the lock file is rewritten then.
+    pub since: SystemTime,
+}
+
+/// The holder of `dir`'s lock, `None` if nobody holds it. Only probes (a shared lock,
+/// let go at once): the lock file is not changed.
+pub fn data_dir_holder(dir: &Path) -> Result<Option<LockHolder>> {
+    let path = dir.join("lock");
+    let err = |source| Error::DataDir {
+        path: path.clone(),
+        source,
+    };
+    let file = match fs::File::open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        opened => opened.map_err(err)?,
+    };
+    // SAFETY: flock only reads the descriptor, which `file` keeps open.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        return Ok(None);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+        return Err(err(e));
+    }
+    let pid = fs::read_to_string(&path).map_err(err)?;
+    let since = file.metadata().and_then(|m| m.modified()).map_err(err)?;
+    Ok(Some(LockHolder {
+        pid: pid.trim().to_owned(),
+        since,
+    }))
+}
+
 fn take_data_dir_lock(dir: &Path) -> Result<fs::File> {
     let data_dir_err = |source| Error::DataDir {
         path: dir.to_owned(),
@@ -239,6 +276,11 @@ impl Volume {
         runtime: tokio::runtime::Handle,
         cache: Option<u64>,
     ) -> Result<()> {
+        // Remembered for `snapfs status`, which reports the cache against its limit.
+        lock(&self.catalog).write(|tx| match cache {
+            Some(bytes) => tx.set_setting(Setting::CacheSize, &bytes.to_string()),
+            None => tx.clear_setting(Setting::CacheSize),
+        })?;
         self.blocks.attach_store(store, runtime, cache)
     }
 
