@@ -249,10 +249,7 @@ fn upload_rate(catalog: &Catalog, interval: Duration) -> Result<Option<f64>, Sta
 fn check_store(url: &str, timeout: Duration) -> StoreStatus {
     let reached = || -> Result<(), String> {
         let url = StoreUrl::parse(url).map_err(|e| e.to_string())?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start a runtime: {e}"))?;
+        let runtime = store::runtime().map_err(|e| format!("cannot start a runtime: {e}"))?;
         runtime.block_on(async {
             let listed = async {
                 let opened = store::open(&url).await?;

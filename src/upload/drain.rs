@@ -83,12 +83,7 @@ pub fn drain(
     let deadline = options.timeout.map(|t| started + t);
     // A dir without a volume is refused, never turned into a new one.
     let watch = Catalog::open_data_dir_read_only(dir)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("upload-io")
-        .enable_all()
-        .build()
-        .map_err(DrainError::Runtime)?;
+    let runtime = store::runtime().map_err(DrainError::Runtime)?;
     let volume = match Volume::open(dir, &volume::Options::default()) {
         Err(volume::Error::Locked { dir, pid }) => return Err(DrainError::InUse { dir, pid }),
         opened => Arc::new(opened?),
