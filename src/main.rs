@@ -15,7 +15,7 @@ use snapfs::store;
 use snapfs::upload::UploadOptions;
 use snapfs::upload::drain::{self, DrainOptions};
 use snapfs::verify::{self, Options};
-use snapfs::volume::{self, SnapshotInfo};
+use snapfs::volume;
 
 #[derive(Parser)]
 #[command(
@@ -572,7 +572,7 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             };
             let info = source.open()?.snapshot(name.as_bytes())?;
             if json {
-                println!("{}", snapshot_json(&info));
+                json::print(&json::Snapshot::of(&info))?;
             } else {
                 println!("snapshot '{name}' taken (id {}, {})", info.id, info.state);
             }
@@ -603,20 +603,8 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             let manifests = listing.snapshots;
             let damaged = listing.damaged.len();
             if json {
-                let items: Vec<String> = manifests
-                    .iter()
-                    .map(|m| {
-                        format!(
-                            "{{\"id\":{},\"name\":{},\"state\":\"completed\",\"created\":{},\"logical_bytes\":{},\"tags\":{{{}}}}}",
-                            m.id,
-                            json_string(&m.name),
-                            json_string(volume::rfc3339(m.created).as_bytes()),
-                            m.logical_bytes,
-                            tags_json(&m.tags)
-                        )
-                    })
-                    .collect();
-                println!("[{}]", items.join(","));
+                let items: Vec<_> = manifests.iter().map(json::StoredSnapshot::of).collect();
+                json::print(&items)?;
             } else {
                 println!(
                     "{:<24} {:>6} {:<24} {:>10}  TAGS",
@@ -640,8 +628,8 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
         SnapshotCommand::List { volume, json, .. } => {
             let snapshots = volume.open()?.snapshots()?;
             if json {
-                let items: Vec<String> = snapshots.iter().map(snapshot_json).collect();
-                println!("[{}]", items.join(","));
+                let items: Vec<_> = snapshots.iter().map(json::Snapshot::of).collect();
+                json::print(&items)?;
             } else {
                 println!(
                     "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  TAGS",
@@ -667,7 +655,7 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                 .snapshot(name.as_bytes())
                 .map_err(|e| missing_snapshot(e, &[Some(name.as_str())]))?;
             if json {
-                println!("{}", snapshot_json(&info));
+                json::print(&json::Snapshot::of(&info))?;
             } else {
                 println!("name:      {}", lossy(&info.name));
                 println!("id:        {}", info.id);
@@ -722,14 +710,6 @@ fn tags_text(tags: &[(Vec<u8>, Vec<u8>)]) -> String {
     let tags: Vec<String> = tags
         .iter()
         .map(|(k, v)| format!("{}={}", lossy(k), lossy(v)))
-        .collect();
-    tags.join(",")
-}
-
-fn tags_json(tags: &[(Vec<u8>, Vec<u8>)]) -> String {
-    let tags: Vec<String> = tags
-        .iter()
-        .map(|(k, v)| format!("{}:{}", json_string(k), json_string(v)))
         .collect();
     tags.join(",")
 }
@@ -834,21 +814,7 @@ fn restore(
     }
     let seconds = started.elapsed().as_secs_f64();
     if json {
-        let errors: Vec<String> = report
-            .errors
-            .iter()
-            .map(|e| json_string(e.as_bytes()))
-            .collect();
-        println!(
-            "{{\"files\":{},\"dirs\":{},\"symlinks\":{},\"hard_links\":{},\"specials\":{},\"bytes\":{},\"seconds\":{seconds:.3},\"errors\":[{}]}}",
-            report.files,
-            report.dirs,
-            report.symlinks,
-            report.hard_links,
-            report.specials,
-            report.bytes,
-            errors.join(",")
-        );
+        json::print(&json::RestoreSummary::of(&report, seconds))?;
     } else {
         for error in &report.errors {
             eprintln!("snapfs: {error}");
@@ -901,34 +867,7 @@ fn verify(
     }
     let c = &report.counts;
     if json {
-        let strings = |list: &[String]| {
-            let quoted: Vec<String> = list.iter().map(|s| json_string(s.as_bytes())).collect();
-            format!("[{}]", quoted.join(","))
-        };
-        let findings: Vec<String> = report
-            .findings
-            .iter()
-            .map(|f| {
-                format!(
-                    "{{\"problem\":{},\"count\":{},\"examples\":{}}}",
-                    json_string(f.problem.as_bytes()),
-                    f.count,
-                    strings(&f.examples)
-                )
-            })
-            .collect();
-        println!(
-            "{{\"clean\":{},\"snapshots\":{},\"local_blocks\":{},\"stored_blocks\":{},\"trees\":{},\"hashed_blocks\":{},\"findings\":[{}],\"notes\":{},\"repaired\":{}}}",
-            report.is_clean(),
-            c.snapshots,
-            c.local_blocks,
-            c.stored_blocks,
-            c.trees,
-            c.hashed_blocks,
-            findings.join(","),
-            strings(&report.notes),
-            strings(&report.repaired)
-        );
+        json::print(&json::VerifyReport::of(&report))?;
     } else {
         for done in &report.repaired {
             println!("repaired: {done}");
@@ -986,7 +925,7 @@ fn upload(
         bar.finish_and_clear();
     }
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        json::print(&report)?;
     } else {
         for failed in &report.failed {
             eprintln!(
@@ -1021,7 +960,7 @@ fn status(
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let s = status::status(dir, options)?;
     if json {
-        println!("{}", serde_json::to_string(&s)?);
+        json::print(&s)?;
     } else {
         println!("volume:     {}", s.data_dir.display());
         let holder = format!(
@@ -1162,21 +1101,6 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
-/// A JSON string literal of (lossily decoded) bytes.
-fn json_string(bytes: &[u8]) -> String {
-    let mut out = String::from("\"");
-    for c in String::from_utf8_lossy(bytes).chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 /// How much of a snapshot's upload is done, for tables: `100%`, `37%`, `-` if not sized.
 fn sent_percent(progress: &UploadProgress) -> String {
     match progress.total_bytes {
@@ -1186,29 +1110,179 @@ fn sent_percent(progress: &UploadProgress) -> String {
     }
 }
 
-fn snapshot_json(info: &SnapshotInfo) -> String {
-    let optional = |n: Option<u64>| n.map_or_else(|| "null".to_owned(), |n| n.to_string());
-    let p = &info.upload;
-    format!(
-        "{{\"id\":{},\"name\":{},\"state\":{},\"error\":{},\"created\":{},\"logical_bytes\":{},\"exclusive_bytes\":{},\
-         \"upload\":{{\"total_blocks\":{},\"total_bytes\":{},\"sent_blocks\":{},\"sent_bytes\":{},\"stored_bytes\":{}}},\
-         \"tags\":{{{}}}}}",
-        info.id,
-        json_string(&info.name),
-        json_string(info.state.as_str().as_bytes()),
-        info.error
-            .as_ref()
-            .map_or_else(|| "null".to_owned(), |e| json_string(e.as_bytes())),
-        json_string(volume::rfc3339(info.created).as_bytes()),
-        info.logical_bytes,
-        info.exclusive_bytes,
-        optional(p.total_blocks),
-        optional(p.total_bytes),
-        p.sent_blocks,
-        p.sent_bytes,
-        p.stored_bytes,
-        tags_json(&info.tags)
-    )
+/// The `--json` views. Scripts and tests read them, so their keys, key order and value
+/// types are a contract: change them only on purpose. Byte strings (names, tags) are
+/// decoded lossily, as in the text output.
+mod json {
+    use std::borrow::Cow;
+
+    use serde::{Serialize, Serializer};
+    use snapfs::manifest::SnapshotManifest;
+    use snapfs::volume::{self, SnapshotInfo};
+
+    /// Prints `value` as one line of JSON.
+    pub fn print(value: &impl Serialize) -> serde_json::Result<()> {
+        println!("{}", serde_json::to_string(value)?);
+        Ok(())
+    }
+
+    fn text(bytes: &[u8]) -> Cow<'_, str> {
+        String::from_utf8_lossy(bytes)
+    }
+
+    /// Tags as one object, in their order.
+    struct Tags<'a>(&'a [(Vec<u8>, Vec<u8>)]);
+
+    impl Serialize for Tags<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_map(self.0.iter().map(|(k, v)| (text(k), text(v))))
+        }
+    }
+
+    /// A snapshot of a volume (`snapshot create`, `show`, `list`).
+    #[derive(Serialize)]
+    pub struct Snapshot<'a> {
+        id: u64,
+        name: Cow<'a, str>,
+        state: String,
+        error: Option<&'a str>,
+        created: String,
+        logical_bytes: u64,
+        exclusive_bytes: u64,
+        upload: Upload,
+        tags: Tags<'a>,
+    }
+
+    #[derive(Serialize)]
+    struct Upload {
+        total_blocks: Option<u64>,
+        total_bytes: Option<u64>,
+        sent_blocks: u64,
+        sent_bytes: u64,
+        stored_bytes: u64,
+    }
+
+    impl<'a> Snapshot<'a> {
+        pub fn of(info: &'a SnapshotInfo) -> Snapshot<'a> {
+            let p = &info.upload;
+            Snapshot {
+                id: info.id,
+                name: text(&info.name),
+                state: info.state.to_string(),
+                error: info.error.as_deref(),
+                created: volume::rfc3339(info.created),
+                logical_bytes: info.logical_bytes,
+                exclusive_bytes: info.exclusive_bytes,
+                upload: Upload {
+                    total_blocks: p.total_blocks,
+                    total_bytes: p.total_bytes,
+                    sent_blocks: p.sent_blocks,
+                    sent_bytes: p.sent_bytes,
+                    stored_bytes: p.stored_bytes,
+                },
+                tags: Tags(&info.tags),
+            }
+        }
+    }
+
+    /// A snapshot read from a store (`snapshot list --store`): only completed ones are there.
+    #[derive(Serialize)]
+    pub struct StoredSnapshot<'a> {
+        id: u64,
+        name: Cow<'a, str>,
+        state: &'static str,
+        created: String,
+        logical_bytes: u64,
+        tags: Tags<'a>,
+    }
+
+    impl<'a> StoredSnapshot<'a> {
+        pub fn of(manifest: &'a SnapshotManifest) -> StoredSnapshot<'a> {
+            StoredSnapshot {
+                id: manifest.id,
+                name: text(&manifest.name),
+                state: "completed",
+                created: volume::rfc3339(manifest.created),
+                logical_bytes: manifest.logical_bytes,
+                tags: Tags(&manifest.tags),
+            }
+        }
+    }
+
+    /// What `restore --json` did.
+    #[derive(Serialize)]
+    pub struct RestoreSummary<'a> {
+        files: u64,
+        dirs: u64,
+        symlinks: u64,
+        hard_links: u64,
+        specials: u64,
+        bytes: u64,
+        /// Wall time, to the millisecond.
+        seconds: f64,
+        errors: &'a [String],
+    }
+
+    impl<'a> RestoreSummary<'a> {
+        pub fn of(report: &'a snapfs::restore::Report, seconds: f64) -> RestoreSummary<'a> {
+            RestoreSummary {
+                files: report.files,
+                dirs: report.dirs,
+                symlinks: report.symlinks,
+                hard_links: report.hard_links,
+                specials: report.specials,
+                bytes: report.bytes,
+                seconds: (seconds * 1000.0).round() / 1000.0,
+                errors: &report.errors,
+            }
+        }
+    }
+
+    /// What `verify --json` found.
+    #[derive(Serialize)]
+    pub struct VerifyReport<'a> {
+        clean: bool,
+        snapshots: u64,
+        local_blocks: u64,
+        stored_blocks: u64,
+        trees: u64,
+        hashed_blocks: u64,
+        findings: Vec<Finding<'a>>,
+        notes: &'a [String],
+        repaired: &'a [String],
+    }
+
+    #[derive(Serialize)]
+    struct Finding<'a> {
+        problem: &'a str,
+        count: u64,
+        examples: &'a [String],
+    }
+
+    impl<'a> VerifyReport<'a> {
+        pub fn of(report: &'a snapfs::verify::Report) -> VerifyReport<'a> {
+            let c = &report.counts;
+            VerifyReport {
+                clean: report.is_clean(),
+                snapshots: c.snapshots,
+                local_blocks: c.local_blocks,
+                stored_blocks: c.stored_blocks,
+                trees: c.trees,
+                hashed_blocks: c.hashed_blocks,
+                findings: report
+                    .findings
+                    .iter()
+                    .map(|f| Finding {
+                        problem: &f.problem,
+                        count: f.count,
+                        examples: &f.examples,
+                    })
+                    .collect(),
+                notes: &report.notes,
+                repaired: &report.repaired,
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -1259,7 +1333,36 @@ mod tests {
 
     #[test]
     fn json_strings_escape_quotes_backslashes_and_controls() {
-        assert_eq!(json_string(b"a\"b\\c\n"), r#""a\"b\\c\u000a""#);
+        let info = volume::SnapshotInfo {
+            id: 7,
+            name: b"a\"b\\c\n".to_vec(),
+            state: snapfs::catalog::SnapshotState::Pending,
+            created: 0,
+            logical_bytes: 5,
+            exclusive_bytes: 3,
+            tags: vec![
+                (b"env".to_vec(), b"prod".to_vec()),
+                (b"k".to_vec(), b"\x01\xff".to_vec()),
+            ],
+            upload: UploadProgress {
+                total_blocks: None,
+                total_bytes: Some(9),
+                sent_blocks: 1,
+                sent_bytes: 2,
+                stored_bytes: 1,
+            },
+            error: None,
+        };
+        let text = serde_json::to_string(&json::Snapshot::of(&info)).expect("serializes");
+        assert_eq!(
+            text,
+            r#"{"id":7,"name":"a\"b\\c\n","state":"pending","error":null,"#.to_owned()
+                + r#""created":"1970-01-01T00:00:00.000Z","logical_bytes":5,"exclusive_bytes":3,"#
+                + r#""upload":{"total_blocks":null,"total_bytes":9,"sent_blocks":1,"#
+                + r#""sent_bytes":2,"stored_bytes":1},"tags":{"env":"prod","k":"\u0001"#
+                // Invalid UTF-8 reads as U+FFFD, as in the text output.
+                + "\u{FFFD}\"}}"
+        );
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(12), "12 B");
     }
