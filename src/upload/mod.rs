@@ -624,4 +624,6 @@ async fn run(worker: &Worker, wake: &Notify) {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
