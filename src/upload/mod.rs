@@ -655,4 +655,6 @@ async fn run(worker: &Worker, wake: &Notify) {
 
 pub mod drain;
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
