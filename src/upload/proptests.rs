@@ -411,7 +411,7 @@ fn tree(nodes: impl Iterator<Item = (Vec<u8>, u64, Node)>) -> Tree {
 /// function that knows where the reader lives.
 fn read_store(url: &StoreUrl) -> BTreeMap<Vec<u8>, Tree> {
     use crate::manifest::Content;
-    use crate::restore::{Source, StoreSource, store_snapshots};
+    use crate::store::{Source, StoreChain, StoreSource};
 
     fn read(source: &dyn Source) -> Tree {
         let mut nodes = Vec::new();
@@ -430,7 +430,7 @@ fn read_store(url: &StoreUrl) -> BTreeMap<Vec<u8>, Tree> {
                     Vec::new()
                 }
                 Content::Blocks(blocks) => {
-                    let mut data = vec![0; entry.size as usize];
+                    let mut data = vec![0; entry.attrs.size as usize];
                     for (index, hash) in blocks {
                         let block = source.block(hash).expect("block");
                         let start = *index as usize * source.block_size() as usize;
@@ -445,9 +445,9 @@ fn read_store(url: &StoreUrl) -> BTreeMap<Vec<u8>, Tree> {
             let mut xattrs = entry.xattrs.clone();
             xattrs.sort();
             let node = Node {
-                kind: entry.kind,
-                perm: entry.perm,
-                nlink: entry.nlink,
+                kind: entry.attrs.kind,
+                perm: entry.attrs.perm,
+                nlink: entry.attrs.nlink,
                 same_as: Vec::new(),
                 data,
                 xattrs,
@@ -457,16 +457,19 @@ fn read_store(url: &StoreUrl) -> BTreeMap<Vec<u8>, Tree> {
         tree(nodes.into_iter())
     }
 
-    let listing = store_snapshots(url).expect("list the store");
+    let runtime = crate::store::runtime().expect("a runtime");
+    let mut stores = StoreChain::open(runtime.handle(), url, None).expect("open the store");
+    let listing = stores.list().expect("list the store");
     assert!(listing.damaged.is_empty(), "{:?}", listing.damaged);
+    stores
+        .set_origin(listing.origin.as_ref())
+        .expect("open the origin");
     listing
         .snapshots
         .into_iter()
         .map(|manifest| {
             let name = manifest.name.clone();
-            let source = StoreSource::for_manifest(url, manifest, listing.origin.as_ref())
-                .expect("open the snapshot");
-            (name, read(&source))
+            (name, read(&StoreSource::new(stores.clone(), manifest)))
         })
         .collect()
 }
@@ -502,7 +505,7 @@ impl Harness {
         };
         harness.mount();
         let root = harness.volume().getattr(ROOT).expect("root");
-        harness.model = Model::new(u32::from(root.perm));
+        harness.model = Model::new(root.attrs.perm);
         harness
     }
 
@@ -613,17 +616,16 @@ impl Harness {
                 let name = NAMES[name];
                 let data = pattern(len, seed);
                 let parent = self.node(&dir.path);
-                let (key, node) = match self.model.child(dir.key, name) {
+                let (key, node, handle) = match self.model.child(dir.key, name) {
                     Some(key) if !matches!(self.model.inodes[&key].body, Body::File(_)) => return,
                     Some(key) => {
                         let node = v.lookup(parent, name).expect("lookup").node;
-                        v.open_file(node, true).expect("open");
-                        (key, node)
+                        (key, node, v.open_file(node, true).expect("open"))
                     }
                     None => {
                         let key = self.model.add(dir.key, name, 0o644, Body::File(Vec::new()));
-                        let node = v.create(parent, name, 0o644, ME).expect("create").node;
-                        (key.expect("a new name"), node)
+                        let (attr, handle) = v.create(parent, name, 0o644, ME).expect("create");
+                        (key.expect("a new name"), attr.node, handle)
                     }
                 };
                 let content = self.model.file_mut(key).expect("a file");
@@ -635,7 +637,8 @@ impl Harness {
                 expected = Ok(());
                 actual = v.write(node, offset, &data).and_then(|written| {
                     assert_eq!(written as usize, len, "short write");
-                    if close { v.release(node) } else { Ok(()) }
+                    // A handle not released leaves the file open, across snapshots.
+                    if close { v.release(handle) } else { Ok(()) }
                 });
             }
             Op::Truncate { node, size } => {
