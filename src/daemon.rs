@@ -14,6 +14,7 @@ use fuser::{Config, MountOption, SessionACL};
 
 use crate::follow;
 use crate::fuse::SnapFs;
+use crate::hooks::{self, HookOptions};
 use crate::restore::StoreSource;
 use crate::store::{self, StoreError, StoreUrl};
 use crate::upload::{UploadError, UploadOptions, Uploader, Worker};
@@ -40,6 +41,8 @@ pub struct MountArgs {
     pub read_only: bool,
     /// How often a read-only mount looks for new snapshots in the store.
     pub follow_interval: Duration,
+    /// `--pre-snapshot`, `--post-snapshot` and their settings.
+    pub hooks: HookOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +263,7 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     volume
         .spawn_flusher(FLUSH_AGE)
         .map_err(MountError::Daemon)?;
+    hooks::install(&volume, &args.hooks, &args.mountpoint)?;
     let session = start_session(args, &volume)?;
     let uploader = Uploader::start(runtime, worker).map_err(MountError::Daemon)?;
     tracing::info!(mountpoint = %args.mountpoint.display(), data = %args.data_dir.display(), store = %url, "mounted");
@@ -359,9 +363,11 @@ fn wait_for_unmount(session: Session, ready: &mut Option<fs::File>, signals: &li
     if let Some(mut pipe) = ready.take() {
         let _ = pipe.write_all(b"ready");
     }
+    crate::sd_notify::ready();
     let mut signal = 0;
     // SAFETY: waits on the set initialised above; `signal` receives the number.
     unsafe { libc::sigwait(signals, &mut signal) };
+    crate::sd_notify::stopping();
     if signal != libc::SIGUSR1 {
         tracing::info!(signal, "unmounting on signal");
         if let Err(e) = unmounter.unmount() {

@@ -264,6 +264,14 @@ pub enum Setting {
     Follows,
     /// The id of the last snapshot a follower imported.
     FollowedId,
+    /// The command run before each snapshot (`--pre-snapshot`; empty: none).
+    PreSnapshot,
+    /// The command run after each snapshot (`--post-snapshot`; empty: none).
+    PostSnapshot,
+    /// Seconds a hook may run before it is killed (`--hook-timeout`).
+    HookTimeout,
+    /// What a failed pre-snapshot hook does to the snapshot (`--pre-snapshot-failure`).
+    PreSnapshotFailure,
 }
 
 impl Setting {
@@ -275,6 +283,10 @@ impl Setting {
             Setting::OriginSnapshot => "origin_snapshot",
             Setting::Follows => "follows",
             Setting::FollowedId => "followed_id",
+            Setting::PreSnapshot => "pre_snapshot",
+            Setting::PostSnapshot => "post_snapshot",
+            Setting::HookTimeout => "hook_timeout",
+            Setting::PreSnapshotFailure => "pre_snapshot_failure",
         }
     }
 }

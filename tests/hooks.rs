@@ -1,0 +1,164 @@
+//! Pre- and post-snapshot hooks through real mounts: a pre hook that writes into the
+//! volume (its write is in the snapshot), one that fails (EIO, the CLI names the reason,
+//! no snapshot), one that times out (killed with what it started), a post hook that sees
+//! the snapshot's name and state, and hooks remembered across a remount.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.display())
+}
+
+#[test]
+fn pre_hook_writes_into_the_volume_before_the_snapshot() {
+    let mount = Mount::with_args(&[
+        "--pre-snapshot",
+        r#"echo "checkpoint for $SNAPFS_SNAPSHOT" > "$SNAPFS_MOUNTPOINT/checkpoint""#,
+    ]);
+    fs::write(mount.path().join("data"), b"rows").expect("write");
+    let snap = take_snapshot(&mount, "first");
+    assert_eq!(
+        fs::read(snap.join("checkpoint")).expect("the hook's write is in the snapshot"),
+        b"checkpoint for first\n"
+    );
+    assert_eq!(fs::read(snap.join("data")).expect("read"), b"rows");
+    // The CLI takes snapshots the same way.
+    let out = run(snapfs()
+        .args(["snapshot", "create"])
+        .arg(mount.path())
+        .arg("second"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read(snapshot_dir(&mount, "second").join("checkpoint")).expect("read"),
+        b"checkpoint for second\n"
+    );
+}
+
+#[test]
+fn failing_pre_hook_fails_the_snapshot_with_its_reason() {
+    let mut mount = Mount::with_args(&["--pre-snapshot", "echo database is busy >&2; exit 3"]);
+    let dir = snapshot_dir(&mount, "refused");
+    assert_eq!(errno(fs::create_dir(&dir)), libc::EIO);
+    assert_eq!(
+        errno(fs::metadata(&dir)),
+        libc::ENOENT,
+        "no snapshot exists"
+    );
+    let out = run(snapfs()
+        .args(["snapshot", "create"])
+        .arg(mount.path())
+        .arg("by-cli"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("pre-snapshot hook failed") && stderr.contains("database is busy"),
+        "the CLI names the reason: {stderr}"
+    );
+    assert_eq!(
+        errno(fs::metadata(snapshot_dir(&mount, "by-cli"))),
+        libc::ENOENT
+    );
+    let log = mount.daemon_log();
+    assert!(
+        log.contains("database is busy"),
+        "reason in the log:\n{log}"
+    );
+
+    // The hook is remembered; told to proceed, the snapshot is taken despite it.
+    mount.set_args(&["--pre-snapshot-failure", "proceed"]);
+    mount.remount();
+    take_snapshot(&mount, "anyway");
+    assert!(mount.daemon_log().contains("taking the snapshot anyway"));
+
+    // An empty command removes it: nothing fails any more, whatever the policy.
+    mount.set_args(&["--pre-snapshot", "", "--pre-snapshot-failure", "abort"]);
+    mount.remount();
+    take_snapshot(&mount, "no-hook");
+}
+
+#[test]
+fn pre_hook_that_times_out_is_killed_with_its_children() {
+    let mount = Mount::unmounted();
+    let pid_file = mount.scratch("hook").join("pid");
+    let hook = format!("sleep 300 & echo $! > {}; wait", shell_quote(&pid_file));
+    let mut mount = mount;
+    mount.set_args(&["--pre-snapshot", &hook, "--hook-timeout", "1"]);
+    mount.remount();
+    let started = Instant::now();
+    assert_eq!(
+        errno(fs::create_dir(snapshot_dir(&mount, "slow"))),
+        libc::EIO
+    );
+    let took = started.elapsed();
+    assert!(
+        (Duration::from_secs(1)..Duration::from_secs(10)).contains(&took),
+        "mkdir failed after {took:?}"
+    );
+    let pid = fs::read_to_string(&pid_file).expect("the hook ran");
+    // Killed, and reaped by init or already gone: no longer a running sleep.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+        .is_ok_and(|stat| !stat.contains(") Z "))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the hook's child {pid} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        errno(fs::metadata(snapshot_dir(&mount, "slow"))),
+        libc::ENOENT
+    );
+    let out = run(snapfs()
+        .args(["snapshot", "create"])
+        .arg(mount.path())
+        .arg("slow"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("timed out after 1 s"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn post_hook_sees_the_snapshot_name_and_state() {
+    let mount = Mount::unmounted();
+    let out_dir = mount.scratch("post");
+    let hook = format!(
+        "env | grep ^SNAPFS_ | sort > {}/\"$SNAPFS_SNAPSHOT\"",
+        shell_quote(&out_dir)
+    );
+    let mut mount = mount;
+    mount.set_args(&["--post-snapshot", &hook]);
+    mount.remount();
+    take_snapshot(&mount, "nightly");
+    // The post hook has run when mkdir returns.
+    let env = fs::read_to_string(out_dir.join("nightly")).expect("the post hook ran");
+    let id = snapshot_attr(&mount, "nightly", "user.snapfs.id");
+    for line in [
+        "SNAPFS_HOOK=post".to_owned(),
+        "SNAPFS_SNAPSHOT=nightly".to_owned(),
+        "SNAPFS_STATE=pending".to_owned(),
+        format!("SNAPFS_SNAPSHOT_ID={id}"),
+        format!("SNAPFS_MOUNTPOINT={}", mount.path().display()),
+        format!("SNAPFS_DATA={}", mount.data_dir().display()),
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line} not in:\n{env}");
+    }
+    // Remembered: a plain remount still runs it.
+    mount.set_args(&[]);
+    mount.remount();
+    take_snapshot(&mount, "after-remount");
+    assert!(out_dir.join("after-remount").exists());
+}
