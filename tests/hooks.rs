@@ -7,7 +7,7 @@ mod common;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,15 @@ use common::*;
 
 fn shell_quote(path: &Path) -> String {
     format!("'{}'", path.display())
+}
+
+/// A mount whose arguments name its own paths (its mountpoint, scratch dirs).
+fn mount_with(args: impl FnOnce(&Mount) -> Vec<String>) -> Mount {
+    let mut mount = Mount::unmounted();
+    let args = args(&mount);
+    mount.set_args(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    mount.remount();
+    mount
 }
 
 #[test]
@@ -90,12 +99,17 @@ fn failing_pre_hook_fails_the_snapshot_with_its_reason() {
 
 #[test]
 fn pre_hook_that_times_out_is_killed_with_its_children() {
-    let mount = Mount::unmounted();
-    let pid_file = mount.scratch("hook").join("pid");
-    let hook = format!("sleep 300 & echo $! > {}; wait", shell_quote(&pid_file));
-    let mut mount = mount;
-    mount.set_args(&["--pre-snapshot", &hook, "--hook-timeout", "1"]);
-    mount.remount();
+    let mut pid_file = PathBuf::new();
+    let mount = mount_with(|mount| {
+        pid_file = mount.scratch("hook").join("pid");
+        let hook = format!("sleep 300 & echo $! > {}; wait", shell_quote(&pid_file));
+        vec![
+            "--pre-snapshot".into(),
+            hook,
+            "--hook-timeout".into(),
+            "1".into(),
+        ]
+    });
     let started = Instant::now();
     assert_eq!(
         errno(fs::create_dir(snapshot_dir(&mount, "slow"))),
@@ -135,15 +149,15 @@ fn pre_hook_that_times_out_is_killed_with_its_children() {
 
 #[test]
 fn post_hook_sees_the_snapshot_name_and_state() {
-    let mount = Mount::unmounted();
-    let out_dir = mount.scratch("post");
-    let hook = format!(
-        "env | grep ^SNAPFS_ | sort > {}/\"$SNAPFS_SNAPSHOT\"",
-        shell_quote(&out_dir)
-    );
-    let mut mount = mount;
-    mount.set_args(&["--post-snapshot", &hook]);
-    mount.remount();
+    let mut out_dir = PathBuf::new();
+    let mut mount = mount_with(|mount| {
+        out_dir = mount.scratch("post");
+        let hook = format!(
+            "env | grep ^SNAPFS_ | sort > {}/\"$SNAPFS_SNAPSHOT\"",
+            shell_quote(&out_dir)
+        );
+        vec!["--post-snapshot".into(), hook]
+    });
     take_snapshot(&mount, "nightly");
     // The post hook has run when mkdir returns.
     let env = fs::read_to_string(out_dir.join("nightly")).expect("the post hook ran");
@@ -174,15 +188,14 @@ fn sqlite_checkpointed_by_the_pre_hook_is_whole_in_the_snapshot() {
         eprintln!("skipped: no sqlite3 command");
         return;
     }
-    let mount = Mount::unmounted();
+    let mount = mount_with(|mount| {
+        let db = shell_quote(&mount.path().join("app.db"));
+        vec![
+            "--pre-snapshot".into(),
+            format!("sqlite3 {db} 'PRAGMA wal_checkpoint(TRUNCATE)'"),
+        ]
+    });
     let db = mount.path().join("app.db");
-    let hook = format!(
-        "sqlite3 {} 'PRAGMA wal_checkpoint(TRUNCATE)'",
-        shell_quote(&db)
-    );
-    let mut mount = mount;
-    mount.set_args(&["--pre-snapshot", &hook]);
-    mount.remount();
     let mut app = Command::new("sqlite3")
         .arg(&db)
         .stdin(Stdio::piped())
