@@ -91,21 +91,20 @@ impl HookOptions {
         let command = |setting| -> volume::Result<Option<String>> {
             Ok(volume.setting(setting)?.filter(|c| !c.trim().is_empty()))
         };
-        let corrupt = |what: &str, value: &str| {
-            volume::Error::Catalog(crate::catalog::Error::Corrupt(format!(
-                "remembered {what} '{value}'"
-            )))
+        let corrupt = |what: String| {
+            volume::Error::Catalog(crate::catalog::Error::Corrupt(format!("remembered {what}")))
         };
         let timeout = match volume.setting(Setting::HookTimeout)? {
-            Some(secs) => {
-                Duration::from_secs(secs.parse().map_err(|_| corrupt("hook timeout", &secs))?)
-            }
+            Some(secs) => Duration::from_secs(
+                secs.parse()
+                    .map_err(|e| corrupt(format!("hook timeout '{secs}': {e}")))?,
+            ),
             None => DEFAULT_TIMEOUT,
         };
         let on_pre_failure = match volume.setting(Setting::PreSnapshotFailure)? {
             Some(policy) => policy
                 .parse()
-                .map_err(|_| corrupt("pre-snapshot failure policy", &policy))?,
+                .map_err(|e| corrupt(format!("pre-snapshot failure policy: {e}")))?,
             None => PreFailure::default(),
         };
         Ok(HookConfig {

@@ -281,7 +281,8 @@ struct HookArgs {
     /// Run CMD (with /bin/sh) before each snapshot, before writers are held: it may write
     /// to the volume, e.g. checkpoint a database on it. If it fails or times out, no
     /// snapshot is taken (mkdir fails with EIO) unless --pre-snapshot-failure proceed.
-    /// Environment: SNAPFS_SNAPSHOT, SNAPFS_MOUNTPOINT, SNAPFS_DATA. '' removes it.
+    /// Environment: SNAPFS_SNAPSHOT, SNAPFS_MOUNTPOINT, SNAPFS_DATA. The volume remembers
+    /// its hooks and their settings, like its store; '' removes it.
     #[arg(long, value_name = "CMD")]
     pre_snapshot: Option<String>,
     /// Run CMD once each snapshot is taken (state pending: its upload goes on after).
@@ -289,10 +290,12 @@ struct HookArgs {
     /// SNAPFS_MOUNTPOINT, SNAPFS_DATA. '' removes it.
     #[arg(long, value_name = "CMD")]
     post_snapshot: Option<String>,
-    /// Seconds a hook may run before its process group is killed [default: 60].
+    /// Seconds a hook may run before its process group is killed [default: 60, or as
+    /// remembered].
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     hook_timeout: Option<u64>,
-    /// Whether a snapshot is taken when the pre-snapshot hook fails [default: abort].
+    /// Whether a snapshot is taken when the pre-snapshot hook fails [default: abort, or as
+    /// remembered].
     #[arg(long, value_name = "abort|proceed", value_parser = str::parse::<PreFailure>)]
     pre_snapshot_failure: Option<PreFailure>,
 }

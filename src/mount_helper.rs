@@ -129,8 +129,10 @@ fn mount_call(args: &[OsString]) -> Result<Call, String> {
             _ => paths.push(arg.clone()),
         }
     }
-    let [source, mountpoint] = <[OsString; 2]>::try_from(paths)
-        .map_err(|_| "usage: mount.fuse.snapfs DATA_DIR MOUNTPOINT [-o OPTIONS]".to_owned())?;
+    let (source, mountpoint) = match paths.as_slice() {
+        [source, mountpoint] => (source.clone(), mountpoint.clone()),
+        _ => return Err("usage: mount.fuse.snapfs DATA_DIR MOUNTPOINT [-o OPTIONS]".into()),
+    };
     // /proc/mounts shows the source as `snapfs:DATA_DIR`; accept that spelling too.
     let data = match source.as_bytes().strip_prefix(b"snapfs:") {
         Some(dir) => OsStr::from_bytes(dir).to_owned(),

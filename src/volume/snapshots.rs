@@ -159,9 +159,10 @@ impl Volume {
 
     /// Sets the commands run around each snapshot; a volume has one set for its life.
     pub fn set_snapshot_hooks(&self, hooks: Arc<dyn SnapshotHooks>) -> Result<()> {
-        self.hooks
-            .set(hooks)
-            .map_err(|_| Error::Invalid("snapshot hooks are already set"))
+        match self.hooks.set(hooks) {
+            Ok(()) => Ok(()),
+            Err(_ours) => Err(Error::Invalid("snapshot hooks are already set")),
+        }
     }
 
     /// `NAME: REASON` of the last snapshot a pre-snapshot hook refused.
