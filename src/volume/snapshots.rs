@@ -187,6 +187,8 @@ impl Volume {
                 *lock(&self.hook_failure) = Some((name.to_vec(), reason.clone()));
                 return Err(Error::Hook(reason));
             }
+            // A refusal of this name is over: a later EIO for it is something else.
+            lock(&self.hook_failure).take_if(|(refused, _)| refused == name);
         }
         let info = self.take_snapshot(name)?;
         if let Some(hooks) = hooks {

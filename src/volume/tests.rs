@@ -751,7 +751,7 @@ fn snapshots_taken_during_reloads_of_the_table_stay_visible() {
 }
 
 /// Hooks that write into the volume from `before` (as a pre hook through the mount
-/// would, with no lock held), refuse names starting with "no", and record `after`.
+/// would, with no lock held), refuse while a file `busy` exists, and record `after`.
 struct RecordingHooks {
     volume: std::sync::Weak<Volume>,
     seen: Mutex<Vec<(Vec<u8>, String)>>,
@@ -759,10 +759,10 @@ struct RecordingHooks {
 
 impl SnapshotHooks for RecordingHooks {
     fn before(&self, name: &[u8]) -> std::result::Result<(), String> {
-        if name.starts_with(b"no") {
+        let volume = self.volume.upgrade().ok_or("volume gone")?;
+        if volume.lookup(ROOT, b"busy").is_ok() {
             return Err("database is busy".into());
         }
-        let volume = self.volume.upgrade().ok_or("volume gone")?;
         let (attr, handle) = volume
             .create(ROOT, name, 0o644, ME)
             .map_err(|e| e.to_string())?;
@@ -799,6 +799,9 @@ fn hooks_run_around_a_snapshot_and_a_refusal_takes_none() {
     assert_eq!(in_snapshot.size, 10);
     assert_eq!(*lock(&hooks.seen), [(b"s1".to_vec(), "pending".to_owned())]);
 
+    volume
+        .mknod(ROOT, b"busy", libc::S_IFREG | 0o644, 0, ME)
+        .expect("busy");
     let refused = volume.create_snapshot(b"no-snapshot").unwrap_err();
     assert!(matches!(&refused, Error::Hook(reason) if reason == "database is busy"));
     assert_eq!(refused.errno(), libc::EIO);
@@ -814,4 +817,11 @@ fn hooks_run_around_a_snapshot_and_a_refusal_takes_none() {
         1,
         "no post hook without a snapshot"
     );
+    // Once the name is taken after all, its old refusal is forgotten.
+    volume.unlink(ROOT, b"busy").expect("unlink");
+    volume.create_snapshot(b"no-snapshot").expect("taken now");
+    assert!(matches!(
+        volume.getxattr(SNAPDIR, XATTR_HOOK_ERROR),
+        Err(Error::NoXattr)
+    ));
 }
