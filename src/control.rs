@@ -23,6 +23,8 @@ pub enum ControlError {
     BadName(String),
     #[error("bad tag '{0}': write KEY=VALUE")]
     BadTag(String),
+    #[error("snapshot '{name}' not taken: the pre-snapshot hook failed: {reason}")]
+    Hook { name: String, reason: String },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -66,13 +68,44 @@ pub fn create_snapshot(
     fs::create_dir(&path).map_err(|source| match source.raw_os_error() {
         Some(libc::EEXIST) => ControlError::Exists(name.to_owned()),
         Some(libc::EINVAL) => ControlError::BadName(name.to_owned()),
-        _ => ControlError::Io {
-            what: "cannot create snapshot",
-            path: path.clone(),
-            source,
+        // EIO may be a pre-snapshot hook's refusal: the daemon keeps its reason.
+        code => match (code == Some(libc::EIO))
+            .then(|| hook_error(mountpoint, name))
+            .flatten()
+        {
+            Some(reason) => ControlError::Hook {
+                name: name.to_owned(),
+                reason,
+            },
+            None => ControlError::Io {
+                what: "cannot create snapshot",
+                path: path.clone(),
+                source,
+            },
         },
     })?;
     tag_snapshot(mountpoint, name, tags, &[])
+}
+
+/// Why the pre-snapshot hook refused snapshot `name`, if it was the last it refused.
+fn hook_error(mountpoint: &Path, name: &str) -> Option<String> {
+    let dir = CString::new(snapdir(mountpoint).ok()?.as_os_str().as_bytes()).ok()?;
+    let attr = CString::new(crate::volume::XATTR_HOOK_ERROR).ok()?;
+    let mut value = vec![0u8; 64 << 10];
+    // SAFETY: NUL-terminated path and name; the buffer pointer and length describe `value`.
+    let len = unsafe {
+        libc::getxattr(
+            dir.as_ptr(),
+            attr.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    value.truncate(usize::try_from(len).ok()?);
+    let text = String::from_utf8_lossy(&value);
+    text.strip_prefix(name)?
+        .strip_prefix(": ")
+        .map(str::to_owned)
 }
 
 pub fn delete_snapshot(mountpoint: &Path, name: &str) -> Result<(), ControlError> {

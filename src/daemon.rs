@@ -15,6 +15,7 @@ use fuser::{Config, MountOption, SessionACL};
 use crate::catalog::Setting;
 use crate::follow;
 use crate::fuse::SnapFs;
+use crate::hooks::{self, HookOptions};
 use crate::metrics;
 use crate::store::{self, ReadError, StoreChain, StoreError, StoreSource, StoreUrl};
 use crate::upload::{UploadError, UploadOptions, Uploader, Worker};
@@ -43,6 +44,8 @@ pub struct MountArgs {
     pub follow_interval: Duration,
     /// `--metrics`: where to serve Prometheus metrics.
     pub metrics: Option<std::net::SocketAddr>,
+    /// `--pre-snapshot`, `--post-snapshot` and their settings.
+    pub hooks: HookOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -271,6 +274,7 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     volume
         .spawn_flusher(FLUSH_AGE)
         .map_err(MountError::Daemon)?;
+    hooks::install(&volume, &args.hooks, &args.mountpoint)?;
     let session = start_session(args, &volume)?;
     let uploader = Uploader::start(runtime, worker).map_err(MountError::Daemon)?;
     tracing::info!(mountpoint = %args.mountpoint.display(), data = %args.data_dir.display(), store = %url, "mounted");
@@ -403,9 +407,11 @@ fn wait_for_unmount(session: Session, ready: &mut Option<fs::File>, signals: &li
     if let Some(mut pipe) = ready.take() {
         let _ = pipe.write_all(b"ready");
     }
+    crate::sd_notify::ready();
     let mut signal = 0;
     // SAFETY: waits on the set initialised above; `signal` receives the number.
     unsafe { libc::sigwait(signals, &mut signal) };
+    crate::sd_notify::stopping();
     if signal != libc::SIGUSR1 {
         tracing::info!(signal, "unmounting on signal");
         if let Err(e) = unmounter.unmount() {

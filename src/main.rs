@@ -8,8 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use snapfs::catalog::UploadProgress;
 use snapfs::control;
 use snapfs::daemon::{self, MountArgs};
+use snapfs::hooks::{HookOptions, PreFailure};
 use snapfs::inspect::{Change, Inspector};
 use snapfs::metrics;
+use snapfs::mount_helper::{self, Call};
 use snapfs::status::{self, StatusOptions};
 use snapfs::store;
 use snapfs::upload::UploadOptions;
@@ -105,6 +107,19 @@ enum Command {
         /// snapshots by state, pending bytes, uploads, store requests, the block cache.
         #[arg(long, value_name = "ADDR", value_parser = metrics::parse_address)]
         metrics: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        hooks: HookArgs,
+    },
+    /// Link mount(8)'s and umount(8)'s helpers (mount.fuse.snapfs, umount.fuse.snapfs) to
+    /// this program, so /etc/fstab lines of type fuse.snapfs mount volumes.
+    #[command(after_help = "Example:
+          sudo snapfs install-mount-helper
+          # /etc/fstab:
+          /srv/vol1  /srv/work  fuse.snapfs  store=s3://my-bucket/work,_netdev,nofail  0 0")]
+    InstallMountHelper {
+        /// Where mount(8) looks for helpers.
+        #[arg(long, value_name = "DIR", default_value = "/sbin")]
+        dir: PathBuf,
     },
     /// Unmount a snapfs mount, waiting until its daemon has flushed everything and exited.
     #[command(after_help = "Example:\n  snapfs umount ~/work")]
@@ -325,6 +340,43 @@ enum SnapshotCommand {
     },
 }
 
+/// Commands run around each snapshot; the volume remembers them like its store.
+#[derive(Args)]
+#[group(conflicts_with = "read_only")]
+struct HookArgs {
+    /// Run CMD (with /bin/sh) before each snapshot, before writers are held: it may write
+    /// to the volume, e.g. checkpoint a database on it. If it fails or times out, no
+    /// snapshot is taken (mkdir fails with EIO) unless --pre-snapshot-failure proceed.
+    /// Environment: SNAPFS_SNAPSHOT, SNAPFS_MOUNTPOINT, SNAPFS_DATA. The volume remembers
+    /// its hooks and their settings, like its store; '' removes it.
+    #[arg(long, value_name = "CMD")]
+    pre_snapshot: Option<String>,
+    /// Run CMD once each snapshot is taken (state pending: its upload goes on after).
+    /// Environment: SNAPFS_SNAPSHOT, SNAPFS_SNAPSHOT_ID, SNAPFS_STATE, SNAPFS_CREATED,
+    /// SNAPFS_MOUNTPOINT, SNAPFS_DATA. '' removes it.
+    #[arg(long, value_name = "CMD")]
+    post_snapshot: Option<String>,
+    /// Seconds a hook may run before its process group is killed [default: 60, or as
+    /// remembered].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    hook_timeout: Option<u64>,
+    /// Whether a snapshot is taken when the pre-snapshot hook fails [default: abort, or as
+    /// remembered].
+    #[arg(long, value_name = "abort|proceed", value_parser = str::parse::<PreFailure>)]
+    pre_snapshot_failure: Option<PreFailure>,
+}
+
+impl HookArgs {
+    fn options(self) -> HookOptions {
+        HookOptions {
+            pre: self.pre_snapshot,
+            post: self.post_snapshot,
+            timeout: self.hook_timeout.map(std::time::Duration::from_secs),
+            on_pre_failure: self.pre_snapshot_failure,
+        }
+    }
+}
+
 /// Which volume to read: a data dir, or the one behind a running mount.
 #[derive(Args)]
 struct VolumeSource {
@@ -423,6 +475,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             read_only,
             follow_interval,
             metrics,
+            hooks,
         } => {
             let data_dir = match data {
                 Some(dir) => dir,
@@ -449,7 +502,16 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 read_only,
                 follow_interval: std::time::Duration::from_secs(follow_interval),
                 metrics,
+                hooks: hooks.options(),
             })?;
+        }
+        Command::InstallMountHelper { dir } => {
+            let program = std::env::current_exe()?;
+            for link in mount_helper::install(&dir, &program)
+                .map_err(|e| format!("cannot link the helpers in {}: {e}", dir.display()))?
+            {
+                println!("{} -> {}", link.display(), program.display());
+            }
         }
         Command::Umount { mountpoint } => daemon::unmount(&mountpoint)?,
         Command::Hydrate { mountpoint } => {
@@ -1285,9 +1347,34 @@ mod json {
     }
 }
 
+/// The command line, or what mount(8)'s helper conventions stand for (see `mount_helper`).
+fn parse_command_line() -> Result<Option<Cli>, String> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut command = <Cli as clap::CommandFactory>::command();
+    command.build();
+    let is_subcommand = |arg: &std::ffi::OsStr| {
+        arg.to_str()
+            .is_some_and(|name| command.find_subcommand(name).is_some())
+    };
+    Ok(match mount_helper::command_line(&argv, is_subcommand) {
+        None => Some(Cli::parse()),
+        Some(call) => match call? {
+            Call::Run(line) => Some(Cli::parse_from(line)),
+            Call::Nothing => None,
+        },
+    })
+}
+
 fn main() -> ExitCode {
     absolute_key_file();
-    let cli = Cli::parse();
+    let cli = match parse_command_line() {
+        Ok(Some(cli)) => cli,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("snapfs: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // verify's 1 means "problems found": its own failures to run are 2.
     let failure = match cli.command {
         Command::Verify { .. } | Command::Upload { .. } | Command::Status { .. } => {

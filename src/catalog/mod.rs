@@ -282,6 +282,14 @@ pub enum Setting {
     FollowedId,
     /// The mount's `--cache-size` in bytes (absent: no limit), for `snapfs status`.
     CacheSize,
+    /// The command run before each snapshot (`--pre-snapshot`; empty: none).
+    PreSnapshot,
+    /// The command run after each snapshot (`--post-snapshot`; empty: none).
+    PostSnapshot,
+    /// Seconds a hook may run before it is killed (`--hook-timeout`).
+    HookTimeout,
+    /// What a failed pre-snapshot hook does to the snapshot (`--pre-snapshot-failure`).
+    PreSnapshotFailure,
 }
 
 impl Setting {
@@ -294,6 +302,10 @@ impl Setting {
             Setting::Follows => "follows",
             Setting::FollowedId => "followed_id",
             Setting::CacheSize => "cache_size",
+            Setting::PreSnapshot => "pre_snapshot",
+            Setting::PostSnapshot => "post_snapshot",
+            Setting::HookTimeout => "hook_timeout",
+            Setting::PreSnapshotFailure => "pre_snapshot_failure",
         }
     }
 }

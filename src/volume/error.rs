@@ -53,6 +53,9 @@ pub enum Error {
     },
     #[error("cannot import the origin snapshot: {0}")]
     Import(String),
+    /// A pre-snapshot hook failed (or timed out), so the snapshot was not taken.
+    #[error("pre-snapshot hook: {0}")]
+    Hook(String),
     #[error(transparent)]
     Catalog(#[from] catalog::Error),
     #[error(transparent)]
@@ -82,7 +85,7 @@ impl Error {
             Error::FileTooBig => libc::EFBIG,
             Error::Locked { .. } => libc::EBUSY,
             Error::StoreMismatch { .. } => libc::EINVAL,
-            Error::Import(_) => libc::EIO,
+            Error::Import(_) | Error::Hook(_) => libc::EIO,
             Error::DataDir { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Catalog(e) if e.is_disk_full() => libc::ENOSPC,
             Error::Catalog(_) => libc::EIO,

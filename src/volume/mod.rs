@@ -18,8 +18,8 @@ use std::fs;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::blocks::BlockStore;
@@ -36,7 +36,10 @@ pub use node::{
 };
 use open_files::OpenFiles;
 use snapshot_table::SnapshotTable;
-pub use snapshots::{SNAPDIR, SNAPDIR_NAME, SnapshotInfo, describe, progress_text, rfc3339};
+pub use snapshots::{
+    SNAPDIR, SNAPDIR_NAME, SnapshotHooks, SnapshotInfo, XATTR_HOOK_ERROR, describe, progress_text,
+    rfc3339,
+};
 
 pub use crate::catalog::{NAME_MAX, XATTR_SIZE_MAX};
 
@@ -102,6 +105,11 @@ pub struct Volume {
     upload_wake: Arc<tokio::sync::Notify>,
     /// Room set aside so that deleting works on a full disk.
     reserve: reserve::Reserve,
+    /// Commands run around each snapshot taken (see `hooks`); set once by the mount.
+    hooks: OnceLock<Arc<dyn SnapshotHooks>>,
+    /// The last snapshot a pre-snapshot hook refused, and why: `XATTR_HOOK_ERROR` of
+    /// `.snapshots`, so the CLI can say more than mkdir's EIO. A leaf lock.
+    hook_failure: Mutex<Option<(Vec<u8>, String)>>,
 }
 
 pub fn now() -> i64 {
@@ -238,6 +246,8 @@ impl Volume {
             snapdir_visible: options.snapdir_visible,
             upload_wake: Arc::new(tokio::sync::Notify::new()),
             reserve: reserve::Reserve::new(dir),
+            hooks: OnceLock::new(),
+            hook_failure: Mutex::new(None),
         };
         volume.load_snapshots()?;
         volume.remove_orphans()?;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::snapshots::SNAPDIR;
+use super::snapshots::{SNAPDIR, XATTR_HOOK_ERROR};
 use super::{
     Attr, Caller, DirEntry, Error, NAME_MAX, NodeId, Result, SNAPDIR_NAME, SetAttr, SetTime, View,
     Volume, W_OK, XATTR_CREATE, XATTR_REPLACE, XATTR_SIZE_MAX, check_name, now, permits,
@@ -508,6 +508,9 @@ impl Volume {
     }
 
     pub fn getxattr(&self, node: NodeId, name: &[u8]) -> Result<Vec<u8>> {
+        if node == SNAPDIR && name == XATTR_HOOK_ERROR {
+            return self.hook_error();
+        }
         if let Some(id) = snapshot_root(node) {
             let found = self
                 .snapshot_xattrs(id)?

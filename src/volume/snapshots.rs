@@ -3,6 +3,11 @@
 //!
 //! A snapshot pins the live generation (see `catalog`): creation flushes the write buffers
 //! with writers held at the gate, then inserts one row. Nothing else is copied.
+//!
+//! Around that, the volume runs its `SnapshotHooks` with no lock held: a hook may write
+//! to the volume through the mount, which comes back into this core.
+
+use std::sync::Arc;
 
 use super::{Attr, Error, NodeId, Result, View, Volume, now};
 use crate::catalog::{
@@ -26,6 +31,17 @@ pub const XATTR_CREATED: &[u8] = b"user.snapfs.created";
 pub const XATTR_PROGRESS: &[u8] = b"user.snapfs.progress";
 pub const XATTR_ERROR: &[u8] = b"user.snapfs.error";
 pub const TAG_PREFIX: &[u8] = b"user.tag.";
+/// Xattr of `.snapshots`: `NAME: REASON` of the last snapshot a pre-snapshot hook refused.
+pub const XATTR_HOOK_ERROR: &[u8] = b"user.snapfs.hook_error";
+
+/// Commands run around each snapshot the volume takes (mkdir in `.snapshots`, the CLI,
+/// schedules), without any of the core's locks held.
+pub trait SnapshotHooks: Send + Sync {
+    /// Runs before writers are held; an error (the reason) means no snapshot is taken.
+    fn before(&self, name: &[u8]) -> std::result::Result<(), String>;
+    /// Runs once the snapshot is taken (`pending`); what it does cannot undo it.
+    fn after(&self, snapshot: &SnapshotInfo);
+}
 
 /// A snapshot as users see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,10 +159,47 @@ impl Volume {
         Ok(attr)
     }
 
+    /// Sets the commands run around each snapshot; a volume has one set for its life.
+    pub fn set_snapshot_hooks(&self, hooks: Arc<dyn SnapshotHooks>) -> Result<()> {
+        match self.hooks.set(hooks) {
+            Ok(()) => Ok(()),
+            Err(_ours) => Err(Error::Invalid("snapshot hooks are already set")),
+        }
+    }
+
+    /// `NAME: REASON` of the last snapshot a pre-snapshot hook refused.
+    pub(super) fn hook_error(&self) -> Result<Vec<u8>> {
+        let failure = lock(&self.hook_failure);
+        let (name, reason) = failure.as_ref().ok_or(Error::NoXattr)?;
+        Ok([name, b": ".as_slice(), reason.as_bytes()].concat())
+    }
+
     /// Takes a snapshot of the live volume. Every write that returned before is in it,
-    /// nothing after; it costs the same whatever the size of the volume.
+    /// nothing after; it costs the same whatever the size of the volume. The pre-snapshot
+    /// hook runs first and the post-snapshot hook after, both with no lock held.
     pub fn create_snapshot(&self, name: &[u8]) -> Result<SnapshotInfo> {
         check_snapshot_name(name)?;
+        let hooks = self.hooks.get();
+        if let Some(hooks) = hooks {
+            // Checked now too, so a name in use never runs the hook.
+            if self.snapshots.by_name(name).is_ok() {
+                return Err(Error::Exists);
+            }
+            if let Err(reason) = hooks.before(name) {
+                *lock(&self.hook_failure) = Some((name.to_vec(), reason.clone()));
+                return Err(Error::Hook(reason));
+            }
+            // A refusal of this name is over: a later EIO for it is something else.
+            lock(&self.hook_failure).take_if(|(refused, _)| refused == name);
+        }
+        let info = self.take_snapshot(name)?;
+        if let Some(hooks) = hooks {
+            hooks.after(&info);
+        }
+        Ok(info)
+    }
+
+    fn take_snapshot(&self, name: &[u8]) -> Result<SnapshotInfo> {
         let _writers_held = write(&self.gate);
         if self.snapshots.by_name(name).is_ok() {
             return Err(Error::Exists);

@@ -749,3 +749,79 @@ fn snapshots_taken_during_reloads_of_the_table_stay_visible() {
         }
     });
 }
+
+/// Hooks that write into the volume from `before` (as a pre hook through the mount
+/// would, with no lock held), refuse while a file `busy` exists, and record `after`.
+struct RecordingHooks {
+    volume: std::sync::Weak<Volume>,
+    seen: Mutex<Vec<(Vec<u8>, String)>>,
+}
+
+impl SnapshotHooks for RecordingHooks {
+    fn before(&self, name: &[u8]) -> std::result::Result<(), String> {
+        let volume = self.volume.upgrade().ok_or("volume gone")?;
+        if volume.lookup(ROOT, b"busy").is_ok() {
+            return Err("database is busy".into());
+        }
+        let (attr, handle) = volume
+            .create(ROOT, name, 0o644, ME)
+            .map_err(|e| e.to_string())?;
+        volume
+            .write(attr.node, 0, b"checkpoint")
+            .map_err(|e| e.to_string())?;
+        volume.release(handle).map_err(|e| e.to_string())
+    }
+
+    fn after(&self, snapshot: &SnapshotInfo) {
+        lock(&self.seen).push((snapshot.name.clone(), snapshot.state.as_str().to_owned()));
+    }
+}
+
+#[test]
+fn hooks_run_around_a_snapshot_and_a_refusal_takes_none() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let volume = Arc::new(Volume::open(dir.path(), &Options::default()).expect("open"));
+    let hooks = Arc::new(RecordingHooks {
+        volume: Arc::downgrade(&volume),
+        seen: Mutex::new(Vec::new()),
+    });
+    volume.set_snapshot_hooks(hooks.clone()).expect("hooks");
+    let info = volume.create_snapshot(b"s1").expect("snapshot");
+    let in_snapshot = volume
+        .lookup(
+            NodeId {
+                view: View::Snapshot(info.id),
+                ino: ROOT_INO,
+            },
+            b"s1",
+        )
+        .expect("the hook's file is in the snapshot");
+    assert_eq!(in_snapshot.attrs.size, 10);
+    assert_eq!(*lock(&hooks.seen), [(b"s1".to_vec(), "pending".to_owned())]);
+
+    volume
+        .mknod(ROOT, b"busy", libc::S_IFREG | 0o644, 0, ME)
+        .expect("busy");
+    let refused = volume.create_snapshot(b"no-snapshot").unwrap_err();
+    assert!(matches!(&refused, Error::Hook(reason) if reason == "database is busy"));
+    assert_eq!(refused.errno(), libc::EIO);
+    assert_eq!(volume.list_snapshots().len(), 1);
+    assert_eq!(
+        volume
+            .getxattr(SNAPDIR, XATTR_HOOK_ERROR)
+            .expect("the reason"),
+        b"no-snapshot: database is busy"
+    );
+    assert_eq!(
+        lock(&hooks.seen).len(),
+        1,
+        "no post hook without a snapshot"
+    );
+    // Once the name is taken after all, its old refusal is forgotten.
+    volume.unlink(ROOT, b"busy").expect("unlink");
+    volume.create_snapshot(b"no-snapshot").expect("taken now");
+    assert!(matches!(
+        volume.getxattr(SNAPDIR, XATTR_HOOK_ERROR),
+        Err(Error::NoXattr)
+    ));
+}
