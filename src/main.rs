@@ -42,74 +42,7 @@ enum Command {
         snapfs mount ~/work --data /srv/vol1 -f  # chosen data dir, stays attached\n\n\
         Unmount with `snapfs umount MOUNTPOINT`, `fusermount3 -u MOUNTPOINT`, or SIGINT/SIGTERM \
         to a foreground mount: all three flush everything first.")]
-    Mount {
-        /// Directory to mount the volume on; it must exist.
-        mountpoint: PathBuf,
-        /// Data dir holding the catalog and blocks [default: $XDG_DATA_HOME/snapfs, or
-        /// ~/.local/share/snapfs]. One mount at a time may use it.
-        #[arg(long, value_name = "DIR")]
-        data: Option<PathBuf>,
-        /// Stay attached to the terminal and log to stderr instead of daemonizing.
-        #[arg(short, long)]
-        foreground: bool,
-        /// Let other users reach the mount (mode bits are enforced for every uid). Non-root
-        /// users need `user_allow_other` in /etc/fuse.conf.
-        #[arg(long)]
-        allow_other: bool,
-        /// Block size of a NEW volume: 64K to 1M, a power of two. Existing volumes keep theirs.
-        #[arg(long, value_name = "SIZE", value_parser = parse_block_size,
-              default_value_t = volume::DEFAULT_BLOCK_SIZE)]
-        block_size: u32,
-        /// Whether the root's listing shows `.snapshots`. Hidden by default so find, du or
-        /// rsync walking the volume do not walk every snapshot; it is reachable by name
-        /// either way.
-        #[arg(long, value_enum, default_value_t = SnapdirMode::Hidden)]
-        snapdir: SnapdirMode,
-        /// Where snapshots are uploaded: s3://BUCKET[/PREFIX] (AWS credentials, region and
-        /// AWS_ENDPOINT_URL from the usual environment and profiles) or file:///DIR. Only
-        /// needed at the first mount: the volume remembers it [default: DATA/store].
-        #[arg(long, value_name = "URL", value_parser = parse_store_url)]
-        store: Option<store::StoreUrl>,
-        /// Store requests in flight at once.
-        #[arg(long, value_name = "N", default_value_t = 16,
-              value_parser = clap::value_parser!(u16).range(1..=256))]
-        upload_concurrency: u16,
-        /// zstd level for uploaded blocks and manifests (1 fastest .. 19 smallest).
-        #[arg(long, value_name = "LEVEL", default_value_t = 3,
-              value_parser = clap::value_parser!(i32).range(1..=19))]
-        compression_level: i32,
-        /// Most bytes per second to send to the store, e.g. 10M (like restic's
-        /// --limit-upload) [default: no limit].
-        #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_size)]
-        upload_limit: Option<u64>,
-        /// Most local disk for blocks already safe in the store, e.g. 10G: the least
-        /// recently used are evicted and fetched again when read. Blocks not yet uploaded
-        /// always stay [default: keep everything].
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        cache_size: Option<u64>,
-        /// Make a NEW volume (an empty --data dir) from another volume's completed snapshot,
-        /// like an EBS volume from a snapshot: usable at once, each block fetched from that
-        /// store on first read (`snapfs hydrate` fetches them all). The source is never
-        /// changed; blocks the two share are not uploaded again.
-        #[arg(long, value_name = "URL@SNAPSHOT", value_parser = parse_from)]
-        from: Option<(store::StoreUrl, String)>,
-        /// Follow the --store of a volume another machine writes, read-only: its completed
-        /// snapshots appear in .snapshots (new ones as they complete) and the live tree is
-        /// the latest. Needs its own --data dir; nothing is ever written to the store.
-        #[arg(long, requires = "store", conflicts_with = "from")]
-        read_only: bool,
-        /// How often a --read-only mount looks for new snapshots, in seconds.
-        #[arg(long, value_name = "SECONDS", default_value_t = 30,
-              value_parser = clap::value_parser!(u64).range(1..))]
-        follow_interval: u64,
-        /// Serve Prometheus metrics at http://ADDR/metrics: PORT (on 127.0.0.1, e.g. 9477)
-        /// or HOST:PORT. Requests by operation with latencies, bytes read and written,
-        /// snapshots by state, pending bytes, uploads, store requests, the block cache.
-        #[arg(long, value_name = "ADDR", value_parser = metrics::parse_address)]
-        metrics: Option<std::net::SocketAddr>,
-        #[command(flatten)]
-        hooks: HookArgs,
-    },
+    Mount(MountCommand),
     /// Link mount(8)'s and umount(8)'s helpers (mount.fuse.snapfs, umount.fuse.snapfs) to
     /// this program, so /etc/fstab lines of type fuse.snapfs mount volumes.
     #[command(after_help = "Example:
@@ -457,54 +390,113 @@ fn default_data_dir() -> Result<PathBuf, String> {
         .ok_or_else(|| "neither XDG_DATA_HOME nor HOME is set: pass --data DIR".to_owned())
 }
 
+/// `snapfs mount`'s arguments.
+#[derive(Args)]
+struct MountCommand {
+    /// Directory to mount the volume on; it must exist.
+    mountpoint: PathBuf,
+    /// Data dir holding the catalog and blocks [default: $XDG_DATA_HOME/snapfs, or
+    /// ~/.local/share/snapfs]. One mount at a time may use it.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Stay attached to the terminal and log to stderr instead of daemonizing.
+    #[arg(short, long)]
+    foreground: bool,
+    /// Let other users reach the mount (mode bits are enforced for every uid). Non-root
+    /// users need `user_allow_other` in /etc/fuse.conf.
+    #[arg(long)]
+    allow_other: bool,
+    /// Block size of a NEW volume: 64K to 1M, a power of two. Existing volumes keep theirs.
+    #[arg(long, value_name = "SIZE", value_parser = parse_block_size,
+          default_value_t = volume::DEFAULT_BLOCK_SIZE)]
+    block_size: u32,
+    /// Whether the root's listing shows `.snapshots`. Hidden by default so find, du or
+    /// rsync walking the volume do not walk every snapshot; it is reachable by name
+    /// either way.
+    #[arg(long, value_enum, default_value_t = SnapdirMode::Hidden)]
+    snapdir: SnapdirMode,
+    /// Where snapshots are uploaded: s3://BUCKET[/PREFIX] (AWS credentials, region and
+    /// AWS_ENDPOINT_URL from the usual environment and profiles) or file:///DIR. Only
+    /// needed at the first mount: the volume remembers it [default: DATA/store].
+    #[arg(long, value_name = "URL", value_parser = parse_store_url)]
+    store: Option<store::StoreUrl>,
+    /// Store requests in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    upload_concurrency: u16,
+    /// zstd level for uploaded blocks and manifests (1 fastest .. 19 smallest).
+    #[arg(long, value_name = "LEVEL", default_value_t = 3,
+          value_parser = clap::value_parser!(i32).range(1..=19))]
+    compression_level: i32,
+    /// Most bytes per second to send to the store, e.g. 10M (like restic's
+    /// --limit-upload) [default: no limit].
+    #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_size)]
+    upload_limit: Option<u64>,
+    /// Most local disk for blocks already safe in the store, e.g. 10G: the least
+    /// recently used are evicted and fetched again when read. Blocks not yet uploaded
+    /// always stay [default: keep everything].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    cache_size: Option<u64>,
+    /// Make a NEW volume (an empty --data dir) from another volume's completed snapshot,
+    /// like an EBS volume from a snapshot: usable at once, each block fetched from that
+    /// store on first read (`snapfs hydrate` fetches them all). The source is never
+    /// changed; blocks the two share are not uploaded again.
+    #[arg(long, value_name = "URL@SNAPSHOT", value_parser = parse_from)]
+    from: Option<(store::StoreUrl, String)>,
+    /// Follow the --store of a volume another machine writes, read-only: its completed
+    /// snapshots appear in .snapshots (new ones as they complete) and the live tree is
+    /// the latest. Needs its own --data dir; nothing is ever written to the store.
+    #[arg(long, requires = "store", conflicts_with = "from")]
+    read_only: bool,
+    /// How often a --read-only mount looks for new snapshots, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    follow_interval: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics: PORT (on 127.0.0.1, e.g. 9477)
+    /// or HOST:PORT. Requests by operation with latencies, bytes read and written,
+    /// snapshots by state, pending bytes, uploads, store requests, the block cache.
+    #[arg(long, value_name = "ADDR", value_parser = metrics::parse_address)]
+    metrics: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    hooks: HookArgs,
+}
+
+impl MountCommand {
+    fn run(self) -> Result<(), Box<dyn std::error::Error>> {
+        let data_dir = match self.data {
+            Some(dir) => dir,
+            None => default_data_dir()?,
+        };
+        daemon::mount(MountArgs {
+            mountpoint: self.mountpoint,
+            data_dir,
+            foreground: self.foreground,
+            allow_other: self.allow_other,
+            volume: volume::Options {
+                block_size: self.block_size,
+                snapdir_visible: self.snapdir == SnapdirMode::Visible,
+                ..volume::Options::default()
+            },
+            store: self.store,
+            upload: UploadOptions {
+                concurrency: usize::from(self.upload_concurrency),
+                compression_level: self.compression_level,
+                limit: self.upload_limit,
+            },
+            cache_size: self.cache_size,
+            from: self.from,
+            read_only: self.read_only,
+            follow_interval: std::time::Duration::from_secs(self.follow_interval),
+            metrics: self.metrics,
+            hooks: self.hooks.options(),
+        })?;
+        Ok(())
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match cli.command {
-        Command::Mount {
-            mountpoint,
-            data,
-            foreground,
-            allow_other,
-            block_size,
-            snapdir,
-            store,
-            upload_concurrency,
-            compression_level,
-            upload_limit,
-            cache_size,
-            from,
-            read_only,
-            follow_interval,
-            metrics,
-            hooks,
-        } => {
-            let data_dir = match data {
-                Some(dir) => dir,
-                None => default_data_dir()?,
-            };
-            daemon::mount(MountArgs {
-                mountpoint,
-                data_dir,
-                foreground,
-                allow_other,
-                volume: volume::Options {
-                    block_size,
-                    snapdir_visible: snapdir == SnapdirMode::Visible,
-                    ..volume::Options::default()
-                },
-                store,
-                upload: UploadOptions {
-                    concurrency: usize::from(upload_concurrency),
-                    compression_level,
-                    limit: upload_limit,
-                },
-                cache_size,
-                from,
-                read_only,
-                follow_interval: std::time::Duration::from_secs(follow_interval),
-                metrics,
-                hooks: hooks.options(),
-            })?;
-        }
+        Command::Mount(command) => command.run()?,
         Command::InstallMountHelper { dir } => {
             let program = std::env::current_exe()?;
             for link in mount_helper::install(&dir, &program)
