@@ -127,6 +127,16 @@ impl OpenFiles {
         }
     }
 
+    /// A pin on `state` (of `ino`), counted already in its `Tracked::pins`.
+    fn pinned(&self, ino: u64, state: SharedState) -> PinnedFile<'_> {
+        PinnedFile {
+            files: self,
+            ino,
+            state,
+            armed: true,
+        }
+    }
+
     /// Pins the state of live file `ino`, made by `load` if it has none.
     pub fn pin(
         &self,
@@ -145,24 +155,14 @@ impl OpenFiles {
             pins: 0,
         });
         tracked.pins += 1;
-        Ok(PinnedFile {
-            files: self,
-            ino,
-            state: tracked.state.clone(),
-            armed: true,
-        })
+        Ok(self.pinned(ino, tracked.state.clone()))
     }
 
     fn pin_existing(&self, ino: u64) -> Option<PinnedFile<'_>> {
         let mut files = lock(&self.files);
         let tracked = files.get_mut(&ino)?;
         tracked.pins += 1;
-        Some(PinnedFile {
-            files: self,
-            ino,
-            state: tracked.state.clone(),
-            armed: true,
-        })
+        Some(self.pinned(ino, tracked.state.clone()))
     }
 
     /// Pins every tracked state (a flush of all files).
@@ -172,12 +172,7 @@ impl OpenFiles {
             .iter_mut()
             .map(|(&ino, tracked)| {
                 tracked.pins += 1;
-                PinnedFile {
-                    files: self,
-                    ino,
-                    state: tracked.state.clone(),
-                    armed: true,
-                }
+                self.pinned(ino, tracked.state.clone())
             })
             .collect()
     }
@@ -224,12 +219,7 @@ impl OpenFiles {
     /// `None` for a handle on nothing. An unknown handle is an error.
     pub fn take_handle(&self, handle: u64) -> Option<Option<PinnedFile<'_>>> {
         let taken = lock(&self.handles).remove(&handle)?;
-        Some(taken.file.map(|(ino, state)| PinnedFile {
-            files: self,
-            ino,
-            state,
-            armed: true,
-        }))
+        Some(taken.file.map(|(ino, state)| self.pinned(ino, state)))
     }
 
     pub fn over_dirty_limit(&self) -> bool {
