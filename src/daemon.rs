@@ -44,6 +44,9 @@ pub struct MountArgs {
     pub follow_interval: Duration,
     /// `--metrics`: where to serve Prometheus metrics.
     pub metrics: Option<std::net::SocketAddr>,
+    /// `--commit-interval`: how long catalog operations gather before they commit (zero:
+    /// each commits on its own).
+    pub commit_interval: Duration,
     /// `--pre-snapshot`, `--post-snapshot` and their settings.
     pub hooks: HookOptions,
 }
@@ -273,6 +276,7 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     let worker = Worker::new(volume.clone(), object_store, args.upload.clone())?;
     volume
         .spawn_flusher(FLUSH_AGE)
+        .and_then(|()| volume.spawn_committer(args.commit_interval))
         .map_err(MountError::Daemon)?;
     hooks::install(&volume, &args.hooks, &args.mountpoint)?;
     let session = start_session(args, &volume)?;

@@ -20,7 +20,7 @@ pub const MOUNT_NAMES: [&str; 2] = ["mount.fuse.snapfs", "mount.snapfs"];
 pub const UMOUNT_NAMES: [&str; 2] = ["umount.fuse.snapfs", "umount.snapfs"];
 
 /// snapfs mount options that take a value, and the `snapfs mount` flag each becomes.
-const VALUE_OPTIONS: [(&str, &str); 13] = [
+const VALUE_OPTIONS: [(&str, &str); 14] = [
     ("store", "--store"),
     ("cache_size", "--cache-size"),
     ("upload_limit", "--upload-limit"),
@@ -30,6 +30,7 @@ const VALUE_OPTIONS: [(&str, &str); 13] = [
     ("snapdir", "--snapdir"),
     ("from", "--from"),
     ("follow_interval", "--follow-interval"),
+    ("commit_interval", "--commit-interval"),
     ("pre_snapshot", "--pre-snapshot"),
     ("post_snapshot", "--post-snapshot"),
     ("hook_timeout", "--hook-timeout"),

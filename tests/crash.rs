@@ -899,7 +899,19 @@ fn kill9_at_random_moments_with_an_s3_store_loses_nothing() {
     let url = s3.url(&prefix);
     // A modest rate limit keeps uploads in progress long enough to be killed; a small cache
     // evicts stored blocks, so reads and partial writes fetch them back between kills.
-    let mut mount = s3.mount_store(&prefix, &["--upload-limit", "8M", "--cache-size", "2M"]);
+    // Every operation commits on its own (`--commit-interval 0`): the model holds each
+    // one that returned to survive, which only that mode promises without fsync.
+    let mut mount = s3.mount_store(
+        &prefix,
+        &[
+            "--upload-limit",
+            "8M",
+            "--cache-size",
+            "2M",
+            "--commit-interval",
+            "0",
+        ],
+    );
     let route = Route::S3 {
         s3: &s3,
         proxy: &proxy,
@@ -955,7 +967,8 @@ fn kill9_at_random_moments_with_an_s3_store_loses_nothing() {
 #[test]
 fn kill9_at_random_moments_with_the_default_store_loses_nothing() {
     let mut rng = Rng::new(seed("kill9_local"));
-    let mut mount = Mount::new();
+    // As above: the model needs every returned operation to survive.
+    let mut mount = Mount::with_args(&["--commit-interval", "0"]);
     fs::create_dir(mount.path().join("d")).expect("mkdir d");
     let (model, stats) = crash_cycles(
         "kill9_local",
@@ -1022,9 +1035,26 @@ fn kill9_of_a_volume_made_from_a_snapshot_loses_nothing() {
 
     let from = format!("{}@origin", s3.url(&source_prefix));
     let copy_url = s3.url(&copy_prefix);
-    let mut copy = s3.mount(&["--from", &from, "--store", &copy_url, "--cache-size", "1M"]);
+    // Every operation commits on its own, as the model needs (see above).
+    let mut copy = s3.mount(&[
+        "--from",
+        &from,
+        "--store",
+        &copy_url,
+        "--cache-size",
+        "1M",
+        "--commit-interval",
+        "0",
+    ]);
     // Later mounts keep the origin; --from is for a new data dir only.
-    copy.set_args(&["--store", &copy_url, "--cache-size", "1M"]);
+    copy.set_args(&[
+        "--store",
+        &copy_url,
+        "--cache-size",
+        "1M",
+        "--commit-interval",
+        "0",
+    ]);
     let route = Route::S3 {
         s3: &s3,
         proxy: &proxy,

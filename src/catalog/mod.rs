@@ -15,6 +15,8 @@ pub use status::{LocalUsage, Outstanding};
 pub use verify::{BlockRecord, Finding};
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::SyncSender;
+use std::time::Instant;
 
 use rusqlite::{Connection, OptionalExtension, Row, ToSql, TransactionBehavior, params};
 
@@ -372,7 +374,31 @@ pub struct Catalog {
     /// The live generation G, cached from `meta`.
     generation: u64,
     block_size: u32,
+    /// Set on the mount's connection: writes join one open transaction (see `GroupCommit`).
+    group: Option<GroupCommit>,
 }
+
+/// Group commit: instead of one SQLite commit per operation (a dozen WAL page writes and
+/// as many lock calls each), operations join an open transaction, each inside its own
+/// savepoint, and the whole group commits at once: when it is `window` old (the mount's
+/// committer thread), at fsync, snapshot and unmount. Every operation still lands whole or
+/// not at all, and a crash leaves the catalog as it was after some whole group: a state
+/// that existed. What fsync covered is committed and synced before fsync returns.
+struct GroupCommit {
+    /// When the open group began, if one is open.
+    open_since: Option<Instant>,
+    /// Operations in the open group.
+    ops: u32,
+    /// Told (without blocking) when a group opens, so someone commits it in time.
+    opened: SyncSender<()>,
+    /// Whether the disk has room for a whole group's commit: near a full disk every
+    /// operation commits alone, so each one that cannot land fails with ENOSPC itself.
+    has_room: Box<dyn Fn() -> bool + Send>,
+}
+
+/// A group commits after this many operations even before its window ends, which bounds
+/// the WAL one commit appends.
+const GROUP_MAX_OPS: u32 = 4096;
 
 impl Catalog {
     /// Opens (creating if needed) the catalog at `path`. A new volume gets `block_size`;
@@ -395,6 +421,7 @@ impl Catalog {
             conn,
             generation: 0,
             block_size: 0,
+            group: None,
         };
         catalog.generation = match catalog.meta("generation")? {
             Some(g) => g,
@@ -431,6 +458,7 @@ impl Catalog {
             conn,
             generation: 0,
             block_size: 0,
+            group: None,
         };
         catalog.generation = catalog
             .meta("generation")?
@@ -493,29 +521,153 @@ impl Catalog {
         self.generation
     }
 
-    /// Runs `f` in one write transaction: all its changes land together or not at all.
-    /// It takes the write lock at BEGIN (waiting for the other connection if it writes):
-    /// a deferred one that read first could not upgrade after the other connection
-    /// committed, and would fail with SQLITE_BUSY at once.
+    /// Runs `f` as one write: all its changes land together or not at all.
+    /// Alone, it takes the write lock at BEGIN (waiting for the other connection if it
+    /// writes): a deferred one that read first could not upgrade after the other connection
+    /// committed, and would fail with SQLITE_BUSY at once. With group commit on, it joins
+    /// the open group inside a savepoint, rolled back alone if `f` fails.
     pub fn write<T, E: From<Error>>(
         &mut self,
         f: impl FnOnce(&WriteTx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(Error::from)?;
-        let value = f(&WriteTx::new(&tx, self.generation))?;
-        tx.commit().map_err(Error::from)?;
+        if !self.join_group()? {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(Error::from)?;
+            let value = f(&WriteTx::new(&tx, self.generation))?;
+            tx.commit().map_err(Error::from)?;
+            return Ok(value);
+        }
+        self.run_statement("SAVEPOINT op")?;
+        match f(&WriteTx::new(&self.conn, self.generation)) {
+            Ok(value) => {
+                self.run_statement("RELEASE op")?;
+                if let Some(group) = &mut self.group {
+                    group.ops += 1;
+                    if group.ops >= GROUP_MAX_OPS {
+                        self.commit()?;
+                    }
+                }
+                Ok(value)
+            }
+            Err(e) => {
+                self.undo_op();
+                Err(e)
+            }
+        }
+    }
+
+    /// Like `write`, committed before it returns (with the open group, if any): for
+    /// changes another connection must see at once, or that a file deletion relies on.
+    pub fn write_now<T, E: From<Error>>(
+        &mut self,
+        f: impl FnOnce(&WriteTx<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let value = self.write(f)?;
+        self.commit()?;
         Ok(value)
     }
 
+    /// Turns group commit on (the mount's connection): `opened` hears of each new group,
+    /// and `has_room` says whether the disk can take a whole group's commit.
+    pub fn enable_group_commit(
+        &mut self,
+        opened: SyncSender<()>,
+        has_room: Box<dyn Fn() -> bool + Send>,
+    ) {
+        self.group = Some(GroupCommit {
+            open_since: None,
+            ops: 0,
+            opened,
+            has_room,
+        });
+    }
+
+    /// How long the open group has been open, if one is.
+    pub fn group_age(&self) -> Option<std::time::Duration> {
+        self.group.as_ref()?.open_since.map(|t| t.elapsed())
+    }
+
+    /// Commits the open group, if any.
+    pub fn commit(&mut self) -> Result<()> {
+        let Some(group) = &mut self.group else {
+            return Ok(());
+        };
+        if group.open_since.take().is_none() {
+            return Ok(());
+        }
+        let ops = std::mem::take(&mut group.ops);
+        if let Err(e) = self.run_statement("COMMIT") {
+            // SQLite rolls a failed COMMIT back: operations that returned are lost.
+            tracing::error!(error = %e, ops, "catalog group commit failed: its operations are lost");
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Opens a group if group commit is on and none is open; whether `write` joins one.
+    fn join_group(&mut self) -> Result<bool> {
+        let Some(group) = &mut self.group else {
+            return Ok(false);
+        };
+        if group.open_since.is_some() {
+            return Ok(true);
+        }
+        if !(group.has_room)() {
+            return Ok(false);
+        }
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        group.open_since = Some(Instant::now());
+        group.ops = 0;
+        // Full means a wakeup is already on its way.
+        let _ = group.opened.try_send(());
+        Ok(true)
+    }
+
+    /// Undoes the failed operation of the open group. If SQLite rolled back the whole
+    /// group itself (it may, on a full disk or an I/O error), the group is gone: logged.
+    fn undo_op(&mut self) {
+        if self.conn.is_autocommit() {
+            if let Some(group) = &mut self.group {
+                group.open_since = None;
+                let ops = std::mem::take(&mut group.ops);
+                tracing::error!(
+                    ops,
+                    "SQLite rolled back the open catalog group: its operations are lost"
+                );
+            }
+            return;
+        }
+        if let Err(e) = self
+            .run_statement("ROLLBACK TO op")
+            .and_then(|()| self.run_statement("RELEASE op"))
+        {
+            tracing::error!(error = %e, "cannot roll back a failed catalog operation");
+        }
+    }
+
+    fn run_statement(&self, sql: &str) -> Result<()> {
+        self.conn.prepare_cached(sql)?.execute([])?;
+        Ok(())
+    }
+
     /// Runs `f` inside one read transaction: every statement sees the same state even
-    /// while another connection commits. `ReadTx` has no method that writes.
+    /// while another connection commits. `ReadTx` has no method that writes. Inside an
+    /// open group it reads the group's state (this connection's own changes).
     pub fn read<T, E: From<Error>>(
         &self,
         f: impl FnOnce(&ReadTx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
+        if self.group.as_ref().is_some_and(|g| g.open_since.is_some()) {
+            return f(&ReadTx {
+                conn: &self.conn,
+                g: self.generation,
+            });
+        }
         let tx = self.conn.unchecked_transaction().map_err(Error::from)?;
         let value = f(&ReadTx {
             conn: &tx,
@@ -533,6 +685,7 @@ impl Catalog {
         created: i64,
         state: SnapshotState,
     ) -> Result<SnapshotRow> {
+        self.commit()?;
         let g = self.generation;
         let tx = self
             .conn
@@ -558,6 +711,7 @@ impl Catalog {
     /// Deletes snapshot `id` and every row only it could see (see `exclusive_rows`).
     /// Returns the blocks no longer referenced, for the caller to delete.
     pub fn delete_snapshot(&mut self, id: u64) -> Result<Vec<BlockHash>> {
+        self.commit()?;
         let live = self.generation;
         let tx = self
             .conn
@@ -579,7 +733,8 @@ impl Catalog {
 
     /// Makes every commit so far durable against power loss: commits run with
     /// synchronous=NORMAL, so one no-op commit with FULL syncs the WAL that holds them all.
-    pub fn sync(&self) -> Result<()> {
+    pub fn sync(&mut self) -> Result<()> {
+        self.commit()?;
         self.conn.pragma_update(None, "synchronous", "FULL")?;
         let touched = self
             .conn
@@ -590,10 +745,18 @@ impl Catalog {
     }
 
     /// Folds the WAL into the database file (at unmount).
-    pub fn checkpoint(&self) -> Result<()> {
+    pub fn checkpoint(&mut self) -> Result<()> {
+        self.commit()?;
         self.conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
         Ok(())
+    }
+}
+
+/// An open group is committed when the connection goes (closing it would roll it back).
+impl Drop for Catalog {
+    fn drop(&mut self) {
+        let _ = self.commit();
     }
 }
 

@@ -90,8 +90,11 @@ pub trait UploadEvents: Send + Sync {
 pub struct Worker {
     /// Where its events go; it calls nothing else of the core.
     core: Arc<dyn UploadEvents>,
-    /// Its own connection: long manifest reads do not hold up the mount.
+    /// Its own connection, for reading: long manifest reads do not hold up the mount.
     catalog: Mutex<Catalog>,
+    /// The mount's connection, for writing: its open group of operations holds the write
+    /// lock, so a second writer would wait for it; a write here joins it and commits it.
+    writer: Arc<Mutex<Catalog>>,
     /// The volume's block files, read (and verified) directly, leaving the mount's read
     /// cache alone.
     blocks: Arc<BlockStore>,
@@ -117,6 +120,7 @@ impl Worker {
         let catalog = Catalog::open(&volume.catalog_path(), 0, 0, (0, 0))?;
         Ok(Worker {
             catalog: Mutex::new(catalog),
+            writer: volume.shared_catalog(),
             blocks: Arc::new(BlockStore::open_read_only(&volume.blocks_dir())),
             volume_id: volume.volume_id()?,
             block_size: volume.block_size() as u32,
@@ -158,7 +162,7 @@ impl Worker {
                 Outcome::Failed(reason) => {
                     tracing::error!(id, reason = %reason, "snapshot upload failed");
                     metrics::upload_error();
-                    lock(&self.catalog).write(|tx| tx.fail_snapshot(id, reason))?;
+                    lock(&self.writer).write_now(|tx| tx.fail_snapshot(id, reason))?;
                 }
                 Outcome::Completed => tracing::info!(id, "snapshot completed"),
                 Outcome::Deleted => tracing::info!(id, "snapshot deleted during its upload"),
@@ -177,7 +181,7 @@ impl Worker {
         })?;
         if snapshot.upload.total_blocks.is_none() {
             let bytes = set.iter().map(|(_, len)| u64::from(*len)).sum();
-            lock(&self.catalog).write(|tx| tx.set_upload_totals(id, set.len() as u64, bytes))?;
+            lock(&self.writer).write_now(|tx| tx.set_upload_totals(id, set.len() as u64, bytes))?;
             self.core.upload_event(UploadEvent::SnapshotsChanged)?;
         }
         tracing::info!(id, base, blocks = set.len(), "uploading snapshot");
@@ -201,7 +205,7 @@ impl Worker {
         let Some(written) = manifest else {
             return Ok(Outcome::Deleted);
         };
-        lock(&self.catalog).write(|tx| {
+        lock(&self.writer).write_now(|tx| {
             tx.complete_snapshot(id, g, &written.trees, &written.removed)?;
             tx.manifest_written(id, written.version)
         })?;
@@ -273,7 +277,7 @@ impl Worker {
             }
             let finished = tasks.is_empty();
             if finished || landed.len() >= RECORD_EVERY || last_record.elapsed() > RECORD_AGE {
-                lock(&self.catalog).write(|tx| tx.record_stored(id, &landed))?;
+                lock(&self.writer).write_now(|tx| tx.record_stored(id, &landed))?;
                 self.core.upload_event(UploadEvent::SnapshotsChanged)?;
                 let stored: Vec<(BlockHash, u32)> =
                     landed.iter().map(|&(hash, len, _)| (hash, len)).collect();
@@ -438,7 +442,7 @@ impl Worker {
             };
             self.put_all(vec![(ObjectKey::snapshot(snapshot.id).into(), object)])
                 .await?;
-            lock(&self.catalog).write(|tx| tx.manifest_written(snapshot.id, version))?;
+            lock(&self.writer).write_now(|tx| tx.manifest_written(snapshot.id, version))?;
         }
         Ok(())
     }
@@ -502,7 +506,7 @@ impl Worker {
                 return Ok(());
             }
             let mut doomed = Vec::new();
-            lock(&self.catalog).write(|tx| {
+            lock(&self.writer).write_now(|tx| {
                 for key in keys {
                     if tx.object_needed(&key)? {
                         tx.forget_deletion(&key)?;
@@ -535,8 +539,8 @@ impl Worker {
                     }
                 }
             }
-            lock(&self.catalog)
-                .write(|tx| deleted.iter().try_for_each(|key| tx.forget_deletion(key)))?;
+            lock(&self.writer)
+                .write_now(|tx| deleted.iter().try_for_each(|key| tx.forget_deletion(key)))?;
             if failed {
                 return Ok(());
             }

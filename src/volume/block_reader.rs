@@ -196,7 +196,7 @@ impl BlockReader {
             };
             // Marked first: a crash in between leaves a file the catalog calls evicted,
             // which is only disk space, never a block the catalog believes local.
-            if lock(&self.catalog).write(|tx| tx.set_block_local(&hash, false))? {
+            if lock(&self.catalog).write_now(|tx| tx.set_block_local(&hash, false))? {
                 self.local.remove(&hash)?;
                 metrics::cache_eviction();
             }

@@ -20,7 +20,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::blocks::BlockStore;
 use crate::catalog::{Catalog, InodeRow, Kind, LIVE, ROOT_INO, Setting};
@@ -270,6 +270,11 @@ impl Volume {
         &self.dir
     }
 
+    /// The mount's catalog connection, for the uploader's writes (see `upload::Worker`).
+    pub fn shared_catalog(&self) -> Arc<Mutex<Catalog>> {
+        self.catalog.clone()
+    }
+
     pub fn catalog_path(&self) -> PathBuf {
         self.dir.join("catalog.db")
     }
@@ -287,7 +292,7 @@ impl Volume {
         cache: Option<u64>,
     ) -> Result<()> {
         // Remembered for `snapfs status`, which reports the cache against its limit.
-        lock(&self.catalog).write(|tx| match cache {
+        lock(&self.catalog).write_now(|tx| match cache {
             Some(bytes) => tx.set_setting(Setting::CacheSize, &bytes.to_string()),
             None => tx.clear_setting(Setting::CacheSize),
         })?;
@@ -323,7 +328,7 @@ impl Volume {
     }
 
     pub fn set_setting(&self, setting: Setting, value: &str) -> Result<()> {
-        Ok(lock(&self.catalog).write(|tx| tx.set_setting(setting, value))?)
+        Ok(lock(&self.catalog).write_now(|tx| tx.set_setting(setting, value))?)
     }
 
     /// The store of the volume this one was made from (`--from`), if any.
@@ -341,7 +346,7 @@ impl Volume {
     }
 
     pub fn remember_origin(&self, url: &StoreUrl, snapshot: &str) -> Result<()> {
-        Ok(lock(&self.catalog).write(|tx| {
+        Ok(lock(&self.catalog).write_now(|tx| {
             tx.set_setting(Setting::Origin, &url.to_string())?;
             tx.set_setting(Setting::OriginSnapshot, snapshot)
         })?)
@@ -398,14 +403,19 @@ impl Volume {
         Ok(())
     }
 
-    /// Deletes the data of blocks nothing references any more.
+    /// Deletes the data of blocks nothing references any more. While a catalog group is
+    /// open this waits for the committer: a block file must not go before the catalog
+    /// change that stopped naming it has committed.
     fn collect_garbage(&self) -> Result<()> {
         // Most changes free nothing: find that out without the exclusive lock.
-        if !lock(&self.catalog).read(|tx| tx.has_unreferenced_blocks())? {
-            return Ok(());
+        {
+            let catalog = lock(&self.catalog);
+            if catalog.group_age().is_some() || !catalog.read(|tx| tx.has_unreferenced_blocks())? {
+                return Ok(());
+            }
         }
         let _exclusive = crate::sync::write(&self.gc);
-        let freed = lock(&self.catalog).write(|tx| tx.take_unreferenced_blocks())?;
+        let freed = lock(&self.catalog).write_now(|tx| tx.take_unreferenced_blocks())?;
         for hash in freed {
             self.blocks.local().remove(&hash)?;
         }
@@ -521,6 +531,49 @@ fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(stat)
+}
+
+/// Group commit needs this much free disk in the data dir: one group's commit must never
+/// fail for room (it would take operations that returned with it).
+const GROUP_COMMIT_MIN_FREE: u64 = 256 << 20;
+
+impl Volume {
+    /// Turns on the catalog's group commit and starts the thread that commits each group
+    /// once it is `window` old (see `catalog::GroupCommit`; at most this much of what
+    /// nothing synced is lost to a kill -9), then collects the garbage the group freed.
+    /// It ends when the volume is dropped. A zero window leaves group commit off.
+    pub fn spawn_committer(self: &Arc<Self>, window: Duration) -> std::io::Result<()> {
+        if window.is_zero() {
+            return Ok(());
+        }
+        let (opened, groups) = std::sync::mpsc::sync_channel(1);
+        let dir = self.dir.clone();
+        let has_room = move || {
+            statvfs(&dir)
+                .is_ok_and(|s| s.f_bavail.saturating_mul(s.f_frsize) >= GROUP_COMMIT_MIN_FREE)
+        };
+        lock(&self.catalog).enable_group_commit(opened, Box::new(has_room));
+        let volume = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("snapfs-committer".into())
+            .spawn(move || {
+                // Ends when the catalog (and its sender) is dropped with the volume.
+                while groups.recv().is_ok() {
+                    std::thread::sleep(window);
+                    let Some(volume) = volume.upgrade() else {
+                        return;
+                    };
+                    let committed = lock(&volume.catalog).commit();
+                    if let Err(e) = committed
+                        .map_err(Error::from)
+                        .and_then(|()| volume.collect_garbage())
+                    {
+                        tracing::error!(error = %e, "background catalog commit failed");
+                    }
+                }
+            })?;
+        Ok(())
+    }
 }
 
 /// The uploader's events: the only way it reaches the core.

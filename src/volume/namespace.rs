@@ -264,7 +264,7 @@ impl Volume {
         }
         let _change = self.enter_change();
         let time = now();
-        self.freeing(|| {
+        let ino = self.freeing(|| {
             lock(&self.catalog).write(|tx| {
                 live_dir(tx, parent.ino)?;
                 let (ino, kind) = tx.lookup(LIVE, parent.ino, name)?.ok_or(Error::NotFound)?;
@@ -274,9 +274,16 @@ impl Volume {
                     _ => {}
                 }
                 self.drop_entry(tx, parent.ino, name, ino, time)?;
-                touch_dir(tx, parent.ino, 0, time)
+                touch_dir(tx, parent.ino, 0, time)?;
+                Ok(ino)
             })
         })?;
+        // A file unlinked while open lives on unnamed; its unlink commits at once, so a
+        // crash meanwhile never brings the name back to a program that counts on its
+        // temporary file being gone (the next mount frees the orphan).
+        if self.files.is_tracked(ino) {
+            lock(&self.catalog).commit()?;
+        }
         self.freeing(|| self.collect_garbage())
     }
 

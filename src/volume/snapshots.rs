@@ -253,7 +253,7 @@ impl Volume {
     pub fn rename_snapshot(&self, name: &[u8], new_name: &[u8]) -> Result<()> {
         check_snapshot_name(new_name)?;
         self.snapshots.rename(name, new_name, |id| {
-            Ok(lock(&self.catalog).write(|tx| tx.rename_snapshot(id, new_name))?)
+            Ok(lock(&self.catalog).write_now(|tx| tx.rename_snapshot(id, new_name))?)
         })?;
         self.upload_wake.notify_one();
         Ok(())
@@ -329,7 +329,7 @@ impl Volume {
             .strip_prefix(TAG_PREFIX)
             .filter(|key| !key.is_empty())
             .ok_or(Error::ReadOnly)?;
-        lock(&self.catalog).write(|tx| match value {
+        lock(&self.catalog).write_now(|tx| match value {
             Some(value) => Ok(tx.set_snapshot_tag(id, key, value)?),
             None if tx.remove_snapshot_tag(id, key)? => Ok(()),
             None => Err(Error::NoXattr),
