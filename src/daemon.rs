@@ -373,7 +373,7 @@ struct Session {
 
 fn start_session(args: &MountArgs, volume: &Arc<Volume>) -> Result<Session, MountError> {
     let mut session = fuser::Session::new(
-        SnapFs::new(volume.clone()),
+        SnapFs::new(volume.clone(), !args.read_only),
         &args.mountpoint,
         &mount_config(args),
     )

@@ -24,14 +24,34 @@ use crate::volume::{self, Attr, Caller, NodeId, SetAttr, SetTime, View, Volume};
 const LIVE_TTL: Duration = Duration::from_secs(1);
 /// Snapshots never change.
 const SNAPSHOT_TTL: Duration = Duration::from_secs(3600);
+/// How long the kernel may remember that a live name does not exist: only this mount
+/// creates names there, and the kernel turns its own negative entry positive when it does.
+const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 
 pub struct SnapFs {
     volume: Arc<Volume>,
+    /// This mount is the only writer of the live tree, so the kernel may keep what it
+    /// cached across opens and remember missing names. Not so for a follower: each
+    /// snapshot it follows replaces the live tree behind the kernel's back.
+    sole_writer: bool,
 }
 
 impl SnapFs {
-    pub fn new(volume: Arc<Volume>) -> SnapFs {
-        SnapFs { volume }
+    pub fn new(volume: Arc<Volume>, sole_writer: bool) -> SnapFs {
+        SnapFs {
+            volume,
+            sole_writer,
+        }
+    }
+
+    /// Open flags: snapshot files never change, and live files change only through this
+    /// mount (whose writes, truncates and hole punches go through the kernel's page cache
+    /// too), so the kernel may keep their pages across opens.
+    fn open_flags(&self, node: NodeId) -> FopenFlags {
+        match node.view {
+            View::Live if !self.sole_writer => FopenFlags::empty(),
+            _ => FopenFlags::FOPEN_KEEP_CACHE,
+        }
     }
 }
 
@@ -176,6 +196,28 @@ impl SnapFs {
     }
 }
 
+/// Inode 0 in a lookup reply: the name does not exist, and the kernel may remember that
+/// for the entry timeout (an error reply is never cached).
+fn no_such_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 fn reply_data(reply: ReplyData, result: volume::Result<Vec<u8>>) {
     match result {
         Ok(data) => reply.data(&data),
@@ -204,7 +246,14 @@ impl Filesystem for SnapFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _op = metrics::operation("lookup");
-        self.reply_entry(reply, self.volume.lookup(node(parent), name.as_bytes()));
+        let parent = node(parent);
+        match self.volume.lookup(parent, name.as_bytes()) {
+            Err(volume::Error::NotFound) if self.sole_writer && parent.is_live_catalog_node() => {
+                metrics::operation_error(libc::ENOENT);
+                reply.entry(&NEGATIVE_TTL, &no_such_entry(), Generation(0));
+            }
+            result => self.reply_entry(reply, result),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -353,7 +402,7 @@ impl Filesystem for SnapFs {
         let _op = metrics::operation("open");
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         match self.volume.open_file(node(ino), write) {
-            Ok(handle) => reply.opened(FileHandle(handle.0), open_flags(node(ino))),
+            Ok(handle) => reply.opened(FileHandle(handle.0), self.open_flags(node(ino))),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -604,17 +653,9 @@ impl Filesystem for SnapFs {
                 &file_attr(&attr, self.block_size()),
                 Generation(0),
                 FileHandle(handle.0),
-                open_flags(attr.node),
+                self.open_flags(attr.node),
             ),
             Err(e) => reply.error(errno(&e)),
         }
-    }
-}
-
-/// Snapshot files never change, so the kernel may keep their pages across opens.
-fn open_flags(node: NodeId) -> FopenFlags {
-    match node.view {
-        View::Live => FopenFlags::empty(),
-        View::Snapshot(_) => FopenFlags::FOPEN_KEEP_CACHE,
     }
 }

@@ -367,7 +367,7 @@ const SNAPSHOT_COLUMNS: &str = "id, name, generation, created, state, logical_by
 /// The inode number of the live root directory (FUSE's root id).
 pub const ROOT_INO: u64 = 1;
 /// First inode number handed to new files; those below are reserved for the mount.
-const FIRST_FREE_INO: u64 = 16;
+pub const FIRST_FREE_INO: u64 = 16;
 
 pub struct Catalog {
     conn: Connection,

@@ -46,6 +46,13 @@ impl NodeId {
         }
     }
 
+    /// A live node the catalog holds, not one of the control directories (`.snapshots`
+    /// and what is below it): only this mount's requests change it or the names in it.
+    pub fn is_live_catalog_node(self) -> bool {
+        self.view == View::Live
+            && (self.ino == crate::catalog::ROOT_INO || self.ino >= crate::catalog::FIRST_FREE_INO)
+    }
+
     pub fn raw(self) -> u64 {
         let view = match self.view {
             View::Live => 0,
