@@ -1036,25 +1036,17 @@ fn kill9_of_a_volume_made_from_a_snapshot_loses_nothing() {
     let from = format!("{}@origin", s3.url(&source_prefix));
     let copy_url = s3.url(&copy_prefix);
     // Every operation commits on its own, as the model needs (see above).
-    let mut copy = s3.mount(&[
-        "--from",
-        &from,
+    let args = [
         "--store",
         &copy_url,
         "--cache-size",
         "1M",
         "--commit-interval",
         "0",
-    ]);
+    ];
+    let mut copy = s3.mount(&[&["--from", &from][..], &args].concat());
     // Later mounts keep the origin; --from is for a new data dir only.
-    copy.set_args(&[
-        "--store",
-        &copy_url,
-        "--cache-size",
-        "1M",
-        "--commit-interval",
-        "0",
-    ]);
+    copy.set_args(&args);
     let route = Route::S3 {
         s3: &s3,
         proxy: &proxy,

@@ -539,10 +539,10 @@ impl Catalog {
             tx.commit().map_err(Error::from)?;
             return Ok(value);
         }
-        self.run_statement("SAVEPOINT op")?;
+        run_statement(&self.conn, "SAVEPOINT op")?;
         match f(&WriteTx::new(&self.conn, self.generation)) {
             Ok(value) => {
-                self.run_statement("RELEASE op")?;
+                run_statement(&self.conn, "RELEASE op")?;
                 if let Some(group) = &mut self.group {
                     group.ops += 1;
                     if group.ops >= GROUP_MAX_OPS {
@@ -584,9 +584,9 @@ impl Catalog {
         });
     }
 
-    /// How long the open group has been open, if one is.
-    pub fn group_age(&self) -> Option<std::time::Duration> {
-        self.group.as_ref()?.open_since.map(|t| t.elapsed())
+    /// Whether a group is open: its changes are not committed yet.
+    pub fn group_open(&self) -> bool {
+        self.group.as_ref().is_some_and(|g| g.open_since.is_some())
     }
 
     /// Commits the open group, if any.
@@ -598,7 +598,7 @@ impl Catalog {
             return Ok(());
         }
         let ops = std::mem::take(&mut group.ops);
-        if let Err(e) = self.run_statement("COMMIT") {
+        if let Err(e) = run_statement(&self.conn, "COMMIT") {
             // SQLite rolls a failed COMMIT back: operations that returned are lost.
             tracing::error!(error = %e, ops, "catalog group commit failed: its operations are lost");
             if !self.conn.is_autocommit() {
@@ -620,7 +620,7 @@ impl Catalog {
         if !(group.has_room)() {
             return Ok(false);
         }
-        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        run_statement(&self.conn, "BEGIN IMMEDIATE")?;
         group.open_since = Some(Instant::now());
         group.ops = 0;
         // Full means a wakeup is already on its way.
@@ -642,17 +642,11 @@ impl Catalog {
             }
             return;
         }
-        if let Err(e) = self
-            .run_statement("ROLLBACK TO op")
-            .and_then(|()| self.run_statement("RELEASE op"))
+        if let Err(e) = run_statement(&self.conn, "ROLLBACK TO op")
+            .and_then(|()| run_statement(&self.conn, "RELEASE op"))
         {
             tracing::error!(error = %e, "cannot roll back a failed catalog operation");
         }
-    }
-
-    fn run_statement(&self, sql: &str) -> Result<()> {
-        self.conn.prepare_cached(sql)?.execute([])?;
-        Ok(())
     }
 
     /// Runs `f` inside one read transaction: every statement sees the same state even
@@ -662,7 +656,7 @@ impl Catalog {
         &self,
         f: impl FnOnce(&ReadTx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
-        if self.group.as_ref().is_some_and(|g| g.open_since.is_some()) {
+        if self.group_open() {
             return f(&ReadTx {
                 conn: &self.conn,
                 g: self.generation,
@@ -751,6 +745,13 @@ impl Catalog {
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
         Ok(())
     }
+}
+
+/// Runs one statement without parameters, prepared once per connection (the group
+/// commit's BEGIN, SAVEPOINT, RELEASE and COMMIT run for every operation).
+fn run_statement(conn: &Connection, sql: &str) -> Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
 }
 
 /// An open group is committed when the connection goes (closing it would roll it back).

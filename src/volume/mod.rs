@@ -410,7 +410,7 @@ impl Volume {
         // Most changes free nothing: find that out without the exclusive lock.
         {
             let catalog = lock(&self.catalog);
-            if catalog.group_age().is_some() || !catalog.read(|tx| tx.has_unreferenced_blocks())? {
+            if catalog.group_open() || !catalog.read(|tx| tx.has_unreferenced_blocks())? {
                 return Ok(());
             }
         }
