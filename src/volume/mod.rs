@@ -9,6 +9,7 @@ mod import;
 mod namespace;
 mod node;
 mod open_files;
+mod ranges;
 mod reserve;
 mod snapshot_table;
 mod snapshots;

@@ -7,6 +7,8 @@ use proptest::prelude::*;
 
 use super::*;
 
+mod ranges;
+
 const ROOT: NodeId = NodeId {
     view: View::Live,
     ino: ROOT_INO,
