@@ -236,6 +236,27 @@ fn aligned_copy_shares_blocks_and_copies_the_edges() {
 }
 
 #[test]
+fn sharing_reads_no_block() {
+    let mut t = TestVolume::new();
+    let src = t.write_file("src", &pattern(4 * BS as usize, 14));
+    t.reopen();
+    // With the block files gone, only a copy that never reads them can succeed.
+    for shard in fs::read_dir(t.dir.path().join("blocks")).expect("blocks dir") {
+        let shard = shard.expect("entry").path();
+        if shard.file_name().is_some_and(|n| n != "tmp") {
+            fs::remove_dir_all(shard).expect("remove blocks");
+        }
+    }
+    let dst = t.write_file("dst", b"");
+    assert_eq!(
+        t.v().copy_range(src, 0, dst, 0, 4 * BS).expect("copy"),
+        4 * BS as u32
+    );
+    assert_eq!(blocks_of(&t, dst), 4 * BS / 512);
+    assert_eq!(errno(t.v().read(dst, 0, 1)), libc::EIO);
+}
+
+#[test]
 fn copy_keeps_the_destination_past_a_partial_last_block() {
     let t = TestVolume::new();
     let src = t.write_file("src", &pattern(2 * BS as usize + 10, 7));
