@@ -147,11 +147,14 @@ impl Pair {
     }
 }
 
+/// A fallocate call: mode, offset, length.
+type Call = (i32, i64, i64);
+
 #[test]
 fn every_fallocate_mode_matches_the_native_disk() {
     let m = Mount::new();
     let start = pattern(3 * BLOCK + 12_345, 1);
-    let cases: &[(&str, &[(i32, i64, i64)])] = &[
+    let cases: &[(&str, &[Call])] = &[
         (
             "allocate",
             &[(0, 100, 10), (0, 5 * B, B + 7), (0, 0, 9 * B)],
