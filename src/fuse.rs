@@ -657,10 +657,14 @@ impl Filesystem for SnapFs {
         reply: ReplyWrite,
     ) {
         let _op = metrics::operation("copy_file_range");
-        let result =
-            self.volume
-                .copy_range(node(ino_in), offset_in, node(ino_out), offset_out, len);
-        match result {
+        let copy = volume::CopyRange {
+            src: node(ino_in),
+            src_offset: offset_in,
+            dst: node(ino_out),
+            dst_offset: offset_out,
+            len,
+        };
+        match self.volume.copy_range(copy) {
             Ok(copied) => reply.written(copied),
             Err(e) => reply.error(errno(&e)),
         }

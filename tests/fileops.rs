@@ -485,6 +485,13 @@ fn copy_file_range_shares_blocks_and_copies_are_independent() {
         &expected,
         "restored dst",
     );
+    // The catalog's invariants hold: reference counts, no block past a file's end.
+    let out = run(common::snapfs().arg("verify").arg("--mount").arg(m.path()));
+    assert!(
+        out.status.success(),
+        "verify: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]

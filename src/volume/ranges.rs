@@ -21,6 +21,17 @@ pub const MAX_COPY: u64 = 1 << 30;
 /// Bytes read and written at a time by a copy that cannot share blocks.
 const COPY_CHUNK: u64 = 1 << 20;
 
+/// A copy_file_range(2) request: `len` bytes of `src` from `src_offset` to `dst` at
+/// `dst_offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopyRange {
+    pub src: NodeId,
+    pub src_offset: u64,
+    pub dst: NodeId,
+    pub dst_offset: u64,
+    pub len: u64,
+}
+
 /// What a fallocate(2) mode asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fallocate {
@@ -288,14 +299,14 @@ impl Volume {
     /// only the partial blocks at the edges are copied. Otherwise the bytes go through
     /// the data path. Returns the bytes copied: fewer than `len` at the source's end, and
     /// at most `MAX_COPY`.
-    pub fn copy_range(
-        &self,
-        src: NodeId,
-        src_offset: u64,
-        dst: NodeId,
-        dst_offset: u64,
-        len: u64,
-    ) -> Result<u32> {
+    pub fn copy_range(&self, copy: CopyRange) -> Result<u32> {
+        let CopyRange {
+            src,
+            src_offset,
+            dst,
+            dst_offset,
+            len,
+        } = copy;
         Self::writable(dst)?;
         let src_size = self.file_size(src)?;
         self.file_size(dst)?;
@@ -320,7 +331,7 @@ impl Volume {
         // The source's last block, partial, can be shared as a whole too (see below).
         let last_block = tail > 0 && tail_at + tail == src_size;
         if src_offset % bs != dst_offset % bs || (whole == 0 && !last_block) {
-            return self.copy_bytes(src, src_offset, dst, dst_offset, len);
+            return self.copy_bytes(CopyRange { len, ..copy });
         }
         if src.view == View::Live {
             // Every write that returned before is in the catalog, where sharing reads.
@@ -374,20 +385,13 @@ impl Volume {
     }
 
     /// A copy through the data path: read, then write, a chunk at a time.
-    fn copy_bytes(
-        &self,
-        src: NodeId,
-        src_offset: u64,
-        dst: NodeId,
-        dst_offset: u64,
-        len: u64,
-    ) -> Result<u32> {
+    fn copy_bytes(&self, copy: CopyRange) -> Result<u32> {
         let mut done = 0;
-        while done < len {
-            let chunk = (len - done).min(COPY_CHUNK) as u32;
+        while done < copy.len {
+            let chunk = (copy.len - done).min(COPY_CHUNK) as u32;
             let copied = self
-                .read(src, src_offset + done, chunk)
-                .and_then(|data| self.write(dst, dst_offset + done, &data));
+                .read(copy.src, copy.src_offset + done, chunk)
+                .and_then(|data| self.write(copy.dst, copy.dst_offset + done, &data));
             match copied {
                 Ok(0) => break,
                 Ok(n) => done += u64::from(n),

@@ -13,6 +13,23 @@ fn errno<T: std::fmt::Debug>(result: Result<T>) -> i32 {
     result.expect_err("expected an error").errno()
 }
 
+fn copy(
+    t: &TestVolume,
+    src: NodeId,
+    src_offset: u64,
+    dst: NodeId,
+    dst_offset: u64,
+    len: u64,
+) -> Result<u32> {
+    t.v().copy_range(CopyRange {
+        src,
+        src_offset,
+        dst,
+        dst_offset,
+        len,
+    })
+}
+
 fn blocks_of(t: &TestVolume, node: NodeId) -> u64 {
     t.v().getattr(node).expect("getattr").blocks
 }
@@ -202,10 +219,7 @@ fn aligned_copy_shares_blocks_and_copies_the_edges() {
     let (dst, handle) = t.create("dst");
     let stored = t.stored_blocks();
     // From 100 to the end, to 100 + 2 blocks: same alignment.
-    let copied = t
-        .v()
-        .copy_range(src, 100, dst, 100 + 2 * BS, data.len() as u64)
-        .expect("copy");
+    let copied = copy(&t, src, 100, dst, 100 + 2 * BS, data.len() as u64).expect("copy");
     assert_eq!(copied as usize, data.len() - 100);
     t.v().release(handle).expect("release");
     let mut expected = vec![0; 100 + 2 * BS as usize];
@@ -249,7 +263,7 @@ fn sharing_reads_no_block() {
     }
     let dst = t.write_file("dst", b"");
     assert_eq!(
-        t.v().copy_range(src, 0, dst, 0, 4 * BS).expect("copy"),
+        copy(&t, src, 0, dst, 0, 4 * BS).expect("copy"),
         4 * BS as u32
     );
     assert_eq!(blocks_of(&t, dst), 4 * BS / 512);
@@ -262,7 +276,7 @@ fn copy_keeps_the_destination_past_a_partial_last_block() {
     let src = t.write_file("src", &pattern(2 * BS as usize + 10, 7));
     let old = pattern(4 * BS as usize, 8);
     let dst = t.write_file("dst", &old);
-    t.v().copy_range(src, 0, dst, 0, 1 << 20).expect("copy");
+    copy(&t, src, 0, dst, 0, 1 << 20).expect("copy");
     let mut expected = pattern(2 * BS as usize + 10, 7);
     expected.extend_from_slice(&old[2 * BS as usize + 10..]);
     assert_eq!(t.read_all(dst), expected);
@@ -279,7 +293,7 @@ fn copy_sees_unflushed_writes_and_handles_holes_and_misalignment() {
         .write(src, 3 * BS, &pattern(BS as usize, 10))
         .expect("write");
     let dst = t.write_file("dst", &pattern(5 * BS as usize, 11));
-    t.v().copy_range(src, 0, dst, 0, 4 * BS).expect("copy");
+    copy(&t, src, 0, dst, 0, 4 * BS).expect("copy");
     let mut expected = pattern(BS as usize, 9);
     expected.resize(3 * BS as usize, 0);
     expected.extend_from_slice(&pattern(BS as usize, 10));
@@ -293,32 +307,21 @@ fn copy_sees_unflushed_writes_and_handles_holes_and_misalignment() {
 
     // Offsets aligned differently: bytes copied through the data path.
     let other = t.write_file("other", b"");
-    let n = t.v().copy_range(src, 1, other, 2, 4 * BS).expect("copy");
+    let n = copy(&t, src, 1, other, 2, 4 * BS).expect("copy");
     assert_eq!(n as u64, 4 * BS - 1);
     let mut shifted = vec![0, 0];
     shifted.extend_from_slice(&expected[1..4 * BS as usize]);
     assert_eq!(t.read_all(other), shifted);
     t.v().release(handle).expect("release");
 
-    assert_eq!(
-        errno(t.v().copy_range(src, 0, src, BS, 2 * BS)),
-        libc::EINVAL
-    );
-    assert_eq!(
-        t.v().copy_range(src, 0, src, 4 * BS, BS).expect("copy"),
-        BS as u32
-    );
-    assert_eq!(
-        t.v()
-            .copy_range(src, 9 * BS, dst, 0, BS)
-            .expect("past the end"),
-        0
-    );
+    assert_eq!(errno(copy(&t, src, 0, src, BS, 2 * BS)), libc::EINVAL);
+    assert_eq!(copy(&t, src, 0, src, 4 * BS, BS).expect("copy"), BS as u32);
+    assert_eq!(copy(&t, src, 9 * BS, dst, 0, BS).expect("past the end"), 0);
     let dir = t.v().mkdir(ROOT, b"d", 0o755, ME).expect("mkdir").node;
-    assert_eq!(errno(t.v().copy_range(dir, 0, dst, 0, 1)), libc::EISDIR);
-    assert_eq!(errno(t.v().copy_range(src, 0, dir, 0, 1)), libc::EISDIR);
+    assert_eq!(errno(copy(&t, dir, 0, dst, 0, 1)), libc::EISDIR);
+    assert_eq!(errno(copy(&t, src, 0, dir, 0, 1)), libc::EISDIR);
     assert_eq!(
-        errno(t.v().copy_range(src, 0, dst, i64::MAX as u64, BS)),
+        errno(copy(&t, src, 0, dst, i64::MAX as u64, BS)),
         libc::EFBIG
     );
 }
@@ -339,181 +342,72 @@ fn copy_from_a_snapshot_restores_a_file_in_place() {
         .lookup(snapshot_root(&t, "s"), b"f")
         .expect("lookup")
         .node;
-    t.v().copy_range(old, 0, node, 0, 3 * BS).expect("copy");
+    copy(&t, old, 0, node, 0, 3 * BS).expect("copy");
     assert_eq!(t.read_all(node), data);
     // The overwriting blocks are freed, nothing new is stored.
     assert_eq!(t.stored_blocks(), stored - 3);
 }
 
 // ---------------------------------------------------------------------------------------
-// Random sequences against a model
+// The random operations of the model test in `tests.rs`
 
-#[derive(Clone, Debug)]
-enum RangeOp {
-    Write {
-        file: usize,
-        offset: u64,
-        len: usize,
-        seed: u8,
-    },
-    Truncate {
-        file: usize,
-        size: u64,
-    },
-    Fallocate {
-        file: usize,
-        offset: u64,
-        len: u64,
-        mode: i32,
-    },
-    Copy {
-        from: usize,
-        from_offset: u64,
-        to: usize,
-        to_offset: u64,
-        len: u64,
-    },
-    Flush {
-        file: usize,
-    },
-    Snapshot,
-    Reopen,
-}
-
-const FILES: [&str; 2] = ["a", "b"];
-
-fn range_op() -> impl Strategy<Value = RangeOp> {
-    let file = 0..FILES.len();
-    let mode = prop_oneof![
+/// A fallocate mode the model test picks.
+pub(super) fn fallocate_mode() -> impl Strategy<Value = i32> {
+    prop_oneof![
         Just(0),
         Just(KEEP),
         Just(PUNCH),
         Just(ZERO),
         Just(ZERO | KEEP)
-    ];
-    // Offsets often block-aligned, so copies share blocks.
-    let offset = prop_oneof![0..40_000u64, (0..10u64).prop_map(|b| b * BS)];
-    prop_oneof![
-        4 => (file.clone(), offset.clone(), 1..12_000usize, any::<u8>())
-            .prop_map(|(file, offset, len, seed)| RangeOp::Write { file, offset, len, seed }),
-        1 => (file.clone(), 0..40_000u64).prop_map(|(file, size)| RangeOp::Truncate { file, size }),
-        3 => (file.clone(), offset.clone(), 1..20_000u64, mode)
-            .prop_map(|(file, offset, len, mode)| RangeOp::Fallocate { file, offset, len, mode }),
-        3 => (file.clone(), offset.clone(), file.clone(), offset, 1..30_000u64).prop_map(
-            |(from, from_offset, to, to_offset, len)| RangeOp::Copy { from, from_offset, to, to_offset, len }),
-        1 => file.prop_map(|file| RangeOp::Flush { file }),
-        1 => Just(RangeOp::Snapshot),
-        1 => Just(RangeOp::Reopen),
     ]
 }
 
-fn apply_range_op(
-    t: &mut TestVolume,
-    files: &mut [Vec<u8>],
-    snapshots: &mut Vec<Vec<Vec<u8>>>,
-    op: &RangeOp,
-) {
-    let node = |t: &TestVolume, file: usize| {
-        t.v()
-            .lookup(ROOT, FILES[file].as_bytes())
-            .expect("lookup")
-            .node
-    };
-    match *op {
-        RangeOp::Write {
-            file,
-            offset,
-            len,
-            seed,
-        } => {
-            let data = pattern(len, seed);
-            t.v().write(node(t, file), offset, &data).expect("write");
-            let content = &mut files[file];
-            let end = offset as usize + len;
-            if content.len() < end {
-                content.resize(end, 0);
-            }
-            content[offset as usize..end].copy_from_slice(&data);
-        }
-        RangeOp::Truncate { file, size } => {
-            let set = SetAttr {
-                size: Some(size),
-                ..SetAttr::default()
-            };
-            t.v().setattr(node(t, file), set).expect("truncate");
-            files[file].resize(size as usize, 0);
-        }
-        RangeOp::Fallocate {
-            file,
-            offset,
-            len,
-            mode,
-        } => {
-            t.v()
-                .fallocate(node(t, file), offset, len, mode)
-                .expect("fallocate");
-            let content = &mut files[file];
-            let end = (offset + len) as usize;
-            if mode & (libc::FALLOC_FL_PUNCH_HOLE | ZERO) != 0 {
-                let to = end.min(content.len());
-                if (offset as usize) < to {
-                    content[offset as usize..to].fill(0);
-                }
-            }
-            if mode & KEEP == 0 && content.len() < end {
-                content.resize(end, 0);
-            }
-        }
-        RangeOp::Copy {
-            from,
-            from_offset,
-            to,
-            to_offset,
-            len,
-        } => {
-            let source = files[from].clone();
-            let result = t
-                .v()
-                .copy_range(node(t, from), from_offset, node(t, to), to_offset, len);
-            let start = (from_offset as usize).min(source.len());
-            let n = (len as usize).min(source.len() - start);
-            if from == to
-                && n > 0
-                && from_offset < to_offset + n as u64
-                && to_offset < from_offset + n as u64
-            {
-                assert_eq!(errno(result), libc::EINVAL);
-                return;
-            }
-            assert_eq!(result.expect("copy") as usize, n);
-            if n > 0 {
-                let content = &mut files[to];
-                let end = to_offset as usize + n;
-                if content.len() < end {
-                    content.resize(end, 0);
-                }
-                content[to_offset as usize..end].copy_from_slice(&source[start..start + n]);
-            }
-        }
-        RangeOp::Flush { file } => t.v().flush(node(t, file)).expect("flush"),
-        RangeOp::Snapshot => {
-            let name = format!("s{}", snapshots.len());
-            t.v().create_snapshot(name.as_bytes()).expect("snapshot");
-            snapshots.push(files.to_vec());
-        }
-        RangeOp::Reopen => t.reopen(),
+/// An offset, often block-aligned so that copies share blocks.
+pub(super) fn range_offset() -> impl Strategy<Value = u64> {
+    prop_oneof![0..20_000u64, (0..5u64).prop_map(|b| b * BS)]
+}
+
+/// What fallocate of `offset..offset + len` with `mode` does to `content`.
+pub(super) fn fallocate_model(content: &mut Vec<u8>, offset: u64, len: u64, mode: i32) {
+    let (offset, end) = (offset as usize, (offset + len) as usize);
+    if mode & (libc::FALLOC_FL_PUNCH_HOLE | ZERO) != 0 && offset < content.len() {
+        let to = end.min(content.len());
+        content[offset..to].fill(0);
+    }
+    if mode & KEEP == 0 && content.len() < end {
+        content.resize(end, 0);
     }
 }
 
-/// Contents match, and every hole SEEK_HOLE/SEEK_DATA report reads as zeros.
-fn check_file(t: &TestVolume, node: NodeId, expected: &[u8], what: &str) {
-    let got = t.read_all(node);
-    assert!(
-        got == expected,
-        "content of {what}: {} bytes, expected {}",
-        got.len(),
-        expected.len()
-    );
+/// Checks the result of a copy against the model (`source` is the source's content
+/// before it, `same` whether both are one file) and applies it to `dst`.
+pub(super) fn copy_model(
+    result: Result<u32>,
+    copy: CopyRange,
+    source: &[u8],
+    same: bool,
+    dst: &mut Vec<u8>,
+) {
+    let start = (copy.src_offset as usize).min(source.len());
+    let n = (copy.len as usize).min(source.len() - start);
+    let overlap = copy.src_offset < copy.dst_offset + n as u64
+        && copy.dst_offset < copy.src_offset + n as u64;
+    if same && n > 0 && overlap {
+        assert_eq!(errno(result), libc::EINVAL, "{copy:?}");
+        return;
+    }
+    assert_eq!(result.expect("copy") as usize, n, "{copy:?}");
+    if n > 0 {
+        let end = copy.dst_offset as usize + n;
+        if dst.len() < end {
+            dst.resize(end, 0);
+        }
+        dst[copy.dst_offset as usize..end].copy_from_slice(&source[start..start + n]);
+    }
+}
+
+/// Every hole SEEK_HOLE and SEEK_DATA report in `node` reads as zeros in `expected`.
+pub(super) fn check_holes(t: &TestVolume, node: NodeId, expected: &[u8], what: &str) {
     let mut at = 0;
     while (at as usize) < expected.len() {
         let hole = t.v().lseek(node, at, libc::SEEK_HOLE).expect("seek hole");
@@ -534,33 +428,5 @@ fn check_file(t: &TestVolume, node: NodeId, expected: &[u8], what: &str) {
             "{what}: hole {hole}..{data} holds data"
         );
         at = data.max(at + 1);
-    }
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
-
-    #[test]
-    fn random_range_operations_match_the_model(ops in proptest::collection::vec(range_op(), 1..24)) {
-        let mut t = TestVolume::new();
-        for name in FILES {
-            t.write_file(name, b"");
-        }
-        let mut files = vec![Vec::new(); FILES.len()];
-        let mut snapshots = Vec::new();
-        for op in &ops {
-            apply_range_op(&mut t, &mut files, &mut snapshots, op);
-            for (i, name) in FILES.iter().enumerate() {
-                let node = t.v().lookup(ROOT, name.as_bytes()).expect("lookup").node;
-                check_file(&t, node, &files[i], name);
-            }
-        }
-        for (id, contents) in snapshots.iter().enumerate() {
-            let root = snapshot_root(&t, &format!("s{id}"));
-            for (i, name) in FILES.iter().enumerate() {
-                let node = t.v().lookup(root, name.as_bytes()).expect("lookup").node;
-                check_file(&t, node, &contents[i], &format!("s{id}/{name}"));
-            }
-        }
     }
 }
