@@ -91,6 +91,14 @@ fn daemon_io(m: &Mount) -> u64 {
         .sum()
 }
 
+/// Each named file of `dir` holds the expected bytes.
+fn assert_files(dir: &Path, files: &[(&str, &Vec<u8>)], what: &str) {
+    for (name, expected) in files {
+        let got = fs::read(dir.join(name)).expect("read");
+        assert_bytes_eq(&got, expected, &format!("{what} {name}"));
+    }
+}
+
 /// Bytes of block files in the data dir.
 fn stored_bytes(data: &Path) -> u64 {
     block_files(data)
@@ -452,16 +460,8 @@ fn copy_file_range_shares_blocks_and_copies_are_independent() {
     let mut changed_dst = expected.clone();
     changed_dst[10 * BLOCK..10 * BLOCK + 7].copy_from_slice(b"changed");
     assert_bytes_eq(&fs::read(&dst_path).expect("read"), &changed_dst, "copy");
-    assert_bytes_eq(
-        &fs::read(snap.join("src")).expect("read"),
-        &data,
-        "snapshot src",
-    );
-    assert_bytes_eq(
-        &fs::read(snap.join("dst")).expect("read"),
-        &expected,
-        "snapshot dst",
-    );
+    let both = [("src", &data), ("dst", &expected)];
+    assert_files(&snap, &both, "snapshot");
 
     // Uploaded and restored byte for byte, from the store alone.
     wait_completed(&m, "s");
@@ -475,16 +475,7 @@ fn copy_file_range_shares_blocks_and_copies_are_independent() {
         "restore: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_bytes_eq(
-        &fs::read(dest.join("s/src")).expect("read"),
-        &data,
-        "restored src",
-    );
-    assert_bytes_eq(
-        &fs::read(dest.join("s/dst")).expect("read"),
-        &expected,
-        "restored dst",
-    );
+    assert_files(&dest.join("s"), &both, "restored");
     // The catalog's invariants hold: reference counts, no block past a file's end.
     let out = run(common::snapfs().arg("verify").arg("--mount").arg(m.path()));
     assert!(
