@@ -566,3 +566,43 @@ fn cp_inside_the_mount_shares_blocks() {
     let grown = disk_usage(&m.data_dir().join("blocks")).saturating_sub(before);
     assert!(grown <= BLOCK as u64, "cp stored {grown} new bytes");
 }
+
+#[test]
+fn shared_blocks_upload_once_and_outlive_their_source() {
+    let s3 = common::s3::S3Env::s3s();
+    let prefix = common::s3::unique_prefix("fileops");
+    let m = s3.mount_store(&prefix, &[]);
+    let data = pattern(8 * BLOCK + 4321, 15);
+    let src = m.path().join("src");
+    fs::write(&src, &data).expect("write");
+    take_snapshot(&m, "a");
+    wait_completed(&m, "a");
+    let client = s3.client();
+    let blocks = client.list(&format!("{prefix}blocks/")).len();
+    assert_eq!(blocks, 9);
+
+    run(Command::new("cp").arg(&src).arg(m.path().join("copy")));
+    take_snapshot(&m, "b");
+    wait_completed(&m, "b");
+    // The copy's blocks are the source's: nothing new to upload.
+    assert_eq!(client.list(&format!("{prefix}blocks/")).len(), blocks);
+    let dest = m.scratch("restored");
+    let out = s3.restore(&s3.url(&prefix), "b", &dest.join("b"), &[]);
+    assert!(
+        out.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_files(
+        &dest.join("b"),
+        &[("src", &data), ("copy", &data)],
+        "restored",
+    );
+
+    // Without the source and the snapshot that held only it, the copy keeps the blocks.
+    fs::remove_file(&src).expect("rm src");
+    fs::remove_dir(m.path().join(".snapshots/a")).expect("rmdir a");
+    fs::remove_dir(m.path().join(".snapshots/b")).expect("rmdir b");
+    assert_files(m.path(), &[("copy", &data)], "live");
+    assert_eq!(block_files(m.data_dir()).len(), 9);
+}
