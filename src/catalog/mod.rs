@@ -938,6 +938,55 @@ impl ReadTx<'_> {
         Ok(found)
     }
 
+    /// The first block of `ino` mapped at index `from` or after, as `view` sees it.
+    pub fn next_mapped_block(&self, view: u64, ino: u64, from: u64) -> Result<Option<u64>> {
+        let sql = format!(
+            "SELECT idx FROM blockmap WHERE ino = :ino AND idx >= :from AND {VISIBLE}
+             ORDER BY idx LIMIT 1"
+        );
+        Ok(self
+            .conn
+            .prepare_cached(&sql)?
+            .query_row(
+                rusqlite::named_params! {":ino": ino, ":from": from, ":g": view},
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// The first index at or after `from` where `ino` maps no block, as `view` sees it:
+    /// the end of the run of mapped blocks starting at `from`.
+    pub fn next_unmapped_block(&self, view: u64, ino: u64, from: u64) -> Result<u64> {
+        let sql = format!(
+            "SELECT idx FROM blockmap WHERE ino = :ino AND idx >= :from AND {VISIBLE}
+             ORDER BY idx"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut rows =
+            stmt.query(rusqlite::named_params! {":ino": ino, ":from": from, ":g": view})?;
+        let mut expected = from;
+        // Rows are stepped on demand: this reads the run, not the rest of the file.
+        while let Some(row) = rows.next()? {
+            if row.get::<_, u64>(0)? != expected {
+                break;
+            }
+            expected += 1;
+        }
+        Ok(expected)
+    }
+
+    /// How many blocks of `ino` with index in `first..=last` are mapped, as `view` sees it.
+    pub fn count_mapped_blocks(&self, view: u64, ino: u64, first: u64, last: u64) -> Result<u64> {
+        let sql = format!(
+            "SELECT count(*) FROM blockmap
+             WHERE ino = :ino AND idx BETWEEN :first AND :last AND {VISIBLE}"
+        );
+        Ok(self.conn.prepare_cached(&sql)?.query_row(
+            rusqlite::named_params! {":ino": ino, ":first": first, ":last": last, ":g": view},
+            |r| r.get(0),
+        )?)
+    }
+
     /// Whether the store already holds a block (some map row references it or did).
     pub fn has_block(&self, hash: &BlockHash) -> Result<bool> {
         Ok(self
@@ -1272,15 +1321,59 @@ impl WriteTx<'_> {
 
     /// Unmaps every block of `ino` from index `first` on. Returns the change in allocated bytes.
     pub fn unmap_blocks_from(&self, ino: u64, first: u64) -> Result<i64> {
-        let freed: i64 = self
+        self.unmap_block_range(ino, first, i64::MAX as u64)
+    }
+
+    /// Unmaps the blocks of `ino` with index in `first..=last` (a punched hole). Returns
+    /// the change in allocated bytes.
+    pub fn unmap_block_range(&self, ino: u64, first: u64, last: u64) -> Result<i64> {
+        let freed = self.mapped_bytes(ino, first, last)?;
+        self.retire(
+            "blockmap",
+            "ino = ?1 AND idx BETWEEN ?2 AND ?3",
+            &[&ino, &first, &last],
+        )?;
+        Ok(-freed)
+    }
+
+    /// Bytes of the live blocks of `ino` with index in `first..=last`.
+    fn mapped_bytes(&self, ino: u64, first: u64, last: u64) -> Result<i64> {
+        Ok(self
             .conn
             .prepare_cached(
                 "SELECT coalesce(sum(b.len), 0) FROM blockmap m JOIN blocks b ON b.hash = m.hash
-                 WHERE m.ino = ?1 AND m.idx >= ?2 AND m.death IS NULL",
+                 WHERE m.ino = ?1 AND m.idx BETWEEN ?2 AND ?3 AND m.death IS NULL",
             )?
-            .query_row(params![ino, first], |r| r.get(0))?;
-        self.retire("blockmap", "ino = ?1 AND idx >= ?2", &[&ino, &first])?;
-        Ok(-freed)
+            .query_row(params![ino, first, last], |r| r.get(0))?)
+    }
+
+    /// Maps to live file `dst`, from index `to` on, the blocks `first..=last` of `src` as
+    /// view `view` sees them, replacing what `dst` mapped there (a hole in `src` leaves a
+    /// hole). The blocks are shared, not copied: the triggers count the new references.
+    /// Returns the change in `dst`'s allocated bytes.
+    pub fn share_blocks(
+        &self,
+        view: u64,
+        src: u64,
+        first: u64,
+        last: u64,
+        dst: u64,
+        to: u64,
+    ) -> Result<i64> {
+        let to_last = to + (last - first);
+        let freed = self.unmap_block_range(dst, to, to_last)?;
+        let sql = format!(
+            "INSERT INTO blockmap (ino, idx, birth, hash)
+             SELECT :dst, idx - :first + :to, :birth, hash FROM blockmap
+             WHERE ino = :src AND idx BETWEEN :first AND :last AND {VISIBLE}"
+        );
+        self.conn
+            .prepare_cached(&sql)?
+            .execute(rusqlite::named_params! {
+                ":dst": dst, ":first": first, ":to": to, ":birth": self.g, ":src": src,
+                ":last": last, ":g": view,
+            })?;
+        Ok(freed + self.mapped_bytes(dst, to, to_last)?)
     }
 
     /// Forgets the blocks no map row references any more and returns them, so the caller

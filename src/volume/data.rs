@@ -21,7 +21,7 @@ type StagedBlock = (u64, Option<(BlockHash, u32)>);
 const FETCH_ROUNDS: usize = 3;
 
 /// Largest file size: offsets must fit in an off_t.
-const MAX_FILE_SIZE: u64 = i64::MAX as u64;
+pub(super) const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 
 /// Copies the part of `block` (the block starting at file offset `block_start`) that falls
 /// in `out` (which starts at file offset `out_start`).
@@ -38,7 +38,7 @@ fn copy_overlap(out: &mut [u8], out_start: u64, block_start: u64, block: &[u8]) 
 
 impl Volume {
     /// Pins the state of live regular file `ino`, loading it from the catalog if needed.
-    fn pin_file(&self, ino: u64) -> Result<PinnedFile<'_>> {
+    pub(super) fn pin_file(&self, ino: u64) -> Result<PinnedFile<'_>> {
         self.files.pin(ino, || {
             let row = self.row(NodeId::live(ino))?;
             match row.attrs.kind {
@@ -212,7 +212,12 @@ impl Volume {
     }
 
     /// The current content of block `idx` as a starting point for a partial write.
-    fn block_for_update(&self, ino: u64, idx: u64, state: &FileState) -> Result<Vec<u8>> {
+    pub(super) fn block_for_update(
+        &self,
+        ino: u64,
+        idx: u64,
+        state: &FileState,
+    ) -> Result<Vec<u8>> {
         let bs = self.block_size;
         if idx * bs >= state.size || !state.catalog_block_valid(idx, bs) {
             return Ok(Vec::new());
@@ -241,6 +246,20 @@ impl Volume {
         }
         let pinned = self.pin_file(node.ino)?;
         let mut state = pinned.lock();
+        self.buffer_write(node.ino, &mut state, offset, data)?;
+        Ok(data.len() as u32)
+    }
+
+    /// Buffers `data` at `offset` in the state of live file `ino` (checked writable, the
+    /// end within `MAX_FILE_SIZE`).
+    pub(super) fn buffer_write(
+        &self,
+        ino: u64,
+        state: &mut FileState,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let end = offset + data.len() as u64;
         let bs = self.block_size;
         let mut pos = offset;
         while pos < end {
@@ -251,9 +270,9 @@ impl Volume {
                 let base = if in_block == 0 && n as u64 == bs {
                     Vec::with_capacity(n)
                 } else {
-                    self.block_for_update(node.ino, idx, &state)?
+                    self.block_for_update(ino, idx, state)?
                 };
-                self.files.add_dirty(&mut state, base.len() as u64);
+                self.files.add_dirty(state, base.len() as u64);
                 state.dirty.insert(idx, base);
             }
             let block = state.dirty.get_mut(&idx).ok_or(Error::NotFound)?;
@@ -268,7 +287,7 @@ impl Volume {
                 }
                 block[in_block..in_block + n].copy_from_slice(src);
             }
-            self.files.add_dirty(&mut state, grown as u64);
+            self.files.add_dirty(state, grown as u64);
             pos += n as u64;
         }
         state.size = state.size.max(end);
@@ -276,14 +295,14 @@ impl Volume {
         state.mtime = time;
         state.ctime = time;
         state.mark_changed();
-        Ok(data.len() as u32)
+        Ok(())
     }
 
     /// Makes local the blocks only a store has that a write of `[offset, end)` covers in
     /// part (it starts from their bytes), before the write takes the gate and the file's
     /// lock: a fetch may wait minutes on a store that is down, and snapshots and writers
     /// would wait with it. A failed fetch fails the write before it changes anything.
-    fn fetch_partly_written(&self, ino: u64, offset: u64, end: u64) -> Result<()> {
+    pub(super) fn fetch_partly_written(&self, ino: u64, offset: u64, end: u64) -> Result<()> {
         if end == offset || !self.blocks.has_remote() {
             return Ok(());
         }
@@ -317,7 +336,7 @@ impl Volume {
     }
 
     /// Sets the size of an open (or about to be flushed) file.
-    fn truncate_locked(&self, ino: u64, state: &mut FileState, size: u64) -> Result<()> {
+    pub(super) fn truncate_locked(&self, ino: u64, state: &mut FileState, size: u64) -> Result<()> {
         if size > MAX_FILE_SIZE {
             return Err(Error::FileTooBig);
         }
@@ -374,7 +393,7 @@ impl Volume {
     /// Writes a file's buffered changes to the block store and the catalog, in one
     /// transaction. On failure the buffers stay, so nothing is lost and a later flush
     /// retries.
-    fn flush_locked(&self, ino: u64, state: &mut FileState) -> Result<()> {
+    pub(super) fn flush_locked(&self, ino: u64, state: &mut FileState) -> Result<()> {
         if !state.changed {
             return Ok(());
         }
@@ -399,6 +418,9 @@ impl Volume {
                 let mut alloc = row.alloc as i64;
                 if let Some(size) = state.truncated_to {
                     alloc += tx.unmap_blocks_from(ino, size.div_ceil(bs))?;
+                }
+                for (&first, &end) in &state.punched {
+                    alloc += tx.unmap_block_range(ino, first, end - 1)?;
                 }
                 for (idx, block) in &staged {
                     alloc += tx.set_block(ino, *idx, block.as_ref().map(|(h, len)| (h, *len)))?;

@@ -39,6 +39,13 @@ pub enum Error {
     XattrUnsupported,
     #[error("file too large")]
     FileTooBig,
+    #[error("operation not supported: {0}")]
+    NotSupported(&'static str),
+    /// SEEK_DATA or SEEK_HOLE from the end of the file on, or SEEK_DATA with no data after.
+    #[error("no data or hole at or after this offset")]
+    NoData,
+    #[error("not enough free space in the data dir")]
+    NoSpace,
     #[error("data dir {dir} is in use by another snapfs (pid {pid}); unmount it first")]
     Locked { dir: PathBuf, pid: String },
     #[error("data dir {path}: {source}")]
@@ -83,6 +90,9 @@ impl Error {
             Error::XattrTooBig => libc::E2BIG,
             Error::XattrUnsupported => libc::EOPNOTSUPP,
             Error::FileTooBig => libc::EFBIG,
+            Error::NotSupported(_) => libc::EOPNOTSUPP,
+            Error::NoData => libc::ENXIO,
+            Error::NoSpace => libc::ENOSPC,
             Error::Locked { .. } => libc::EBUSY,
             Error::StoreMismatch { .. } => libc::EINVAL,
             Error::Import(_) | Error::Hook(_) => libc::EIO,

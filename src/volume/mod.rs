@@ -9,6 +9,7 @@ mod import;
 mod namespace;
 mod node;
 mod open_files;
+mod ranges;
 mod reserve;
 mod snapshot_table;
 mod snapshots;
@@ -35,6 +36,7 @@ pub use node::{
     permits,
 };
 use open_files::OpenFiles;
+pub use ranges::CopyRange;
 use snapshot_table::SnapshotTable;
 pub use snapshots::{
     SNAPDIR, SNAPDIR_NAME, SnapshotHooks, SnapshotInfo, XATTR_HOOK_ERROR, describe, progress_text,

@@ -32,6 +32,9 @@ pub(super) struct FileState {
     pub changed: bool,
     /// Smallest size truncated to since the last flush: catalog blocks past it are stale.
     pub truncated_to: Option<u64>,
+    /// Block indices punched out since the last flush (first -> end, exclusive; disjoint,
+    /// not adjacent): catalog blocks there are stale, and the flush unmaps them.
+    pub punched: BTreeMap<u64, u64>,
     /// Open handles: the last close of an unlinked file drops its buffers.
     pub opens: u32,
     pub dirty_since: Option<Instant>,
@@ -47,15 +50,55 @@ impl FileState {
             buffered: 0,
             changed: false,
             truncated_to: None,
+            punched: BTreeMap::new(),
             opens: 0,
             dirty_since: None,
         }
     }
 
-    /// Whether the catalog block `idx` may be used: not cut off by a pending truncate.
+    /// Whether the catalog block `idx` may be used: not cut off by a pending truncate or
+    /// punched out.
     pub fn catalog_block_valid(&self, idx: u64, block_size: u64) -> bool {
-        self.truncated_to
-            .is_none_or(|t| idx < t.div_ceil(block_size))
+        self.next_stale(idx, block_size) != Some(idx)
+    }
+
+    /// The punched range holding `idx`, if any.
+    fn punched_at(&self, idx: u64) -> Option<(u64, u64)> {
+        let (&first, &end) = self.punched.range(..=idx).next_back()?;
+        (idx < end).then_some((first, end))
+    }
+
+    /// The first catalog block at or after `idx` that is stale (see `catalog_block_valid`).
+    pub fn next_stale(&self, idx: u64, block_size: u64) -> Option<u64> {
+        let punched = match self.punched_at(idx) {
+            Some(_) => Some(idx),
+            None => self.punched.range(idx..).next().map(|(&first, _)| first),
+        };
+        let cut = self.truncated_to.map(|t| t.div_ceil(block_size).max(idx));
+        punched.into_iter().chain(cut).min()
+    }
+
+    /// The first catalog block at or after `idx` that is not stale (`None`: none is).
+    pub fn next_valid(&self, idx: u64, block_size: u64) -> Option<u64> {
+        let idx = self.punched_at(idx).map_or(idx, |(_, end)| end);
+        let cut = self.truncated_to.map(|t| t.div_ceil(block_size));
+        cut.is_none_or(|cut| idx < cut).then_some(idx)
+    }
+
+    /// Marks the catalog blocks `first..end` stale, merged with the ranges it touches.
+    pub fn punch(&mut self, mut first: u64, mut end: u64) {
+        let touching: Vec<(u64, u64)> = self
+            .punched
+            .range(..=end)
+            .filter(|&(_, &e)| e >= first)
+            .map(|(&f, &e)| (f, e))
+            .collect();
+        for (f, e) in touching {
+            self.punched.remove(&f);
+            first = first.min(f);
+            end = end.max(e);
+        }
+        self.punched.insert(first, end);
     }
 
     pub fn mark_changed(&mut self) {
@@ -244,6 +287,7 @@ impl OpenFiles {
         self.sub_dirty(state, buffered);
         state.dirty.clear();
         state.truncated_to = None;
+        state.punched.clear();
         state.changed = false;
         state.dirty_since = None;
     }

@@ -7,6 +7,8 @@ use proptest::prelude::*;
 
 use super::*;
 
+mod ranges;
+
 const ROOT: NodeId = NodeId {
     view: View::Live,
     ino: ROOT_INO,
@@ -338,6 +340,21 @@ enum Op {
     Flush {
         file: usize,
     },
+    /// fallocate(2): allocate, keep size, punch, zero range (`ranges::fallocate_mode`).
+    Fallocate {
+        file: usize,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    },
+    /// copy_file_range(2), sharing blocks where the offsets are equally aligned.
+    Copy {
+        from: usize,
+        from_offset: u64,
+        to: usize,
+        to_offset: u64,
+        len: u64,
+    },
     Reopen,
     Snapshot,
     DeleteSnapshot {
@@ -356,7 +373,13 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (file.clone(), file.clone()).prop_map(|(from, to)| Op::Rename { from, to }),
         1 => (file.clone(), file.clone()).prop_map(|(from, to)| Op::Link { from, to }),
         1 => file.clone().prop_map(|file| Op::Unlink { file }),
-        1 => file.prop_map(|file| Op::Flush { file }),
+        1 => file.clone().prop_map(|file| Op::Flush { file }),
+        2 => (file.clone(), ranges::range_offset(), 1..20_000u64, ranges::fallocate_mode())
+            .prop_map(|(file, offset, len, mode)| Op::Fallocate { file, offset, len, mode }),
+        2 => (file.clone(), ranges::range_offset(), file, ranges::range_offset(), 1..30_000u64)
+            .prop_map(|(from, from_offset, to, to_offset, len)| {
+                Op::Copy { from, from_offset, to, to_offset, len }
+            }),
         1 => Just(Op::Reopen),
         2 => Just(Op::Snapshot),
         1 => (0..8usize).prop_map(|pick| Op::DeleteSnapshot { pick }),
@@ -469,6 +492,35 @@ fn apply(t: &mut TestVolume, model: &mut Model, op: &Op) {
                 t.v().flush(attr.node).expect("flush");
             }
         }
+        Op::Fallocate {
+            file,
+            offset,
+            len,
+            mode,
+        } => {
+            let node = node_for(t, NAMES[file]);
+            t.v().fallocate(node, offset, len, mode).expect("fallocate");
+            ranges::fallocate_model(model.file_mut(NAMES[file]), offset, len, mode);
+        }
+        Op::Copy {
+            from,
+            from_offset,
+            to,
+            to_offset,
+            len,
+        } => {
+            let (src, dst) = (node_for(t, NAMES[from]), node_for(t, NAMES[to]));
+            let source = model.file_mut(NAMES[from]).clone();
+            let copy = CopyRange {
+                src,
+                src_offset: from_offset,
+                dst,
+                dst_offset: to_offset,
+                len,
+            };
+            let result = t.v().copy_range(copy);
+            ranges::copy_model(result, copy, &source, src == dst, model.file_mut(NAMES[to]));
+        }
         Op::Reopen => t.reopen(),
         Op::Snapshot => {
             model.taken += 1;
@@ -511,6 +563,7 @@ fn check(t: &TestVolume, model: &Model) {
                 let expected = &model.files[key];
                 assert_eq!(t.read_all(node).len(), expected.len(), "size of {name}");
                 assert!(t.read_all(node) == *expected, "content of {name}");
+                ranges::check_holes(t, node, expected, name);
             }
         }
     }
@@ -526,6 +579,7 @@ fn check(t: &TestVolume, model: &Model) {
                         t.read_all(node) == *expected,
                         "content of {snapshot}/{name}"
                     );
+                    ranges::check_holes(t, node, expected, &format!("{snapshot}/{name}"));
                 }
             }
         }
