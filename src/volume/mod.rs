@@ -38,7 +38,7 @@ pub use node::{
     permits,
 };
 use open_files::OpenFiles;
-pub use policy::{PolicyRun, Scheduler, XATTR_POLICY, XATTR_PRUNE, candidates};
+pub use policy::{PolicyRun, Pruned, Scheduler, XATTR_POLICY, XATTR_PRUNE, retention_plan};
 use snapshot_table::SnapshotTable;
 pub use snapshots::{
     SNAPDIR, SNAPDIR_NAME, SnapshotHooks, SnapshotInfo, XATTR_HOOK_ERROR, describe, progress_text,

@@ -8,7 +8,7 @@
 //! `delete_snapshot`, like rmdir.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use super::retention::{self, Candidate, Verdict};
@@ -26,11 +26,15 @@ pub const XATTR_PRUNE: &[u8] = b"user.snapfs.prune";
 /// The longest the scheduler sleeps without looking at the clock (it may have jumped).
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 
+/// Told the name of each snapshot retention deleted (the mount drops the kernel's cache).
+pub type Pruned = Box<dyn Fn(&[u8]) + Send + Sync>;
+
 /// What the schedule waits for, and how to wake it. A leaf lock.
 #[derive(Default)]
 pub(super) struct Schedule {
     state: Mutex<ScheduleState>,
     wake: Condvar,
+    pruned: OnceLock<Pruned>,
 }
 
 #[derive(Default)]
@@ -69,7 +73,7 @@ fn slot_of(now: i64, every: u64) -> i64 {
 }
 
 /// Retention's view of `rows`, with their tags.
-pub fn candidates(tx: &ReadTx<'_>, rows: Vec<SnapshotRow>) -> Result<Vec<Candidate>> {
+fn candidates(tx: &ReadTx<'_>, rows: Vec<SnapshotRow>) -> Result<Vec<Candidate>> {
     rows.into_iter()
         .map(|row| {
             Ok(Candidate {
@@ -82,6 +86,19 @@ pub fn candidates(tx: &ReadTx<'_>, rows: Vec<SnapshotRow>) -> Result<Vec<Candida
             })
         })
         .collect()
+}
+
+/// The volume's policy and what its retention would do to `rows` now (newest first);
+/// `None` without a policy. The mount and the read-only tools both ask this.
+pub fn retention_plan(
+    tx: &ReadTx<'_>,
+    rows: Vec<SnapshotRow>,
+) -> Result<Option<(Policy, Vec<Verdict>)>> {
+    let Some((policy, _)) = tx.policy()? else {
+        return Ok(None);
+    };
+    let plan = retention::plan(&candidates(tx, rows)?, &policy.keep);
+    Ok(Some((policy, plan)))
 }
 
 impl Volume {
@@ -132,7 +149,7 @@ impl Volume {
             lock(&self.catalog).write(|tx| tx.set_policy_slot(slot))?;
         }
         if std::mem::take(&mut lock(&self.schedule.state).retention_due) {
-            run.deleted = self.apply_retention(&policy)?;
+            run.deleted = self.apply_retention()?;
         }
         Ok(run)
     }
@@ -159,26 +176,23 @@ impl Volume {
     /// What retention would do now, newest first; `None` without a policy.
     pub fn retention_plan(&self) -> Result<Option<Vec<Verdict>>> {
         let rows = self.snapshots.list();
-        let catalog = lock(&self.catalog);
-        let Some((policy, _)) = catalog.read(|tx| tx.policy())? else {
-            return Ok(None);
-        };
-        let candidates = catalog.read(|tx| candidates(tx, rows))?;
-        Ok(Some(retention::plan(&candidates, &policy.keep)))
+        let plan = lock(&self.catalog).read(|tx| retention_plan(tx, rows))?;
+        Ok(plan.map(|(_, verdicts)| verdicts))
     }
 
     /// Applies retention now (`snapshot prune`); the snapshots deleted. `NoXattr` without
     /// a policy.
     pub fn prune(&self) -> Result<Vec<Vec<u8>>> {
-        let policy = self.policy()?.ok_or(Error::NoXattr)?;
-        self.apply_retention(&policy)
+        self.policy()?.ok_or(Error::NoXattr)?;
+        self.apply_retention()
     }
 
-    fn apply_retention(&self, policy: &Policy) -> Result<Vec<Vec<u8>>> {
-        let rows = self.snapshots.list();
-        let candidates = lock(&self.catalog).read(|tx| candidates(tx, rows))?;
+    fn apply_retention(&self) -> Result<Vec<Vec<u8>>> {
+        let Some(plan) = self.retention_plan()? else {
+            return Ok(Vec::new());
+        };
         let mut deleted = Vec::new();
-        for verdict in retention::plan(&candidates, &policy.keep) {
+        for verdict in plan {
             if verdict.keep() {
                 continue;
             }
@@ -186,12 +200,22 @@ impl Volume {
                 // Deleted meanwhile (rmdir, another prune): what retention wanted.
                 Ok(()) | Err(Error::NotFound) => {
                     tracing::info!(name = %String::from_utf8_lossy(&verdict.name), "retention deleted a snapshot");
+                    if let Some(pruned) = self.schedule.pruned.get() {
+                        pruned(&verdict.name);
+                    }
                     deleted.push(verdict.name);
                 }
                 Err(e) => return Err(e),
             }
         }
         Ok(deleted)
+    }
+
+    /// Sets what is told of each snapshot retention deletes; once, by the mount.
+    pub fn on_pruned(&self, pruned: Pruned) {
+        if self.schedule.pruned.set(pruned).is_err() {
+            tracing::warn!("on_pruned called twice: the first one stays");
+        }
     }
 
     /// The uploader changed snapshot states: once an awaited upload has finished,
