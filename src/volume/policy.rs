@@ -221,6 +221,10 @@ impl Volume {
     /// The uploader changed snapshot states: once an awaited upload has finished,
     /// retention is due.
     pub(super) fn note_uploads(&self) {
+        // Most events are upload progress, with nothing awaited.
+        if lock(&self.schedule.state).awaiting.is_empty() {
+            return;
+        }
         let rows = self.snapshots.list();
         let pending = |id: &u64| {
             rows.iter()

@@ -235,10 +235,12 @@ impl Volume {
     ) -> Result<SnapshotRow> {
         let mut catalog = lock(&self.catalog);
         let row = catalog.create_snapshot(name, created, state)?;
-        catalog.write(|tx| {
-            tags.iter()
-                .try_for_each(|(key, value)| tx.set_snapshot_tag(row.id, key, value))
-        })?;
+        if !tags.is_empty() {
+            catalog.write(|tx| {
+                tags.iter()
+                    .try_for_each(|(key, value)| tx.set_snapshot_tag(row.id, key, value))
+            })?;
+        }
         Ok(row)
     }
 
