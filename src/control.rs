@@ -8,6 +8,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::catalog::NAME_MAX;
+use crate::policy::Policy;
+use crate::volume::{XATTR_POLICY, XATTR_PRUNE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -25,6 +27,8 @@ pub enum ControlError {
     BadTag(String),
     #[error("snapshot '{name}' not taken: the pre-snapshot hook failed: {reason}")]
     Hook { name: String, reason: String },
+    #[error("{0} has no snapshot policy (set one with `snapfs policy set`)")]
+    NoPolicy(PathBuf),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -138,32 +142,81 @@ pub fn tag_snapshot(
         path: path.clone(),
         source,
     };
-    for (key, value) in set {
+    let changes = set
+        .iter()
+        .map(|(key, value)| (key, Some(value.as_bytes())))
+        .chain(remove.iter().map(|key| (key, None)));
+    for (key, value) in changes {
         let attr = CString::new(format!("user.tag.{key}"))
             .map_err(|_| ControlError::BadTag(key.clone()))?;
+        set_xattr(&c_path, &attr, value).map_err(xattr_error)?;
+    }
+    Ok(())
+}
+
+/// Sets (`Some`) or removes (`None`) xattr `name` of `path`.
+fn set_xattr(path: &CString, name: &CString, value: Option<&[u8]>) -> io::Result<()> {
+    let rc = match value {
         // SAFETY: NUL-terminated path and name; value pointer and length describe `value`.
-        let rc = unsafe {
+        Some(value) => unsafe {
             libc::setxattr(
-                c_path.as_ptr(),
-                attr.as_ptr(),
+                path.as_ptr(),
+                name.as_ptr(),
                 value.as_ptr().cast(),
                 value.len(),
                 0,
             )
-        };
-        if rc != 0 {
-            return Err(xattr_error(io::Error::last_os_error()));
-        }
-    }
-    for key in remove {
-        let attr = CString::new(format!("user.tag.{key}"))
-            .map_err(|_| ControlError::BadTag(key.clone()))?;
+        },
         // SAFETY: both arguments are NUL-terminated strings.
-        if unsafe { libc::removexattr(c_path.as_ptr(), attr.as_ptr()) } != 0 {
-            return Err(xattr_error(io::Error::last_os_error()));
-        }
+        None => unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) },
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Sets or removes a policy xattr of the `.snapshots` directory of `mountpoint`;
+/// ENODATA (nothing to remove, no policy to prune by) is `NoPolicy`.
+fn policy_xattr(
+    mountpoint: &Path,
+    name: &[u8],
+    value: Option<&[u8]>,
+    what: &'static str,
+) -> Result<(), ControlError> {
+    let dir = snapdir(mountpoint)?;
+    let io_error = |source| ControlError::Io {
+        what,
+        path: dir.clone(),
+        source,
+    };
+    let c_dir = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io_error(io::Error::from_raw_os_error(libc::EINVAL)))?;
+    let c_name =
+        CString::new(name).map_err(|_| io_error(io::Error::from_raw_os_error(libc::EINVAL)))?;
+    set_xattr(&c_dir, &c_name, value).map_err(|source| match source.raw_os_error() {
+        Some(libc::ENODATA) => ControlError::NoPolicy(mountpoint.to_owned()),
+        _ => io_error(source),
+    })
+}
+
+/// Replaces the snapshot policy of the volume mounted at `mountpoint`.
+pub fn set_policy(mountpoint: &Path, policy: &Policy) -> Result<(), ControlError> {
+    policy_xattr(
+        mountpoint,
+        XATTR_POLICY,
+        Some(&policy.to_json()),
+        "cannot set the policy of",
+    )
+}
+
+pub fn clear_policy(mountpoint: &Path) -> Result<(), ControlError> {
+    policy_xattr(mountpoint, XATTR_POLICY, None, "cannot clear the policy of")
+}
+
+/// Has the daemon apply its policy's retention now.
+pub fn prune(mountpoint: &Path) -> Result<(), ControlError> {
+    policy_xattr(mountpoint, XATTR_PRUNE, Some(b"now"), "cannot prune")
 }
 
 /// Reads every regular file of the live volume at `mountpoint` once, through the mount,

@@ -281,8 +281,12 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     hooks::install(&volume, &args.hooks, &args.mountpoint)?;
     let session = start_session(args, &volume)?;
     let uploader = Uploader::start(runtime, worker).map_err(MountError::Daemon)?;
+    // After the session: scheduled snapshots run the hooks, which may use the mount.
+    volume.on_pruned(kernel_forgetter(&session)?);
+    let scheduler = volume.spawn_scheduler().map_err(MountError::Daemon)?;
     tracing::info!(mountpoint = %args.mountpoint.display(), data = %args.data_dir.display(), store = %url, "mounted");
     wait_for_unmount(session, ready, &signals);
+    scheduler.stop();
     // Uploads left unfinished resume at the next mount.
     uploader.stop();
     volume.shutdown()?;
@@ -343,15 +347,8 @@ fn serve_follower(
     volume.attach_origin(followed.clone(), runtime.handle().clone());
     volume.attach_store(followed, runtime.handle().clone(), args.cache_size)?;
     let session = start_session(args, &volume)?;
-    // Snapshots deleted in the store vanish here behind the kernel's back: drop its
-    // cached names (looked up with a long TTL).
-    let notifier = session.notifier.clone();
-    let forget = Box::new(move |name: &[u8]| {
-        let parent = fuser::INodeNo(volume::SNAPDIR.raw());
-        if let Err(e) = notifier.inval_entry(parent, std::ffi::OsStr::from_bytes(name)) {
-            tracing::debug!(error = %e, "cannot invalidate a deleted snapshot's name");
-        }
-    });
+    // Snapshots deleted in the store vanish here behind the kernel's back.
+    let forget = kernel_forgetter(&session)?;
     let follower = follow::Follower::start(volume.clone(), stores, args.follow_interval, forget)
         .map_err(MountError::Daemon)?;
     tracing::info!(mountpoint = %args.mountpoint.display(), store = %url, "mounted read-only, following");
@@ -398,6 +395,30 @@ fn start_session(args: &MountArgs, volume: &Arc<Volume>) -> Result<Session, Moun
         notifier,
         thread,
     })
+}
+
+/// Drops the kernel's cached name of each snapshot it is told of, deleted behind the
+/// kernel's back (looked up with a long TTL). On a thread of its own: a deletion may come
+/// from a request on `.snapshots` itself (a prune), during which the kernel holds the
+/// directory that the invalidation must lock.
+fn kernel_forgetter(session: &Session) -> Result<volume::Pruned, MountError> {
+    let notifier = session.notifier.clone();
+    let (names, deleted) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::Builder::new()
+        .name("snapfs-forget".into())
+        .spawn(move || {
+            let parent = fuser::INodeNo(volume::SNAPDIR.raw());
+            for name in deleted {
+                if let Err(e) = notifier.inval_entry(parent, std::ffi::OsStr::from_bytes(&name)) {
+                    tracing::debug!(error = %e, "cannot invalidate a deleted snapshot's name");
+                }
+            }
+        })
+        .map_err(MountError::Daemon)?;
+    Ok(Box::new(move |name: &[u8]| {
+        // Fails only once the thread is gone, at exit: nothing is cached then.
+        let _ = names.send(name.to_vec());
+    }))
 }
 
 /// Reports ready, then waits for an unmount or a signal (which unmounts), and for the

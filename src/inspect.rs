@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::catalog::{Catalog, EntryChange, LIVE, ReadTx};
+use crate::policy::Policy;
+use crate::volume::retention::Verdict;
 use crate::volume::{Error, Result, SnapshotInfo, describe};
 
 /// One difference between two points in time, as `zfs diff` reports it.
@@ -53,6 +55,17 @@ impl Inspector {
             .into_iter()
             .find(|s| s.name == name)
             .ok_or(Error::NotFound)
+    }
+
+    /// The volume's snapshot policy and the start of the last slot its schedule took.
+    pub fn policy(&self) -> Result<Option<(Policy, i64)>> {
+        Ok(self.catalog.read(|tx| tx.policy())?)
+    }
+
+    /// The policy and what its retention would do now; `None` without a policy.
+    pub fn retention_plan(&self) -> Result<Option<(Policy, Vec<Verdict>)>> {
+        self.catalog
+            .read(|tx| crate::volume::retention_plan(tx, tx.snapshots()?))
     }
 
     fn generation_of(&self, name: &[u8]) -> Result<u64> {

@@ -6,6 +6,7 @@
 
 pub mod blocks;
 pub mod catalog;
+pub mod clock;
 pub mod control;
 pub mod daemon;
 pub mod follow;
@@ -15,6 +16,7 @@ pub mod inspect;
 pub mod manifest;
 pub mod metrics;
 pub mod mount_helper;
+pub mod policy;
 pub mod restore;
 pub mod sd_notify;
 pub mod status;

@@ -63,6 +63,9 @@ enum Command {
     /// Take, list, inspect, tag and delete snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Take snapshots on a schedule and delete old ones by rules (restic's forget --keep-*).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Restore a snapshot, or a file or directory in one: contents, modes, owners (as
     /// root), times, xattrs, hard links, symlinks and holes. Every block is verified.
     #[command(after_help = "Examples:\n  \
@@ -262,6 +265,18 @@ enum SnapshotCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Apply the policy's retention now: delete the snapshots no --keep-* rule keeps.
+    /// Prints every snapshot, kept (and by which rules) or deleted.
+    #[command(after_help = "Examples:\n  snapfs snapshot prune ~/work --dry-run\n  \
+        snapfs snapshot prune ~/work --json")]
+    Prune {
+        mountpoint: PathBuf,
+        /// Only show what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show one snapshot in detail. Works with or without a running mount.
     #[command(after_help = "Example:\n  snapfs snapshot show nightly --mount ~/work")]
     Show {
@@ -271,6 +286,40 @@ enum SnapshotCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Set (replace) the snapshot policy of a mounted volume: a snapshot every DURATION,
+    /// named auto-YYYYMMDDTHHMMSSZ and tagged snapfs.policy=scheduled; after each one
+    /// completes its upload, retention deletes the scheduled snapshots no --keep-* rule
+    /// keeps (never a pending one, the newest completed one, or one taken by hand unless
+    /// --prune-manual). A slot missed while unmounted is taken once at the next mount.
+    #[command(after_help = "Examples:\n  \
+        snapfs policy set ~/work --every 1h --keep-hourly 24 --keep-daily 30\n  \
+        snapfs policy set ~/work --every 15m --keep-last 4 --keep-within 2d --keep-tag keep=yes")]
+    Set {
+        mountpoint: PathBuf,
+        #[command(flatten)]
+        rules: policy_cli::PolicyArgs,
+    },
+    /// Show the snapshot policy of a volume, mounted or not.
+    #[command(after_help = "Examples:\n  snapfs policy show ~/work\n  \
+        snapfs policy show --data /srv/vol1 --json")]
+    Show {
+        /// A running snapfs mount.
+        #[arg(conflicts_with = "data")]
+        mountpoint: Option<PathBuf>,
+        /// The volume's data dir, mounted or not [default: as for `snapfs mount`].
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the snapshot policy of a mounted volume: no more scheduled snapshots and no
+    /// retention; the snapshots taken stay.
+    #[command(after_help = "Example:\n  snapfs policy clear ~/work")]
+    Clear { mountpoint: PathBuf },
 }
 
 /// Commands run around each snapshot; the volume remembers them like its store.
@@ -528,6 +577,15 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             eprintln!("hydrated {files} files ({})", human_bytes(bytes));
         }
         Command::Snapshot(command) => snapshot(command)?,
+        Command::Policy(PolicyCommand::Set { mountpoint, rules }) => {
+            policy_cli::set(&mountpoint, &rules)?
+        }
+        Command::Policy(PolicyCommand::Show {
+            mountpoint,
+            data,
+            json,
+        }) => policy_cli::show(mountpoint, data, json)?,
+        Command::Policy(PolicyCommand::Clear { mountpoint }) => policy_cli::clear(&mountpoint)?,
         Command::Restore {
             what,
             dest,
@@ -689,29 +747,52 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             }
         }
         SnapshotCommand::List { volume, json, .. } => {
-            let snapshots = volume.open()?.snapshots()?;
+            let inspector = volume.open()?;
+            let snapshots = inspector.snapshots()?;
+            let plan = inspector.retention_plan()?.map(|(_, plan)| plan);
+            let verdict = |name: &[u8]| plan.as_ref()?.iter().find(|v| v.name == name);
             if json {
-                let items: Vec<_> = snapshots.iter().map(json::Snapshot::of).collect();
+                let items: Vec<_> = snapshots
+                    .iter()
+                    .map(|s| json::Snapshot::of(s).with_retention(verdict(&s.name)))
+                    .collect();
                 json::print(&items)?;
             } else {
+                // With a policy, a RETENTION column before the tags.
+                let retention = |text: &str| match plan {
+                    Some(_) => format!("{text:<30}  "),
+                    None => String::new(),
+                };
                 println!(
-                    "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  TAGS",
-                    "NAME", "STATE", "SENT", "CREATED", "LOGICAL", "EXCLUSIVE"
+                    "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  {}TAGS",
+                    "NAME",
+                    "STATE",
+                    "SENT",
+                    "CREATED",
+                    "LOGICAL",
+                    "EXCLUSIVE",
+                    retention("RETENTION")
                 );
                 for s in &snapshots {
                     println!(
-                        "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  {}",
+                        "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  {}{}",
                         lossy(&s.name),
                         s.state,
                         sent_percent(&s.upload),
                         volume::rfc3339(s.created),
                         human_bytes(s.logical_bytes),
                         human_bytes(s.exclusive_bytes),
+                        retention(&policy_cli::column(verdict(&s.name))),
                         tags_text(&s.tags)
                     );
                 }
             }
         }
+        SnapshotCommand::Prune {
+            mountpoint,
+            dry_run,
+            json,
+        } => policy_cli::prune(&mountpoint, dry_run, json)?,
         SnapshotCommand::Show { name, volume, json } => {
             let info = volume
                 .open()?
@@ -1175,6 +1256,8 @@ fn sent_percent(progress: &UploadProgress) -> String {
 
 #[path = "cli/json.rs"]
 mod json;
+#[path = "cli/policy.rs"]
+mod policy_cli;
 
 /// The command line, or what mount(8)'s helper conventions stand for (see `mount_helper`).
 fn parse_command_line() -> Result<Option<Cli>, String> {

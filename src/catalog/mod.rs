@@ -6,6 +6,7 @@
 //! change the live generation: a row born in it is changed in place, an older one is
 //! retired (`death = G`) and replaced, so every snapshot keeps seeing what it saw.
 
+mod policy;
 mod schema;
 mod status;
 mod upload;

@@ -4,7 +4,7 @@
 //! generation G (`death IS NULL`), snapshot g sees `birth <= g AND (death IS NULL OR death > g)`.
 
 /// Migrations in order; `MIGRATIONS[i]` takes the schema from version i to i + 1.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4_POLICY];
 
 const V1: &str = r#"
 CREATE TABLE meta (
@@ -180,4 +180,28 @@ CREATE TABLE settings (
     value TEXT NOT NULL
 ) WITHOUT ROWID;
 INSERT INTO settings (key, value) VALUES ('volume_id', lower(hex(randomblob(16))));
+"#;
+
+/// Snapshot policies (`snapfs policy`): one row per volume, its keep-by-tag rules apart.
+/// Durations are in seconds; `last_slot` is the start of the last schedule slot taken.
+const V4_POLICY: &str = r#"
+CREATE TABLE policy (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    every        INTEGER NOT NULL,
+    keep_last    INTEGER NOT NULL,
+    keep_hourly  INTEGER NOT NULL,
+    keep_daily   INTEGER NOT NULL,
+    keep_weekly  INTEGER NOT NULL,
+    keep_monthly INTEGER NOT NULL,
+    keep_yearly  INTEGER NOT NULL,
+    keep_within  INTEGER,
+    prune_manual INTEGER NOT NULL,
+    trash_days   INTEGER,
+    last_slot    INTEGER NOT NULL
+);
+CREATE TABLE policy_keep_tags (
+    key   TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (key, value)
+) WITHOUT ROWID;
 "#;

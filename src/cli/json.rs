@@ -6,6 +6,7 @@ use std::borrow::Cow;
 
 use serde::{Serialize, Serializer};
 use snapfs::manifest::SnapshotManifest;
+use snapfs::volume::retention::{Reason, Verdict};
 use snapfs::volume::{self, SnapshotInfo};
 
 /// Prints `value` as one line of JSON.
@@ -39,6 +40,15 @@ pub struct Snapshot<'a> {
     exclusive_bytes: u64,
     upload: Upload,
     tags: Tags<'a>,
+    /// What the policy's retention does with it (`list`, with a policy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retention: Option<Retention<'a>>,
+}
+
+#[derive(Serialize)]
+struct Retention<'a> {
+    keep: bool,
+    reasons: &'a [Reason],
 }
 
 #[derive(Serialize)]
@@ -69,7 +79,17 @@ impl<'a> Snapshot<'a> {
                 stored_bytes: p.stored_bytes,
             },
             tags: Tags(&info.tags),
+            retention: None,
         }
+    }
+
+    /// With what retention does with it.
+    pub fn with_retention(mut self, verdict: Option<&'a Verdict>) -> Snapshot<'a> {
+        self.retention = verdict.map(|v| Retention {
+            keep: v.keep(),
+            reasons: &v.reasons,
+        });
+        self
     }
 }
 

@@ -9,8 +9,10 @@ mod import;
 mod namespace;
 mod node;
 mod open_files;
+mod policy;
 mod ranges;
 mod reserve;
+pub mod retention;
 mod snapshot_table;
 mod snapshots;
 
@@ -25,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::blocks::BlockStore;
 use crate::catalog::{Catalog, InodeRow, Kind, LIVE, ROOT_INO, Setting};
+use crate::clock::{Clock, SystemClock};
 use crate::store::{ObjectStore, StoreUrl};
 use crate::sync::{Mutex, RwLock, lock};
 use crate::upload::{UploadEvent, UploadEvents};
@@ -36,6 +39,7 @@ pub use node::{
     permits,
 };
 use open_files::OpenFiles;
+pub use policy::{PolicyRun, Pruned, Scheduler, XATTR_POLICY, XATTR_PRUNE, retention_plan};
 pub use ranges::CopyRange;
 use snapshot_table::SnapshotTable;
 pub use snapshots::{
@@ -56,6 +60,9 @@ pub struct Options {
     pub cache_bytes: u64,
     /// List `.snapshots` in the root directory (it is reachable by name either way).
     pub snapdir_visible: bool,
+    /// Where snapshot times and the policy's schedule read the time (inode times read
+    /// the system clock: `now()`).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for Options {
@@ -65,6 +72,7 @@ impl Default for Options {
             dirty_limit: 64 << 20,
             cache_bytes: 64 << 20,
             snapdir_visible: false,
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -112,6 +120,10 @@ pub struct Volume {
     /// The last snapshot a pre-snapshot hook refused, and why: `XATTR_HOOK_ERROR` of
     /// `.snapshots`, so the CLI can say more than mkdir's EIO. A leaf lock.
     hook_failure: Mutex<Option<(Vec<u8>, String)>>,
+    /// Snapshot times and the policy's schedule.
+    clock: Arc<dyn Clock>,
+    /// The policy's scheduler state (see `policy`).
+    schedule: Arc<policy::Schedule>,
 }
 
 pub fn now() -> i64 {
@@ -250,6 +262,8 @@ impl Volume {
             reserve: reserve::Reserve::new(dir),
             hooks: OnceLock::new(),
             hook_failure: Mutex::new(None),
+            clock: options.clock.clone(),
+            schedule: Arc::default(),
         };
         volume.load_snapshots()?;
         volume.remove_orphans()?;
@@ -582,7 +596,11 @@ impl Volume {
 impl UploadEvents for Volume {
     fn upload_event(&self, event: UploadEvent<'_>) -> Result<()> {
         match event {
-            UploadEvent::SnapshotsChanged => self.load_snapshots(),
+            UploadEvent::SnapshotsChanged => {
+                self.load_snapshots()?;
+                self.note_uploads();
+                Ok(())
+            }
             UploadEvent::BlocksStored(blocks) => self.blocks.stored(blocks),
         }
     }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::snapshots::{SNAPDIR, XATTR_HOOK_ERROR};
+use super::snapshots::SNAPDIR;
 use super::{
     Attr, Caller, DirEntry, Error, NAME_MAX, NodeId, Result, SNAPDIR_NAME, SetAttr, SetTime, View,
     Volume, W_OK, XATTR_CREATE, XATTR_REPLACE, XATTR_SIZE_MAX, check_name, now, permits,
@@ -515,8 +515,8 @@ impl Volume {
     }
 
     pub fn getxattr(&self, node: NodeId, name: &[u8]) -> Result<Vec<u8>> {
-        if node == SNAPDIR && name == XATTR_HOOK_ERROR {
-            return self.hook_error();
+        if node == SNAPDIR {
+            return self.snapdir_getxattr(name);
         }
         if let Some(id) = snapshot_root(node) {
             let found = self
@@ -550,6 +550,9 @@ impl Volume {
         if let Some(id) = snapshot_root(node) {
             return self.set_snapshot_tag(id, name, Some(value));
         }
+        if node == SNAPDIR {
+            return self.snapdir_setxattr(name, Some(value));
+        }
         Self::writable(node)?;
         if name.is_empty() || name.len() > NAME_MAX {
             return Err(Error::Invalid("bad extended attribute name"));
@@ -578,6 +581,9 @@ impl Volume {
     pub fn removexattr(&self, node: NodeId, name: &[u8]) -> Result<()> {
         if let Some(id) = snapshot_root(node) {
             return self.set_snapshot_tag(id, name, None);
+        }
+        if node == SNAPDIR {
+            return self.snapdir_setxattr(name, None);
         }
         Self::writable(node)?;
         let _change = self.enter_change();

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use super::{Attr, Error, NodeId, Result, View, Volume, now};
+use super::{Attr, Error, NodeId, Result, View, Volume};
 use crate::catalog::{
     Attrs, InodeRow, Kind, ROOT_INO, ReadTx, SnapshotRow, SnapshotState, UploadProgress,
 };
@@ -98,24 +98,11 @@ fn check_snapshot_name(name: &[u8]) -> Result<()> {
 
 /// Formats nanoseconds since the epoch as RFC 3339 UTC, e.g. `2026-11-24T20:31:05.123Z`.
 pub fn rfc3339(nanos: i64) -> String {
-    let secs = nanos.div_euclid(1_000_000_000);
+    let t = crate::clock::utc(nanos);
     let millis = nanos.rem_euclid(1_000_000_000) / 1_000_000;
-    let (days, day_secs) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        day_secs / 3600,
-        day_secs % 3600 / 60,
-        day_secs % 60
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        t.year, t.month, t.day, t.hour, t.minute, t.second
     )
 }
 
@@ -178,6 +165,15 @@ impl Volume {
     /// nothing after; it costs the same whatever the size of the volume. The pre-snapshot
     /// hook runs first and the post-snapshot hook after, both with no lock held.
     pub fn create_snapshot(&self, name: &[u8]) -> Result<SnapshotInfo> {
+        self.create_tagged_snapshot(name, &[])
+    }
+
+    /// `create_snapshot` with `tags` set in the same transaction (the schedule's).
+    pub(super) fn create_tagged_snapshot(
+        &self,
+        name: &[u8],
+        tags: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<SnapshotInfo> {
         check_snapshot_name(name)?;
         let hooks = self.hooks.get();
         if let Some(hooks) = hooks {
@@ -192,21 +188,21 @@ impl Volume {
             // A refusal of this name is over: a later EIO for it is something else.
             lock(&self.hook_failure).take_if(|(refused, _)| refused == name);
         }
-        let info = self.take_snapshot(name)?;
+        let info = self.take_snapshot(name, tags)?;
         if let Some(hooks) = hooks {
             hooks.after(&info);
         }
         Ok(info)
     }
 
-    fn take_snapshot(&self, name: &[u8]) -> Result<SnapshotInfo> {
+    fn take_snapshot(&self, name: &[u8], tags: &[(Vec<u8>, Vec<u8>)]) -> Result<SnapshotInfo> {
         let _writers_held = write(&self.gate);
         if self.snapshots.by_name(name).is_ok() {
             return Err(Error::Exists);
         }
         self.flush_all()?;
         let row = self.snapshots.insert(name, || {
-            Ok(lock(&self.catalog).create_snapshot(name, now(), SnapshotState::Pending)?)
+            self.insert_snapshot(name, self.clock.now(), SnapshotState::Pending, tags)
         })?;
         self.upload_wake.notify_one();
         tracing::info!(name = %String::from_utf8_lossy(name), id = row.id, "snapshot taken");
@@ -224,15 +220,28 @@ impl Volume {
         check_snapshot_name(name)?;
         let _writers_held = write(&self.gate);
         self.snapshots.insert(name, || {
-            let mut catalog = lock(&self.catalog);
-            let row = catalog.create_snapshot(name, created, SnapshotState::Completed)?;
+            self.insert_snapshot(name, created, SnapshotState::Completed, tags)
+        })?;
+        Ok(())
+    }
+
+    /// The catalog's new snapshot row, with its tags.
+    fn insert_snapshot(
+        &self,
+        name: &[u8],
+        created: i64,
+        state: SnapshotState,
+        tags: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<SnapshotRow> {
+        let mut catalog = lock(&self.catalog);
+        let row = catalog.create_snapshot(name, created, state)?;
+        if !tags.is_empty() {
             catalog.write(|tx| {
                 tags.iter()
                     .try_for_each(|(key, value)| tx.set_snapshot_tag(row.id, key, value))
             })?;
-            Ok(row)
-        })?;
-        Ok(())
+        }
+        Ok(row)
     }
 
     /// Deletes a snapshot, freeing the rows and blocks nothing else needs.

@@ -1,0 +1,321 @@
+//! The schedule and retention driven by a manual clock: a simulated month of hourly
+//! snapshots, checked after every step against an implementation of restic's rules
+//! written here from scratch (calendar buckets as date strings, by brute force).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use super::*;
+use crate::clock::{ManualClock, NANOS};
+use crate::policy::KeepRules;
+use crate::upload::{UploadEvent, UploadEvents};
+use crate::volume::{Options, rfc3339};
+
+const HOUR: i64 = 3600 * NANOS;
+const DAY: i64 = 24 * HOUR;
+/// 2026-11-01T00:00:00Z, a Sunday.
+const START: i64 = 1_793_491_200 * NANOS;
+/// 2026-11-02T00:00:00Z, a Monday: the model's anchor for weeks.
+const MONDAY: i64 = START + DAY;
+
+struct Clocked {
+    _dir: tempfile::TempDir,
+    clock: Arc<ManualClock>,
+    volume: Volume,
+}
+
+fn open(dir: &std::path::Path, clock: &Arc<ManualClock>) -> Volume {
+    let options = Options {
+        block_size: 4096,
+        clock: clock.clone(),
+        ..Options::default()
+    };
+    Volume::open(dir, &options).expect("open volume")
+}
+
+impl Clocked {
+    fn new(at: i64) -> Clocked {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(at));
+        let volume = open(dir.path(), &clock);
+        Clocked {
+            _dir: dir,
+            clock,
+            volume,
+        }
+    }
+
+    /// Marks snapshot `name` uploaded, as the uploader would, and tells the core.
+    fn complete(&self, name: &[u8]) {
+        let row = self
+            .volume
+            .snapshots
+            .by_name(name)
+            .expect("snapshot exists");
+        lock(&self.volume.catalog)
+            .write(|tx| tx.complete_snapshot(row.id, row.generation, &[], &[]))
+            .expect("complete");
+        self.volume
+            .upload_event(UploadEvent::SnapshotsChanged)
+            .expect("event");
+    }
+
+    fn names(&self) -> BTreeSet<String> {
+        self.volume
+            .list_snapshots()
+            .iter()
+            .map(|row| String::from_utf8_lossy(&row.name).into_owned())
+            .collect()
+    }
+}
+
+/// A snapshot as the model keeps it.
+#[derive(Clone, Debug)]
+struct Snap {
+    name: String,
+    created: i64,
+    scheduled: bool,
+    tagged: bool,
+    pending: bool,
+}
+
+/// restic's rules, brute force: which of `snaps` survive. Periods are prefixes of the
+/// RFC 3339 text; weeks are counted from a known Monday.
+fn model(snaps: &[Snap], rules: &KeepRules) -> BTreeSet<String> {
+    let mut keep = BTreeSet::new();
+    let mut pool: Vec<&Snap> = Vec::new();
+    for s in snaps {
+        if s.pending || !s.scheduled {
+            keep.insert(s.name.clone());
+        } else {
+            pool.push(s);
+        }
+    }
+    if let Some(newest) = snaps
+        .iter()
+        .filter(|s| !s.pending)
+        .max_by_key(|s| s.created)
+    {
+        keep.insert(newest.name.clone());
+    }
+    pool.sort_by_key(|s| std::cmp::Reverse(s.created));
+    let Some(latest) = pool.first().map(|s| s.created) else {
+        return keep;
+    };
+    for s in pool.iter().take(rules.last as usize) {
+        keep.insert(s.name.clone());
+    }
+    for s in &pool {
+        if rules
+            .within_secs
+            .is_some_and(|w| s.created > latest - w as i64 * NANOS)
+            || (s.tagged && !rules.tags.is_empty())
+        {
+            keep.insert(s.name.clone());
+        }
+    }
+    // The date of the Monday that starts the week.
+    let week = |t: i64| rfc3339(t - (t - MONDAY).rem_euclid(7 * DAY))[..10].to_owned();
+    type Key = Box<dyn Fn(i64) -> String>;
+    let rules_by_key: [(u32, Key); 5] = [
+        (rules.hourly, Box::new(|t| rfc3339(t)[..13].to_owned())),
+        (rules.daily, Box::new(|t| rfc3339(t)[..10].to_owned())),
+        (rules.weekly, Box::new(week)),
+        (rules.monthly, Box::new(|t| rfc3339(t)[..7].to_owned())),
+        (rules.yearly, Box::new(|t| rfc3339(t)[..4].to_owned())),
+    ];
+    for (count, key) in rules_by_key {
+        if count == 0 {
+            continue;
+        }
+        let mut periods: Vec<String> = Vec::new();
+        for s in &pool {
+            let k = key(s.created);
+            if !periods.contains(&k) {
+                periods.push(k);
+            }
+        }
+        for period in periods.iter().take(count as usize) {
+            let newest = pool.iter().find(|s| key(s.created) == *period);
+            keep.extend(newest.map(|s| s.name.clone()));
+        }
+        if periods.len() < count as usize {
+            keep.extend(pool.last().map(|s| s.name.clone()));
+        }
+    }
+    keep
+}
+
+fn month_policy() -> Policy {
+    Policy {
+        every_secs: 3600,
+        keep: KeepRules {
+            last: 5,
+            hourly: 24,
+            daily: 7,
+            weekly: 4,
+            monthly: 2,
+            within_secs: Some(6 * 3600),
+            tags: vec![("keep".into(), "yes".into())],
+            ..KeepRules::default()
+        },
+        trash_days: None,
+    }
+}
+
+#[test]
+fn a_simulated_month_of_hourly_snapshots_leaves_what_the_rules_say() {
+    // Half past midnight: the first slot is 01:00.
+    let t = Clocked::new(START + HOUR / 2);
+    let policy = month_policy();
+    t.volume.set_policy(&policy).expect("set policy");
+    t.volume
+        .create_snapshot(b"by-hand")
+        .expect("manual snapshot");
+    t.complete(b"by-hand");
+    let mut snaps = vec![Snap {
+        name: "by-hand".into(),
+        created: START + HOUR / 2,
+        scheduled: false,
+        tagged: false,
+        pending: false,
+    }];
+    assert_eq!(t.volume.run_policy().expect("run").taken, None);
+
+    // One snapshot stays pending for a day (its upload stalls), one is tagged to keep.
+    let stalled_at = 100;
+    let stalled = "auto-20261105T040000Z";
+    let tagged_at = 50;
+    let mut deleted_total = 0;
+    for hour in 1..=30 * 24 {
+        // A few seconds into the slot: the daemon wakes a little late.
+        t.clock.set(START + hour * HOUR + 7 * NANOS);
+        let run = t.volume.run_policy().expect("run policy");
+        let name = run.taken.clone().expect("a snapshot every hour");
+        let name = String::from_utf8(name).expect("utf-8 name");
+        assert_eq!(name, format!("auto-{}", compact_stamp(START + hour * HOUR)));
+        assert_eq!(run.next_due, Some(START + (hour + 1) * HOUR));
+        assert!(
+            run.deleted.is_empty(),
+            "nothing completed since the last run"
+        );
+        if hour == tagged_at {
+            let id = t.volume.snapshots.by_name(name.as_bytes()).expect("row").id;
+            t.volume
+                .set_snapshot_tag(id, b"user.tag.keep", Some(b"yes"))
+                .expect("tag");
+        }
+        snaps.push(Snap {
+            name: name.clone(),
+            created: START + hour * HOUR + 7 * NANOS,
+            scheduled: true,
+            tagged: hour == tagged_at,
+            pending: true,
+        });
+        let mut completed = vec![];
+        if hour != stalled_at {
+            completed.push(name.clone());
+        }
+        if hour == stalled_at + 24 {
+            completed.push(stalled.to_owned());
+        }
+        for done in &completed {
+            t.complete(done.as_bytes());
+            snaps
+                .iter_mut()
+                .filter(|s| s.name == *done)
+                .for_each(|s| s.pending = false);
+        }
+        let run = t.volume.run_policy().expect("retention");
+        assert_eq!(run.taken, None, "one snapshot per slot");
+        if hour == stalled_at {
+            assert!(run.deleted.is_empty(), "nothing completed: no retention");
+            continue;
+        }
+        let expected = model(&snaps, &policy.keep);
+        snaps.retain(|s| expected.contains(&s.name));
+        deleted_total += run.deleted.len();
+        assert_eq!(t.names(), expected, "after hour {hour}");
+        if (stalled_at..stalled_at + 24).contains(&hour) {
+            assert!(expected.contains(stalled), "pending is never deleted");
+        }
+    }
+    let left = t.names();
+    assert!(
+        left.contains("by-hand"),
+        "manual snapshots are never deleted"
+    );
+    assert!(left.contains("auto-20261103T020000Z"), "tagged keep=yes");
+    // 24 hourly + 6 more daily + weekly and monthly ones, not 720.
+    assert!(
+        (30..45).contains(&left.len()),
+        "{} left: {left:?}",
+        left.len()
+    );
+    assert_eq!(deleted_total + left.len(), 721);
+    // The daily rule keeps the last snapshot of each recent day.
+    assert!(left.contains("auto-20261128T230000Z"), "{left:?}");
+    assert!(!left.contains("auto-20261128T220000Z"), "{left:?}");
+}
+
+#[test]
+fn missed_slots_are_caught_up_once_at_the_next_mount() {
+    let mut t = Clocked::new(START + HOUR / 2);
+    t.volume.set_policy(&month_policy()).expect("set policy");
+    t.clock.set(START + HOUR);
+    assert!(t.volume.run_policy().expect("run").taken.is_some());
+    // Unmounted for ten hours and a half.
+    t.volume.shutdown().expect("shutdown");
+    drop(t.volume);
+    t.clock.set(START + 11 * HOUR + HOUR / 2);
+    t.volume = open(t._dir.path(), &t.clock);
+    let run = t.volume.run_policy().expect("catch up");
+    assert_eq!(run.taken, Some(b"auto-20261101T110000Z".to_vec()));
+    assert_eq!(run.next_due, Some(START + 12 * HOUR));
+    assert_eq!(t.volume.run_policy().expect("again").taken, None);
+    assert_eq!(t.names().len(), 2, "one for the missed slots, not ten");
+    // The catch-up snapshot's time is the clock's, not the slot's.
+    let row = t
+        .volume
+        .snapshots
+        .by_name(b"auto-20261101T110000Z")
+        .expect("row");
+    assert_eq!(row.created, START + 11 * HOUR + HOUR / 2);
+}
+
+#[test]
+fn policies_are_checked_stored_and_cleared() {
+    let t = Clocked::new(START);
+    assert_eq!(t.volume.policy().expect("read"), None);
+    let bad = Policy {
+        every_secs: 0,
+        ..month_policy()
+    };
+    assert_eq!(
+        t.volume
+            .snapdir_setxattr(XATTR_POLICY, Some(&bad.to_json()))
+            .map_err(|e| e.errno()),
+        Err(libc::EINVAL)
+    );
+    t.volume
+        .snapdir_setxattr(XATTR_POLICY, Some(&month_policy().to_json()))
+        .expect("set through the xattr");
+    assert_eq!(
+        Policy::from_json(&t.volume.snapdir_getxattr(XATTR_POLICY).expect("get")),
+        Ok(month_policy())
+    );
+    t.volume
+        .snapdir_setxattr(XATTR_POLICY, None)
+        .expect("clear");
+    assert_eq!(
+        t.volume
+            .snapdir_setxattr(XATTR_POLICY, None)
+            .map_err(|e| e.errno()),
+        Err(libc::ENODATA)
+    );
+    assert_eq!(
+        t.volume.run_policy().expect("no policy"),
+        PolicyRun::default()
+    );
+    assert_eq!(t.volume.prune().map_err(|e| e.errno()), Err(libc::ENODATA));
+}
