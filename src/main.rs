@@ -246,14 +246,19 @@ enum SnapshotCommand {
         #[arg(long = "remove", value_name = "KEY")]
         remove: Vec<String>,
     },
-    /// List snapshots with their state, size and the space only each holds. Works with or
-    /// without a running mount.
+    /// List snapshots with their state, size, lock and the space only each holds. Works
+    /// with or without a running mount.
     #[command(after_help = "Examples:\n  snapfs snapshot list --mount ~/work\n  \
         snapfs snapshot list --data /srv/vol1 --json\n  \
+        snapfs snapshot list --trash --mount ~/work   # the recycle bin\n  \
         snapfs snapshot list --store s3://my-bucket/laptop   # from the bucket alone")]
     List {
         #[command(flatten)]
         volume: VolumeSource,
+        /// List the recycle bin instead: deleted snapshots with their deletion time, expiry
+        /// and what purging each would free, and what the bin holds in all.
+        #[arg(long, conflicts_with = "store")]
+        trash: bool,
         /// List the completed snapshots in an object store instead, from the bucket alone
         /// (e.g. on a new machine): s3://BUCKET[/PREFIX] or file:///DIR.
         #[arg(long, value_name = "URL", value_parser = parse_store_url,
@@ -262,6 +267,25 @@ enum SnapshotCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Restore a snapshot from the recycle bin of a mounted volume, under its name or a new
+    /// one (same as mv MOUNTPOINT/.snapshots/.trash/NAME MOUNTPOINT/.snapshots/NEW).
+    #[command(after_help = "Examples:\n  snapfs snapshot undelete ~/work nightly\n  \
+        snapfs snapshot undelete ~/work nightly --as nightly-old   # 'nightly' exists again")]
+    Undelete(lifecycle::UndeleteArgs),
+    /// Delete a snapshot of the recycle bin for good, freeing what only it holds (same as
+    /// rmdir MOUNTPOINT/.snapshots/.trash/NAME).
+    #[command(after_help = "Example:\n  snapfs snapshot purge ~/work nightly")]
+    Purge(lifecycle::PurgeArgs),
+    /// Lock a snapshot so that nothing deletes it (rmdir, retention, the recycle bin) before
+    /// a time. Sets the user.snapfs.lock xattr of MOUNTPOINT/.snapshots/NAME.
+    #[command(after_help = "Examples:\n  snapfs snapshot lock ~/work monthly --for 30d\n  \
+        snapfs snapshot lock ~/work audit --until 2027-06-30T00:00:00Z --mode compliance --cool-off 1h\n\n\
+        A compliance lock, after its cool-off, can only be extended (lock again with a later \
+        time): not shortened or removed, by anyone. An expired lock no longer holds.")]
+    Lock(lifecycle::LockArgs),
+    /// Remove a snapshot's lock (a governance lock, or a compliance lock in its cool-off).
+    #[command(after_help = "Example:\n  snapfs snapshot unlock ~/work monthly")]
+    Unlock(lifecycle::UnlockArgs),
     /// Show one snapshot in detail. Works with or without a running mount.
     #[command(after_help = "Example:\n  snapfs snapshot show nightly --mount ~/work")]
     Show {
@@ -459,6 +483,12 @@ struct MountCommand {
     metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     hooks: HookArgs,
+    /// Keep deleted snapshots (rmdir, `snapshot delete`, retention) in a recycle bin for
+    /// this long before they are purged: a number of days, or 90s, 12h, 2w. Browse them
+    /// in MOUNTPOINT/.snapshots/.trash; see `snapshot list --trash`, `undelete`, `purge`.
+    /// The volume remembers it; 0 turns the bin off.
+    #[arg(long, value_name = "DURATION", value_parser = lifecycle::parse_trash_days)]
+    trash_days: Option<std::time::Duration>,
 }
 
 impl MountCommand {
@@ -489,6 +519,7 @@ impl MountCommand {
             follow_interval: std::time::Duration::from_secs(self.follow_interval),
             metrics: self.metrics,
             hooks: self.hooks.options(),
+            trash_retention: self.trash_days,
         })?;
         Ok(())
     }
@@ -654,7 +685,12 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             for damaged in &listing.damaged {
                 eprintln!("snapfs: warning: {damaged}");
             }
-            let manifests = listing.snapshots;
+            // Snapshots in the volume's recycle bin are deleted as far as the store goes.
+            let manifests: Vec<_> = listing
+                .snapshots
+                .into_iter()
+                .filter(|m| m.trash.is_none())
+                .collect();
             let damaged = listing.damaged.len();
             if json {
                 let items: Vec<_> = manifests.iter().map(json::StoredSnapshot::of).collect();
@@ -679,6 +715,16 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                 return Err(format!("{damaged} snapshot objects in {url} are damaged").into());
             }
         }
+        SnapshotCommand::List {
+            volume,
+            json,
+            trash: true,
+            ..
+        } => lifecycle::list_trash(&volume.open()?, json)?,
+        SnapshotCommand::Undelete(args) => lifecycle::undelete(args)?,
+        SnapshotCommand::Purge(args) => lifecycle::purge(args)?,
+        SnapshotCommand::Lock(args) => lifecycle::lock(args)?,
+        SnapshotCommand::Unlock(args) => lifecycle::unlock(args)?,
         SnapshotCommand::List { volume, json, .. } => {
             let snapshots = volume.open()?.snapshots()?;
             if json {
@@ -686,18 +732,19 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                 json::print(&items)?;
             } else {
                 println!(
-                    "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  TAGS",
-                    "NAME", "STATE", "SENT", "CREATED", "LOGICAL", "EXCLUSIVE"
+                    "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  {:<46} TAGS",
+                    "NAME", "STATE", "SENT", "CREATED", "LOGICAL", "EXCLUSIVE", "LOCK"
                 );
                 for s in &snapshots {
                     println!(
-                        "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  {}",
+                        "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  {:<46} {}",
                         lossy(&s.name),
                         s.state,
                         sent_percent(&s.upload),
                         volume::rfc3339(s.created),
                         human_bytes(s.logical_bytes),
                         human_bytes(s.exclusive_bytes),
+                        lifecycle::lock_text(s.lock.as_ref()),
                         tags_text(&s.tags)
                     );
                 }
@@ -738,6 +785,7 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                     human_bytes(info.exclusive_bytes),
                     info.exclusive_bytes
                 );
+                println!("lock:      {}", lifecycle::lock_text(info.lock.as_ref()));
                 println!("tags:      {}", tags_text(&info.tags));
             }
         }
@@ -1166,6 +1214,8 @@ fn sent_percent(progress: &UploadProgress) -> String {
 
 #[path = "cli/json.rs"]
 mod json;
+#[path = "cli/lifecycle.rs"]
+mod lifecycle;
 
 /// The command line, or what mount(8)'s helper conventions stand for (see `mount_helper`).
 fn parse_command_line() -> Result<Option<Cli>, String> {
@@ -1259,6 +1309,8 @@ mod tests {
                 stored_bytes: 1,
             },
             error: None,
+            trash: None,
+            lock: None,
         };
         let text = serde_json::to_string(&json::Snapshot::of(&info)).expect("serializes");
         assert_eq!(
@@ -1268,7 +1320,7 @@ mod tests {
                 + r#""upload":{"total_blocks":null,"total_bytes":9,"sent_blocks":1,"#
                 + r#""sent_bytes":2,"stored_bytes":1},"tags":{"env":"prod","k":"\u0001"#
                 // Invalid UTF-8 reads as U+FFFD, as in the text output.
-                + "\u{FFFD}\"}}"
+                + "\u{FFFD}\"},\"lock\":null}"
         );
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(12), "12 B");

@@ -127,7 +127,8 @@ impl StoreSource {
         let manifest = listing
             .snapshots
             .into_iter()
-            .find(|m| m.name == snapshot.as_bytes())
+            // One in its volume's recycle bin is not restorable by name.
+            .find(|m| m.trash.is_none() && m.name == snapshot.as_bytes())
             .ok_or_else(|| {
                 let damaged = if listing.damaged.is_empty() {
                     String::new()

@@ -421,6 +421,11 @@ impl Volume {
                 .map(|(_, block)| BlockHash::of(block))
                 .collect();
             self.remove_unadopted(&hashes)?;
+            // A full data dir gives up the oldest snapshot of the recycle bin (then the
+            // next) before a writer gets ENOSPC.
+            if e.errno() == libc::ENOSPC && self.purge_oldest_trash()? {
+                return self.flush_locked(ino, state);
+            }
             return Err(e);
         }
         self.files.discard_buffers(state);

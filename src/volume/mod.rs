@@ -6,12 +6,14 @@ mod block_reader;
 mod data;
 pub mod error;
 mod import;
+mod locks;
 mod namespace;
 mod node;
 mod open_files;
 mod reserve;
 mod snapshot_table;
 mod snapshots;
+mod trash;
 
 use std::collections::HashMap;
 use std::fs;
@@ -36,6 +38,8 @@ pub use node::{
 };
 use open_files::OpenFiles;
 use snapshot_table::SnapshotTable;
+pub use locks::{XATTR_LOCK, format as format_lock, parse as parse_lock, parse_time};
+pub use trash::{TRASHDIR_NAME, XATTR_DELETED, XATTR_EXPIRES};
 pub use snapshots::{
     SNAPDIR, SNAPDIR_NAME, SnapshotHooks, SnapshotInfo, XATTR_HOOK_ERROR, describe, progress_text,
     rfc3339,
@@ -423,6 +427,7 @@ impl Volume {
     /// Refuses changes inside snapshots and to the control directory's own contents.
     fn writable(node: NodeId) -> Result<()> {
         match node.view {
+            View::Live if node == trash::TRASHDIR => Err(Error::ReadOnly),
             View::Live if node == SNAPDIR => Err(Error::NotPermitted(
                 "only mkdir, rmdir and rename work in .snapshots",
             )),
