@@ -166,7 +166,11 @@ pub fn purge_snapshot(mountpoint: &Path, name: &str) -> Result<(), ControlError>
 
 /// Sets the lock of snapshot `name` (`lock` in the form of `user.snapfs.lock`), or removes
 /// it (`None`).
-pub fn lock_snapshot(mountpoint: &Path, name: &str, lock: Option<&str>) -> Result<(), ControlError> {
+pub fn lock_snapshot(
+    mountpoint: &Path,
+    name: &str,
+    lock: Option<&str>,
+) -> Result<(), ControlError> {
     let path = snapshot_path(mountpoint, name)?;
     if !path.exists() {
         return Err(ControlError::NoSuchSnapshot(name.to_owned()));
@@ -204,7 +208,10 @@ fn c_string(bytes: &[u8]) -> io::Result<CString> {
 }
 
 fn get_xattr(path: &Path, name: &[u8]) -> Option<String> {
-    let (path, name) = (c_string(path.as_os_str().as_bytes()).ok()?, c_string(name).ok()?);
+    let (path, name) = (
+        c_string(path.as_os_str().as_bytes()).ok()?,
+        c_string(name).ok()?,
+    );
     let mut value = vec![0u8; 64 << 10];
     // SAFETY: NUL-terminated path and name; the buffer pointer and length describe `value`.
     let len = unsafe {

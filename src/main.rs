@@ -269,8 +269,10 @@ enum SnapshotCommand {
     },
     /// Restore a snapshot from the recycle bin of a mounted volume, under its name or a new
     /// one (same as mv MOUNTPOINT/.snapshots/.trash/NAME MOUNTPOINT/.snapshots/NEW).
-    #[command(after_help = "Examples:\n  snapfs snapshot undelete ~/work nightly\n  \
-        snapfs snapshot undelete ~/work nightly --as nightly-old   # 'nightly' exists again")]
+    #[command(
+        after_help = "Examples:\n  snapfs snapshot undelete ~/work nightly\n  \
+        snapfs snapshot undelete ~/work nightly --as nightly-old   # 'nightly' exists again"
+    )]
     Undelete(lifecycle::UndeleteArgs),
     /// Delete a snapshot of the recycle bin for good, freeing what only it holds (same as
     /// rmdir MOUNTPOINT/.snapshots/.trash/NAME).
@@ -278,10 +280,12 @@ enum SnapshotCommand {
     Purge(lifecycle::PurgeArgs),
     /// Lock a snapshot so that nothing deletes it (rmdir, retention, the recycle bin) before
     /// a time. Sets the user.snapfs.lock xattr of MOUNTPOINT/.snapshots/NAME.
-    #[command(after_help = "Examples:\n  snapfs snapshot lock ~/work monthly --for 30d\n  \
+    #[command(
+        after_help = "Examples:\n  snapfs snapshot lock ~/work monthly --for 30d\n  \
         snapfs snapshot lock ~/work audit --until 2027-06-30T00:00:00Z --mode compliance --cool-off 1h\n\n\
         A compliance lock, after its cool-off, can only be extended (lock again with a later \
-        time): not shortened or removed, by anyone. An expired lock no longer holds.")]
+        time): not shortened or removed, by anyone. An expired lock no longer holds."
+    )]
     Lock(lifecycle::LockArgs),
     /// Remove a snapshot's lock (a governance lock, or a compliance lock in its cool-off).
     #[command(after_help = "Example:\n  snapfs snapshot unlock ~/work monthly")]

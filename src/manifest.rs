@@ -605,7 +605,10 @@ mod tests {
             trash: None,
         };
         let encoded = encode_snapshot(&snapshot);
-        assert!(encoded.starts_with(SNAPSHOT_MAGIC), "no extension: still S1");
+        assert!(
+            encoded.starts_with(SNAPSHOT_MAGIC),
+            "no extension: still S1"
+        );
         assert_eq!(decode_snapshot(&encoded).expect("decodes"), snapshot);
 
         let locked = SnapshotManifest {
@@ -624,7 +627,10 @@ mod tests {
         assert!(encoded.starts_with(SNAPSHOT_MAGIC_V2));
         assert_eq!(decode_snapshot(&encoded).expect("decodes"), locked);
         for len in 0..encoded.len() {
-            assert!(decode_snapshot(&encoded[..len]).is_err(), "truncated at {len}");
+            assert!(
+                decode_snapshot(&encoded[..len]).is_err(),
+                "truncated at {len}"
+            );
         }
     }
 

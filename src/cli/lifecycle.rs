@@ -170,7 +170,14 @@ pub fn list_trash(inspector: &Inspector, as_json: bool) -> Result<(), Box<dyn st
 
 /// The lock column of `snapshot list` and line of `snapshot show`.
 pub fn lock_text(lock: Option<&snapfs::catalog::SnapshotLock>) -> String {
-    lock.map_or_else(|| "-".to_owned(), |lock| {
-        format!("{} until {}", lock.mode.as_str(), volume::rfc3339(lock.until))
-    })
+    lock.map_or_else(
+        || "-".to_owned(),
+        |lock| {
+            format!(
+                "{} until {}",
+                lock.mode.as_str(),
+                volume::rfc3339(lock.until)
+            )
+        },
+    )
 }

@@ -32,18 +32,18 @@ use crate::upload::{UploadEvent, UploadEvents};
 
 use block_reader::BlockReader;
 pub use error::{Error, Result};
+pub use locks::{XATTR_LOCK, format as format_lock, parse as parse_lock, parse_time};
 pub use node::{
     Attr, Caller, DirEntry, FileHandle, FsStats, NodeId, R_OK, SetAttr, SetTime, View, W_OK, X_OK,
     permits,
 };
 use open_files::OpenFiles;
 use snapshot_table::SnapshotTable;
-pub use locks::{XATTR_LOCK, format as format_lock, parse as parse_lock, parse_time};
-pub use trash::{TRASHDIR_NAME, XATTR_DELETED, XATTR_EXPIRES};
 pub use snapshots::{
     SNAPDIR, SNAPDIR_NAME, SnapshotHooks, SnapshotInfo, XATTR_HOOK_ERROR, describe, progress_text,
     rfc3339,
 };
+pub use trash::{TRASHDIR_NAME, XATTR_DELETED, XATTR_EXPIRES};
 
 pub use crate::catalog::{NAME_MAX, XATTR_SIZE_MAX};
 
