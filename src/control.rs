@@ -107,15 +107,30 @@ fn hook_error(mountpoint: &Path, name: &str) -> Option<String> {
 
 pub fn delete_snapshot(mountpoint: &Path, name: &str) -> Result<(), ControlError> {
     let path = snapshot_path(mountpoint, name)?;
-    fs::remove_dir(&path).map_err(|source| match source.raw_os_error() {
-        Some(libc::ENOENT) => ControlError::NoSuchSnapshot(name.to_owned()),
+    remove_snapshot_dir(
+        &path,
+        name,
+        "cannot delete snapshot",
+        ControlError::NoSuchSnapshot,
+    )
+}
+
+/// rmdir of a snapshot's directory (in `.snapshots` or its bin), with clear errors.
+fn remove_snapshot_dir(
+    path: &Path,
+    name: &str,
+    what: &'static str,
+    missing: fn(String) -> ControlError,
+) -> Result<(), ControlError> {
+    fs::remove_dir(path).map_err(|source| match source.raw_os_error() {
+        Some(libc::ENOENT) => missing(name.to_owned()),
         Some(libc::EPERM) => ControlError::Locked {
             name: name.to_owned(),
-            lock: snapshot_lock(&path).unwrap_or_else(|| "no lock shown".into()),
+            lock: snapshot_lock(path).unwrap_or_else(|| "no lock shown".into()),
         },
         _ => ControlError::Io {
-            what: "cannot delete snapshot",
-            path: path.clone(),
+            what,
+            path: path.to_owned(),
             source,
         },
     })
@@ -150,18 +165,12 @@ pub fn undelete_snapshot(
 /// Deletes snapshot `name` of the recycle bin for good.
 pub fn purge_snapshot(mountpoint: &Path, name: &str) -> Result<(), ControlError> {
     let path = trashed_path(mountpoint, name)?;
-    fs::remove_dir(&path).map_err(|source| match source.raw_os_error() {
-        Some(libc::ENOENT) => ControlError::NotInTrash(name.to_owned()),
-        Some(libc::EPERM) => ControlError::Locked {
-            name: name.to_owned(),
-            lock: snapshot_lock(&path).unwrap_or_else(|| "no lock shown".into()),
-        },
-        _ => ControlError::Io {
-            what: "cannot purge snapshot",
-            path: path.clone(),
-            source,
-        },
-    })
+    remove_snapshot_dir(
+        &path,
+        name,
+        "cannot purge snapshot",
+        ControlError::NotInTrash,
+    )
 }
 
 /// Sets the lock of snapshot `name` (`lock` in the form of `user.snapfs.lock`), or removes

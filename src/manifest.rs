@@ -542,6 +542,26 @@ mod tests {
         }
     }
 
+    /// Snapshot `daily` whose root names tree `root_tree`.
+    fn daily(root_tree: BlockHash) -> SnapshotManifest {
+        let mut root = file("", vec![]);
+        root.attrs.kind = Kind::Dir;
+        root.content = Content::Tree(root_tree);
+        SnapshotManifest {
+            volume_id: "00ff".into(),
+            id: 3,
+            name: b"daily".to_vec(),
+            generation: 9,
+            created: 1,
+            block_size: 256 * 1024,
+            logical_bytes: 1 << 40,
+            tags: vec![(b"k".to_vec(), b"v".to_vec())],
+            root,
+            lock: None,
+            trash: None,
+        }
+    }
+
     #[test]
     fn a_snapshot_object_with_a_flipped_byte_is_refused_not_misread() {
         // Snapshot objects have no hash to be checked against: the frame must catch damage.
@@ -588,22 +608,7 @@ mod tests {
         let encoded = encode_tree(&tree);
         assert_eq!(decode_tree(&encoded).expect("decodes"), tree);
 
-        let mut root = file("", vec![]);
-        root.attrs.kind = Kind::Dir;
-        root.content = Content::Tree(BlockHash::of(&encoded));
-        let snapshot = SnapshotManifest {
-            volume_id: "00ff".into(),
-            id: 3,
-            name: b"daily".to_vec(),
-            generation: 9,
-            created: 1,
-            block_size: 256 * 1024,
-            logical_bytes: 1 << 40,
-            tags: vec![(b"k".to_vec(), b"v".to_vec())],
-            root,
-            lock: None,
-            trash: None,
-        };
+        let snapshot = daily(BlockHash::of(&encoded));
         let encoded = encode_snapshot(&snapshot);
         assert!(
             encoded.starts_with(SNAPSHOT_MAGIC),
@@ -636,22 +641,7 @@ mod tests {
 
     #[test]
     fn unknown_extensions_are_refused_only_when_critical() {
-        let mut root = file("", vec![]);
-        root.attrs.kind = Kind::Dir;
-        root.content = Content::Tree(BlockHash::of(b"tree"));
-        let snapshot = SnapshotManifest {
-            volume_id: "00ff".into(),
-            id: 3,
-            name: b"daily".to_vec(),
-            generation: 9,
-            created: 1,
-            block_size: 256 * 1024,
-            logical_bytes: 0,
-            tags: vec![],
-            root,
-            lock: None,
-            trash: None,
-        };
+        let snapshot = daily(BlockHash::of(b"tree"));
         let with_extension = |key: u64| {
             let mut encoded = encode_snapshot(&snapshot);
             encoded[..8].copy_from_slice(SNAPSHOT_MAGIC_V2);

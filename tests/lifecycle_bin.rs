@@ -6,7 +6,6 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -78,13 +77,28 @@ fn snapshot_names(mount: &Mount) -> Vec<String> {
         .collect()
 }
 
-fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .expect("read_dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
+/// `snapfs snapshot lock MOUNTPOINT NAME ARGS`.
+fn lock(mountpoint: &str, name: &str, args: &[&str]) -> Output {
+    cli(&[&["snapshot", "lock", mountpoint, name], args].concat())
+}
+
+#[track_caller]
+fn locked(mountpoint: &str, name: &str, args: &[&str]) {
+    let out = lock(mountpoint, name, args);
+    assert!(
+        out.status.success(),
+        "lock {name} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[track_caller]
+fn refused(mountpoint: &str, name: &str, args: &[&str]) {
+    let out = lock(mountpoint, name, args);
+    assert!(
+        !out.status.success(),
+        "lock {name} {args:?} was not refused"
+    );
 }
 
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -107,13 +121,13 @@ fn a_deleted_snapshot_waits_in_the_bin_read_only_and_comes_back() {
     fs::remove_dir(snapshot_dir(&mount, "s")).expect("rmdir into the bin");
     assert!(!snapshot_dir(&mount, "s").exists());
     assert_eq!(
-        listing(&mount.path().join(".snapshots")),
+        dir_names(&mount.path().join(".snapshots")),
         Vec::<String>::new(),
         "neither the snapshot nor the bin is listed"
     );
     assert!(snapshot_names(&mount).is_empty());
     let bin = mount.path().join(".snapshots/.trash");
-    assert_eq!(listing(&bin), ["s"]);
+    assert_eq!(dir_names(&bin), ["s"]);
     assert_bytes_eq(
         &fs::read(bin.join("s/f")).expect("read"),
         &old,
@@ -244,7 +258,7 @@ fn locked_snapshots_refuse_deletion_by_their_mode() {
     let lock_of = |name: &str| snapshot_attr(&mount, name, "user.snapfs.lock");
 
     // Governance: rmdir is EPERM (logged with the lock), shortening and unlocking work.
-    ok(&["snapshot", "lock", &m, "g", "--for", "1h"]);
+    locked(&m, "g", &["--for", "1h"]);
     assert!(lock_of("g").starts_with("mode=governance until="));
     assert_eq!(
         errno(fs::remove_dir(snapshot_dir(&mount, "g"))),
@@ -254,7 +268,7 @@ fn locked_snapshots_refuse_deletion_by_their_mode() {
     assert!(err.contains("locked (mode=governance until="), "{err}");
     let log = mount.daemon_log();
     assert!(log.contains("refused to delete a locked snapshot"), "{log}");
-    ok(&["snapshot", "lock", &m, "g", "--for", "30m"]);
+    locked(&m, "g", &["--for", "30m"]);
     ok(&["snapshot", "unlock", &m, "g"]);
     assert_eq!(
         errno(getxattr(&snapshot_dir(&mount, "g"), "user.snapfs.lock")),
@@ -263,44 +277,17 @@ fn locked_snapshots_refuse_deletion_by_their_mode() {
     fs::remove_dir(snapshot_dir(&mount, "g")).expect("unlocked: deleted");
 
     // Compliance: after its (empty) cool-off, only extended.
-    ok(&[
-        "snapshot",
-        "lock",
-        &m,
-        "c",
-        "--for",
-        "1h",
-        "--mode",
-        "compliance",
-    ]);
+    locked(&m, "c", &["--for", "1h", "--mode", "compliance"]);
     let err = fails(&["snapshot", "unlock", &m, "c"]);
     assert!(err.contains("only extended"), "{err}");
     assert_eq!(
         errno(removexattr(&snapshot_dir(&mount, "c"), "user.snapfs.lock")),
         libc::EPERM
     );
-    fails(&[
-        "snapshot",
-        "lock",
-        &m,
-        "c",
-        "--for",
-        "30m",
-        "--mode",
-        "compliance",
-    ]);
-    fails(&["snapshot", "lock", &m, "c", "--for", "2h"]);
+    refused(&m, "c", &["--for", "30m", "--mode", "compliance"]);
+    refused(&m, "c", &["--for", "2h"]);
     let before = lock_of("c");
-    ok(&[
-        "snapshot",
-        "lock",
-        &m,
-        "c",
-        "--for",
-        "2h",
-        "--mode",
-        "compliance",
-    ]);
+    locked(&m, "c", &["--for", "2h", "--mode", "compliance"]);
     assert!(lock_of("c") > before, "{} then {before}", lock_of("c"));
     assert_eq!(
         errno(fs::remove_dir(snapshot_dir(&mount, "c"))),
@@ -308,33 +295,17 @@ fn locked_snapshots_refuse_deletion_by_their_mode() {
     );
 
     // In its cool-off a compliance lock is like governance.
-    ok(&[
-        "snapshot",
-        "lock",
+    locked(
         &m,
         "k",
-        "--for",
-        "1h",
-        "--mode",
-        "compliance",
-        "--cool-off",
-        "1h",
-    ]);
+        &["--for", "1h", "--mode", "compliance", "--cool-off", "1h"],
+    );
     ok(&["snapshot", "unlock", &m, "k"]);
     fs::remove_dir(snapshot_dir(&mount, "k")).expect("unlocked in the cool-off");
 
     // An expired lock no longer holds.
     let until = snapfs::volume::rfc3339(snapfs::volume::now() + 2_000_000_000);
-    ok(&[
-        "snapshot",
-        "lock",
-        &m,
-        "e",
-        "--until",
-        &until,
-        "--mode",
-        "compliance",
-    ]);
+    locked(&m, "e", &["--until", &until, "--mode", "compliance"]);
     assert_eq!(
         errno(fs::remove_dir(snapshot_dir(&mount, "e"))),
         libc::EPERM
@@ -399,7 +370,7 @@ fn the_store_keeps_trash_until_purged_and_carries_locks_to_followers() {
 
     // In the bin: its objects stay, its snapshot object says so, listings skip it.
     fs::remove_dir(snapshot_dir(&mount, "old")).expect("rmdir into the bin");
-    ok(&["snapshot", "lock", &m, "keep", "--for", "1h"]);
+    locked(&m, "keep", &["--for", "1h"]);
     wait_until(
         "the objects show the bin and the lock",
         COMPLETION_TIMEOUT,
@@ -429,7 +400,7 @@ fn the_store_keeps_trash_until_purged_and_carries_locks_to_followers() {
 
     // A follower shows keep with its lock, not the trashed one, and refuses to delete.
     let follower = s3.mount(&["--store", &url, "--read-only", "--follow-interval", "1"]);
-    assert_eq!(listing(&follower.path().join(".snapshots")), ["keep"]);
+    assert_eq!(dir_names(&follower.path().join(".snapshots")), ["keep"]);
     assert!(snapshot_attr(&follower, "keep", "user.snapfs.lock").starts_with("mode=governance"));
     let followed = json(&ok(&[
         "snapshot",

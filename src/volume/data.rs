@@ -534,16 +534,32 @@ impl Volume {
     /// Starts the thread that flushes buffers a few seconds old, so a crash loses at most
     /// those seconds of unsynced writes. It ends when the volume is dropped.
     pub fn spawn_flusher(self: &Arc<Self>, age: Duration) -> std::io::Result<()> {
+        self.spawn_periodic(
+            "snapfs-flusher",
+            Duration::from_millis(500),
+            move |volume| {
+                let _ = volume.flush_older_than(age);
+            },
+        )
+    }
+
+    /// Starts a thread that runs `job` every `every` until the volume is dropped.
+    pub(super) fn spawn_periodic(
+        self: &Arc<Self>,
+        name: &str,
+        every: Duration,
+        job: impl Fn(&Volume) + Send + 'static,
+    ) -> std::io::Result<()> {
         let volume = Arc::downgrade(self);
         std::thread::Builder::new()
-            .name("snapfs-flusher".into())
+            .name(name.into())
             .spawn(move || {
                 loop {
-                    std::thread::sleep(Duration::from_millis(500));
+                    std::thread::sleep(every);
                     let Some(volume) = volume.upgrade() else {
                         return;
                     };
-                    let _ = volume.flush_older_than(age);
+                    job(&volume);
                 }
             })?;
         Ok(())

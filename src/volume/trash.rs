@@ -157,21 +157,11 @@ impl Volume {
     /// Starts the thread that purges the bin's expired snapshots every `every`. It ends
     /// when the volume is dropped.
     pub fn spawn_trash_timer(self: &Arc<Self>, every: Duration) -> std::io::Result<()> {
-        let volume = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("snapfs-trash".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(every);
-                    let Some(volume) = volume.upgrade() else {
-                        return;
-                    };
-                    if let Err(e) = volume.purge_expired_trash(now()) {
-                        tracing::warn!(error = %e, "purging expired snapshots from the recycle bin failed");
-                    }
-                }
-            })?;
-        Ok(())
+        self.spawn_periodic("snapfs-trash", every, |volume| {
+            if let Err(e) = volume.purge_expired_trash(now()) {
+                tracing::warn!(error = %e, "purging expired snapshots from the recycle bin failed");
+            }
+        })
     }
 
     /// Locks (`Some`) or unlocks snapshot `name` by the rules of `locks::change`; a
