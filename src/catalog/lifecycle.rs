@@ -8,7 +8,7 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::{Error, ReadTx, Result, SNAPSHOT_COLUMNS, SnapshotRow, WriteTx};
+use super::{Error, NAME_MAX, ReadTx, Result, SNAPSHOT_COLUMNS, SnapshotRow, WriteTx};
 
 /// How a snapshot in the bin is named in `snapshots.name`.
 pub(super) const TRASH_PREFIX: &[u8] = b".trash/";
@@ -102,7 +102,7 @@ impl ReadTx<'_> {
 
 impl WriteTx<'_> {
     /// Moves snapshot `id` into the recycle bin. Its name there is its name, or
-    /// `NAME~ID` if the bin already holds one of that name.
+    /// `NAME~ID` (NAME cut to fit 255 bytes) if the bin already holds one of that name.
     pub fn trash_snapshot(&self, id: u64, trash: Trash) -> Result<SnapshotRow> {
         let name: Vec<u8> = self
             .conn
@@ -117,7 +117,9 @@ impl WriteTx<'_> {
             .prepare_cached("SELECT 1 FROM snapshots WHERE name = ?1")?
             .exists([&bin_name])?;
         if taken {
-            bin_name.extend_from_slice(format!("~{id}").as_bytes());
+            let suffix = format!("~{id}");
+            bin_name.truncate(TRASH_PREFIX.len() + name.len().min(NAME_MAX - suffix.len()));
+            bin_name.extend_from_slice(suffix.as_bytes());
         }
         self.update_snapshot(
             "name = ?2, deleted = ?3, expires = ?4",
