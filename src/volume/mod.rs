@@ -32,7 +32,9 @@ use crate::upload::{UploadEvent, UploadEvents};
 
 use block_reader::BlockReader;
 pub use error::{Error, Result};
-pub use locks::{XATTR_LOCK, format as format_lock, parse as parse_lock, parse_time};
+pub use locks::{
+    XATTR_LOCK, format as format_lock, holds as lock_holds, parse as parse_lock, parse_time,
+};
 pub use node::{
     Attr, Caller, DirEntry, FileHandle, FsStats, NodeId, R_OK, SetAttr, SetTime, View, W_OK, X_OK,
     permits,
