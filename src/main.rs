@@ -68,7 +68,8 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         snapfs restore monday ~/monday --mount ~/work           # a whole snapshot\n  \
         snapfs restore monday:src/main.rs /tmp --mount ~/work   # one file into /tmp\n  \
-        snapfs restore --store s3://my-bucket/laptop monday ~/back   # from the bucket alone\n\n\
+        snapfs restore --store s3://my-bucket/laptop monday ~/back   # from the bucket alone\n  \
+        snapfs restore --store s3://my-bucket/laptop --trash monday ~/back  # from its recycle bin\n\n\
         A progress bar shows on a terminal. A block that fails verification names its file, \
         which is not restored; the rest goes on and the exit status is 1.")]
     Restore {
@@ -87,6 +88,10 @@ enum Command {
         /// Restore over existing files in DEST, replacing them.
         #[arg(long)]
         overwrite: bool,
+        /// With --store: SNAPSHOT is one in the volume's recycle bin (its name there, as
+        /// `snapshot list --trash` shows it), not purged yet.
+        #[arg(long, requires = "store")]
+        trash: bool,
         /// Print a JSON summary at the end (no progress bar).
         #[arg(long)]
         json: bool,
@@ -560,8 +565,12 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             volume,
             store,
             overwrite,
+            trash,
             json,
-        } => restore(&what, &dest, &volume, store.as_ref(), overwrite, json)?,
+        } => {
+            let store = store.as_ref().map(|url| (url, trash));
+            restore(&what, &dest, &volume, store, overwrite, json)?
+        }
         Command::Keygen { file } => {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
@@ -858,7 +867,7 @@ fn restore(
     what: &str,
     dest: &std::path::Path,
     volume: &VolumeSource,
-    store: Option<&store::StoreUrl>,
+    store: Option<(&store::StoreUrl, bool)>,
     overwrite: bool,
     json: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -871,11 +880,12 @@ fn restore(
             .map(|(i, _)| (&what[..i], &what[i + 1..])),
     );
     enum From<'a> {
-        Store(&'a store::StoreUrl),
+        /// The store, and whether the snapshot is in the recycle bin.
+        Store(&'a store::StoreUrl, bool),
         Volume(PathBuf),
     }
     let from = match store {
-        Some(url) => From::Store(url),
+        Some((url, trashed)) => From::Store(url, trashed),
         None => From::Volume(volume.data_dir()?),
     };
     let runtime = store_runtime()?;
@@ -883,8 +893,11 @@ fn restore(
     let mut found = None;
     for (snapshot, path) in splits {
         let opened: Result<Box<dyn Source>, _> = match &from {
-            From::Store(url) => {
+            From::Store(url, false) => {
                 StoreSource::open(runtime.handle(), url, snapshot).map(|s| Box::new(s) as _)
+            }
+            From::Store(url, true) => {
+                StoreSource::open_trashed(runtime.handle(), url, snapshot).map(|s| Box::new(s) as _)
             }
             From::Volume(dir) => {
                 LocalSource::open(runtime.handle(), dir, snapshot).map(|s| Box::new(s) as _)

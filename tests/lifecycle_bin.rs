@@ -397,6 +397,18 @@ fn the_store_keeps_trash_until_purged_and_carries_locks_to_followers() {
         !out.status.success(),
         "a trashed snapshot is not restored by name"
     );
+    let dest = mount.scratch("from-the-bin");
+    let out = s3.restore(&url, "old", &dest, &["--trash"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_bytes_eq(
+        &fs::read(dest.join("f")).expect("restored from the bin"),
+        &pattern(2 * BLOCK, 6),
+        "restored with --trash from the store alone",
+    );
 
     // A follower shows keep with its lock, not the trashed one, and refuses to delete.
     let follower = s3.mount(&["--store", &url, "--read-only", "--follow-interval", "1"]);
