@@ -1,5 +1,7 @@
 //! Commands against a running mount, sent through its `.snapshots` control directory
-//! (mkdir, rmdir, xattrs), so the daemon that owns the volume does the work.
+//! (mkdir, rmdir, xattrs), so the daemon that owns the volume does the work. The recycle
+//! bin is `.snapshots/.trash` (rename out of it to undelete, rmdir in it to purge); a
+//! snapshot's lock is its `user.snapfs.lock` xattr.
 
 use std::ffi::CString;
 use std::fs;
@@ -25,6 +27,14 @@ pub enum ControlError {
     BadName(String),
     #[error("bad tag '{0}': write KEY=VALUE")]
     BadTag(String),
+    #[error("no snapshot named '{0}' in the recycle bin")]
+    NotInTrash(String),
+    #[error("a snapshot named '{0}' exists: undelete it under another name with --as NEW")]
+    NameTaken(String),
+    #[error("snapshot '{name}' is locked ({lock})")]
+    Locked { name: String, lock: String },
+    #[error("snapshot '{name}': {lock} cannot be shortened or removed, only extended")]
+    LockHeld { name: String, lock: String },
     #[error("snapshot '{name}' not taken: the pre-snapshot hook failed: {reason}")]
     Hook { name: String, reason: String },
     #[error("{0} has no snapshot policy (set one with `snapfs policy set`)")]
@@ -93,20 +103,7 @@ pub fn create_snapshot(
 
 /// Why the pre-snapshot hook refused snapshot `name`, if it was the last it refused.
 fn hook_error(mountpoint: &Path, name: &str) -> Option<String> {
-    let dir = CString::new(snapdir(mountpoint).ok()?.as_os_str().as_bytes()).ok()?;
-    let attr = CString::new(crate::volume::XATTR_HOOK_ERROR).ok()?;
-    let mut value = vec![0u8; 64 << 10];
-    // SAFETY: NUL-terminated path and name; the buffer pointer and length describe `value`.
-    let len = unsafe {
-        libc::getxattr(
-            dir.as_ptr(),
-            attr.as_ptr(),
-            value.as_mut_ptr().cast(),
-            value.len(),
-        )
-    };
-    value.truncate(usize::try_from(len).ok()?);
-    let text = String::from_utf8_lossy(&value);
+    let text = get_xattr(&snapdir(mountpoint).ok()?, crate::volume::XATTR_HOOK_ERROR)?;
     text.strip_prefix(name)?
         .strip_prefix(": ")
         .map(str::to_owned)
@@ -114,14 +111,167 @@ fn hook_error(mountpoint: &Path, name: &str) -> Option<String> {
 
 pub fn delete_snapshot(mountpoint: &Path, name: &str) -> Result<(), ControlError> {
     let path = snapshot_path(mountpoint, name)?;
-    fs::remove_dir(&path).map_err(|source| match source.raw_os_error() {
-        Some(libc::ENOENT) => ControlError::NoSuchSnapshot(name.to_owned()),
+    remove_snapshot_dir(
+        &path,
+        name,
+        "cannot delete snapshot",
+        ControlError::NoSuchSnapshot,
+    )
+}
+
+/// rmdir of a snapshot's directory (in `.snapshots` or its bin), with clear errors.
+fn remove_snapshot_dir(
+    path: &Path,
+    name: &str,
+    what: &'static str,
+    missing: fn(String) -> ControlError,
+) -> Result<(), ControlError> {
+    fs::remove_dir(path).map_err(|source| match source.raw_os_error() {
+        Some(libc::ENOENT) => missing(name.to_owned()),
+        Some(libc::EPERM) => ControlError::Locked {
+            name: name.to_owned(),
+            lock: snapshot_lock(path).unwrap_or_else(|| "no lock shown".into()),
+        },
         _ => ControlError::Io {
-            what: "cannot delete snapshot",
-            path: path.clone(),
+            what,
+            path: path.to_owned(),
             source,
         },
     })
+}
+
+/// `.snapshots/.trash/NAME`: snapshot `name` in the recycle bin.
+fn trashed_path(mountpoint: &Path, name: &str) -> Result<PathBuf, ControlError> {
+    let path = snapshot_path(mountpoint, name)?;
+    Ok(path.with_file_name(".trash").join(name))
+}
+
+/// Takes snapshot `name` out of the recycle bin, as `new_name` or under its own name.
+pub fn undelete_snapshot(
+    mountpoint: &Path,
+    name: &str,
+    new_name: Option<&str>,
+) -> Result<(), ControlError> {
+    let from = trashed_path(mountpoint, name)?;
+    let target = new_name.unwrap_or(name);
+    let to = snapshot_path(mountpoint, target)?;
+    fs::rename(&from, &to).map_err(|source| match source.raw_os_error() {
+        Some(libc::ENOENT) => ControlError::NotInTrash(name.to_owned()),
+        Some(libc::EEXIST | libc::ENOTEMPTY) => ControlError::NameTaken(target.to_owned()),
+        _ => ControlError::Io {
+            what: "cannot undelete snapshot",
+            path: from.clone(),
+            source,
+        },
+    })
+}
+
+/// Deletes snapshot `name` of the recycle bin for good.
+pub fn purge_snapshot(mountpoint: &Path, name: &str) -> Result<(), ControlError> {
+    let path = trashed_path(mountpoint, name)?;
+    remove_snapshot_dir(
+        &path,
+        name,
+        "cannot purge snapshot",
+        ControlError::NotInTrash,
+    )
+}
+
+/// Sets the lock of snapshot `name` (`lock` in the form of `user.snapfs.lock`), or removes
+/// it (`None`).
+pub fn lock_snapshot(
+    mountpoint: &Path,
+    name: &str,
+    lock: Option<&str>,
+) -> Result<(), ControlError> {
+    let path = snapshot_path(mountpoint, name)?;
+    if !path.exists() {
+        return Err(ControlError::NoSuchSnapshot(name.to_owned()));
+    }
+    let value = lock.map(str::as_bytes);
+    change_xattr(&path, crate::volume::XATTR_LOCK, value).map_err(|source| {
+        match source.raw_os_error() {
+            Some(libc::EPERM) => ControlError::LockHeld {
+                name: name.to_owned(),
+                lock: snapshot_lock(&path).unwrap_or_else(|| "its lock".into()),
+            },
+            Some(libc::ENODATA) => ControlError::Io {
+                what: "not locked",
+                path: path.clone(),
+                source,
+            },
+            _ => ControlError::Io {
+                what: "cannot change the lock of snapshot",
+                path: path.clone(),
+                source,
+            },
+        }
+    })
+}
+
+/// The lock of the snapshot directory at `path`, as its xattr shows it.
+pub fn snapshot_lock(path: &Path) -> Option<String> {
+    get_xattr(path, crate::volume::XATTR_LOCK)
+}
+
+fn c_string(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn get_xattr(path: &Path, name: &[u8]) -> Option<String> {
+    let (path, name) = (
+        c_string(path.as_os_str().as_bytes()).ok()?,
+        c_string(name).ok()?,
+    );
+    let mut value = vec![0u8; 64 << 10];
+    // SAFETY: NUL-terminated path and name; the buffer pointer and length describe `value`.
+    let len = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    value.truncate(usize::try_from(len).ok()?);
+    Some(String::from_utf8_lossy(&value).into_owned())
+}
+
+/// Sets (`Some`) or removes (`None`) xattr `name` of `path`.
+fn change_xattr(path: &Path, name: &[u8], value: Option<&[u8]>) -> io::Result<()> {
+    match value {
+        Some(value) => set_xattr(path, name, value),
+        None => remove_xattr(path, name),
+    }
+}
+
+fn set_xattr(path: &Path, name: &[u8], value: &[u8]) -> io::Result<()> {
+    let (path, name) = (c_string(path.as_os_str().as_bytes())?, c_string(name)?);
+    // SAFETY: NUL-terminated path and name; value pointer and length describe `value`.
+    let rc = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn remove_xattr(path: &Path, name: &[u8]) -> io::Result<()> {
+    let (path, name) = (c_string(path.as_os_str().as_bytes())?, c_string(name)?);
+    // SAFETY: both arguments are NUL-terminated strings.
+    if unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Sets and removes tags (`user.tag.KEY` xattrs) of snapshot `name`.
@@ -135,8 +285,6 @@ pub fn tag_snapshot(
     if !path.exists() {
         return Err(ControlError::NoSuchSnapshot(name.to_owned()));
     }
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| ControlError::BadName(name.to_owned()))?;
     let xattr_error = |source| ControlError::Io {
         what: "cannot tag snapshot",
         path: path.clone(),
@@ -147,31 +295,8 @@ pub fn tag_snapshot(
         .map(|(key, value)| (key, Some(value.as_bytes())))
         .chain(remove.iter().map(|key| (key, None)));
     for (key, value) in changes {
-        let attr = CString::new(format!("user.tag.{key}"))
-            .map_err(|_| ControlError::BadTag(key.clone()))?;
-        set_xattr(&c_path, &attr, value).map_err(xattr_error)?;
-    }
-    Ok(())
-}
-
-/// Sets (`Some`) or removes (`None`) xattr `name` of `path`.
-fn set_xattr(path: &CString, name: &CString, value: Option<&[u8]>) -> io::Result<()> {
-    let rc = match value {
-        // SAFETY: NUL-terminated path and name; value pointer and length describe `value`.
-        Some(value) => unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
-        },
-        // SAFETY: both arguments are NUL-terminated strings.
-        None => unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) },
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+        let attr = format!("user.tag.{key}");
+        change_xattr(&path, attr.as_bytes(), value).map_err(xattr_error)?;
     }
     Ok(())
 }
@@ -190,11 +315,7 @@ fn policy_xattr(
         path: dir.clone(),
         source,
     };
-    let c_dir = CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| io_error(io::Error::from_raw_os_error(libc::EINVAL)))?;
-    let c_name =
-        CString::new(name).map_err(|_| io_error(io::Error::from_raw_os_error(libc::EINVAL)))?;
-    set_xattr(&c_dir, &c_name, value).map_err(|source| match source.raw_os_error() {
+    change_xattr(&dir, name, value).map_err(|source| match source.raw_os_error() {
         Some(libc::ENODATA) => ControlError::NoPolicy(mountpoint.to_owned()),
         _ => io_error(source),
     })

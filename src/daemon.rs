@@ -23,6 +23,8 @@ use crate::volume::{self, Volume};
 
 /// Unflushed writes older than this are flushed by the timer.
 const FLUSH_AGE: Duration = Duration::from_secs(3);
+/// How often the recycle bin is checked for expired snapshots.
+const TRASH_CHECK: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct MountArgs {
@@ -49,6 +51,9 @@ pub struct MountArgs {
     pub commit_interval: Duration,
     /// `--pre-snapshot`, `--post-snapshot` and their settings.
     pub hooks: HookOptions,
+    /// `--trash-days`: how long deleted snapshots stay in the recycle bin (remembered;
+    /// zero turns the bin off).
+    pub trash_retention: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -279,6 +284,12 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
         .and_then(|()| volume.spawn_committer(args.commit_interval))
         .map_err(MountError::Daemon)?;
     hooks::install(&volume, &args.hooks, &args.mountpoint)?;
+    if let Some(retention) = args.trash_retention {
+        volume.remember_trash_retention(retention)?;
+    }
+    volume
+        .spawn_trash_timer(TRASH_CHECK)
+        .map_err(MountError::Daemon)?;
     let session = start_session(args, &volume)?;
     let uploader = Uploader::start(runtime, worker).map_err(MountError::Daemon)?;
     // After the session: scheduled snapshots run the hooks, which may use the mount.

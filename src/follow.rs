@@ -48,7 +48,9 @@ pub fn follow_once(
     stores: &mut StoreChain,
     forget: &dyn Fn(&[u8]),
 ) -> Result<usize, String> {
-    let listing = stores.list().map_err(|e| e.to_string())?;
+    let mut listing = stores.list().map_err(|e| e.to_string())?;
+    // A snapshot in the other volume's recycle bin is deleted as far as a follower goes.
+    listing.snapshots.retain(|m| m.trash.is_none());
     for damaged in &listing.damaged {
         tracing::warn!(url = %stores.url(), "{damaged}");
     }
@@ -65,7 +67,13 @@ pub fn follow_once(
             .map_err(|e| e.to_string())?;
         let source = StoreSource::new(stores.clone(), manifest.clone());
         volume.sync_to(&source, true).map_err(|e| e.to_string())?;
-        match volume.pin_followed_snapshot(&name, manifest.created, &manifest.tags) {
+        let pinned = volume.pin_followed_snapshot(
+            &name,
+            manifest.created,
+            &manifest.tags,
+            manifest.lock.as_ref(),
+        );
+        match pinned {
             Ok(()) => imported += 1,
             Err(e) => {
                 tracing::warn!(name = %String::from_utf8_lossy(&name), error = %e, "snapshot not followed")
@@ -76,15 +84,19 @@ pub fn follow_once(
             .map_err(|e| e.to_string())?;
     }
     // A snapshot here is the one in the store created at the same moment (pinned with its
-    // creation time): one renamed there is renamed here, one deleted there is deleted.
-    let remaining: HashMap<i64, &[u8]> = listing
-        .snapshots
-        .iter()
-        .map(|m| (m.created, m.name.as_slice()))
-        .collect();
+    // creation time): one renamed there is renamed here, one deleted there is deleted, and
+    // its lock is the one there.
+    let remaining: HashMap<i64, &crate::manifest::SnapshotManifest> =
+        listing.snapshots.iter().map(|m| (m.created, m)).collect();
     for local in volume.list_snapshots() {
-        match remaining.get(&local.created) {
-            Some(name) if *name == local.name.as_slice() => continue,
+        let found = remaining.get(&local.created);
+        if let Some(m) = found
+            && let Err(e) = volume.mirror_snapshot_lock(&local.name, m.lock.as_ref())
+        {
+            tracing::warn!(name = %String::from_utf8_lossy(&local.name), error = %e, "snapshot lock not followed");
+        }
+        match found.map(|m| m.name.as_slice()) {
+            Some(name) if name == local.name.as_slice() => continue,
             Some(name) => {
                 if let Err(e) = volume.rename_snapshot(&local.name, name) {
                     tracing::warn!(name = %String::from_utf8_lossy(name), error = %e, "snapshot rename not followed");

@@ -41,10 +41,22 @@ impl Inspector {
         })
     }
 
+    /// The snapshots, outside the recycle bin.
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        self.described(false)
+    }
+
+    /// The snapshots in the recycle bin, and the bytes purging all of them would free.
+    pub fn trash(&self) -> Result<(Vec<SnapshotInfo>, u64)> {
+        let total = self.catalog.read(|tx| tx.trash_bytes())?;
+        Ok((self.described(true)?, total))
+    }
+
+    fn described(&self, trashed: bool) -> Result<Vec<SnapshotInfo>> {
         self.catalog.read(|tx| {
             tx.snapshots()?
                 .into_iter()
+                .filter(|row| row.trash.is_some() == trashed)
                 .map(|row| describe(tx, row))
                 .collect()
         })
@@ -65,14 +77,14 @@ impl Inspector {
     /// The policy and what its retention would do now; `None` without a policy.
     pub fn retention_plan(&self) -> Result<Option<(Policy, Vec<Verdict>)>> {
         self.catalog
-            .read(|tx| crate::volume::retention_plan(tx, tx.snapshots()?))
+            .read(|tx| crate::volume::retention_plan(tx, tx.snapshots()?, crate::volume::now()))
     }
 
     fn generation_of(&self, name: &[u8]) -> Result<u64> {
         self.catalog.read(|tx| {
             tx.snapshots()?
                 .into_iter()
-                .find(|s| s.name == name)
+                .find(|s| s.trash.is_none() && s.name == name)
                 .map(|s| s.generation)
                 .ok_or(Error::NotFound)
         })

@@ -42,7 +42,7 @@ enum Command {
         snapfs mount ~/work --data /srv/vol1 -f  # chosen data dir, stays attached\n\n\
         Unmount with `snapfs umount MOUNTPOINT`, `fusermount3 -u MOUNTPOINT`, or SIGINT/SIGTERM \
         to a foreground mount: all three flush everything first.")]
-    Mount(MountCommand),
+    Mount(Box<MountCommand>),
     /// Link mount(8)'s and umount(8)'s helpers (mount.fuse.snapfs, umount.fuse.snapfs) to
     /// this program, so /etc/fstab lines of type fuse.snapfs mount volumes.
     #[command(after_help = "Example:
@@ -71,7 +71,8 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         snapfs restore monday ~/monday --mount ~/work           # a whole snapshot\n  \
         snapfs restore monday:src/main.rs /tmp --mount ~/work   # one file into /tmp\n  \
-        snapfs restore --store s3://my-bucket/laptop monday ~/back   # from the bucket alone\n\n\
+        snapfs restore --store s3://my-bucket/laptop monday ~/back   # from the bucket alone\n  \
+        snapfs restore --store s3://my-bucket/laptop --trash monday ~/back  # from its recycle bin\n\n\
         A progress bar shows on a terminal. A block that fails verification names its file, \
         which is not restored; the rest goes on and the exit status is 1.")]
     Restore {
@@ -90,6 +91,10 @@ enum Command {
         /// Restore over existing files in DEST, replacing them.
         #[arg(long)]
         overwrite: bool,
+        /// With --store: SNAPSHOT is one in the volume's recycle bin (its name there, as
+        /// `snapshot list --trash` shows it), not purged yet.
+        #[arg(long, requires = "store")]
+        trash: bool,
         /// Print a JSON summary at the end (no progress bar).
         #[arg(long)]
         json: bool,
@@ -249,14 +254,19 @@ enum SnapshotCommand {
         #[arg(long = "remove", value_name = "KEY")]
         remove: Vec<String>,
     },
-    /// List snapshots with their state, size and the space only each holds. Works with or
-    /// without a running mount.
+    /// List snapshots with their state, size, lock and the space only each holds. Works
+    /// with or without a running mount.
     #[command(after_help = "Examples:\n  snapfs snapshot list --mount ~/work\n  \
         snapfs snapshot list --data /srv/vol1 --json\n  \
+        snapfs snapshot list --trash --mount ~/work   # the recycle bin\n  \
         snapfs snapshot list --store s3://my-bucket/laptop   # from the bucket alone")]
     List {
         #[command(flatten)]
         volume: VolumeSource,
+        /// List the recycle bin instead: deleted snapshots with their deletion time, expiry
+        /// and what purging each would free, and what the bin holds in all.
+        #[arg(long, conflicts_with = "store")]
+        trash: bool,
         /// List the completed snapshots in an object store instead, from the bucket alone
         /// (e.g. on a new machine): s3://BUCKET[/PREFIX] or file:///DIR.
         #[arg(long, value_name = "URL", value_parser = parse_store_url,
@@ -277,6 +287,29 @@ enum SnapshotCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Restore a snapshot from the recycle bin of a mounted volume, under its name or a new
+    /// one (same as mv MOUNTPOINT/.snapshots/.trash/NAME MOUNTPOINT/.snapshots/NEW).
+    #[command(
+        after_help = "Examples:\n  snapfs snapshot undelete ~/work nightly\n  \
+        snapfs snapshot undelete ~/work nightly --as nightly-old   # 'nightly' exists again"
+    )]
+    Undelete(lifecycle::UndeleteArgs),
+    /// Delete a snapshot of the recycle bin for good, freeing what only it holds (same as
+    /// rmdir MOUNTPOINT/.snapshots/.trash/NAME).
+    #[command(after_help = "Example:\n  snapfs snapshot purge ~/work nightly")]
+    Purge(lifecycle::PurgeArgs),
+    /// Lock a snapshot so that nothing deletes it (rmdir, retention, the recycle bin) before
+    /// a time. Sets the user.snapfs.lock xattr of MOUNTPOINT/.snapshots/NAME.
+    #[command(
+        after_help = "Examples:\n  snapfs snapshot lock ~/work monthly --for 30d\n  \
+        snapfs snapshot lock ~/work audit --until 2027-06-30T00:00:00Z --mode compliance --cool-off 1h\n\n\
+        A compliance lock, after its cool-off, can only be extended (lock again with a later \
+        time): not shortened or removed, by anyone. An expired lock no longer holds."
+    )]
+    Lock(lifecycle::LockArgs),
+    /// Remove a snapshot's lock (a governance lock, or a compliance lock in its cool-off).
+    #[command(after_help = "Example:\n  snapfs snapshot unlock ~/work monthly")]
+    Unlock(lifecycle::UnlockArgs),
     /// Show one snapshot in detail. Works with or without a running mount.
     #[command(after_help = "Example:\n  snapfs snapshot show nightly --mount ~/work")]
     Show {
@@ -516,6 +549,12 @@ struct MountCommand {
     commit_interval: u64,
     #[command(flatten)]
     hooks: HookArgs,
+    /// Keep deleted snapshots (rmdir, `snapshot delete`, retention) in a recycle bin for
+    /// this long before they are purged: a number of days, or 90s, 12h, 2w. Browse them
+    /// in MOUNTPOINT/.snapshots/.trash; see `snapshot list --trash`, `undelete`, `purge`.
+    /// The volume remembers it; 0 turns the bin off.
+    #[arg(long, value_name = "DURATION", value_parser = lifecycle::parse_trash_days)]
+    trash_days: Option<std::time::Duration>,
 }
 
 impl MountCommand {
@@ -547,6 +586,7 @@ impl MountCommand {
             metrics: self.metrics,
             commit_interval: std::time::Duration::from_millis(self.commit_interval),
             hooks: self.hooks.options(),
+            trash_retention: self.trash_days,
         })?;
         Ok(())
     }
@@ -592,8 +632,12 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             volume,
             store,
             overwrite,
+            trash,
             json,
-        } => restore(&what, &dest, &volume, store.as_ref(), overwrite, json)?,
+        } => {
+            let store = store.as_ref().map(|url| (url, trash));
+            restore(&what, &dest, &volume, store, overwrite, json)?
+        }
         Command::Keygen { file } => {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
@@ -721,7 +765,12 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             for damaged in &listing.damaged {
                 eprintln!("snapfs: warning: {damaged}");
             }
-            let manifests = listing.snapshots;
+            // Snapshots in the volume's recycle bin are deleted as far as the store goes.
+            let manifests: Vec<_> = listing
+                .snapshots
+                .into_iter()
+                .filter(|m| m.trash.is_none())
+                .collect();
             let damaged = listing.damaged.len();
             if json {
                 let items: Vec<_> = manifests.iter().map(json::StoredSnapshot::of).collect();
@@ -746,6 +795,16 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                 return Err(format!("{damaged} snapshot objects in {url} are damaged").into());
             }
         }
+        SnapshotCommand::List {
+            volume,
+            json,
+            trash: true,
+            ..
+        } => lifecycle::list_trash(&volume.open()?, json)?,
+        SnapshotCommand::Undelete(args) => lifecycle::undelete(args)?,
+        SnapshotCommand::Purge(args) => lifecycle::purge(args)?,
+        SnapshotCommand::Lock(args) => lifecycle::lock(args)?,
+        SnapshotCommand::Unlock(args) => lifecycle::unlock(args)?,
         SnapshotCommand::List { volume, json, .. } => {
             let inspector = volume.open()?;
             let snapshots = inspector.snapshots()?;
@@ -764,24 +823,26 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                     None => String::new(),
                 };
                 println!(
-                    "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  {}TAGS",
+                    "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  {:<46} {}TAGS",
                     "NAME",
                     "STATE",
                     "SENT",
                     "CREATED",
                     "LOGICAL",
                     "EXCLUSIVE",
+                    "LOCK",
                     retention("RETENTION")
                 );
                 for s in &snapshots {
                     println!(
-                        "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  {}{}",
+                        "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  {:<46} {}{}",
                         lossy(&s.name),
                         s.state,
                         sent_percent(&s.upload),
                         volume::rfc3339(s.created),
                         human_bytes(s.logical_bytes),
                         human_bytes(s.exclusive_bytes),
+                        lifecycle::lock_text(s.lock.as_ref()),
                         retention(&policy_cli::column(verdict(&s.name))),
                         tags_text(&s.tags)
                     );
@@ -828,6 +889,7 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                     human_bytes(info.exclusive_bytes),
                     info.exclusive_bytes
                 );
+                println!("lock:      {}", lifecycle::lock_text(info.lock.as_ref()));
                 println!("tags:      {}", tags_text(&info.tags));
             }
         }
@@ -896,7 +958,7 @@ fn restore(
     what: &str,
     dest: &std::path::Path,
     volume: &VolumeSource,
-    store: Option<&store::StoreUrl>,
+    store: Option<(&store::StoreUrl, bool)>,
     overwrite: bool,
     json: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -909,11 +971,12 @@ fn restore(
             .map(|(i, _)| (&what[..i], &what[i + 1..])),
     );
     enum From<'a> {
-        Store(&'a store::StoreUrl),
+        /// The store, and whether the snapshot is in the recycle bin.
+        Store(&'a store::StoreUrl, bool),
         Volume(PathBuf),
     }
     let from = match store {
-        Some(url) => From::Store(url),
+        Some((url, trashed)) => From::Store(url, trashed),
         None => From::Volume(volume.data_dir()?),
     };
     let runtime = store_runtime()?;
@@ -921,8 +984,11 @@ fn restore(
     let mut found = None;
     for (snapshot, path) in splits {
         let opened: Result<Box<dyn Source>, _> = match &from {
-            From::Store(url) => {
+            From::Store(url, false) => {
                 StoreSource::open(runtime.handle(), url, snapshot).map(|s| Box::new(s) as _)
+            }
+            From::Store(url, true) => {
+                StoreSource::open_trashed(runtime.handle(), url, snapshot).map(|s| Box::new(s) as _)
             }
             From::Volume(dir) => {
                 LocalSource::open(runtime.handle(), dir, snapshot).map(|s| Box::new(s) as _)
@@ -1256,6 +1322,8 @@ fn sent_percent(progress: &UploadProgress) -> String {
 
 #[path = "cli/json.rs"]
 mod json;
+#[path = "cli/lifecycle.rs"]
+mod lifecycle;
 #[path = "cli/policy.rs"]
 mod policy_cli;
 
@@ -1351,6 +1419,8 @@ mod tests {
                 stored_bytes: 1,
             },
             error: None,
+            trash: None,
+            lock: None,
         };
         let text = serde_json::to_string(&json::Snapshot::of(&info)).expect("serializes");
         assert_eq!(
@@ -1360,7 +1430,7 @@ mod tests {
                 + r#""upload":{"total_blocks":null,"total_bytes":9,"sent_blocks":1,"#
                 + r#""sent_bytes":2,"stored_bytes":1},"tags":{"env":"prod","k":"\u0001"#
                 // Invalid UTF-8 reads as U+FFFD, as in the text output.
-                + "\u{FFFD}\"}}"
+                + "\u{FFFD}\"},\"lock\":null}"
         );
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(12), "12 B");

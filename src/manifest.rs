@@ -9,10 +9,26 @@
 //! Decoding treats the input as hostile: every length is bounded before it is used.
 
 use crate::blocks::BlockHash;
-use crate::catalog::{Attrs, Kind, NAME_MAX, XATTR_SIZE_MAX};
+use crate::catalog::{Attrs, Kind, LockMode, NAME_MAX, SnapshotLock, Trash, XATTR_SIZE_MAX};
 
 const TREE_MAGIC: &[u8; 8] = b"snapfsT1";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"snapfsS1";
+/// A snapshot object with extensions after the root (see `Extension`): written only when
+/// one is present, so every other object stays readable by versions that know S1 only,
+/// and those refuse an S2 object ("upgrade snapfs") instead of ignoring a lock.
+const SNAPSHOT_MAGIC_V2: &[u8; 8] = b"snapfsS2";
+/// Most extensions one snapshot object may have.
+const MAX_EXTENSIONS: u64 = 64;
+
+/// Keys of the extensions of a snapshot object. An odd key is critical: a reader that
+/// does not know it refuses the object; an even one it may skip.
+#[derive(Clone, Copy)]
+enum Extension {
+    /// `uint mode` (1 governance, 2 compliance), `int until`, `int cool_off_until`.
+    Lock = 1,
+    /// In the recycle bin: `int deleted`, `int expires`.
+    Trash = 3,
+}
 /// Bounds on decoded values: far above anything valid, far below what would exhaust memory.
 const MAX_ENTRIES: u64 = 10_000_000;
 const MAX_XATTRS: u64 = 10_000;
@@ -75,6 +91,10 @@ pub struct SnapshotManifest {
     pub tags: Vec<(Vec<u8>, Vec<u8>)>,
     /// The root directory: its attributes, and its tree as content.
     pub root: Entry,
+    /// Its lock: the volume refuses to delete it before then (see docs/locks.md).
+    pub lock: Option<SnapshotLock>,
+    /// Set while it is in the volume's recycle bin: not a snapshot to list or restore.
+    pub trash: Option<Trash>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -357,8 +377,29 @@ pub fn decode_tree(data: &[u8]) -> Result<Vec<Entry>> {
 }
 
 pub fn encode_snapshot(snapshot: &SnapshotManifest) -> Vec<u8> {
+    let mut extensions = Vec::new();
+    if let Some(lock) = &snapshot.lock {
+        let mut value = Writer::default();
+        value.uint(match lock.mode {
+            LockMode::Governance => 1,
+            LockMode::Compliance => 2,
+        });
+        value.int(lock.until);
+        value.int(lock.cool_off_until);
+        extensions.push((Extension::Lock, value.0));
+    }
+    if let Some(trash) = &snapshot.trash {
+        let mut value = Writer::default();
+        value.int(trash.deleted);
+        value.int(trash.expires);
+        extensions.push((Extension::Trash, value.0));
+    }
     let mut w = Writer::default();
-    w.0.extend_from_slice(SNAPSHOT_MAGIC);
+    w.0.extend_from_slice(if extensions.is_empty() {
+        SNAPSHOT_MAGIC
+    } else {
+        SNAPSHOT_MAGIC_V2
+    });
     w.bytes(snapshot.volume_id.as_bytes());
     w.uint(snapshot.id);
     w.bytes(&snapshot.name);
@@ -368,12 +409,27 @@ pub fn encode_snapshot(snapshot: &SnapshotManifest) -> Vec<u8> {
     w.uint(snapshot.logical_bytes);
     w.pairs(&snapshot.tags);
     w.entry(&snapshot.root);
+    if !extensions.is_empty() {
+        w.uint(extensions.len() as u64);
+        for (key, value) in extensions {
+            w.uint(key as u64);
+            w.bytes(&value);
+        }
+    }
     w.0
 }
 
 pub fn decode_snapshot(data: &[u8]) -> Result<SnapshotManifest> {
     let mut r = Reader { data };
-    r.magic(SNAPSHOT_MAGIC, "snapshot")?;
+    let extended = data.starts_with(SNAPSHOT_MAGIC_V2);
+    r.magic(
+        if extended {
+            SNAPSHOT_MAGIC_V2
+        } else {
+            SNAPSHOT_MAGIC
+        },
+        "snapshot",
+    )?;
     let volume_id =
         String::from_utf8(r.bytes(64, "volume id")?).or_else(|_| bad("volume id is not text"))?;
     let id = r.uint()?;
@@ -390,6 +446,45 @@ pub fn decode_snapshot(data: &[u8]) -> Result<SnapshotManifest> {
     if root.attrs.kind != Kind::Dir {
         return bad("the root is not a directory");
     }
+    let (mut lock, mut trash) = (None, None);
+    if extended {
+        let n = r.count(MAX_EXTENSIONS, "extensions")?;
+        let mut previous = 0;
+        for _ in 0..n {
+            let key = r.uint()?;
+            if key <= previous {
+                return bad("extensions not sorted or duplicated");
+            }
+            previous = key;
+            let value = r.bytes(1 << 16, "extension")?;
+            let mut v = Reader { data: &value };
+            match key {
+                k if k == Extension::Lock as u64 => {
+                    let mode = match v.uint()? {
+                        1 => LockMode::Governance,
+                        2 => LockMode::Compliance,
+                        other => return bad(format!("unknown lock mode {other}")),
+                    };
+                    lock = Some(SnapshotLock {
+                        mode,
+                        until: v.int()?,
+                        cool_off_until: v.int()?,
+                    });
+                }
+                k if k == Extension::Trash as u64 => {
+                    trash = Some(Trash {
+                        deleted: v.int()?,
+                        expires: v.int()?,
+                    });
+                }
+                k if k % 2 == 1 => {
+                    return bad(format!("unknown critical extension {k}; upgrade snapfs"));
+                }
+                _ => continue,
+            }
+            v.finish()?;
+        }
+    }
     r.finish()?;
     Ok(SnapshotManifest {
         volume_id,
@@ -401,6 +496,8 @@ pub fn decode_snapshot(data: &[u8]) -> Result<SnapshotManifest> {
         logical_bytes,
         tags,
         root,
+        lock,
+        trash,
     })
 }
 
@@ -445,6 +542,26 @@ mod tests {
         }
     }
 
+    /// Snapshot `daily` whose root names tree `root_tree`.
+    fn daily(root_tree: BlockHash) -> SnapshotManifest {
+        let mut root = file("", vec![]);
+        root.attrs.kind = Kind::Dir;
+        root.content = Content::Tree(root_tree);
+        SnapshotManifest {
+            volume_id: "00ff".into(),
+            id: 3,
+            name: b"daily".to_vec(),
+            generation: 9,
+            created: 1,
+            block_size: 256 * 1024,
+            logical_bytes: 1 << 40,
+            tags: vec![(b"k".to_vec(), b"v".to_vec())],
+            root,
+            lock: None,
+            trash: None,
+        }
+    }
+
     #[test]
     fn a_snapshot_object_with_a_flipped_byte_is_refused_not_misread() {
         // Snapshot objects have no hash to be checked against: the frame must catch damage.
@@ -461,6 +578,8 @@ mod tests {
             logical_bytes: 123_456_789,
             tags: vec![(b"reason".to_vec(), b"upgrade".to_vec())],
             root,
+            lock: None,
+            trash: None,
         };
         let object = compress(&encode_snapshot(&snapshot), 3).expect("compress");
         for at in 0..object.len() {
@@ -489,22 +608,52 @@ mod tests {
         let encoded = encode_tree(&tree);
         assert_eq!(decode_tree(&encoded).expect("decodes"), tree);
 
-        let mut root = file("", vec![]);
-        root.attrs.kind = Kind::Dir;
-        root.content = Content::Tree(BlockHash::of(&encoded));
-        let snapshot = SnapshotManifest {
-            volume_id: "00ff".into(),
-            id: 3,
-            name: b"daily".to_vec(),
-            generation: 9,
-            created: 1,
-            block_size: 256 * 1024,
-            logical_bytes: 1 << 40,
-            tags: vec![(b"k".to_vec(), b"v".to_vec())],
-            root,
-        };
+        let snapshot = daily(BlockHash::of(&encoded));
         let encoded = encode_snapshot(&snapshot);
+        assert!(
+            encoded.starts_with(SNAPSHOT_MAGIC),
+            "no extension: still S1"
+        );
         assert_eq!(decode_snapshot(&encoded).expect("decodes"), snapshot);
+
+        let locked = SnapshotManifest {
+            lock: Some(SnapshotLock {
+                mode: LockMode::Compliance,
+                until: 1_800_000_000_000_000_000,
+                cool_off_until: -1,
+            }),
+            trash: Some(Trash {
+                deleted: 5,
+                expires: 6,
+            }),
+            ..snapshot
+        };
+        let encoded = encode_snapshot(&locked);
+        assert!(encoded.starts_with(SNAPSHOT_MAGIC_V2));
+        assert_eq!(decode_snapshot(&encoded).expect("decodes"), locked);
+        for len in 0..encoded.len() {
+            assert!(
+                decode_snapshot(&encoded[..len]).is_err(),
+                "truncated at {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_extensions_are_refused_only_when_critical() {
+        let snapshot = daily(BlockHash::of(b"tree"));
+        let with_extension = |key: u64| {
+            let mut encoded = encode_snapshot(&snapshot);
+            encoded[..8].copy_from_slice(SNAPSHOT_MAGIC_V2);
+            encoded.extend_from_slice(&[1, key as u8, 2, 7, 7]);
+            encoded
+        };
+        assert_eq!(
+            decode_snapshot(&with_extension(8)).expect("an optional extension is skipped"),
+            snapshot
+        );
+        let err = decode_snapshot(&with_extension(9)).expect_err("critical");
+        assert!(err.to_string().contains("upgrade snapfs"), "{err}");
     }
 
     #[test]

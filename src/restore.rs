@@ -80,7 +80,7 @@ impl LocalSource {
         let row = catalog
             .read(|tx| tx.snapshots())?
             .into_iter()
-            .find(|row| row.name == snapshot.as_bytes())
+            .find(|row| row.trash.is_none() && row.name == snapshot.as_bytes())
             .ok_or_else(|| ReadError::NoSnapshot(snapshot.to_owned()))?;
         let block_size = u64::from(catalog.block_size());
         let mut store_urls = catalog.read(|tx| {

@@ -133,7 +133,8 @@ pub fn status(dir: &Path, options: &StatusOptions) -> Result<Status, StatusError
     let latest = |state: SnapshotState| {
         snapshots
             .iter()
-            .filter(|s| s.state == state)
+            // One in the recycle bin is deleted as far as backups go.
+            .filter(|s| s.state == state && s.trash.is_none())
             .max_by_key(|s| s.generation)
     };
     let pending: Vec<Snapshot> = snapshots

@@ -706,6 +706,8 @@ impl Crafted {
             logical_bytes: 0,
             tags: Vec::new(),
             root,
+            lock: None,
+            trash: None,
         })
     }
 

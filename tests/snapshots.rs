@@ -89,14 +89,7 @@ fn control_directory_behaves_like_zfs_snapshot_dir() {
     let mount = Mount::new();
     let root = mount.path();
     let snapdir = root.join(".snapshots");
-    let names = |dir: &Path| -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .expect("read_dir")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    };
+    let names = dir_names;
     fs::write(root.join("f"), b"1").expect("write");
     assert_eq!(
         names(root),

@@ -6,12 +6,14 @@
 //! change the live generation: a row born in it is changed in place, an older one is
 //! retired (`death = G`) and replaced, so every snapshot keeps seeing what it saw.
 
+mod lifecycle;
 mod policy;
 mod schema;
 mod status;
 mod upload;
 mod verify;
 
+pub use lifecycle::{LockMode, SnapshotLock, Trash};
 pub use status::{LocalUsage, Outstanding};
 pub use verify::{BlockRecord, Finding};
 
@@ -293,6 +295,9 @@ pub enum Setting {
     HookTimeout,
     /// What a failed pre-snapshot hook does to the snapshot (`--pre-snapshot-failure`).
     PreSnapshotFailure,
+    /// Seconds a deleted snapshot stays in the recycle bin (`--trash-days`; absent or 0:
+    /// no bin).
+    TrashRetention,
 }
 
 impl Setting {
@@ -309,6 +314,7 @@ impl Setting {
             Setting::PostSnapshot => "post_snapshot",
             Setting::HookTimeout => "hook_timeout",
             Setting::PreSnapshotFailure => "pre_snapshot_failure",
+            Setting::TrashRetention => "trash_retention",
         }
     }
 }
@@ -326,6 +332,9 @@ pub struct SnapshotRow {
     pub upload: UploadProgress,
     /// Why the upload failed, for a `failed` snapshot.
     pub error: Option<String>,
+    /// In the recycle bin since, until (`name` is then its name in the bin).
+    pub trash: Option<Trash>,
+    pub lock: Option<SnapshotLock>,
 }
 
 /// How far a snapshot's upload has come. The totals are unknown (`None`) until the
@@ -343,9 +352,14 @@ pub struct UploadProgress {
 impl TryFrom<&Row<'_>> for SnapshotRow {
     type Error = Error;
     fn try_from(row: &Row<'_>) -> Result<Self> {
+        let (trash, lock) = lifecycle::lifecycle_of(row)?;
+        let mut name: Vec<u8> = row.get(1)?;
+        if trash.is_some() {
+            name.drain(..lifecycle::TRASH_PREFIX.len().min(name.len()));
+        }
         Ok(SnapshotRow {
             id: row.get(0)?,
-            name: row.get(1)?,
+            name,
             generation: row.get(2)?,
             created: row.get(3)?,
             state: row.get(4)?,
@@ -358,12 +372,15 @@ impl TryFrom<&Row<'_>> for SnapshotRow {
                 stored_bytes: row.get(10)?,
             },
             error: row.get(11)?,
+            trash,
+            lock,
         })
     }
 }
 
 const SNAPSHOT_COLUMNS: &str = "id, name, generation, created, state, logical_bytes, \
-     upload_blocks, upload_bytes, sent_blocks, sent_bytes, stored_bytes, error";
+     upload_blocks, upload_bytes, sent_blocks, sent_bytes, stored_bytes, error, \
+     deleted, expires, lock_mode, lock_until, lock_cool_off";
 
 /// The inode number of the live root directory (FUSE's root id).
 pub const ROOT_INO: u64 = 1;

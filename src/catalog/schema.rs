@@ -4,7 +4,7 @@
 //! generation G (`death IS NULL`), snapshot g sees `birth <= g AND (death IS NULL OR death > g)`.
 
 /// Migrations in order; `MIGRATIONS[i]` takes the schema from version i to i + 1.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4_POLICY];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4_POLICY, V5_LIFECYCLE];
 
 const V1: &str = r#"
 CREATE TABLE meta (
@@ -204,4 +204,19 @@ CREATE TABLE policy_keep_tags (
     value TEXT NOT NULL,
     PRIMARY KEY (key, value)
 ) WITHOUT ROWID;
+"#;
+
+/// Snapshot lifecycle: the recycle bin (a deleted snapshot keeps its row, renamed into the
+/// bin's name space, until it expires) and locks. Changing either rewrites the snapshot's
+/// store object, which carries both.
+const V5_LIFECYCLE: &str = r#"
+ALTER TABLE snapshots ADD COLUMN deleted INTEGER;       -- in the bin since; NULL: not in it
+ALTER TABLE snapshots ADD COLUMN expires INTEGER;       -- purged from the bin at
+ALTER TABLE snapshots ADD COLUMN lock_mode TEXT;        -- governance, compliance; NULL: none
+ALTER TABLE snapshots ADD COLUMN lock_until INTEGER;
+ALTER TABLE snapshots ADD COLUMN lock_cool_off INTEGER; -- compliance: like governance before
+CREATE TRIGGER snapshots_lifecycle AFTER UPDATE OF deleted, lock_mode, lock_until, lock_cool_off
+ON snapshots BEGIN
+    UPDATE snapshots SET manifest_version = manifest_version + 1 WHERE id = NEW.id;
+END;
 "#;

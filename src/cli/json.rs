@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 
 use serde::{Serialize, Serializer};
+use snapfs::catalog::SnapshotLock;
 use snapfs::manifest::SnapshotManifest;
 use snapfs::volume::retention::{Reason, Verdict};
 use snapfs::volume::{self, SnapshotInfo};
@@ -40,9 +41,74 @@ pub struct Snapshot<'a> {
     exclusive_bytes: u64,
     upload: Upload,
     tags: Tags<'a>,
+    lock: Option<Lock>,
     /// What the policy's retention does with it (`list`, with a policy).
     #[serde(skip_serializing_if = "Option::is_none")]
     retention: Option<Retention<'a>>,
+}
+
+/// A snapshot's lock (`snapshot lock --json`, and in every snapshot).
+#[derive(Serialize)]
+pub struct Lock {
+    mode: &'static str,
+    until: String,
+    cool_off_until: String,
+}
+
+impl Lock {
+    pub fn of(lock: &SnapshotLock) -> Lock {
+        Lock {
+            mode: lock.mode.as_str(),
+            until: volume::rfc3339(lock.until),
+            cool_off_until: volume::rfc3339(lock.cool_off_until),
+        }
+    }
+}
+
+/// `snapshot list --trash`: the recycle bin.
+#[derive(Serialize)]
+pub struct Trash<'a> {
+    snapshots: Vec<Trashed<'a>>,
+    /// What purging every snapshot in the bin frees.
+    total_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct Trashed<'a> {
+    id: u64,
+    name: Cow<'a, str>,
+    deleted: String,
+    expires: String,
+    created: String,
+    logical_bytes: u64,
+    /// What purging this one frees.
+    exclusive_bytes: u64,
+    tags: Tags<'a>,
+}
+
+impl<'a> Trash<'a> {
+    pub fn of(trashed: &'a [SnapshotInfo], total_bytes: u64) -> Trash<'a> {
+        let snapshots = trashed
+            .iter()
+            .map(|info| {
+                let (deleted, expires) = info.trash.map_or((0, 0), |t| (t.deleted, t.expires));
+                Trashed {
+                    id: info.id,
+                    name: text(&info.name),
+                    deleted: volume::rfc3339(deleted),
+                    expires: volume::rfc3339(expires),
+                    created: volume::rfc3339(info.created),
+                    logical_bytes: info.logical_bytes,
+                    exclusive_bytes: info.exclusive_bytes,
+                    tags: Tags(&info.tags),
+                }
+            })
+            .collect();
+        Trash {
+            snapshots,
+            total_bytes,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -79,6 +145,7 @@ impl<'a> Snapshot<'a> {
                 stored_bytes: p.stored_bytes,
             },
             tags: Tags(&info.tags),
+            lock: info.lock.as_ref().map(Lock::of),
             retention: None,
         }
     }
@@ -102,6 +169,7 @@ pub struct StoredSnapshot<'a> {
     created: String,
     logical_bytes: u64,
     tags: Tags<'a>,
+    lock: Option<Lock>,
 }
 
 impl<'a> StoredSnapshot<'a> {
@@ -113,6 +181,7 @@ impl<'a> StoredSnapshot<'a> {
             created: volume::rfc3339(manifest.created),
             logical_bytes: manifest.logical_bytes,
             tags: Tags(&manifest.tags),
+            lock: manifest.lock.as_ref().map(Lock::of),
         }
     }
 }

@@ -49,7 +49,8 @@ pub struct PolicyArgs {
     /// ones the schedule took).
     #[arg(long)]
     prune_manual: bool,
-    /// Keep deleted snapshots in the recycle bin for N days.
+    /// Keep deleted snapshots (retention's too) in the recycle bin for N days: the same
+    /// setting as mount --trash-days, whichever was set last holds.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     trash_days: Option<u32>,
 }

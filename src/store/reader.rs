@@ -120,14 +120,29 @@ pub struct StoreSource {
 }
 
 impl StoreSource {
-    /// Snapshot `snapshot` of the volume in the store at `url`.
+    /// Snapshot `snapshot` of the volume in the store at `url` (one in the volume's recycle
+    /// bin is deleted as far as this goes).
     pub fn open(runtime: &Handle, url: &StoreUrl, snapshot: &str) -> Result<StoreSource> {
+        StoreSource::open_where(runtime, url, snapshot, false)
+    }
+
+    /// Snapshot `snapshot` of the volume's recycle bin, in the store at `url`.
+    pub fn open_trashed(runtime: &Handle, url: &StoreUrl, snapshot: &str) -> Result<StoreSource> {
+        StoreSource::open_where(runtime, url, snapshot, true)
+    }
+
+    fn open_where(
+        runtime: &Handle,
+        url: &StoreUrl,
+        snapshot: &str,
+        trashed: bool,
+    ) -> Result<StoreSource> {
         let mut stores = StoreChain::open(runtime, url, None)?;
         let listing = stores.list()?;
         let manifest = listing
             .snapshots
             .into_iter()
-            .find(|m| m.name == snapshot.as_bytes())
+            .find(|m| m.trash.is_some() == trashed && m.name == snapshot.as_bytes())
             .ok_or_else(|| {
                 let damaged = if listing.damaged.is_empty() {
                     String::new()

@@ -425,6 +425,8 @@ impl Worker {
             logical_bytes: row.logical_bytes,
             tags,
             root,
+            lock: row.lock,
+            trash: row.trash,
         });
         Ok(Some((version, self.compress(&encoded)?)))
     }

@@ -443,6 +443,11 @@ impl Volume {
                 .map(|(_, block)| BlockHash::of(block))
                 .collect();
             self.remove_unadopted(&hashes)?;
+            // A full data dir gives up the oldest snapshot of the recycle bin (then the
+            // next) before a writer gets ENOSPC.
+            if e.errno() == libc::ENOSPC && self.purge_oldest_trash()? {
+                return self.flush_locked(ino, state);
+            }
             return Err(e);
         }
         self.files.discard_buffers(state);
@@ -551,16 +556,32 @@ impl Volume {
     /// Starts the thread that flushes buffers a few seconds old, so a crash loses at most
     /// those seconds of unsynced writes. It ends when the volume is dropped.
     pub fn spawn_flusher(self: &Arc<Self>, age: Duration) -> std::io::Result<()> {
+        self.spawn_periodic(
+            "snapfs-flusher",
+            Duration::from_millis(500),
+            move |volume| {
+                let _ = volume.flush_older_than(age);
+            },
+        )
+    }
+
+    /// Starts a thread that runs `job` every `every` until the volume is dropped.
+    pub(super) fn spawn_periodic(
+        self: &Arc<Self>,
+        name: &str,
+        every: Duration,
+        job: impl Fn(&Volume) + Send + 'static,
+    ) -> std::io::Result<()> {
         let volume = Arc::downgrade(self);
         std::thread::Builder::new()
-            .name("snapfs-flusher".into())
+            .name(name.into())
             .spawn(move || {
                 loop {
-                    std::thread::sleep(Duration::from_millis(500));
+                    std::thread::sleep(every);
                     let Some(volume) = volume.upgrade() else {
                         return;
                     };
-                    let _ = volume.flush_older_than(age);
+                    job(&volume);
                 }
             })?;
         Ok(())

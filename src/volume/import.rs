@@ -47,11 +47,12 @@ fn block_lens(
 }
 
 impl Volume {
-    /// Whether the volume is as `Volume::open` creates it: nothing in it, no snapshot.
+    /// Whether the volume is as `Volume::open` creates it: nothing in it, no snapshot (in
+    /// the recycle bin either).
     pub fn is_new(&self) -> Result<bool> {
         let empty =
             lock(&self.catalog).read(|tx| tx.dir_is_empty(crate::catalog::LIVE, ROOT_INO))?;
-        Ok(empty && self.list_snapshots().is_empty())
+        Ok(empty && self.list_snapshots().is_empty() && self.trashed_snapshots().is_empty())
     }
 
     /// Imports the tree of `source` (a snapshot in another volume's store) as this new

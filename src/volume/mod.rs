@@ -6,6 +6,7 @@ mod block_reader;
 mod data;
 pub mod error;
 mod import;
+mod locks;
 mod namespace;
 mod node;
 mod open_files;
@@ -15,6 +16,7 @@ mod reserve;
 pub mod retention;
 mod snapshot_table;
 mod snapshots;
+mod trash;
 
 use std::collections::HashMap;
 use std::fs;
@@ -34,6 +36,9 @@ use crate::upload::{UploadEvent, UploadEvents};
 
 use block_reader::BlockReader;
 pub use error::{Error, Result};
+pub use locks::{
+    XATTR_LOCK, format as format_lock, holds as lock_holds, parse as parse_lock, parse_time,
+};
 pub use node::{
     Attr, Caller, DirEntry, FileHandle, FsStats, NodeId, R_OK, SetAttr, SetTime, View, W_OK, X_OK,
     permits,
@@ -46,6 +51,7 @@ pub use snapshots::{
     SNAPDIR, SNAPDIR_NAME, SnapshotHooks, SnapshotInfo, XATTR_HOOK_ERROR, describe, progress_text,
     rfc3339,
 };
+pub use trash::{TRASHDIR_NAME, XATTR_DELETED, XATTR_EXPIRES};
 
 pub use crate::catalog::{NAME_MAX, XATTR_SIZE_MAX};
 
@@ -449,6 +455,7 @@ impl Volume {
     /// Refuses changes inside snapshots and to the control directory's own contents.
     fn writable(node: NodeId) -> Result<()> {
         match node.view {
+            View::Live if node == trash::TRASHDIR => Err(Error::ReadOnly),
             View::Live if node == SNAPDIR => Err(Error::NotPermitted(
                 "only mkdir, rmdir and rename work in .snapshots",
             )),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::snapshots::SNAPDIR;
+use super::trash::{TRASHDIR, TRASHDIR_NAME};
 use super::{
     Attr, Caller, DirEntry, Error, NAME_MAX, NodeId, Result, SNAPDIR_NAME, SetAttr, SetTime, View,
     Volume, W_OK, XATTR_CREATE, XATTR_REPLACE, XATTR_SIZE_MAX, check_name, now, permits,
@@ -19,6 +20,9 @@ impl Volume {
         if node == SNAPDIR {
             return Ok(self.snapdir_attr(&self.row(NodeId::live(ROOT_INO))?));
         }
+        if node == TRASHDIR {
+            return self.trashdir_attr();
+        }
         self.node_attr(node.view, &self.row(node)?)
     }
 
@@ -26,10 +30,14 @@ impl Volume {
         if name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
         }
+        if parent == TRASHDIR {
+            return self.trashdir_lookup(name);
+        }
         if parent == SNAPDIR {
             return match name {
                 b"." => self.getattr(SNAPDIR),
                 b".." => self.getattr(NodeId::live(ROOT_INO)),
+                TRASHDIR_NAME => self.trashdir_attr(),
                 _ => self.getattr(NodeId {
                     view: View::Snapshot(self.snapshots.by_name(name)?.id),
                     ino: ROOT_INO,
@@ -251,6 +259,9 @@ impl Volume {
         if parent == SNAPDIR && is_rmdir {
             return self.delete_snapshot(name);
         }
+        if parent == TRASHDIR && is_rmdir {
+            return self.purge_snapshot(name);
+        }
         Self::writable(parent)?;
         Self::check_not_snapdir(parent, name)?;
         if name.len() > NAME_MAX {
@@ -325,6 +336,15 @@ impl Volume {
         new_name: &[u8],
         flags: u32,
     ) -> Result<()> {
+        if parent == TRASHDIR || new_parent == TRASHDIR {
+            // Out of the bin is undelete; nothing else moves in or out of it.
+            return match (parent == TRASHDIR && new_parent == SNAPDIR, flags) {
+                (true, 0) => self.undelete_snapshot(name, Some(new_name)).map(drop),
+                _ => Err(Error::NotPermitted(
+                    "snapshots leave the recycle bin by rename into .snapshots",
+                )),
+            };
+        }
         match (parent == SNAPDIR, new_parent == SNAPDIR) {
             (true, true) if flags == 0 => return self.rename_snapshot(name, new_name),
             (true, true) => return Err(Error::Invalid("snapshots take no rename flags")),
@@ -433,6 +453,8 @@ impl Volume {
     pub fn opendir(&self, node: NodeId) -> Result<u64> {
         let entries = if node == SNAPDIR {
             self.snapdir_entries()?
+        } else if node == TRASHDIR {
+            self.trashdir_entries()?
         } else {
             self.dir_entries(node)?
         };
@@ -534,7 +556,7 @@ impl Volume {
     }
 
     pub fn listxattr(&self, node: NodeId) -> Result<Vec<Vec<u8>>> {
-        if node == SNAPDIR {
+        if node == SNAPDIR || node == TRASHDIR {
             return Ok(Vec::new());
         }
         let view = self.view_generation(node.view)?;

@@ -72,32 +72,37 @@ fn slot_of(now: i64, every: u64) -> i64 {
     now.div_euclid(NANOS).div_euclid(every) * every
 }
 
-/// Retention's view of `rows`, with their tags.
-fn candidates(tx: &ReadTx<'_>, rows: Vec<SnapshotRow>) -> Result<Vec<Candidate>> {
+/// Retention's view of `rows` at `now`, with their tags; what is in the recycle bin was
+/// deleted already.
+fn candidates(tx: &ReadTx<'_>, rows: Vec<SnapshotRow>, now: i64) -> Result<Vec<Candidate>> {
     rows.into_iter()
+        .filter(|row| row.trash.is_none())
         .map(|row| {
             Ok(Candidate {
                 tags: tx.snapshot_tags(row.id)?,
+                locked: row
+                    .lock
+                    .as_ref()
+                    .is_some_and(|held| super::lock_holds(held, now)),
                 name: row.name,
                 created: row.created,
                 state: row.state,
-                // Snapshot locks come with the recycle bin's change; wired at merge.
-                locked: false,
             })
         })
         .collect()
 }
 
-/// The volume's policy and what its retention would do to `rows` now (newest first);
-/// `None` without a policy. The mount and the read-only tools both ask this.
+/// The volume's policy and what its retention would do to `rows` at `now` (newest
+/// first); `None` without a policy. The mount and the read-only tools both ask this.
 pub fn retention_plan(
     tx: &ReadTx<'_>,
     rows: Vec<SnapshotRow>,
+    now: i64,
 ) -> Result<Option<(Policy, Vec<Verdict>)>> {
     let Some((policy, _)) = tx.policy()? else {
         return Ok(None);
     };
-    let plan = retention::plan(&candidates(tx, rows)?, &policy.keep);
+    let plan = retention::plan(&candidates(tx, rows, now)?, &policy.keep);
     Ok(Some((policy, plan)))
 }
 
@@ -116,6 +121,11 @@ impl Volume {
             .map_err(|_| Error::Invalid("not a valid policy"))?;
         let slot = slot_of(self.clock.now(), policy.every_secs);
         lock(&self.catalog).write_now(|tx| tx.set_policy(policy, slot))?;
+        // The policy's --trash-days is the volume's recycle bin, as mount --trash-days is:
+        // whichever was set last holds.
+        if let Some(days) = policy.trash_days {
+            self.remember_trash_retention(Duration::from_secs(u64::from(days) * 86_400))?;
+        }
         self.schedule.wake(|state| state.woken = true);
         tracing::info!(?policy, "snapshot policy set");
         Ok(())
@@ -175,8 +185,8 @@ impl Volume {
 
     /// What retention would do now, newest first; `None` without a policy.
     pub fn retention_plan(&self) -> Result<Option<Vec<Verdict>>> {
-        let rows = self.snapshots.list();
-        let plan = lock(&self.catalog).read(|tx| retention_plan(tx, rows))?;
+        let (rows, now) = (self.snapshots.list(), self.clock.now());
+        let plan = lock(&self.catalog).read(|tx| retention_plan(tx, rows, now))?;
         Ok(plan.map(|(_, verdicts)| verdicts))
     }
 

@@ -1,6 +1,10 @@
 //! `SnapshotTable`: the volume's snapshots by id, mirrored from the catalog so that every
 //! request into a snapshot resolves its generation without a query.
 //!
+//! Snapshots in the recycle bin are here too (requests into them resolve the same way),
+//! in a name space of their own: lookups by name, listings and counts see one or the
+//! other, never both.
+//!
 //! Changes go catalog first, with the table's lock held across both, so a reload racing a
 //! change can never undo it. Locks: the table before the catalog, never the other way.
 
@@ -29,22 +33,49 @@ impl SnapshotTable {
         read(&self.rows).get(&id).cloned().ok_or(Error::NotFound)
     }
 
+    /// The snapshot named `name`, outside the recycle bin.
     pub fn by_name(&self, name: &[u8]) -> Result<SnapshotRow> {
+        self.find(false, name)
+    }
+
+    /// The snapshot named `name` in the recycle bin.
+    pub fn trashed_by_name(&self, name: &[u8]) -> Result<SnapshotRow> {
+        self.find(true, name)
+    }
+
+    fn find(&self, trashed: bool, name: &[u8]) -> Result<SnapshotRow> {
         read(&self.rows)
             .values()
-            .find(|row| row.name == name)
+            .find(|row| row.trash.is_some() == trashed && row.name == name)
             .cloned()
             .ok_or(Error::NotFound)
     }
 
+    /// The snapshots outside the recycle bin.
     pub fn list(&self) -> Vec<SnapshotRow> {
-        read(&self.rows).values().cloned().collect()
+        self.rows_where(false)
     }
 
-    /// How many snapshots there are, and when the newest was taken.
-    pub fn count_and_latest(&self) -> (usize, Option<i64>) {
+    /// The snapshots in the recycle bin.
+    pub fn trashed(&self) -> Vec<SnapshotRow> {
+        self.rows_where(true)
+    }
+
+    fn rows_where(&self, trashed: bool) -> Vec<SnapshotRow> {
+        read(&self.rows)
+            .values()
+            .filter(|row| row.trash.is_some() == trashed)
+            .cloned()
+            .collect()
+    }
+
+    /// How many snapshots (in the bin: `trashed`) there are, and when the newest was taken.
+    pub fn count_and_latest(&self, trashed: bool) -> (usize, Option<i64>) {
         let rows = read(&self.rows);
-        (rows.len(), rows.values().map(|s| s.created).max())
+        let rows = rows.values().filter(|row| row.trash.is_some() == trashed);
+        rows.fold((0, None), |(n, latest), row| {
+            (n + 1, latest.max(Some(row.created)))
+        })
     }
 
     /// Adds the snapshot `create` makes in the catalog, unless the name is taken.
@@ -54,7 +85,7 @@ impl SnapshotTable {
         create: impl FnOnce() -> Result<SnapshotRow>,
     ) -> Result<SnapshotRow> {
         let mut rows = write(&self.rows);
-        if rows.values().any(|row| row.name == name) {
+        if taken(&rows, name) {
             return Err(Error::Exists);
         }
         let row = create()?;
@@ -81,13 +112,13 @@ impl SnapshotTable {
         let mut rows = write(&self.rows);
         let id = rows
             .values()
-            .find(|row| row.name == name)
+            .find(|row| row.trash.is_none() && row.name == name)
             .map(|row| row.id)
             .ok_or(Error::NotFound)?;
         if name == new_name {
             return Ok(());
         }
-        if rows.values().any(|row| row.name == new_name) {
+        if taken(&rows, new_name) {
             return Err(Error::Exists);
         }
         rename(id)?;
@@ -96,4 +127,24 @@ impl SnapshotTable {
         }
         Ok(())
     }
+
+    /// Replaces snapshot `id` with the row `change` makes of it in the catalog. `change`
+    /// gets the row, and whether a name is taken outside the bin.
+    pub fn update(
+        &self,
+        id: u64,
+        change: impl FnOnce(&SnapshotRow, &dyn Fn(&[u8]) -> bool) -> Result<SnapshotRow>,
+    ) -> Result<SnapshotRow> {
+        let mut rows = write(&self.rows);
+        let current = rows.get(&id).cloned().ok_or(Error::NotFound)?;
+        let row = change(&current, &|name| taken(&rows, name))?;
+        rows.insert(id, row.clone());
+        Ok(row)
+    }
+}
+
+/// Whether a snapshot outside the recycle bin is named `name`.
+fn taken(rows: &BTreeMap<u64, SnapshotRow>, name: &[u8]) -> bool {
+    rows.values()
+        .any(|row| row.trash.is_none() && row.name == name)
 }

@@ -9,9 +9,12 @@
 
 use std::sync::Arc;
 
+use super::locks::XATTR_LOCK;
+use super::trash::lifecycle_xattrs;
 use super::{Attr, Error, NodeId, Result, View, Volume};
 use crate::catalog::{
-    Attrs, InodeRow, Kind, ROOT_INO, ReadTx, SnapshotRow, SnapshotState, UploadProgress,
+    Attrs, InodeRow, Kind, ROOT_INO, ReadTx, SnapshotLock, SnapshotRow, SnapshotState, Trash,
+    UploadProgress,
 };
 use crate::sync::{lock, write};
 
@@ -58,6 +61,9 @@ pub struct SnapshotInfo {
     pub upload: UploadProgress,
     /// Why the upload failed, for a `failed` snapshot.
     pub error: Option<String>,
+    /// In the recycle bin since, until.
+    pub trash: Option<Trash>,
+    pub lock: Option<SnapshotLock>,
 }
 
 /// What users see of snapshot `row`: its catalog row with its space and tags.
@@ -72,6 +78,8 @@ pub fn describe(tx: &ReadTx<'_>, row: SnapshotRow) -> Result<SnapshotInfo> {
         logical_bytes: row.logical_bytes,
         upload: row.upload,
         error: row.error,
+        trash: row.trash,
+        lock: row.lock,
     })
 }
 
@@ -88,7 +96,7 @@ pub fn progress_text(progress: &UploadProgress) -> String {
     )
 }
 
-fn check_snapshot_name(name: &[u8]) -> Result<()> {
+pub(super) fn check_snapshot_name(name: &[u8]) -> Result<()> {
     super::check_name(name)?;
     if name.starts_with(b".") {
         return Err(Error::Invalid("snapshot names may not start with '.'"));
@@ -115,10 +123,15 @@ impl Volume {
 
     /// Attributes of the control directory: owned like the root, one link per snapshot.
     pub(super) fn snapdir_attr(&self, root: &InodeRow) -> Attr {
-        let (count, latest) = self.snapshots.count_and_latest();
+        self.control_dir_attr(root, SNAPDIR_INO, false)
+    }
+
+    /// Attributes of `.snapshots` (`ino` SNAPDIR_INO) or of its recycle bin (`trashed`).
+    pub(super) fn control_dir_attr(&self, root: &InodeRow, ino: u64, trashed: bool) -> Attr {
+        let (count, latest) = self.snapshots.count_and_latest(trashed);
         let time = latest.unwrap_or(root.attrs.crtime);
         let row = InodeRow {
-            ino: SNAPDIR_INO,
+            ino,
             attrs: Attrs {
                 kind: Kind::Dir,
                 perm: 0o755,
@@ -202,7 +215,7 @@ impl Volume {
         }
         self.flush_all()?;
         let row = self.snapshots.insert(name, || {
-            self.insert_snapshot(name, self.clock.now(), SnapshotState::Pending, tags)
+            self.insert_snapshot(name, self.clock.now(), SnapshotState::Pending, tags, None)
         })?;
         self.upload_wake.notify_one();
         tracing::info!(name = %String::from_utf8_lossy(name), id = row.id, "snapshot taken");
@@ -216,37 +229,51 @@ impl Volume {
         name: &[u8],
         created: i64,
         tags: &[(Vec<u8>, Vec<u8>)],
+        snapshot_lock: Option<&SnapshotLock>,
     ) -> Result<()> {
         check_snapshot_name(name)?;
         let _writers_held = write(&self.gate);
         self.snapshots.insert(name, || {
-            self.insert_snapshot(name, created, SnapshotState::Completed, tags)
+            self.insert_snapshot(name, created, SnapshotState::Completed, tags, snapshot_lock)
         })?;
         Ok(())
     }
 
-    /// The catalog's new snapshot row, with its tags.
+    /// The catalog's new snapshot row, with its tags and lock, committed at once.
     fn insert_snapshot(
         &self,
         name: &[u8],
         created: i64,
         state: SnapshotState,
         tags: &[(Vec<u8>, Vec<u8>)],
+        snapshot_lock: Option<&SnapshotLock>,
     ) -> Result<SnapshotRow> {
         let mut catalog = lock(&self.catalog);
         let row = catalog.create_snapshot(name, created, state)?;
-        if !tags.is_empty() {
-            catalog.write(|tx| {
+        if !tags.is_empty() || snapshot_lock.is_some() {
+            catalog.write_now(|tx| {
                 tags.iter()
-                    .try_for_each(|(key, value)| tx.set_snapshot_tag(row.id, key, value))
+                    .try_for_each(|(key, value)| tx.set_snapshot_tag(row.id, key, value))?;
+                tx.set_snapshot_lock(row.id, snapshot_lock)
             })?;
         }
         Ok(row)
     }
 
-    /// Deletes a snapshot, freeing the rows and blocks nothing else needs.
+    /// Deletes a snapshot (rmdir, the CLI, retention): into the recycle bin if the volume
+    /// keeps one, else for good. A locked snapshot is refused (EPERM).
     pub fn delete_snapshot(&self, name: &[u8]) -> Result<()> {
         let row = self.snapshots.by_name(name)?;
+        self.check_unlocked(&row, "delete")?;
+        match self.trash_retention()? {
+            Some(retention) => self.move_to_trash(&row, retention),
+            None => self.remove_snapshot(&row),
+        }
+    }
+
+    /// Deletes snapshot `row` for good, freeing the rows and blocks nothing else needs.
+    pub(super) fn remove_snapshot(&self, row: &SnapshotRow) -> Result<()> {
+        let name = &row.name;
         let _no_block_being_adopted = write(&self.gc);
         let freed = self.snapshots.remove(row.id, || {
             self.freeing(|| Ok(lock(&self.catalog).delete_snapshot(row.id)?))
@@ -318,6 +345,7 @@ impl Volume {
                 progress_text(&row.upload).into_bytes(),
             ),
         ];
+        attrs.extend(lifecycle_xattrs(&row));
         if let Some(error) = row.error {
             attrs.push((XATTR_ERROR.to_vec(), error.into_bytes()));
         }
@@ -334,6 +362,12 @@ impl Volume {
         name: &[u8],
         value: Option<&[u8]>,
     ) -> Result<()> {
+        if self.snapshots.get(id)?.trash.is_some() {
+            return Err(Error::ReadOnly);
+        }
+        if name == XATTR_LOCK {
+            return self.set_lock_xattr(id, value);
+        }
         let key = name
             .strip_prefix(TAG_PREFIX)
             .filter(|key| !key.is_empty())

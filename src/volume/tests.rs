@@ -879,3 +879,5 @@ fn hooks_run_around_a_snapshot_and_a_refusal_takes_none() {
         Err(Error::NoXattr)
     ));
 }
+
+mod lifecycle;

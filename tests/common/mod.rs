@@ -718,6 +718,16 @@ pub fn errno_as_user(uid: u32, gid: u32, op: impl FnOnce() -> libc::c_int) -> i3
     }
 }
 
+/// The names in directory `dir` (without `.` and `..`), sorted.
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 /// Bytes the files under `dir` occupy on disk (st_blocks), recursively.
 pub fn disk_usage(dir: &Path) -> u64 {
     let mut total = 0;

@@ -6,9 +6,11 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::*;
+use crate::catalog::{LockMode, SnapshotLock};
 use crate::clock::{ManualClock, NANOS};
 use crate::policy::KeepRules;
 use crate::upload::{UploadEvent, UploadEvents};
+use crate::volume::retention::Reason;
 use crate::volume::{Options, rfc3339};
 
 const HOUR: i64 = 3600 * NANOS;
@@ -318,4 +320,70 @@ fn policies_are_checked_stored_and_cleared() {
         PolicyRun::default()
     );
     assert_eq!(t.volume.prune().map_err(|e| e.errno()), Err(libc::ENODATA));
+}
+
+#[test]
+fn retention_keeps_locked_snapshots_and_its_deletions_go_to_the_recycle_bin() {
+    let t = Clocked::new(START + HOUR / 2);
+    let policy = Policy {
+        every_secs: 3600,
+        keep: KeepRules {
+            last: 1,
+            ..KeepRules::default()
+        },
+        trash_days: Some(1),
+    };
+    t.volume.set_policy(&policy).expect("set policy");
+    let mut taken = vec![];
+    for hour in 1..=3 {
+        t.clock.set(START + hour * HOUR);
+        taken.push(t.volume.run_policy().expect("run").taken.expect("taken"));
+    }
+    let held = SnapshotLock {
+        mode: LockMode::Governance,
+        until: START + 10 * DAY,
+        cool_off_until: START,
+    };
+    t.volume
+        .lock_snapshot(&taken[0], Some(&held))
+        .expect("lock the oldest");
+    taken.iter().for_each(|name| t.complete(name));
+
+    let plan = t.volume.retention_plan().expect("plan").expect("a policy");
+    let reasons = |name: &[u8]| {
+        let verdict = plan.iter().find(|v| v.name == name).expect("in the plan");
+        verdict.reasons.clone()
+    };
+    assert_eq!(reasons(&taken[0]), vec![Reason::Locked]);
+    assert_eq!(reasons(&taken[1]), vec![]);
+
+    let run = t.volume.run_policy().expect("retention");
+    assert_eq!(run.deleted, vec![taken[1].clone()]);
+    let binned: Vec<_> = t
+        .volume
+        .trashed_snapshots()
+        .into_iter()
+        .map(|row| row.trash.expect("in the bin").expires)
+        .collect();
+    assert_eq!(
+        binned,
+        vec![START + 3 * HOUR + DAY],
+        "kept a day by the policy"
+    );
+    assert!(
+        t.volume
+            .retention_plan()
+            .expect("plan")
+            .expect("policy")
+            .len()
+            == 2,
+        "what is in the bin is not retention's any more"
+    );
+    assert_eq!(
+        t.volume
+            .purge_expired_trash(START + 2 * DAY)
+            .expect("purge"),
+        1
+    );
+    assert!(t.volume.trashed_snapshots().is_empty());
 }
