@@ -46,6 +46,8 @@ pub struct MountArgs {
     pub metrics: Option<std::net::SocketAddr>,
     /// `--pre-snapshot`, `--post-snapshot` and their settings.
     pub hooks: HookOptions,
+    /// `--checkpoint-every` and `--checkpoint-window` (`None`: no checkpoints).
+    pub checkpoints: Option<volume::CheckpointPolicy>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -274,6 +276,11 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     volume
         .spawn_flusher(FLUSH_AGE)
         .map_err(MountError::Daemon)?;
+    if let Some(policy) = args.checkpoints {
+        volume
+            .spawn_checkpointer(policy)
+            .map_err(MountError::Daemon)?;
+    }
     hooks::install(&volume, &args.hooks, &args.mountpoint)?;
     let session = start_session(args, &volume)?;
     let uploader = Uploader::start(runtime, worker).map_err(MountError::Daemon)?;

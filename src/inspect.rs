@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::catalog::{Catalog, EntryChange, LIVE, ReadTx};
-use crate::volume::{Error, Result, SnapshotInfo, describe};
+use crate::volume::{CheckpointSpace, Error, Result, SnapshotInfo, describe, describe_checkpoints};
 
 /// One difference between two points in time, as `zfs diff` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +53,11 @@ impl Inspector {
             .into_iter()
             .find(|s| s.name == name)
             .ok_or(Error::NotFound)
+    }
+
+    /// The checkpoints, oldest first, with what they cost.
+    pub fn checkpoints(&self) -> Result<CheckpointSpace> {
+        self.catalog.read(describe_checkpoints)
     }
 
     fn generation_of(&self, name: &[u8]) -> Result<u64> {

@@ -42,7 +42,7 @@ enum Command {
         snapfs mount ~/work --data /srv/vol1 -f  # chosen data dir, stays attached\n\n\
         Unmount with `snapfs umount MOUNTPOINT`, `fusermount3 -u MOUNTPOINT`, or SIGINT/SIGTERM \
         to a foreground mount: all three flush everything first.")]
-    Mount(MountCommand),
+    Mount(Box<MountCommand>),
     /// Link mount(8)'s and umount(8)'s helpers (mount.fuse.snapfs, umount.fuse.snapfs) to
     /// this program, so /etc/fstab lines of type fuse.snapfs mount volumes.
     #[command(after_help = "Example:
@@ -63,6 +63,10 @@ enum Command {
     /// Take, list, inspect, tag and delete snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// List the local checkpoints a mount takes while the volume changes, and promote one
+    /// to a snapshot.
+    #[command(subcommand)]
+    Checkpoint(checkpoint::CheckpointCommand),
     /// Restore a snapshot, or a file or directory in one: contents, modes, owners (as
     /// root), times, xattrs, hard links, symlinks and holes. Every block is verified.
     #[command(after_help = "Examples:\n  \
@@ -459,6 +463,30 @@ struct MountCommand {
     metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     hooks: HookArgs,
+    /// Take a local checkpoint this often while the volume changes (an idle volume takes
+    /// none), e.g. 5s or 1m; `off` for none. Checkpoints are never uploaded: browse them
+    /// in MOUNTPOINT/.snapshots/.checkpoints, promote one with `snapfs checkpoint promote`.
+    #[arg(long, value_name = "DURATION|off", default_value = "10s",
+          value_parser = parse_checkpoint_every)]
+    checkpoint_every: CheckpointEvery,
+    /// How long checkpoints are kept: all of them for its newest sixth, then one per
+    /// sixtieth of it (with 1h: all for 10 min, then one a minute), none beyond it.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    checkpoint_window: std::time::Duration,
+}
+
+/// `--checkpoint-every`: `None` for no checkpoints.
+#[derive(Clone, Copy)]
+struct CheckpointEvery(Option<std::time::Duration>);
+
+/// A duration, or `off` (or 0) for no checkpoints.
+fn parse_checkpoint_every(text: &str) -> Result<CheckpointEvery, String> {
+    if text.trim() == "off" {
+        return Ok(CheckpointEvery(None));
+    }
+    Ok(CheckpointEvery(
+        Some(parse_duration(text)?).filter(|every| !every.is_zero()),
+    ))
 }
 
 impl MountCommand {
@@ -489,6 +517,14 @@ impl MountCommand {
             follow_interval: std::time::Duration::from_secs(self.follow_interval),
             metrics: self.metrics,
             hooks: self.hooks.options(),
+            checkpoints: self
+                .checkpoint_every
+                .0
+                .filter(|_| !self.checkpoint_window.is_zero())
+                .map(|every| volume::CheckpointPolicy {
+                    every,
+                    window: self.checkpoint_window,
+                }),
         })?;
         Ok(())
     }
@@ -519,6 +555,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             eprintln!("hydrated {files} files ({})", human_bytes(bytes));
         }
         Command::Snapshot(command) => snapshot(command)?,
+        Command::Checkpoint(command) => command.run()?,
         Command::Restore {
             what,
             dest,
@@ -1166,6 +1203,9 @@ fn sent_percent(progress: &UploadProgress) -> String {
 
 #[path = "cli/json.rs"]
 mod json;
+
+#[path = "cli/checkpoint.rs"]
+mod checkpoint;
 
 /// The command line, or what mount(8)'s helper conventions stand for (see `mount_helper`).
 fn parse_command_line() -> Result<Option<Cli>, String> {

@@ -4,7 +4,7 @@
 //! generation G (`death IS NULL`), snapshot g sees `birth <= g AND (death IS NULL OR death > g)`.
 
 /// Migrations in order; `MIGRATIONS[i]` takes the schema from version i to i + 1.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 const V1: &str = r#"
 CREATE TABLE meta (
@@ -180,4 +180,13 @@ CREATE TABLE settings (
     value TEXT NOT NULL
 ) WITHOUT ROWID;
 INSERT INTO settings (key, value) VALUES ('volume_id', lower(hex(randomblob(16))));
+"#;
+
+/// Continuous checkpoints: local-only pins of a generation, rows of `snapshots` in state
+/// `checkpoint` (never uploaded: every upload query selects `pending` or `completed`;
+/// every query over pinned generations sees them). Their names start with '.', which
+/// snapshot names cannot, so a checkpoint never takes a snapshot's name. The version bump
+/// makes an older snapfs refuse this catalog instead of choking on the new state.
+const V4: &str = r#"
+CREATE INDEX snapshots_checkpoints ON snapshots(created) WHERE state = 'checkpoint';
 "#;

@@ -373,8 +373,18 @@ impl Volume {
 
     /// Writes a file's buffered changes to the block store and the catalog, in one
     /// transaction. On failure the buffers stay, so nothing is lost and a later flush
-    /// retries.
+    /// retries. On a full data dir the oldest checkpoints go first, one at a time, before
+    /// the writer sees ENOSPC.
     fn flush_locked(&self, ino: u64, state: &mut FileState) -> Result<()> {
+        loop {
+            match self.flush_once(ino, state) {
+                Err(e) if e.errno() == libc::ENOSPC && self.drop_oldest_checkpoint()? => {}
+                result => return result,
+            }
+        }
+    }
+
+    fn flush_once(&self, ino: u64, state: &mut FileState) -> Result<()> {
         if !state.changed {
             return Ok(());
         }

@@ -3,6 +3,7 @@
 //! directly; `fuse.rs` only translates requests into these calls.
 
 mod block_reader;
+mod checkpoints;
 mod data;
 pub mod error;
 mod import;
@@ -29,6 +30,11 @@ use crate::sync::{Mutex, RwLock, lock};
 use crate::upload::{UploadEvent, UploadEvents};
 
 use block_reader::BlockReader;
+use checkpoints::CheckpointTable;
+pub use checkpoints::{
+    CHECKPOINT_DIR, CHECKPOINTS_NAME, CheckpointInfo, CheckpointPolicy, CheckpointSpace,
+    describe_checkpoints, parse_utc, thin,
+};
 pub use error::{Error, Result};
 pub use node::{
     Attr, Caller, DirEntry, FileHandle, FsStats, NodeId, R_OK, SetAttr, SetTime, View, W_OK, X_OK,
@@ -91,6 +97,8 @@ pub struct Volume {
     files: OpenFiles,
     /// Snapshots by id, mirrored from the catalog.
     snapshots: SnapshotTable,
+    /// Checkpoints by id, mirrored from the catalog (see `checkpoints`).
+    checkpoints: CheckpointTable,
     /// Listings taken at opendir, served by readdir until releasedir.
     dir_handles: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_dir_handle: AtomicU64,
@@ -239,6 +247,7 @@ impl Volume {
             block_size,
             files: OpenFiles::new(options.dirty_limit),
             snapshots: SnapshotTable::default(),
+            checkpoints: CheckpointTable::default(),
             dir_handles: Mutex::new(HashMap::new()),
             next_dir_handle: AtomicU64::new(1),
             gc: RwLock::new(()),
@@ -250,6 +259,7 @@ impl Volume {
             hook_failure: Mutex::new(None),
         };
         volume.load_snapshots()?;
+        volume.load_checkpoints()?;
         volume.remove_orphans()?;
         let marker = dir.join(RUNNING_MARKER);
         if marker.exists() {
@@ -416,7 +426,7 @@ impl Volume {
     fn view_generation(&self, view: View) -> Result<u64> {
         match view {
             View::Live => Ok(LIVE),
-            View::Snapshot(id) => Ok(self.snapshots.get(id)?.generation),
+            View::Snapshot(id) => Ok(self.pinned(id)?.0),
         }
     }
 
@@ -425,6 +435,9 @@ impl Volume {
         match node.view {
             View::Live if node == SNAPDIR => Err(Error::NotPermitted(
                 "only mkdir, rmdir and rename work in .snapshots",
+            )),
+            View::Live if node == CHECKPOINT_DIR => Err(Error::NotPermitted(
+                "checkpoints are read-only: rename one into .snapshots to promote it",
             )),
             View::Live => Ok(()),
             View::Snapshot(_) => Err(Error::ReadOnly),

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use super::checkpoints::{CHECKPOINT_DIR, CHECKPOINTS_NAME};
 use super::snapshots::{SNAPDIR, XATTR_HOOK_ERROR};
 use super::{
     Attr, Caller, DirEntry, Error, NAME_MAX, NodeId, Result, SNAPDIR_NAME, SetAttr, SetTime, View,
@@ -19,6 +20,9 @@ impl Volume {
         if node == SNAPDIR {
             return Ok(self.snapdir_attr(&self.row(NodeId::live(ROOT_INO))?));
         }
+        if node == CHECKPOINT_DIR {
+            return self.checkpoint_dir_attr();
+        }
         self.node_attr(node.view, &self.row(node)?)
     }
 
@@ -30,16 +34,20 @@ impl Volume {
             return match name {
                 b"." => self.getattr(SNAPDIR),
                 b".." => self.getattr(NodeId::live(ROOT_INO)),
+                CHECKPOINTS_NAME => self.getattr(CHECKPOINT_DIR),
                 _ => self.getattr(NodeId {
                     view: View::Snapshot(self.snapshots.by_name(name)?.id),
                     ino: ROOT_INO,
                 }),
             };
         }
+        if parent == CHECKPOINT_DIR {
+            return self.checkpoint_lookup(name);
+        }
         let is_root = parent.ino == ROOT_INO;
         match (parent.view, name) {
             (View::Live, SNAPDIR_NAME) if is_root => return self.getattr(SNAPDIR),
-            (View::Snapshot(_), b"..") if is_root => return self.getattr(SNAPDIR),
+            (View::Snapshot(id), b"..") if is_root => return self.getattr(self.pinned_parent(id)),
             _ => {}
         }
         let view = self.view_generation(parent.view)?;
@@ -318,6 +326,14 @@ impl Volume {
         new_name: &[u8],
         flags: u32,
     ) -> Result<()> {
+        if parent == CHECKPOINT_DIR || new_parent == CHECKPOINT_DIR {
+            return match (parent == CHECKPOINT_DIR, new_parent == SNAPDIR, flags) {
+                (true, true, 0) => self.promote_checkpoint(name, new_name).map(drop),
+                _ => Err(Error::NotPermitted(
+                    "a checkpoint only moves into .snapshots, as a snapshot",
+                )),
+            };
+        }
         match (parent == SNAPDIR, new_parent == SNAPDIR) {
             (true, true) if flags == 0 => return self.rename_snapshot(name, new_name),
             (true, true) => return Err(Error::Invalid("snapshots take no rename flags")),
@@ -426,6 +442,8 @@ impl Volume {
     pub fn opendir(&self, node: NodeId) -> Result<u64> {
         let entries = if node == SNAPDIR {
             self.snapdir_entries()?
+        } else if node == CHECKPOINT_DIR {
+            self.checkpoint_dir_entries()?
         } else {
             self.dir_entries(node)?
         };
@@ -482,7 +500,7 @@ impl Volume {
                     name: SNAPDIR_NAME.to_vec(),
                     attr: self.snapdir_attr(&dir[0]),
                 }),
-                View::Snapshot(_) => entries[1].attr = self.getattr(SNAPDIR)?,
+                View::Snapshot(id) => entries[1].attr = self.getattr(self.pinned_parent(id))?,
                 View::Live => {}
             }
         }
@@ -527,7 +545,7 @@ impl Volume {
     }
 
     pub fn listxattr(&self, node: NodeId) -> Result<Vec<Vec<u8>>> {
-        if node == SNAPDIR {
+        if node == SNAPDIR || node == CHECKPOINT_DIR {
             return Ok(Vec::new());
         }
         let view = self.view_generation(node.view)?;

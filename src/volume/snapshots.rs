@@ -88,7 +88,7 @@ pub fn progress_text(progress: &UploadProgress) -> String {
     )
 }
 
-fn check_snapshot_name(name: &[u8]) -> Result<()> {
+pub(super) fn check_snapshot_name(name: &[u8]) -> Result<()> {
     super::check_name(name)?;
     if name.starts_with(b".") {
         return Err(Error::Invalid("snapshot names may not start with '.'"));
@@ -129,9 +129,21 @@ impl Volume {
     /// Attributes of the control directory: owned like the root, one link per snapshot.
     pub(super) fn snapdir_attr(&self, root: &InodeRow) -> Attr {
         let (count, latest) = self.snapshots.count_and_latest();
+        Self::control_dir_attr(root, SNAPDIR_INO, ROOT_INO, count, latest)
+    }
+
+    /// Attributes of a control directory `ino` in `parent` holding `count` pinned views,
+    /// the latest taken at `latest`: owned like the root.
+    pub(super) fn control_dir_attr(
+        root: &InodeRow,
+        ino: u64,
+        parent: u64,
+        count: usize,
+        latest: Option<i64>,
+    ) -> Attr {
         let time = latest.unwrap_or(root.attrs.crtime);
         let row = InodeRow {
-            ino: SNAPDIR_INO,
+            ino,
             attrs: Attrs {
                 kind: Kind::Dir,
                 perm: 0o755,
@@ -142,7 +154,7 @@ impl Volume {
                 ctime: time,
                 ..root.attrs.clone()
             },
-            parent: ROOT_INO,
+            parent,
             alloc: 0,
             target: None,
         };
@@ -152,7 +164,7 @@ impl Volume {
     /// Attributes of a snapshot's root: the volume root as it was, with the snapshot's
     /// creation time as its mtime.
     pub(super) fn snapshot_root_attr(&self, id: u64, row: &InodeRow) -> Result<Attr> {
-        let created = self.snapshots.get(id)?.created;
+        let (_, created) = self.pinned(id)?;
         let mut attr = Attr::from_row(View::Snapshot(id), row);
         attr.attrs.mtime = created;
         attr.attrs.ctime = created;
@@ -298,6 +310,9 @@ impl Volume {
     /// Extended attributes of a snapshot's root: its metadata and tags.
     /// Reads only the row and the tags: no space accounting, which xattrs do not show.
     pub(super) fn snapshot_xattrs(&self, id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        if self.is_checkpoint(id) {
+            return self.checkpoint_xattrs(id);
+        }
         let row = self.snapshots.get(id)?;
         let tags = lock(&self.catalog).read(|tx| tx.snapshot_tags(id))?;
         let mut attrs = vec![
@@ -325,6 +340,9 @@ impl Volume {
         name: &[u8],
         value: Option<&[u8]>,
     ) -> Result<()> {
+        if self.is_checkpoint(id) {
+            return Err(Error::ReadOnly);
+        }
         let key = name
             .strip_prefix(TAG_PREFIX)
             .filter(|key| !key.is_empty())
