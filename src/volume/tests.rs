@@ -845,7 +845,7 @@ const SEC: i64 = 1_000_000_000;
 fn a_checkpoint_is_taken_only_after_a_change() {
     let t = TestVolume::new();
     t.write_file("f", b"one");
-    let first = t.v().take_checkpoint(1 * SEC).expect("checkpoint");
+    let first = t.v().take_checkpoint(SEC).expect("checkpoint");
     assert!(first.is_some(), "the volume changed");
     assert_eq!(
         t.v().take_checkpoint(2 * SEC).expect("idle"),
