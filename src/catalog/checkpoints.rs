@@ -74,9 +74,10 @@ impl ReadTx<'_> {
 
     /// Whether the live generation has changed anything since the last pin (snapshot or
     /// checkpoint): a row born or retired in it. Read through the generation indexes.
+    /// A new volume's root, born with it in generation 1, is no change.
     pub fn changed_since_pin(&self) -> Result<bool> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM inodes WHERE birth = ?1)
+            "SELECT EXISTS (SELECT 1 FROM inodes WHERE birth = ?1 AND NOT (ino = ?2 AND ?1 = 1))
                  OR EXISTS (SELECT 1 FROM inodes WHERE death = ?1)
                  OR EXISTS (SELECT 1 FROM dentries WHERE birth = ?1)
                  OR EXISTS (SELECT 1 FROM dentries WHERE death = ?1)
@@ -85,7 +86,7 @@ impl ReadTx<'_> {
                  OR EXISTS (SELECT 1 FROM xattrs WHERE birth = ?1)
                  OR EXISTS (SELECT 1 FROM xattrs WHERE death = ?1)",
         )?;
-        Ok(stmt.query_row([self.g], |r| r.get(0))?)
+        Ok(stmt.query_row([self.g, super::ROOT_INO], |r| r.get(0))?)
     }
 
     /// Bytes of the blocks only checkpoints see (no snapshot, not the live volume): what

@@ -419,8 +419,14 @@ impl Volume {
                         return;
                     };
                     let now = super::now();
+                    let started = std::time::Instant::now();
                     match volume.take_checkpoint(now) {
-                        Ok(Some(row)) => tracing::debug!(name = %row.name, "checkpoint taken"),
+                        // With the time writers waited (the gate, then the flush).
+                        Ok(Some(row)) => tracing::debug!(
+                            name = %row.name,
+                            ms = started.elapsed().as_millis() as u64,
+                            "checkpoint taken"
+                        ),
                         Ok(None) => {}
                         Err(e) => tracing::warn!(error = %e, "cannot take a checkpoint"),
                     }
