@@ -10,14 +10,13 @@
 //! directory. Locks: the snapshot table before the checkpoint table, the checkpoint table
 //! before the catalog.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::snapshots::{SNAPDIR, SNAPDIR_INO, XATTR_CREATED, XATTR_ID, XATTR_STATE};
 use super::{Attr, DirEntry, Error, NodeId, Result, SnapshotInfo, View, Volume, rfc3339};
 use crate::catalog::{CheckpointRow, ROOT_INO, ReadTx};
-use crate::sync::{RwLock, lock, read, write};
+use crate::sync::{lock, write};
 
 /// Name of the hidden checkpoint directory in `.snapshots`.
 pub const CHECKPOINTS_NAME: &[u8] = b".checkpoints";
@@ -169,58 +168,6 @@ pub fn describe_checkpoints(tx: &ReadTx<'_>) -> Result<CheckpointSpace> {
     })
 }
 
-/// The checkpoints by id, mirrored from the catalog.
-#[derive(Default)]
-pub(super) struct CheckpointTable {
-    rows: RwLock<BTreeMap<u64, CheckpointRow>>,
-}
-
-impl CheckpointTable {
-    pub fn reload(&self, load: impl FnOnce() -> Result<Vec<CheckpointRow>>) -> Result<()> {
-        let mut rows = write(&self.rows);
-        *rows = load()?.into_iter().map(|row| (row.id, row)).collect();
-        Ok(())
-    }
-
-    pub fn get(&self, id: u64) -> Option<CheckpointRow> {
-        read(&self.rows).get(&id).cloned()
-    }
-
-    pub fn by_name(&self, name: &[u8]) -> Result<CheckpointRow> {
-        read(&self.rows)
-            .values()
-            .find(|row| row.name.as_bytes() == name)
-            .cloned()
-            .ok_or(Error::NotFound)
-    }
-
-    /// Oldest first (ids grow with generations).
-    pub fn list(&self) -> Vec<CheckpointRow> {
-        read(&self.rows).values().cloned().collect()
-    }
-
-    /// Adds the checkpoint `create` makes in the catalog, if it makes one.
-    fn insert(
-        &self,
-        create: impl FnOnce() -> Result<Option<CheckpointRow>>,
-    ) -> Result<Option<CheckpointRow>> {
-        let mut rows = write(&self.rows);
-        let row = create()?;
-        if let Some(row) = &row {
-            rows.insert(row.id, row.clone());
-        }
-        Ok(row)
-    }
-
-    /// Removes checkpoint `id` once `delete` took it out of the catalog.
-    fn remove<T>(&self, id: u64, delete: impl FnOnce() -> Result<T>) -> Result<T> {
-        let mut rows = write(&self.rows);
-        let done = delete()?;
-        rows.remove(&id);
-        Ok(done)
-    }
-}
-
 impl Volume {
     pub(super) fn load_checkpoints(&self) -> Result<()> {
         self.checkpoints
@@ -230,21 +177,26 @@ impl Volume {
     /// Takes a checkpoint at time `now` if the live volume changed since the last
     /// checkpoint or snapshot; `None` if it did not. Like a snapshot it falls between two
     /// changes: writers are held while the buffers are flushed and the generation pinned.
+    /// The buffers are flushed once before, with writers running, so that only what they
+    /// wrote meanwhile is flushed while they wait: a streaming writer may hold 64 MiB.
     pub fn take_checkpoint(&self, now: i64) -> Result<Option<CheckpointRow>> {
+        self.flush_all()?;
         let _writers_held = write(&self.gate);
         self.flush_all()?;
-        let name = rfc3339(now);
-        // One per millisecond (the name's precision): a clock set back may repeat one.
-        if self.checkpoints.by_name(name.as_bytes()).is_ok() {
+        // Nothing changes meanwhile: writers are held.
+        if !lock(&self.catalog).read(|tx| tx.changed_since_pin())? {
             return Ok(None);
         }
-        self.checkpoints.insert(|| {
-            let mut catalog = lock(&self.catalog);
-            if !catalog.read(|tx| tx.changed_since_pin())? {
-                return Ok(None);
-            }
-            Ok(Some(catalog.create_checkpoint(&name, now)?))
-        })
+        let name = rfc3339(now);
+        let taken = self.checkpoints.insert(name.as_bytes(), || {
+            Ok(lock(&self.catalog).create_checkpoint(&name, now)?)
+        });
+        match taken {
+            Ok(row) => Ok(Some(row)),
+            // One per millisecond (the name's precision): a clock set back may repeat one.
+            Err(Error::Exists) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Drops the checkpoints `policy` no longer keeps at time `now`; returns how many.
@@ -322,8 +274,7 @@ impl Volume {
             Err(_) => self
                 .checkpoints
                 .get(id)
-                .map(|row| (row.generation, row.created))
-                .ok_or(Error::NotFound),
+                .map(|row| (row.generation, row.created)),
         }
     }
 
@@ -331,14 +282,14 @@ impl Volume {
     /// directory for a checkpoint.
     pub(super) fn pinned_parent(&self, id: u64) -> NodeId {
         match self.checkpoints.get(id) {
-            Some(_) => CHECKPOINT_DIR,
-            None => SNAPDIR,
+            Ok(_) => CHECKPOINT_DIR,
+            Err(_) => SNAPDIR,
         }
     }
 
     /// Whether view `id` is a checkpoint (read-only through and through: no tags).
     pub(super) fn is_checkpoint(&self, id: u64) -> bool {
-        self.checkpoints.get(id).is_some()
+        self.checkpoints.get(id).is_ok()
     }
 
     pub(super) fn checkpoint_dir_attr(&self) -> Result<Attr> {
@@ -398,7 +349,7 @@ impl Volume {
 
     /// Extended attributes of a checkpoint's root: its id, state and creation time.
     pub(super) fn checkpoint_xattrs(&self, id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let row = self.checkpoints.get(id).ok_or(Error::NotFound)?;
+        let row = self.checkpoints.get(id)?;
         Ok(vec![
             (XATTR_ID.to_vec(), row.id.to_string().into_bytes()),
             (XATTR_STATE.to_vec(), STATE.to_vec()),

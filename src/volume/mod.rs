@@ -30,7 +30,6 @@ use crate::sync::{Mutex, RwLock, lock};
 use crate::upload::{UploadEvent, UploadEvents};
 
 use block_reader::BlockReader;
-use checkpoints::CheckpointTable;
 pub use checkpoints::{
     CHECKPOINT_DIR, CHECKPOINTS_NAME, CheckpointInfo, CheckpointPolicy, CheckpointSpace,
     describe_checkpoints, parse_utc, thin,
@@ -41,7 +40,7 @@ pub use node::{
     permits,
 };
 use open_files::OpenFiles;
-use snapshot_table::SnapshotTable;
+use snapshot_table::{PinTable, SnapshotTable};
 pub use snapshots::{
     SNAPDIR, SNAPDIR_NAME, SnapshotHooks, SnapshotInfo, XATTR_HOOK_ERROR, describe, progress_text,
     rfc3339,
@@ -98,7 +97,7 @@ pub struct Volume {
     /// Snapshots by id, mirrored from the catalog.
     snapshots: SnapshotTable,
     /// Checkpoints by id, mirrored from the catalog (see `checkpoints`).
-    checkpoints: CheckpointTable,
+    checkpoints: PinTable<crate::catalog::CheckpointRow>,
     /// Listings taken at opendir, served by readdir until releasedir.
     dir_handles: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_dir_handle: AtomicU64,
@@ -247,7 +246,7 @@ impl Volume {
             block_size,
             files: OpenFiles::new(options.dirty_limit),
             snapshots: SnapshotTable::default(),
-            checkpoints: CheckpointTable::default(),
+            checkpoints: PinTable::default(),
             dir_handles: Mutex::new(HashMap::new()),
             next_dir_handle: AtomicU64::new(1),
             gc: RwLock::new(()),

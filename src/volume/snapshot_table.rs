@@ -1,5 +1,6 @@
 //! `SnapshotTable`: the volume's snapshots by id, mirrored from the catalog so that every
-//! request into a snapshot resolves its generation without a query.
+//! request into a snapshot resolves its generation without a query. The checkpoints have
+//! a table of the same kind (`PinTable<CheckpointRow>`).
 //!
 //! Changes go catalog first, with the table's lock held across both, so a reload racing a
 //! change can never undo it. Locks: the table before the catalog, never the other way.
@@ -7,67 +8,100 @@
 use std::collections::BTreeMap;
 
 use super::{Error, Result};
-use crate::catalog::SnapshotRow;
+use crate::catalog::{CheckpointRow, SnapshotRow};
 use crate::sync::{RwLock, read, write};
 
-#[derive(Default)]
-pub(super) struct SnapshotTable {
-    rows: RwLock<BTreeMap<u64, SnapshotRow>>,
+/// A catalog row pinning a generation under a name: a snapshot or a checkpoint.
+pub(super) trait Pin: Clone {
+    fn id(&self) -> u64;
+    fn name(&self) -> &[u8];
 }
 
-impl SnapshotTable {
+impl Pin for SnapshotRow {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn name(&self) -> &[u8] {
+        &self.name
+    }
+}
+
+impl Pin for CheckpointRow {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn name(&self) -> &[u8] {
+        self.name.as_bytes()
+    }
+}
+
+/// Pinned views by id, mirrored from the catalog.
+pub(super) struct PinTable<R> {
+    rows: RwLock<BTreeMap<u64, R>>,
+}
+
+impl<R> Default for PinTable<R> {
+    fn default() -> Self {
+        PinTable {
+            rows: RwLock::new(BTreeMap::new()),
+        }
+    }
+}
+
+pub(super) type SnapshotTable = PinTable<SnapshotRow>;
+
+impl<R: Pin> PinTable<R> {
     /// Replaces the table with what `load` reads from the catalog. The table stays locked
     /// meanwhile: a snapshot created or deleted concurrently updates it after this reload,
     /// instead of being undone by a read from before it.
-    pub fn reload(&self, load: impl FnOnce() -> Result<Vec<SnapshotRow>>) -> Result<()> {
+    pub fn reload(&self, load: impl FnOnce() -> Result<Vec<R>>) -> Result<()> {
         let mut rows = write(&self.rows);
-        *rows = load()?.into_iter().map(|row| (row.id, row)).collect();
+        *rows = load()?.into_iter().map(|row| (row.id(), row)).collect();
         Ok(())
     }
 
-    pub fn get(&self, id: u64) -> Result<SnapshotRow> {
+    pub fn get(&self, id: u64) -> Result<R> {
         read(&self.rows).get(&id).cloned().ok_or(Error::NotFound)
     }
 
-    pub fn by_name(&self, name: &[u8]) -> Result<SnapshotRow> {
+    pub fn by_name(&self, name: &[u8]) -> Result<R> {
         read(&self.rows)
             .values()
-            .find(|row| row.name == name)
+            .find(|row| row.name() == name)
             .cloned()
             .ok_or(Error::NotFound)
     }
 
-    pub fn list(&self) -> Vec<SnapshotRow> {
+    /// By id: oldest first.
+    pub fn list(&self) -> Vec<R> {
         read(&self.rows).values().cloned().collect()
     }
 
-    /// How many snapshots there are, and when the newest was taken.
-    pub fn count_and_latest(&self) -> (usize, Option<i64>) {
-        let rows = read(&self.rows);
-        (rows.len(), rows.values().map(|s| s.created).max())
-    }
-
-    /// Adds the snapshot `create` makes in the catalog, unless the name is taken.
-    pub fn insert(
-        &self,
-        name: &[u8],
-        create: impl FnOnce() -> Result<SnapshotRow>,
-    ) -> Result<SnapshotRow> {
+    /// Adds the row `create` makes in the catalog, unless the name is taken.
+    pub fn insert(&self, name: &[u8], create: impl FnOnce() -> Result<R>) -> Result<R> {
         let mut rows = write(&self.rows);
-        if rows.values().any(|row| row.name == name) {
+        if rows.values().any(|row| row.name() == name) {
             return Err(Error::Exists);
         }
         let row = create()?;
-        rows.insert(row.id, row.clone());
+        rows.insert(row.id(), row.clone());
         Ok(row)
     }
 
-    /// Removes snapshot `id` once `delete` took it out of the catalog.
+    /// Removes row `id` once `delete` took it out of the catalog.
     pub fn remove<T>(&self, id: u64, delete: impl FnOnce() -> Result<T>) -> Result<T> {
         let mut rows = write(&self.rows);
         let done = delete()?;
         rows.remove(&id);
         Ok(done)
+    }
+}
+
+impl SnapshotTable {
+    /// How many snapshots there are, and when the newest was taken.
+    pub fn count_and_latest(&self) -> (usize, Option<i64>) {
+        let rows = read(&self.rows);
+        (rows.len(), rows.values().map(|s| s.created).max())
     }
 
     /// Renames snapshot `name` once `rename` renamed it in the catalog; a taken name is
