@@ -107,8 +107,8 @@ impl CheckpointCommand {
                 let checkpoint = match (name, at) {
                     (Some(name), _) => name,
                     (None, Some(at)) => {
-                        let names = control::checkpoint_names(&mountpoint)?;
-                        control::checkpoint_at(&names, &volume::rfc3339(parse_time(&at)?))?
+                        let at = volume::rfc3339(parse_time(&at)?);
+                        control::checkpoint_at(&control::checkpoint_names(&mountpoint)?, &at)?
                     }
                     (None, None) => return Err("name a checkpoint or give --at TIME".into()),
                 };
