@@ -205,6 +205,11 @@ fn checkpoints_stay_out_of_snapshots_and_the_store() {
         "checkpoint list",
     );
     assert!(text.contains("only checkpoints hold 256.0 KiB"), "{text}");
+    // The volume's invariants hold in every checkpoint's view too.
+    ok(
+        run(snapfs().args(["verify", "--mount"]).arg(mount.path())),
+        "verify beside the mount",
+    );
 }
 
 /// Hex block hashes of data cut into blocks.
