@@ -21,6 +21,10 @@ pub enum ControlError {
     Exists(String),
     #[error("no snapshot named '{0}'")]
     NoSuchSnapshot(String),
+    #[error("no checkpoint named '{0}' (see `snapfs checkpoint list`)")]
+    NoSuchCheckpoint(String),
+    #[error("no checkpoint at or before {0}")]
+    NoCheckpointBefore(String),
     #[error(
         "invalid snapshot name '{0}': names are 1 to 255 bytes, without '/', not starting with '.'"
     )]
@@ -160,6 +164,67 @@ pub fn undelete_snapshot(
         Some(libc::EEXIST | libc::ENOTEMPTY) => ControlError::NameTaken(target.to_owned()),
         _ => ControlError::Io {
             what: "cannot undelete snapshot",
+            path: from.clone(),
+            source,
+        },
+    })
+}
+
+/// The hidden directory of checkpoints, `.snapshots/.checkpoints`.
+fn checkpoint_dir(mountpoint: &Path) -> Result<PathBuf, ControlError> {
+    Ok(snapdir(mountpoint)?.join(".checkpoints"))
+}
+
+/// The names of the checkpoints of the volume mounted at `mountpoint`, oldest first
+/// (their names are sortable UTC times).
+pub fn checkpoint_names(mountpoint: &Path) -> Result<Vec<String>, ControlError> {
+    let dir = checkpoint_dir(mountpoint)?;
+    let io_err = |source| ControlError::Io {
+        what: "cannot list checkpoints in",
+        path: dir.clone(),
+        source,
+    };
+    let mut names = Vec::new();
+    for entry in fs::read_dir(&dir).map_err(io_err)? {
+        names.push(
+            entry
+                .map_err(io_err)?
+                .file_name()
+                .to_string_lossy()
+                .into_owned(),
+        );
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The newest checkpoint taken at or before `time` (a name: UTC, sortable), if any.
+pub fn checkpoint_at(names: &[String], time: &str) -> Result<String, ControlError> {
+    names
+        .iter()
+        .rfind(|name| name.as_str() <= time)
+        .cloned()
+        .ok_or_else(|| ControlError::NoCheckpointBefore(time.to_owned()))
+}
+
+/// Promotes checkpoint `checkpoint` of the volume mounted at `mountpoint` to snapshot
+/// `name`: renamed from `.snapshots/.checkpoints` into `.snapshots`, it is uploaded.
+pub fn promote_checkpoint(
+    mountpoint: &Path,
+    checkpoint: &str,
+    name: &str,
+) -> Result<(), ControlError> {
+    let to = snapshot_path(mountpoint, name)?;
+    if checkpoint.is_empty() || checkpoint.contains('/') {
+        return Err(ControlError::NoSuchCheckpoint(checkpoint.to_owned()));
+    }
+    let from = checkpoint_dir(mountpoint)?.join(checkpoint);
+    fs::rename(&from, &to).map_err(|source| match source.raw_os_error() {
+        Some(libc::ENOENT) => ControlError::NoSuchCheckpoint(checkpoint.to_owned()),
+        Some(libc::EEXIST | libc::ENOTEMPTY) => ControlError::Exists(name.to_owned()),
+        Some(libc::EINVAL) => ControlError::BadName(name.to_owned()),
+        _ => ControlError::Io {
+            what: "cannot promote checkpoint",
             path: from.clone(),
             source,
         },

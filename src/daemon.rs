@@ -54,6 +54,8 @@ pub struct MountArgs {
     /// `--trash-days`: how long deleted snapshots stay in the recycle bin (remembered;
     /// zero turns the bin off).
     pub trash_retention: Option<Duration>,
+    /// `--checkpoint-every` and `--checkpoint-window` (`None`: no checkpoints).
+    pub checkpoints: Option<volume::CheckpointPolicy>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,6 +285,11 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
         .spawn_flusher(FLUSH_AGE)
         .and_then(|()| volume.spawn_committer(args.commit_interval))
         .map_err(MountError::Daemon)?;
+    if let Some(policy) = args.checkpoints {
+        volume
+            .spawn_checkpointer(policy)
+            .map_err(MountError::Daemon)?;
+    }
     hooks::install(&volume, &args.hooks, &args.mountpoint)?;
     if let Some(retention) = args.trash_retention {
         volume.remember_trash_retention(retention)?;

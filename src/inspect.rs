@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::catalog::{Catalog, EntryChange, LIVE, ReadTx};
 use crate::policy::Policy;
 use crate::volume::retention::Verdict;
-use crate::volume::{Error, Result, SnapshotInfo, describe};
+use crate::volume::{CheckpointSpace, Error, Result, SnapshotInfo, describe, describe_checkpoints};
 
 /// One difference between two points in time, as `zfs diff` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +78,11 @@ impl Inspector {
     pub fn retention_plan(&self) -> Result<Option<(Policy, Vec<Verdict>)>> {
         self.catalog
             .read(|tx| crate::volume::retention_plan(tx, tx.snapshots()?, crate::volume::now()))
+    }
+
+    /// The checkpoints, oldest first, with what they cost.
+    pub fn checkpoints(&self) -> Result<CheckpointSpace> {
+        self.catalog.read(describe_checkpoints)
     }
 
     fn generation_of(&self, name: &[u8]) -> Result<u64> {

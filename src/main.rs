@@ -66,6 +66,10 @@ enum Command {
     /// Take snapshots on a schedule and delete old ones by rules (restic's forget --keep-*).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// List the local checkpoints a mount takes while the volume changes, and promote one
+    /// to a snapshot.
+    #[command(subcommand)]
+    Checkpoint(checkpoint::CheckpointCommand),
     /// Restore a snapshot, or a file or directory in one: contents, modes, owners (as
     /// root), times, xattrs, hard links, symlinks and holes. Every block is verified.
     #[command(after_help = "Examples:\n  \
@@ -555,6 +559,30 @@ struct MountCommand {
     /// The volume remembers it; 0 turns the bin off.
     #[arg(long, value_name = "DURATION", value_parser = lifecycle::parse_trash_days)]
     trash_days: Option<std::time::Duration>,
+    /// Take a local checkpoint this often while the volume changes (an idle volume takes
+    /// none), e.g. 5s or 1m; `off` for none. Checkpoints are never uploaded: browse them
+    /// in MOUNTPOINT/.snapshots/.checkpoints, promote one with `snapfs checkpoint promote`.
+    #[arg(long, value_name = "DURATION|off", default_value = "10s",
+          value_parser = parse_checkpoint_every)]
+    checkpoint_every: CheckpointEvery,
+    /// How long checkpoints are kept: all of them for its newest sixth, then one per
+    /// sixtieth of it (with 1h: all for 10 min, then one a minute), none beyond it.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    checkpoint_window: std::time::Duration,
+}
+
+/// `--checkpoint-every`: `None` for no checkpoints.
+#[derive(Clone, Copy)]
+struct CheckpointEvery(Option<std::time::Duration>);
+
+/// A duration, or `off` (or 0) for no checkpoints.
+fn parse_checkpoint_every(text: &str) -> Result<CheckpointEvery, String> {
+    if text.trim() == "off" {
+        return Ok(CheckpointEvery(None));
+    }
+    Ok(CheckpointEvery(
+        Some(parse_duration(text)?).filter(|every| !every.is_zero()),
+    ))
 }
 
 impl MountCommand {
@@ -587,6 +615,14 @@ impl MountCommand {
             commit_interval: std::time::Duration::from_millis(self.commit_interval),
             hooks: self.hooks.options(),
             trash_retention: self.trash_days,
+            checkpoints: self
+                .checkpoint_every
+                .0
+                .filter(|_| !self.checkpoint_window.is_zero())
+                .map(|every| volume::CheckpointPolicy {
+                    every,
+                    window: self.checkpoint_window,
+                }),
         })?;
         Ok(())
     }
@@ -626,6 +662,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             json,
         }) => policy_cli::show(mountpoint, data, json)?,
         Command::Policy(PolicyCommand::Clear { mountpoint }) => policy_cli::clear(&mountpoint)?,
+        Command::Checkpoint(command) => command.run()?,
         Command::Restore {
             what,
             dest,
@@ -1326,6 +1363,9 @@ mod json;
 mod lifecycle;
 #[path = "cli/policy.rs"]
 mod policy_cli;
+
+#[path = "cli/checkpoint.rs"]
+mod checkpoint;
 
 /// The command line, or what mount(8)'s helper conventions stand for (see `mount_helper`).
 fn parse_command_line() -> Result<Option<Cli>, String> {

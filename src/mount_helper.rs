@@ -20,7 +20,7 @@ pub const MOUNT_NAMES: [&str; 2] = ["mount.fuse.snapfs", "mount.snapfs"];
 pub const UMOUNT_NAMES: [&str; 2] = ["umount.fuse.snapfs", "umount.snapfs"];
 
 /// snapfs mount options that take a value, and the `snapfs mount` flag each becomes.
-const VALUE_OPTIONS: [(&str, &str); 14] = [
+const VALUE_OPTIONS: [(&str, &str); 17] = [
     ("store", "--store"),
     ("cache_size", "--cache-size"),
     ("upload_limit", "--upload-limit"),
@@ -35,6 +35,9 @@ const VALUE_OPTIONS: [(&str, &str); 14] = [
     ("post_snapshot", "--post-snapshot"),
     ("hook_timeout", "--hook-timeout"),
     ("pre_snapshot_failure", "--pre-snapshot-failure"),
+    ("checkpoint_every", "--checkpoint-every"),
+    ("checkpoint_window", "--checkpoint-window"),
+    ("trash_days", "--trash-days"),
 ];
 /// snapfs mount options without a value. `ro` is a read-only mount following the store.
 const FLAG_OPTIONS: [(&str, &str); 2] = [("allow_other", "--allow-other"), ("ro", "--read-only")];

@@ -6,6 +6,7 @@
 //! change the live generation: a row born in it is changed in place, an older one is
 //! retired (`death = G`) and replaced, so every snapshot keeps seeing what it saw.
 
+mod checkpoints;
 mod lifecycle;
 mod policy;
 mod schema;
@@ -13,6 +14,7 @@ mod status;
 mod upload;
 mod verify;
 
+pub use checkpoints::CheckpointRow;
 pub use lifecycle::{LockMode, SnapshotLock, Trash};
 pub use status::{LocalUsage, Outstanding};
 pub use verify::{BlockRecord, Finding};
@@ -697,6 +699,21 @@ impl Catalog {
         created: i64,
         state: SnapshotState,
     ) -> Result<SnapshotRow> {
+        self.pin_generation(name, created, &state, SNAPSHOT_COLUMNS, |r| {
+            SnapshotRow::try_from(r)
+        })
+    }
+
+    /// Inserts a `snapshots` row (in `state`) pinning the live generation, starts the
+    /// next one, and returns the row's `columns` decoded by `decode`.
+    fn pin_generation<T>(
+        &mut self,
+        name: &[u8],
+        created: i64,
+        state: &dyn ToSql,
+        columns: &str,
+        decode: impl FnOnce(&Row<'_>) -> Result<T>,
+    ) -> Result<T> {
         self.commit()?;
         let g = self.generation;
         let tx = self
@@ -706,10 +723,10 @@ impl Catalog {
             &format!(
                 "INSERT INTO snapshots (name, generation, created, state, logical_bytes)
                  VALUES (?1, ?2, ?3, ?4, (SELECT value FROM meta WHERE key = 'live_bytes'))
-                 RETURNING {SNAPSHOT_COLUMNS}"
+                 RETURNING {columns}"
             ),
             params![name, g, created, state],
-            |r| Ok(SnapshotRow::try_from(r)),
+            |r| Ok(decode(r)),
         )??;
         tx.execute(
             "UPDATE meta SET value = ?1 WHERE key = 'generation'",
@@ -720,8 +737,8 @@ impl Catalog {
         Ok(row)
     }
 
-    /// Deletes snapshot `id` and every row only it could see (see `exclusive_rows`).
-    /// Returns the blocks no longer referenced, for the caller to delete.
+    /// Deletes snapshot (or checkpoint) `id` and every row only it could see (see
+    /// `exclusive_rows`). Returns the blocks no longer referenced, for the caller to delete.
     pub fn delete_snapshot(&mut self, id: u64) -> Result<Vec<BlockHash>> {
         self.commit()?;
         let live = self.generation;
@@ -731,12 +748,19 @@ impl Catalog {
         let freed = {
             let t = WriteTx::new(&tx, live);
             let bounds = t.snapshot_bounds(id)?;
-            tx.execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
+            let state: String = tx.query_row(
+                "DELETE FROM snapshots WHERE id = ?1 RETURNING state",
+                [id],
+                |r| r.get(0),
+            )?;
             for table in ["inodes", "dentries", "blockmap", "xattrs"] {
                 let sql = format!("DELETE FROM {table} WHERE {}", exclusive_rows("", &bounds));
                 tx.execute(&sql, [])?;
             }
-            t.forget_snapshot_objects(id, bounds.generation)?;
+            // A checkpoint was never uploaded: it has no store object to forget.
+            if state != checkpoints::CHECKPOINT {
+                t.forget_snapshot_objects(id, bounds.generation)?;
+            }
             t.take_unreferenced_blocks()?
         };
         tx.commit()?;
@@ -1194,8 +1218,9 @@ impl ReadTx<'_> {
         Ok(Some(path))
     }
 
+    /// The snapshots, without the checkpoints (see `checkpoints`).
     pub fn snapshots(&self) -> Result<Vec<SnapshotRow>> {
-        self.snapshot_rows("ORDER BY id")
+        self.snapshot_rows("WHERE state != 'checkpoint' ORDER BY id")
     }
 
     /// The snapshots a clause (`WHERE ... ORDER BY ...`) selects.

@@ -4,7 +4,7 @@
 //! generation G (`death IS NULL`), snapshot g sees `birth <= g AND (death IS NULL OR death > g)`.
 
 /// Migrations in order; `MIGRATIONS[i]` takes the schema from version i to i + 1.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4_POLICY, V5_LIFECYCLE];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4_POLICY, V5_LIFECYCLE, V6_CHECKPOINTS];
 
 const V1: &str = r#"
 CREATE TABLE meta (
@@ -219,4 +219,13 @@ CREATE TRIGGER snapshots_lifecycle AFTER UPDATE OF deleted, lock_mode, lock_unti
 ON snapshots BEGIN
     UPDATE snapshots SET manifest_version = manifest_version + 1 WHERE id = NEW.id;
 END;
+"#;
+
+/// Continuous checkpoints: local-only pins of a generation, rows of `snapshots` in state
+/// `checkpoint` (never uploaded: every upload query selects `pending` or `completed`;
+/// every query over pinned generations sees them). Their names start with '.', which
+/// snapshot names cannot, so a checkpoint never takes a snapshot's name. The version bump
+/// makes an older snapfs refuse this catalog instead of choking on the new state.
+const V6_CHECKPOINTS: &str = r#"
+CREATE INDEX snapshots_checkpoints ON snapshots(created) WHERE state = 'checkpoint';
 "#;

@@ -336,6 +336,10 @@ impl WriteTx<'_> {
 
     /// Marks snapshot `id` (generation `g`) completed, recording the directory trees its
     /// manifest wrote and retiring those of directories it no longer has.
+    ///
+    /// A promoted checkpoint may complete after newer snapshots did: its trees then hold
+    /// only up to the next completed snapshot, and a tree it replaces is restored from
+    /// there on, so every completed snapshot keeps seeing the trees of its own manifest.
     pub fn complete_snapshot(
         &self,
         id: u64,
@@ -343,25 +347,48 @@ impl WriteTx<'_> {
         trees: &[(u64, BlockHash)],
         removed: &[u64],
     ) -> Result<()> {
-        let mut current = self
-            .conn
-            .prepare_cached("SELECT hash FROM dir_trees WHERE ino = ?1 AND death IS NULL")?;
+        let next: Option<u64> = self.conn.query_row(
+            "SELECT min(generation) FROM snapshots WHERE generation > ?1 AND state = 'completed'",
+            [g],
+            |r| r.get(0),
+        )?;
+        let mut current = self.conn.prepare_cached(
+            "SELECT birth, death, hash FROM dir_trees
+             WHERE ino = ?1 AND birth <= ?2 AND (death IS NULL OR death > ?2)",
+        )?;
         let mut retire = self
             .conn
-            .prepare_cached("UPDATE dir_trees SET death = ?2 WHERE ino = ?1 AND death IS NULL")?;
-        let mut insert = self
-            .conn
-            .prepare_cached("INSERT INTO dir_trees (ino, birth, hash) VALUES (?1, ?2, ?3)")?;
-        for (ino, hash) in trees {
-            let existing: Option<Vec<u8>> = current.query_row([ino], |r| r.get(0)).optional()?;
-            if existing.as_deref() == Some(hash.as_bytes().as_slice()) {
-                continue;
+            .prepare_cached("UPDATE dir_trees SET death = ?3 WHERE ino = ?1 AND birth = ?2")?;
+        let mut insert = self.conn.prepare_cached(
+            "INSERT INTO dir_trees (ino, birth, death, hash) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let mut replace = |ino: u64, hash: Option<&BlockHash>| -> Result<()> {
+            type Found = (u64, Option<u64>, Vec<u8>);
+            let existing: Option<Found> = current
+                .query_row(params![ino, g], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            if let Some((birth, death, old)) = &existing {
+                if hash.is_some_and(|h| h.as_bytes().as_slice() == old.as_slice()) {
+                    return Ok(());
+                }
+                retire.execute(params![ino, birth, g])?;
+                // Completed snapshots from `next` on saw the old tree: it holds for them.
+                if let Some(next) = next
+                    && death.is_none_or(|death| death > next)
+                {
+                    insert.execute(params![ino, next, death, old])?;
+                }
             }
-            retire.execute(params![ino, g])?;
-            insert.execute(params![ino, g, hash.as_bytes()])?;
+            if let Some(hash) = hash {
+                insert.execute(params![ino, g, next, hash.as_bytes()])?;
+            }
+            Ok(())
+        };
+        for (ino, hash) in trees {
+            replace(*ino, Some(hash))?;
         }
         for ino in removed {
-            retire.execute(params![ino, g])?;
+            replace(*ino, None)?;
         }
         self.conn.execute(
             "UPDATE snapshots SET state = 'completed', error = NULL WHERE id = ?1",

@@ -127,13 +127,20 @@ impl ReadTx<'_> {
         check(
             "snapshots in an unknown state or not older than the live generation".into(),
             "SELECT name, state, 'generation', generation FROM snapshots
-             WHERE state NOT IN ('pending', 'completed', 'failed') OR generation >= ?1",
+             WHERE state NOT IN ('pending', 'completed', 'failed', 'checkpoint')
+                OR generation >= ?1",
             &[Value::Integer(g as i64)],
         )?;
         let mut views = vec![("the live volume".to_owned(), super::LIVE)];
         for snapshot in self.snapshots()? {
             let name = String::from_utf8_lossy(&snapshot.name).into_owned();
             views.push((format!("snapshot {name}"), snapshot.generation));
+        }
+        for checkpoint in self.checkpoints()? {
+            views.push((
+                format!("checkpoint {}", checkpoint.name),
+                checkpoint.generation,
+            ));
         }
         for (view, at) in views {
             let at = [Value::Integer(at as i64), Value::Integer(block_size as i64)];

@@ -534,3 +534,93 @@ fn stopping_records_every_block_that_landed_and_sends_no_more() {
         "every block object in the store is recorded as sent"
     );
 }
+
+/// The block hashes of file `name` in directory `dir` of snapshot `id`'s manifest.
+fn file_blocks(t: &Setup, id: u64, dir: &str, name: &str) -> Vec<(u64, BlockHash)> {
+    let (_, root) = t.manifest(id);
+    let entry = root
+        .iter()
+        .find(|e| e.name == dir.as_bytes())
+        .expect("directory in the manifest");
+    let Content::Tree(tree) = &entry.content else {
+        panic!("{dir} without a tree")
+    };
+    let entries = t.tree(tree);
+    let file = entries
+        .iter()
+        .find(|e| e.name == name.as_bytes())
+        .expect("file in the directory");
+    blocks_of(file).to_vec()
+}
+
+fn hashes(data: &[u8]) -> Vec<(u64, BlockHash)> {
+    data.chunks(BLOCK)
+        .enumerate()
+        .map(|(i, chunk)| (i as u64, BlockHash::of(chunk)))
+        .collect()
+}
+
+/// A checkpoint is never uploaded; promoted after a newer snapshot completed, it gets a
+/// manifest of its own point in time, and the manifests after it keep reusing the trees
+/// of their own base, not the promoted one's.
+#[test]
+fn a_checkpoint_promoted_after_newer_snapshots_gets_a_correct_manifest() {
+    let t = Setup::new();
+    let (d1, d2) = (t.mkdir("d1"), t.mkdir("d2"));
+    t.write(d1, "f", &pattern(2 * BLOCK, 1));
+    t.write(d2, "g", &pattern(BLOCK, 2));
+    t.snapshot("s1");
+    t.upload();
+    t.write(d1, "f", &pattern(2 * BLOCK, 3));
+    let checkpoint = t
+        .volume
+        .take_checkpoint(1_000_000_000)
+        .expect("checkpoint")
+        .expect("taken");
+    let keys_before = t.keys("");
+    assert!(t.upload().is_empty(), "a checkpoint is not uploaded");
+    assert_eq!(t.keys(""), keys_before, "nothing of it reaches the store");
+    t.write(d1, "f", &pattern(2 * BLOCK, 4));
+    t.write(d2, "g", &pattern(BLOCK, 5));
+    let s2 = t.snapshot("s2");
+    assert_eq!(t.upload(), vec![(s2, Outcome::Completed)]);
+
+    let promoted = t
+        .volume
+        .promote_checkpoint(checkpoint.name.as_bytes(), b"p")
+        .expect("promote");
+    assert_eq!(promoted.state, "pending");
+    assert_eq!(t.upload(), vec![(promoted.id, Outcome::Completed)]);
+    assert_eq!(
+        file_blocks(&t, promoted.id, "d1", "f"),
+        hashes(&pattern(2 * BLOCK, 3))
+    );
+    assert_eq!(
+        file_blocks(&t, promoted.id, "d2", "g"),
+        hashes(&pattern(BLOCK, 2))
+    );
+    for key in t.keys("blocks/") {
+        assert_eq!(t.store.put_count(&key), 1, "{key} sent once");
+    }
+
+    // s3 changes only d2: its d1 is s2's (the promoted one rewrote d1 after s2 did).
+    t.write(d2, "h", b"new");
+    let s3 = t.snapshot("s3");
+    assert_eq!(t.upload(), vec![(s3, Outcome::Completed)]);
+    assert_eq!(file_blocks(&t, s3, "d2", "g"), hashes(&pattern(BLOCK, 5)));
+    assert_eq!(
+        file_blocks(&t, s3, "d1", "f"),
+        hashes(&pattern(2 * BLOCK, 4))
+    );
+    // Deleting the promoted snapshot leaves the others whole.
+    t.volume.delete_snapshot(b"p").expect("delete");
+    t.upload();
+    assert_eq!(file_blocks(&t, s2, "d2", "g"), hashes(&pattern(BLOCK, 5)));
+    let s4 = t.snapshot("s4");
+    t.write(d2, "i", b"more");
+    assert_eq!(t.upload(), vec![(s4, Outcome::Completed)]);
+    assert_eq!(
+        file_blocks(&t, s4, "d1", "f"),
+        hashes(&pattern(2 * BLOCK, 4))
+    );
+}

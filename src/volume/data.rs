@@ -392,8 +392,20 @@ impl Volume {
 
     /// Writes a file's buffered changes to the block store and the catalog, in one
     /// transaction. On failure the buffers stay, so nothing is lost and a later flush
-    /// retries.
+    /// retries. On a full data dir the oldest checkpoints go first, then the oldest
+    /// snapshots of the recycle bin, one at a time, before the writer sees ENOSPC.
     pub(super) fn flush_locked(&self, ino: u64, state: &mut FileState) -> Result<()> {
+        loop {
+            match self.flush_once(ino, state) {
+                Err(e)
+                    if e.errno() == libc::ENOSPC
+                        && (self.drop_oldest_checkpoint()? || self.purge_oldest_trash()?) => {}
+                result => return result,
+            }
+        }
+    }
+
+    fn flush_once(&self, ino: u64, state: &mut FileState) -> Result<()> {
         if !state.changed {
             return Ok(());
         }
@@ -443,11 +455,6 @@ impl Volume {
                 .map(|(_, block)| BlockHash::of(block))
                 .collect();
             self.remove_unadopted(&hashes)?;
-            // A full data dir gives up the oldest snapshot of the recycle bin (then the
-            // next) before a writer gets ENOSPC.
-            if e.errno() == libc::ENOSPC && self.purge_oldest_trash()? {
-                return self.flush_locked(ino, state);
-            }
             return Err(e);
         }
         self.files.discard_buffers(state);

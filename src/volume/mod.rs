@@ -3,6 +3,7 @@
 //! directly; `fuse.rs` only translates requests into these calls.
 
 mod block_reader;
+mod checkpoints;
 mod data;
 pub mod error;
 mod import;
@@ -35,6 +36,10 @@ use crate::sync::{Mutex, RwLock, lock};
 use crate::upload::{UploadEvent, UploadEvents};
 
 use block_reader::BlockReader;
+pub use checkpoints::{
+    CHECKPOINT_DIR, CHECKPOINTS_NAME, CheckpointInfo, CheckpointPolicy, CheckpointSpace,
+    describe_checkpoints, parse_utc, thin,
+};
 pub use error::{Error, Result};
 pub use locks::{
     XATTR_LOCK, format as format_lock, holds as lock_holds, parse as parse_lock, parse_time,
@@ -46,7 +51,7 @@ pub use node::{
 use open_files::OpenFiles;
 pub use policy::{PolicyRun, Pruned, Scheduler, XATTR_POLICY, XATTR_PRUNE, retention_plan};
 pub use ranges::CopyRange;
-use snapshot_table::SnapshotTable;
+use snapshot_table::{PinTable, SnapshotTable};
 pub use snapshots::{
     SNAPDIR, SNAPDIR_NAME, SnapshotHooks, SnapshotInfo, XATTR_HOOK_ERROR, describe, progress_text,
     rfc3339,
@@ -107,6 +112,8 @@ pub struct Volume {
     files: OpenFiles,
     /// Snapshots by id, mirrored from the catalog.
     snapshots: SnapshotTable,
+    /// Checkpoints by id, mirrored from the catalog (see `checkpoints`).
+    checkpoints: PinTable<crate::catalog::CheckpointRow>,
     /// Listings taken at opendir, served by readdir until releasedir.
     dir_handles: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_dir_handle: AtomicU64,
@@ -259,6 +266,7 @@ impl Volume {
             block_size,
             files: OpenFiles::new(options.dirty_limit),
             snapshots: SnapshotTable::default(),
+            checkpoints: PinTable::default(),
             dir_handles: Mutex::new(HashMap::new()),
             next_dir_handle: AtomicU64::new(1),
             gc: RwLock::new(()),
@@ -272,6 +280,7 @@ impl Volume {
             schedule: Arc::default(),
         };
         volume.load_snapshots()?;
+        volume.load_checkpoints()?;
         volume.remove_orphans()?;
         let marker = dir.join(RUNNING_MARKER);
         if marker.exists() {
@@ -448,7 +457,7 @@ impl Volume {
     fn view_generation(&self, view: View) -> Result<u64> {
         match view {
             View::Live => Ok(LIVE),
-            View::Snapshot(id) => Ok(self.snapshots.get(id)?.generation),
+            View::Snapshot(id) => Ok(self.pinned(id)?.0),
         }
     }
 
@@ -458,6 +467,9 @@ impl Volume {
             View::Live if node == trash::TRASHDIR => Err(Error::ReadOnly),
             View::Live if node == SNAPDIR => Err(Error::NotPermitted(
                 "only mkdir, rmdir and rename work in .snapshots",
+            )),
+            View::Live if node == CHECKPOINT_DIR => Err(Error::NotPermitted(
+                "checkpoints are read-only: rename one into .snapshots to promote it",
             )),
             View::Live => Ok(()),
             View::Snapshot(_) => Err(Error::ReadOnly),

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use super::checkpoints::{CHECKPOINT_DIR, CHECKPOINTS_NAME};
 use super::snapshots::SNAPDIR;
 use super::trash::{TRASHDIR, TRASHDIR_NAME};
 use super::{
@@ -23,6 +24,9 @@ impl Volume {
         if node == TRASHDIR {
             return self.trashdir_attr();
         }
+        if node == CHECKPOINT_DIR {
+            return self.checkpoint_dir_attr();
+        }
         self.node_attr(node.view, &self.row(node)?)
     }
 
@@ -38,16 +42,20 @@ impl Volume {
                 b"." => self.getattr(SNAPDIR),
                 b".." => self.getattr(NodeId::live(ROOT_INO)),
                 TRASHDIR_NAME => self.trashdir_attr(),
+                CHECKPOINTS_NAME => self.getattr(CHECKPOINT_DIR),
                 _ => self.getattr(NodeId {
                     view: View::Snapshot(self.snapshots.by_name(name)?.id),
                     ino: ROOT_INO,
                 }),
             };
         }
+        if parent == CHECKPOINT_DIR {
+            return self.checkpoint_lookup(name);
+        }
         let is_root = parent.ino == ROOT_INO;
         match (parent.view, name) {
             (View::Live, SNAPDIR_NAME) if is_root => return self.getattr(SNAPDIR),
-            (View::Snapshot(_), b"..") if is_root => return self.getattr(SNAPDIR),
+            (View::Snapshot(id), b"..") if is_root => return self.getattr(self.pinned_parent(id)),
             _ => {}
         }
         let view = self.view_generation(parent.view)?;
@@ -345,6 +353,14 @@ impl Volume {
                 )),
             };
         }
+        if parent == CHECKPOINT_DIR || new_parent == CHECKPOINT_DIR {
+            return match (parent == CHECKPOINT_DIR, new_parent == SNAPDIR, flags) {
+                (true, true, 0) => self.promote_checkpoint(name, new_name).map(drop),
+                _ => Err(Error::NotPermitted(
+                    "a checkpoint only moves into .snapshots, as a snapshot",
+                )),
+            };
+        }
         match (parent == SNAPDIR, new_parent == SNAPDIR) {
             (true, true) if flags == 0 => return self.rename_snapshot(name, new_name),
             (true, true) => return Err(Error::Invalid("snapshots take no rename flags")),
@@ -455,6 +471,8 @@ impl Volume {
             self.snapdir_entries()?
         } else if node == TRASHDIR {
             self.trashdir_entries()?
+        } else if node == CHECKPOINT_DIR {
+            self.checkpoint_dir_entries()?
         } else {
             self.dir_entries(node)?
         };
@@ -511,7 +529,7 @@ impl Volume {
                     name: SNAPDIR_NAME.to_vec(),
                     attr: self.snapdir_attr(&dir[0]),
                 }),
-                View::Snapshot(_) => entries[1].attr = self.getattr(SNAPDIR)?,
+                View::Snapshot(id) => entries[1].attr = self.getattr(self.pinned_parent(id))?,
                 View::Live => {}
             }
         }
@@ -556,7 +574,7 @@ impl Volume {
     }
 
     pub fn listxattr(&self, node: NodeId) -> Result<Vec<Vec<u8>>> {
-        if node == SNAPDIR || node == TRASHDIR {
+        if node == SNAPDIR || node == TRASHDIR || node == CHECKPOINT_DIR {
             return Ok(Vec::new());
         }
         let view = self.view_generation(node.view)?;

@@ -1,5 +1,6 @@
 //! `SnapshotTable`: the volume's snapshots by id, mirrored from the catalog so that every
-//! request into a snapshot resolves its generation without a query.
+//! request into a snapshot resolves its generation without a query. The checkpoints have
+//! a table of the same kind (`PinTable<CheckpointRow>`).
 //!
 //! Snapshots in the recycle bin are here too (requests into them resolve the same way),
 //! in a name space of their own: lookups by name, listings and counts see one or the
@@ -11,62 +12,125 @@
 use std::collections::BTreeMap;
 
 use super::{Error, Result};
-use crate::catalog::SnapshotRow;
+use crate::catalog::{CheckpointRow, SnapshotRow};
 use crate::sync::{RwLock, read, write};
 
-#[derive(Default)]
-pub(super) struct SnapshotTable {
-    rows: RwLock<BTreeMap<u64, SnapshotRow>>,
+/// A catalog row pinning a generation under a name: a snapshot or a checkpoint.
+pub(super) trait Pin: Clone {
+    fn id(&self) -> u64;
+    fn name(&self) -> &[u8];
+    /// In the recycle bin: its name is in the bin's name space.
+    fn in_trash(&self) -> bool;
 }
 
-impl SnapshotTable {
+impl Pin for SnapshotRow {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn name(&self) -> &[u8] {
+        &self.name
+    }
+    fn in_trash(&self) -> bool {
+        self.trash.is_some()
+    }
+}
+
+impl Pin for CheckpointRow {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn name(&self) -> &[u8] {
+        self.name.as_bytes()
+    }
+    fn in_trash(&self) -> bool {
+        false
+    }
+}
+
+/// Pinned views by id, mirrored from the catalog.
+pub(super) struct PinTable<R> {
+    rows: RwLock<BTreeMap<u64, R>>,
+}
+
+impl<R> Default for PinTable<R> {
+    fn default() -> Self {
+        PinTable {
+            rows: RwLock::new(BTreeMap::new()),
+        }
+    }
+}
+
+pub(super) type SnapshotTable = PinTable<SnapshotRow>;
+
+impl<R: Pin> PinTable<R> {
     /// Replaces the table with what `load` reads from the catalog. The table stays locked
     /// meanwhile: a snapshot created or deleted concurrently updates it after this reload,
     /// instead of being undone by a read from before it.
-    pub fn reload(&self, load: impl FnOnce() -> Result<Vec<SnapshotRow>>) -> Result<()> {
+    pub fn reload(&self, load: impl FnOnce() -> Result<Vec<R>>) -> Result<()> {
         let mut rows = write(&self.rows);
-        *rows = load()?.into_iter().map(|row| (row.id, row)).collect();
+        *rows = load()?.into_iter().map(|row| (row.id(), row)).collect();
         Ok(())
     }
 
-    pub fn get(&self, id: u64) -> Result<SnapshotRow> {
+    pub fn get(&self, id: u64) -> Result<R> {
         read(&self.rows).get(&id).cloned().ok_or(Error::NotFound)
     }
 
-    /// The snapshot named `name`, outside the recycle bin.
-    pub fn by_name(&self, name: &[u8]) -> Result<SnapshotRow> {
+    /// The row named `name`, outside the recycle bin.
+    pub fn by_name(&self, name: &[u8]) -> Result<R> {
         self.find(false, name)
     }
 
+    fn find(&self, trashed: bool, name: &[u8]) -> Result<R> {
+        read(&self.rows)
+            .values()
+            .find(|row| row.in_trash() == trashed && row.name() == name)
+            .cloned()
+            .ok_or(Error::NotFound)
+    }
+
+    /// The rows outside the recycle bin, by id: oldest first.
+    pub fn list(&self) -> Vec<R> {
+        self.rows_where(false)
+    }
+
+    fn rows_where(&self, trashed: bool) -> Vec<R> {
+        read(&self.rows)
+            .values()
+            .filter(|row| row.in_trash() == trashed)
+            .cloned()
+            .collect()
+    }
+
+    /// Adds the row `create` makes in the catalog, unless the name is taken.
+    pub fn insert(&self, name: &[u8], create: impl FnOnce() -> Result<R>) -> Result<R> {
+        let mut rows = write(&self.rows);
+        if taken(&rows, name) {
+            return Err(Error::Exists);
+        }
+        let row = create()?;
+        rows.insert(row.id(), row.clone());
+        Ok(row)
+    }
+
+    /// Removes row `id` once `delete` took it out of the catalog.
+    pub fn remove<T>(&self, id: u64, delete: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut rows = write(&self.rows);
+        let done = delete()?;
+        rows.remove(&id);
+        Ok(done)
+    }
+}
+
+impl SnapshotTable {
     /// The snapshot named `name` in the recycle bin.
     pub fn trashed_by_name(&self, name: &[u8]) -> Result<SnapshotRow> {
         self.find(true, name)
     }
 
-    fn find(&self, trashed: bool, name: &[u8]) -> Result<SnapshotRow> {
-        read(&self.rows)
-            .values()
-            .find(|row| row.trash.is_some() == trashed && row.name == name)
-            .cloned()
-            .ok_or(Error::NotFound)
-    }
-
-    /// The snapshots outside the recycle bin.
-    pub fn list(&self) -> Vec<SnapshotRow> {
-        self.rows_where(false)
-    }
-
     /// The snapshots in the recycle bin.
     pub fn trashed(&self) -> Vec<SnapshotRow> {
         self.rows_where(true)
-    }
-
-    fn rows_where(&self, trashed: bool) -> Vec<SnapshotRow> {
-        read(&self.rows)
-            .values()
-            .filter(|row| row.trash.is_some() == trashed)
-            .cloned()
-            .collect()
     }
 
     /// How many snapshots (in the bin: `trashed`) there are, and when the newest was taken.
@@ -76,29 +140,6 @@ impl SnapshotTable {
         rows.fold((0, None), |(n, latest), row| {
             (n + 1, latest.max(Some(row.created)))
         })
-    }
-
-    /// Adds the snapshot `create` makes in the catalog, unless the name is taken.
-    pub fn insert(
-        &self,
-        name: &[u8],
-        create: impl FnOnce() -> Result<SnapshotRow>,
-    ) -> Result<SnapshotRow> {
-        let mut rows = write(&self.rows);
-        if taken(&rows, name) {
-            return Err(Error::Exists);
-        }
-        let row = create()?;
-        rows.insert(row.id, row.clone());
-        Ok(row)
-    }
-
-    /// Removes snapshot `id` once `delete` took it out of the catalog.
-    pub fn remove<T>(&self, id: u64, delete: impl FnOnce() -> Result<T>) -> Result<T> {
-        let mut rows = write(&self.rows);
-        let done = delete()?;
-        rows.remove(&id);
-        Ok(done)
     }
 
     /// Renames snapshot `name` once `rename` renamed it in the catalog; a taken name is
@@ -143,8 +184,8 @@ impl SnapshotTable {
     }
 }
 
-/// Whether a snapshot outside the recycle bin is named `name`.
-fn taken(rows: &BTreeMap<u64, SnapshotRow>, name: &[u8]) -> bool {
+/// Whether a row outside the recycle bin is named `name`.
+fn taken<R: Pin>(rows: &BTreeMap<u64, R>, name: &[u8]) -> bool {
     rows.values()
-        .any(|row| row.trash.is_none() && row.name == name)
+        .any(|row| !row.in_trash() && row.name() == name)
 }

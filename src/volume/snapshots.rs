@@ -123,12 +123,19 @@ impl Volume {
 
     /// Attributes of the control directory: owned like the root, one link per snapshot.
     pub(super) fn snapdir_attr(&self, root: &InodeRow) -> Attr {
-        self.control_dir_attr(root, SNAPDIR_INO, false)
+        let (count, latest) = self.snapshots.count_and_latest(false);
+        Self::control_dir_attr(root, SNAPDIR_INO, ROOT_INO, count, latest)
     }
 
-    /// Attributes of `.snapshots` (`ino` SNAPDIR_INO) or of its recycle bin (`trashed`).
-    pub(super) fn control_dir_attr(&self, root: &InodeRow, ino: u64, trashed: bool) -> Attr {
-        let (count, latest) = self.snapshots.count_and_latest(trashed);
+    /// Attributes of a control directory `ino` in `parent` holding `count` pinned views,
+    /// the latest taken at `latest`: owned like the root.
+    pub(super) fn control_dir_attr(
+        root: &InodeRow,
+        ino: u64,
+        parent: u64,
+        count: usize,
+        latest: Option<i64>,
+    ) -> Attr {
         let time = latest.unwrap_or(root.attrs.crtime);
         let row = InodeRow {
             ino,
@@ -142,7 +149,7 @@ impl Volume {
                 ctime: time,
                 ..root.attrs.clone()
             },
-            parent: ROOT_INO,
+            parent,
             alloc: 0,
             target: None,
         };
@@ -152,7 +159,7 @@ impl Volume {
     /// Attributes of a snapshot's root: the volume root as it was, with the snapshot's
     /// creation time as its mtime.
     pub(super) fn snapshot_root_attr(&self, id: u64, row: &InodeRow) -> Result<Attr> {
-        let created = self.snapshots.get(id)?.created;
+        let (_, created) = self.pinned(id)?;
         let mut attr = Attr::from_row(View::Snapshot(id), row);
         attr.attrs.mtime = created;
         attr.attrs.ctime = created;
@@ -334,6 +341,9 @@ impl Volume {
     /// Extended attributes of a snapshot's root: its metadata and tags.
     /// Reads only the row and the tags: no space accounting, which xattrs do not show.
     pub(super) fn snapshot_xattrs(&self, id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        if self.is_checkpoint(id) {
+            return self.checkpoint_xattrs(id);
+        }
         let row = self.snapshots.get(id)?;
         let tags = lock(&self.catalog).read(|tx| tx.snapshot_tags(id))?;
         let mut attrs = vec![
@@ -362,7 +372,7 @@ impl Volume {
         name: &[u8],
         value: Option<&[u8]>,
     ) -> Result<()> {
-        if self.snapshots.get(id)?.trash.is_some() {
+        if self.snapshots.get(id)?.trash.is_some() || self.is_checkpoint(id) {
             return Err(Error::ReadOnly);
         }
         if name == XATTR_LOCK {

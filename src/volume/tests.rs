@@ -881,3 +881,208 @@ fn hooks_run_around_a_snapshot_and_a_refusal_takes_none() {
 }
 
 mod lifecycle;
+
+/// The names `opendir`/`readdir` list in directory `dir`.
+fn listed(volume: &Volume, dir: NodeId) -> Vec<Vec<u8>> {
+    let handle = volume.opendir(dir).expect("opendir");
+    let names = volume
+        .readdir(handle)
+        .expect("readdir")
+        .iter()
+        .map(|entry| entry.name.clone())
+        .collect();
+    volume.releasedir(handle);
+    names
+}
+
+const SEC: i64 = 1_000_000_000;
+
+#[test]
+fn a_checkpoint_is_taken_only_after_a_change() {
+    let t = TestVolume::new();
+    t.write_file("f", b"one");
+    let first = t.v().take_checkpoint(SEC).expect("checkpoint");
+    assert!(first.is_some(), "the volume changed");
+    assert_eq!(
+        t.v().take_checkpoint(2 * SEC).expect("idle"),
+        None,
+        "idle: none"
+    );
+    // Writes still in their buffers count: the checkpoint flushes them first.
+    let (node, handle) = t.create("g");
+    t.v().write(node, 0, b"buffered").expect("write");
+    let second = t
+        .v()
+        .take_checkpoint(3 * SEC)
+        .expect("checkpoint")
+        .expect("changed");
+    t.v().release(handle).expect("release");
+    // A snapshot pins the change as well: nothing new for a checkpoint after it.
+    t.write_file("h", b"three");
+    t.v().create_snapshot(b"snap").expect("snapshot");
+    assert_eq!(
+        t.v().take_checkpoint(4 * SEC).expect("after a snapshot"),
+        None
+    );
+    let names: Vec<String> = t
+        .v()
+        .list_checkpoints()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, [rfc3339(SEC), rfc3339(3 * SEC)]);
+    let view = View::Snapshot(second.id);
+    let g = t
+        .v()
+        .lookup(
+            NodeId {
+                view,
+                ino: ROOT_INO,
+            },
+            b"g",
+        )
+        .expect("g in the checkpoint");
+    assert_eq!(t.v().read(g.node, 0, 100).expect("read"), b"buffered");
+}
+
+#[test]
+fn checkpoints_are_browsable_only_in_their_hidden_directory() {
+    let t = TestVolume::new();
+    let data = pattern(3 * 4096, 5);
+    let dir = t.v().mkdir(ROOT, b"dir", 0o755, ME).expect("mkdir").node;
+    let (file, handle) = t.v().create(dir, b"f", 0o644, ME).expect("create");
+    t.v().write(file.node, 0, &data).expect("write");
+    t.v().release(handle).expect("release");
+    let checkpoint = t
+        .v()
+        .take_checkpoint(7)
+        .expect("checkpoint")
+        .expect("taken");
+    t.v().unlink(dir, b"f").expect("unlink");
+    t.v().rmdir(ROOT, b"dir").expect("rmdir");
+    t.v().create_snapshot(b"after").expect("snapshot");
+
+    assert_eq!(listed(t.v(), SNAPDIR), [&b"."[..], b"..", b"after"]);
+    assert!(t.v().list_snapshots().iter().all(|s| s.name == b"after"));
+    let cpdir = t
+        .v()
+        .lookup(SNAPDIR, CHECKPOINTS_NAME)
+        .expect(".checkpoints");
+    assert_eq!(cpdir.node, CHECKPOINT_DIR);
+    let name = checkpoint.name.as_bytes();
+    assert_eq!(listed(t.v(), CHECKPOINT_DIR), [&b"."[..], b"..", name]);
+    let root = t.v().lookup(CHECKPOINT_DIR, name).expect("by name");
+    let dir = t
+        .v()
+        .lookup(root.node, b"dir")
+        .expect("dir in the checkpoint");
+    let f = t.v().lookup(dir.node, b"f").expect("f in the checkpoint");
+    assert_eq!(
+        t.v().read(f.node, 0, data.len() as u32).expect("read"),
+        data
+    );
+    let up = t.v().lookup(root.node, b"..").expect("..");
+    assert_eq!(up.node, CHECKPOINT_DIR);
+    // Read-only, and nothing but a promotion moves it.
+    assert_eq!(
+        t.v()
+            .mkdir(root.node, b"x", 0o755, ME)
+            .map(drop)
+            .map_err(|e| e.errno()),
+        Err(libc::EROFS)
+    );
+    assert_eq!(
+        t.v()
+            .mkdir(CHECKPOINT_DIR, b"x", 0o755, ME)
+            .map(drop)
+            .map_err(|e| e.errno()),
+        Err(libc::EPERM)
+    );
+    assert_eq!(
+        t.v()
+            .setxattr(root.node, b"user.tag.k", b"v", 0)
+            .map_err(|e| e.errno()),
+        Err(libc::EROFS)
+    );
+    assert_eq!(
+        t.v()
+            .getxattr(root.node, b"user.snapfs.state")
+            .expect("state"),
+        b"checkpoint"
+    );
+    t.v()
+        .rename(CHECKPOINT_DIR, name, SNAPDIR, b"before-rm", 0)
+        .expect("promote by rename");
+    assert!(
+        listed(t.v(), CHECKPOINT_DIR).len() == 2,
+        "no longer a checkpoint"
+    );
+    let promoted = t.v().lookup(SNAPDIR, b"before-rm").expect("a snapshot now");
+    assert_eq!(promoted.node, root.node, "the same view, now a snapshot");
+    let row = t
+        .v()
+        .list_snapshots()
+        .into_iter()
+        .find(|s| s.name == b"before-rm");
+    assert_eq!(
+        row.map(|s| (s.state, s.created)),
+        Some((crate::catalog::SnapshotState::Pending, 7))
+    );
+}
+
+#[test]
+fn thinning_a_checkpoint_frees_only_what_nothing_else_holds() {
+    let t = TestVolume::new();
+    t.write_file("kept", &pattern(2 * 4096, 1));
+    t.write_file("gone", &pattern(3 * 4096, 2));
+    t.v()
+        .take_checkpoint(0)
+        .expect("checkpoint")
+        .expect("taken");
+    t.v().unlink(ROOT, b"gone").expect("unlink");
+    assert_eq!(
+        t.stored_blocks(),
+        5,
+        "the checkpoint holds the unlinked file"
+    );
+    let space = t.v().checkpoint_space().expect("space");
+    assert_eq!(space.checkpoints[0].exclusive_bytes, 3 * 4096);
+    assert_eq!(space.total_bytes, 3 * 4096);
+    let policy = CheckpointPolicy {
+        every: std::time::Duration::from_secs(1),
+        window: std::time::Duration::from_secs(60),
+    };
+    assert_eq!(
+        t.v()
+            .thin_checkpoints(60_000_000_000, &policy)
+            .expect("thin"),
+        0
+    );
+    assert_eq!(
+        t.v()
+            .thin_checkpoints(61_000_000_000, &policy)
+            .expect("thin"),
+        1
+    );
+    assert_eq!(
+        t.stored_blocks(),
+        2,
+        "what only the checkpoint held is freed"
+    );
+    assert!(t.v().list_checkpoints().is_empty());
+    let kept = t.v().lookup(ROOT, b"kept").expect("live file");
+    assert_eq!(t.read_all(kept.node), pattern(2 * 4096, 1));
+}
+
+#[test]
+fn checkpoints_survive_reopening() {
+    let mut t = TestVolume::new();
+    t.write_file("f", b"data");
+    let taken = t
+        .v()
+        .take_checkpoint(5)
+        .expect("checkpoint")
+        .expect("taken");
+    t.reopen();
+    assert_eq!(t.v().list_checkpoints(), [taken]);
+}

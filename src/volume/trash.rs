@@ -222,7 +222,14 @@ impl Volume {
     /// Attributes of `.snapshots/.trash`.
     pub(super) fn trashdir_attr(&self) -> Result<super::Attr> {
         let root = self.row(NodeId::live(ROOT_INO))?;
-        Ok(self.control_dir_attr(&root, TRASHDIR_INO, true))
+        let (count, latest) = self.snapshots.count_and_latest(true);
+        Ok(Self::control_dir_attr(
+            &root,
+            TRASHDIR_INO,
+            SNAPDIR_INO,
+            count,
+            latest,
+        ))
     }
 
     /// `.`, `..` and one directory per snapshot in the bin.
