@@ -8,6 +8,7 @@ pub mod blocks;
 pub mod catalog;
 pub mod clock;
 pub mod control;
+pub mod cron;
 pub mod daemon;
 pub mod follow;
 pub mod fuse;

@@ -327,14 +327,15 @@ enum SnapshotCommand {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
-    /// Set (replace) the snapshot policy of a mounted volume: a snapshot every DURATION,
-    /// named auto-YYYYMMDDTHHMMSSZ and tagged snapfs.policy=scheduled; after each one
+    /// Set (replace) the snapshot policy of a mounted volume: a snapshot every DURATION
+    /// (or at the times of a --cron schedule), named auto-YYYYMMDDTHHMMSSZ and tagged snapfs.policy=scheduled; after each one
     /// completes its upload, retention deletes the scheduled snapshots no --keep-* rule
     /// keeps (never a pending one, the newest completed one, or one taken by hand unless
     /// --prune-manual). A slot missed while unmounted is taken once at the next mount.
     #[command(after_help = "Examples:\n  \
         snapfs policy set ~/work --every 1h --keep-hourly 24 --keep-daily 30\n  \
-        snapfs policy set ~/work --every 15m --keep-last 4 --keep-within 2d --keep-tag keep=yes")]
+        snapfs policy set ~/work --every 15m --keep-last 4 --keep-within 2d --keep-tag keep=yes\n  \
+        snapfs policy set ~/work --cron '30 2 * * 1-5' --keep-daily 10   # 02:30 UTC on weekdays")]
     Set {
         mountpoint: PathBuf,
         #[command(flatten)]
@@ -356,7 +357,11 @@ enum PolicyCommand {
     /// Remove the snapshot policy of a mounted volume: no more scheduled snapshots and no
     /// retention; the snapshots taken stay.
     #[command(after_help = "Example:\n  snapfs policy clear ~/work")]
-    Clear { mountpoint: PathBuf },
+    Clear {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Commands run around each snapshot; the volume remembers them like its store.
@@ -661,7 +666,9 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             data,
             json,
         }) => policy_cli::show(mountpoint, data, json)?,
-        Command::Policy(PolicyCommand::Clear { mountpoint }) => policy_cli::clear(&mountpoint)?,
+        Command::Policy(PolicyCommand::Clear { mountpoint, json }) => {
+            policy_cli::clear(&mountpoint, json)?
+        }
         Command::Checkpoint(command) => command.run()?,
         Command::Restore {
             what,

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::clock::format_duration;
+use crate::cron::Cron;
 
 /// The tag every scheduled snapshot carries, so retention tells them from hand-taken ones.
 pub const SCHEDULED_TAG: (&str, &str) = ("snapfs.policy", "scheduled");
@@ -15,8 +16,11 @@ pub const SCHEDULED_PREFIX: &str = "auto-";
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     /// Seconds between scheduled snapshots; slots start at multiples of it since the epoch
-    /// (UTC), so `1h` takes one on the hour and `1d` at midnight.
+    /// (UTC), so `1h` takes one on the hour and `1d` at midnight. 0 with `cron`.
     pub every_secs: u64,
+    /// Instead of `every_secs`: the times of a five-field crontab schedule, in UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
     pub keep: KeepRules,
     /// Days a deleted snapshot stays in the recycle bin (`None`: deleted at once).
     pub trash_days: Option<u32>,
@@ -61,10 +65,52 @@ impl KeepRules {
     }
 }
 
+/// When scheduled snapshots are due: slots of a fixed length, or cron times.
+#[derive(Clone, Debug)]
+pub enum Timetable {
+    Every(u64),
+    Cron(Cron),
+}
+
+impl Timetable {
+    /// The start (seconds since the epoch) of the latest slot at or before `secs`;
+    /// `i64::MIN` if the schedule has had none.
+    pub fn latest_slot(&self, secs: i64) -> i64 {
+        match self {
+            Timetable::Every(every) => {
+                let every = i64::try_from(*every).unwrap_or(i64::MAX);
+                secs.div_euclid(every) * every
+            }
+            Timetable::Cron(cron) => cron.latest_at_or_before(secs).unwrap_or(i64::MIN),
+        }
+    }
+
+    /// The start of the first slot after `secs`, if the schedule has one.
+    pub fn next_slot(&self, secs: i64) -> Option<i64> {
+        match self {
+            Timetable::Every(every) => {
+                let every = i64::try_from(*every).unwrap_or(i64::MAX);
+                self.latest_slot(secs).checked_add(every)
+            }
+            Timetable::Cron(cron) => cron.next_after(secs),
+        }
+    }
+}
+
 impl Policy {
+    /// The schedule, checked.
+    pub fn timetable(&self) -> Result<Timetable, String> {
+        match &self.cron {
+            Some(_) if self.every_secs != 0 => Err("give --every or --cron, not both".into()),
+            Some(spec) => Ok(Timetable::Cron(Cron::parse(spec)?)),
+            None => Ok(Timetable::Every(self.every_secs)),
+        }
+    }
+
     /// Refuses what cannot be run; the reason names the option.
     pub fn validate(&self) -> Result<(), String> {
-        if self.every_secs == 0 {
+        let every = matches!(self.timetable()?, Timetable::Every(_));
+        if every && self.every_secs == 0 {
             return Err("--every must be at least 1s".into());
         }
         if self.every_secs > 10 * 365 * 86_400 {
@@ -98,7 +144,10 @@ impl Policy {
     /// One line per setting, as `snapfs policy show` prints it.
     pub fn describe(&self) -> Vec<(&'static str, String)> {
         let k = &self.keep;
-        let mut lines = vec![("every", format_duration(self.every_secs))];
+        let mut lines = vec![match &self.cron {
+            Some(spec) => ("cron", format!("{spec} (UTC)")),
+            None => ("every", format_duration(self.every_secs)),
+        }];
         for (name, n) in [
             ("keep-last", k.last),
             ("keep-hourly", k.hourly),
@@ -154,6 +203,7 @@ mod tests {
                 ..KeepRules::default()
             },
             trash_days: Some(7),
+            cron: None,
         };
         assert_eq!(Policy::from_json(&policy.to_json()), Ok(policy.clone()));
         for bad in [
@@ -165,9 +215,24 @@ mod tests {
                 trash_days: Some(0),
                 ..policy.clone()
             },
+            Policy {
+                cron: Some("0 2 * * *".into()),
+                ..policy.clone()
+            },
+            Policy {
+                every_secs: 0,
+                cron: Some("0 25 * * *".into()),
+                ..policy.clone()
+            },
         ] {
             assert!(Policy::from_json(&bad.to_json()).is_err(), "{bad:?}");
         }
         assert!(Policy::from_json(b"{").is_err());
+        let nightly = Policy {
+            every_secs: 0,
+            cron: Some("30 2 * * 1-5".into()),
+            ..policy.clone()
+        };
+        assert_eq!(Policy::from_json(&nightly.to_json()), Ok(nightly));
     }
 }

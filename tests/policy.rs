@@ -221,6 +221,16 @@ fn bad_policies_are_refused_with_the_reason() {
         "not a snapfs mount",
     );
     refused(&["policy", "show", &mp], "has no snapshot policy");
+    refused(&set(&["--cron", "0 25 * * *"]), "cron hour '25'");
+    refused(&set(&["--cron", "0 2 * *"]), "5 fields");
+    refused(&set(&["--cron", "0 0 30 2 *"]), "never matches");
+    refused(
+        &set(&["--every", "1h", "--cron", "0 2 * * *"]),
+        "cannot be used with",
+    );
+    ok(&set(&["--cron", "30 2 * * 1-5", "--keep-daily", "7"]));
+    let shown = ok(&["policy", "show", &mp]);
+    assert!(shown.contains("30 2 * * 1-5 (UTC)"), "{shown}");
     for command in [
         &["policy", "set", "--help"][..],
         &["policy", "show", "--help"],

@@ -14,7 +14,7 @@ impl ReadTx<'_> {
             .conn
             .query_row(
                 "SELECT every, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly,
-                        keep_yearly, keep_within, prune_manual, trash_days, last_slot
+                        keep_yearly, keep_within, prune_manual, trash_days, last_slot, cron
                  FROM policy WHERE id = 1",
                 [],
                 |r| {
@@ -33,6 +33,7 @@ impl ReadTx<'_> {
                                 manual: r.get(8)?,
                             },
                             trash_days: r.get(9)?,
+                            cron: r.get(11)?,
                         },
                         r.get::<_, i64>(10)?,
                     ))
@@ -58,8 +59,8 @@ impl WriteTx<'_> {
         self.conn.execute(
             "INSERT OR REPLACE INTO policy (id, every, keep_last, keep_hourly, keep_daily,
                  keep_weekly, keep_monthly, keep_yearly, keep_within, prune_manual, trash_days,
-                 last_slot)
-             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                 last_slot, cron)
+             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 policy.every_secs,
                 k.last,
@@ -71,7 +72,8 @@ impl WriteTx<'_> {
                 k.within_secs,
                 k.manual,
                 policy.trash_days,
-                last_slot
+                last_slot,
+                policy.cron
             ],
         )?;
         self.conn.execute("DELETE FROM policy_keep_tags", [])?;

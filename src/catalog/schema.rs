@@ -183,7 +183,8 @@ INSERT INTO settings (key, value) VALUES ('volume_id', lower(hex(randomblob(16))
 "#;
 
 /// Snapshot policies (`snapfs policy`): one row per volume, its keep-by-tag rules apart.
-/// Durations are in seconds; `last_slot` is the start of the last schedule slot taken.
+/// Durations are in seconds; `last_slot` is the start of the last schedule slot taken
+/// (`i64::MIN`: none yet).
 const V4_POLICY: &str = r#"
 CREATE TABLE policy (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
@@ -197,7 +198,8 @@ CREATE TABLE policy (
     keep_within  INTEGER,
     prune_manual INTEGER NOT NULL,
     trash_days   INTEGER,
-    last_slot    INTEGER NOT NULL
+    last_slot    INTEGER NOT NULL,
+    cron         TEXT                 -- instead of every (0): crontab times, UTC
 );
 CREATE TABLE policy_keep_tags (
     key   TEXT NOT NULL,

@@ -19,8 +19,14 @@ use crate::{VolumeSource, json, lossy};
 pub struct PolicyArgs {
     /// Take a snapshot every DURATION (s, m, h, d, w, y: 30s, 1h, 1d). Slots start at
     /// multiples of it since the epoch, in UTC: 1h on the hour, 1d at midnight.
-    #[arg(long, value_name = "DURATION", value_parser = duration_secs)]
-    every: u64,
+    #[arg(long, value_name = "DURATION", value_parser = duration_secs,
+          required_unless_present = "cron", conflicts_with = "cron")]
+    every: Option<u64>,
+    /// Instead of --every: take a snapshot at the times of a crontab schedule, in UTC:
+    /// MINUTE HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK, each *, N, A-B, */N or a list
+    /// ('30 2 * * 1-5': 02:30 on weekdays; '0 */6 * * *': every six hours).
+    #[arg(long, value_name = "SCHEDULE")]
+    cron: Option<String>,
     /// Keep the N newest snapshots.
     #[arg(long, value_name = "N", default_value_t = 0)]
     keep_last: u32,
@@ -53,13 +59,17 @@ pub struct PolicyArgs {
     /// setting as mount --trash-days, whichever was set last holds.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     trash_days: Option<u32>,
+    /// Print the policy set as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 impl PolicyArgs {
     fn policy(&self) -> Result<Policy, Box<dyn std::error::Error>> {
         let tags = control::parse_tags(&self.keep_tags)?;
         let policy = Policy {
-            every_secs: self.every,
+            every_secs: self.every.unwrap_or(0),
+            cron: self.cron.clone(),
             keep: KeepRules {
                 last: self.keep_last,
                 hourly: self.keep_hourly,
@@ -91,13 +101,21 @@ pub fn set(mountpoint: &Path, args: &PolicyArgs) -> Result<(), Box<dyn std::erro
     if !policy.keep.any() {
         eprintln!("snapfs: note: no --keep-* rule: retention deletes nothing");
     }
-    print_policy(&policy);
+    if args.json {
+        json::print(&policy)?;
+    } else {
+        print_policy(&policy);
+    }
     Ok(())
 }
 
-pub fn clear(mountpoint: &Path) -> Result<(), Box<dyn std::error::Error>> {
+pub fn clear(mountpoint: &Path, as_json: bool) -> Result<(), Box<dyn std::error::Error>> {
     control::clear_policy(mountpoint)?;
-    println!("policy cleared: no more scheduled snapshots, no retention");
+    if as_json {
+        json::print(&serde_json::json!({ "cleared": true }))?;
+    } else {
+        println!("policy cleared: no more scheduled snapshots, no retention");
+    }
     Ok(())
 }
 

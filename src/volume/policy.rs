@@ -1,5 +1,6 @@
 //! The volume's snapshot policy at work: the schedule (a snapshot at the start of every
-//! slot of `every`, named by its UTC slot time and tagged `SCHEDULED_TAG`), retention
+//! slot of `every`, or at each time of its cron schedule, named by its UTC slot time and
+//! tagged `SCHEDULED_TAG`), retention
 //! after each scheduled snapshot completes, and the `.snapshots` xattrs the CLI drives
 //! them through. Time comes from the volume's `Clock`: tests run a month in a loop.
 //!
@@ -66,12 +67,6 @@ pub struct PolicyRun {
     pub next_due: Option<i64>,
 }
 
-/// The start, in seconds since the epoch, of the slot of `every` seconds holding `now`.
-fn slot_of(now: i64, every: u64) -> i64 {
-    let every = i64::try_from(every).unwrap_or(i64::MAX);
-    now.div_euclid(NANOS).div_euclid(every) * every
-}
-
 /// Retention's view of `rows` at `now`, with their tags; what is in the recycle bin was
 /// deleted already.
 fn candidates(tx: &ReadTx<'_>, rows: Vec<SnapshotRow>, now: i64) -> Result<Vec<Candidate>> {
@@ -116,10 +111,11 @@ impl Volume {
     /// Replaces the policy. The schedule starts with the next slot: setting `--every 1h`
     /// at 10:20 takes the first snapshot at 11:00.
     pub fn set_policy(&self, policy: &Policy) -> Result<()> {
-        policy
+        let timetable = policy
             .validate()
+            .and_then(|()| policy.timetable())
             .map_err(|_| Error::Invalid("not a valid policy"))?;
-        let slot = slot_of(self.clock.now(), policy.every_secs);
+        let slot = timetable.latest_slot(self.clock.now().div_euclid(NANOS));
         lock(&self.catalog).write_now(|tx| tx.set_policy(policy, slot))?;
         // The policy's --trash-days is the volume's recycle bin, as mount --trash-days is:
         // whichever was set last holds.
@@ -148,9 +144,15 @@ impl Volume {
         let Some((policy, last_slot)) = lock(&self.catalog).read(|tx| tx.policy())? else {
             return Ok(PolicyRun::default());
         };
-        let slot = slot_of(self.clock.now(), policy.every_secs);
+        let timetable = policy.timetable().map_err(|reason| {
+            Error::Catalog(crate::catalog::Error::Corrupt(format!(
+                "the stored policy: {reason}"
+            )))
+        })?;
+        let now = self.clock.now().div_euclid(NANOS);
+        let slot = timetable.latest_slot(now);
         let mut run = PolicyRun {
-            next_due: Some((slot + policy.every_secs as i64).saturating_mul(NANOS)),
+            next_due: timetable.next_slot(now).map(|at| at.saturating_mul(NANOS)),
             ..PolicyRun::default()
         };
         if slot > last_slot {

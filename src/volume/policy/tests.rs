@@ -162,6 +162,7 @@ fn month_policy() -> Policy {
             ..KeepRules::default()
         },
         trash_days: None,
+        cron: None,
     }
 }
 
@@ -332,6 +333,7 @@ fn retention_keeps_locked_snapshots_and_its_deletions_go_to_the_recycle_bin() {
             ..KeepRules::default()
         },
         trash_days: Some(1),
+        cron: None,
     };
     t.volume.set_policy(&policy).expect("set policy");
     let mut taken = vec![];
@@ -386,4 +388,49 @@ fn retention_keeps_locked_snapshots_and_its_deletions_go_to_the_recycle_bin() {
         1
     );
     assert!(t.volume.trashed_snapshots().is_empty());
+}
+
+#[test]
+fn a_cron_schedule_takes_its_times_and_nothing_between() {
+    let t = Clocked::new(START);
+    let policy = Policy {
+        every_secs: 0,
+        cron: Some("30 2 * * 1-5".into()),
+        ..month_policy()
+    };
+    t.volume.set_policy(&policy).expect("set policy");
+    let first = MONDAY + 2 * HOUR + HOUR / 2;
+    assert_eq!(t.volume.run_policy().expect("run").next_due, Some(first));
+    let mut taken = vec![];
+    // Two weeks in steps of ten minutes; an hour is skipped on Wednesday (down at 02:30).
+    let wednesday_down = (MONDAY + 2 * DAY + 2 * HOUR)..(MONDAY + 2 * DAY + 3 * HOUR);
+    for step in 0..14 * 24 * 6 {
+        let at = START + step * 10 * 60 * NANOS;
+        if wednesday_down.contains(&at) {
+            continue;
+        }
+        t.clock.set(at);
+        if let Some(name) = t.volume.run_policy().expect("run").taken {
+            taken.push(String::from_utf8(name).expect("utf-8"));
+        }
+    }
+    let weekdays = [0, 1, 2, 3, 4, 7, 8, 9, 10, 11];
+    let expected: Vec<String> = weekdays
+        .iter()
+        .map(|day| format!("auto-{}", compact_stamp(first + day * DAY)))
+        .collect();
+    assert_eq!(
+        taken, expected,
+        "each weekday at 02:30, Wednesday's caught up once"
+    );
+    let wednesday = t
+        .volume
+        .snapshots
+        .by_name(expected[2].as_bytes())
+        .expect("wednesday");
+    assert_eq!(
+        wednesday.created,
+        MONDAY + 2 * DAY + 3 * HOUR,
+        "taken when back"
+    );
 }
