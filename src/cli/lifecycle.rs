@@ -115,11 +115,20 @@ pub fn lock(args: LockArgs) -> Result<(), Box<dyn std::error::Error>> {
 pub struct UnlockArgs {
     mountpoint: PathBuf,
     name: String,
+    /// Print the unlocked snapshot as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn unlock(args: UnlockArgs) -> Result<(), Box<dyn std::error::Error>> {
     control::lock_snapshot(&args.mountpoint, &args.name, None)?;
-    println!("snapshot '{}' unlocked", args.name);
+    if args.json {
+        let info = Inspector::open(&snapfs::daemon::data_dir_of_mount(&args.mountpoint)?)?
+            .snapshot(args.name.as_bytes())?;
+        json::print(&json::Snapshot::of(&info))?;
+    } else {
+        println!("snapshot '{}' unlocked", args.name);
+    }
     Ok(())
 }
 
@@ -128,11 +137,18 @@ pub struct PurgeArgs {
     mountpoint: PathBuf,
     /// The snapshot's name in the recycle bin (`snapshot list --trash`).
     name: String,
+    /// Print what was purged as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn purge(args: PurgeArgs) -> Result<(), Box<dyn std::error::Error>> {
     control::purge_snapshot(&args.mountpoint, &args.name)?;
-    println!("snapshot '{}' purged from the recycle bin", args.name);
+    if args.json {
+        json::print(&serde_json::json!({ "purged": args.name }))?;
+    } else {
+        println!("snapshot '{}' purged from the recycle bin", args.name);
+    }
     Ok(())
 }
 

@@ -372,7 +372,7 @@ impl Volume {
         name: &[u8],
         value: Option<&[u8]>,
     ) -> Result<()> {
-        if self.snapshots.get(id)?.trash.is_some() || self.is_checkpoint(id) {
+        if self.is_checkpoint(id) || self.snapshots.get(id)?.trash.is_some() {
             return Err(Error::ReadOnly);
         }
         if name == XATTR_LOCK {
