@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use super::Result;
+use super::reads::ReadState;
 use crate::catalog::InodeRow;
 use crate::sync::{Mutex, MutexGuard, lock};
 
@@ -35,6 +36,10 @@ pub(super) struct FileState {
     /// Open handles: the last close of an unlinked file drops its buffers.
     pub opens: u32,
     pub dirty_since: Option<Instant>,
+    /// What reads loaded of the catalog's block map and how they go: forgotten whenever
+    /// that map changes (anything changing a live file's map outside a flush must call
+    /// `ReadState::forget_map` under this state's lock, after its change committed).
+    pub reads: ReadState,
 }
 
 impl FileState {
@@ -49,19 +54,24 @@ impl FileState {
             truncated_to: None,
             opens: 0,
             dirty_since: None,
+            reads: ReadState::default(),
         }
     }
 
     /// Whether the catalog block `idx` may be used: not cut off by a pending truncate.
     pub fn catalog_block_valid(&self, idx: u64, block_size: u64) -> bool {
-        self.truncated_to
-            .is_none_or(|t| idx < t.div_ceil(block_size))
+        catalog_block_valid(self.truncated_to, idx, block_size)
     }
 
     pub fn mark_changed(&mut self) {
         self.changed = true;
         self.dirty_since.get_or_insert_with(Instant::now);
     }
+}
+
+/// Whether catalog block `idx` survives a pending truncate to `truncated_to`.
+pub(super) fn catalog_block_valid(truncated_to: Option<u64>, idx: u64, block_size: u64) -> bool {
+    truncated_to.is_none_or(|t| idx < t.div_ceil(block_size))
 }
 
 pub(super) type SharedState = Arc<Mutex<FileState>>;
@@ -196,6 +206,14 @@ impl OpenFiles {
         lock(&self.files).get(&ino).map(|t| t.state.clone())
     }
 
+    /// Every tracked state, unpinned (see `peek`).
+    pub fn peek_all(&self) -> Vec<SharedState> {
+        lock(&self.files)
+            .values()
+            .map(|t| t.state.clone())
+            .collect()
+    }
+
     /// Whether live file `ino` is open or has unflushed changes: an unlinked file then
     /// lives on, unnamed, until its last release.
     pub fn is_tracked(&self, ino: u64) -> bool {
@@ -238,10 +256,12 @@ impl OpenFiles {
         self.dirty_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
-    /// Empties a file's buffers once flushed (or when no one can read them any more).
+    /// Empties a file's buffers once flushed (or when no one can read them any more): the
+    /// catalog's map of the file changed, so what reads loaded of it goes too.
     pub fn discard_buffers(&self, state: &mut FileState) {
         let buffered = state.buffered;
         self.sub_dirty(state, buffered);
+        state.reads.forget_map();
         state.dirty.clear();
         state.truncated_to = None;
         state.changed = false;
