@@ -276,6 +276,7 @@ impl Volume {
             }
             let part = &mut out[(from - span.start) as usize..(to - span.start) as usize];
             let in_block = (from - idx * bs) as usize;
+            self.read_ahead.wait_for(&hash);
             if fetch {
                 self.blocks.read(&hash, in_block, part)?;
             } else if self.blocks.read_local(&hash, in_block, part)?.is_none() {

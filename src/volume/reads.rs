@@ -11,8 +11,10 @@
 //!
 //! Locks: a `ReadState` is taken with its file's state (lock 2 in the order); the
 //! snapshot files' map is a leaf, and a snapshot file's own lock stands where a file state's
-//! does. The read-ahead queue is a leaf; its workers take the block store's leaves only.
+//! does. The read-ahead queue and the set of blocks loading are leaves; the workers hold
+//! no lock while they load (the block reader's own, and the catalog for a fetch).
 
+use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -24,7 +26,7 @@ use lru::LruCache;
 use super::Result;
 use super::block_reader::BlockReader;
 use crate::blocks::BlockHash;
-use crate::sync::{Mutex, lock};
+use crate::sync::{Condvar, Mutex, lock, wait};
 
 /// Block indexes per segment of a map loaded at once (64 MiB of file at 256 KiB blocks).
 const SEGMENT: u64 = 256;
@@ -178,6 +180,15 @@ pub(super) struct ReadAhead {
     workers: Vec<JoinHandle<()>>,
     /// Blocks read ahead of a reader.
     window: u64,
+    loading: Arc<Loading>,
+}
+
+/// The blocks workers are loading from the local disk now: a read that needs one waits for
+/// it rather than reading and hashing it a second time.
+#[derive(Default)]
+struct Loading {
+    blocks: Mutex<HashSet<BlockHash>>,
+    done: Condvar,
 }
 
 impl ReadAhead {
@@ -188,12 +199,13 @@ impl ReadAhead {
         let window = (READ_AHEAD_BYTES / block_size.max(1)).min(cache_blocks as u64 / 4);
         let (queue, jobs) = std::sync::mpsc::sync_channel(window.max(1) as usize);
         let jobs = Arc::new(Mutex::new(jobs));
+        let loading = Arc::new(Loading::default());
         let workers = (0..READ_AHEAD_WORKERS)
             .filter_map(|i| {
-                let (blocks, jobs) = (blocks.clone(), jobs.clone());
+                let (blocks, jobs, loading) = (blocks.clone(), jobs.clone(), loading.clone());
                 std::thread::Builder::new()
                     .name(format!("snapfs-ahead-{i}"))
-                    .spawn(move || work(&blocks, &jobs))
+                    .spawn(move || work(&blocks, &jobs, &loading))
                     .map_err(|e| tracing::warn!(error = %e, "cannot start a read-ahead worker"))
                     .ok()
             })
@@ -202,6 +214,17 @@ impl ReadAhead {
             queue: Some(queue),
             workers,
             window,
+            loading,
+        }
+    }
+
+    /// Waits while a worker loads block `hash` from the local disk (then in the memory
+    /// cache, unless that failed or it was evicted already: the caller reads it as usual
+    /// either way).
+    pub fn wait_for(&self, hash: &BlockHash) {
+        let mut loading = lock(&self.loading.blocks);
+        while loading.contains(hash) {
+            loading = wait(&self.loading.done, loading);
         }
     }
 
@@ -220,14 +243,26 @@ impl ReadAhead {
     }
 }
 
-fn work(blocks: &BlockReader, jobs: &Mutex<Receiver<BlockHash>>) {
+fn work(blocks: &BlockReader, jobs: &Mutex<Receiver<BlockHash>>, loading: &Loading) {
     loop {
         let job = lock(jobs).recv();
         let Ok(hash) = job else {
             return;
         };
+        if !lock(&loading.blocks).insert(hash) {
+            continue;
+        }
+        let local = blocks.local_block(&hash);
+        lock(&loading.blocks).remove(&hash);
+        loading.done.notify_all();
+        // A block only a store has is fetched with no reader waiting for it: readers wait
+        // holding their file's state, and a store may take minutes to answer.
+        let loaded = match local {
+            Ok(None) => blocks.block(&hash).map(drop),
+            result => result.map(drop),
+        };
         // Only a hint: the read that needs the block reports any error itself.
-        if let Err(e) = blocks.block(&hash) {
+        if let Err(e) = loaded {
             tracing::debug!(%hash, error = %e, "read-ahead failed");
         }
     }
