@@ -68,6 +68,24 @@ impl TestVolume {
         node
     }
 
+    fn truncate(&self, node: NodeId, size: u64) {
+        let set = SetAttr {
+            size: Some(size),
+            ..SetAttr::default()
+        };
+        self.v().setattr(node, set).expect("truncate");
+    }
+
+    /// Writes file "f" of `len` pattern bytes, opens it and reads it whole once, so its
+    /// reads have loaded its block map.
+    fn open_read(&self, len: usize, seed: u8) -> (NodeId, Vec<u8>, FileHandle) {
+        let data = pattern(len, seed);
+        let node = self.write_file("f", &data);
+        let handle = self.v().open_file(node, true).expect("open");
+        assert_eq!(self.v().read(node, 0, len as u32).expect("read"), data);
+        (node, data, handle)
+    }
+
     fn read_all(&self, node: NodeId) -> Vec<u8> {
         let size = self.v().getattr(node).expect("getattr").attrs.size;
         self.v().read(node, 0, size as u32).expect("read")
@@ -831,10 +849,7 @@ fn hooks_run_around_a_snapshot_and_a_refusal_takes_none() {
 #[test]
 fn reads_of_an_open_file_see_writes_flushes_and_truncates() {
     let t = TestVolume::new();
-    let old = pattern(4096 * 3, 1);
-    let node = t.write_file("f", &old);
-    let reader = t.v().open_file(node, false).expect("open for reading");
-    assert_eq!(t.v().read(node, 0, 3 * 4096).expect("read"), old);
+    let (node, old, reader) = t.open_read(4096 * 3, 1);
 
     // Buffered, then flushed: the flush changes the catalog's map.
     let writer = t.v().open_file(node, true).expect("open for writing");
@@ -847,11 +862,7 @@ fn reads_of_an_open_file_see_writes_flushes_and_truncates() {
 
     // Cut, flushed, then grown: the cut part reads as zeros, not as the old blocks.
     for size in [5000, 3 * 4096] {
-        let set = SetAttr {
-            size: Some(size),
-            ..SetAttr::default()
-        };
-        t.v().setattr(node, set).expect("truncate");
+        t.truncate(node, size);
     }
     let content = t.v().read(node, 0, 3 * 4096).expect("read");
     assert_eq!(&content[..4096], &old[..4096]);
@@ -863,11 +874,7 @@ fn reads_of_an_open_file_see_writes_flushes_and_truncates() {
         .write(node, 0, &pattern(3 * 4096, 3))
         .expect("rewrite");
     t.v().flush(node).expect("flush");
-    let set = SetAttr {
-        size: Some(100),
-        ..SetAttr::default()
-    };
-    t.v().setattr(node, set).expect("truncate");
+    t.truncate(node, 100);
     t.v().write(node, 8192, b"x").expect("write past the cut");
     let content = t.v().read(node, 0, 3 * 4096).expect("read");
     assert_eq!(content.len(), 8193);
@@ -884,16 +891,8 @@ fn reads_of_an_open_file_see_writes_flushes_and_truncates() {
 #[test]
 fn snapshot_reads_keep_their_point_in_time_after_the_live_file_changes() {
     let t = TestVolume::new();
-    let old = pattern(4096 * 4, 4);
-    let node = t.write_file("f", &old);
-    let handle = t.v().open_file(node, true).expect("open");
-    assert_eq!(t.v().read(node, 0, old.len() as u32).expect("read"), old);
-    t.v().create_snapshot(b"s").expect("snapshot");
-    let in_snapshot = t
-        .v()
-        .lookup(snapshot_root(&t, "s"), b"f")
-        .expect("lookup in the snapshot")
-        .node;
+    let (node, old, handle) = t.open_read(4096 * 4, 4);
+    let in_snapshot = snapshot_of(&t, "s", b"f");
     assert_eq!(
         t.v().read(in_snapshot, 0, old.len() as u32).expect("read"),
         old
@@ -902,11 +901,7 @@ fn snapshot_reads_keep_their_point_in_time_after_the_live_file_changes() {
     let new = pattern(4096 * 2, 5);
     t.v().write(node, 4096, &new).expect("write");
     t.v().flush(node).expect("flush");
-    let set = SetAttr {
-        size: Some(4096 * 3),
-        ..SetAttr::default()
-    };
-    t.v().setattr(node, set).expect("truncate");
+    t.truncate(node, 4096 * 3);
     t.v().release(handle).expect("release");
 
     let live = t.v().read(node, 0, old.len() as u32).expect("read live");
@@ -917,13 +912,17 @@ fn snapshot_reads_keep_their_point_in_time_after_the_live_file_changes() {
         .expect("read snapshot");
     assert_eq!(snap, old);
     // A snapshot taken now sees the new content, through the same code.
-    t.v().create_snapshot(b"s2").expect("snapshot");
-    let in_s2 = t
-        .v()
-        .lookup(snapshot_root(&t, "s2"), b"f")
-        .expect("lookup")
-        .node;
+    let in_s2 = snapshot_of(&t, "s2", b"f");
     assert_eq!(t.v().read(in_s2, 0, old.len() as u32).expect("read"), live);
+}
+
+/// Takes snapshot `name` and returns the node of `file` (in the root) in it.
+fn snapshot_of(t: &TestVolume, name: &str, file: &[u8]) -> NodeId {
+    t.v().create_snapshot(name.as_bytes()).expect("snapshot");
+    t.v()
+        .lookup(snapshot_root(t, name), file)
+        .expect("lookup in the snapshot")
+        .node
 }
 
 /// Blocks larger than a piece: once verified whole, their parts are read and checked
