@@ -125,6 +125,16 @@ impl BlockReader {
         }
     }
 
+    /// Fetches block `hash` from a store ahead of a read, unless the catalog no longer
+    /// knows it: a writer replaced and freed it since it was queued, and a copy fetched now
+    /// would stay on the disk for no one.
+    pub fn fetch_ahead(&self, hash: &BlockHash) -> Result<()> {
+        if lock(&self.catalog).read(|tx| tx.has_block(hash))? {
+            self.fetch(hash)?;
+        }
+        Ok(())
+    }
+
     /// Block `hash` from memory or the local disk; `None` if only a store has it.
     pub fn local_block(&self, hash: &BlockHash) -> Result<Option<Arc<Vec<u8>>>> {
         self.local_or_none(hash, self.local.get(hash))

@@ -258,7 +258,7 @@ fn work(blocks: &BlockReader, jobs: &Mutex<Receiver<BlockHash>>, loading: &Loadi
         // A block only a store has is fetched with no reader waiting for it: readers wait
         // holding their file's state, and a store may take minutes to answer.
         let loaded = match local {
-            Ok(None) => blocks.block(&hash).map(drop),
+            Ok(None) => blocks.fetch_ahead(&hash),
             result => result.map(drop),
         };
         // Only a hint: the read that needs the block reports any error itself.
