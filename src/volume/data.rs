@@ -197,8 +197,11 @@ impl Volume {
                 return Ok(Ok(Vec::new()));
             };
             let mapped = file.reads.blocks(span.first, span.last, load)?;
-            self.read_ahead(&mut file.reads, &span, file.size, load, |_| true)?;
-            return self.read_blocks(span, mapped, fetch);
+            let out = self.read_blocks(&span, mapped, fetch)?;
+            if out.is_ok() {
+                self.read_ahead(&mut file.reads, &span, file.size, load, |_| true)?;
+            }
+            return Ok(out);
         }
         let Some(state) = self.files.peek(node.ino) else {
             // Not open (only the core's own callers read so): nothing to remember.
@@ -206,7 +209,7 @@ impl Volume {
                 return Ok(Ok(Vec::new()));
             };
             let mapped = load(span.first, span.last)?;
-            return self.read_blocks(span, mapped, fetch);
+            return self.read_blocks(&span, mapped, fetch);
         };
         let FileState {
             size,
@@ -224,19 +227,19 @@ impl Volume {
             |idx: u64| !dirty.contains_key(&idx) && catalog_block_valid(*truncated_to, idx, bs);
         let mut mapped = reads.blocks(span.first, span.last, load)?;
         mapped.retain(|&(idx, _)| from_catalog(idx));
-        self.read_ahead(reads, &span, *size, load, from_catalog)?;
-        let (first, last, start) = (span.first, span.last, span.start);
-        let mut out = match self.read_blocks(span, mapped, fetch)? {
+        let mut out = match self.read_blocks(&span, mapped, fetch)? {
             Ok(out) => out,
             missing => return Ok(missing),
         };
-        for (&idx, block) in dirty.range(first..=last) {
-            copy_overlap(&mut out, start, idx * bs, block);
+        for (&idx, block) in dirty.range(span.first..=span.last) {
+            copy_overlap(&mut out, span.start, idx * bs, block);
         }
+        self.read_ahead(reads, &span, *size, load, from_catalog)?;
         Ok(Ok(out))
     }
 
-    /// Queues the blocks to read ahead of this read, if it continues a sequential one.
+    /// Queues the blocks to read ahead of a read that succeeded (so counted once however
+    /// many rounds it took), if it continues a sequential one.
     fn read_ahead(
         &self,
         reads: &mut ReadState,
@@ -261,7 +264,7 @@ impl Volume {
     /// Unless `fetch`, the blocks only a store has are returned instead.
     fn read_blocks(
         &self,
-        span: Span,
+        span: &Span,
         mapped: Vec<(u64, BlockHash)>,
         fetch: bool,
     ) -> Result<std::result::Result<Vec<u8>, Vec<BlockHash>>> {
