@@ -23,6 +23,13 @@ pub fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Waits on `condvar`, giving the guard back.
+pub fn wait<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    condvar
+        .wait(guard)
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Waits on `condvar` for at most `timeout`, giving the guard back either way.
 pub fn wait_timeout<'a, T>(
     condvar: &Condvar,

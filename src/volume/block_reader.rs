@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use lru::LruCache;
 
 use super::{Error, Result};
-use crate::blocks::{BlockError, BlockHash, BlockStore};
+use crate::blocks::{BlockError, BlockHash, BlockStore, copy_from};
 use crate::catalog::Catalog;
 use crate::metrics;
 use crate::store::{self, ObjectStore};
@@ -125,9 +125,52 @@ impl BlockReader {
         }
     }
 
+    /// Fetches block `hash` from a store ahead of a read, unless the catalog no longer
+    /// knows it: a writer replaced and freed it since it was queued, and a copy fetched now
+    /// would stay on the disk for no one.
+    pub fn fetch_ahead(&self, hash: &BlockHash) -> Result<()> {
+        if lock(&self.catalog).read(|tx| tx.has_block(hash))? {
+            self.fetch(hash)?;
+        }
+        Ok(())
+    }
+
     /// Block `hash` from memory or the local disk; `None` if only a store has it.
     pub fn local_block(&self, hash: &BlockHash) -> Result<Option<Arc<Vec<u8>>>> {
-        match self.local.get(hash) {
+        self.local_or_none(hash, self.local.get(hash))
+    }
+
+    /// Copies block `hash` from `offset` into `out` from memory or the local disk (see
+    /// `BlockStore::read_into`): how many bytes it had there, `None` if only a store has it.
+    pub fn read_local(
+        &self,
+        hash: &BlockHash,
+        offset: usize,
+        out: &mut [u8],
+    ) -> Result<Option<usize>> {
+        self.local_or_none(hash, self.local.read_into(hash, offset, out))
+    }
+
+    /// Copies block `hash` from `offset` into `out`, from wherever it is: how many bytes it
+    /// had there.
+    pub fn read(&self, hash: &BlockHash, offset: usize, out: &mut [u8]) -> Result<usize> {
+        match self.read_local(hash, offset, out)? {
+            Some(len) => Ok(len),
+            None => {
+                metrics::cache_miss();
+                Ok(copy_from(&self.fetch(hash)?, offset, out))
+            }
+        }
+    }
+
+    /// A local read's result: a hit (counted, and promoted for eviction), or `None` for a
+    /// block missing here that a store has.
+    fn local_or_none<T>(
+        &self,
+        hash: &BlockHash,
+        read: std::result::Result<T, BlockError>,
+    ) -> Result<Option<T>> {
+        match read {
             Ok(data) => {
                 metrics::cache_hit();
                 if let Some(cache) = self.evictable.get() {
@@ -168,7 +211,10 @@ impl BlockReader {
             lock(cache).admit(*hash, data.len() as u32);
         }
         self.evict()?;
-        Ok(Arc::new(data))
+        // Verified by `fetch_block`: reads of its other parts need not go to the disk.
+        let data = Arc::new(data);
+        self.local.cache_verified(hash, data.clone());
+        Ok(data)
     }
 
     /// Blocks that just reached the store: they may now be evicted.

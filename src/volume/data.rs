@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::namespace::apply_setattr;
-use super::open_files::{FileState, PinnedFile};
+use super::open_files::{FileState, PinnedFile, catalog_block_valid};
+use super::reads::ReadState;
 use super::{Attr, Error, FileHandle, NodeId, Result, SetAttr, View, Volume, now};
 use crate::blocks::BlockHash;
 use crate::catalog::{Kind, LIVE};
@@ -22,6 +23,27 @@ const FETCH_ROUNDS: usize = 3;
 
 /// Largest file size: offsets must fit in an off_t.
 pub(super) const MAX_FILE_SIZE: u64 = i64::MAX as u64;
+
+/// The bytes a read returns: `len` from file offset `start`, in blocks `first..=last`.
+struct Span {
+    start: u64,
+    len: usize,
+    first: u64,
+    last: u64,
+}
+
+impl Span {
+    /// The part of `offset..offset + len` before `size`; `None` if it is empty.
+    fn of(offset: u64, len: u32, size: u64, block_size: u64) -> Option<Span> {
+        let end = size.min(offset.saturating_add(u64::from(len)));
+        (offset < end).then(|| Span {
+            start: offset,
+            len: (end - offset) as usize,
+            first: offset / block_size,
+            last: (end - 1) / block_size,
+        })
+    }
+}
 
 /// Copies the part of `block` (the block starting at file offset `block_start`) that falls
 /// in `out` (which starts at file offset `out_start`).
@@ -146,8 +168,9 @@ impl Volume {
         }
     }
 
-    /// Reads with the file's state locked. Unless `fetch`, a block that is neither in
-    /// memory nor on the local disk is not fetched: the blocks missing are returned.
+    /// Reads with the file's state (or a snapshot file's read state) locked. Unless
+    /// `fetch`, a block that is neither in memory nor on the local disk is not fetched: the
+    /// blocks missing are returned.
     fn read_from(
         &self,
         node: NodeId,
@@ -156,59 +179,120 @@ impl Volume {
         fetch: bool,
     ) -> Result<std::result::Result<Vec<u8>, Vec<BlockHash>>> {
         let view = self.view_generation(node.view)?;
-        let state = match node.view {
-            View::Live => self.files.peek(node.ino),
-            View::Snapshot(_) => None,
+        let load = |first, last| {
+            Ok(lock(&self.catalog).read(|tx| tx.blocks_in_range(view, node.ino, first, last))?)
         };
-        let state = state.as_ref().map(|s| lock(s));
-        let size = match &state {
-            Some(state) => state.size,
-            None => {
-                let row = self.row(node)?;
-                if row.attrs.kind == Kind::Dir {
-                    return Err(Error::IsDir);
-                }
-                row.attrs.size
+        let size_of = || {
+            let row = self.row(node)?;
+            match row.attrs.kind {
+                Kind::Dir => Err(Error::IsDir),
+                _ => Ok(row.attrs.size),
             }
         };
-        if offset >= size || len == 0 {
-            return Ok(Ok(Vec::new()));
-        }
-        let end = size.min(offset + u64::from(len));
-        let mut out = vec![0; (end - offset) as usize];
         let bs = self.block_size;
-        let (first, last) = (offset / bs, (end - 1) / bs);
-        let mapped =
-            lock(&self.catalog).read(|tx| tx.blocks_in_range(view, node.ino, first, last))?;
+        if node.view != View::Live {
+            let file = self.snapshot_reads.file(view, node.ino, size_of)?;
+            let file = &mut *lock(&file);
+            let Some(span) = Span::of(offset, len, file.size, bs) else {
+                return Ok(Ok(Vec::new()));
+            };
+            let mapped = file.reads.blocks(span.first, span.last, load)?;
+            let out = self.read_blocks(&span, mapped, fetch)?;
+            if out.is_ok() {
+                self.read_ahead(&mut file.reads, &span, file.size, load, |_| true)?;
+            }
+            return Ok(out);
+        }
+        let Some(state) = self.files.peek(node.ino) else {
+            // Not open (only the core's own callers read so): nothing to remember.
+            let Some(span) = Span::of(offset, len, size_of()?, bs) else {
+                return Ok(Ok(Vec::new()));
+            };
+            let mapped = load(span.first, span.last)?;
+            return self.read_blocks(&span, mapped, fetch);
+        };
+        let FileState {
+            size,
+            dirty,
+            truncated_to,
+            punched,
+            reads,
+            ..
+        } = &mut *lock(&state);
+        let Some(span) = Span::of(offset, len, *size, bs) else {
+            return Ok(Ok(Vec::new()));
+        };
+        // Buffered blocks, and catalog blocks a pending truncate cut off or a hole punched,
+        // are not the catalog's to give.
+        let from_catalog = |idx: u64| {
+            !dirty.contains_key(&idx) && catalog_block_valid(*truncated_to, punched, idx, bs)
+        };
+        let mut mapped = reads.blocks(span.first, span.last, load)?;
+        mapped.retain(|&(idx, _)| from_catalog(idx));
+        let mut out = match self.read_blocks(&span, mapped, fetch)? {
+            Ok(out) => out,
+            missing => return Ok(missing),
+        };
+        for (&idx, block) in dirty.range(span.first..=span.last) {
+            copy_overlap(&mut out, span.start, idx * bs, block);
+        }
+        self.read_ahead(reads, &span, *size, load, from_catalog)?;
+        Ok(Ok(out))
+    }
+
+    /// Queues the blocks to read ahead of a read that succeeded (so counted once however
+    /// many rounds it took), if it continues a sequential one.
+    fn read_ahead(
+        &self,
+        reads: &mut ReadState,
+        span: &Span,
+        size: u64,
+        load: impl FnMut(u64, u64) -> Result<Vec<(u64, BlockHash)>>,
+        from_catalog: impl Fn(u64) -> bool,
+    ) -> Result<()> {
+        let end = span.start + span.len as u64;
+        let window = self.read_ahead.window();
+        if let Some(ahead) = reads.read_ahead(span.start, end, size, self.block_size, window) {
+            for (idx, hash) in reads.blocks(*ahead.start(), *ahead.end(), load)? {
+                if from_catalog(idx) {
+                    self.read_ahead.load(hash);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the parts of the `mapped` catalog blocks in `span` (the rest reads as zeros).
+    /// Unless `fetch`, the blocks only a store has are returned instead.
+    fn read_blocks(
+        &self,
+        span: &Span,
+        mapped: Vec<(u64, BlockHash)>,
+        fetch: bool,
+    ) -> Result<std::result::Result<Vec<u8>, Vec<BlockHash>>> {
+        let bs = self.block_size;
+        let mut out = vec![0; span.len];
         let mut missing = Vec::new();
         for (idx, hash) in mapped {
-            if let Some(state) = &state
-                && (state.dirty.contains_key(&idx) || !state.catalog_block_valid(idx, bs))
-            {
+            let from = span.start.max(idx * bs);
+            let to = (span.start + span.len as u64).min((idx + 1) * bs);
+            if from >= to {
                 continue;
             }
-            let block = if fetch {
-                self.blocks.block(&hash)?
-            } else {
-                match self.blocks.local_block(&hash)? {
-                    Some(block) => block,
-                    None => {
-                        missing.push(hash);
-                        continue;
-                    }
-                }
-            };
-            copy_overlap(&mut out, offset, idx * bs, &block);
-        }
-        if !missing.is_empty() {
-            return Ok(Err(missing));
-        }
-        if let Some(state) = &state {
-            for (&idx, block) in state.dirty.range(first..=last) {
-                copy_overlap(&mut out, offset, idx * bs, block);
+            let part = &mut out[(from - span.start) as usize..(to - span.start) as usize];
+            let in_block = (from - idx * bs) as usize;
+            self.read_ahead.wait_for(&hash);
+            if fetch {
+                self.blocks.read(&hash, in_block, part)?;
+            } else if self.blocks.read_local(&hash, in_block, part)?.is_none() {
+                missing.push(hash);
             }
         }
-        Ok(Ok(out))
+        Ok(if missing.is_empty() {
+            Ok(out)
+        } else {
+            Err(missing)
+        })
     }
 
     /// The current content of block `idx` as a starting point for a partial write.

@@ -104,7 +104,10 @@ impl Error {
                 _ => libc::EIO,
             },
             Error::Block(
-                BlockError::Missing { .. } | BlockError::Corrupt { .. } | BlockError::Fetch { .. },
+                BlockError::Missing { .. }
+                | BlockError::Corrupt { .. }
+                | BlockError::CorruptPiece { .. }
+                | BlockError::Fetch { .. },
             ) => libc::EIO,
         }
     }

@@ -144,6 +144,10 @@ impl Volume {
             tx.reserve_inos_through(max_ino)?;
             Ok::<_, Error>(())
         })?;
+        // The maps of open files may have changed under their read states.
+        for state in self.files.peek_all() {
+            lock(&state).reads.forget_map();
+        }
         Ok(written)
     }
 }

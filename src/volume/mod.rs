@@ -13,6 +13,7 @@ mod node;
 mod open_files;
 mod policy;
 mod ranges;
+mod reads;
 mod reserve;
 pub mod retention;
 mod snapshot_table;
@@ -51,6 +52,7 @@ pub use node::{
 use open_files::OpenFiles;
 pub use policy::{PolicyRun, Pruned, Scheduler, XATTR_POLICY, XATTR_PRUNE, retention_plan};
 pub use ranges::CopyRange;
+use reads::{ReadAhead, SnapshotReads};
 use snapshot_table::{PinTable, SnapshotTable};
 pub use snapshots::{
     SNAPDIR, SNAPDIR_NAME, SnapshotHooks, SnapshotInfo, XATTR_HOOK_ERROR, describe, progress_text,
@@ -107,7 +109,11 @@ pub struct Volume {
     catalog: Arc<Mutex<Catalog>>,
     block_size: u64,
     /// Where block bytes come from: memory, the local disk, the stores.
-    blocks: BlockReader,
+    blocks: Arc<BlockReader>,
+    /// Loads blocks ahead of sequential readers.
+    read_ahead: ReadAhead,
+    /// What reads of snapshot files remember.
+    snapshot_reads: SnapshotReads,
     /// Live files open or holding unflushed writes, and their handles.
     files: OpenFiles,
     /// Snapshots by id, mirrored from the catalog.
@@ -258,10 +264,13 @@ impl Volume {
         let cache_blocks = (options.cache_bytes / block_size.max(1)) as usize;
         let local = BlockStore::open(&dir.join("blocks"), cache_blocks)?;
         let catalog = Arc::new(Mutex::new(catalog));
+        let blocks = Arc::new(BlockReader::new(local, block_size, catalog.clone()));
         let volume = Volume {
             dir: dir.to_owned(),
             _lock: lock_file,
-            blocks: BlockReader::new(local, block_size, catalog.clone()),
+            read_ahead: ReadAhead::start(blocks.clone(), block_size, cache_blocks),
+            snapshot_reads: SnapshotReads::default(),
+            blocks,
             catalog,
             block_size,
             files: OpenFiles::new(options.dirty_limit),

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use super::Result;
+use super::reads::ReadState;
 use crate::catalog::InodeRow;
 use crate::sync::{Mutex, MutexGuard, lock};
 
@@ -38,6 +39,10 @@ pub(super) struct FileState {
     /// Open handles: the last close of an unlinked file drops its buffers.
     pub opens: u32,
     pub dirty_since: Option<Instant>,
+    /// What reads loaded of the catalog's block map and how they go: forgotten whenever
+    /// that map changes (anything changing a live file's map outside a flush must call
+    /// `ReadState::forget_map` under this state's lock, after its change committed).
+    pub reads: ReadState,
 }
 
 impl FileState {
@@ -53,24 +58,19 @@ impl FileState {
             punched: BTreeMap::new(),
             opens: 0,
             dirty_since: None,
+            reads: ReadState::default(),
         }
     }
 
     /// Whether the catalog block `idx` may be used: not cut off by a pending truncate or
     /// punched out.
     pub fn catalog_block_valid(&self, idx: u64, block_size: u64) -> bool {
-        self.next_stale(idx, block_size) != Some(idx)
-    }
-
-    /// The punched range holding `idx`, if any.
-    fn punched_at(&self, idx: u64) -> Option<(u64, u64)> {
-        let (&first, &end) = self.punched.range(..=idx).next_back()?;
-        (idx < end).then_some((first, end))
+        catalog_block_valid(self.truncated_to, &self.punched, idx, block_size)
     }
 
     /// The first catalog block at or after `idx` that is stale (see `catalog_block_valid`).
     pub fn next_stale(&self, idx: u64, block_size: u64) -> Option<u64> {
-        let punched = match self.punched_at(idx) {
+        let punched = match punched_at(&self.punched, idx) {
             Some(_) => Some(idx),
             None => self.punched.range(idx..).next().map(|(&first, _)| first),
         };
@@ -80,7 +80,7 @@ impl FileState {
 
     /// The first catalog block at or after `idx` that is not stale (`None`: none is).
     pub fn next_valid(&self, idx: u64, block_size: u64) -> Option<u64> {
-        let idx = self.punched_at(idx).map_or(idx, |(_, end)| end);
+        let idx = punched_at(&self.punched, idx).map_or(idx, |(_, end)| end);
         let cut = self.truncated_to.map(|t| t.div_ceil(block_size));
         cut.is_none_or(|cut| idx < cut).then_some(idx)
     }
@@ -105,6 +105,23 @@ impl FileState {
         self.changed = true;
         self.dirty_since.get_or_insert_with(Instant::now);
     }
+}
+
+/// Whether catalog block `idx` may be used: not cut off by a pending truncate to
+/// `truncated_to`, not in a `punched` range (see `FileState`).
+pub(super) fn catalog_block_valid(
+    truncated_to: Option<u64>,
+    punched: &BTreeMap<u64, u64>,
+    idx: u64,
+    block_size: u64,
+) -> bool {
+    punched_at(punched, idx).is_none() && truncated_to.is_none_or(|t| idx < t.div_ceil(block_size))
+}
+
+/// The range of `punched` holding `idx`, if any.
+fn punched_at(punched: &BTreeMap<u64, u64>, idx: u64) -> Option<(u64, u64)> {
+    let (&first, &end) = punched.range(..=idx).next_back()?;
+    (idx < end).then_some((first, end))
 }
 
 pub(super) type SharedState = Arc<Mutex<FileState>>;
@@ -239,6 +256,14 @@ impl OpenFiles {
         lock(&self.files).get(&ino).map(|t| t.state.clone())
     }
 
+    /// Every tracked state, unpinned (see `peek`).
+    pub fn peek_all(&self) -> Vec<SharedState> {
+        lock(&self.files)
+            .values()
+            .map(|t| t.state.clone())
+            .collect()
+    }
+
     /// Whether live file `ino` is open or has unflushed changes: an unlinked file then
     /// lives on, unnamed, until its last release.
     pub fn is_tracked(&self, ino: u64) -> bool {
@@ -281,10 +306,12 @@ impl OpenFiles {
         self.dirty_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
-    /// Empties a file's buffers once flushed (or when no one can read them any more).
+    /// Empties a file's buffers once flushed (or when no one can read them any more): the
+    /// catalog's map of the file changed, so what reads loaded of it goes too.
     pub fn discard_buffers(&self, state: &mut FileState) {
         let buffered = state.buffered;
         self.sub_dirty(state, buffered);
+        state.reads.forget_map();
         state.dirty.clear();
         state.truncated_to = None;
         state.punched.clear();

@@ -373,6 +373,8 @@ impl Volume {
             state.size = row.attrs.size;
             state.mtime = time;
             state.ctime = time;
+            // The map changed outside a flush: reads must load it again.
+            state.reads.forget_map();
             self.collect_garbage()?;
         }
         if !head_bytes.is_empty() {

@@ -70,6 +70,24 @@ impl TestVolume {
         node
     }
 
+    fn truncate(&self, node: NodeId, size: u64) {
+        let set = SetAttr {
+            size: Some(size),
+            ..SetAttr::default()
+        };
+        self.v().setattr(node, set).expect("truncate");
+    }
+
+    /// Writes file "f" of `len` pattern bytes, opens it and reads it whole once, so its
+    /// reads have loaded its block map.
+    fn open_read(&self, len: usize, seed: u8) -> (NodeId, Vec<u8>, FileHandle) {
+        let data = pattern(len, seed);
+        let node = self.write_file("f", &data);
+        let handle = self.v().open_file(node, true).expect("open");
+        assert_eq!(self.v().read(node, 0, len as u32).expect("read"), data);
+        (node, data, handle)
+    }
+
     fn read_all(&self, node: NodeId) -> Vec<u8> {
         let size = self.v().getattr(node).expect("getattr").attrs.size;
         self.v().read(node, 0, size as u32).expect("read")
@@ -1085,4 +1103,135 @@ fn checkpoints_survive_reopening() {
         .expect("taken");
     t.reopen();
     assert_eq!(t.v().list_checkpoints(), [taken]);
+}
+
+/// Reads of an open file remember its block map (`reads.rs`): every change to the file
+/// must show in the reads that follow, through the same handle.
+#[test]
+fn reads_of_an_open_file_see_writes_flushes_and_truncates() {
+    let t = TestVolume::new();
+    let (node, old, reader) = t.open_read(4096 * 3, 1);
+
+    // Buffered, then flushed: the flush changes the catalog's map.
+    let writer = t.v().open_file(node, true).expect("open for writing");
+    let new = pattern(4096, 2);
+    t.v().write(node, 4096, &new).expect("write");
+    assert_eq!(t.v().read(node, 4096, 4096).expect("read"), new);
+    t.v().flush(node).expect("flush");
+    assert_eq!(t.v().read(node, 4096, 4096).expect("read"), new);
+    assert_eq!(t.v().read(node, 0, 4096).expect("read"), &old[..4096]);
+
+    // Cut, flushed, then grown: the cut part reads as zeros, not as the old blocks.
+    for size in [5000, 3 * 4096] {
+        t.truncate(node, size);
+    }
+    let content = t.v().read(node, 0, 3 * 4096).expect("read");
+    assert_eq!(&content[..4096], &old[..4096]);
+    assert_eq!(&content[4096..5000], &new[..5000 - 4096]);
+    assert!(content[5000..].iter().all(|&b| b == 0));
+
+    // Unflushed truncate: catalog blocks past it must not show either.
+    t.v()
+        .write(node, 0, &pattern(3 * 4096, 3))
+        .expect("rewrite");
+    t.v().flush(node).expect("flush");
+    t.truncate(node, 100);
+    t.v().write(node, 8192, b"x").expect("write past the cut");
+    let content = t.v().read(node, 0, 3 * 4096).expect("read");
+    assert_eq!(content.len(), 8193);
+    assert_eq!(&content[..100], &pattern(3 * 4096, 3)[..100]);
+    assert!(content[100..8192].iter().all(|&b| b == 0));
+    assert_eq!(content[8192], b'x');
+    t.v().release(writer).expect("release");
+    t.v().release(reader).expect("release");
+    assert_eq!(t.read_all(node), content);
+}
+
+/// A snapshot's file keeps its point-in-time content whatever happens to the live file,
+/// before or after either was read (and their maps remembered).
+#[test]
+fn snapshot_reads_keep_their_point_in_time_after_the_live_file_changes() {
+    let t = TestVolume::new();
+    let (node, old, handle) = t.open_read(4096 * 4, 4);
+    let in_snapshot = snapshot_of(&t, "s", b"f");
+    assert_eq!(
+        t.v().read(in_snapshot, 0, old.len() as u32).expect("read"),
+        old
+    );
+
+    let new = pattern(4096 * 2, 5);
+    t.v().write(node, 4096, &new).expect("write");
+    t.v().flush(node).expect("flush");
+    t.truncate(node, 4096 * 3);
+    t.v().release(handle).expect("release");
+
+    let live = t.v().read(node, 0, old.len() as u32).expect("read live");
+    assert_eq!(live, [&old[..4096], &new[..]].concat());
+    let snap = t
+        .v()
+        .read(in_snapshot, 0, old.len() as u32)
+        .expect("read snapshot");
+    assert_eq!(snap, old);
+    // A snapshot taken now sees the new content, through the same code.
+    let in_s2 = snapshot_of(&t, "s2", b"f");
+    assert_eq!(t.v().read(in_s2, 0, old.len() as u32).expect("read"), live);
+}
+
+/// Takes snapshot `name` and returns the node of `file` (in the root) in it.
+fn snapshot_of(t: &TestVolume, name: &str, file: &[u8]) -> NodeId {
+    t.v().create_snapshot(name.as_bytes()).expect("snapshot");
+    t.v()
+        .lookup(snapshot_root(t, name), file)
+        .expect("lookup in the snapshot")
+        .node
+}
+
+/// Blocks larger than a piece: once verified whole, their parts are read and checked
+/// alone; damage in a part is found when that part is read, never served.
+#[test]
+fn parts_of_verified_blocks_are_checked_when_read_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = Options {
+        block_size: 64 * 1024,
+        // One block in memory: the others are read again from the disk.
+        cache_bytes: 64 * 1024,
+        ..Options::default()
+    };
+    let volume = Volume::open(dir.path(), &options).expect("open");
+    let data = pattern(4 * 64 * 1024, 6);
+    let (attr, handle) = volume.create(ROOT, b"f", 0o644, ME).expect("create");
+    let node = attr.node;
+    volume.write(node, 0, &data).expect("write");
+    volume.flush(node).expect("flush");
+    for round in 0..2 {
+        for offset in [0usize, 70_000, 140_000, 200_000, 262_000] {
+            let got = volume.read(node, offset as u64, 100).expect("read");
+            assert_eq!(
+                got,
+                &data[offset..offset + 100],
+                "round {round} at {offset}"
+            );
+        }
+    }
+    // Damage the second block's second piece behind the volume's back.
+    let hash = crate::blocks::BlockHash::of(&data[65536..131072]);
+    let hex = hash.to_hex();
+    let path = dir.path().join("blocks").join(&hex[..2]).join(&hex);
+    let mut bytes = fs::read(&path).expect("block file");
+    bytes[20_000] ^= 1;
+    fs::write(&path, &bytes).expect("damage");
+    // Another block takes the memory cache's only place.
+    volume.read(node, 0, 100).expect("read");
+    let damaged = volume.read(node, 65536 + 19_990, 20);
+    assert!(
+        matches!(damaged, Err(ref e) if e.errno() == libc::EIO),
+        "{damaged:?}"
+    );
+    assert_eq!(
+        volume
+            .read(node, 65536 + 40_000, 100)
+            .expect("an intact piece"),
+        &data[65536 + 40_000..65536 + 40_100]
+    );
+    volume.release(handle).expect("release");
 }

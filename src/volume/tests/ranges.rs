@@ -430,3 +430,25 @@ pub(super) fn check_holes(t: &TestVolume, node: NodeId, expected: &[u8], what: &
         at = data.max(at + 1);
     }
 }
+
+/// Reads remember an open file's block map (`reads.rs`); sharing blocks into it and
+/// punching holes change that map outside a write, and the next read must see it.
+#[test]
+fn reads_of_an_open_file_see_copies_into_it_and_punched_holes() {
+    let t = TestVolume::new();
+    let old = pattern(4 * BS as usize, 1);
+    let new = pattern(4 * BS as usize, 2);
+    let src = t.write_file("src", &new);
+    let dst = t.write_file("dst", &old);
+    let handle = t.v().open_file(dst, true).expect("open");
+    assert_eq!(t.read_all(dst), old, "the map is loaded now");
+
+    copy(&t, src, 0, dst, 0, 4 * BS).expect("copy");
+    assert_eq!(t.read_all(dst), new, "the shared blocks, not the old ones");
+
+    t.v().fallocate(dst, BS, 2 * BS, PUNCH).expect("punch");
+    let mut expected = new.clone();
+    expected[BS as usize..3 * BS as usize].fill(0);
+    assert_eq!(t.read_all(dst), expected, "the hole reads as zeros");
+    t.v().release(handle).expect("release");
+}
