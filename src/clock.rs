@@ -91,6 +91,28 @@ pub fn utc(nanos: i64) -> Utc {
     }
 }
 
+/// Nanoseconds since the epoch of a UTC date and time (the inverse of `utc`, from checked
+/// fields); `None` past what an i64 holds.
+pub fn nanos_of_utc(
+    year: i64,
+    month: i64,
+    day: i64,
+    hour: i64,
+    minute: i64,
+    second: i64,
+) -> Option<i64> {
+    // Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second;
+    seconds.checked_mul(NANOS)
+}
+
 /// `nanos` as a compact, sortable UTC stamp: `20261201T050000Z`.
 pub fn compact_stamp(nanos: i64) -> String {
     let t = utc(nanos);

@@ -13,23 +13,6 @@ use common::s3::{S3Client, S3Env, unique_prefix};
 use common::*;
 use serde_json::Value;
 
-/// Runs `snapfs ARGS`; the output.
-fn cli(args: &[&str]) -> Output {
-    run(snapfs().args(args))
-}
-
-/// Runs `snapfs ARGS`, which must succeed; its stdout.
-#[track_caller]
-fn ok(args: &[&str]) -> String {
-    let out = cli(args);
-    assert!(
-        out.status.success(),
-        "snapfs {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Runs `snapfs ARGS`, which must fail; its stderr.
 #[track_caller]
 fn fails(args: &[&str]) -> String {

@@ -7,27 +7,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::s3::{S3Env, unique_prefix};
 use common::*;
-
-/// `snapfs ARGS`, its output.
-fn cli(args: &[&str]) -> Output {
-    run(snapfs().args(args))
-}
-
-/// `snapfs ARGS`, which must succeed: its stdout.
-fn ok(args: &[&str]) -> String {
-    let out = cli(args);
-    assert!(
-        out.status.success(),
-        "snapfs {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
 
 /// `snapfs ARGS`, which must fail with one line on stderr naming `expected`.
 fn refused(args: &[&str], expected: &str) {

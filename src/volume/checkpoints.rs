@@ -122,16 +122,8 @@ pub fn parse_utc(text: &str) -> Option<i64> {
     {
         return None;
     }
-    // Days since 1970-01-01 from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hour * 3600 + minute * 60 + second;
-    Some(secs * 1_000_000_000 + millis * 1_000_000)
+    crate::clock::nanos_of_utc(year, month, day, hour, minute, second)?
+        .checked_add(millis * 1_000_000)
 }
 
 /// A checkpoint as users see it: its row and what it costs.

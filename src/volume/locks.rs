@@ -113,17 +113,7 @@ pub fn parse_time(text: &str) -> Result<i64, String> {
         return Err(bad());
     }
     let nanos: i64 = format!("{fraction:0<9}").parse().map_err(|_| bad())?;
-    // Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second;
-    seconds
-        .checked_mul(1_000_000_000)
+    crate::clock::nanos_of_utc(year, month, day, hour, minute, second)
         .and_then(|n| n.checked_add(nanos))
         .ok_or_else(bad)
 }

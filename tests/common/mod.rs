@@ -391,6 +391,23 @@ pub fn run(cmd: &mut Command) -> Output {
     Captured::spawn(cmd).finish()
 }
 
+/// `snapfs ARGS`, its output.
+pub fn cli(args: &[&str]) -> Output {
+    run(snapfs().args(args))
+}
+
+/// `snapfs ARGS`, which must succeed: its stdout.
+#[track_caller]
+pub fn ok(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "snapfs {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The errno of a call that must fail.
 #[track_caller]
 pub fn errno<T: std::fmt::Debug>(result: io::Result<T>) -> i32 {
