@@ -345,12 +345,8 @@ enum PolicyCommand {
     #[command(after_help = "Examples:\n  snapfs policy show ~/work\n  \
         snapfs policy show --data /srv/vol1 --json")]
     Show {
-        /// A running snapfs mount.
-        #[arg(conflicts_with = "data")]
-        mountpoint: Option<PathBuf>,
-        /// The volume's data dir, mounted or not [default: as for `snapfs mount`].
-        #[arg(long, value_name = "DIR")]
-        data: Option<PathBuf>,
+        #[command(flatten)]
+        volume: MountOrData,
         #[arg(long)]
         json: bool,
     },
@@ -410,6 +406,26 @@ struct VolumeSource {
     /// A running snapfs mount; its data dir is read.
     #[arg(long, value_name = "MOUNTPOINT", conflicts_with = "data")]
     mount: Option<PathBuf>,
+}
+
+/// A volume named by its running mount (MOUNTPOINT) or its data dir (--data).
+#[derive(Args)]
+struct MountOrData {
+    /// A running snapfs mount, whose data dir is read.
+    #[arg(conflicts_with = "data")]
+    mountpoint: Option<PathBuf>,
+    /// The volume's data dir, mounted or not [default: as for `snapfs mount`].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+}
+
+impl MountOrData {
+    fn source(self) -> VolumeSource {
+        VolumeSource {
+            data: self.data,
+            mount: self.mountpoint,
+        }
+    }
 }
 
 impl VolumeSource {
@@ -661,11 +677,9 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Policy(PolicyCommand::Set { mountpoint, rules }) => {
             policy_cli::set(&mountpoint, &rules)?
         }
-        Command::Policy(PolicyCommand::Show {
-            mountpoint,
-            data,
-            json,
-        }) => policy_cli::show(mountpoint, data, json)?,
+        Command::Policy(PolicyCommand::Show { volume, json }) => {
+            policy_cli::show(volume.source(), json)?
+        }
         Command::Policy(PolicyCommand::Clear { mountpoint, json }) => {
             policy_cli::clear(&mountpoint, json)?
         }

@@ -11,7 +11,7 @@ use snapfs::daemon;
 use snapfs::inspect::Inspector;
 use snapfs::volume::{self, CheckpointSpace};
 
-use crate::{default_data_dir, human_bytes, json, parse_duration};
+use crate::{MountOrData, human_bytes, json, parse_duration};
 
 #[derive(Subcommand)]
 pub enum CheckpointCommand {
@@ -24,12 +24,8 @@ pub enum CheckpointCommand {
         (not listed in .snapshots, so find, du and rsync do not walk them):\n  \
         cp -a ~/work/.snapshots/.checkpoints/2026-12-01T05:44:29.123Z/src ~/work/src")]
     List {
-        /// A running snapfs mount, whose data dir is read.
-        #[arg(conflicts_with = "data")]
-        mountpoint: Option<PathBuf>,
-        /// The volume's data dir [default: as for `snapfs mount`].
-        #[arg(long, value_name = "DIR")]
-        data: Option<PathBuf>,
+        #[command(flatten)]
+        volume: MountOrData,
         #[arg(long)]
         json: bool,
     },
@@ -80,16 +76,8 @@ struct Checkpoint<'a> {
 impl CheckpointCommand {
     pub fn run(self) -> Result<(), Box<dyn std::error::Error>> {
         match self {
-            CheckpointCommand::List {
-                mountpoint,
-                data,
-                json,
-            } => {
-                let dir = match (data, mountpoint) {
-                    (Some(dir), _) => dir,
-                    (None, Some(mountpoint)) => daemon::data_dir_of_mount(&mountpoint)?,
-                    (None, None) => default_data_dir()?,
-                };
+            CheckpointCommand::List { volume, json } => {
+                let dir = volume.source().data_dir()?;
                 let space = Inspector::open(&dir)?.checkpoints()?;
                 if json {
                     json::print(&listing(&space))?;

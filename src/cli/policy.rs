@@ -2,7 +2,7 @@
 //! volume. Changes go to the mount's daemon through `.snapshots` (see `control`); what
 //! is shown is read from the catalog, so it works without a mount too.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use clap::Args;
 use serde::Serialize;
@@ -120,15 +120,7 @@ pub fn clear(mountpoint: &Path, as_json: bool) -> Result<(), Box<dyn std::error:
 }
 
 /// The volume `policy show` reads: the mount's, or a data dir.
-pub fn show(
-    mountpoint: Option<PathBuf>,
-    data: Option<PathBuf>,
-    json: bool,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let source = VolumeSource {
-        data,
-        mount: mountpoint,
-    };
+pub fn show(source: VolumeSource, json: bool) -> Result<(), Box<dyn std::error::Error>> {
     let Some((policy, last_slot)) = source.open()?.policy()? else {
         return Err(format!(
             "{} has no snapshot policy (set one with `snapfs policy set`)",
