@@ -50,8 +50,9 @@ type Segment = Arc<Vec<(u64, BlockHash)>>;
 pub(super) struct ReadState {
     /// Loaded segments of the catalog's block map, by segment number.
     segments: LruCache<u64, Segment>,
-    /// Where the next read starts if the file is read sequentially.
-    next: u64,
+    /// Where the next read starts if the file is read sequentially (`None`: no read yet,
+    /// so nothing to continue).
+    next: Option<u64>,
     /// Blocks before this one have been read or read ahead.
     ahead: u64,
 }
@@ -62,7 +63,7 @@ impl Default for ReadState {
             segments: LruCache::new(
                 NonZeroUsize::new(SEGMENTS_PER_FILE).unwrap_or(NonZeroUsize::MIN),
             ),
-            next: 0,
+            next: None,
             ahead: 0,
         }
     }
@@ -113,8 +114,11 @@ impl ReadState {
     ) -> Option<RangeInclusive<u64>> {
         // Requests of one sequential reader may arrive slightly out of order (the kernel
         // sends several at once), so "continues" allows a request or two of slack.
-        let sequential = offset != 0 && offset.abs_diff(self.next) <= 2 * (end - offset);
-        self.next = end;
+        let sequential = offset != 0
+            && self
+                .next
+                .is_some_and(|next| offset.abs_diff(next) <= 2 * (end - offset));
+        self.next = Some(end);
         let last_block = end.saturating_sub(1) / block_size;
         if !sequential || size == 0 {
             self.ahead = last_block + 1;
@@ -327,5 +331,9 @@ mod tests {
             reads.read_ahead(10 * bs + 65536, 10 * bs + 69632, size, bs, 4),
             None
         );
+        // A first read continues nothing, wherever it starts (a copy reading the partial
+        // block at its head must not read the file ahead).
+        let mut first = ReadState::default();
+        assert_eq!(first.read_ahead(777, bs, size, bs, 4), None);
     }
 }
