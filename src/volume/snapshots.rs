@@ -188,7 +188,7 @@ impl Volume {
         self.create_tagged_snapshot(name, &[])
     }
 
-    /// `create_snapshot` with `tags` set in the same transaction (the schedule's).
+    /// `create_snapshot` with `tags` (the schedule's), committed right after the row.
     pub(super) fn create_tagged_snapshot(
         &self,
         name: &[u8],
