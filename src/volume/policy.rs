@@ -113,7 +113,6 @@ impl Volume {
     pub fn set_policy(&self, policy: &Policy) -> Result<()> {
         let timetable = policy
             .validate()
-            .and_then(|()| policy.timetable())
             .map_err(|_| Error::Invalid("not a valid policy"))?;
         let slot = timetable.latest_slot(self.clock.now().div_euclid(NANOS));
         lock(&self.catalog).write_now(|tx| tx.set_policy(policy, slot))?;
@@ -141,6 +140,9 @@ impl Volume {
     /// retention if a snapshot it waits for has finished uploading. The scheduler thread
     /// calls it; tests call it after moving the clock.
     pub fn run_policy(&self) -> Result<PolicyRun> {
+        // Taken first, whatever follows: a retention left due would have the scheduler
+        // thread run the policy again at once, for ever (with no policy, or on an error).
+        let retention_due = std::mem::take(&mut lock(&self.schedule.state).retention_due);
         let Some((policy, last_slot)) = lock(&self.catalog).read(|tx| tx.policy())? else {
             return Ok(PolicyRun::default());
         };
@@ -160,7 +162,7 @@ impl Volume {
             // Taken, refused by a hook or failed: either way this slot is done.
             lock(&self.catalog).write_now(|tx| tx.set_policy_slot(slot))?;
         }
-        if std::mem::take(&mut lock(&self.schedule.state).retention_due) {
+        if retention_due {
             run.deleted = self.apply_retention()?;
         }
         Ok(run)
