@@ -693,19 +693,37 @@ impl Catalog {
 
     /// Pins the live generation as a new snapshot and starts the next one. O(1): no row is
     /// copied.
+    /// Pins the live generation as snapshot `name`, with `tags` and `lock`, in one
+    /// transaction: a crash leaves either the whole snapshot or none of it.
     pub fn create_snapshot(
         &mut self,
         name: &[u8],
         created: i64,
         state: SnapshotState,
+        tags: &[(Vec<u8>, Vec<u8>)],
+        lock: Option<&SnapshotLock>,
     ) -> Result<SnapshotRow> {
-        self.pin_generation(name, created, &state, SNAPSHOT_COLUMNS, |r| {
-            SnapshotRow::try_from(r)
-        })
+        self.pin_generation(
+            name,
+            created,
+            &state,
+            SNAPSHOT_COLUMNS,
+            |r| SnapshotRow::try_from(r),
+            |tx, row| {
+                for (key, value) in tags {
+                    tx.set_snapshot_tag(row.id, key, value)?;
+                }
+                match lock {
+                    Some(_) => tx.set_snapshot_lock(row.id, lock).map(|_| ()),
+                    None => Ok(()),
+                }
+            },
+        )
     }
 
-    /// Inserts a `snapshots` row (in `state`) pinning the live generation, starts the
-    /// next one, and returns the row's `columns` decoded by `decode`.
+    /// Inserts a `snapshots` row (in `state`) pinning the live generation, lets `fill`
+    /// add what belongs to it in the same transaction, starts the next generation, and
+    /// returns the row's `columns` decoded by `decode`.
     fn pin_generation<T>(
         &mut self,
         name: &[u8],
@@ -713,6 +731,7 @@ impl Catalog {
         state: &dyn ToSql,
         columns: &str,
         decode: impl FnOnce(&Row<'_>) -> Result<T>,
+        fill: impl FnOnce(&WriteTx<'_>, &T) -> Result<()>,
     ) -> Result<T> {
         self.commit()?;
         let g = self.generation;
@@ -728,6 +747,7 @@ impl Catalog {
             params![name, g, created, state],
             |r| Ok(decode(r)),
         )??;
+        fill(&WriteTx::new(&tx, g), &row)?;
         tx.execute(
             "UPDATE meta SET value = ?1 WHERE key = 'generation'",
             [g + 1],
@@ -1053,17 +1073,12 @@ impl ReadTx<'_> {
         Ok(inos.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Number of live inodes and bytes of stored blocks, for statfs.
-    pub fn usage(&self) -> Result<(u64, u64)> {
-        let inodes =
-            self.conn
-                .query_row("SELECT count(*) FROM inodes WHERE death IS NULL", [], |r| {
-                    r.get(0)
-                })?;
-        let bytes = self
+    /// Number of live inodes, for statfs: a counter the triggers keep.
+    pub fn live_inodes(&self) -> Result<u64> {
+        Ok(self
             .conn
-            .query_row("SELECT coalesce(sum(len), 0) FROM blocks", [], |r| r.get(0))?;
-        Ok((inodes, bytes))
+            .prepare_cached("SELECT value FROM meta WHERE key = 'live_inodes'")?
+            .query_row([], |r| r.get(0))?)
     }
 
     pub fn xattr_get(&self, view: u64, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>> {

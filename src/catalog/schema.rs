@@ -4,7 +4,15 @@
 //! generation G (`death IS NULL`), snapshot g sees `birth <= g AND (death IS NULL OR death > g)`.
 
 /// Migrations in order; `MIGRATIONS[i]` takes the schema from version i to i + 1.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4_POLICY, V5_LIFECYCLE, V6_CHECKPOINTS];
+pub const MIGRATIONS: &[&str] = &[
+    V1,
+    V2,
+    V3,
+    V4_POLICY,
+    V5_LIFECYCLE,
+    V6_CHECKPOINTS,
+    V7_LIVE_INODES,
+];
 
 const V1: &str = r#"
 CREATE TABLE meta (
@@ -230,4 +238,23 @@ END;
 /// makes an older snapfs refuse this catalog instead of choking on the new state.
 const V6_CHECKPOINTS: &str = r#"
 CREATE INDEX snapshots_checkpoints ON snapshots(created) WHERE state = 'checkpoint';
+"#;
+
+/// The number of live inodes, kept by triggers like `live_bytes`: statfs reads it on
+/// every call (dbench and file managers call it often), where a count(*) of the live rows
+/// costs a scan of every inode version.
+const V7_LIVE_INODES: &str = r#"
+INSERT INTO meta (key, value)
+    SELECT 'live_inodes', count(*) FROM inodes WHERE death IS NULL;
+CREATE TRIGGER inodes_count_insert AFTER INSERT ON inodes WHEN NEW.death IS NULL BEGIN
+    UPDATE meta SET value = value + 1 WHERE key = 'live_inodes';
+END;
+CREATE TRIGGER inodes_count_delete AFTER DELETE ON inodes WHEN OLD.death IS NULL BEGIN
+    UPDATE meta SET value = value - 1 WHERE key = 'live_inodes';
+END;
+CREATE TRIGGER inodes_count_update AFTER UPDATE OF death ON inodes
+WHEN (OLD.death IS NULL) != (NEW.death IS NULL) BEGIN
+    UPDATE meta SET value = value + (CASE WHEN NEW.death IS NULL THEN 1 ELSE -1 END)
+    WHERE key = 'live_inodes';
+END;
 "#;

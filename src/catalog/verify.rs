@@ -119,6 +119,14 @@ impl ReadTx<'_> {
             &[],
         )?;
         check(
+            "the live inode count differs from the live inodes".into(),
+            "SELECT 'counted', (SELECT value FROM meta WHERE key = 'live_inodes'), 'actual',
+                    count(*)
+             FROM inodes WHERE death IS NULL
+             HAVING count(*) != (SELECT value FROM meta WHERE key = 'live_inodes')",
+            &[],
+        )?;
+        check(
             "inode numbers at or above the next one to be handed out".into(),
             "SELECT DISTINCT 'ino', ino FROM inodes
              WHERE ino >= (SELECT value FROM meta WHERE key = 'next_ino')",
