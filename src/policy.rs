@@ -107,10 +107,10 @@ impl Policy {
         }
     }
 
-    /// Refuses what cannot be run; the reason names the option.
-    pub fn validate(&self) -> Result<(), String> {
-        let every = matches!(self.timetable()?, Timetable::Every(_));
-        if every && self.every_secs == 0 {
+    /// Refuses what cannot be run (the reason names the option); else the schedule.
+    pub fn validate(&self) -> Result<Timetable, String> {
+        let timetable = self.timetable()?;
+        if matches!(timetable, Timetable::Every(0)) {
             return Err("--every must be at least 1s".into());
         }
         if self.every_secs > 10 * 365 * 86_400 {
@@ -125,7 +125,7 @@ impl Policy {
         if self.trash_days == Some(0) {
             return Err("--trash-days must be at least 1 (leave it out for no recycle bin)".into());
         }
-        Ok(())
+        Ok(timetable)
     }
 
     /// Reads the JSON form (the xattr a mount is sent), checked.
