@@ -57,6 +57,7 @@ impl Catalog {
             &CHECKPOINT,
             CHECKPOINT_COLUMNS,
             |r| CheckpointRow::try_from(r),
+            |_, _| Ok(()),
         )
     }
 }

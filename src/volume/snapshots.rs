@@ -188,7 +188,7 @@ impl Volume {
         self.create_tagged_snapshot(name, &[])
     }
 
-    /// `create_snapshot` with `tags` (the schedule's), committed right after the row.
+    /// `create_snapshot` with `tags` (the schedule's), committed with the row.
     pub(super) fn create_tagged_snapshot(
         &self,
         name: &[u8],
@@ -255,16 +255,7 @@ impl Volume {
         tags: &[(Vec<u8>, Vec<u8>)],
         snapshot_lock: Option<&SnapshotLock>,
     ) -> Result<SnapshotRow> {
-        let mut catalog = lock(&self.catalog);
-        let row = catalog.create_snapshot(name, created, state)?;
-        if !tags.is_empty() || snapshot_lock.is_some() {
-            catalog.write_now(|tx| {
-                tags.iter()
-                    .try_for_each(|(key, value)| tx.set_snapshot_tag(row.id, key, value))?;
-                tx.set_snapshot_lock(row.id, snapshot_lock)
-            })?;
-        }
-        Ok(row)
+        Ok(lock(&self.catalog).create_snapshot(name, created, state, tags, snapshot_lock)?)
     }
 
     /// Deletes a snapshot (rmdir, the CLI, retention): into the recycle bin if the volume
