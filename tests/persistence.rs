@@ -165,23 +165,54 @@ fn fsynced_data_survives_kill_9() {
     );
 }
 
-#[test]
-fn an_unlinked_open_file_is_freed_after_kill_9() {
+/// Writes a 2-block file, keeps it open while `orphan` takes its name away, kills the
+/// daemon at once, and checks that `names_left` (holding `new`) are all that is left and
+/// the orphan's blocks were freed.
+fn orphan_is_freed_after_kill_9(orphan: impl FnOnce(&Path), names_left: &[&str]) {
     let mut m = Mount::new();
     let path = m.path().join("orphan");
     let mut file = File::create(&path).expect("create");
     file.write_all(&pattern(2 * BLOCK, 5)).expect("write");
     file.sync_all().expect("fsync");
     assert_eq!(block_files(m.data_dir()).len(), 2);
-    fs::remove_file(&path).expect("unlink while open");
+    orphan(&path);
     m.kill9();
     drop(file);
     m.remount();
-    assert_eq!(fs::read_dir(m.path()).expect("ls").count(), 0);
+    let mut names: Vec<String> = fs::read_dir(m.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, names_left);
+    for name in names_left {
+        assert_eq!(fs::read(m.path().join(name)).expect("read"), b"new");
+    }
+    // Each name left holds one small block; the orphan's two are gone.
     assert_eq!(
-        block_files(m.data_dir()),
-        Vec::<PathBuf>::new(),
+        block_files(m.data_dir()).len(),
+        names_left.len(),
         "blocks of the orphan survived the restart"
+    );
+}
+
+#[test]
+fn an_unlinked_open_file_is_freed_after_kill_9() {
+    orphan_is_freed_after_kill_9(
+        |path| fs::remove_file(path).expect("unlink while open"),
+        &[],
+    );
+}
+
+#[test]
+fn an_open_file_renamed_over_is_freed_after_kill_9() {
+    orphan_is_freed_after_kill_9(
+        |path| {
+            let new = path.with_file_name("new");
+            fs::write(&new, b"new").expect("write the replacement");
+            fs::rename(&new, path).expect("rename over the open file");
+        },
+        &["orphan"],
     );
 }
 

@@ -297,13 +297,18 @@ impl Volume {
                 Ok(ino)
             })
         })?;
-        // A file unlinked while open lives on unnamed; its unlink commits at once, so a
-        // crash meanwhile never brings the name back to a program that counts on its
-        // temporary file being gone (the next mount frees the orphan).
-        if self.files.is_tracked(ino) {
+        self.commit_if_orphaned(Some(ino))?;
+        self.freeing(|| self.collect_garbage())
+    }
+
+    /// A file unlinked or renamed over while open lives on unnamed; that change commits
+    /// at once, so a crash meanwhile never brings the name back to a program that counts
+    /// on its temporary file being gone (the next mount frees the orphan).
+    fn commit_if_orphaned(&self, ino: Option<u64>) -> Result<()> {
+        if ino.is_some_and(|ino| self.files.is_tracked(ino)) {
             lock(&self.catalog).commit()?;
         }
-        self.freeing(|| self.collect_garbage())
+        Ok(())
     }
 
     /// Removes entry `name` (naming `ino`) from `parent` and drops one link of `ino`:
@@ -382,9 +387,10 @@ impl Volume {
         let (from, to) = (parent.ino, new_parent.ino);
         let _change = self.enter_change();
         let time = now();
-        lock(&self.catalog).write(|tx| {
+        let replaced = lock(&self.catalog).write(|tx| {
             live_dir(tx, from)?;
             live_dir(tx, to)?;
+            let mut replaced = None;
             let (ino, kind) = tx.lookup(LIVE, from, name)?.ok_or(Error::NotFound)?;
             let target = tx.lookup(LIVE, to, new_name)?;
             if kind == Kind::Dir && from != to && is_ancestor(tx, ino, to)? {
@@ -408,7 +414,7 @@ impl Volume {
                     }
                     if other == ino {
                         // Two links to one file: POSIX says do nothing.
-                        return Ok(());
+                        return Ok(None);
                     }
                     match (kind == Kind::Dir, other_kind == Kind::Dir) {
                         (true, false) => return Err(Error::NotDir),
@@ -416,6 +422,7 @@ impl Volume {
                         _ => {}
                     }
                     self.drop_entry(tx, to, new_name, other, time)?;
+                    replaced = Some(other);
                 }
                 tx.retire_dentry(from, name)?;
                 tx.insert_dentry(to, new_name, ino, kind)?;
@@ -425,8 +432,9 @@ impl Volume {
             if from != to {
                 touch_dir(tx, to, 0, time)?;
             }
-            Ok(())
+            Ok(replaced)
         })?;
+        self.commit_if_orphaned(replaced)?;
         self.collect_garbage()
     }
 
