@@ -435,12 +435,24 @@ fn an_interrupted_upload_resumes_without_resending() {
     });
     t.write(ROOT, "f", &pattern(64 * BLOCK, 11));
     let id = t.snapshot("s");
-    // Stop the uploader part-way, as a killed daemon would.
+    // Stop the uploader part-way, as a killed daemon would: once it has recorded some
+    // progress (waiting a fixed time instead fails on a loaded machine).
     let worker = t.worker();
-    let interrupted = t.runtime.block_on(async {
-        tokio::time::timeout(Duration::from_millis(300), worker.upload_pending()).await
+    let finished = t.runtime.block_on(async {
+        let upload = worker.upload_pending();
+        tokio::pin!(upload);
+        loop {
+            tokio::select! {
+                outcomes = &mut upload => return Some(outcomes),
+                () = tokio::time::sleep(Duration::from_millis(10)) => {
+                    if t.state(id).upload.sent_blocks > 0 {
+                        return None;
+                    }
+                }
+            }
+        }
     });
-    assert!(interrupted.is_err(), "the upload should still be running");
+    assert!(finished.is_none(), "the upload should still be running");
     let partial = t.state(id);
     assert_eq!(partial.state, "pending");
     assert!(partial.upload.sent_blocks > 0 && partial.upload.sent_blocks < 64);
