@@ -420,6 +420,9 @@ struct GroupCommit {
 /// the WAL one commit appends.
 const GROUP_MAX_OPS: u32 = 4096;
 
+/// Prepared statements a connection keeps: more than the catalog has `prepare_cached` sites.
+const STATEMENT_CACHE: usize = 256;
+
 impl Catalog {
     /// Opens (creating if needed) the catalog at `path`. A new volume gets `block_size`;
     /// an existing one keeps the block size it was created with.
@@ -435,6 +438,9 @@ impl Catalog {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // Every statement of the hot paths stays compiled: with rusqlite's default of 16,
+        // a mixed load (create, write, rename, unlink, stat) evicts and parses them again.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         migrate(&conn)?;
 
         let mut catalog = Catalog {
@@ -473,6 +479,7 @@ impl Catalog {
                 source,
             })?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         refuse_foreign(&conn, path)?;
         let mut catalog = Catalog {
             conn,
