@@ -1260,11 +1260,12 @@ impl ReadTx<'_> {
 
 impl WriteTx<'_> {
     pub fn alloc_ino(&self) -> Result<u64> {
-        Ok(self.conn.query_row(
-            "UPDATE meta SET value = value + 1 WHERE key = 'next_ino' RETURNING value - 1",
-            [],
-            |r| r.get(0),
-        )?)
+        Ok(self
+            .conn
+            .prepare_cached(
+                "UPDATE meta SET value = value + 1 WHERE key = 'next_ino' RETURNING value - 1",
+            )?
+            .query_row([], |r| r.get(0))?)
     }
 
     pub fn insert_inode(&self, row: &InodeRow) -> Result<()> {

@@ -575,8 +575,12 @@ impl Volume {
                 })
                 .collect()
         };
+        if blocks.len() < 8 {
+            return store(blocks);
+        }
+        // Asked only here: it reads cgroup files, which cost more than a small flush.
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if blocks.len() < 8 || threads < 2 {
+        if threads < 2 {
             return store(blocks);
         }
         let chunk_len = blocks.len().div_ceil(threads);
