@@ -664,8 +664,16 @@ impl Volume {
                     let Some(volume) = volume.upgrade() else {
                         return;
                     };
-                    // Until under the mark again; a failed flush (logged) waits a tick.
-                    while volume.files.over_flush_ahead() && volume.flush_all().is_ok() {}
+                    // Until under the mark again, while rounds drain something: a failed
+                    // flush (logged), or buffers no flush takes, wait for the next tick.
+                    let mut left = volume.files.dirty_bytes();
+                    while volume.files.over_flush_ahead() && volume.flush_all().is_ok() {
+                        let now = volume.files.dirty_bytes();
+                        if now >= left {
+                            break;
+                        }
+                        left = now;
+                    }
                     let _ = volume.flush_older_than(age);
                 }
             })?;

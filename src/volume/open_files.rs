@@ -338,7 +338,12 @@ impl OpenFiles {
 
     /// Whether the background flusher has work beyond the timer's.
     pub fn over_flush_ahead(&self) -> bool {
-        self.dirty_bytes.load(Ordering::Relaxed) > self.flush_ahead
+        self.dirty_bytes() > self.flush_ahead
+    }
+
+    /// Bytes buffered over all files.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes.load(Ordering::Relaxed)
     }
 
     /// `bytes` more are buffered in `state`; crossing `flush_ahead` wakes the flusher.
