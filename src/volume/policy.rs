@@ -142,6 +142,9 @@ impl Volume {
     /// calls it; tests call it after moving the clock.
     pub fn run_policy(&self) -> Result<PolicyRun> {
         let Some((policy, last_slot)) = lock(&self.catalog).read(|tx| tx.policy())? else {
+            // No policy, no retention: a flag left set would have the scheduler thread
+            // call this again at once, for ever (a core's worth of CPU on every mount).
+            lock(&self.schedule.state).retention_due = false;
             return Ok(PolicyRun::default());
         };
         let timetable = policy.timetable().map_err(|reason| {

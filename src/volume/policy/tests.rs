@@ -434,3 +434,37 @@ fn a_cron_schedule_takes_its_times_and_nothing_between() {
         "taken when back"
     );
 }
+
+/// With no policy the scheduler thread sleeps whatever flags it started with (it once
+/// called `run_policy` in a loop: a core's worth of CPU on every mount without a policy).
+#[test]
+fn the_scheduler_sleeps_without_a_policy() {
+    use std::os::unix::thread::JoinHandleExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(START));
+    let volume = Arc::new(open(dir.path(), &clock));
+    let scheduler = volume.spawn_scheduler().expect("scheduler");
+    let thread = scheduler.thread.as_pthread_t();
+    let cpu = || {
+        let mut clock_id: libc::clockid_t = 0;
+        let mut time = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: the thread lives until `stop` below; both calls only write their outputs.
+        unsafe {
+            assert_eq!(libc::pthread_getcpuclockid(thread, &mut clock_id), 0);
+            assert_eq!(libc::clock_gettime(clock_id, &mut time), 0);
+        }
+        std::time::Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let before = cpu();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let used = cpu() - before;
+    assert!(
+        used < std::time::Duration::from_millis(20),
+        "the scheduler thread used {used:?} of CPU in 1 s"
+    );
+    scheduler.stop();
+}
