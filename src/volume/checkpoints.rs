@@ -168,13 +168,10 @@ impl Volume {
 
     /// Takes a checkpoint at time `now` if the live volume changed since the last
     /// checkpoint or snapshot; `None` if it did not. Like a snapshot it falls between two
-    /// changes: writers are held while the buffers are flushed and the generation pinned.
-    /// The buffers are flushed once before, with writers running, so that only what they
-    /// wrote meanwhile is flushed while they wait: a streaming writer may hold 64 MiB.
+    /// changes: writers are held while the buffers are flushed and the generation pinned
+    /// (`hold_writers_flushed`).
     pub fn take_checkpoint(&self, now: i64) -> Result<Option<CheckpointRow>> {
-        self.flush_all()?;
-        let _writers_held = write(&self.gate);
-        self.flush_all()?;
+        let _writers_held = self.hold_writers_flushed()?;
         // Nothing changes meanwhile: writers are held.
         if !lock(&self.catalog).read(|tx| tx.changed_since_pin())? {
             return Ok(None);

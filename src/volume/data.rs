@@ -21,6 +21,10 @@ type StagedBlock = (u64, Option<(BlockHash, u32)>);
 /// Rounds of fetching a read's missing blocks before it runs with them local.
 const FETCH_ROUNDS: usize = 3;
 
+/// How often the background flusher looks for buffers older than its age when nothing
+/// wakes it.
+const FLUSHER_TICK: Duration = Duration::from_millis(500);
+
 /// Largest file size: offsets must fit in an off_t.
 pub(super) const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 
@@ -648,16 +652,36 @@ impl Volume {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Starts the thread that flushes buffers a few seconds old, so a crash loses at most
-    /// those seconds of unsynced writes. It ends when the volume is dropped.
+    /// Starts the background flusher: it flushes every file as soon as buffers pass
+    /// `OpenFiles::flush_ahead` (so writers rarely reach the dirty limit, and a snapshot
+    /// finds little left to flush while it holds them), and buffers a few seconds old, so
+    /// a crash loses at most those seconds of unsynced writes. It ends when the volume is
+    /// dropped.
     pub fn spawn_flusher(self: &Arc<Self>, age: Duration) -> std::io::Result<()> {
-        self.spawn_periodic(
-            "snapfs-flusher",
-            Duration::from_millis(500),
-            move |volume| {
-                let _ = volume.flush_older_than(age);
-            },
-        )
+        let volume = Arc::downgrade(self);
+        let signal = self.files.flush_signal();
+        std::thread::Builder::new()
+            .name("snapfs-flusher".into())
+            .spawn(move || {
+                loop {
+                    signal.wait(FLUSHER_TICK);
+                    let Some(volume) = volume.upgrade() else {
+                        return;
+                    };
+                    // Until under the mark again, while rounds drain something: a failed
+                    // flush (logged), or buffers no flush takes, wait for the next tick.
+                    let mut left = volume.files.dirty_bytes();
+                    while volume.files.over_flush_ahead() && volume.flush_all().is_ok() {
+                        let now = volume.files.dirty_bytes();
+                        if now >= left {
+                            break;
+                        }
+                        left = now;
+                    }
+                    let _ = volume.flush_older_than(age);
+                }
+            })?;
+        Ok(())
     }
 
     /// Starts a thread that runs `job` every `every` until the volume is dropped.

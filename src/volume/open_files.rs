@@ -6,18 +6,27 @@
 //! a flush of all files): a pinned state is never forgotten, so a caller that looked it up
 //! works on the one every other caller sees. An unpinned state goes once it is clean.
 //!
+//! Past `flush_ahead` buffered bytes (a 64th of the dirty limit) the background
+//! flusher is woken: buffers drain long before writers hit the limit, so neither a writer
+//! nor a snapshot (which flushes with writers held) finds much to flush.
+//!
 //! Locks: the map (`files`) is a leaf, taken alone or under a file state's lock, never the
-//! other way round.
+//! other way round; so is the flusher's signal.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::Result;
 use super::reads::ReadState;
 use crate::catalog::InodeRow;
-use crate::sync::{Mutex, MutexGuard, lock};
+use crate::sync::{Condvar, Mutex, MutexGuard, lock, wait_timeout};
+
+/// The background flusher starts at this fraction of the dirty limit (1 MiB of 64 MiB):
+/// what a snapshot flushes then takes a few milliseconds. A sixteenth measured twice as
+/// slow snapshots under a streaming writer and no faster writes (docs/benchmarks.md).
+const FLUSH_AHEAD_FRACTION: u64 = 64;
 
 /// The state of a live file while it is open or has unflushed changes: the authority for
 /// its size and times until flushed.
@@ -146,6 +155,32 @@ pub(super) struct OpenFiles {
     dirty_bytes: AtomicU64,
     /// Past it, writers flush before they buffer more.
     dirty_limit: u64,
+    /// Past it, the background flusher is woken.
+    flush_ahead: u64,
+    flush_signal: Arc<FlushSignal>,
+}
+
+/// Wakes the background flusher when buffers pass `OpenFiles::flush_ahead`.
+#[derive(Default)]
+pub struct FlushSignal {
+    raised: Mutex<bool>,
+    condvar: Condvar,
+}
+
+impl FlushSignal {
+    fn raise(&self) {
+        *lock(&self.raised) = true;
+        self.condvar.notify_one();
+    }
+
+    /// Waits until raised (then lowers it again) or for `timeout`.
+    pub fn wait(&self, timeout: Duration) {
+        let mut raised = lock(&self.raised);
+        if !*raised {
+            raised = wait_timeout(&self.condvar, raised, timeout);
+        }
+        *raised = false;
+    }
 }
 
 /// A file state pinned for as long as this lives: lock it through `lock`, and let the
@@ -184,7 +219,14 @@ impl OpenFiles {
             next_handle: AtomicU64::new(1),
             dirty_bytes: AtomicU64::new(0),
             dirty_limit,
+            flush_ahead: dirty_limit / FLUSH_AHEAD_FRACTION,
+            flush_signal: Arc::default(),
         }
+    }
+
+    /// What the background flusher waits on (shared: it waits without holding the volume).
+    pub fn flush_signal(&self) -> Arc<FlushSignal> {
+        self.flush_signal.clone()
     }
 
     /// A pin on `state` (of `ino`), counted already in its `Tracked::pins`.
@@ -294,10 +336,23 @@ impl OpenFiles {
         self.dirty_bytes.load(Ordering::Relaxed) > self.dirty_limit
     }
 
-    /// `bytes` more are buffered in `state`.
+    /// Whether the background flusher has work beyond the timer's.
+    pub fn over_flush_ahead(&self) -> bool {
+        self.dirty_bytes() > self.flush_ahead
+    }
+
+    /// Bytes buffered over all files.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes.load(Ordering::Relaxed)
+    }
+
+    /// `bytes` more are buffered in `state`; crossing `flush_ahead` wakes the flusher.
     pub fn add_dirty(&self, state: &mut FileState, bytes: u64) {
         state.buffered += bytes;
-        self.dirty_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let before = self.dirty_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if before <= self.flush_ahead && before + bytes > self.flush_ahead {
+            self.flush_signal.raise();
+        }
     }
 
     /// `bytes` fewer are buffered in `state`.
