@@ -298,6 +298,7 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
         .spawn_trash_timer(TRASH_CHECK)
         .map_err(MountError::Daemon)?;
     let session = start_session(args, &volume)?;
+    volume.on_attrs_changed(kernel_attr_dropper(&session));
     let uploader = Uploader::start(runtime, worker).map_err(MountError::Daemon)?;
     // After the session: scheduled snapshots run the hooks, which may use the mount.
     volume.on_pruned(kernel_forgetter(&session)?);
@@ -438,6 +439,20 @@ fn kernel_forgetter(session: &Session) -> Result<volume::Pruned, MountError> {
         // Fails only once the thread is gone, at exit: nothing is cached then.
         let _ = names.send(name.to_vec());
     }))
+}
+
+/// Drops the kernel's cached attributes of each live node the core changed behind its
+/// back (see `volume::AttrsChanged`), at once, on the thread that changed it: unlike a
+/// name (`kernel_forgetter`), an inode's attributes are dropped without any lock the
+/// kernel may hold while it waits for this daemon.
+fn kernel_attr_dropper(session: &Session) -> volume::AttrsChanged {
+    let notifier = session.notifier.clone();
+    Box::new(move |node: volume::NodeId| {
+        // A negative offset: the attributes only; the cached pages hold the same bytes.
+        if let Err(e) = notifier.inval_inode(fuser::INodeNo(node.raw()), -1, 0) {
+            tracing::debug!(error = %e, "cannot drop the kernel's cached attributes");
+        }
+    })
 }
 
 /// Kernel read-ahead of the mount, in KiB: the size of one FUSE request (`max_pages`).
