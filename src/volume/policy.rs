@@ -146,6 +146,9 @@ impl Volume {
     /// calls it; tests call it after moving the clock.
     pub fn run_policy(&self) -> Result<PolicyRun> {
         let Some((policy, last_slot)) = lock(&self.catalog).read(|tx| tx.policy())? else {
+            // No policy, no retention: what was due is done. Left set, it woke the
+            // scheduler again at once, which spun a core on a mount without a policy.
+            lock(&self.schedule.state).retention_due = false;
             return Ok(PolicyRun::default());
         };
         let timetable = policy.timetable().map_err(|reason| {
