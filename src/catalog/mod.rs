@@ -420,10 +420,9 @@ struct GroupCommit {
 /// the WAL one commit appends.
 const GROUP_MAX_OPS: u32 = 4096;
 
-/// Prepared statements a connection keeps. One small-file create, write and close runs
-/// some 20 distinct statements (savepoints, the inode, dentry and block map writes, the
-/// retire pairs of three tables...): with rusqlite's default of 16 they evicted each
-/// other, and parsing SQL again was a fifth of the daemon's time.
+/// Prepared statements a connection keeps. A small file's create, flush and unlink run
+/// more than 16 distinct statements (savepoints, the inode, dentry and block map writes,
+/// the retire pair of each table...), which rusqlite's default of 16 would evict in turn.
 const STATEMENT_CACHE: usize = 256;
 
 impl Catalog {
