@@ -298,6 +298,7 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
         .spawn_trash_timer(TRASH_CHECK)
         .map_err(MountError::Daemon)?;
     let session = start_session(args, &volume)?;
+    volume.on_attrs_changed(kernel_attr_dropper(&session));
     let uploader = Uploader::start(runtime, worker).map_err(MountError::Daemon)?;
     // After the session: scheduled snapshots run the hooks, which may use the mount.
     volume.on_pruned(kernel_forgetter(&session)?);
@@ -367,6 +368,7 @@ fn serve_follower(
     let session = start_session(args, &volume)?;
     // Snapshots deleted in the store vanish here behind the kernel's back.
     let forget = kernel_forgetter(&session)?;
+    let forget = Box::new(move |name: &[u8]| forget(volume::SNAPDIR, name));
     let follower = follow::Follower::start(volume.clone(), stores, args.follow_interval, forget)
         .map_err(MountError::Daemon)?;
     tracing::info!(mountpoint = %args.mountpoint.display(), store = %url, "mounted read-only, following");
@@ -416,28 +418,42 @@ fn start_session(args: &MountArgs, volume: &Arc<Volume>) -> Result<Session, Moun
     })
 }
 
-/// Drops the kernel's cached name of each snapshot it is told of, deleted behind the
-/// kernel's back (looked up with a long TTL). On a thread of its own: a deletion may come
-/// from a request on `.snapshots` itself (a prune), during which the kernel holds the
-/// directory that the invalidation must lock.
+/// Drops the kernel's cached name of each snapshot or checkpoint it is told of, removed
+/// behind the kernel's back (looked up with a long TTL). On a thread of its own: a
+/// deletion may come from a request on the directory itself (a prune of `.snapshots`),
+/// during which the kernel holds the directory that the invalidation must lock.
 fn kernel_forgetter(session: &Session) -> Result<volume::Pruned, MountError> {
     let notifier = session.notifier.clone();
-    let (names, deleted) = std::sync::mpsc::channel::<Vec<u8>>();
+    let (names, deleted) = std::sync::mpsc::channel::<(volume::NodeId, Vec<u8>)>();
     std::thread::Builder::new()
         .name("snapfs-forget".into())
         .spawn(move || {
-            let parent = fuser::INodeNo(volume::SNAPDIR.raw());
-            for name in deleted {
+            for (parent, name) in deleted {
+                let parent = fuser::INodeNo(parent.raw());
                 if let Err(e) = notifier.inval_entry(parent, std::ffi::OsStr::from_bytes(&name)) {
                     tracing::debug!(error = %e, "cannot invalidate a deleted snapshot's name");
                 }
             }
         })
         .map_err(MountError::Daemon)?;
-    Ok(Box::new(move |name: &[u8]| {
+    Ok(Box::new(move |parent: volume::NodeId, name: &[u8]| {
         // Fails only once the thread is gone, at exit: nothing is cached then.
-        let _ = names.send(name.to_vec());
+        let _ = names.send((parent, name.to_vec()));
     }))
+}
+
+/// Drops the kernel's cached attributes of each live node the core changed behind its
+/// back (see `volume::AttrsChanged`), at once, on the thread that changed it: unlike a
+/// name (`kernel_forgetter`), an inode's attributes are dropped without any lock the
+/// kernel may hold while it waits for this daemon.
+fn kernel_attr_dropper(session: &Session) -> volume::AttrsChanged {
+    let notifier = session.notifier.clone();
+    Box::new(move |node: volume::NodeId| {
+        // A negative offset: the attributes only; the cached pages hold the same bytes.
+        if let Err(e) = notifier.inval_inode(fuser::INodeNo(node.raw()), -1, 0) {
+            tracing::debug!(error = %e, "cannot drop the kernel's cached attributes");
+        }
+    })
 }
 
 /// Kernel read-ahead of the mount, in KiB: the size of one FUSE request (`max_pages`).

@@ -19,14 +19,21 @@ use crate::catalog::Kind;
 use crate::metrics;
 use crate::volume::{self, Attr, Caller, NodeId, SetAttr, SetTime, View, Volume};
 
-/// How long the kernel may cache live attributes and entries: every change comes through
-/// this mount, so the cache only has to yield to changes made by other handles.
+/// How long the kernel may cache the attributes and names of the live tree when this mount
+/// is its only writer: every change to a name or an inode comes as a request, whose reply
+/// the kernel applies to its cache (or after which it drops what it held), and the one
+/// change the core makes on its own, a flush changing st_blocks, drops the kernel's copy
+/// (`Volume::on_attrs_changed`). A lookup or stat of a cached node then costs no request.
+const SOLE_WRITER_TTL: Duration = Duration::from_secs(3600);
+/// The live tree of a follower (which replaces it behind the kernel's back at every
+/// snapshot it follows) and the control directories (snapshots taken, pruned and
+/// checkpointed by background threads): a second.
 const LIVE_TTL: Duration = Duration::from_secs(1);
 /// Snapshots never change.
 const SNAPSHOT_TTL: Duration = Duration::from_secs(3600);
 /// How long the kernel may remember that a live name does not exist: only this mount
 /// creates names there, and the kernel turns its own negative entry positive when it does.
-const NEGATIVE_TTL: Duration = Duration::from_secs(60);
+const NEGATIVE_TTL: Duration = SOLE_WRITER_TTL;
 
 pub struct SnapFs {
     volume: Arc<Volume>,
@@ -62,13 +69,6 @@ fn errno(err: &volume::Error) -> Errno {
         tracing::error!(error = %err, "I/O error");
     }
     Errno::from_i32(code)
-}
-
-fn ttl(node: NodeId) -> Duration {
-    match node.view {
-        View::Live => LIVE_TTL,
-        View::Snapshot(_) => SNAPSHOT_TTL,
-    }
 }
 
 fn file_type(kind: Kind) -> FileType {
@@ -177,10 +177,19 @@ impl SnapFs {
         self.volume.block_size() as u32
     }
 
+    /// How long the kernel may keep a node's attributes, and a name for it.
+    fn ttl(&self, node: NodeId) -> Duration {
+        match node.view {
+            View::Live if self.sole_writer && node.is_live_catalog_node() => SOLE_WRITER_TTL,
+            View::Live => LIVE_TTL,
+            View::Snapshot(_) => SNAPSHOT_TTL,
+        }
+    }
+
     fn reply_entry(&self, reply: ReplyEntry, result: volume::Result<Attr>) {
         match result {
             Ok(attr) => reply.entry(
-                &ttl(attr.node),
+                &self.ttl(attr.node),
                 &file_attr(&attr, self.block_size()),
                 Generation(0),
             ),
@@ -190,7 +199,7 @@ impl SnapFs {
 
     fn reply_attr(&self, reply: ReplyAttr, result: volume::Result<Attr>) {
         match result {
-            Ok(attr) => reply.attr(&ttl(attr.node), &file_attr(&attr, self.block_size())),
+            Ok(attr) => reply.attr(&self.ttl(attr.node), &file_attr(&attr, self.block_size())),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -529,7 +538,7 @@ impl Filesystem for SnapFs {
                 INodeNo(attr.node.raw()),
                 next,
                 OsStr::from_bytes(&entry.name),
-                &ttl(attr.node),
+                &self.ttl(attr.node),
                 &file_attr(attr, self.block_size()),
                 Generation(0),
             )
@@ -649,7 +658,7 @@ impl Filesystem for SnapFs {
             .create(node(parent), name.as_bytes(), mode & !umask, caller(req))
         {
             Ok((attr, handle)) => reply.created(
-                &ttl(attr.node),
+                &self.ttl(attr.node),
                 &file_attr(&attr, self.block_size()),
                 Generation(0),
                 FileHandle(handle.0),

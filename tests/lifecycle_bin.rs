@@ -190,6 +190,8 @@ fn the_bin_purges_at_expiry() {
     let deleted = Instant::now();
     fs::remove_dir(snapshot_dir(&mount, "short")).expect("rmdir");
     assert_eq!(trash_names(&mount), ["short"]);
+    // Looked up: the kernel caches the name (an hour) until the daemon drops it.
+    assert!(mount.path().join(".snapshots/.trash/short").exists());
     assert_eq!(block_files(mount.data_dir()).len(), blocks);
     wait_until("expiry", Duration::from_secs(10), || {
         trash_names(&mount).is_empty()

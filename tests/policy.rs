@@ -274,3 +274,26 @@ fn pruned_snapshots_leave_the_bucket() {
         });
     }
 }
+
+/// CPU (user + system) the process `pid` has used, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // Fields after the command name, which ends with the last ')': utime and stime are
+    // the 14th and 15th fields of the line, the 12th and 13th after it.
+    let rest = &stat[stat.rfind(')').expect("command name") + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// An idle mount without a policy sleeps: its scheduler once woke itself again at once,
+/// for ever, and spun a core.
+#[test]
+fn an_idle_mount_without_a_policy_uses_no_cpu() {
+    let mount = Mount::new();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(mount.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(mount.pid()) - before;
+    // 2 s is 200 ticks at the usual 100 Hz; a spinning thread takes most of them.
+    assert!(used <= 20, "{used} ticks of CPU in 2 s idle");
+}

@@ -217,9 +217,12 @@ impl Volume {
     /// a snapshot needs has a reference from that snapshot's rows, so it stays).
     fn delete_checkpoint(&self, id: u64) -> Result<()> {
         let _no_block_being_adopted = write(&self.gc);
+        let name = self.checkpoints.get(id)?.name;
         let freed = self.checkpoints.remove(id, || {
             self.freeing(|| Ok(lock(&self.catalog).delete_snapshot(id)?))
         })?;
+        // Thinning and a full disk drop checkpoints with no request on their directory.
+        self.forget_name(CHECKPOINT_DIR, name.as_bytes());
         for hash in freed {
             self.blocks.local().remove(&hash)?;
         }

@@ -25,6 +25,12 @@ const FETCH_ROUNDS: usize = 3;
 /// wakes it.
 const FLUSHER_TICK: Duration = Duration::from_millis(500);
 
+/// Told of a live node whose attributes changed outside any kernel request on it: a flush
+/// (at close, by the timer, before a snapshot...) that stores a file's buffered blocks
+/// changes its st_blocks, which the kernel may hold from a stat made before. The mount
+/// drops the kernel's copy, so it may cache attributes for long.
+pub type AttrsChanged = Box<dyn Fn(NodeId) + Send + Sync>;
+
 /// Largest file size: offsets must fit in an off_t.
 pub(super) const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 
@@ -478,6 +484,13 @@ impl Volume {
         Ok(Attr::from_row(View::Live, &row))
     }
 
+    /// Sets what hears of attributes changed behind the kernel's back (once: a mount).
+    pub fn on_attrs_changed(&self, changed: AttrsChanged) {
+        if self.attrs_changed.set(changed).is_err() {
+            tracing::warn!("on_attrs_changed called twice: the first one stays");
+        }
+    }
+
     /// Writes a file's buffered changes to the block store and the catalog, in one
     /// transaction. On failure the buffers stay, so nothing is lost and a later flush
     /// retries. On a full data dir the oldest checkpoints go first, then the oldest
@@ -515,6 +528,7 @@ impl Volume {
         let flushed = self.store_blocks(&blocks).and_then(|staged| {
             lock(&self.catalog).write(|tx| {
                 let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
+                let before = row.alloc;
                 let mut alloc = row.alloc as i64;
                 if let Some(size) = state.truncated_to {
                     alloc += tx.unmap_blocks_from(ino, size.div_ceil(bs))?;
@@ -530,20 +544,29 @@ impl Volume {
                 row.attrs.ctime = state.ctime;
                 row.alloc = alloc.max(0) as u64;
                 tx.update_inode(&row)?;
-                Ok::<_, Error>(())
+                Ok::<_, Error>(row.alloc != before)
             })
         });
         drop(adopting);
-        if let Err(e) = flushed {
-            // The blocks this flush stored but the catalog never adopted would hold their
-            // space for good: on a full disk, all the space deleting files gives back.
-            let hashes: Vec<BlockHash> = blocks
-                .iter()
-                .filter(|(_, block)| block.iter().any(|&b| b != 0))
-                .map(|(_, block)| BlockHash::of(block))
-                .collect();
-            self.remove_unadopted(&hashes)?;
-            return Err(e);
+        let allocation_changed = match flushed {
+            Ok(changed) => changed,
+            Err(e) => {
+                // The blocks this flush stored but the catalog never adopted would hold their
+                // space for good: on a full disk, all the space deleting files gives back.
+                let hashes: Vec<BlockHash> = blocks
+                    .iter()
+                    .filter(|(_, block)| block.iter().any(|&b| b != 0))
+                    .map(|(_, block)| BlockHash::of(block))
+                    .collect();
+                self.remove_unadopted(&hashes)?;
+                return Err(e);
+            }
+        };
+        // Size and times were reported from the buffers already; st_blocks was not. Told
+        // under the file's lock, before the request that flushed returns, so a stat after
+        // close(2) sees the blocks: dropping cached attributes never waits for a request.
+        if allocation_changed && let Some(changed) = self.attrs_changed.get() {
+            changed(NodeId::live(ino));
         }
         self.files.discard_buffers(state);
         crate::metrics::flushed();

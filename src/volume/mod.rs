@@ -41,6 +41,7 @@ pub use checkpoints::{
     CHECKPOINT_DIR, CHECKPOINTS_NAME, CheckpointInfo, CheckpointPolicy, CheckpointSpace,
     describe_checkpoints, parse_utc, thin,
 };
+pub use data::AttrsChanged;
 pub use error::{Error, Result};
 pub use locks::{
     XATTR_LOCK, format as format_lock, holds as lock_holds, parse as parse_lock, parse_time,
@@ -143,6 +144,9 @@ pub struct Volume {
     clock: Arc<dyn Clock>,
     /// The policy's scheduler state (see `policy`).
     schedule: Arc<policy::Schedule>,
+    /// Told of live files whose attributes a flush changed (see `data::AttrsChanged`);
+    /// set once by the mount.
+    attrs_changed: OnceLock<data::AttrsChanged>,
 }
 
 pub fn now() -> i64 {
@@ -287,6 +291,7 @@ impl Volume {
             hook_failure: Mutex::new(None),
             clock: options.clock.clone(),
             schedule: Arc::default(),
+            attrs_changed: OnceLock::new(),
         };
         volume.load_snapshots()?;
         volume.load_checkpoints()?;

@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use super::retention::{self, Candidate, Verdict};
-use super::{Error, Result, Volume};
+use super::{Error, NodeId, Result, SNAPDIR, Volume};
 use crate::catalog::{ReadTx, SnapshotRow, SnapshotState};
 use crate::clock::{NANOS, compact_stamp};
 use crate::policy::{Policy, SCHEDULED_PREFIX, SCHEDULED_TAG};
@@ -27,8 +27,12 @@ pub const XATTR_PRUNE: &[u8] = b"user.snapfs.prune";
 /// The longest the scheduler sleeps without looking at the clock (it may have jumped).
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 
-/// Told the name of each snapshot retention deleted (the mount drops the kernel's cache).
-pub type Pruned = Box<dyn Fn(&[u8]) + Send + Sync>;
+/// Told of each name in a control directory (`.snapshots`, its `.checkpoints` and
+/// `.trash`) that went without a request on that directory: a snapshot retention deleted,
+/// a checkpoint thinned, a snapshot purged from the bin when it expired or to make room.
+/// The kernel caches those names an hour (what they name never changes); the mount drops
+/// them.
+pub type Pruned = Box<dyn Fn(NodeId, &[u8]) + Send + Sync>;
 
 /// What the schedule waits for, and how to wake it. A leaf lock.
 #[derive(Default)]
@@ -214,9 +218,7 @@ impl Volume {
                 // Deleted meanwhile (rmdir, another prune): what retention wanted.
                 Ok(()) | Err(Error::NotFound) => {
                     tracing::info!(name = %String::from_utf8_lossy(&verdict.name), "retention deleted a snapshot");
-                    if let Some(pruned) = self.schedule.pruned.get() {
-                        pruned(&verdict.name);
-                    }
+                    self.forget_name(SNAPDIR, &verdict.name);
                     deleted.push(verdict.name);
                 }
                 Err(e) => return Err(e),
@@ -225,7 +227,14 @@ impl Volume {
         Ok(deleted)
     }
 
-    /// Sets what is told of each snapshot retention deletes; once, by the mount.
+    /// Tells the mount that `name` left control directory `parent` (see `Pruned`).
+    pub(super) fn forget_name(&self, parent: NodeId, name: &[u8]) {
+        if let Some(pruned) = self.schedule.pruned.get() {
+            pruned(parent, name);
+        }
+    }
+
+    /// Sets what is told of names removed behind the kernel's back; once, by the mount.
     pub fn on_pruned(&self, pruned: Pruned) {
         if self.schedule.pruned.set(pruned).is_err() {
             tracing::warn!("on_pruned called twice: the first one stays");

@@ -129,6 +129,7 @@ impl Volume {
             let expired = row.trash.is_some_and(|trash| trash.expires <= at);
             if expired && self.check_unlocked(&row, "purge").is_ok() {
                 self.remove_snapshot(&row)?;
+                self.forget_name(TRASHDIR, &row.name);
                 purged += 1;
             }
         }
@@ -151,6 +152,7 @@ impl Volume {
         tracing::warn!(name = %String::from_utf8_lossy(&row.name),
             "data dir full: purging the oldest snapshot of the recycle bin before failing a write");
         self.remove_snapshot(&row)?;
+        self.forget_name(TRASHDIR, &row.name);
         Ok(true)
     }
 
