@@ -169,7 +169,39 @@ pub struct BlockStore {
     /// Unique suffix for temporary files of concurrent writers.
     next_temp: AtomicU64,
     /// Blocks written since the last `sync`, which makes them durable.
-    unsynced: Mutex<Vec<PathBuf>>,
+    unsynced: Mutex<Unsynced>,
+}
+
+/// Blocks written since the last sync: their paths, up to `SYNC_EACH_LIMIT`; past it only
+/// that there were more (one syncfs covers them all), so a million small files written
+/// without an fsync cost no memory here.
+#[derive(Default)]
+struct Unsynced {
+    paths: Vec<PathBuf>,
+    many: bool,
+}
+
+impl Unsynced {
+    fn push(&mut self, path: PathBuf) {
+        if self.many {
+            return;
+        }
+        if self.paths.len() == SYNC_EACH_LIMIT {
+            self.paths = Vec::new();
+            self.many = true;
+        } else {
+            self.paths.push(path);
+        }
+    }
+
+    /// Puts back what a failed sync took.
+    fn restore(&mut self, failed: Unsynced) {
+        if failed.many {
+            *self = failed;
+        } else {
+            failed.paths.into_iter().for_each(|path| self.push(path));
+        }
+    }
 }
 
 /// Above this many unsynced blocks one syncfs beats a journal commit per file.
@@ -197,7 +229,7 @@ impl BlockStore {
                 cache_blocks.saturating_mul(PIECES_PER_CACHED_BLOCK),
             )),
             next_temp: AtomicU64::new(0),
-            unsynced: Mutex::new(Vec::new()),
+            unsynced: Mutex::default(),
         })
     }
 
@@ -209,7 +241,7 @@ impl BlockStore {
             cache: Mutex::new(bounded(1)),
             pieces: Mutex::new(bounded(1)),
             next_temp: AtomicU64::new(0),
-            unsynced: Mutex::new(Vec::new()),
+            unsynced: Mutex::default(),
         }
     }
 
@@ -398,18 +430,18 @@ impl BlockStore {
         let result = self.sync_paths(&pending);
         if result.is_err() {
             // Still not durable: the next sync must try them again.
-            crate::sync::lock(&self.unsynced).extend(pending);
+            crate::sync::lock(&self.unsynced).restore(pending);
         }
         result
     }
 
-    fn sync_paths(&self, paths: &[PathBuf]) -> Result<(), BlockError> {
+    fn sync_paths(&self, pending: &Unsynced) -> Result<(), BlockError> {
         let sync_one = |path: &Path| match fs::File::open(path).and_then(|f| f.sync_all()) {
             // Freed since it was written: nothing left to make durable.
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             result => result.map_err(|e| BlockError::io(path, e)),
         };
-        if paths.len() > SYNC_EACH_LIMIT {
+        if pending.many {
             let dir = fs::File::open(&self.dir).map_err(|e| BlockError::io(&self.dir, e))?;
             // SAFETY: syncfs only reads the descriptor, which `dir` keeps open for the call.
             if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
@@ -418,7 +450,7 @@ impl BlockStore {
             return Ok(());
         }
         let mut dirs = std::collections::BTreeSet::new();
-        for path in paths {
+        for path in &pending.paths {
             sync_one(path)?;
             dirs.extend(path.parent());
         }
@@ -522,5 +554,25 @@ mod tests {
             store.read_into(&hash, 4 * PIECE, &mut out),
             Err(BlockError::CorruptPiece { .. })
         ));
+    }
+
+    #[test]
+    fn unsynced_blocks_past_the_limit_are_remembered_as_many_not_one_by_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = BlockStore::open(dir.path(), 4).expect("open");
+        let put = |i: usize| {
+            let data = bytes(i + 1);
+            store.put(&BlockHash::of(&data), &data).expect("put");
+        };
+        (0..SYNC_EACH_LIMIT).for_each(put);
+        assert_eq!(lock(&store.unsynced).paths.len(), SYNC_EACH_LIMIT);
+        (SYNC_EACH_LIMIT..SYNC_EACH_LIMIT + 10).for_each(put);
+        {
+            let unsynced = lock(&store.unsynced);
+            assert!(unsynced.many && unsynced.paths.is_empty());
+        }
+        store.sync().expect("sync");
+        let unsynced = lock(&store.unsynced);
+        assert!(!unsynced.many && unsynced.paths.is_empty());
     }
 }
