@@ -140,11 +140,19 @@ impl Volume {
                 .row(NodeId::live(ino))
                 .is_ok_and(|row| row.attrs.nlink == 0);
             if unlinked {
-                self.freeing(|| Ok(lock(&self.catalog).write(|tx| tx.retire_inode(ino))?))?;
-                self.freeing(|| self.collect_garbage())?;
+                self.free_orphan(ino)?;
             }
         }
         Ok(())
+    }
+
+    /// Retires an unlinked file at its last close and frees its blocks now: committed at
+    /// once (as its unlink was), or the space would come back only after the group's
+    /// commit, though a full disk is when it is wanted (blocks the background flusher
+    /// stored are the file's like any others).
+    fn free_orphan(&self, ino: u64) -> Result<()> {
+        self.freeing(|| Ok(lock(&self.catalog).write_now(|tx| tx.retire_inode(ino))?))?;
+        self.freeing(|| self.collect_garbage())
     }
 
     pub fn read(&self, node: NodeId, offset: u64, len: u32) -> Result<Vec<u8>> {
@@ -519,8 +527,7 @@ impl Volume {
             // flush fail): no one can read these bytes any more, and storing them could
             // only fill the disk again.
             self.files.discard_buffers(state);
-            self.freeing(|| Ok(lock(&self.catalog).write(|tx| tx.retire_inode(ino))?))?;
-            return self.freeing(|| self.collect_garbage());
+            return self.free_orphan(ino);
         }
         let adopting = crate::sync::read(&self.gc);
         let blocks: Vec<(u64, &Vec<u8>)> = state.dirty.iter().map(|(&i, b)| (i, b)).collect();
