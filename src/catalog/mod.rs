@@ -17,6 +17,7 @@ mod verify;
 pub use checkpoints::CheckpointRow;
 pub use lifecycle::{LockMode, SnapshotLock, Trash};
 pub use status::{LocalUsage, Outstanding};
+pub use upload::Completion;
 pub use verify::{BlockRecord, Finding};
 
 use std::path::{Path, PathBuf};

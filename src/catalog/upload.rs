@@ -19,6 +19,16 @@ fn hash_of(bytes: Vec<u8>) -> Result<BlockHash> {
         .map_err(|_| Error::Corrupt("a stored hash is not 32 bytes".into()))
 }
 
+/// What `complete_snapshot` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    Completed,
+    /// Deleted while its manifest was written: nothing recorded.
+    Deleted,
+    /// Its base was deleted meanwhile: nothing recorded; write the manifest again.
+    BaseChanged,
+}
+
 impl ReadTx<'_> {
     pub fn setting(&self, setting: Setting) -> Result<Option<String>> {
         Ok(self
@@ -335,7 +345,13 @@ impl WriteTx<'_> {
     }
 
     /// Marks snapshot `id` (generation `g`) completed, recording the directory trees its
-    /// manifest wrote and retiring those of directories it no longer has.
+    /// manifest wrote (against `base`) and retiring those of directories it no longer has.
+    ///
+    /// Only if nothing changed under the manifest while it was written: the snapshot is
+    /// still pending (not deleted), and `base` is still the completed snapshot it builds
+    /// on. A manifest reuses its base's trees for the directories that did not change; a
+    /// base deleted meanwhile queued those trees for deletion, so the manifest must be
+    /// written again against the base there is now.
     ///
     /// A promoted checkpoint may complete after newer snapshots did: its trees then hold
     /// only up to the next completed snapshot, and a tree it replaces is restored from
@@ -344,9 +360,20 @@ impl WriteTx<'_> {
         &self,
         id: u64,
         g: u64,
+        base: u64,
         trees: &[(u64, BlockHash)],
         removed: &[u64],
-    ) -> Result<()> {
+    ) -> Result<Completion> {
+        let pending = self
+            .conn
+            .prepare_cached("SELECT 1 FROM snapshots WHERE id = ?1 AND state = 'pending'")?
+            .exists([id])?;
+        if !pending {
+            return Ok(Completion::Deleted);
+        }
+        if self.upload_base(g)? != base {
+            return Ok(Completion::BaseChanged);
+        }
         let next: Option<u64> = self.conn.query_row(
             "SELECT min(generation) FROM snapshots WHERE generation > ?1 AND state = 'completed'",
             [g],
@@ -394,7 +421,7 @@ impl WriteTx<'_> {
             "UPDATE snapshots SET state = 'completed', error = NULL WHERE id = ?1",
             [id],
         )?;
-        Ok(())
+        Ok(Completion::Completed)
     }
 
     pub fn manifest_written(&self, id: u64, version: i64) -> Result<()> {

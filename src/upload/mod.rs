@@ -15,7 +15,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::blocks::{BlockHash, BlockStore};
-use crate::catalog::{self, Catalog, Kind, ROOT_INO, SnapshotRow};
+use crate::catalog::{self, Catalog, Completion, Kind, ROOT_INO, SnapshotRow};
 use crate::manifest::{self, Content, Entry, SnapshotManifest};
 use crate::metrics;
 use crate::store::{self, ObjectKey, ObjectStore, StoreError};
@@ -175,7 +175,7 @@ impl Worker {
 
     async fn upload_snapshot(&self, snapshot: SnapshotRow) -> Result<Outcome, UploadError> {
         let (id, g) = (snapshot.id, snapshot.generation);
-        let (base, set) = lock(&self.catalog).read(|tx| {
+        let (mut base, set) = lock(&self.catalog).read(|tx| {
             let base = tx.upload_base(g)?;
             Ok::<_, catalog::Error>((base, tx.upload_set(base, g)?))
         })?;
@@ -197,19 +197,33 @@ impl Worker {
             }
             self.delete_unneeded().await?;
         }
-        let manifest = match self.write_manifest(&snapshot, base).await {
-            Ok(manifest) => manifest,
-            Err(UploadError::Store(e)) => return self.failure(id, e.message),
-            Err(e) => return Err(e),
-        };
-        let Some(written) = manifest else {
-            return Ok(Outcome::Deleted);
-        };
-        lock(&self.writer).write_now(|tx| {
-            tx.complete_snapshot(id, g, &written.trees, &written.removed)?;
-            tx.manifest_written(id, written.version)
-        })?;
-        Ok(Outcome::Completed)
+        loop {
+            let manifest = match self.write_manifest(&snapshot, base).await {
+                Ok(manifest) => manifest,
+                Err(UploadError::Store(e)) => return self.failure(id, e.message),
+                Err(e) => return Err(e),
+            };
+            let Some(written) = manifest else {
+                return Ok(Outcome::Deleted);
+            };
+            let completion = lock(&self.writer).write_now(|tx| {
+                let completion =
+                    tx.complete_snapshot(id, g, base, &written.trees, &written.removed)?;
+                if completion == Completion::Completed {
+                    tx.manifest_written(id, written.version)?;
+                }
+                Ok::<_, catalog::Error>(completion)
+            })?;
+            match completion {
+                Completion::Completed => return Ok(Outcome::Completed),
+                Completion::Deleted => return Ok(Outcome::Deleted),
+                // Every block the new base sees is stored as well: only the trees change.
+                Completion::BaseChanged => {
+                    base = lock(&self.catalog).read(|tx| tx.upload_base(g))?;
+                    tracing::info!(id, base, "the base was deleted meanwhile: manifest again");
+                }
+            }
+        }
     }
 
     /// A snapshot deleted meanwhile has lost its blocks: that is no failure.

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::*;
+use crate::catalog::SnapshotState;
 use crate::manifest::{decode_snapshot, decode_tree, decompress};
 use crate::store::{LocalStore, StoreFuture};
 use crate::volume::tests::pattern;
@@ -635,4 +636,48 @@ fn a_checkpoint_promoted_after_newer_snapshots_gets_a_correct_manifest() {
         file_blocks(&t, s4, "d1", "f"),
         hashes(&pattern(2 * BLOCK, 4))
     );
+}
+
+#[test]
+fn a_manifest_is_recorded_only_while_its_snapshot_and_its_base_are_there() {
+    // What the uploader's last step sees when a deletion came while the manifest was
+    // written: a second connection, as the uploader's own catalog reads are.
+    let t = Setup::new();
+    t.write(ROOT, "f", b"one");
+    let a = t.snapshot("a");
+    t.upload();
+    t.write(ROOT, "f", b"two");
+    let b = t.snapshot("b");
+    let (ga, gb) = (t.state(a).generation, t.state(b).generation);
+    let mut catalog =
+        Catalog::open(&t.volume.catalog_path(), BLOCK as u32, 0, (0, 0)).expect("catalog");
+    let root_tree = [(crate::catalog::ROOT_INO, BlockHash::of(b"a tree"))];
+    let complete = |catalog: &mut Catalog, id, g, base| {
+        catalog
+            .write_now(|tx| tx.complete_snapshot(id, g, base, &root_tree, &[]))
+            .expect("complete")
+    };
+    // Written against a base that is gone (an older one, 0, is the base now).
+    t.volume.delete_snapshot(b"a").expect("delete the base");
+    let state = |catalog: &mut Catalog, id| {
+        let row = catalog.read(|tx| tx.snapshot(id)).expect("read");
+        row.map(|row| row.state)
+    };
+    assert_eq!(complete(&mut catalog, b, gb, ga), Completion::BaseChanged);
+    assert_eq!(
+        state(&mut catalog, b),
+        Some(SnapshotState::Pending),
+        "nothing recorded"
+    );
+    // The snapshot itself deleted.
+    let c = t.snapshot("c");
+    let gc = t.state(c).generation;
+    t.volume.delete_snapshot(b"c").expect("delete");
+    assert_eq!(complete(&mut catalog, c, gc, 0), Completion::Deleted);
+    // Against the base there is: recorded.
+    assert_eq!(complete(&mut catalog, b, gb, 0), Completion::Completed);
+    assert_eq!(state(&mut catalog, b), Some(SnapshotState::Completed));
+    // And the uploader itself completes a snapshot as before.
+    let d = t.snapshot("d");
+    assert_eq!(t.upload(), vec![(d, Outcome::Completed)]);
 }

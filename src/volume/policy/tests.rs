@@ -55,7 +55,10 @@ impl Clocked {
             .by_name(name)
             .expect("snapshot exists");
         lock(&self.volume.catalog)
-            .write(|tx| tx.complete_snapshot(row.id, row.generation, &[], &[]))
+            .write(|tx| {
+                let base = tx.upload_base(row.generation)?;
+                tx.complete_snapshot(row.id, row.generation, base, &[], &[])
+            })
             .expect("complete");
         self.volume
             .upload_event(UploadEvent::SnapshotsChanged)
