@@ -17,7 +17,7 @@ use fuser::{
 
 use crate::catalog::Kind;
 use crate::metrics;
-use crate::volume::{self, Attr, Caller, NodeId, SetAttr, SetTime, View, Volume};
+use crate::volume::{self, Activity, Attr, Caller, NodeId, SetAttr, SetTime, View, Volume};
 
 /// How long the kernel may cache the attributes and names of the live tree when this mount
 /// is its only writer: every change to a name or an inode comes as a request, whose reply
@@ -41,14 +41,41 @@ pub struct SnapFs {
     /// cached across opens and remember missing names. Not so for a follower: each
     /// snapshot it follows replaces the live tree behind the kernel's back.
     sole_writer: bool,
+    /// Noted at every request, so background work yields to the foreground.
+    activity: Arc<Activity>,
 }
 
 impl SnapFs {
     pub fn new(volume: Arc<Volume>, sole_writer: bool) -> SnapFs {
         SnapFs {
+            activity: volume.activity(),
             volume,
             sole_writer,
         }
+    }
+
+    /// Starts serving request `op`: timed for the metrics, and noted as foreground work
+    /// if it moves data or changes the namespace. Looking does not count: `snapfs status`,
+    /// scripts waiting for a snapshot and file managers poll attributes all day, and the
+    /// uploader must not yield to them.
+    fn operation(&self, op: &'static str) -> metrics::Operation {
+        let looking = matches!(
+            op,
+            "access"
+                | "getattr"
+                | "getxattr"
+                | "listxattr"
+                | "lookup"
+                | "open"
+                | "opendir"
+                | "readlink"
+                | "releasedir"
+                | "statfs"
+        );
+        if !looking {
+            self.activity.touch();
+        }
+        metrics::operation(op)
     }
 
     /// Open flags: snapshot files never change, and live files change only through this
@@ -254,7 +281,7 @@ impl Filesystem for SnapFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _op = metrics::operation("lookup");
+        let _op = self.operation("lookup");
         let parent = node(parent);
         match self.volume.lookup(parent, name.as_bytes()) {
             Err(volume::Error::NotFound) if self.sole_writer && parent.is_live_catalog_node() => {
@@ -266,7 +293,7 @@ impl Filesystem for SnapFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _op = metrics::operation("getattr");
+        let _op = self.operation("getattr");
         self.reply_attr(reply, self.volume.getattr(node(ino)));
     }
 
@@ -288,7 +315,7 @@ impl Filesystem for SnapFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _op = metrics::operation("setattr");
+        let _op = self.operation("setattr");
         let set = SetAttr {
             mode,
             uid,
@@ -302,7 +329,7 @@ impl Filesystem for SnapFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let _op = metrics::operation("readlink");
+        let _op = self.operation("readlink");
         reply_data(reply, self.volume.readlink(node(ino)));
     }
 
@@ -316,7 +343,7 @@ impl Filesystem for SnapFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _op = metrics::operation("mknod");
+        let _op = self.operation("mknod");
         let result = self.volume.mknod(
             node(parent),
             name.as_bytes(),
@@ -336,7 +363,7 @@ impl Filesystem for SnapFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let _op = metrics::operation("mkdir");
+        let _op = self.operation("mkdir");
         let result = self
             .volume
             .mkdir(node(parent), name.as_bytes(), mode & !umask, caller(req));
@@ -344,12 +371,12 @@ impl Filesystem for SnapFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _op = metrics::operation("unlink");
+        let _op = self.operation("unlink");
         reply_empty(reply, self.volume.unlink(node(parent), name.as_bytes()));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _op = metrics::operation("rmdir");
+        let _op = self.operation("rmdir");
         reply_empty(reply, self.volume.rmdir(node(parent), name.as_bytes()));
     }
 
@@ -361,7 +388,7 @@ impl Filesystem for SnapFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let _op = metrics::operation("symlink");
+        let _op = self.operation("symlink");
         let result = self.volume.symlink(
             node(parent),
             link_name.as_bytes(),
@@ -381,7 +408,7 @@ impl Filesystem for SnapFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _op = metrics::operation("rename");
+        let _op = self.operation("rename");
         let result = self.volume.rename(
             node(parent),
             name.as_bytes(),
@@ -400,7 +427,7 @@ impl Filesystem for SnapFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let _op = metrics::operation("link");
+        let _op = self.operation("link");
         let result = self
             .volume
             .link(node(ino), node(newparent), newname.as_bytes());
@@ -408,7 +435,7 @@ impl Filesystem for SnapFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _op = metrics::operation("open");
+        let _op = self.operation("open");
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         match self.volume.open_file(node(ino), write) {
             Ok(handle) => reply.opened(FileHandle(handle.0), self.open_flags(node(ino))),
@@ -427,7 +454,7 @@ impl Filesystem for SnapFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let _op = metrics::operation("read");
+        let _op = self.operation("read");
         let result = self.volume.read(node(ino), offset, size);
         if let Ok(data) = &result {
             metrics::read_bytes(data.len());
@@ -447,7 +474,7 @@ impl Filesystem for SnapFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _op = metrics::operation("write");
+        let _op = self.operation("write");
         match self.volume.write(node(ino), offset, data) {
             Ok(written) => {
                 metrics::written_bytes(written as usize);
@@ -465,7 +492,7 @@ impl Filesystem for SnapFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let _op = metrics::operation("flush");
+        let _op = self.operation("flush");
         reply_empty(reply, self.volume.flush(node(ino)));
     }
 
@@ -479,7 +506,7 @@ impl Filesystem for SnapFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _op = metrics::operation("release");
+        let _op = self.operation("release");
         reply_empty(reply, self.volume.release(volume::FileHandle(fh.0)));
     }
 
@@ -491,12 +518,12 @@ impl Filesystem for SnapFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _op = metrics::operation("fsync");
+        let _op = self.operation("fsync");
         reply_empty(reply, self.volume.fsync(node(ino)));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _op = metrics::operation("opendir");
+        let _op = self.operation("opendir");
         match self.volume.opendir(node(ino)) {
             Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
@@ -511,7 +538,7 @@ impl Filesystem for SnapFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let _op = metrics::operation("readdir");
+        let _op = self.operation("readdir");
         let result = self.each_entry(fh, offset, |next, entry| {
             let name = OsStr::from_bytes(&entry.name);
             let kind = file_type(entry.attr.attrs.kind);
@@ -531,7 +558,7 @@ impl Filesystem for SnapFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let _op = metrics::operation("readdirplus");
+        let _op = self.operation("readdirplus");
         let result = self.each_entry(fh, offset, |next, entry| {
             let attr = &entry.attr;
             reply.add(
@@ -557,7 +584,7 @@ impl Filesystem for SnapFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        let _op = metrics::operation("releasedir");
+        let _op = self.operation("releasedir");
         self.volume.releasedir(fh.0);
         reply.ok();
     }
@@ -570,12 +597,12 @@ impl Filesystem for SnapFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _op = metrics::operation("fsyncdir");
+        let _op = self.operation("fsyncdir");
         reply_empty(reply, self.volume.fsync(node(ino)));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let _op = metrics::operation("statfs");
+        let _op = self.operation("statfs");
         match self.volume.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks,
@@ -601,7 +628,7 @@ impl Filesystem for SnapFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let _op = metrics::operation("setxattr");
+        let _op = self.operation("setxattr");
         let result = self
             .volume
             .setxattr(node(ino), name.as_bytes(), value, flags);
@@ -609,7 +636,7 @@ impl Filesystem for SnapFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let _op = metrics::operation("getxattr");
+        let _op = self.operation("getxattr");
         match self.volume.getxattr(node(ino), name.as_bytes()) {
             Ok(value) => reply_xattr(reply, size, &value),
             Err(e) => reply.error(errno(&e)),
@@ -617,7 +644,7 @@ impl Filesystem for SnapFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let _op = metrics::operation("listxattr");
+        let _op = self.operation("listxattr");
         match self.volume.listxattr(node(ino)) {
             Ok(names) => {
                 let mut list = Vec::new();
@@ -632,12 +659,12 @@ impl Filesystem for SnapFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _op = metrics::operation("removexattr");
+        let _op = self.operation("removexattr");
         reply_empty(reply, self.volume.removexattr(node(ino), name.as_bytes()));
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let _op = metrics::operation("access");
+        let _op = self.operation("access");
         let mask = mask.bits() as u32;
         reply_empty(reply, self.volume.access(node(ino), mask, caller(req)));
     }
@@ -652,7 +679,7 @@ impl Filesystem for SnapFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let _op = metrics::operation("create");
+        let _op = self.operation("create");
         match self
             .volume
             .create(node(parent), name.as_bytes(), mode & !umask, caller(req))
@@ -678,7 +705,7 @@ impl Filesystem for SnapFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let _op = metrics::operation("fallocate");
+        let _op = self.operation("fallocate");
         reply_empty(
             reply,
             self.volume.fallocate(node(ino), offset, length, mode),
@@ -694,7 +721,7 @@ impl Filesystem for SnapFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let _op = metrics::operation("lseek");
+        let _op = self.operation("lseek");
         match self.volume.lseek(node(ino), offset, whence) {
             Ok(offset) => reply.offset(offset),
             Err(e) => reply.error(errno(&e)),
@@ -714,7 +741,7 @@ impl Filesystem for SnapFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let _op = metrics::operation("copy_file_range");
+        let _op = self.operation("copy_file_range");
         let copy = volume::CopyRange {
             src: node(ino_in),
             src_offset: offset_in,

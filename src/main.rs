@@ -539,6 +539,13 @@ struct MountCommand {
     /// --limit-upload) [default: no limit].
     #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_size)]
     upload_limit: Option<u64>,
+    /// Percent of the time the uploader works while the mount is serving requests (it
+    /// reads blocks, compresses them and, for a file:// store, writes to the same disks):
+    /// the rest is left to the files you work on. 100 never yields; an idle mount always
+    /// uploads at full speed.
+    #[arg(long, value_name = "PERCENT", default_value_t = snapfs::upload::DEFAULT_BUSY_SHARE,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    upload_share: u8,
     /// Most local disk for blocks already safe in the store, e.g. 10G: the least
     /// recently used are evicted and fetched again when read. Blocks not yet uploaded
     /// always stay [default: keep everything].
@@ -627,6 +634,7 @@ impl MountCommand {
                 concurrency: usize::from(self.upload_concurrency),
                 compression_level: self.compression_level,
                 limit: self.upload_limit,
+                busy_share: self.upload_share,
             },
             cache_size: self.cache_size,
             from: self.from,

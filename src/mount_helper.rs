@@ -20,10 +20,11 @@ pub const MOUNT_NAMES: [&str; 2] = ["mount.fuse.snapfs", "mount.snapfs"];
 pub const UMOUNT_NAMES: [&str; 2] = ["umount.fuse.snapfs", "umount.snapfs"];
 
 /// snapfs mount options that take a value, and the `snapfs mount` flag each becomes.
-const VALUE_OPTIONS: [(&str, &str); 17] = [
+const VALUE_OPTIONS: [(&str, &str); 18] = [
     ("store", "--store"),
     ("cache_size", "--cache-size"),
     ("upload_limit", "--upload-limit"),
+    ("upload_share", "--upload-share"),
     ("upload_concurrency", "--upload-concurrency"),
     ("compression_level", "--compression-level"),
     ("block_size", "--block-size"),

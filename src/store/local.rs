@@ -175,4 +175,8 @@ impl ObjectStore for LocalStore {
     fn url(&self) -> &str {
         &self.inner.url
     }
+
+    fn is_local(&self) -> bool {
+        true
+    }
 }

@@ -52,4 +52,8 @@ impl ObjectStore for Metered {
     fn encryption(&self) -> Option<String> {
         self.inner.encryption()
     }
+
+    fn is_local(&self) -> bool {
+        self.inner.is_local()
+    }
 }

@@ -99,6 +99,11 @@ pub trait ObjectStore: Send + Sync {
     fn encryption(&self) -> Option<String> {
         None
     }
+    /// Whether writing here uses the machine's own disks (a `file://` store), which the
+    /// live volume needs too: the uploader then yields its writes to the foreground.
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 /// A parsed `--store` URL.

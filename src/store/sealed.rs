@@ -204,6 +204,10 @@ impl ObjectStore for Sealed {
     fn encryption(&self) -> Option<String> {
         Some(format!("{CIPHER} {}", self.check))
     }
+
+    fn is_local(&self) -> bool {
+        self.inner.is_local()
+    }
 }
 
 #[cfg(test)]

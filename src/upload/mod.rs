@@ -21,6 +21,7 @@ use crate::metrics;
 use crate::store::{self, ObjectKey, ObjectStore, StoreError};
 use crate::sync::{Mutex, lock};
 use crate::volume::{self, Volume};
+use pace::Pacer;
 
 #[derive(Clone, Debug)]
 pub struct UploadOptions {
@@ -30,6 +31,9 @@ pub struct UploadOptions {
     pub compression_level: i32,
     /// Most compressed bytes per second sent (`None`: no limit).
     pub limit: Option<u64>,
+    /// Percent of the time the uploader may work while the mount is serving requests
+    /// (100: it never yields); see `pace`.
+    pub busy_share: u8,
 }
 
 impl Default for UploadOptions {
@@ -38,9 +42,14 @@ impl Default for UploadOptions {
             concurrency: 16,
             compression_level: 3,
             limit: None,
+            busy_share: DEFAULT_BUSY_SHARE,
         }
     }
 }
+
+/// The uploader's default share of the time while the mount is busy: dbench beside an
+/// 8 GiB upload to the default store (docs/benchmarks.md).
+pub const DEFAULT_BUSY_SHARE: u8 = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -105,6 +114,8 @@ pub struct Worker {
     store: Arc<dyn ObjectStore>,
     options: UploadOptions,
     limiter: Option<RateLimit>,
+    /// Yields to the mount's requests.
+    pacer: Arc<Pacer>,
     /// Set when the mount ends: no new request starts, those in flight land and are
     /// recorded.
     stopping: Arc<AtomicBool>,
@@ -125,6 +136,11 @@ impl Worker {
             volume_id: volume.volume_id()?,
             block_size: volume.block_size() as u32,
             wake: volume.upload_wake(),
+            pacer: Arc::new(Pacer::new(
+                volume.activity(),
+                options.busy_share,
+                store.is_local(),
+            )),
             core: volume,
             store,
             limiter: options.limit.map(RateLimit::new),
@@ -251,27 +267,32 @@ impl Worker {
             let store = self.store.clone();
             let level = self.options.compression_level;
             let limiter = self.limiter.clone();
+            let pacer = self.pacer.clone();
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
                 if stopping.load(Ordering::SeqCst) {
                     return Ok(None);
                 }
-                let data = tokio::task::spawn_blocking(move || {
+                let read = move || {
                     let data = blocks.read_uncached(&hash).map_err(volume::Error::from)?;
                     manifest::compress(&data, level).map_err(|e| volume::Error::DataDir {
                         path: "zstd".into(),
                         source: e,
                     })
-                })
-                .await
-                .map_err(|e| format!("block {hash}: {e}"))?
-                .map_err(|e| format!("cannot read block {hash} for upload: {e}"))?;
+                };
+                // Spawned when its turn comes, not before.
+                let data = pacer
+                    .local(async { tokio::task::spawn_blocking(read).await })
+                    .await
+                    .map_err(|e| format!("block {hash}: {e}"))?
+                    .map_err(|e| format!("cannot read block {hash} for upload: {e}"))?;
                 let wire = data.len() as u64;
                 if let Some(limiter) = &limiter {
                     limiter.acquire(wire).await;
                 }
                 let key = ObjectKey::block(&hash);
-                store::retry(None, || store.put(&key, data.clone()))
+                pacer
+                    .store(store::retry(None, || store.put(&key, data.clone())))
                     .await
                     .map_err(|e| e.message)?;
                 metrics::uploaded(wire);
@@ -496,13 +517,16 @@ impl Worker {
             let permits = permits.clone();
             let store = self.store.clone();
             let limiter = self.limiter.clone();
+            let pacer = self.pacer.clone();
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
                 if let Some(limiter) = &limiter {
                     limiter.acquire(body.len() as u64).await;
                 }
                 let sent = body.len() as u64;
-                store::retry(None, || store.put(&key, body.clone())).await?;
+                pacer
+                    .store(store::retry(None, || store.put(&key, body.clone())))
+                    .await?;
                 metrics::uploaded(sent);
                 Ok::<_, StoreError>(())
             });
@@ -674,6 +698,7 @@ async fn run(worker: &Worker, wake: &Notify) {
 }
 
 pub mod drain;
+mod pace;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]

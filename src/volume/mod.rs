@@ -2,6 +2,7 @@
 //! write buffers and snapshot creation. No FUSE type appears here, so tests drive it
 //! directly; `fuse.rs` only translates requests into these calls.
 
+mod activity;
 mod block_reader;
 mod checkpoints;
 mod data;
@@ -36,6 +37,7 @@ use crate::store::{ObjectStore, StoreUrl};
 use crate::sync::{Mutex, RwLock, lock};
 use crate::upload::{UploadEvent, UploadEvents};
 
+pub use activity::Activity;
 use block_reader::BlockReader;
 pub use checkpoints::{
     CHECKPOINT_DIR, CHECKPOINTS_NAME, CheckpointInfo, CheckpointPolicy, CheckpointSpace,
@@ -133,6 +135,8 @@ pub struct Volume {
     snapdir_visible: bool,
     /// Wakes the uploader: a snapshot was taken, deleted or renamed.
     upload_wake: Arc<tokio::sync::Notify>,
+    /// When the mount last served a request; the uploader yields while it is recent.
+    activity: Arc<Activity>,
     /// Room set aside so that deleting works on a full disk.
     reserve: reserve::Reserve,
     /// Commands run around each snapshot taken (see `hooks`); set once by the mount.
@@ -286,6 +290,7 @@ impl Volume {
             gate: RwLock::new(()),
             snapdir_visible: options.snapdir_visible,
             upload_wake: Arc::new(tokio::sync::Notify::new()),
+            activity: Arc::default(),
             reserve: reserve::Reserve::new(dir),
             hooks: OnceLock::new(),
             hook_failure: Mutex::new(None),
@@ -410,6 +415,11 @@ impl Volume {
     /// Notified when snapshots change, so the uploader looks for work.
     pub fn upload_wake(&self) -> Arc<tokio::sync::Notify> {
         self.upload_wake.clone()
+    }
+
+    /// When the mount last served a request (the FUSE layer notes each one).
+    pub fn activity(&self) -> Arc<Activity> {
+        self.activity.clone()
     }
 
     /// Reloads the snapshot table from the catalog (a follower's, or after the uploader).

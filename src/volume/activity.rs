@@ -1,0 +1,61 @@
+//! When the live volume last served a request. Background work (the uploader) yields to
+//! the foreground while it is busy, as ZFS's scrub yields to a pool that saw I/O within
+//! `zfs_scan_idle`: on one disk, a large upload otherwise takes half of a file server's
+//! throughput (docs/benchmarks.md, "Background work and the live volume").
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub struct Activity {
+    origin: Instant,
+    /// Milliseconds since `origin` of the last request, plus one; 0: none yet.
+    last: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            origin: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Activity {
+    /// A request is being served.
+    pub fn touch(&self) {
+        let now = self.now();
+        // Requests come by the thousand per second: write the shared line once per tick.
+        if self.last.load(Ordering::Relaxed) != now {
+            self.last.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a request was served within the last `window`.
+    pub fn busy(&self, window: Duration) -> bool {
+        let last = self.last.load(Ordering::Relaxed);
+        last != 0 && self.now().saturating_sub(last) <= window.as_millis() as u64
+    }
+
+    fn now(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64 + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_only_within_the_window_after_a_request() {
+        let activity = Activity::default();
+        assert!(!activity.busy(Duration::from_secs(3600)), "no request yet");
+        activity.touch();
+        assert!(activity.busy(Duration::from_millis(50)));
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!activity.busy(Duration::from_millis(50)));
+        assert!(activity.busy(Duration::from_secs(10)));
+        activity.touch();
+        assert!(activity.busy(Duration::from_millis(50)));
+    }
+}
