@@ -1638,6 +1638,40 @@ fn space_a_failed_flush_used_comes_back() {
     assert!(fitted.len() >= 16, "only {} MiB fitted after", fitted.len());
 }
 
+/// A file closed with changes its flush could not store (a full disk), then unlinked:
+/// no one can open it again, so its blocks go with the unlink, not at the flusher's next
+/// pass: a writer that freed room by deleting it must find the room there at once.
+#[test]
+fn space_of_a_closed_file_whose_flush_failed_comes_back_at_unlink() {
+    let m = Mount::with_tmpfs_data("24m", &[]);
+    let data = m.data_dir();
+    let free = free_bytes(data);
+    let big = m.path().join("big");
+    let file = File::create(&big).expect("create");
+    file.write_all_at(&pattern(32 << 20, 1), 0)
+        .expect("buffered write");
+    assert_eq!(errno(file.sync_all()), libc::ENOSPC, "fsync");
+    assert_eq!(errno(close(file)), libc::ENOSPC, "close");
+    // close(2) returns before the kernel sends RELEASE; once that is served the file is
+    // closed in the daemon too, its unstored changes still buffered.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(free_bytes(data) < 2 << 20, "the disk is full");
+    fs::remove_file(&big).expect("unlink");
+    let now = free_bytes(data);
+    assert!(
+        now + (1 << 20) >= free,
+        "{now} bytes free right after the unlink, {free} before the file"
+    );
+    write_synced(
+        &m.path().join("after"),
+        Known {
+            len: 8 << 20,
+            seed: 7,
+        },
+    )
+    .expect("a write into the room the unlink gave back");
+}
+
 #[test]
 fn a_write_that_fails_with_enospc_changes_nothing() {
     let m = Mount::with_tmpfs_data("24m", &[]);

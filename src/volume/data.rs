@@ -155,6 +155,31 @@ impl Volume {
         self.freeing(|| self.collect_garbage())
     }
 
+    /// An unlinked file that no one has open but whose changes were never stored (its
+    /// flush failed, as on a full disk) goes now, as at a last close: the flusher would
+    /// free it only at its next pass, and a full disk is waiting for its blocks.
+    pub(super) fn free_unopened_orphan(&self, ino: u64) -> Result<()> {
+        if !self
+            .row(NodeId::live(ino))
+            .is_ok_and(|row| row.attrs.nlink == 0)
+        {
+            return Ok(());
+        }
+        let Some(pinned) = self.files.pin_tracked(ino) else {
+            return Ok(());
+        };
+        {
+            let mut state = pinned.lock();
+            if state.opens > 0 {
+                return Ok(());
+            }
+            // No one can read these bytes any more (see `flush_once`).
+            self.files.discard_buffers(&mut state);
+        }
+        drop(pinned);
+        self.free_orphan(ino)
+    }
+
     pub fn read(&self, node: NodeId, offset: u64, len: u32) -> Result<Vec<u8>> {
         // Blocks only the store has are fetched with the file's state unlocked: a fetch may
         // wait minutes on a store that is down, and writers, fsync and snapshots of the

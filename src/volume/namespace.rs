@@ -303,12 +303,14 @@ impl Volume {
 
     /// A file unlinked or renamed over while open lives on unnamed; that change commits
     /// at once, so a crash meanwhile never brings the name back to a program that counts
-    /// on its temporary file being gone (the next mount frees the orphan).
+    /// on its temporary file being gone (the next mount frees the orphan). One that was
+    /// only holding unstored changes, closed already, goes now (`free_unopened_orphan`).
     fn commit_if_orphaned(&self, ino: Option<u64>) -> Result<()> {
-        if ino.is_some_and(|ino| self.files.is_tracked(ino)) {
-            lock(&self.catalog).commit()?;
-        }
-        Ok(())
+        let Some(ino) = ino.filter(|&ino| self.files.is_tracked(ino)) else {
+            return Ok(());
+        };
+        lock(&self.catalog).commit()?;
+        self.free_unopened_orphan(ino)
     }
 
     /// Removes entry `name` (naming `ino`) from `parent` and drops one link of `ino`:

@@ -245,7 +245,7 @@ impl OpenFiles {
         ino: u64,
         load: impl FnOnce() -> Result<FileState>,
     ) -> Result<PinnedFile<'_>> {
-        if let Some(pinned) = self.pin_existing(ino) {
+        if let Some(pinned) = self.pin_tracked(ino) {
             return Ok(pinned);
         }
         // Loaded without the map's lock (it reads the catalog); if another caller got there
@@ -260,7 +260,8 @@ impl OpenFiles {
         Ok(self.pinned(ino, tracked.state.clone()))
     }
 
-    fn pin_existing(&self, ino: u64) -> Option<PinnedFile<'_>> {
+    /// Pins the state of `ino` if it has one.
+    pub fn pin_tracked(&self, ino: u64) -> Option<PinnedFile<'_>> {
         let mut files = lock(&self.files);
         let tracked = files.get_mut(&ino)?;
         tracked.pins += 1;
