@@ -166,7 +166,7 @@ impl Worker {
             if self.is_stopping() {
                 return Ok(outcomes);
             }
-            self.delete_unneeded().await?;
+            self.delete_unneeded(&HashSet::new()).await?;
             self.rewrite_stale_manifests().await?;
             let next = lock(&self.catalog).read(|tx| tx.next_pending_snapshot())?;
             let Some(snapshot) = next else {
@@ -211,7 +211,7 @@ impl Worker {
             if self.is_stopping() {
                 return Ok(Outcome::Interrupted);
             }
-            self.delete_unneeded().await?;
+            self.delete_unneeded(&HashSet::new()).await?;
         }
         loop {
             let manifest = match self.write_manifest(&snapshot, base).await {
@@ -291,8 +291,8 @@ impl Worker {
                     limiter.acquire(wire).await;
                 }
                 let key = ObjectKey::block(&hash);
-                pacer
-                    .store(store::retry(None, || store.put(&key, data.clone())))
+                // Each attempt paced, not the backoffs between them.
+                store::retry(None, || pacer.store(store.put(&key, data.clone())))
                     .await
                     .map_err(|e| e.message)?;
                 metrics::uploaded(wire);
@@ -302,13 +302,29 @@ impl Worker {
         let mut landed = Vec::new();
         let mut last_record = Instant::now();
         let mut failure = None;
-        while let Some(result) = tasks.join_next().await {
-            match result.map_err(|e| format!("upload task failed: {e}")) {
-                Ok(Ok(Some(sent))) => landed.push(sent),
-                Ok(Ok(None)) => {}
-                Ok(Err(reason)) | Err(reason) => {
+        // While a slow batch (a busy mount, a full disk) is in flight, store objects freed
+        // meanwhile are deleted all the same: on a full disk that is the room it waits for.
+        // Not those of this batch: a delete racing a PUT of the same key could lose it.
+        let in_batch: HashSet<String> = blocks
+            .iter()
+            .map(|(hash, _)| ObjectKey::block(hash).into())
+            .collect();
+        let mut tick = tokio::time::interval(RECORD_AGE);
+        loop {
+            let joined = tokio::select! {
+                joined = tasks.join_next() => match joined {
+                    Some(joined) => Some(joined),
+                    None => break,
+                },
+                _ = tick.tick() => None,
+            };
+            match joined.map(|result| result.map_err(|e| format!("upload task failed: {e}"))) {
+                Some(Ok(Ok(Some(sent)))) => landed.push(sent),
+                Some(Ok(Ok(None))) => {}
+                Some(Ok(Err(reason)) | Err(reason)) => {
                     failure.get_or_insert(reason);
                 }
+                None => self.delete_unneeded(&in_batch).await?,
             }
             let finished = tasks.is_empty();
             if finished || landed.len() >= RECORD_EVERY || last_record.elapsed() > RECORD_AGE {
@@ -524,9 +540,7 @@ impl Worker {
                     limiter.acquire(body.len() as u64).await;
                 }
                 let sent = body.len() as u64;
-                pacer
-                    .store(store::retry(None, || store.put(&key, body.clone())))
-                    .await?;
+                store::retry(None, || pacer.store(store.put(&key, body.clone()))).await?;
                 metrics::uploaded(sent);
                 Ok::<_, StoreError>(())
             });
@@ -537,11 +551,13 @@ impl Worker {
         Ok(())
     }
 
-    /// Deletes the store objects nothing needs any more. Failures leave them queued for
-    /// the next pass: deleting is never worth holding up an upload.
-    async fn delete_unneeded(&self) -> Result<(), UploadError> {
+    /// Deletes the store objects nothing needs any more, but not `in_flight` (PUTs under
+    /// way, left queued for the next pass). Failures leave them queued too: deleting is
+    /// never worth holding up an upload.
+    async fn delete_unneeded(&self, in_flight: &HashSet<String>) -> Result<(), UploadError> {
         loop {
-            let keys = lock(&self.catalog).read(|tx| tx.store_deletions(BATCH as u32))?;
+            let mut keys = lock(&self.catalog).read(|tx| tx.store_deletions(BATCH as u32))?;
+            keys.retain(|key| !in_flight.contains(key));
             if keys.is_empty() {
                 return Ok(());
             }
