@@ -297,43 +297,38 @@ fn garbage(magic: &'static [u8]) -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
-/// Decodes `input` as a tree: no panic, bounded allocation, and an accepted tree
-/// encodes to an object that decodes to it again.
-fn check_tree(input: &[u8]) -> Result<(), TestCaseError> {
-    let (decoded, largest) = recorded(|| manifest::decode_tree(input));
+/// Decodes `input` with `decode`: no panic, bounded allocation, and what it accepts
+/// encodes (with `encode`) to an object that decodes to the same value again.
+fn check<T: PartialEq + std::fmt::Debug, E>(
+    input: &[u8],
+    decode: impl Fn(&[u8]) -> Result<T, E>,
+    encode: impl Fn(&T) -> Vec<u8>,
+) -> Result<(), TestCaseError> {
+    let (decoded, largest) = recorded(|| decode(input));
     prop_assert!(
         largest <= decode_bound(input),
         "{largest} bytes allocated at once for {} bytes",
         input.len()
     );
-    if let Ok(entries) = decoded {
-        let again = manifest::decode_tree(&manifest::encode_tree(&entries));
-        prop_assert_eq!(again.ok(), Some(entries));
+    if let Ok(value) = decoded {
+        let again = decode(&encode(&value));
+        prop_assert_eq!(again.ok(), Some(value));
     }
     Ok(())
+}
+
+fn check_tree(input: &[u8]) -> Result<(), TestCaseError> {
+    check(input, manifest::decode_tree, |entries| {
+        manifest::encode_tree(entries)
+    })
 }
 
 fn check_snapshot(input: &[u8]) -> Result<(), TestCaseError> {
-    let (decoded, largest) = recorded(|| manifest::decode_snapshot(input));
-    prop_assert!(
-        largest <= decode_bound(input),
-        "{largest} bytes allocated at once for {} bytes",
-        input.len()
-    );
-    if let Ok(snapshot) = decoded {
-        let again = manifest::decode_snapshot(&manifest::encode_snapshot(&snapshot));
-        prop_assert_eq!(again.ok(), Some(snapshot));
-    }
-    Ok(())
+    check(input, manifest::decode_snapshot, manifest::encode_snapshot)
 }
 
 fn check_header(input: &[u8]) -> Result<(), TestCaseError> {
-    let (decoded, largest) = recorded(|| VolumeHeader::parse(input));
-    prop_assert!(largest <= decode_bound(input));
-    if let Ok(header) = decoded {
-        prop_assert_eq!(VolumeHeader::parse(&header.encode()), Ok(header));
-    }
-    Ok(())
+    check(input, VolumeHeader::parse, VolumeHeader::encode)
 }
 
 const BLOCK: usize = 256 << 10;

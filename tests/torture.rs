@@ -1607,17 +1607,23 @@ fn deleting_works_on_a_full_data_dir() {
     .expect("write once space is freed");
 }
 
-#[test]
-fn space_a_failed_flush_used_comes_back() {
+/// A mount on a 24 MiB data dir, its free bytes before, and its file `big` with more
+/// written than the disk holds (less than the daemon buffers): fsync failed with ENOSPC.
+fn overfilled_file() -> (Mount, u64, PathBuf, File) {
     let m = Mount::with_tmpfs_data("24m", &[]);
-    let data = m.data_dir();
-    let free = free_bytes(data);
-    // More than the disk holds, less than the daemon buffers: fsync and close fail.
+    let free = free_bytes(m.data_dir());
     let big = m.path().join("big");
     let file = File::create(&big).expect("create");
     file.write_all_at(&pattern(32 << 20, 1), 0)
         .expect("buffered write");
     assert_eq!(errno(file.sync_all()), libc::ENOSPC, "fsync");
+    (m, free, big, file)
+}
+
+#[test]
+fn space_a_failed_flush_used_comes_back() {
+    let (m, free, big, file) = overfilled_file();
+    let data = m.data_dir();
     // The blocks the failed flushes stored must go (now, and at close), and the buffers
     // and the blocks the background flusher stored at the last close of the unlinked
     // file: nothing may keep the space. That last close is FUSE's RELEASE, which the
@@ -1643,14 +1649,8 @@ fn space_a_failed_flush_used_comes_back() {
 /// pass: a writer that freed room by deleting it must find the room there at once.
 #[test]
 fn space_of_a_closed_file_whose_flush_failed_comes_back_at_unlink() {
-    let m = Mount::with_tmpfs_data("24m", &[]);
+    let (m, free, big, file) = overfilled_file();
     let data = m.data_dir();
-    let free = free_bytes(data);
-    let big = m.path().join("big");
-    let file = File::create(&big).expect("create");
-    file.write_all_at(&pattern(32 << 20, 1), 0)
-        .expect("buffered write");
-    assert_eq!(errno(file.sync_all()), libc::ENOSPC, "fsync");
     assert_eq!(errno(close(file)), libc::ENOSPC, "close");
     // close(2) returns before the kernel sends RELEASE; once that is served the file is
     // closed in the daemon too, its unstored changes still buffered.
