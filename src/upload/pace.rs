@@ -109,8 +109,8 @@ mod tests {
         let pacer = Pacer::new(activity.clone(), 25, false);
         let idle = ten_pieces(&pacer, false);
         assert!(
-            idle < Duration::from_millis(180),
-            "idle: in parallel, took {idle:?}"
+            idle < Duration::from_millis(500),
+            "idle: not held back, took {idle:?}"
         );
 
         // Keep the foreground busy throughout.
@@ -128,21 +128,22 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         let busy = ten_pieces(&pacer, false);
-        // One at a time, each 20 ms of work and 60 ms of rest: 25% of the time.
+        // One at a time, each 20 ms of work and 60 ms of rest: 25% of the time, 800 ms
+        // (600: a loaded machine may starve the toucher now and then); unpaced, 100.
         assert!(
-            busy >= Duration::from_millis(780),
+            busy >= Duration::from_millis(600),
             "busy: took only {busy:?}"
         );
         // A remote store's requests are not held back; local work still is.
         let remote = ten_pieces(&pacer, true);
         assert!(
-            remote < Duration::from_millis(180),
+            remote < Duration::from_millis(500),
             "remote: took {remote:?}"
         );
         let never_yields = Pacer::new(activity, 100, true);
         let free = ten_pieces(&never_yields, false);
         assert!(
-            free < Duration::from_millis(180),
+            free < Duration::from_millis(500),
             "share 100: took {free:?}"
         );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -50,12 +50,14 @@ mod tests {
     fn busy_only_within_the_window_after_a_request() {
         let activity = Activity::default();
         assert!(!activity.busy(Duration::from_secs(3600)), "no request yet");
+        // Windows wide enough that a test thread descheduled on a loaded machine still
+        // checks within them; the quiet one is waited out.
         activity.touch();
-        assert!(activity.busy(Duration::from_millis(50)));
+        assert!(activity.busy(Duration::from_secs(5)));
         std::thread::sleep(Duration::from_millis(80));
         assert!(!activity.busy(Duration::from_millis(50)));
         assert!(activity.busy(Duration::from_secs(10)));
         activity.touch();
-        assert!(activity.busy(Duration::from_millis(50)));
+        assert!(activity.busy(Duration::from_secs(5)));
     }
 }
