@@ -681,3 +681,58 @@ fn a_manifest_is_recorded_only_while_its_snapshot_and_its_base_are_there() {
     let d = t.snapshot("d");
     assert_eq!(t.upload(), vec![(d, Outcome::Completed)]);
 }
+
+/// A slow batch (a busy mount, a full disk waiting for room) does not hold up deletions:
+/// store objects freed while it is in flight go before it ends.
+#[test]
+fn objects_freed_during_a_slow_batch_are_deleted_before_it_ends() {
+    let t = Setup::with_store(|dir| FaultyStore {
+        put_delay: Duration::from_millis(40),
+        ..FaultyStore::new(dir)
+    });
+    let old = pattern(2 * BLOCK, 21);
+    t.write(ROOT, "old", &old);
+    t.snapshot("one");
+    t.upload();
+    let old_keys: Vec<String> = old
+        .chunks(BLOCK)
+        .map(|c| ObjectKey::block(&BlockHash::of(c)).into())
+        .collect();
+    let stored = |key: &String| t.keys("blocks/").contains(key);
+    assert!(old_keys.iter().all(stored), "the first snapshot's blocks");
+    t.volume.unlink(ROOT, b"old").expect("unlink");
+    // One batch of 96 blocks, 4 at a time, 40 ms each: about a second.
+    t.write(ROOT, "big", &pattern(96 * BLOCK, 22));
+    let two = t.snapshot("two");
+    let worker = Arc::new(t.worker());
+    let uploading = worker.clone();
+    let task = t
+        .runtime
+        .spawn(async move { uploading.upload_pending().await });
+    std::thread::sleep(Duration::from_millis(100));
+    // Only snapshot one still needs the old blocks.
+    t.volume.delete_snapshot(b"one").expect("delete");
+    let block_puts = || {
+        let puts = t.store.puts.lock().expect("lock");
+        puts.iter()
+            .filter(|(key, _)| key.starts_with(ObjectKey::BLOCKS))
+            .map(|(_, n)| n)
+            .sum::<u32>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while old_keys.iter().any(stored) {
+        assert!(Instant::now() < deadline, "never deleted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let sent = block_puts();
+    assert!(
+        sent < 2 + 96 - 8,
+        "deleted only once the batch was (nearly) done: {sent} block PUTs by then"
+    );
+    let outcomes = t
+        .runtime
+        .block_on(task)
+        .expect("upload task")
+        .expect("upload");
+    assert_eq!(outcomes, vec![(two, Outcome::Completed)]);
+}
