@@ -134,16 +134,17 @@ impl Volume {
         };
         drop(pinned);
         flushed?;
-        if last {
-            // Unlinked while open: now it goes. Checked with a read, the common case.
-            let unlinked = self
-                .row(NodeId::live(ino))
-                .is_ok_and(|row| row.attrs.nlink == 0);
-            if unlinked {
-                self.free_orphan(ino)?;
-            }
+        // Unlinked while open: now it goes. Checked with a read, the common case.
+        if last && self.is_unlinked(ino) {
+            self.free_orphan(ino)?;
         }
         Ok(())
+    }
+
+    /// Whether live file `ino` has lost its last name (an orphan, kept while open).
+    fn is_unlinked(&self, ino: u64) -> bool {
+        self.row(NodeId::live(ino))
+            .is_ok_and(|row| row.attrs.nlink == 0)
     }
 
     /// Retires an unlinked file at its last close and frees its blocks now: committed at
@@ -159,10 +160,7 @@ impl Volume {
     /// flush failed, as on a full disk) goes now, as at a last close: the flusher would
     /// free it only at its next pass, and a full disk is waiting for its blocks.
     pub(super) fn free_unopened_orphan(&self, ino: u64) -> Result<()> {
-        if !self
-            .row(NodeId::live(ino))
-            .is_ok_and(|row| row.attrs.nlink == 0)
-        {
+        if !self.is_unlinked(ino) {
             return Ok(());
         }
         let Some(pinned) = self.files.pin_tracked(ino) else {
@@ -543,11 +541,7 @@ impl Volume {
         if !state.changed {
             return Ok(());
         }
-        if state.opens == 0
-            && self
-                .row(NodeId::live(ino))
-                .is_ok_and(|row| row.attrs.nlink == 0)
-        {
+        if state.opens == 0 && self.is_unlinked(ino) {
             // Unlinked and closed (at its last release, or later if a full disk made that
             // flush fail): no one can read these bytes any more, and storing them could
             // only fill the disk again.

@@ -297,15 +297,16 @@ impl Volume {
                 Ok(ino)
             })
         })?;
-        self.commit_if_orphaned(Some(ino))?;
+        self.settle_orphan(Some(ino))?;
         self.freeing(|| self.collect_garbage())
     }
 
-    /// A file unlinked or renamed over while open lives on unnamed; that change commits
-    /// at once, so a crash meanwhile never brings the name back to a program that counts
-    /// on its temporary file being gone (the next mount frees the orphan). One that was
-    /// only holding unstored changes, closed already, goes now (`free_unopened_orphan`).
-    fn commit_if_orphaned(&self, ino: Option<u64>) -> Result<()> {
+    /// A file unlinked or renamed over while tracked (open, or holding unstored changes):
+    /// the change commits at once, so a crash meanwhile never brings the name back to a
+    /// program that counts on its temporary file being gone (the next mount frees the
+    /// orphan). An open one lives on unnamed until its last release; one closed already
+    /// goes now (`free_unopened_orphan`).
+    fn settle_orphan(&self, ino: Option<u64>) -> Result<()> {
         let Some(ino) = ino.filter(|&ino| self.files.is_tracked(ino)) else {
             return Ok(());
         };
@@ -436,7 +437,7 @@ impl Volume {
             }
             Ok(replaced)
         })?;
-        self.commit_if_orphaned(replaced)?;
+        self.settle_orphan(replaced)?;
         self.collect_garbage()
     }
 
