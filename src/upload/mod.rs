@@ -309,7 +309,10 @@ impl Worker {
             .iter()
             .map(|(hash, _)| ObjectKey::block(hash).into())
             .collect();
-        let mut tick = tokio::time::interval(RECORD_AGE);
+        // Not at once: the caller has just gone through the queue.
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + RECORD_AGE, RECORD_AGE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let joined = tokio::select! {
                 joined = tasks.join_next() => match joined {
@@ -327,7 +330,11 @@ impl Worker {
                 None => self.delete_unneeded(&in_batch).await?,
             }
             let finished = tasks.is_empty();
-            if finished || landed.len() >= RECORD_EVERY || last_record.elapsed() > RECORD_AGE {
+            // A tick with nothing landed records nothing: each record commits the mount's
+            // group and reloads the core's snapshot table.
+            let due = landed.len() >= RECORD_EVERY
+                || (!landed.is_empty() && last_record.elapsed() > RECORD_AGE);
+            if finished || due {
                 lock(&self.writer).write_now(|tx| tx.record_stored(id, &landed))?;
                 self.core.upload_event(UploadEvent::SnapshotsChanged)?;
                 let stored: Vec<(BlockHash, u32)> =

@@ -139,6 +139,13 @@ impl Setup {
         .expect("worker")
     }
 
+    /// Starts an upload on the runtime, for a test to act while it runs.
+    fn spawn_upload(&self) -> tokio::task::JoinHandle<Result<Vec<(u64, Outcome)>, UploadError>> {
+        let worker = self.worker();
+        self.runtime
+            .spawn(async move { worker.upload_pending().await })
+    }
+
     fn upload(&self) -> Vec<(u64, Outcome)> {
         self.runtime
             .block_on(self.worker().upload_pending())
@@ -492,11 +499,7 @@ fn a_snapshot_deleted_during_its_upload_leaves_nothing_in_the_store() {
     });
     t.write(ROOT, "f", &pattern(32 * BLOCK, 15));
     let id = t.snapshot("s");
-    let worker = Arc::new(t.worker());
-    let uploading = worker.clone();
-    let task = t
-        .runtime
-        .spawn(async move { uploading.upload_pending().await });
+    let task = t.spawn_upload();
     // Part-way through (32 blocks, 4 at a time, 20 ms each), the snapshot and the only
     // live file that uses its blocks go.
     std::thread::sleep(Duration::from_millis(120));
@@ -704,11 +707,7 @@ fn objects_freed_during_a_slow_batch_are_deleted_before_it_ends() {
     // One batch of 96 blocks, 4 at a time, 40 ms each: about a second.
     t.write(ROOT, "big", &pattern(96 * BLOCK, 22));
     let two = t.snapshot("two");
-    let worker = Arc::new(t.worker());
-    let uploading = worker.clone();
-    let task = t
-        .runtime
-        .spawn(async move { uploading.upload_pending().await });
+    let task = t.spawn_upload();
     std::thread::sleep(Duration::from_millis(100));
     // Only snapshot one still needs the old blocks.
     t.volume.delete_snapshot(b"one").expect("delete");
