@@ -204,6 +204,12 @@ impl Unsynced {
     }
 }
 
+/// Blocks of at most this many bytes (a small file, the tail of a larger one) live in the
+/// catalog beside the map row naming them, not in a file of their own: a block file costs
+/// a create, a write, a rename and later a sync, half of a small file's create. 3 KiB with
+/// its hash still fits one leaf of the catalog's 4 KiB pages (btrfs inlines up to 2 KiB).
+pub const INLINE_MAX: usize = 3 << 10;
+
 /// Above this many unsynced blocks one syncfs beats a journal commit per file.
 const SYNC_EACH_LIMIT: usize = 64;
 
@@ -352,10 +358,18 @@ impl BlockStore {
         }
     }
 
-    /// Reads and verifies a block from disk, leaving the cache alone (for bulk readers
+    /// Reads and verifies block `hash`: `inline`, its bytes as the catalog keeps a small
+    /// block (see [`INLINE_MAX`]), else its file. Leaves the cache alone (for bulk readers
     /// such as the uploader, which would only evict what users read).
-    pub fn read_uncached(&self, hash: &BlockHash) -> Result<Vec<u8>, BlockError> {
-        let data = self.read_file(hash)?;
+    pub fn read_uncached(
+        &self,
+        hash: &BlockHash,
+        inline: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, BlockError> {
+        let data = match inline {
+            Some(data) => data,
+            None => self.read_file(hash)?,
+        };
         self.check(hash, BlockHash::of(&data))?;
         Ok(data)
     }

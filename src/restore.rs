@@ -137,7 +137,8 @@ impl Source for LocalSource {
     }
 
     fn block(&self, hash: &BlockHash) -> Result<Vec<u8>, ReadError> {
-        match (self.blocks.read_uncached(hash), &self.store_urls) {
+        let inline = crate::sync::lock(&self.catalog).read(|tx| tx.inline_block(hash))?;
+        match (self.blocks.read_uncached(hash, inline), &self.store_urls) {
             (Err(crate::blocks::BlockError::Missing { .. }), Some((own, origin))) => {
                 let stores = self
                     .stores

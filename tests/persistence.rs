@@ -14,8 +14,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    BLOCK, Mount, assert_bytes_eq, block_files, mkfifo, mount_cmd, pattern, run, setxattr, snapfs,
-    tree_state, user_xattrs, utimens,
+    BLOCK, Mount, assert_bytes_eq, block_files, local_blocks, mkfifo, mount_cmd, pattern, run,
+    setxattr, snapfs, tree_state, user_xattrs, utimens,
 };
 
 /// Builds a tree with every kind of node and attribute snapfs stores.
@@ -165,6 +165,32 @@ fn fsynced_data_survives_kill_9() {
     );
 }
 
+#[test]
+fn small_files_take_no_block_file_and_survive_kill_9() {
+    let mut m = Mount::new();
+    let files: Vec<(String, Vec<u8>)> = (0..20u8)
+        .map(|i| {
+            (
+                format!("small{i}"),
+                pattern(100 * usize::from(i) + 1, u64::from(i)),
+            )
+        })
+        .collect();
+    for (name, data) in &files {
+        let mut file = File::create(m.path().join(name)).expect("create");
+        file.write_all(data).expect("write");
+        file.sync_all().expect("fsync");
+    }
+    assert_eq!(block_files(m.data_dir()), Vec::<std::path::PathBuf>::new());
+    assert_eq!(local_blocks(m.data_dir()), files.len());
+    m.kill9();
+    m.remount();
+    for (name, data) in &files {
+        let read = fs::read(m.path().join(name)).expect("read");
+        assert_bytes_eq(&read, data, name);
+    }
+}
+
 /// Writes a 2-block file, keeps it open while `orphan` takes its name away, kills the
 /// daemon at once, and checks that `names_left` (holding `new`) are all that is left and
 /// the orphan's blocks were freed.
@@ -190,7 +216,7 @@ fn orphan_is_freed_after_kill_9(orphan: impl FnOnce(&Path), names_left: &[&str])
     }
     // Each name left holds one small block; the orphan's two are gone.
     assert_eq!(
-        block_files(m.data_dir()).len(),
+        local_blocks(m.data_dir()),
         names_left.len(),
         "blocks of the orphan survived the restart"
     );

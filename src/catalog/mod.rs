@@ -1065,6 +1065,30 @@ impl ReadTx<'_> {
             .exists([hash.as_bytes()])?)
     }
 
+    /// The bytes of block `hash` if the catalog holds them (a small block), unverified.
+    pub fn inline_block(&self, hash: &BlockHash) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT data FROM inline_blocks WHERE hash = ?1")?
+            .query_row([hash.as_bytes()], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// How many small blocks the catalog holds (`blocks::INLINE_MAX`).
+    pub fn inline_block_count(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT count(*) FROM inline_blocks", [], |r| r.get(0))?)
+    }
+
+    /// Zeroes every small block's bytes, as a damaged disk might.
+    #[cfg(test)]
+    pub fn damage_inline_blocks(&self) -> Result<()> {
+        self.conn
+            .execute("UPDATE inline_blocks SET data = zeroblob(length(data))", [])?;
+        Ok(())
+    }
+
     pub fn has_unreferenced_blocks(&self) -> Result<bool> {
         Ok(self
             .conn
@@ -1357,9 +1381,15 @@ impl WriteTx<'_> {
         Ok(())
     }
 
-    /// Maps block `idx` of `ino` to `block` (`None`: a hole). Returns the change in the
-    /// file's allocated bytes.
-    pub fn set_block(&self, ino: u64, idx: u64, block: Option<(&BlockHash, u32)>) -> Result<i64> {
+    /// Maps block `idx` of `ino` to `block` (hash, length, and its bytes if they live in
+    /// the catalog rather than a block file: see `blocks::INLINE_MAX`), or to a hole.
+    /// Returns the change in allocated bytes.
+    pub fn set_block(
+        &self,
+        ino: u64,
+        idx: u64,
+        block: Option<(&BlockHash, u32, Option<&[u8]>)>,
+    ) -> Result<i64> {
         let old_len: i64 = self
             .conn
             .prepare_cached(
@@ -1370,9 +1400,14 @@ impl WriteTx<'_> {
             .optional()?
             .unwrap_or(0);
         self.retire("blockmap", "ino = ?1 AND idx = ?2", &[&ino, &idx])?;
-        let Some((hash, len)) = block else {
+        let Some((hash, len, inline)) = block else {
             return Ok(-old_len);
         };
+        if let Some(data) = inline {
+            self.conn
+                .prepare_cached("INSERT OR IGNORE INTO inline_blocks (hash, data) VALUES (?1, ?2)")?
+                .execute(params![hash.as_bytes(), data])?;
+        }
         // A block written again after it was evicted is local again.
         self.conn
             .prepare_cached(

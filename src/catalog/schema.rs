@@ -12,6 +12,7 @@ pub const MIGRATIONS: &[&str] = &[
     V5_LIFECYCLE,
     V6_CHECKPOINTS,
     V7_LIVE_INODES,
+    V8_INLINE_BLOCKS,
 ];
 
 const V1: &str = r#"
@@ -256,5 +257,20 @@ CREATE TRIGGER inodes_count_update AFTER UPDATE OF death ON inodes
 WHEN (OLD.death IS NULL) != (NEW.death IS NULL) BEGIN
     UPDATE meta SET value = value + (CASE WHEN NEW.death IS NULL THEN 1 ELSE -1 END)
     WHERE key = 'live_inodes';
+END;
+"#;
+
+/// Small blocks live in the catalog, not in a file each (`blocks::INLINE_MAX`): a small
+/// file then costs no block file, no rename and no sync of its own, and lands in the same
+/// transaction as the map row naming it. A rowid table keeps a blob of a few KiB in its
+/// leaf page (in `blocks`, a WITHOUT ROWID table, it would spill to overflow pages). The
+/// trigger frees the data with its block row, so no code path can forget to.
+const V8_INLINE_BLOCKS: &str = r#"
+CREATE TABLE inline_blocks (
+    hash BLOB PRIMARY KEY,
+    data BLOB NOT NULL
+);
+CREATE TRIGGER blocks_free_inline AFTER DELETE ON blocks BEGIN
+    DELETE FROM inline_blocks WHERE hash = OLD.hash;
 END;
 "#;

@@ -98,10 +98,11 @@ impl ReadTx<'_> {
     }
 
     /// Blocks safe in the store that are also on the local disk: what a bounded cache may
-    /// evict.
+    /// evict. Not those in the catalog itself: evicting them would free no block file.
     pub fn evictable_blocks(&self) -> Result<Vec<(BlockHash, u32)>> {
         self.blocks_with_len(
-            "SELECT hash, len FROM blocks WHERE stored != 0 AND local = 1",
+            "SELECT hash, len FROM blocks b WHERE stored != 0 AND local = 1
+             AND NOT EXISTS (SELECT 1 FROM inline_blocks i WHERE i.hash = b.hash)",
             [],
         )
     }

@@ -24,6 +24,8 @@ pub struct BlockRecord {
     pub len: u32,
     pub stored: BlockLocation,
     pub local: bool,
+    /// Its bytes are in the catalog (a small block), not in a block file.
+    pub inline: bool,
 }
 
 /// Versioned tables: their key, and how a row's key reads in a report.
@@ -184,9 +186,11 @@ impl ReadTx<'_> {
 
     /// Every block the catalog records.
     pub fn block_records(&self) -> Result<Vec<BlockRecord>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT hash, len, stored, local FROM blocks WHERE refs > 0")?;
+        let mut stmt = self.conn.prepare(
+            "SELECT hash, len, stored, local,
+                        EXISTS (SELECT 1 FROM inline_blocks i WHERE i.hash = b.hash)
+                 FROM blocks b WHERE refs > 0",
+        )?;
         let mut rows = stmt.query([])?;
         let mut records = Vec::new();
         while let Some(row) = rows.next()? {
@@ -197,6 +201,7 @@ impl ReadTx<'_> {
                 len: row.get(1)?,
                 stored: row.get(2)?,
                 local: row.get(3)?,
+                inline: row.get(4)?,
             });
         }
         Ok(records)

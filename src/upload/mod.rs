@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::blocks::{BlockHash, BlockStore};
+use crate::blocks::{BlockHash, BlockStore, INLINE_MAX};
 use crate::catalog::{self, Catalog, Completion, Kind, ROOT_INO, SnapshotRow};
 use crate::manifest::{self, Content, Entry, SnapshotManifest};
 use crate::metrics;
@@ -261,6 +261,12 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
         let mut tasks = JoinSet::new();
         for &(hash, len) in blocks {
+            // A small block's bytes are in the catalog, not in a file (`INLINE_MAX`).
+            let inline = if len as usize <= INLINE_MAX {
+                lock(&self.catalog).read(|tx| tx.inline_block(&hash))?
+            } else {
+                None
+            };
             let stopping = self.stopping.clone();
             let permits = permits.clone();
             let blocks = self.blocks.clone();
@@ -274,7 +280,9 @@ impl Worker {
                     return Ok(None);
                 }
                 let read = move || {
-                    let data = blocks.read_uncached(&hash).map_err(volume::Error::from)?;
+                    let data = blocks
+                        .read_uncached(&hash, inline)
+                        .map_err(volume::Error::from)?;
                     manifest::compress(&data, level).map_err(|e| volume::Error::DataDir {
                         path: "zstd".into(),
                         source: e,

@@ -1,5 +1,5 @@
 //! `BlockReader`: where a block's bytes come from. The local block store (memory cache,
-//! then `blocks/`), else the volume's object store or its origin's (`--from`), fetched,
+//! then `blocks/`, then the catalog for small blocks), else the volume's object store or its origin's (`--from`), fetched,
 //! verified and kept again. It owns the local disk as a cache of the store: blocks that
 //! are safe in a store may be evicted (least recently used first) to keep them under
 //! `--cache-size`; blocks the store lacks (not yet uploaded) are never evicted.
@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use lru::LruCache;
 
 use super::{Error, Result};
-use crate::blocks::{BlockError, BlockHash, BlockStore, copy_from};
+use crate::blocks::{BlockError, BlockHash, BlockStore, INLINE_MAX, copy_from};
 use crate::catalog::Catalog;
 use crate::metrics;
 use crate::store::{self, ObjectStore};
@@ -135,9 +135,10 @@ impl BlockReader {
         Ok(())
     }
 
-    /// Block `hash` from memory or the local disk; `None` if only a store has it.
+    /// Block `hash` from memory, the local disk or the catalog; `None` if only a store
+    /// has it.
     pub fn local_block(&self, hash: &BlockHash) -> Result<Option<Arc<Vec<u8>>>> {
-        self.local_or_none(hash, self.local.get(hash))
+        self.local_or_none(hash, self.local.get(hash), |data| data)
     }
 
     /// Copies block `hash` from `offset` into `out` from memory or the local disk (see
@@ -148,7 +149,8 @@ impl BlockReader {
         offset: usize,
         out: &mut [u8],
     ) -> Result<Option<usize>> {
-        self.local_or_none(hash, self.local.read_into(hash, offset, out))
+        let read = self.local.read_into(hash, offset, out);
+        self.local_or_none(hash, read, |data| copy_from(&data, offset, out))
     }
 
     /// Copies block `hash` from `offset` into `out`, from wherever it is: how many bytes it
@@ -164,12 +166,21 @@ impl BlockReader {
     }
 
     /// A local read's result: a hit (counted, and promoted for eviction), or `None` for a
-    /// block missing here that a store has.
+    /// block missing here that a store has. A block without a file may be a small one
+    /// the catalog holds: `from_inline` reads it from there.
     fn local_or_none<T>(
         &self,
         hash: &BlockHash,
         read: std::result::Result<T, BlockError>,
+        from_inline: impl FnOnce(Arc<Vec<u8>>) -> T,
     ) -> Result<Option<T>> {
+        let read = match read {
+            Err(BlockError::Missing { .. }) => match self.inline_block(hash)? {
+                Some(data) => Ok(from_inline(data)),
+                None => read,
+            },
+            read => read,
+        };
         match read {
             Ok(data) => {
                 metrics::cache_hit();
@@ -181,6 +192,17 @@ impl BlockReader {
             Err(BlockError::Missing { .. }) if self.has_remote() => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Block `hash` from the catalog, verified and kept in memory, if it is a small block
+    /// kept there (`blocks::INLINE_MAX`).
+    fn inline_block(&self, hash: &BlockHash) -> Result<Option<Arc<Vec<u8>>>> {
+        let Some(data) = lock(&self.catalog).read(|tx| tx.inline_block(hash))? else {
+            return Ok(None);
+        };
+        let data = Arc::new(self.local.read_uncached(hash, Some(data))?);
+        self.local.cache_verified(hash, data.clone());
+        Ok(Some(data))
     }
 
     fn fetch(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>> {
@@ -224,7 +246,8 @@ impl BlockReader {
         };
         {
             let mut cache = lock(cache);
-            for &(hash, len) in blocks {
+            // Small blocks live in the catalog: evicting them would free no file.
+            for &(hash, len) in blocks.iter().filter(|(_, len)| *len as usize > INLINE_MAX) {
                 cache.admit(hash, len);
             }
         }

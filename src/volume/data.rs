@@ -11,12 +11,14 @@ use super::namespace::apply_setattr;
 use super::open_files::{FileState, PinnedFile, catalog_block_valid};
 use super::reads::ReadState;
 use super::{Attr, Error, FileHandle, NodeId, Result, SetAttr, View, Volume, now};
-use crate::blocks::BlockHash;
+use crate::blocks::{BlockHash, INLINE_MAX};
 use crate::catalog::{Kind, LIVE};
 use crate::sync::lock;
 
 /// A dirty block ready for the catalog: its index, and its hash and length (None: a hole).
-type StagedBlock = (u64, Option<(BlockHash, u32)>);
+/// A dirty block ready for the catalog: its index and, unless it is a hole, its hash and
+/// whether its bytes go to the catalog (a small block) rather than a block file.
+type StagedBlock<'a> = (u64, Option<(BlockHash, &'a [u8], bool)>);
 
 /// Rounds of fetching a read's missing blocks before it runs with them local.
 const FETCH_ROUNDS: usize = 3;
@@ -563,7 +565,10 @@ impl Volume {
                     alloc += tx.unmap_block_range(ino, first, end - 1)?;
                 }
                 for (idx, block) in &staged {
-                    alloc += tx.set_block(ino, *idx, block.as_ref().map(|(h, len)| (h, *len)))?;
+                    let block = block.as_ref().map(|(hash, data, inline)| {
+                        (hash, data.len() as u32, inline.then_some(*data))
+                    });
+                    alloc += tx.set_block(ino, *idx, block)?;
                 }
                 row.attrs.size = state.size;
                 row.attrs.mtime = state.mtime;
@@ -614,8 +619,9 @@ impl Volume {
 
     /// Hashes and stores dirty blocks (all-zero ones become holes), on every core when
     /// there are many: hashing is the write path's main CPU cost.
-    fn store_blocks(&self, blocks: &[(u64, &Vec<u8>)]) -> Result<Vec<StagedBlock>> {
-        let store = |chunk: &[(u64, &Vec<u8>)]| -> Result<Vec<StagedBlock>> {
+    /// Small blocks are left to the catalog (`INLINE_MAX`).
+    fn store_blocks<'a>(&self, blocks: &[(u64, &'a Vec<u8>)]) -> Result<Vec<StagedBlock<'a>>> {
+        let store = |chunk: &[(u64, &'a Vec<u8>)]| -> Result<Vec<StagedBlock<'a>>> {
             chunk
                 .iter()
                 .map(|&(idx, block)| {
@@ -623,8 +629,11 @@ impl Volume {
                         return Ok((idx, None));
                     }
                     let hash = BlockHash::of(block);
-                    self.blocks.local().put(&hash, block)?;
-                    Ok((idx, Some((hash, block.len() as u32))))
+                    let inline = block.len() <= INLINE_MAX;
+                    if !inline {
+                        self.blocks.local().put(&hash, block)?;
+                    }
+                    Ok((idx, Some((hash, block.as_slice(), inline))))
                 })
                 .collect()
         };

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use proptest::prelude::*;
 
 use super::*;
+use crate::blocks::INLINE_MAX;
 
 mod ranges;
 
@@ -43,7 +44,18 @@ impl TestVolume {
         self.volume = Some(Volume::open(self.dir.path(), &small_blocks()).expect("reopen"));
     }
 
+    /// Blocks kept locally: block files, and small blocks in the catalog.
     fn stored_blocks(&self) -> usize {
+        self.block_files() + self.inline_blocks()
+    }
+
+    fn inline_blocks(&self) -> usize {
+        lock(&self.v().catalog)
+            .read(|tx| tx.inline_block_count())
+            .expect("count inline blocks") as usize
+    }
+
+    fn block_files(&self) -> usize {
         let mut count = 0;
         for shard in fs::read_dir(self.dir.path().join("blocks")).expect("blocks dir") {
             let shard = shard.expect("entry").path();
@@ -193,6 +205,52 @@ fn overwritten_blocks_are_freed() {
     assert_eq!(t.stored_blocks(), 2);
     t.v().unlink(ROOT, b"f").expect("unlink");
     assert_eq!(t.stored_blocks(), 0);
+}
+
+#[test]
+fn small_blocks_live_in_the_catalog_and_read_back_everywhere() {
+    let mut t = TestVolume::new();
+    // One full block (a file) and a tail of 100 bytes (in the catalog).
+    let data = pattern(4096 + 100, 5);
+    let node = t.write_file("f", &data);
+    let small = t.write_file("small", &pattern(INLINE_MAX, 6));
+    assert_eq!((t.block_files(), t.inline_blocks()), (1, 2));
+    t.v().create_snapshot(b"s").expect("snapshot");
+    t.reopen();
+    assert_eq!(t.read_all(node), data);
+    assert_eq!(t.v().read(node, 4090, 20).expect("read"), &data[4090..4110]);
+    assert_eq!(t.read_all(small), pattern(INLINE_MAX, 6));
+    let in_snapshot = t
+        .v()
+        .lookup(snapshot_root(&t, "s"), b"small")
+        .expect("small in s");
+    assert_eq!(t.read_all(in_snapshot.node), pattern(INLINE_MAX, 6));
+
+    // The same bytes again share the block, and it goes when nothing holds it.
+    t.write_file("copy", &pattern(INLINE_MAX, 6));
+    assert_eq!(t.inline_blocks(), 2);
+    t.v().delete_snapshot(b"s").expect("delete s");
+    t.v().unlink(ROOT, b"small").expect("unlink small");
+    assert_eq!(t.inline_blocks(), 2);
+    t.v().unlink(ROOT, b"copy").expect("unlink copy");
+    t.v().unlink(ROOT, b"f").expect("unlink f");
+    assert_eq!((t.block_files(), t.inline_blocks()), (0, 0));
+}
+
+#[test]
+fn a_damaged_small_block_reads_as_an_error_never_as_wrong_bytes() {
+    let t = TestVolume::new();
+    let node = t.write_file("f", &pattern(1000, 3));
+    lock(&t.v().catalog)
+        .write_now(|tx| tx.damage_inline_blocks())
+        .expect("damage");
+    // A fresh mount's memory cache does not have the good copy.
+    let mut t = t;
+    t.reopen();
+    assert_eq!(
+        t.v().read(node, 0, 1000).map_err(|e| e.errno()),
+        Err(libc::EIO)
+    );
 }
 
 #[test]

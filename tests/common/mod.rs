@@ -778,6 +778,17 @@ pub fn block_files(data_dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// Blocks a data dir keeps: block files, and small blocks in the catalog (read beside a
+/// running mount, as `snapfs verify` does).
+pub fn local_blocks(data_dir: &Path) -> usize {
+    let catalog =
+        snapfs::catalog::Catalog::open_data_dir_read_only(data_dir).expect("open the catalog");
+    let inline = catalog
+        .read(|tx| tx.inline_block_count())
+        .expect("count small blocks");
+    block_files(data_dir).len() + inline as usize
+}
+
 /// What `lstat`, the content and the user.* xattrs say about one node, minus the fields
 /// that legitimately differ between two copies of a tree (inode number, atime, ctime).
 #[derive(Clone, Debug, PartialEq, Eq)]
