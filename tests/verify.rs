@@ -66,6 +66,17 @@ fn volume_with_snapshots(mount: &mut Mount) {
     mount.unmount();
 }
 
+/// After a repair, the volume of `volume_with_snapshots` mounts and its big file reads
+/// back byte for byte.
+fn big_reads_back_after_repair(mount: &mut Mount) {
+    mount.remount();
+    assert_bytes_eq(
+        &fs::read(mount.path().join("big")).expect("read big"),
+        &pattern(3 * BLOCK + 100, 1),
+        "big after repair",
+    );
+}
+
 /// Paths of the local block files.
 fn first_block_file(data: &Path) -> std::path::PathBuf {
     block_files(data)
@@ -188,13 +199,7 @@ fn damaged_local_blocks_and_orphans_are_found_and_repaired_from_the_store() {
     assert_eq!(fs::read(&victim).expect("repaired block"), good);
     assert!(!orphan.exists(), "the orphan is deleted");
     assert_clean(verify_data(&data, &["--deep"]));
-
-    mount.remount();
-    assert_bytes_eq(
-        &fs::read(mount.path().join("big")).expect("read big"),
-        &pattern(3 * BLOCK + 100, 1),
-        "big after repair",
-    );
+    big_reads_back_after_repair(&mut mount);
 }
 
 #[test]
@@ -222,13 +227,7 @@ fn a_damaged_small_block_in_the_catalog_is_found_and_repaired_from_the_store() {
         "{text}"
     );
     assert_clean(verify_data(&data, &["--deep"]));
-
-    mount.remount();
-    assert_bytes_eq(
-        &fs::read(mount.path().join("big")).expect("read big"),
-        &pattern(3 * BLOCK + 100, 1),
-        "big after repair",
-    );
+    big_reads_back_after_repair(&mut mount);
 }
 
 #[test]
