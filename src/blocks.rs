@@ -210,6 +210,11 @@ impl Unsynced {
 /// its hash still fits one leaf of the catalog's 4 KiB pages (btrfs inlines up to 2 KiB).
 pub const INLINE_MAX: usize = 3 << 10;
 
+/// Whether a block of `len` bytes lives in the catalog rather than a file (`INLINE_MAX`).
+pub fn is_inline(len: usize) -> bool {
+    len <= INLINE_MAX
+}
+
 /// Above this many unsynced blocks one syncfs beats a journal commit per file.
 const SYNC_EACH_LIMIT: usize = 64;
 

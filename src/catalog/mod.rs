@@ -1081,14 +1081,6 @@ impl ReadTx<'_> {
             .query_row("SELECT count(*) FROM inline_blocks", [], |r| r.get(0))?)
     }
 
-    /// Zeroes every small block's bytes, as a damaged disk might.
-    #[cfg(test)]
-    pub fn damage_inline_blocks(&self) -> Result<()> {
-        self.conn
-            .execute("UPDATE inline_blocks SET data = zeroblob(length(data))", [])?;
-        Ok(())
-    }
-
     pub fn has_unreferenced_blocks(&self) -> Result<bool> {
         Ok(self
             .conn
@@ -1378,6 +1370,14 @@ impl WriteTx<'_> {
         let retire_sql =
             format!("UPDATE {table} SET death = ?{g_param} WHERE {cond} AND death IS NULL");
         self.conn.prepare_cached(&retire_sql)?.execute(&*with_g)?;
+        Ok(())
+    }
+
+    /// Zeroes every small block's bytes, as a damaged disk might.
+    #[cfg(test)]
+    pub fn damage_inline_blocks(&self) -> Result<()> {
+        self.conn
+            .execute("UPDATE inline_blocks SET data = zeroblob(length(data))", [])?;
         Ok(())
     }
 

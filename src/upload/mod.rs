@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::blocks::{BlockHash, BlockStore, INLINE_MAX};
+use crate::blocks::{self, BlockHash, BlockStore};
 use crate::catalog::{self, Catalog, Completion, Kind, ROOT_INO, SnapshotRow};
 use crate::manifest::{self, Content, Entry, SnapshotManifest};
 use crate::metrics;
@@ -261,8 +261,8 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
         let mut tasks = JoinSet::new();
         for &(hash, len) in blocks {
-            // A small block's bytes are in the catalog, not in a file (`INLINE_MAX`).
-            let inline = if len as usize <= INLINE_MAX {
+            // A small block's bytes are in the catalog, not in a file.
+            let inline = if blocks::is_inline(len as usize) {
                 lock(&self.catalog).read(|tx| tx.inline_block(&hash))?
             } else {
                 None

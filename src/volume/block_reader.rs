@@ -1,8 +1,9 @@
 //! `BlockReader`: where a block's bytes come from. The local block store (memory cache,
-//! then `blocks/`, then the catalog for small blocks), else the volume's object store or its origin's (`--from`), fetched,
-//! verified and kept again. It owns the local disk as a cache of the store: blocks that
-//! are safe in a store may be evicted (least recently used first) to keep them under
-//! `--cache-size`; blocks the store lacks (not yet uploaded) are never evicted.
+//! then `blocks/`, then the catalog for small blocks), else the volume's object store or
+//! its origin's (`--from`), fetched, verified and kept again. It owns the local disk as a
+//! cache of the store: blocks that are safe in a store may be evicted (least recently used
+//! first) to keep them under `--cache-size`; blocks the store lacks (not yet uploaded) are
+//! never evicted.
 //!
 //! Locks: `evictable` is a leaf; the catalog is taken with nothing of this held.
 
@@ -11,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use lru::LruCache;
 
 use super::{Error, Result};
-use crate::blocks::{BlockError, BlockHash, BlockStore, INLINE_MAX, copy_from};
+use crate::blocks::{BlockError, BlockHash, BlockStore, copy_from, is_inline};
 use crate::catalog::Catalog;
 use crate::metrics;
 use crate::store::{self, ObjectStore};
@@ -247,7 +248,7 @@ impl BlockReader {
         {
             let mut cache = lock(cache);
             // Small blocks live in the catalog: evicting them would free no file.
-            for &(hash, len) in blocks.iter().filter(|(_, len)| *len as usize > INLINE_MAX) {
+            for &(hash, len) in blocks.iter().filter(|(_, len)| !is_inline(*len as usize)) {
                 cache.admit(hash, len);
             }
         }

@@ -11,11 +11,10 @@ use super::namespace::apply_setattr;
 use super::open_files::{FileState, PinnedFile, catalog_block_valid};
 use super::reads::ReadState;
 use super::{Attr, Error, FileHandle, NodeId, Result, SetAttr, View, Volume, now};
-use crate::blocks::{BlockHash, INLINE_MAX};
+use crate::blocks::{self, BlockHash};
 use crate::catalog::{Kind, LIVE};
 use crate::sync::lock;
 
-/// A dirty block ready for the catalog: its index, and its hash and length (None: a hole).
 /// A dirty block ready for the catalog: its index and, unless it is a hole, its hash and
 /// whether its bytes go to the catalog (a small block) rather than a block file.
 type StagedBlock<'a> = (u64, Option<(BlockHash, &'a [u8], bool)>);
@@ -619,7 +618,7 @@ impl Volume {
 
     /// Hashes and stores dirty blocks (all-zero ones become holes), on every core when
     /// there are many: hashing is the write path's main CPU cost.
-    /// Small blocks are left to the catalog (`INLINE_MAX`).
+    /// Small blocks are left to the catalog (`blocks::is_inline`).
     fn store_blocks<'a>(&self, blocks: &[(u64, &'a Vec<u8>)]) -> Result<Vec<StagedBlock<'a>>> {
         let store = |chunk: &[(u64, &'a Vec<u8>)]| -> Result<Vec<StagedBlock<'a>>> {
             chunk
@@ -629,7 +628,7 @@ impl Volume {
                         return Ok((idx, None));
                     }
                     let hash = BlockHash::of(block);
-                    let inline = block.len() <= INLINE_MAX;
+                    let inline = blocks::is_inline(block.len());
                     if !inline {
                         self.blocks.local().put(&hash, block)?;
                     }
