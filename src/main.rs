@@ -487,6 +487,14 @@ fn parse_block_size(text: &str) -> Result<u32, String> {
     Ok(size as u32)
 }
 
+fn parse_pack_size(text: &str) -> Result<usize, String> {
+    let size = parse_size(text)?;
+    if !(1 << 20..=256 << 20).contains(&size) {
+        return Err(format!("pack size must be from 1M to 256M, not {text}"));
+    }
+    Ok(size as usize)
+}
+
 fn default_data_dir() -> Result<PathBuf, String> {
     if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("snapfs"));
@@ -546,6 +554,11 @@ struct MountCommand {
     #[arg(long, value_name = "PERCENT", default_value_t = snapfs::upload::DEFAULT_BUSY_SHARE,
           value_parser = clap::value_parser!(u8).range(1..=100))]
     upload_share: u8,
+    /// Size of the pack objects blocks travel to the store in, e.g. 32M: larger packs
+    /// mean fewer requests (each costs money on S3), smaller ones less read back on a
+    /// cache miss [default: 16M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_pack_size)]
+    pack_size: Option<usize>,
     /// Most local disk for blocks already safe in the store, e.g. 10G: the least
     /// recently used are evicted and fetched again when read. Blocks not yet uploaded
     /// always stay [default: keep everything].
@@ -635,6 +648,7 @@ impl MountCommand {
                 compression_level: self.compression_level,
                 limit: self.upload_limit,
                 busy_share: self.upload_share,
+                pack_size: self.pack_size.unwrap_or(snapfs::upload::DEFAULT_PACK_SIZE),
             },
             cache_size: self.cache_size,
             from: self.from,

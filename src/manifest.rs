@@ -501,6 +501,150 @@ pub fn decode_snapshot(data: &[u8]) -> Result<SnapshotManifest> {
     })
 }
 
+/// Where one block sits in a pack: its frame is the pack's bytes `[offset, offset +
+/// length)`, and decompresses to `raw_length` bytes hashing to `hash`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackedBlock {
+    pub hash: BlockHash,
+    pub offset: u64,
+    pub length: u32,
+    pub raw_length: u32,
+}
+
+/// A pack's name: 16 random bytes, written as 32 hex digits in its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PackId(pub [u8; 16]);
+
+impl PackId {
+    pub fn parse(hex: &str) -> Option<PackId> {
+        if hex.len() != 32 || !hex.is_ascii() {
+            return None;
+        }
+        let mut id = [0u8; 16];
+        for (i, byte) in id.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(PackId(id))
+    }
+}
+
+impl std::fmt::Display for PackId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// What a pack holds: the length of its frames (the trailer follows them) and where each
+/// block is, in the order they were written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackListing {
+    pub data_length: u64,
+    pub blocks: Vec<PackedBlock>,
+}
+
+const PACK_LISTING_MAGIC: &[u8; 8] = b"snapfsL1";
+const INDEX_MAGIC: &[u8; 8] = b"snapfsX1";
+/// Largest block a pack may hold, compressed or not: far above any block size.
+pub const MAX_PACKED_BLOCK: u32 = 64 << 20;
+/// Most packs one index object may list.
+const MAX_INDEXED_PACKS: u64 = 1_000_000;
+
+impl Writer {
+    fn listing(&mut self, listing: &PackListing) {
+        self.uint(listing.data_length);
+        self.uint(listing.blocks.len() as u64);
+        for block in &listing.blocks {
+            self.hash(&block.hash);
+            self.uint(block.offset);
+            self.uint(u64::from(block.length));
+            self.uint(u64::from(block.raw_length));
+        }
+    }
+}
+
+impl Reader<'_> {
+    /// A listing whose frames are in order, apart, non-empty and inside the data.
+    fn listing(&mut self) -> Result<PackListing> {
+        let data_length = self.uint()?;
+        let n = self.count(MAX_ENTRIES, "packed blocks")?;
+        let mut blocks = Vec::with_capacity(n.min(4096));
+        let mut end = 0u64;
+        for _ in 0..n {
+            let hash = self.hash()?;
+            let offset = self.uint()?;
+            let length = self.u32("a frame length")?;
+            let raw_length = self.u32("a block length")?;
+            if length == 0 || length > MAX_PACKED_BLOCK || raw_length > MAX_PACKED_BLOCK {
+                return bad(format!("a frame of {length} bytes for {raw_length}"));
+            }
+            if offset < end {
+                return bad("frames out of order or overlapping");
+            }
+            end = offset + u64::from(length);
+            if end > data_length {
+                return bad("a frame beyond the pack's data");
+            }
+            blocks.push(PackedBlock {
+                hash,
+                offset,
+                length,
+                raw_length,
+            });
+        }
+        Ok(PackListing {
+            data_length,
+            blocks,
+        })
+    }
+}
+
+/// The listing a pack carries in its trailer (docs/format.md).
+pub fn encode_pack_listing(listing: &PackListing) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.0.extend_from_slice(PACK_LISTING_MAGIC);
+    w.listing(listing);
+    w.0
+}
+
+pub fn decode_pack_listing(data: &[u8]) -> Result<PackListing> {
+    let mut r = Reader { data };
+    r.magic(PACK_LISTING_MAGIC, "pack listing")?;
+    let listing = r.listing()?;
+    r.finish()?;
+    Ok(listing)
+}
+
+/// An index object: the listings of the packs it covers.
+pub fn encode_index(packs: &[(PackId, PackListing)]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.0.extend_from_slice(INDEX_MAGIC);
+    w.uint(packs.len() as u64);
+    for (id, listing) in packs {
+        w.0.extend_from_slice(&id.0);
+        w.listing(listing);
+    }
+    w.0
+}
+
+pub fn decode_index(data: &[u8]) -> Result<Vec<(PackId, PackListing)>> {
+    let mut r = Reader { data };
+    r.magic(INDEX_MAGIC, "index")?;
+    let n = r.count(MAX_INDEXED_PACKS, "packs")?;
+    let mut packs: Vec<(PackId, PackListing)> = Vec::with_capacity(n.min(4096));
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..n {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(r.take(16)?);
+        let id = PackId(id);
+        if !seen.insert(id) {
+            return bad(format!("pack {id} listed twice"));
+        }
+        packs.push((id, r.listing()?));
+    }
+    r.finish()?;
+    Ok(packs)
+}
+
 /// Compresses a manifest or block for the store.
 pub fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     // With the frame's content checksum, decompression refuses a damaged object (snapshot
@@ -511,8 +655,25 @@ pub fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
 }
 
 /// Decompresses an object from the store, refusing more than `max` bytes of output.
+/// The output grows as it is decoded: a hostile frame (one declaring no size, or a false
+/// one) never makes it allocate `max` up front.
 pub fn decompress(data: &[u8], max: usize) -> std::io::Result<Vec<u8>> {
-    zstd::bulk::decompress(data, max)
+    use std::io::Read;
+    let declared = zstd::zstd_safe::get_frame_content_size(data)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    let hint = declared.min(max as u64).min(1 << 20) as usize;
+    let mut out = Vec::with_capacity(hint);
+    zstd::stream::read::Decoder::with_buffer(data)?
+        .take(max as u64 + 1)
+        .read_to_end(&mut out)?;
+    if out.len() > max {
+        return Err(std::io::Error::other(format!(
+            "decompresses to more than {max} bytes"
+        )));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -148,7 +148,12 @@ impl Source for LocalSource {
                     })
                     .as_ref()
                     .map_err(|e| ReadError::Corrupt(format!("block {hash} is not local: {e}")))?;
-                stores.block(hash, self.block_size as usize)
+                // Where the catalog recorded it, if in the volume's own store.
+                let place = crate::sync::lock(&self.catalog).read(|tx| tx.block_place(hash))?;
+                match place {
+                    Some(place) => stores.block_at(hash, place, self.block_size as usize),
+                    None => stores.block(hash, self.block_size as usize),
+                }
             }
             (result, _) => result.map_err(|e| ReadError::Corrupt(e.to_string())),
         }
@@ -641,25 +646,42 @@ impl Run<'_> {
         }
     }
 
-    /// Reads and writes the queued blocks on worker threads; returns an empty queue.
+    /// Reads and writes the queued blocks on worker threads, in the groups the source
+    /// plans (neighbours in one pack fetched together), each block written to every
+    /// place that needs it; returns an empty queue.
     fn drain_blocks(&self, jobs: Vec<BlockJob>) -> Vec<BlockJob> {
         if jobs.is_empty() {
             return jobs;
         }
-        let (send, receive) = mpsc::channel();
+        let mut wanted: HashMap<BlockHash, Vec<BlockJob>> = HashMap::new();
+        let mut order = Vec::new();
         for job in jobs {
-            let _ = send.send(job);
+            let places = wanted.entry(job.hash).or_default();
+            if places.is_empty() {
+                order.push(job.hash);
+            }
+            places.push(job);
+        }
+        let (send, receive) = mpsc::channel();
+        for group in self.source.plan(order) {
+            let _ = send.send(group);
         }
         drop(send);
         let receive = Mutex::new(receive);
         let workers = self.source.parallelism().max(1);
+        let wanted = &wanted;
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
                     loop {
-                        let job = crate::sync::lock(&receive).recv();
-                        let Ok(job) = job else { return };
-                        self.write_block(&job);
+                        let group = crate::sync::lock(&receive).recv();
+                        let Ok(group) = group else { return };
+                        let blocks = self.source.blocks(&group);
+                        for (hash, block) in group.iter().zip(&blocks) {
+                            for job in wanted.get(hash).into_iter().flatten() {
+                                self.write_block(job, block.as_deref());
+                            }
+                        }
                     }
                 });
             }
@@ -667,26 +689,27 @@ impl Run<'_> {
         Vec::new()
     }
 
-    fn write_block(&self, job: &BlockJob) {
+    /// Writes `block`, read for `job` (or the error reading it).
+    fn write_block(&self, job: &BlockJob, block: Result<&[u8], &ReadError>) {
         let file = &job.file;
         if !file.failed.load(Ordering::SeqCst) {
             let offset = job.index * self.block_size;
-            let result = self
-                .source
-                .block(&job.hash)
-                .map_err(RestoreError::from)
-                .and_then(|data| {
+            let result = match block {
+                Err(e) => Err(e.to_string()),
+                Ok(data) => {
                     let len = (file.entry.attrs.size.saturating_sub(offset)).min(data.len() as u64);
                     std::os::unix::fs::FileExt::write_all_at(
                         &file.file,
                         &data[..len as usize],
                         offset,
                     )
-                    .map_err(io_err(&file.path))?;
-                    self.progress.advance(len);
-                    crate::sync::lock(&self.report).bytes += len;
-                    Ok(())
-                });
+                    .map_err(|e| io_err(&file.path)(e).to_string())
+                    .map(|()| {
+                        self.progress.advance(len);
+                        crate::sync::lock(&self.report).bytes += len;
+                    })
+                }
+            };
             if let Err(e) = result {
                 if !file.failed.swap(true, Ordering::SeqCst) {
                     self.error(format!("{}: {e}; not restored", file.path.display()));

@@ -18,7 +18,10 @@ use crate::blocks::{BlockError, BlockHash, BlockStore};
 use crate::catalog::{self, BlockLocation, BlockRecord, Catalog, Finding, Setting, SnapshotState};
 use crate::manifest::{self, Content};
 use crate::restore::Progress;
-use crate::store::{self, Listing, ObjectKey, ObjectStore, ReadError, StoreError, StoreUrl};
+use crate::store::{
+    self, BlockPlace, IndexedStore, Listing, ObjectKey, ObjectStore, PackIndex, ReadError,
+    StoreError, StoreUrl,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -248,10 +251,10 @@ fn check_volume(
             format!("tree objects of completed snapshots missing from {url}"),
             missing_trees,
         );
-        let recorded: Vec<(BlockHash, bool)> = records
+        let recorded: Vec<(BlockHash, bool, Option<BlockPlace>)> = records
             .iter()
             .filter(|r| r.stored.is_stored())
-            .map(|r| (r.hash, r.stored == BlockLocation::Origin))
+            .map(|r| (r.hash, r.stored == BlockLocation::Origin, r.place))
             .collect();
         stores
             .check_blocks(&recorded, options.deep, &mut report, progress)
@@ -266,7 +269,7 @@ fn check_volume(
         if completed.is_empty() {
             return Ok(());
         }
-        let mut listing = store::list_manifests(&*stores.own).await?;
+        let mut listing = store::list_manifests(&*stores.own.store).await?;
         let stale = listing.snapshots.len();
         listing.snapshots.retain(|m| completed.contains(&m.id));
         let stale = stale - listing.snapshots.len();
@@ -342,6 +345,7 @@ fn repair(runtime: &Runtime, data_dir: &Path, report: &Report) -> Result<Vec<Str
     let (url, origin) = store_urls(data_dir, urls)?;
     let block_size = catalog.block_size() as usize;
     let blocks = BlockStore::open(&data_dir.join("blocks"), 1)?;
+    let mut writer = Catalog::open(&data_dir.join("catalog.db"), 0, 0, (0, 0))?;
     runtime.block_on(async {
         let own = store::open(&url).await?;
         let mut uploaded = 0;
@@ -353,12 +357,15 @@ fn repair(runtime: &Runtime, data_dir: &Path, report: &Report) -> Result<Vec<Str
             let Ok(data) = blocks.read_uncached(hash, inline) else {
                 continue;
             };
+            // An object of its own (which every reader looks for after the packs), in
+            // place of the copy in a lost or damaged pack.
             let key = ObjectKey::block(hash);
             let object = manifest::compress(&data, 3).map_err(|source| VerifyError::Io {
                 path: PathBuf::from(key.as_str()),
                 source,
             })?;
             store::retry(Some(5), || own.put(&key, object.clone())).await?;
+            writer.write_now(|tx| tx.set_block_unpacked(hash))?;
             uploaded += 1;
         }
         if uploaded > 0 {
@@ -366,19 +373,31 @@ fn repair(runtime: &Runtime, data_dir: &Path, report: &Report) -> Result<Vec<Str
                 "uploaded {uploaded} blocks to {url} from local copies"
             ));
         }
-        let mut sources = vec![own];
+        let mut sources = vec![IndexedStore::new(own)];
         if let Some(origin) = &origin {
-            sources.push(store::open(origin).await?);
+            sources.push(IndexedStore::new(store::open(origin).await?));
         }
         let mut fetched = 0;
         for hash in &report.local_gaps {
+            // Where the catalog recorded it first: a pack no index lists yet included.
+            let recorded = match catalog.read(|tx| tx.block_place(hash))? {
+                Some(place) => store::fetch_block(&*sources[0].store, hash, place, block_size)
+                    .await
+                    .ok()
+                    .flatten(),
+                None => None,
+            };
+            let mut found = recorded;
             for source in &sources {
-                if let Ok(Some(data)) = store::fetch_block(&**source, hash, block_size).await {
-                    blocks.remove(hash)?;
-                    blocks.put(hash, &data)?;
-                    fetched += 1;
+                if found.is_some() {
                     break;
                 }
+                found = source.block(hash, block_size).await.ok().flatten();
+            }
+            if let Some(data) = found {
+                blocks.remove(hash)?;
+                blocks.put(hash, &data)?;
+                fetched += 1;
             }
         }
         if fetched > 0 {
@@ -390,64 +409,106 @@ fn repair(runtime: &Runtime, data_dir: &Path, report: &Report) -> Result<Vec<Str
     Ok(done)
 }
 
+/// A store, with the keys it holds and its index of packs.
+struct ListedStore {
+    store: Arc<dyn ObjectStore>,
+    keys: HashSet<String>,
+    index: PackIndex,
+}
+
+impl ListedStore {
+    /// Lists `store`'s keys under `prefixes` (and its packs) and reads its index.
+    async fn list(store: Arc<dyn ObjectStore>, prefixes: &[&str]) -> Result<ListedStore> {
+        let mut keys = HashSet::new();
+        for prefix in prefixes.iter().chain(&[ObjectKey::PACKS]) {
+            keys.extend(store::retry(Some(5), || store.list(prefix)).await?);
+        }
+        let index = PackIndex::load(&*store).await?;
+        Ok(ListedStore { store, keys, index })
+    }
+
+    /// Whether the store holds `key`.
+    fn has(&self, key: &str) -> bool {
+        self.keys.contains(&self.store.object_name(key))
+    }
+
+    /// Whether the store holds block `hash` at `place`.
+    fn has_at(&self, hash: &BlockHash, place: BlockPlace) -> bool {
+        match place {
+            BlockPlace::Object => self.has(&ObjectKey::block(hash)),
+            BlockPlace::Packed { pack, .. } => self.has(&ObjectKey::pack(&pack)),
+        }
+    }
+
+    /// Where a reader with only this store finds block `hash`, in the order it looks:
+    /// the packs its index places it in, then its own object; only places that exist.
+    fn places_of(&self, hash: &BlockHash) -> Vec<BlockPlace> {
+        self.index
+            .places(hash)
+            .iter()
+            .copied()
+            .chain([BlockPlace::Object])
+            .filter(|place| self.has_at(hash, *place))
+            .collect()
+    }
+}
+
 /// A volume's store (and its origin's), with the keys each holds.
 struct Stores {
-    own: Arc<dyn ObjectStore>,
-    own_keys: HashSet<String>,
-    origin: Option<(Arc<dyn ObjectStore>, HashSet<String>)>,
+    own: ListedStore,
+    origin: Option<ListedStore>,
 }
+
+/// A block to download and hash: from which store, and the places in it to try (one
+/// intact copy is enough: readers try them in this order).
+type BlockSource = (BlockHash, Arc<dyn ObjectStore>, Vec<BlockPlace>);
 
 impl Stores {
     /// Lists the volume's store `own`, and opens and lists its origin's if it has one.
     async fn list(own: Arc<dyn ObjectStore>, origin: Option<&StoreUrl>) -> Result<Stores> {
-        let mut own_keys = HashSet::new();
-        for prefix in [ObjectKey::BLOCKS, ObjectKey::TREES, ObjectKey::SNAPSHOTS] {
-            own_keys.extend(store::retry(Some(5), || own.list(prefix)).await?);
-        }
+        let own = ListedStore::list(
+            own,
+            &[ObjectKey::BLOCKS, ObjectKey::TREES, ObjectKey::SNAPSHOTS],
+        )
+        .await?;
         let origin = match origin {
             Some(url) => {
-                let origin = store::open(url).await?;
-                let keys = store::retry(Some(5), || origin.list(ObjectKey::BLOCKS)).await?;
-                Some((origin, keys.into_iter().collect()))
+                Some(ListedStore::list(store::open(url).await?, &[ObjectKey::BLOCKS]).await?)
             }
             None => None,
         };
-        Ok(Stores {
-            own,
-            own_keys,
-            origin,
-        })
+        Ok(Stores { own, origin })
     }
 
     /// Whether the volume's store holds `key`.
     fn has(&self, key: &str) -> bool {
-        self.own_keys.contains(&self.own.object_name(key))
+        self.own.has(key)
     }
 
-    /// Whether the origin's store holds `key`.
-    fn origin_has(&self, key: &str) -> bool {
-        self.origin
-            .as_ref()
-            .is_some_and(|(store, keys)| keys.contains(&store.object_name(key)))
+    /// Where block `hash` is: the volume's own store, else its origin's.
+    fn holder(&self, hash: &BlockHash) -> Option<BlockSource> {
+        std::iter::once(&self.own)
+            .chain(&self.origin)
+            .find_map(|listed| {
+                let places = listed.places_of(hash);
+                (!places.is_empty()).then(|| (*hash, listed.store.clone(), places))
+            })
     }
 
-    /// The store holding block `hash`: the volume's own, else its origin's.
-    fn holder(&self, hash: &BlockHash) -> Option<&Arc<dyn ObjectStore>> {
-        let key = ObjectKey::block(hash);
-        if self.has(&key) {
-            return Some(&self.own);
-        }
-        self.origin
-            .as_ref()
-            .filter(|_| self.origin_has(&key))
-            .map(|(store, _)| store)
+    /// Index objects that cannot be read.
+    fn damaged_indexes(&self) -> Vec<String> {
+        std::iter::once(&self.own)
+            .chain(&self.origin)
+            .flat_map(|listed| listed.index.damaged.iter().cloned())
+            .collect()
     }
 
-    /// Checks that every block in `blocks` (hash, whether it lives in the origin's
-    /// store) is where it should be, and (`deep`) intact.
+    /// Checks that every block in `blocks` (hash, whether it lives in the origin's store,
+    /// where the catalog recorded it in the volume's) is where it should be, and (`deep`)
+    /// intact.
     async fn check_blocks(
         &self,
-        blocks: &[(BlockHash, bool)],
+        blocks: &[(BlockHash, bool, Option<BlockPlace>)],
         deep: bool,
         report: &mut Report,
         progress: &dyn Progress,
@@ -455,35 +516,45 @@ impl Stores {
         let mut missing = Vec::new();
         let mut missing_in_origin = Vec::new();
         let mut present = Vec::new();
-        for &(hash, in_origin) in blocks {
+        for &(hash, in_origin, place) in blocks {
             report.counts.stored_blocks += 1;
-            let key = ObjectKey::block(&hash);
-            let store = match (&self.origin, in_origin) {
-                (Some((origin, _)), true) if self.origin_has(&key) => Some(origin),
-                (_, false) if self.has(&key) => Some(&self.own),
-                _ => None,
+            let found = if in_origin {
+                self.origin
+                    .as_ref()
+                    .map(|origin| (origin, origin.places_of(&hash)))
+                    .filter(|(_, places)| !places.is_empty())
+            } else {
+                let place = place.unwrap_or(BlockPlace::Object);
+                self.own
+                    .has_at(&hash, place)
+                    .then(|| (&self.own, vec![place]))
             };
-            match store {
-                Some(store) => present.push((hash, store.clone())),
-                None if in_origin => missing_in_origin.push(key.into()),
+            match found {
+                Some((listed, places)) => present.push((hash, listed.store.clone(), places)),
+                None if in_origin => missing_in_origin.push(ObjectKey::block(&hash).into()),
                 None => {
                     report.store_gaps.insert(hash);
-                    missing.push(key.into());
+                    missing.push(match place {
+                        Some(BlockPlace::Packed { pack, .. }) => {
+                            format!("{} (in {})", hash.to_hex(), ObjectKey::pack(&pack))
+                        }
+                        _ => ObjectKey::block(&hash).into(),
+                    });
                 }
             }
         }
         report.problem(
             format!(
                 "blocks recorded as stored that are missing from {}",
-                self.own.url()
+                self.own.store.url()
             ),
             missing,
         );
         let origin = self
             .origin
             .as_ref()
-            .map_or("its origin's store (none is known)", |(store, _)| {
-                store.url()
+            .map_or("its origin's store (none is known)", |origin| {
+                origin.store.url()
             });
         report.problem(
             format!("blocks shared with the volume's origin that are missing from {origin}"),
@@ -494,10 +565,10 @@ impl Stores {
         }
     }
 
-    /// Downloads and hashes `blocks`, each from the store given.
+    /// Downloads and hashes `blocks`, each from the store and place given.
     async fn hash_blocks(
         &self,
-        blocks: Vec<(BlockHash, Arc<dyn ObjectStore>)>,
+        blocks: Vec<BlockSource>,
         report: &mut Report,
         progress: &dyn Progress,
     ) {
@@ -507,11 +578,17 @@ impl Stores {
         let mut queue = blocks.into_iter();
         loop {
             while pending.len() < CONCURRENCY {
-                let Some((hash, store)) = queue.next() else {
+                let Some((hash, store, places)) = queue.next() else {
                     break;
                 };
                 pending.spawn(async move {
-                    let result = store::fetch_block(&*store, &hash, MAX_BLOCK).await;
+                    let mut result = Ok(None);
+                    for place in places {
+                        result = store::fetch_block(&*store, &hash, place, MAX_BLOCK).await;
+                        if matches!(result, Ok(Some(_))) {
+                            break;
+                        }
+                    }
                     let own = store.url().to_owned();
                     (hash, own, result)
                 });
@@ -529,7 +606,7 @@ impl Stores {
                 Ok(Some(_)) => {}
                 Ok(None) => damaged.push(format!("{} vanished from {url}", hash.to_hex())),
                 Err(e) => {
-                    if url == self.own.url() {
+                    if url == self.own.store.url() {
                         report.store_gaps.insert(hash);
                     }
                     damaged.push(e.to_string());
@@ -549,6 +626,7 @@ impl Stores {
         progress: &dyn Progress,
     ) -> Result<()> {
         report.problem("snapshot objects that cannot be read", listing.damaged);
+        report.problem("index objects that cannot be read", self.damaged_indexes());
         report.counts.snapshots = report.counts.snapshots.max(listing.snapshots.len() as u64);
         let mut blocks: HashMap<BlockHash, String> = HashMap::new();
         let mut seen_trees = HashSet::new();
@@ -568,7 +646,7 @@ impl Stores {
                 if !seen_trees.insert(hash) {
                     continue;
                 }
-                let store = self.own.clone();
+                let store = self.own.store.clone();
                 fetches.spawn(async move {
                     let result = store::read_tree(&*store, &hash)
                         .await
@@ -605,7 +683,7 @@ impl Stores {
             let present = blocks
                 .keys()
                 .filter(|hash| !report.downloaded.contains(hash))
-                .filter_map(|hash| Some((*hash, self.holder(hash)?.clone())))
+                .filter_map(|hash| self.holder(hash))
                 .collect::<Vec<_>>();
             self.hash_blocks(present, report, progress).await;
         }

@@ -173,15 +173,15 @@ fn block_hashes(data: &[u8]) -> impl Iterator<Item = String> + '_ {
         .map(|chunk| BlockHash::of(chunk).to_hex())
 }
 
-/// The store keys a block of each BLOCK-sized chunk of `data` may have (holes skipped):
+/// The hashes a block of each BLOCK-sized chunk of `data` may have (holes skipped):
 /// snapfs stores a block up to its last byte written, so a chunk that ends in zeros (a
 /// file extended past a short block) may be stored without them.
-fn block_keys(data: &[u8]) -> Vec<BTreeSet<String>> {
+fn block_hash_choices(data: &[u8]) -> Vec<BTreeSet<String>> {
     data.chunks(BLOCK)
         .filter_map(|chunk| {
             let end = chunk.iter().rposition(|&b| b != 0)? + 1;
-            let key = |bytes: &[u8]| format!("blocks/{}", BlockHash::of(bytes).to_hex());
-            Some(BTreeSet::from([key(chunk), key(&chunk[..end])]))
+            let hash = |bytes: &[u8]| BlockHash::of(bytes).to_hex();
+            Some(BTreeSet::from([hash(chunk), hash(&chunk[..end])]))
         })
         .collect()
 }
@@ -876,13 +876,13 @@ fn restore_each_from_store(mount: &Mount, model: &Model, url: &str, env: &[(Stri
     }
 }
 
-/// Every block of every modelled snapshot: the keys it may have.
-fn snapshot_block_keys(model: &Model) -> BTreeSet<BTreeSet<String>> {
+/// Every block of every modelled snapshot: the hashes it may have.
+fn snapshot_block_hashes(model: &Model) -> BTreeSet<BTreeSet<String>> {
     model
         .snapshots
         .values()
         .flat_map(|files| files.values())
-        .flat_map(|content| block_keys(content))
+        .flat_map(|content| block_hash_choices(content))
         .collect()
 }
 
@@ -930,12 +930,8 @@ fn kill9_at_random_moments_with_an_s3_store_loses_nothing() {
 
     // Every block of every snapshot is in the bucket, and the snapshots deleted are not.
     let client = s3.client();
-    let stored: BTreeSet<String> = client
-        .list(&format!("{prefix}blocks/"))
-        .into_iter()
-        .map(|(key, _)| key[prefix.len()..].to_owned())
-        .collect();
-    let needed = snapshot_block_keys(&model);
+    let stored: BTreeSet<String> = packed_in_bucket(&client, &prefix).into_keys().collect();
+    let needed = snapshot_block_hashes(&model);
     let missing: Vec<_> = needed
         .iter()
         .filter(|keys| keys.is_disjoint(&stored))
@@ -980,10 +976,11 @@ fn kill9_at_random_moments_with_the_default_store_loses_nothing() {
         6,
     );
     let store = mount.data_dir().join("store");
-    for keys in snapshot_block_keys(&model) {
+    let stored = packed_blocks_in_dir(&store);
+    for hashes in snapshot_block_hashes(&model) {
         assert!(
-            keys.iter().any(|key| store.join(key).is_file()),
-            "{keys:?} missing from {}",
+            hashes.iter().any(|hash| stored.contains_key(hash)),
+            "{hashes:?} missing from {}",
             store.display()
         );
     }
@@ -1376,8 +1373,8 @@ fn a_block_bad_in_the_store_is_eio_and_a_log_line_naming_it() {
     });
     mount.unmount();
 
-    // Damage two blocks of `bad` that were evicted: one rewritten as a valid frame of other
-    // bytes, one cut short.
+    // Damage two blocks of `bad` that were evicted, in their pack: one rewritten as a
+    // valid frame of other bytes, one mangled (its second half zeroed).
     let local: BTreeSet<String> = block_files(mount.data_dir())
         .iter()
         .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
@@ -1386,14 +1383,23 @@ fn a_block_bad_in_the_store_is_eio_and_a_log_line_naming_it() {
     assert!(evicted.len() >= 2, "evicted blocks of bad: {evicted:?}");
     let client = s3.client();
     let (first, second) = (&evicted[0], &evicted[1]);
-    let first_key = format!("{prefix}blocks/{first}");
-    client.put(
-        &first_key,
-        &zstd::encode_all(&pattern(BLOCK, 43)[..], 3).expect("zstd"),
+    let stored = packed_in_bucket(&client, &prefix);
+    let (first_copy, second_copy) = (&stored[first][0], &stored[second][0]);
+    assert_eq!(
+        first_copy.pack, second_copy.pack,
+        "one pack holds both files"
     );
-    let second_key = format!("{prefix}blocks/{second}");
-    let object = client.get(&second_key).expect("object");
-    client.put(&second_key, &object[..object.len() / 2]);
+    let mut pack = client.get(&first_copy.pack).expect("the pack");
+    let other = snapfs::manifest::compress(&pattern(BLOCK, 43), 3).expect("zstd");
+    assert_eq!(
+        other.len(),
+        first_copy.length,
+        "incompressible blocks, frames alike"
+    );
+    pack[first_copy.offset..first_copy.offset + first_copy.length].copy_from_slice(&other);
+    let half = second_copy.offset + second_copy.length / 2;
+    pack[half..second_copy.offset + second_copy.length].fill(0);
+    client.put(&first_copy.pack, &pack);
 
     mount.remount();
     let err = fs::read(mount.path().join("bad")).expect_err("a damaged block");

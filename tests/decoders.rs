@@ -1,5 +1,5 @@
 //! Every decoder of what a store hands back (tree, snapshot, volume header, zstd frame,
-//! sealed object) meets hostile bytes: random, and valid objects mutated (bytes flipped,
+//! sealed object, pack listing and trailer, index) meets hostile bytes: random, and valid objects mutated (bytes flipped,
 //! cut, inserted, spliced). None may panic, none may allocate beyond its stated bounds,
 //! and what one accepts must encode back to the same value. The bound is checked by this
 //! binary's allocator, which records the largest single allocation of the thread that
@@ -12,8 +12,10 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use snapfs::blocks::BlockHash;
 use snapfs::catalog::{Attrs, Kind, LockMode, SnapshotLock, Trash};
-use snapfs::manifest::{self, Content, Entry, SnapshotManifest};
-use snapfs::store::{Key, ObjectStore, Sealed, StoreError, StoreFuture, VolumeHeader};
+use snapfs::manifest::{self, Content, Entry, PackId, PackListing, PackedBlock, SnapshotManifest};
+use snapfs::store::{
+    Key, ObjectStore, PackBuilder, Sealed, StoreError, StoreFuture, VolumeHeader, read_listing,
+};
 
 struct Recording;
 
@@ -331,6 +333,51 @@ fn check_header(input: &[u8]) -> Result<(), TestCaseError> {
     check(input, VolumeHeader::parse, VolumeHeader::encode)
 }
 
+fn check_listing(input: &[u8]) -> Result<(), TestCaseError> {
+    check(
+        input,
+        manifest::decode_pack_listing,
+        manifest::encode_pack_listing,
+    )
+}
+
+fn check_index(input: &[u8]) -> Result<(), TestCaseError> {
+    check(input, manifest::decode_index, |packs| {
+        manifest::encode_index(packs)
+    })
+}
+
+/// A pack's listing: frames in order, with gaps, inside its data.
+fn listing() -> impl Strategy<Value = PackListing> {
+    proptest::collection::vec((hash(), 0u64..100, 1u32..5000, 0u32..300_000), 0..20).prop_map(
+        |frames| {
+            let mut end = 0;
+            let blocks = frames
+                .into_iter()
+                .map(|(hash, gap, length, raw_length)| {
+                    let offset = end + gap;
+                    end = offset + u64::from(length);
+                    PackedBlock {
+                        hash,
+                        offset,
+                        length,
+                        raw_length,
+                    }
+                })
+                .collect();
+            PackListing {
+                data_length: end,
+                blocks,
+            }
+        },
+    )
+}
+
+fn index() -> impl Strategy<Value = Vec<(PackId, PackListing)>> {
+    proptest::collection::btree_map(any::<[u8; 16]>(), listing(), 0..5)
+        .prop_map(|packs| packs.into_iter().map(|(id, l)| (PackId(id), l)).collect())
+}
+
 const BLOCK: usize = 256 << 10;
 
 /// The bound checks above can fail: the recorder sees one large allocation among small
@@ -363,7 +410,13 @@ proptest! {
         snapshot_bytes in garbage(b"snapfsS1"),
         extended_bytes in garbage(b"snapfsS2"),
         header_bytes in garbage(b"snapfs volume\nformat 1\n"),
+        listing_bytes in garbage(b"snapfsL1"),
+        index_bytes in garbage(b"snapfsX1"),
+        pack_bytes in garbage(b"snapfsP1"),
     ) {
+        check_listing(&listing_bytes)?;
+        check_index(&index_bytes)?;
+        check_pack(&pack_bytes, &pack_bytes)?;
         check_tree(&tree_bytes)?;
         check_snapshot(&snapshot_bytes)?;
         check_snapshot(&extended_bytes)?;
@@ -388,6 +441,41 @@ proptest! {
         let encoded = manifest::encode_snapshot(&snapshot);
         prop_assert_eq!(manifest::decode_snapshot(&encoded).ok(), Some(snapshot));
         check_snapshot(&mutate(encoded, &mutations))?;
+    }
+
+    #[test]
+    fn mutated_listings_and_indexes_are_refused_or_read_consistently(
+        listing in listing(),
+        packs in index(),
+        mutations in proptest::collection::vec(mutation(), 1..4),
+    ) {
+        let encoded = manifest::encode_pack_listing(&listing);
+        prop_assert_eq!(manifest::decode_pack_listing(&encoded).ok(), Some(listing));
+        check_listing(&mutate(encoded, &mutations))?;
+        let encoded = manifest::encode_index(&packs);
+        prop_assert_eq!(manifest::decode_index(&encoded).ok(), Some(packs));
+        check_index(&mutate(encoded, &mutations))?;
+    }
+
+    /// A pack's trailer, mutated: refused, or a listing whose every frame is inside the
+    /// pack's data; never a panic, never a read past its bound.
+    #[test]
+    fn mutated_packs_are_refused_or_listed_within_their_data(
+        blocks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..600), 1..6),
+        mutations in proptest::collection::vec(mutation(), 1..4),
+    ) {
+        let plain = Memory::default();
+        let mut builder = PackBuilder::new();
+        for block in &blocks {
+            let frame = manifest::compress(block, 3).expect("compress");
+            builder
+                .add(&plain, BlockHash::of(block), block.len() as u32, frame)
+                .expect("add");
+        }
+        let pack = builder.finish(&plain, 3).expect("finish");
+        let listed = read_listing(&plain, &pack.key, &pack.body).expect("its own listing");
+        prop_assert_eq!(&listed, &pack.listing);
+        check_pack(&pack.body, &mutate(pack.body.clone(), &mutations))?;
     }
 
     #[test]
@@ -455,6 +543,26 @@ proptest! {
             prop_assert!(got.is_err(), "a changed object was accepted: {:?}", got.map(|b| b.map(|b| b.len())));
         }
     }
+}
+
+/// Reads the listing of `input` (a pack, or what became of `original`): no panic, a
+/// bounded allocation, and if accepted every frame inside the pack's data.
+fn check_pack(original: &[u8], input: &[u8]) -> Result<(), TestCaseError> {
+    let plain = Memory::default();
+    let bound = decode_bound(input).max(decode_bound(original));
+    let (result, largest) = recorded(|| read_listing(&plain, "packs/x", input));
+    prop_assert!(
+        largest <= bound,
+        "{largest} bytes at once for {}",
+        input.len()
+    );
+    if let Ok(listing) = result {
+        prop_assert!(listing.data_length <= input.len() as u64);
+        for block in &listing.blocks {
+            prop_assert!(block.offset + u64::from(block.length) <= listing.data_length);
+        }
+    }
+    Ok(())
 }
 
 /// One object in memory: what the sealed store wrote, or what a test put in its place.

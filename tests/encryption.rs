@@ -242,13 +242,27 @@ fn a_tampered_object_is_refused_and_named() {
     assert!(proxy.counts().1 > 0, "the proxy mangled copies");
     drop(proxy);
 
-    // Flip one bit of every block object: each must be refused, none served.
+    // Flip one bit of every block in every pack (the last byte of each sealed part: its
+    // tag; a part starts with the seal's magic): each must be refused, none served.
     let client = env.client();
-    for (block, _) in client.list(&format!("{prefix}blocks/")) {
-        let mut object = client.get(&block).expect("block");
-        let last = object.len() - 1;
-        object[last] ^= 1;
-        client.put(&block, &object);
+    let packs = client.list(&format!("{prefix}packs/"));
+    assert!(!packs.is_empty());
+    for (pack, _) in packs {
+        let mut object = client.get(&pack).expect("pack");
+        let starts: Vec<usize> = object
+            .windows(8)
+            .enumerate()
+            .filter(|(_, w)| *w == b"snapfsE1")
+            .map(|(at, _)| at)
+            .collect();
+        assert!(
+            starts.len() >= 2,
+            "{pack}: frames and a listing, each sealed"
+        );
+        for next in &starts[1..] {
+            object[next - 1] ^= 1;
+        }
+        client.put(&pack, &object);
     }
     let dest = mount.scratch("restored");
     let output = run(&mut with_key(

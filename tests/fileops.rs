@@ -578,14 +578,16 @@ fn shared_blocks_upload_once_and_outlive_their_source() {
     take_snapshot(&m, "a");
     wait_completed(&m, "a");
     let client = s3.client();
-    let blocks = client.list(&format!("{prefix}blocks/")).len();
+    let blocks = common::packed_in_bucket(&client, &prefix).len();
     assert_eq!(blocks, 9);
+    let packs = client.list(&format!("{prefix}packs/"));
 
     run(Command::new("cp").arg(&src).arg(m.path().join("copy")));
     take_snapshot(&m, "b");
     wait_completed(&m, "b");
     // The copy's blocks are the source's: nothing new to upload.
-    assert_eq!(client.list(&format!("{prefix}blocks/")).len(), blocks);
+    assert_eq!(common::packed_in_bucket(&client, &prefix).len(), blocks);
+    assert_eq!(client.list(&format!("{prefix}packs/")), packs);
     let dest = m.scratch("restored");
     let out = s3.restore(&s3.url(&prefix), "b", &dest.join("b"), &[]);
     assert!(

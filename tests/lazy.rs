@@ -91,12 +91,12 @@ fn a_volume_from_a_snapshot_is_usable_at_once_and_shares_the_source_blocks() {
     fs::write(copy.path().join("added"), &added).expect("write");
     fs::create_dir(copy.path().join(".snapshots/next")).expect("snapshot");
     wait_completed(&copy, "next");
-    let copy_blocks: Vec<String> = keys(&s3, &format!("{copy_prefix}blocks/"))
-        .into_iter()
+    let copy_blocks: Vec<String> = packed_in_bucket(&s3.client(), &copy_prefix)
+        .into_keys()
         .collect();
     let added_hashes: BTreeSet<String> = added
         .chunks(BLOCK)
-        .map(|c| format!("{copy_prefix}blocks/{}", snapfs::blocks::BlockHash::of(c)))
+        .map(|c| snapfs::blocks::BlockHash::of(c).to_hex())
         .collect();
     assert_eq!(
         copy_blocks.into_iter().collect::<BTreeSet<_>>(),

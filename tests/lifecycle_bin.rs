@@ -329,12 +329,8 @@ fn stored_snapshot(
     Some(snapfs::manifest::decode_snapshot(&data).expect("decodes"))
 }
 
-fn block_keys(client: &S3Client, prefix: &str) -> Vec<String> {
-    client
-        .list(&format!("{prefix}blocks/"))
-        .into_iter()
-        .map(|(key, _)| key)
-        .collect()
+fn stored_block_hashes(client: &S3Client, prefix: &str) -> Vec<String> {
+    packed_in_bucket(client, prefix).into_keys().collect()
 }
 
 #[test]
@@ -351,7 +347,7 @@ fn the_store_keeps_trash_until_purged_and_carries_locks_to_followers() {
     take_snapshot(&mount, "keep");
     wait_completed(&mount, "keep");
     let client = s3.client();
-    assert_eq!(block_keys(&client, &prefix).len(), 4);
+    assert_eq!(stored_block_hashes(&client, &prefix).len(), 4);
 
     // In the bin: its objects stay, its snapshot object says so, listings skip it.
     fs::remove_dir(snapshot_dir(&mount, "old")).expect("rmdir into the bin");
@@ -366,7 +362,7 @@ fn the_store_keeps_trash_until_purged_and_carries_locks_to_followers() {
         },
     );
     assert_eq!(
-        block_keys(&client, &prefix).len(),
+        stored_block_hashes(&client, &prefix).len(),
         4,
         "the bin's blocks stay"
     );
@@ -432,7 +428,7 @@ fn the_store_keeps_trash_until_purged_and_carries_locks_to_followers() {
         COMPLETION_TIMEOUT,
         || {
             stored_snapshot(&client, &prefix, 1).is_none()
-                && block_keys(&client, &prefix).len() == 2
+                && stored_block_hashes(&client, &prefix).len() == 2
         },
     );
 }

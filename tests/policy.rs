@@ -265,11 +265,7 @@ fn pruned_snapshots_leave_the_bucket() {
                 .into_iter()
                 .map(|(key, _)| key)
                 .collect();
-            let blocks: BTreeSet<String> = client
-                .list(&format!("{prefix}blocks/"))
-                .into_iter()
-                .filter_map(|(key, _)| key.rsplit('/').next().map(str::to_owned))
-                .collect();
+            let blocks: BTreeSet<String> = packed_in_bucket(&client, &prefix).into_keys().collect();
             snapshots == [format!("{prefix}snapshots/{id:0>10}")] && blocks == wanted_blocks
         });
     }

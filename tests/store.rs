@@ -92,6 +92,66 @@ fn check_contract(name: &str, shared: Arc<dyn ObjectStore>, runtime: &tokio::run
             assert!(listed.is_empty(), "{name}: {kind} after delete: {listed:?}");
         }
 
+        // A pack: every frame read back alone with one range request, and its listing
+        // from the whole object; sealed part by part in a sealed store.
+        let blocks: Vec<Vec<u8>> = (0..5u64)
+            .map(|i| pattern(1000 + 70_000 * i as usize, i))
+            .collect();
+        let mut builder = store::PackBuilder::new();
+        for block in &blocks {
+            let frame = snapfs::manifest::compress(block, 3).expect("zstd");
+            let hash = snapfs::blocks::BlockHash::of(block);
+            builder
+                .add(store, hash, block.len() as u32, frame)
+                .expect("add");
+        }
+        let pack = builder.finish(store, 3).expect("finish");
+        store
+            .put(&pack.key, pack.body.clone())
+            .await
+            .expect("put pack");
+        let whole = store.get(&pack.key).await.expect("get").expect("the pack");
+        assert_eq!(whole, pack.body, "{name}: a pack is stored as it is");
+        let listing = store::read_listing(store, &pack.key, &whole).expect("listing");
+        assert_eq!(listing, pack.listing, "{name}");
+        for (block, entry) in blocks.iter().zip(&listing.blocks) {
+            let place = store::BlockPlace::Packed {
+                pack: pack.id,
+                offset: entry.offset,
+                length: entry.length,
+            };
+            let got = store::fetch_block(store, &entry.hash, place, 1 << 20)
+                .await
+                .expect("fetch");
+            assert_eq!(
+                got.as_ref(),
+                Some(block),
+                "{name}: frame at {}",
+                entry.offset
+            );
+        }
+        // Ranges at and past the end come back short, not as errors.
+        let size = whole.len() as u64;
+        let tail = store
+            .get_range(&pack.key, size - 8, 100)
+            .await
+            .expect("range");
+        assert_eq!(tail.as_deref(), Some(&whole[whole.len() - 8..]), "{name}");
+        let past = store
+            .get_range(&pack.key, size + 10, 5)
+            .await
+            .expect("range");
+        assert_eq!(past, Some(Vec::new()), "{name}: a range past the end");
+        assert_eq!(
+            store
+                .get_range("packs/missing", 0, 10)
+                .await
+                .expect("range"),
+            None,
+            "{name}"
+        );
+        store.delete(&pack.key).await.expect("delete pack");
+
         // The volume header: claimed once, accepted again, refused to another volume.
         store::claim(store, "volume-one", 4096, None)
             .await

@@ -23,26 +23,17 @@ fn sent_bytes(mount: &Mount, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("unexpected progress {progress:?}"))
 }
 
-/// Every block object under `prefix`: decoded, checked against its key, by hash.
+/// Every block in the packs under `prefix`: decoded, checked against its hash, by hash.
+/// Each block is in one pack only.
 fn stored_blocks(client: &S3Client, prefix: &str) -> BTreeMap<String, Vec<u8>> {
-    let mut blocks = BTreeMap::new();
-    for (key, size) in client.list(&format!("{prefix}blocks/")) {
-        // Deleted since the listing (the uploader deletes what no snapshot needs).
-        let Some(object) = client.get(&key) else {
-            continue;
-        };
-        assert_eq!(object.len() as u64, size, "{key}: listed size");
-        let block = zstd::decode_all(object.as_slice())
-            .unwrap_or_else(|e| panic!("{key} is not a zstd frame: {e}"));
-        let hash = key.rsplit('/').next().expect("key has a name").to_owned();
-        assert_eq!(
-            BlockHash::of(&block).to_hex(),
-            hash,
-            "{key} decodes to its hash"
-        );
-        blocks.insert(hash, block);
-    }
-    blocks
+    let copies = packed_in_bucket(client, prefix);
+    copies
+        .into_iter()
+        .map(|(hash, mut copies)| {
+            assert_eq!(copies.len(), 1, "{hash} is in one pack: {copies:?}");
+            (hash, copies.remove(0).data)
+        })
+        .collect()
 }
 
 /// The hashes of `data` cut into blocks, skipping all-zero blocks (holes).
@@ -108,13 +99,19 @@ fn snapshots_reach_both_servers_as_verified_zstd_blocks_and_manifests() {
         assert_eq!(
             blocks.keys().cloned().collect::<BTreeSet<_>>(),
             expected,
-            "{server}: one object per distinct block, the duplicate file adds none"
+            "{server}: each distinct block once, the duplicate file adds none"
         );
-        let text_objects: u64 = client
-            .list(&format!("{prefix}blocks/"))
+        let packs = client.list(&format!("{prefix}packs/"));
+        assert_eq!(packs.len(), 1, "{server}: one pack for a few MiB");
+        assert_eq!(client.list(&format!("{prefix}index/")).len(), 1, "{server}");
+        assert!(
+            client.list(&format!("{prefix}blocks/")).is_empty(),
+            "{server}: no object per block"
+        );
+        let text_objects: u64 = packed_in_bucket(&client, &prefix)
             .iter()
-            .filter(|(key, _)| block_hashes(&words).iter().any(|h| key.ends_with(h)))
-            .map(|(_, size)| size)
+            .filter(|(hash, _)| block_hashes(&words).contains(*hash))
+            .map(|(_, copies)| copies[0].length as u64)
             .sum();
         assert!(
             text_objects < words.len() as u64 / 4,
@@ -149,9 +146,10 @@ fn a_later_snapshot_sends_only_the_changed_block() {
     wait_completed(&mount, "one");
     let client = s3.client();
     let before: BTreeMap<String, u64> = client
-        .list(&format!("{prefix}blocks/"))
+        .list(&format!("{prefix}packs/"))
         .into_iter()
         .collect();
+    let blocks_before = stored_blocks(&client, &prefix);
 
     // Rewrite one block in place.
     let file = rw(&mount.path().join("big"));
@@ -164,13 +162,22 @@ fn a_later_snapshot_sends_only_the_changed_block() {
     assert_eq!(sent_bytes(&mount, "two"), BLOCK as u64);
 
     let after: BTreeMap<String, u64> = client
-        .list(&format!("{prefix}blocks/"))
+        .list(&format!("{prefix}packs/"))
         .into_iter()
         .collect();
     let added: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
-    assert_eq!(added.len(), 1, "exactly one new block object: {added:?}");
-    assert!(added[0].ends_with(&BlockHash::of(&new_block).to_hex()));
-    // Snapshot one's blocks are all still there, unchanged.
+    assert_eq!(added.len(), 1, "exactly one new pack: {added:?}");
+    let blocks_after = stored_blocks(&client, &prefix);
+    let new_blocks: Vec<&String> = blocks_after
+        .keys()
+        .filter(|h| !blocks_before.contains_key(*h))
+        .collect();
+    assert_eq!(
+        new_blocks,
+        [&BlockHash::of(&new_block).to_hex()],
+        "exactly one new block"
+    );
+    // Snapshot one's packs are all still there, unchanged.
     for (key, size) in &before {
         assert_eq!(after.get(key), Some(size), "{key} kept as it was");
     }
@@ -221,6 +228,7 @@ fn deleting_snapshots_deletes_the_objects_only_they_needed() {
     wait_for(|| stored_blocks(&client, &prefix).is_empty());
     assert!(client.list(&format!("{prefix}snapshots/")).is_empty());
     assert!(client.list(&format!("{prefix}trees/")).is_empty());
+    wait_for(|| client.list(&format!("{prefix}index/")).is_empty());
 }
 
 fn wait_for(mut done: impl FnMut() -> bool) {
@@ -505,4 +513,91 @@ fn a_bounded_cache_evicts_stored_blocks_and_reads_fetch_them_again() {
         &words,
         "restored text",
     );
+}
+
+/// A volume whose store was written in format 1 (each block an object of its own, no
+/// packs) keeps working: its old blocks read back from their objects, its header says
+/// format 2 from the next mount, its new snapshots write packs, and deleting the old
+/// snapshot deletes the old objects.
+#[test]
+fn a_format_1_store_keeps_working_and_gains_packs() {
+    let s3 = S3Env::garage();
+    let prefix = unique_prefix("format-1");
+    let mut mount = s3.mount_store(&prefix, &["--cache-size", "1M"]);
+    let old = pattern(8 * BLOCK, 60);
+    fs::write(mount.path().join("old"), &old).expect("write");
+    take_snapshot(&mount, "one");
+    wait_completed(&mount, "one");
+    wait_for(|| block_files(mount.data_dir()).len() <= 4);
+    mount.unmount();
+
+    // What format 1 left: each block an object, no packs, no index, a format-1 header,
+    // a catalog that knows no pack.
+    let client = s3.client();
+    let packed = packed_in_bucket(&client, &prefix);
+    assert_eq!(packed.len(), 8);
+    for (hash, copies) in &packed {
+        let object = zstd::encode_all(copies[0].data.as_slice(), 3).expect("zstd");
+        client.put(&format!("{prefix}blocks/{hash}"), &object);
+    }
+    assert!(client.delete_prefix(&format!("{prefix}packs/")) > 0);
+    assert!(client.delete_prefix(&format!("{prefix}index/")) > 0);
+    let header =
+        String::from_utf8(client.get(&format!("{prefix}volume")).expect("header")).expect("text");
+    client.put(
+        &format!("{prefix}volume"),
+        header.replace("format 2", "format 1").as_bytes(),
+    );
+    let db = rusqlite::Connection::open(mount.data_dir().join("catalog.db")).expect("catalog");
+    db.execute_batch(
+        "UPDATE blocks SET pack = NULL, pack_offset = NULL, pack_length = NULL;
+         DELETE FROM packs;",
+    )
+    .expect("forget the packs");
+    drop(db);
+
+    mount.remount();
+    let header = client.get(&format!("{prefix}volume")).expect("header");
+    assert!(
+        String::from_utf8_lossy(&header).contains("\nformat 2\n"),
+        "the header says format 2 now"
+    );
+    assert!(
+        block_files(mount.data_dir()).len() < 8,
+        "some blocks are only in the store"
+    );
+    assert_bytes_eq(
+        &fs::read(mount.path().join("old")).expect("read old"),
+        &old,
+        "old, read back from format-1 objects",
+    );
+
+    fs::remove_file(mount.path().join("old")).expect("rm old");
+    let new = pattern(2 * BLOCK, 61);
+    fs::write(mount.path().join("new"), &new).expect("write");
+    take_snapshot(&mount, "two");
+    wait_completed(&mount, "two");
+    let packed = packed_in_bucket(&client, &prefix);
+    assert_eq!(
+        packed.keys().cloned().collect::<BTreeSet<_>>(),
+        block_hashes(&new),
+        "the new blocks travel in a pack"
+    );
+
+    // The old file's last snapshot goes: so do its objects.
+    fs::remove_dir(snapshot_dir(&mount, "one")).expect("rmdir one");
+    wait_for(|| client.list(&format!("{prefix}blocks/")).is_empty());
+    let dest = mount.scratch("restored");
+    let out = s3.restore(&s3.url(&prefix), "two", &dest, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_bytes_eq(
+        &fs::read(dest.join("new")).expect("read"),
+        &new,
+        "restored new",
+    );
+    assert!(!dest.join("old").exists());
 }

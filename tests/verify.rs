@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
 use std::process::Output;
@@ -117,14 +118,29 @@ fn a_volume_in_garage_is_clean_and_a_lost_object_is_found_and_repaired() {
     assert_clean(verify(&["--data", &data, "--deep"], &vars));
     assert_clean(verify(&["--store", &env.url(&prefix), "--deep"], &vars));
 
+    // One pack lost (its blocks with it), one block in another damaged in place.
     let client = env.client();
-    let blocks = client.list(&format!("{prefix}blocks/"));
-    let (lost, _) = &blocks[0];
-    client.delete(lost);
-    let (damaged, _) = &blocks[1];
-    client.put(damaged, b"not a zstd frame");
-    let name = |key: &str| key.rsplit('/').next().expect("key name").to_owned();
-    let (lost, damaged) = (name(lost), name(damaged));
+    let stored = packed_in_bucket(&client, &prefix);
+    let packs: BTreeSet<&String> = stored.values().map(|copies| &copies[0].pack).collect();
+    assert!(
+        packs.len() >= 2,
+        "snapshots in packs of their own: {packs:?}"
+    );
+    let lost_pack = packs.first().expect("a pack").to_string();
+    let lost = stored
+        .iter()
+        .find(|(_, copies)| copies[0].pack == lost_pack)
+        .map(|(hash, _)| hash.clone())
+        .expect("a block of the lost pack");
+    client.delete(&lost_pack);
+    let (damaged, copy) = stored
+        .iter()
+        .find(|(_, copies)| copies[0].pack != lost_pack)
+        .map(|(hash, copies)| (hash.clone(), copies[0].clone()))
+        .expect("a block elsewhere");
+    let mut pack = client.get(&copy.pack).expect("its pack");
+    pack[copy.offset..copy.offset + copy.length].fill(b'x');
+    client.put(&copy.pack, &pack);
 
     let shallow = verify(&["--data", &data], &vars);
     assert_problem(
@@ -148,7 +164,13 @@ fn a_volume_in_garage_is_clean_and_a_lost_object_is_found_and_repaired() {
 
     let (code, text) = verify(&["--data", &data, "--deep", "--repair"], &vars);
     assert_eq!(code, 0, "repair should leave the volume whole:\n{text}");
-    assert!(text.contains("repaired: uploaded 2 blocks"), "{text}");
+    // Every block of the lost pack, and the damaged one.
+    let lost_blocks = stored
+        .values()
+        .filter(|copies| copies[0].pack == lost_pack)
+        .count();
+    let uploaded = format!("repaired: uploaded {} blocks", lost_blocks + 1);
+    assert!(text.contains(&uploaded), "{text}");
     assert_clean(verify(&["--store", &env.url(&prefix), "--deep"], &vars));
 
     // The repaired bucket restores the snapshot byte for byte on its own.
@@ -339,8 +361,8 @@ fn a_volume_made_from_a_snapshot_checks_the_blocks_it_shares_in_the_origin_store
         "two shared, one own: {text}"
     );
 
-    for block in fs::read_dir(origin_store.join("blocks")).expect("origin blocks") {
-        fs::remove_file(block.expect("entry").path()).expect("remove");
+    for pack in fs::read_dir(origin_store.join("packs")).expect("origin packs") {
+        fs::remove_file(pack.expect("entry").path()).expect("remove");
     }
     let found = verify_data(copy.data_dir(), &[]);
     assert_problem(

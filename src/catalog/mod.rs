@@ -8,6 +8,7 @@
 
 mod checkpoints;
 mod lifecycle;
+mod packs;
 mod policy;
 mod schema;
 mod status;
@@ -16,6 +17,7 @@ mod verify;
 
 pub use checkpoints::CheckpointRow;
 pub use lifecycle::{LockMode, SnapshotLock, Trash};
+pub use packs::PackRow;
 pub use status::{LocalUsage, Outstanding};
 pub use upload::Completion;
 pub use verify::{BlockRecord, Finding};
@@ -1485,7 +1487,8 @@ impl WriteTx<'_> {
         self.conn
             .prepare_cached(
                 "INSERT OR IGNORE INTO store_deletions (key)
-                 SELECT ?1 || lower(hex(hash)) FROM blocks WHERE refs = 0 AND stored = 1",
+                 SELECT ?1 || lower(hex(hash)) FROM blocks
+                 WHERE refs = 0 AND stored = 1 AND pack IS NULL",
             )?
             .execute([crate::store::ObjectKey::BLOCKS])?;
         let mut stmt = self
@@ -1500,6 +1503,9 @@ impl WriteTx<'_> {
                     .map_err(|_| Error::Corrupt("bad hash in the block table".into()))?,
             );
         }
+        drop(stmt);
+        // Packed blocks leave their pack's count (a trigger): packs left empty go.
+        self.queue_dead_packs()?;
         Ok(freed)
     }
 

@@ -13,6 +13,7 @@ pub const MIGRATIONS: &[&str] = &[
     V6_CHECKPOINTS,
     V7_LIVE_INODES,
     V8_INLINE_BLOCKS,
+    V9_PACKS,
 ];
 
 const V1: &str = r#"
@@ -272,5 +273,41 @@ CREATE TABLE inline_blocks (
 );
 CREATE TRIGGER blocks_free_inline AFTER DELETE ON blocks BEGIN
     DELETE FROM inline_blocks WHERE hash = OLD.hash;
+END;
+"#;
+
+/// Store format 2: blocks go to the store in packs (`store/pack.rs`). A stored block's
+/// row says which pack holds it and where (`pack` NULL: a format-1 object of its own,
+/// `blocks/<hash>`). A pack row counts the live blocks in it, kept by the trigger: a pack
+/// whose count reaches 0 is deleted from the store (`take_unreferenced_blocks`); a block
+/// moved out of a pack (`verify --repair`) leaves its count too. `sent`
+/// is 0 while its PUT is under way, so a crash leaves a row that names the object to
+/// clean up; `indexed` names the index object that lists it (NULL: none yet).
+const V9_PACKS: &str = r#"
+CREATE TABLE packs (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    data_length INTEGER NOT NULL,
+    blocks INTEGER NOT NULL DEFAULT 0,
+    live_bytes INTEGER NOT NULL DEFAULT 0,
+    sent INTEGER NOT NULL DEFAULT 0,
+    indexed TEXT
+);
+CREATE INDEX packs_indexed ON packs(indexed);
+-- Packs being sent, and packs left without a live block: found without a scan.
+CREATE INDEX packs_empty ON packs(sent) WHERE blocks <= 0;
+ALTER TABLE blocks ADD COLUMN pack INTEGER;
+ALTER TABLE blocks ADD COLUMN pack_offset INTEGER;
+ALTER TABLE blocks ADD COLUMN pack_length INTEGER;
+CREATE INDEX blocks_pack ON blocks(pack) WHERE pack IS NOT NULL;
+CREATE TRIGGER blocks_unpack AFTER DELETE ON blocks WHEN OLD.pack IS NOT NULL BEGIN
+    UPDATE packs SET blocks = blocks - 1, live_bytes = live_bytes - OLD.pack_length
+    WHERE id = OLD.pack;
+END;
+CREATE TRIGGER blocks_leave_pack AFTER UPDATE OF pack ON blocks
+WHEN OLD.pack IS NOT NULL AND NEW.pack IS NOT OLD.pack BEGIN
+    UPDATE packs SET blocks = blocks - 1, live_bytes = live_bytes - OLD.pack_length
+    WHERE id = OLD.pack;
 END;
 "#;

@@ -72,14 +72,19 @@ impl ReadTx<'_> {
     }
 
     /// The blocks snapshot `g` sees that the store lacks: those mapped after `base` (the
-    /// block-map birth index reads only them) and not yet stored.
+    /// block-map birth index reads only them) and not yet stored. In file order (inode,
+    /// then block), so a file's blocks, and files made together, share packs.
     pub fn upload_set(&self, base: u64, g: u64) -> Result<Vec<(BlockHash, u32)>> {
-        self.blocks_with_len(
-            "SELECT b.hash, b.len FROM blocks b WHERE b.stored = 0 AND b.hash IN (
-                 SELECT hash FROM blockmap
-                 WHERE birth > :base AND birth <= :g AND (death IS NULL OR death > :g))",
+        let mut blocks = self.blocks_with_len(
+            "SELECT b.hash, b.len FROM blockmap m JOIN blocks b ON b.hash = m.hash
+             WHERE m.birth > :base AND m.birth <= :g AND (m.death IS NULL OR m.death > :g)
+               AND b.stored = 0
+             ORDER BY m.ino, m.idx",
             rusqlite::named_params! {":base": base, ":g": g},
-        )
+        )?;
+        let mut seen = std::collections::HashSet::with_capacity(blocks.len());
+        blocks.retain(|(hash, _)| seen.insert(*hash));
+        Ok(blocks)
     }
 
     /// The (hash, length) rows of a query on `blocks`.
@@ -247,6 +252,8 @@ impl ReadTx<'_> {
         match kind {
             "blocks" => exists("SELECT 1 FROM blocks WHERE hash = ?1", &hash()?),
             "trees" => exists("SELECT 1 FROM dir_trees WHERE hash = ?1", &hash()?),
+            "packs" => exists("SELECT 1 FROM packs WHERE name = ?1", &name),
+            "index" => exists("SELECT 1 FROM packs WHERE indexed = ?1", &name),
             "snapshots" => match name.parse::<u64>() {
                 Ok(id) => exists("SELECT 1 FROM snapshots WHERE id = ?1", &id),
                 Err(_) => Ok(false),
@@ -271,33 +278,6 @@ impl WriteTx<'_> {
             "UPDATE snapshots SET upload_blocks = ?2, upload_bytes = ?3 WHERE id = ?1",
             params![id, blocks, bytes],
         )?;
-        Ok(())
-    }
-
-    /// Records blocks that are now in the store, and the progress of snapshot `id`. A
-    /// block freed while it was being sent is queued for deletion from the store.
-    pub fn record_stored(&self, id: u64, sent: &[(BlockHash, u32, u64)]) -> Result<()> {
-        let mut mark = self
-            .conn
-            .prepare_cached("UPDATE blocks SET stored = 1 WHERE hash = ?1")?;
-        let mut orphan = self
-            .conn
-            .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?;
-        let (mut raw, mut wire) = (0u64, 0u64);
-        for (hash, len, wire_len) in sent {
-            if mark.execute([hash.as_bytes()])? == 0 {
-                orphan.execute([ObjectKey::block(hash).as_str()])?;
-            }
-            raw += u64::from(*len);
-            wire += wire_len;
-        }
-        self.conn
-            .prepare_cached(
-                "UPDATE snapshots SET sent_blocks = sent_blocks + ?2,
-                     sent_bytes = sent_bytes + ?3, stored_bytes = stored_bytes + ?4
-                 WHERE id = ?1",
-            )?
-            .execute(params![id, sent.len() as u64, raw, wire])?;
         Ok(())
     }
 

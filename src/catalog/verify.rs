@@ -5,6 +5,8 @@ use rusqlite::types::Value;
 
 use super::{BlockLocation, Error, ReadTx, Result, WriteTx};
 use crate::blocks::BlockHash;
+use crate::manifest::PackId;
+use crate::store::BlockPlace;
 
 /// Examples listed per kind of problem; the count covers them all.
 const EXAMPLES: usize = 10;
@@ -23,6 +25,8 @@ pub struct BlockRecord {
     pub hash: BlockHash,
     pub len: u32,
     pub stored: BlockLocation,
+    /// Where the volume's store holds it (`stored` is `Store`).
+    pub place: Option<BlockPlace>,
     pub local: bool,
     /// Its bytes are in the catalog (a small block), not in a block file.
     pub inline: bool,
@@ -188,18 +192,34 @@ impl ReadTx<'_> {
     pub fn block_records(&self) -> Result<Vec<BlockRecord>> {
         let mut stmt = self.conn.prepare(
             "SELECT hash, len, stored, local,
-                        EXISTS (SELECT 1 FROM inline_blocks i WHERE i.hash = b.hash)
-                 FROM blocks b WHERE refs > 0",
+                        EXISTS (SELECT 1 FROM inline_blocks i WHERE i.hash = b.hash),
+                        p.name, b.pack_offset, b.pack_length
+                 FROM blocks b LEFT JOIN packs p ON p.id = b.pack WHERE refs > 0",
         )?;
         let mut rows = stmt.query([])?;
         let mut records = Vec::new();
         while let Some(row) = rows.next()? {
             let hash: Vec<u8> = row.get(0)?;
+            let stored: BlockLocation = row.get(2)?;
+            let pack: Option<String> = row.get(5)?;
+            let place = match (stored, pack, row.get(6)?, row.get(7)?) {
+                (BlockLocation::Store, Some(name), Some(offset), Some(length)) => {
+                    Some(BlockPlace::Packed {
+                        pack: PackId::parse(&name)
+                            .ok_or_else(|| Error::Corrupt(format!("bad pack name {name:?}")))?,
+                        offset,
+                        length,
+                    })
+                }
+                (BlockLocation::Store, ..) => Some(BlockPlace::Object),
+                _ => None,
+            };
             records.push(BlockRecord {
                 hash: BlockHash::try_from(hash.as_slice())
                     .map_err(|_| Error::Corrupt("a block hash is not 32 bytes".into()))?,
                 len: row.get(1)?,
-                stored: row.get(2)?,
+                stored,
+                place,
                 local: row.get(3)?,
                 inline: row.get(4)?,
             });

@@ -20,8 +20,11 @@ pub struct VolumeHeader {
 }
 
 impl VolumeHeader {
-    /// The store format this snapfs writes and reads.
-    pub const FORMAT_VERSION: u32 = 1;
+    /// The store format this snapfs writes: 2, blocks in packs (`pack.rs`).
+    pub const FORMAT_VERSION: u32 = 2;
+    /// The store formats it reads: format 1 is format 2 without packs, so a format-1
+    /// store is read as it is and becomes format 2 when this snapfs first writes to it.
+    pub const READS_FORMATS: [u32; 2] = [1, 2];
 
     /// The header object's bytes.
     pub fn encode(&self) -> Vec<u8> {
@@ -52,10 +55,14 @@ impl VolumeHeader {
             return Err("the volume header is not snapfs's".into());
         }
         match field(&text, "format") {
-            Some(format) if format == Self::FORMAT_VERSION.to_string() => {}
+            Some(format)
+                if Self::READS_FORMATS
+                    .iter()
+                    .any(|known| format == known.to_string()) => {}
             Some(other) => {
                 return Err(format!(
-                    "the store has format {other}; this snapfs reads format {}: upgrade snapfs",
+                    "the store has format {other}; this snapfs reads formats 1 and {}: \
+                     upgrade snapfs",
                     Self::FORMAT_VERSION
                 ));
             }
@@ -131,15 +138,19 @@ mod tests {
             encryption: Some("xchacha20poly1305 00ff".into()),
         };
         let bytes = header.encode();
+        let format_1 = "snapfs volume\nformat 1\nid 0123456789abcdef0123456789abcdef\n\
+                        block_size 262144\norigin s3://bucket/a\n\
+                        encryption xchacha20poly1305 00ff\n";
         assert_eq!(
             String::from_utf8_lossy(&bytes),
-            "snapfs volume\nformat 1\nid 0123456789abcdef0123456789abcdef\nblock_size 262144\n\
-             origin s3://bucket/a\nencryption xchacha20poly1305 00ff\n"
+            format_1.replace("format 1", "format 2")
         );
-        assert_eq!(VolumeHeader::parse(&bytes), Ok(header));
+        assert_eq!(VolumeHeader::parse(&bytes), Ok(header.clone()));
+        // A format-1 store is read as it is.
+        assert_eq!(VolumeHeader::parse(format_1.as_bytes()), Ok(header));
         for (text, problem) in [
             ("volume\n", "not snapfs's"),
-            ("snapfs volume\nformat 2\nid x\n", "format 2"),
+            ("snapfs volume\nformat 3\nid x\n", "format 3"),
             ("snapfs volume\nid x\n", "no format"),
             ("snapfs volume\nformat 1\nblock_size 4\n", "no id"),
             ("snapfs volume\nformat 1\nid x\norigin http://x\n", "origin"),

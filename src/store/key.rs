@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 
 use crate::blocks::BlockHash;
+use crate::manifest::PackId;
 
 /// The key of an object in a volume's store.
 ///
@@ -20,6 +21,9 @@ impl ObjectKey {
     pub const BLOCKS: &'static str = "blocks/";
     pub const TREES: &'static str = "trees/";
     pub const SNAPSHOTS: &'static str = "snapshots/";
+    /// Store format 2: blocks travel in packs, found through index objects.
+    pub const PACKS: &'static str = "packs/";
+    pub const INDEX: &'static str = "index/";
 
     /// Block `hash`: a zstd frame of the block's bytes.
     pub fn block(hash: &BlockHash) -> ObjectKey {
@@ -34,6 +38,27 @@ impl ObjectKey {
     /// Snapshot `id`'s manifest; ten digits, so keys sort in id order.
     pub fn snapshot(id: u64) -> ObjectKey {
         ObjectKey(format!("{}{id:010}", Self::SNAPSHOTS).into())
+    }
+
+    /// Pack `id`: frames of blocks, then its listing (see `pack.rs`).
+    pub fn pack(id: &PackId) -> ObjectKey {
+        ObjectKey(format!("{}{id}", Self::PACKS).into())
+    }
+
+    /// Index object `id`: the listings of some packs.
+    pub fn index(id: &PackId) -> ObjectKey {
+        ObjectKey(format!("{}{id}", Self::INDEX).into())
+    }
+
+    /// The pack a listed key names, if it names one.
+    pub fn parse_pack(key: &str) -> Option<PackId> {
+        PackId::parse(key.strip_prefix(Self::PACKS)?)
+    }
+
+    /// Whether the object under `key` is made of parts sealed one by one (a pack, whose
+    /// frames are read by range), rather than sealed whole.
+    pub fn is_sealed_in_parts(key: &str) -> bool {
+        key.starts_with(Self::PACKS)
     }
 
     pub fn as_str(&self) -> &str {

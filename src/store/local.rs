@@ -105,6 +105,25 @@ impl Inner {
         }
     }
 
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> StoreResult<Option<Vec<u8>>> {
+        use std::os::unix::fs::FileExt;
+        let path = self.path_of(key)?;
+        let file = match fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error("cannot read", &path, e)),
+        };
+        let size = file
+            .metadata()
+            .map_err(|e| io_error("cannot read", &path, e))?
+            .len();
+        let len = len.min(size.saturating_sub(offset));
+        let mut data = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        file.read_exact_at(&mut data, offset)
+            .map_err(|e| io_error("cannot read", &path, e))?;
+        Ok(Some(data))
+    }
+
     fn delete(&self, key: &str) -> StoreResult<()> {
         let path = self.path_of(key)?;
         match fs::remove_file(&path) {
@@ -160,6 +179,16 @@ impl ObjectStore for LocalStore {
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
         let key = key.to_owned();
         self.blocking(move |inner| inner.get(&key))
+    }
+
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        let key = key.to_owned();
+        self.blocking(move |inner| inner.get_range(&key, offset, len))
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {

@@ -37,6 +37,23 @@ impl ObjectStore for Metered {
         Box::pin(timed("delete", self.inner.delete(key)))
     }
 
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        Box::pin(timed("get", self.inner.get_range(key, offset, len)))
+    }
+
+    fn seal_part(&self, key: &str, part: Vec<u8>) -> StoreResult<Vec<u8>> {
+        self.inner.seal_part(key, part)
+    }
+
+    fn open_part(&self, key: &str, part: Vec<u8>) -> StoreResult<Vec<u8>> {
+        self.inner.open_part(key, part)
+    }
+
     fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<String>> {
         Box::pin(timed("list", self.inner.list(prefix)))
     }

@@ -9,6 +9,7 @@ mod header;
 mod key;
 mod local;
 mod metered;
+mod pack;
 mod reader;
 mod s3;
 mod sealed;
@@ -23,6 +24,7 @@ use std::time::Duration;
 pub use header::VolumeHeader;
 pub use key::ObjectKey;
 pub use local::LocalStore;
+pub use pack::{BlockPlace, IndexedStore, PackBuilder, PackIndex, random_id, read_listing};
 pub use reader::{Listing, ReadError, Source, StoreChain, StoreSource, list_manifests, read_tree};
 pub use s3::S3Store;
 pub use sealed::{KEY_FILE_VAR, KEY_VAR, Key, Sealed};
@@ -83,6 +85,25 @@ pub trait ObjectStore: Send + Sync {
     fn put<'a>(&'a self, key: &'a str, body: Vec<u8>) -> StoreFuture<'a, ()>;
     /// The object under `key`, or `None` if there is none.
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>>;
+    /// Up to `len` bytes of the object under `key` from `offset` (fewer at its end), as
+    /// stored: an encrypting store opens the parts with [`open_part`](Self::open_part).
+    /// `None` if there is no such object.
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move {
+            Ok(self.get(key).await?.map(|object| {
+                let start = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(object.len());
+                let end = start.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
+                object[start..end.min(object.len())].to_vec()
+            }))
+        })
+    }
     /// Deletes `key`; deleting a missing key succeeds.
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()>;
     /// Every key that starts with `prefix`, in no particular order.
@@ -98,6 +119,17 @@ pub trait ObjectStore: Send + Sync {
     /// are stored as they are.
     fn encryption(&self) -> Option<String> {
         None
+    }
+    /// One part of an object made of separately sealed parts (a pack's frames and
+    /// trailer, see `pack.rs`), ready to be stored as part of object `key`: sealed by an
+    /// encrypting store, as it is by the others.
+    fn seal_part(&self, _key: &str, part: Vec<u8>) -> StoreResult<Vec<u8>> {
+        Ok(part)
+    }
+    /// The inverse of [`seal_part`](Self::seal_part): a part read back from object `key`,
+    /// authenticated.
+    fn open_part(&self, _key: &str, part: Vec<u8>) -> StoreResult<Vec<u8>> {
+        Ok(part)
     }
     /// Whether writing here uses the machine's own disks (a `file://` store), which the
     /// live volume needs too: the uploader then yields its writes to the foreground.
@@ -251,9 +283,19 @@ pub async fn fetch_verified<T>(
     key: &str,
     check: impl Fn(Vec<u8>) -> Result<T, String>,
 ) -> StoreResult<Option<Result<T, String>>> {
+    fetch_checked(store, key, || store.get(key), check).await
+}
+
+/// [`fetch_verified`] of what `get` fetches from object `key` (all of it, or a range).
+async fn fetch_checked<'a, T>(
+    store: &dyn ObjectStore,
+    key: &str,
+    get: impl Fn() -> StoreFuture<'a, Option<Vec<u8>>>,
+    check: impl Fn(Vec<u8>) -> Result<T, String>,
+) -> StoreResult<Option<Result<T, String>>> {
     let mut attempt = 0u32;
     loop {
-        let checked = match retry(Some(5), || store.get(key)).await {
+        let checked = match retry(Some(5), &get).await {
             Ok(Some(object)) => check(object),
             Ok(None) => return Ok(None),
             // An encrypting store authenticates the copy before it is returned.
@@ -277,27 +319,52 @@ pub async fn fetch_verified<T>(
     }
 }
 
-/// Fetches block `hash` from the store: decompressed (at most `max_len` bytes) and
-/// verified against its hash; `None` if the store does not have it. Nothing from the
-/// store is used unverified: after [`VERIFY_ATTEMPTS`] bad copies the block is a
-/// permanent error naming it.
+/// Fetches block `hash` from `place` in the store: decompressed (at most `max_len`
+/// bytes) and verified against its hash; `None` if the store does not have it there.
+/// Nothing from the store is used unverified: after [`VERIFY_ATTEMPTS`] bad copies the
+/// block is a permanent error naming it.
 pub async fn fetch_block(
     store: &dyn ObjectStore,
     hash: &crate::blocks::BlockHash,
+    place: BlockPlace,
     max_len: usize,
 ) -> StoreResult<Option<Vec<u8>>> {
-    let key = ObjectKey::block(hash);
-    let checked = fetch_verified(store, &key, |object| {
-        let data = zstd::bulk::decompress(&object, max_len)
-            .map_err(|e| format!("not a zstd frame of at most {max_len} bytes: {e}"))?;
-        let actual = crate::blocks::BlockHash::of(&data);
-        if actual == *hash {
-            Ok(data)
-        } else {
-            Err(format!("its content hashes to {actual}"))
+    let (key, checked) = match place {
+        BlockPlace::Object => {
+            let key = ObjectKey::block(hash);
+            let checked = fetch_verified(store, &key, |object| {
+                let data = zstd::bulk::decompress(&object, max_len)
+                    .map_err(|e| format!("not a zstd frame of at most {max_len} bytes: {e}"))?;
+                let actual = crate::blocks::BlockHash::of(&data);
+                if actual == *hash {
+                    Ok(data)
+                } else {
+                    Err(format!("its content hashes to {actual}"))
+                }
+            })
+            .await?;
+            (key, checked)
         }
-    })
-    .await?;
+        BlockPlace::Packed {
+            pack,
+            offset,
+            length,
+        } => {
+            let key = ObjectKey::pack(&pack);
+            let get = || store.get_range(&key, offset, u64::from(length));
+            let checked = fetch_checked(store, &key, get, |part| {
+                if part.len() != length as usize {
+                    return Err(format!(
+                        "the frame at {offset} is cut short ({} of {length} bytes)",
+                        part.len()
+                    ));
+                }
+                pack::open_frame(store, &key, hash, part, max_len)
+            })
+            .await?;
+            (key, checked)
+        }
+    };
     match checked {
         None => Ok(None),
         Some(Ok(data)) => Ok(Some(data)),
@@ -343,6 +410,10 @@ pub async fn claim(
     match existing {
         None => retry(Some(3), || store.put(key, header.clone())).await,
         Some(found) if found == header => Ok(()),
+        // This volume's header in format 1: it now says format 2, as packs may follow.
+        Some(found) if VolumeHeader::parse(&found).is_ok_and(|h| h.encode() == header) => {
+            retry(Some(3), || store.put(key, header.clone())).await
+        }
         Some(found) => {
             let other = header::foreign_id(store, &found)?;
             Err(StoreError::permanent(format!(
@@ -466,7 +537,7 @@ mod tests {
         for bad in [1, 2] {
             let store = store(bad);
             let got = runtime
-                .block_on(fetch_block(&store, &hash, 1 << 20))
+                .block_on(fetch_block(&store, &hash, BlockPlace::Object, 1 << 20))
                 .expect("a good copy after retries");
             assert_eq!(got, Some(block.clone()));
             assert_eq!(store.gets.into_inner(), bad + 1);
@@ -474,7 +545,7 @@ mod tests {
         // Bad every time: a permanent error naming the block, after a bounded number of GETs.
         let store = store(u32::MAX);
         let err = runtime
-            .block_on(fetch_block(&store, &hash, 1 << 20))
+            .block_on(fetch_block(&store, &hash, BlockPlace::Object, 1 << 20))
             .expect_err("never a good copy");
         assert!(!err.is_transient());
         assert!(err.message.contains(&hash.to_string()), "{}", err.message);

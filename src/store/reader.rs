@@ -4,14 +4,15 @@
 //! manifest's structure. Requests run on a runtime the caller owns (the daemon's, or one
 //! from [`super::runtime`] for a command) and are awaited from plain threads.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::runtime::Handle;
 
-use super::{ObjectKey, ObjectStore, StoreError, StoreUrl, VolumeHeader};
+use super::{BlockPlace, IndexedStore, ObjectKey, ObjectStore, StoreError, StoreUrl, VolumeHeader};
 use crate::blocks::BlockHash;
 use crate::catalog;
-use crate::manifest::{self, Content, Entry, SnapshotManifest};
+use crate::manifest::{self, Content, Entry, PackId, SnapshotManifest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -40,10 +41,26 @@ pub trait Source: Sync {
     fn children(&self, dir: &Entry) -> Result<Vec<Entry>>;
     /// Block `hash`, verified against it.
     fn block(&self, hash: &BlockHash) -> Result<Vec<u8>>;
+    /// `hashes` in groups worth fetching with one request each (neighbours in one pack),
+    /// in the order to fetch them. By default, one block a group.
+    fn plan(&self, hashes: Vec<BlockHash>) -> Vec<Vec<BlockHash>> {
+        hashes.into_iter().map(|hash| vec![hash]).collect()
+    }
+    /// The blocks of one group of [`plan`](Self::plan), each verified, in its order.
+    fn blocks(&self, group: &[BlockHash]) -> Vec<Result<Vec<u8>>> {
+        group.iter().map(|hash| self.block(hash)).collect()
+    }
     fn block_size(&self) -> u64;
     /// Block reads worth running at once.
     fn parallelism(&self) -> usize;
 }
+
+/// Frames of one pack at most this far apart are read with one range request (the bytes
+/// between are read for nothing)...
+const PLAN_GAP: u64 = 256 << 10;
+/// ...and at most this many bytes a request, so that the requests in flight bound the
+/// memory held.
+const PLAN_SPAN: u64 = 4 << 20;
 
 /// Largest decompressed tree or snapshot object accepted.
 const MAX_MANIFEST_OBJECT: usize = 256 << 20;
@@ -53,8 +70,8 @@ const MAX_MANIFEST_OBJECT: usize = 256 << 20;
 #[derive(Clone)]
 pub struct StoreChain {
     runtime: Handle,
-    own: Arc<dyn ObjectStore>,
-    origin: Option<Arc<dyn ObjectStore>>,
+    own: Arc<IndexedStore>,
+    origin: Option<Arc<IndexedStore>>,
 }
 
 impl StoreChain {
@@ -62,7 +79,7 @@ impl StoreChain {
     pub fn new(runtime: &Handle, own: Arc<dyn ObjectStore>) -> StoreChain {
         StoreChain {
             runtime: runtime.clone(),
-            own,
+            own: Arc::new(IndexedStore::new(own)),
             origin: None,
         }
     }
@@ -78,37 +95,160 @@ impl StoreChain {
     /// has one already: a volume's origin never changes.
     pub fn set_origin(&mut self, url: Option<&StoreUrl>) -> Result<()> {
         if let (None, Some(url)) = (&self.origin, url) {
-            self.origin = Some(self.runtime.block_on(super::open(url))?);
+            let origin = self.runtime.block_on(super::open(url))?;
+            self.origin = Some(Arc::new(IndexedStore::new(origin)));
         }
         Ok(())
     }
 
     /// The volume's store, for messages.
     pub fn url(&self) -> &str {
-        self.own.url()
+        self.own.store.url()
     }
 
     /// The completed snapshots in the volume's store (see [`list_manifests`]).
     pub fn list(&self) -> Result<Listing> {
-        self.runtime.block_on(list_manifests(&*self.own))
+        self.runtime.block_on(list_manifests(&*self.own.store))
     }
 
     /// Tree object `hash` from the volume's store.
     fn tree(&self, hash: &BlockHash) -> Result<Vec<Entry>> {
-        self.runtime.block_on(read_tree(&*self.own, hash))
+        self.runtime.block_on(read_tree(&*self.own.store, hash))
+    }
+
+    /// Block `hash` (at most `max` bytes) from `place` in the volume's store, where its
+    /// catalog recorded it (a pack no index lists yet included), else as [`block`](Self::block) finds it.
+    pub fn block_at(&self, hash: &BlockHash, place: BlockPlace, max: usize) -> Result<Vec<u8>> {
+        match self
+            .runtime
+            .block_on(super::fetch_block(&*self.own.store, hash, place, max))
+        {
+            Ok(Some(data)) => Ok(data),
+            _ => self.block(hash, max),
+        }
+    }
+
+    /// Groups `hashes` by pack in the volume's store, in pack order: runs of frames
+    /// close enough to read with one range request (see `PLAN_GAP`, `PLAN_SPAN`). Blocks
+    /// found in no pack of its index come alone.
+    pub fn plan(&self, hashes: Vec<BlockHash>) -> Vec<Vec<BlockHash>> {
+        let Ok(index) = self.runtime.block_on(self.own.index()) else {
+            // Reported by the reads themselves.
+            return hashes.into_iter().map(|hash| vec![hash]).collect();
+        };
+        let mut by_pack: HashMap<PackId, Vec<(u64, u64, BlockHash)>> = HashMap::new();
+        let mut groups = Vec::new();
+        for hash in hashes {
+            match index.places(&hash).first() {
+                Some(&BlockPlace::Packed {
+                    pack,
+                    offset,
+                    length,
+                }) => by_pack.entry(pack).or_default().push((
+                    offset,
+                    offset + u64::from(length),
+                    hash,
+                )),
+                _ => groups.push(vec![hash]),
+            }
+        }
+        let mut packs: Vec<_> = by_pack.into_iter().collect();
+        packs.sort_by_key(|(pack, _)| *pack);
+        for (_, mut frames) in packs {
+            frames.sort_unstable_by_key(|&(offset, ..)| offset);
+            let mut run: Vec<BlockHash> = Vec::new();
+            let (mut start, mut end) = (0, 0);
+            for (offset, frame_end, hash) in frames {
+                let joins =
+                    !run.is_empty() && offset <= end + PLAN_GAP && frame_end - start <= PLAN_SPAN;
+                if !joins {
+                    if !run.is_empty() {
+                        groups.push(std::mem::take(&mut run));
+                    }
+                    start = offset;
+                }
+                end = end.max(frame_end);
+                run.push(hash);
+            }
+            if !run.is_empty() {
+                groups.push(run);
+            }
+        }
+        groups
+    }
+
+    /// The blocks of one group of [`plan`](Self::plan) (at most `max` bytes each): a
+    /// run in one pack with one range request, each frame verified. A block that fails
+    /// is fetched alone, so it gets the retries and the error it would have had.
+    pub fn blocks(&self, group: &[BlockHash], max: usize) -> Vec<Result<Vec<u8>>> {
+        let alone = |hashes: &[BlockHash]| hashes.iter().map(|h| self.block(h, max)).collect();
+        let Ok(index) = self.runtime.block_on(self.own.index()) else {
+            return alone(group);
+        };
+        let places: Vec<(PackId, u64, u32)> = group
+            .iter()
+            .filter_map(|hash| match index.places(hash).first() {
+                Some(&BlockPlace::Packed {
+                    pack,
+                    offset,
+                    length,
+                }) => Some((pack, offset, length)),
+                _ => None,
+            })
+            .collect();
+        let (Some(first), true) = (
+            places.first(),
+            group.len() > 1 && places.len() == group.len(),
+        ) else {
+            return alone(group);
+        };
+        let pack = first.0;
+        let start = places.iter().map(|p| p.1).min().unwrap_or(0);
+        let end = places
+            .iter()
+            .map(|p| p.1 + u64::from(p.2))
+            .max()
+            .unwrap_or(0);
+        if places.iter().any(|p| p.0 != pack) {
+            return alone(group);
+        }
+        let key = ObjectKey::pack(&pack);
+        let store = &*self.own.store;
+        let span = self.runtime.block_on(super::retry(Some(5), || {
+            store.get_range(&key, start, end - start)
+        }));
+        let Ok(Some(span)) = span else {
+            return alone(group);
+        };
+        group
+            .iter()
+            .zip(&places)
+            .map(|(hash, &(_, offset, length))| {
+                let at = (offset - start) as usize;
+                let part = span.get(at..at + length as usize).map(<[u8]>::to_vec);
+                match part.map(|part| super::pack::open_frame(store, &key, hash, part, max)) {
+                    Some(Ok(data)) => Ok(data),
+                    _ => self.block(hash, max),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether the volume's store keeps its blocks in packs (format 2).
+    pub fn has_packs(&self) -> bool {
+        self.runtime
+            .block_on(self.own.index())
+            .is_ok_and(|index| index.objects > 0)
     }
 
     /// Block `hash` (at most `max` bytes) from the first store that has it, verified.
     pub fn block(&self, hash: &BlockHash, max: usize) -> Result<Vec<u8>> {
         for store in std::iter::once(&self.own).chain(&self.origin) {
-            if let Some(data) = self
-                .runtime
-                .block_on(super::fetch_block(&**store, hash, max))?
-            {
+            if let Some(data) = self.runtime.block_on(store.block(hash, max))? {
                 return Ok(data);
             }
         }
-        Err(super::missing_block(&*self.own, hash).into())
+        Err(super::missing_block(&*self.own.store, hash).into())
     }
 }
 
@@ -185,14 +325,23 @@ impl Source for StoreSource {
         self.stores.block(hash, self.block_size() as usize)
     }
 
+    fn plan(&self, hashes: Vec<BlockHash>) -> Vec<Vec<BlockHash>> {
+        self.stores.plan(hashes)
+    }
+
+    fn blocks(&self, group: &[BlockHash]) -> Vec<Result<Vec<u8>>> {
+        self.stores.blocks(group, self.block_size() as usize)
+    }
+
     fn block_size(&self) -> u64 {
         u64::from(self.manifest.block_size)
     }
 
     fn parallelism(&self) -> usize {
         // Each request waits tens of milliseconds on a loopback server, far more on a
-        // remote one: many in flight keep the link busy (the CPU is mostly idle).
-        64
+        // remote one: many in flight keep the link busy (the CPU is mostly idle). A
+        // request for a run of a pack holds up to `PLAN_SPAN` bytes: fewer of those.
+        if self.stores.has_packs() { 16 } else { 64 }
     }
 }
 

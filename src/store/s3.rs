@@ -183,6 +183,54 @@ impl ObjectStore for S3Store {
         })
     }
 
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move {
+            if len == 0 {
+                return Ok(Some(Vec::new()));
+            }
+            let range = format!("bytes={offset}-{}", offset.saturating_add(len - 1));
+            let response = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(self.key(key))
+                .range(range)
+                .send()
+                .await
+            {
+                Ok(response) => response,
+                Err(e) if e.as_service_error().is_some_and(|e| e.is_no_such_key()) => {
+                    return Ok(None);
+                }
+                // A range past the end: the object is shorter than its listing says.
+                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
+                    return Ok(Some(Vec::new()));
+                }
+                Err(e) => return Err(classify(&self.url, &format!("GET {key} (range)"), e)),
+            };
+            // A server that ignores the range sends the whole object, without a range.
+            let whole = response.content_range().is_none();
+            let body = response.body.collect().await.map_err(|e| {
+                StoreError::transient(format!("GET {key} on {}: body cut off: {e}", self.url))
+            })?;
+            let body = body.into_bytes();
+            let start = if whole {
+                usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(body.len())
+            } else {
+                0
+            };
+            let end = start.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
+            Ok(Some(body[start..end.min(body.len())].to_vec()))
+        })
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             self.client

@@ -165,7 +165,8 @@ impl Sealed {
 impl ObjectStore for Sealed {
     fn put<'a>(&'a self, key: &'a str, body: Vec<u8>) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            if key == ObjectKey::HEADER.as_str() {
+            // A pack's parts are sealed one by one already (`seal_part`).
+            if key == ObjectKey::HEADER.as_str() || ObjectKey::is_sealed_in_parts(key) {
                 return self.inner.put(key, body).await;
             }
             let object = self.seal(key, &body)?;
@@ -175,7 +176,7 @@ impl ObjectStore for Sealed {
 
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
         Box::pin(async move {
-            if key == ObjectKey::HEADER.as_str() {
+            if key == ObjectKey::HEADER.as_str() || ObjectKey::is_sealed_in_parts(key) {
                 return self.inner.get(key).await;
             }
             match self.inner.get(&self.name(key)).await? {
@@ -185,8 +186,26 @@ impl ObjectStore for Sealed {
         })
     }
 
+    /// Ranges are read only of objects sealed in parts, which are stored as they are.
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        self.inner.get_range(key, offset, len)
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move { self.inner.delete(&self.name(key)).await })
+    }
+
+    fn seal_part(&self, key: &str, part: Vec<u8>) -> StoreResult<Vec<u8>> {
+        self.seal(key, &part)
+    }
+
+    fn open_part(&self, key: &str, part: Vec<u8>) -> StoreResult<Vec<u8>> {
+        self.open(key, &part)
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<String>> {

@@ -15,10 +15,10 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::blocks::{self, BlockHash, BlockStore};
-use crate::catalog::{self, Catalog, Completion, Kind, ROOT_INO, SnapshotRow};
-use crate::manifest::{self, Content, Entry, SnapshotManifest};
+use crate::catalog::{self, Catalog, Completion, Kind, PackRow, ROOT_INO, SnapshotRow};
+use crate::manifest::{self, Content, Entry, PackId, PackListing, SnapshotManifest};
 use crate::metrics;
-use crate::store::{self, ObjectKey, ObjectStore, StoreError};
+use crate::store::{self, ObjectKey, ObjectStore, PackBuilder, StoreError};
 use crate::sync::{Mutex, lock};
 use crate::volume::{self, Volume};
 use pace::Pacer;
@@ -34,6 +34,8 @@ pub struct UploadOptions {
     /// Percent of the time the uploader may work while the mount is serving requests
     /// (100: it never yields); see `pace`.
     pub busy_share: u8,
+    /// Bytes of blocks (compressed) per pack.
+    pub pack_size: usize,
 }
 
 impl Default for UploadOptions {
@@ -43,9 +45,14 @@ impl Default for UploadOptions {
             compression_level: 3,
             limit: None,
             busy_share: DEFAULT_BUSY_SHARE,
+            pack_size: DEFAULT_PACK_SIZE,
         }
     }
 }
+
+/// The default target size of a pack: restic's default, within what kopia and
+/// mountpoint-s3 use; docs/benchmarks.md has the measurements.
+pub const DEFAULT_PACK_SIZE: usize = 16 << 20;
 
 /// The uploader's default share of the time while the mount is busy: dbench beside an
 /// 8 GiB upload to the default store (docs/benchmarks.md).
@@ -61,11 +68,17 @@ pub enum UploadError {
     Store(#[from] StoreError),
 }
 
-/// Blocks sent between progress updates, and between looks at the deletion queue.
+/// Blocks packed between looks at the deletion queue (and whether the snapshot is still
+/// wanted); deletions found meanwhile wait at most this long.
 const BATCH: usize = 256;
-/// Landed blocks are recorded in the catalog in groups of this many, or this often.
-const RECORD_EVERY: usize = 16;
-const RECORD_AGE: Duration = Duration::from_millis(500);
+/// Blocks read and compressed at once.
+const READ_AT_ONCE: usize = 16;
+/// Packs sent at once: each is held in memory until it lands.
+const PACKS_IN_FLIGHT: usize = 3;
+/// How often the deletion queue is served while a pack is under way.
+const DELETE_WHILE_WAITING: Duration = Duration::from_millis(100);
+/// Packs one index object lists at most (some 45 bytes per block listed).
+const PACKS_PER_INDEX: usize = 4096;
 /// Manifest bytes buffered before they are sent.
 const TREE_BATCH_BYTES: usize = 8 << 20;
 
@@ -144,7 +157,15 @@ impl Worker {
             core: volume,
             store,
             limiter: options.limit.map(RateLimit::new),
-            options,
+            options: UploadOptions {
+                // The limit is kept per object sent: smaller packs keep the rate over
+                // short spans too (a quarter second's worth at most).
+                pack_size: match options.limit {
+                    Some(limit) => options.pack_size.min((limit / 4).max(64 << 10) as usize),
+                    None => options.pack_size,
+                },
+                ..options
+            },
             stopping: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -166,7 +187,9 @@ impl Worker {
             if self.is_stopping() {
                 return Ok(outcomes);
             }
-            self.delete_unneeded(&HashSet::new()).await?;
+            // No pack is in flight between snapshots: one not sent yet was cut short.
+            lock(&self.writer).write_now(|tx| tx.abandon_unsent_packs())?;
+            self.delete_unneeded().await?;
             self.rewrite_stale_manifests().await?;
             let next = lock(&self.catalog).read(|tx| tx.next_pending_snapshot())?;
             let Some(snapshot) = next else {
@@ -201,17 +224,36 @@ impl Worker {
             self.core.upload_event(UploadEvent::SnapshotsChanged)?;
         }
         tracing::info!(id, base, blocks = set.len(), "uploading snapshot");
+        let mut packer = Packer::new();
         for batch in set.chunks(BATCH) {
             if lock(&self.catalog).read(|tx| tx.snapshot(id))?.is_none() {
                 return Ok(Outcome::Deleted);
             }
-            if let Err(reason) = self.send_blocks(id, batch).await? {
+            if let Err(reason) = self.pack_blocks(id, batch, &mut packer).await? {
+                // What landed is recorded: a retry does not send it again.
+                self.land_all(id, &mut packer).await?.ok();
                 return self.failure(id, reason);
             }
             if self.is_stopping() {
+                // Packs in flight land and are recorded; the one being filled is sent
+                // again at the next mount.
+                self.land_all(id, &mut packer).await?.ok();
                 return Ok(Outcome::Interrupted);
             }
-            self.delete_unneeded(&HashSet::new()).await?;
+            self.delete_unneeded().await?;
+        }
+        let sent = match self.send_pack(id, &mut packer).await? {
+            Ok(()) => self.land_all(id, &mut packer).await?,
+            Err(reason) => Err(reason),
+        };
+        if let Err(reason) = sent {
+            self.land_all(id, &mut packer).await?.ok();
+            return self.failure(id, reason);
+        }
+        match self.write_index().await {
+            Ok(()) => {}
+            Err(UploadError::Store(e)) => return self.failure(id, e.message),
+            Err(e) => return Err(e),
         }
         loop {
             let manifest = match self.write_manifest(&snapshot, base).await {
@@ -250,109 +292,175 @@ impl Worker {
         Ok(Outcome::Failed(reason))
     }
 
-    /// Sends blocks of snapshot `id`, many at once, recording them as they land (an
-    /// interruption resends at most the requests in flight and `RECORD_EVERY` more). The inner error says why a
-    /// block cannot be sent.
-    async fn send_blocks(
+    /// Reads and compresses the blocks of `batch` (many at once) and adds them, in
+    /// order, to the pack being filled, sending each pack that reaches the target size.
+    /// The inner error says why a block cannot be sent.
+    async fn pack_blocks(
         &self,
         id: u64,
-        blocks: &[(BlockHash, u32)],
+        batch: &[(BlockHash, u32)],
+        packer: &mut Packer,
     ) -> Result<Result<(), String>, UploadError> {
-        let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
-        let mut tasks = JoinSet::new();
-        for &(hash, len) in blocks {
-            // A small block's bytes are in the catalog, not in a file.
-            let inline = if blocks::is_inline(len as usize) {
-                lock(&self.catalog).read(|tx| tx.inline_block(&hash))?
-            } else {
-                None
-            };
-            let stopping = self.stopping.clone();
-            let permits = permits.clone();
-            let blocks = self.blocks.clone();
-            let store = self.store.clone();
-            let level = self.options.compression_level;
-            let limiter = self.limiter.clone();
-            let pacer = self.pacer.clone();
-            tasks.spawn(async move {
-                let _permit = permits.acquire_owned().await;
-                if stopping.load(Ordering::SeqCst) {
-                    return Ok(None);
-                }
-                let read = move || {
-                    let data = blocks
-                        .read_uncached(&hash, inline)
-                        .map_err(volume::Error::from)?;
-                    manifest::compress(&data, level).map_err(|e| volume::Error::DataDir {
-                        path: "zstd".into(),
-                        source: e,
-                    })
-                };
-                // Spawned when its turn comes, not before.
-                let data = pacer
-                    .local(async { tokio::task::spawn_blocking(read).await })
-                    .await
-                    .map_err(|e| format!("block {hash}: {e}"))?
-                    .map_err(|e| format!("cannot read block {hash} for upload: {e}"))?;
-                let wire = data.len() as u64;
-                if let Some(limiter) = &limiter {
-                    limiter.acquire(wire).await;
-                }
-                let key = ObjectKey::block(&hash);
-                // Each attempt paced, not the backoffs between them.
-                store::retry(None, || pacer.store(store.put(&key, data.clone())))
-                    .await
-                    .map_err(|e| e.message)?;
-                metrics::uploaded(wire);
-                Ok::<_, String>(Some((hash, len, wire)))
-            });
-        }
-        let mut landed = Vec::new();
-        let mut last_record = Instant::now();
-        let mut failure = None;
-        // While a slow batch (a busy mount, a full disk) is in flight, store objects freed
-        // meanwhile are deleted all the same: on a full disk that is the room it waits for.
-        // Not those of this batch: a delete racing a PUT of the same key could lose it.
-        let in_batch: HashSet<String> = blocks
-            .iter()
-            .map(|(hash, _)| ObjectKey::block(hash).into())
-            .collect();
-        // Not at once: the caller has just gone through the queue.
-        let mut tick =
-            tokio::time::interval_at(tokio::time::Instant::now() + RECORD_AGE, RECORD_AGE);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let joined = tokio::select! {
-                joined = tasks.join_next() => match joined {
-                    Some(joined) => Some(joined),
-                    None => break,
-                },
-                _ = tick.tick() => None,
-            };
-            match joined.map(|result| result.map_err(|e| format!("upload task failed: {e}"))) {
-                Some(Ok(Ok(Some(sent)))) => landed.push(sent),
-                Some(Ok(Ok(None))) => {}
-                Some(Ok(Err(reason)) | Err(reason)) => {
-                    failure.get_or_insert(reason);
-                }
-                None => self.delete_unneeded(&in_batch).await?,
+        for chunk in batch.chunks(READ_AT_ONCE) {
+            if self.is_stopping() {
+                return Ok(Ok(()));
             }
-            let finished = tasks.is_empty();
-            // A tick with nothing landed records nothing: each record commits the mount's
-            // group and reloads the core's snapshot table.
-            let due = landed.len() >= RECORD_EVERY
-                || (!landed.is_empty() && last_record.elapsed() > RECORD_AGE);
-            if finished || due {
-                lock(&self.writer).write_now(|tx| tx.record_stored(id, &landed))?;
-                self.core.upload_event(UploadEvent::SnapshotsChanged)?;
-                let stored: Vec<(BlockHash, u32)> =
-                    landed.iter().map(|&(hash, len, _)| (hash, len)).collect();
-                self.core.upload_event(UploadEvent::BlocksStored(&stored))?;
-                landed.clear();
-                last_record = Instant::now();
+            let mut reads = Vec::with_capacity(chunk.len());
+            for &(hash, len) in chunk {
+                // A small block's bytes are in the catalog, not in a file.
+                let inline = if blocks::is_inline(len as usize) {
+                    lock(&self.catalog).read(|tx| tx.inline_block(&hash))?
+                } else {
+                    None
+                };
+                let blocks = self.blocks.clone();
+                let level = self.options.compression_level;
+                let pacer = self.pacer.clone();
+                reads.push(tokio::spawn(async move {
+                    let read = move || {
+                        let data = blocks
+                            .read_uncached(&hash, inline)
+                            .map_err(volume::Error::from)?;
+                        manifest::compress(&data, level).map_err(|e| volume::Error::DataDir {
+                            path: "zstd".into(),
+                            source: e,
+                        })
+                    };
+                    // Spawned when its turn comes, not before.
+                    pacer
+                        .local(async { tokio::task::spawn_blocking(read).await })
+                        .await
+                        .map_err(|e| format!("block {hash}: {e}"))?
+                        .map_err(|e| format!("cannot read block {hash} for upload: {e}"))
+                }));
+            }
+            for (read, &(hash, len)) in reads.into_iter().zip(chunk) {
+                let frame = match read.await {
+                    Ok(Ok(frame)) => frame,
+                    Ok(Err(reason)) => return Ok(Err(reason)),
+                    Err(e) => return Ok(Err(format!("block {hash}: {e}"))),
+                };
+                packer.builder.add(&*self.store, hash, len, frame)?;
+                if packer.builder.len() >= self.options.pack_size
+                    && let Err(reason) = self.send_pack(id, packer).await?
+                {
+                    return Ok(Err(reason));
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Sends the pack being filled (if it holds anything), waiting for earlier ones to
+    /// land while `PACKS_IN_FLIGHT` are under way.
+    async fn send_pack(
+        &self,
+        id: u64,
+        packer: &mut Packer,
+    ) -> Result<Result<(), String>, UploadError> {
+        if packer.builder.is_empty() {
+            return Ok(Ok(()));
+        }
+        let pack = std::mem::take(&mut packer.builder)
+            .finish(&*self.store, self.options.compression_level)?;
+        let size = pack.body.len() as u64;
+        // Known before it is sent: a crash during the PUT leaves a name to delete.
+        let row = lock(&self.writer)
+            .write_now(|tx| tx.begin_pack(&pack.id, size, pack.listing.data_length))?;
+        while packer.in_flight.len() >= PACKS_IN_FLIGHT {
+            if let Err(reason) = self.land_one(id, packer).await? {
+                return Ok(Err(reason));
+            }
+        }
+        let store = self.store.clone();
+        let limiter = self.limiter.clone();
+        let pacer = self.pacer.clone();
+        packer.in_flight.spawn(async move {
+            if let Some(limiter) = &limiter {
+                limiter.acquire(size).await;
+            }
+            // Each attempt paced, not the backoffs between them.
+            store::retry(None, || {
+                pacer.store(store.put(&pack.key, pack.body.clone()))
+            })
+            .await
+            .map_err(|e| e.message)?;
+            metrics::uploaded(size);
+            Ok::<_, String>(LandedPack {
+                row,
+                size,
+                listing: pack.listing,
+            })
+        });
+        Ok(Ok(()))
+    }
+
+    /// Waits for the next pack in flight to land and records it.
+    async fn land_one(
+        &self,
+        id: u64,
+        packer: &mut Packer,
+    ) -> Result<Result<(), String>, UploadError> {
+        // While a slow pack (a busy mount, a full disk) is under way, store objects freed
+        // meanwhile are deleted all the same: on a full disk that is the room it waits for.
+        let joined = loop {
+            tokio::select! {
+                joined = packer.in_flight.join_next() => break joined,
+                _ = packer.deletions.tick() => self.delete_unneeded().await?,
+            }
+        };
+        let landed = match joined {
+            None => return Ok(Ok(())),
+            Some(Ok(Ok(landed))) => landed,
+            Some(Ok(Err(reason))) => return Ok(Err(reason)),
+            Some(Err(e)) => return Ok(Err(format!("upload task failed: {e}"))),
+        };
+        lock(&self.writer)
+            .write_now(|tx| tx.record_pack(id, landed.row, landed.size, &landed.listing))?;
+        self.core.upload_event(UploadEvent::SnapshotsChanged)?;
+        let stored: Vec<(BlockHash, u32)> = landed
+            .listing
+            .blocks
+            .iter()
+            .map(|block| (block.hash, block.raw_length))
+            .collect();
+        self.core.upload_event(UploadEvent::BlocksStored(&stored))?;
+        Ok(Ok(()))
+    }
+
+    /// Waits for every pack in flight to land and records them.
+    async fn land_all(
+        &self,
+        id: u64,
+        packer: &mut Packer,
+    ) -> Result<Result<(), String>, UploadError> {
+        let mut failure = None;
+        while !packer.in_flight.is_empty() {
+            if let Err(reason) = self.land_one(id, packer).await? {
+                failure.get_or_insert(reason);
             }
         }
         Ok(failure.map_or(Ok(()), Err))
+    }
+
+    /// Writes an index object listing the packs that landed and that none lists yet:
+    /// before a snapshot object names blocks in them, so a reader with nothing but the
+    /// bucket finds every block a completed snapshot needs.
+    async fn write_index(&self) -> Result<(), UploadError> {
+        let unindexed = lock(&self.catalog).read(|tx| tx.unindexed_packs())?;
+        for packs in unindexed.chunks(PACKS_PER_INDEX) {
+            let listings: Vec<(PackId, PackListing)> = packs
+                .iter()
+                .map(|(pack, listing)| (pack.id, listing.clone()))
+                .collect();
+            let object = self.compress(&manifest::encode_index(&listings))?;
+            let index = store::random_id();
+            self.put_all(vec![(ObjectKey::index(&index).into(), object)])
+                .await?;
+            let rows: Vec<PackRow> = packs.iter().map(|(pack, _)| *pack).collect();
+            lock(&self.writer).write_now(|tx| tx.record_index(&index, &rows))?;
+        }
+        Ok(())
     }
 
     /// Writes the manifest of `snapshot`: the trees of the directories changed since
@@ -566,13 +674,12 @@ impl Worker {
         Ok(())
     }
 
-    /// Deletes the store objects nothing needs any more, but not `in_flight` (PUTs under
-    /// way, left queued for the next pass). Failures leave them queued too: deleting is
-    /// never worth holding up an upload.
-    async fn delete_unneeded(&self, in_flight: &HashSet<String>) -> Result<(), UploadError> {
+    /// Deletes the store objects nothing needs any more. Failures leave them queued:
+    /// deleting is never worth holding up an upload. (Packs and index objects have names
+    /// never used before, so no deletion races a PUT of the same key.)
+    async fn delete_unneeded(&self) -> Result<(), UploadError> {
         loop {
-            let mut keys = lock(&self.catalog).read(|tx| tx.store_deletions(BATCH as u32))?;
-            keys.retain(|key| !in_flight.contains(key));
+            let keys = lock(&self.catalog).read(|tx| tx.store_deletions(BATCH as u32))?;
             if keys.is_empty() {
                 return Ok(());
             }
@@ -617,6 +724,35 @@ impl Worker {
             }
         }
     }
+}
+
+/// The packs of one snapshot's upload: the one being filled, and those in flight.
+struct Packer {
+    builder: PackBuilder,
+    in_flight: JoinSet<Result<LandedPack, String>>,
+    /// When the deletion queue is next served while packs are under way.
+    deletions: tokio::time::Interval,
+}
+
+impl Packer {
+    fn new() -> Packer {
+        // Not at once: the caller has just gone through the queue.
+        let start = tokio::time::Instant::now() + DELETE_WHILE_WAITING;
+        let mut deletions = tokio::time::interval_at(start, DELETE_WHILE_WAITING);
+        deletions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Packer {
+            builder: PackBuilder::new(),
+            in_flight: JoinSet::new(),
+            deletions,
+        }
+    }
+}
+
+/// A pack in the store, to record.
+struct LandedPack {
+    row: PackRow,
+    size: u64,
+    listing: PackListing,
 }
 
 struct WrittenManifest {

@@ -19,6 +19,7 @@ const ROOT: NodeId = NodeId {
     ino: ROOT_INO,
 };
 const BLOCK: usize = 4096;
+const PACK_SIZE: usize = 2 * BLOCK;
 
 /// A store that injects faults in front of a directory store and counts PUTs per key.
 struct FaultyStore {
@@ -28,6 +29,8 @@ struct FaultyStore {
     /// Fail every PUT with this permanent error.
     permanent: std::sync::Mutex<Option<String>>,
     puts: std::sync::Mutex<HashMap<String, u32>>,
+    /// Blocks in the packs PUT, counting each PUT.
+    packed_blocks_put: AtomicU32,
     put_delay: Duration,
 }
 
@@ -38,6 +41,7 @@ impl FaultyStore {
             transient_failures: AtomicU32::new(0),
             permanent: std::sync::Mutex::new(None),
             puts: std::sync::Mutex::new(HashMap::new()),
+            packed_blocks_put: AtomicU32::new(0),
             put_delay: Duration::ZERO,
         }
     }
@@ -75,6 +79,11 @@ impl ObjectStore for FaultyStore {
                 .expect("lock")
                 .entry(key.to_owned())
                 .or_default() += 1;
+            if key.starts_with(ObjectKey::PACKS) {
+                let listing = store::read_listing(self, key, &body).expect("a pack");
+                self.packed_blocks_put
+                    .fetch_add(listing.blocks.len() as u32, Ordering::SeqCst);
+            }
             self.inner.put(key, body).await
         })
     }
@@ -133,6 +142,9 @@ impl Setup {
             self.store.clone(),
             UploadOptions {
                 concurrency: 4,
+                // Two of these incompressible test blocks per pack: uploads of a few
+                // dozen blocks take many packs, as large ones do at the real size.
+                pack_size: PACK_SIZE,
                 ..UploadOptions::default()
             },
         )
@@ -204,6 +216,33 @@ impl Setup {
         keys
     }
 
+    /// The blocks in the store's packs, each read back from its frame and checked
+    /// against its hash, with the packs holding it.
+    fn stored_blocks(&self) -> HashMap<BlockHash, Vec<String>> {
+        let mut blocks: HashMap<BlockHash, Vec<String>> = HashMap::new();
+        for key in self.keys(ObjectKey::PACKS) {
+            let pack = std::fs::read(self.store_dir.join(&key)).expect("pack");
+            let listing = store::read_listing(&*self.store, &key, &pack).expect("listing");
+            for block in listing.blocks {
+                let at = block.offset as usize;
+                let frame = &pack[at..at + block.length as usize];
+                let data = decompress(frame, 1 << 24).expect("a zstd frame");
+                assert_eq!(BlockHash::of(&data), block.hash, "{key} at {at}");
+                assert_eq!(data.len(), block.raw_length as usize);
+                blocks.entry(block.hash).or_default().push(key.clone());
+            }
+        }
+        blocks
+    }
+
+    /// Every block in the store is in exactly one pack, and every pack was sent once.
+    fn assert_each_block_sent_once(&self) {
+        for (hash, packs) in self.stored_blocks() {
+            assert_eq!(packs.len(), 1, "{hash} in {packs:?}");
+            assert_eq!(self.store.put_count(&packs[0]), 1, "{} sent once", packs[0]);
+        }
+    }
+
     fn object(&self, key: &str) -> Vec<u8> {
         let data = std::fs::read(self.store_dir.join(key)).expect("object exists");
         decompress(&data, 1 << 24).expect("a zstd frame")
@@ -264,12 +303,16 @@ fn first_snapshot_sends_every_block_once_and_a_manifest_of_everything() {
     assert_eq!(row.upload.sent_blocks, 6);
     assert!(row.upload.stored_bytes > 0);
 
-    let blocks = t.keys("blocks/");
-    assert_eq!(blocks.len(), 6);
-    for key in &blocks {
-        let data = t.object(key);
-        assert_eq!(format!("blocks/{}", BlockHash::of(&data)), *key);
-        assert_eq!(t.store.put_count(key), 1, "{key} sent once");
+    assert_eq!(t.stored_blocks().len(), 6);
+    t.assert_each_block_sent_once();
+    // Found through the index a reader with only the bucket reads.
+    let index = t
+        .runtime
+        .block_on(store::PackIndex::load(&*t.store))
+        .expect("index");
+    assert_eq!(index.objects, 1);
+    for hash in t.stored_blocks().keys() {
+        assert!(index.contains(hash), "{hash} indexed");
     }
 
     let (snapshot, root) = t.manifest(id);
@@ -333,9 +376,7 @@ fn later_snapshots_send_only_changed_blocks_and_the_trees_on_the_path() {
     );
     assert_ne!(root_before[0].content, root_after[0].content);
     // Every block was sent exactly once over both snapshots.
-    for key in t.keys("blocks/") {
-        assert_eq!(t.store.put_count(&key), 1, "{key}");
-    }
+    t.assert_each_block_sent_once();
 }
 
 #[test]
@@ -349,18 +390,19 @@ fn deleting_snapshots_deletes_the_objects_nothing_else_needs() {
     t.write(ROOT, "f", &new);
     let second = t.snapshot("two");
     t.upload();
-    assert_eq!(t.keys("blocks/").len(), 4);
+    assert_eq!(t.stored_blocks().len(), 4);
     assert_eq!(t.keys("snapshots/").len(), 2);
+    assert_eq!(t.keys("index/").len(), 2);
 
     t.volume.delete_snapshot(b"one").expect("delete");
     t.upload();
-    let old_keys: Vec<String> = old
-        .chunks(BLOCK)
-        .map(|c| ObjectKey::block(&BlockHash::of(c)).into())
-        .collect();
-    let remaining = t.keys("blocks/");
+    let old_blocks: Vec<BlockHash> = old.chunks(BLOCK).map(BlockHash::of).collect();
+    let remaining = t.stored_blocks();
     assert_eq!(remaining.len(), 2);
-    assert!(old_keys.iter().all(|k| !remaining.contains(k)));
+    assert!(old_blocks.iter().all(|h| !remaining.contains_key(h)));
+    // The first snapshot's pack and its index object went with its blocks.
+    assert_eq!(t.keys("packs/").len(), 1);
+    assert_eq!(t.keys("index/").len(), 1);
     assert_eq!(t.keys("snapshots/"), [ObjectKey::snapshot(second).as_str()]);
     assert!(
         !t.keys("snapshots/")
@@ -382,7 +424,7 @@ fn transient_store_errors_only_delay_completion() {
     let id = t.snapshot("s");
     assert_eq!(t.upload(), vec![(id, Outcome::Completed)]);
     assert_eq!(t.store.transient_failures.load(Ordering::SeqCst), 0);
-    assert_eq!(t.keys("blocks/").len(), 4);
+    assert_eq!(t.stored_blocks().len(), 4);
 }
 
 #[test]
@@ -468,13 +510,21 @@ fn an_interrupted_upload_resumes_without_resending() {
     assert_eq!(t.upload(), vec![(id, Outcome::Completed)]);
     let row = t.state(id);
     assert_eq!(row.upload.sent_blocks, 64);
-    let resent = t
-        .keys("blocks/")
-        .iter()
-        .filter(|k| t.store.put_count(k) > 1)
-        .count();
-    // Only requests in flight (4) or not yet recorded (RECORD_EVERY) may go again.
-    assert!(resent <= 4 + RECORD_EVERY, "{resent} blocks sent twice");
+    // Packs sent but not recorded before the interruption were deleted from the store.
+    let stored = t.stored_blocks();
+    assert_eq!(stored.len(), 64);
+    assert!(stored.values().all(|packs| packs.len() == 1));
+    // Only the packs in flight and the one being filled may go again.
+    let per_pack = stored.values().fold(HashMap::new(), |mut counts, packs| {
+        *counts.entry(&packs[0]).or_insert(0) += 1;
+        counts
+    });
+    let most = per_pack.values().copied().max().unwrap_or(0);
+    let resent = t.store.packed_blocks_put.load(Ordering::SeqCst) as usize - 64;
+    assert!(
+        resent <= most * (PACKS_IN_FLIGHT + 1),
+        "{resent} blocks sent twice"
+    );
 }
 
 #[test]
@@ -516,13 +566,14 @@ fn a_snapshot_deleted_during_its_upload_leaves_nothing_in_the_store() {
     // What was sent before the deletion is deleted from the store.
     assert!(t.store.put_count_total() > 0, "some blocks were sent first");
     t.upload();
-    assert_eq!(t.keys("blocks/"), Vec::<String>::new());
+    assert_eq!(t.keys("packs/"), Vec::<String>::new());
+    assert_eq!(t.keys("index/"), Vec::<String>::new());
     assert_eq!(t.keys("snapshots/"), Vec::<String>::new());
 }
 
-/// An unmount mid-upload lets the requests in flight land and records them: every block
-/// object in the store is one the catalog knows is there. One it did not know would stay
-/// in the store for good if its block were freed before being sent again.
+/// An unmount mid-upload lets the packs in flight land and records them: every block in
+/// the store is one the catalog knows is there. One it did not know would stay in the
+/// store for good.
 #[test]
 fn stopping_records_every_block_that_landed_and_sends_no_more() {
     let t = Setup::with_store(|dir| FaultyStore {
@@ -535,19 +586,24 @@ fn stopping_records_every_block_that_landed_and_sends_no_more() {
     let outcomes = t.runtime.block_on(async {
         let upload = worker.upload_pending();
         tokio::pin!(upload);
-        // Part-way (RECORD_EVERY blocks land every 0.5 s at most), stop.
-        let _ = tokio::time::timeout(Duration::from_millis(150), &mut upload).await;
+        // Part-way (some packs recorded, most not sent yet), stop.
+        while t.state(id).upload.sent_blocks == 0 {
+            tokio::select! {
+                outcomes = &mut upload => panic!("finished before the stop: {outcomes:?}"),
+                () = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
         worker.stop_sending();
         upload.await.expect("the upload stops cleanly")
     });
     assert_eq!(outcomes, vec![]);
     let row = t.state(id);
     assert_eq!(row.state, "pending");
-    let in_store = t.keys("blocks/").len() as u64;
+    let in_store = t.stored_blocks().len() as u64;
     assert!(in_store > 0 && in_store < 64, "{in_store} blocks sent");
     assert_eq!(
         row.upload.sent_blocks, in_store,
-        "every block object in the store is recorded as sent"
+        "every block in the store is recorded as sent"
     );
 }
 
@@ -615,9 +671,7 @@ fn a_checkpoint_promoted_after_newer_snapshots_gets_a_correct_manifest() {
         file_blocks(&t, promoted.id, "d2", "g"),
         hashes(&pattern(BLOCK, 2))
     );
-    for key in t.keys("blocks/") {
-        assert_eq!(t.store.put_count(&key), 1, "{key} sent once");
-    }
+    t.assert_each_block_sent_once();
 
     // s3 changes only d2: its d1 is s2's (the promoted one rewrote d1 after s2 did).
     t.write(d2, "h", b"new");
@@ -697,29 +751,20 @@ fn objects_freed_during_a_slow_batch_are_deleted_before_it_ends() {
     t.write(ROOT, "old", &old);
     t.snapshot("one");
     t.upload();
-    let old_keys: Vec<String> = old
-        .chunks(BLOCK)
-        .map(|c| ObjectKey::block(&BlockHash::of(c)).into())
-        .collect();
-    let stored = |key: &String| t.keys("blocks/").contains(key);
-    assert!(old_keys.iter().all(stored), "the first snapshot's blocks");
+    let old_blocks: Vec<BlockHash> = old.chunks(BLOCK).map(BlockHash::of).collect();
+    let stored = |hash: &BlockHash| t.stored_blocks().contains_key(hash);
+    assert!(old_blocks.iter().all(stored), "the first snapshot's blocks");
     t.volume.unlink(ROOT, b"old").expect("unlink");
-    // One batch of 96 blocks, 4 at a time, 40 ms each: about a second.
+    // 96 blocks, 48 packs, 3 at a time, 40 ms each: most of a second.
     t.write(ROOT, "big", &pattern(96 * BLOCK, 22));
     let two = t.snapshot("two");
     let task = t.spawn_upload();
     std::thread::sleep(Duration::from_millis(100));
     // Only snapshot one still needs the old blocks.
     t.volume.delete_snapshot(b"one").expect("delete");
-    let block_puts = || {
-        let puts = t.store.puts.lock().expect("lock");
-        puts.iter()
-            .filter(|(key, _)| key.starts_with(ObjectKey::BLOCKS))
-            .map(|(_, n)| n)
-            .sum::<u32>()
-    };
+    let block_puts = || t.store.packed_blocks_put.load(Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while old_keys.iter().any(stored) {
+    while old_blocks.iter().any(stored) {
         assert!(Instant::now() < deadline, "never deleted");
         std::thread::sleep(Duration::from_millis(10));
     }

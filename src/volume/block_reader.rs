@@ -15,12 +15,12 @@ use super::{Error, Result};
 use crate::blocks::{BlockError, BlockHash, BlockStore, copy_from, is_inline};
 use crate::catalog::Catalog;
 use crate::metrics;
-use crate::store::{self, ObjectStore};
+use crate::store::{self, IndexedStore, ObjectStore};
 use crate::sync::{Mutex, lock};
 
 /// An object store, reachable from the read path.
 struct Remote {
-    store: Arc<dyn ObjectStore>,
+    store: Arc<IndexedStore>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -106,12 +106,14 @@ impl BlockReader {
             let _ = self.evictable.set(Mutex::new(cache));
         }
         // A second attach (a test reattaching) keeps the first store.
+        let store = Arc::new(IndexedStore::new(store));
         let _ = self.remote.set(Remote { store, runtime });
         self.evict()
     }
 
     /// Connects the read path to the origin volume's store (`--from`).
     pub fn attach_origin(&self, store: Arc<dyn ObjectStore>, runtime: tokio::runtime::Handle) {
+        let store = Arc::new(IndexedStore::new(store));
         let _ = self.origin.set(Remote { store, runtime });
     }
 
@@ -207,7 +209,11 @@ impl BlockReader {
     }
 
     fn fetch(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>> {
-        let in_origin = lock(&self.catalog).read(|tx| tx.block_in_origin(hash))?;
+        // The volume's own blocks are where the catalog recorded them; the origin's are
+        // found through its store's index.
+        let (in_origin, place) = lock(&self.catalog).read(|tx| {
+            Ok::<_, crate::catalog::Error>((tx.block_in_origin(hash)?, tx.block_place(hash)?))
+        })?;
         let remote = if in_origin {
             self.origin.get()
         } else {
@@ -217,10 +223,17 @@ impl BlockReader {
             return Err(BlockError::Missing { hash: *hash }.into());
         };
         let max = self.block_size as usize;
-        let data = remote
-            .runtime
-            .block_on(store::fetch_block(&*remote.store, hash, max))
-            .and_then(|data| data.ok_or_else(|| store::missing_block(&*remote.store, hash)))
+        let store = &remote.store;
+        let fetched = match place {
+            Some(place) if !in_origin => {
+                remote
+                    .runtime
+                    .block_on(store::fetch_block(&*store.store, hash, place, max))
+            }
+            _ => remote.runtime.block_on(store.block(hash, max)),
+        };
+        let data = fetched
+            .and_then(|data| data.ok_or_else(|| store::missing_block(&*store.store, hash)))
             .map_err(|e| {
                 tracing::error!(%hash, error = %e, "cannot fetch a block from the store");
                 Error::Block(BlockError::Fetch {

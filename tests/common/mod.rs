@@ -850,3 +850,98 @@ fn collect_state(root: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, NodeState>
         }
     }
 }
+
+/// One copy of a block in a store's pack (format 2, docs/format.md), read back and
+/// checked against its hash.
+#[derive(Clone, Debug)]
+pub struct Packed {
+    /// The pack's key (relative to the store's prefix).
+    pub pack: String,
+    /// Where its frame is in the pack.
+    pub offset: usize,
+    pub length: usize,
+    pub data: Vec<u8>,
+}
+
+/// The blocks of `pack`, an unsealed pack object stored as `key`, by hex hash: its footer
+/// and listing decoded as docs/format.md says, each frame decompressed and checked.
+pub fn unpack(key: &str, pack: &[u8]) -> Vec<(String, Packed)> {
+    let footer = pack
+        .len()
+        .checked_sub(12)
+        .unwrap_or_else(|| panic!("{key}: too short"));
+    assert_eq!(&pack[footer + 4..], b"snapfsP1", "{key}: magic at its end");
+    let length = u32::from_le_bytes(pack[footer..footer + 4].try_into().expect("4 bytes"));
+    let listing_at = footer - length as usize;
+    let listing = zstd::decode_all(&pack[listing_at..footer])
+        .unwrap_or_else(|e| panic!("{key}: its listing is not a zstd frame: {e}"));
+    let listing =
+        snapfs::manifest::decode_pack_listing(&listing).unwrap_or_else(|e| panic!("{key}: {e}"));
+    assert_eq!(listing.data_length, listing_at as u64, "{key}: data length");
+    listing
+        .blocks
+        .iter()
+        .map(|block| {
+            let (offset, length) = (block.offset as usize, block.length as usize);
+            let data = zstd::decode_all(&pack[offset..offset + length])
+                .unwrap_or_else(|e| panic!("{key} at {offset}: not a zstd frame: {e}"));
+            let hash = snapfs::blocks::BlockHash::of(&data).to_hex();
+            assert_eq!(
+                hash,
+                block.hash.to_hex(),
+                "{key} at {offset} decodes to its hash"
+            );
+            assert_eq!(data.len(), block.raw_length as usize, "{key} at {offset}");
+            let packed = Packed {
+                pack: key.to_owned(),
+                offset,
+                length,
+                data,
+            };
+            (hash, packed)
+        })
+        .collect()
+}
+
+/// Every block in the packs of the store whose `packs/` keys are `keys` (relative keys,
+/// `get` fetching one; a pack deleted since the listing is skipped): each copy, by hex
+/// hash.
+pub fn packed_blocks(
+    keys: impl IntoIterator<Item = String>,
+    get: impl Fn(&str) -> Option<Vec<u8>>,
+) -> BTreeMap<String, Vec<Packed>> {
+    let mut blocks: BTreeMap<String, Vec<Packed>> = BTreeMap::new();
+    for key in keys {
+        let Some(pack) = get(&key) else { continue };
+        for (hash, packed) in unpack(&key, &pack) {
+            blocks.entry(hash).or_default().push(packed);
+        }
+    }
+    blocks
+}
+
+/// The blocks in the packs of a `file://` store in `dir`, by hex hash.
+pub fn packed_blocks_in_dir(dir: &Path) -> BTreeMap<String, Vec<Packed>> {
+    let keys = fs::read_dir(dir.join("packs"))
+        .map(|entries| {
+            entries
+                .map(|e| {
+                    format!(
+                        "packs/{}",
+                        e.expect("pack entry").file_name().to_string_lossy()
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    packed_blocks(keys, |key| fs::read(dir.join(key)).ok())
+}
+
+/// The blocks in the packs under `prefix` of a bucket, by hex hash.
+pub fn packed_in_bucket(client: &s3::S3Client, prefix: &str) -> BTreeMap<String, Vec<Packed>> {
+    let keys = client
+        .list(&format!("{prefix}packs/"))
+        .into_iter()
+        .map(|(key, _)| key);
+    packed_blocks(keys, |key| client.get(key))
+}

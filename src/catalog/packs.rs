@@ -1,0 +1,238 @@
+//! The catalog's side of packs (store format 2, `store/pack.rs`): which pack holds each
+//! stored block and where, how many live blocks each pack still holds, and which index
+//! object lists it. A pack is one row of `packs`; its blocks point at it.
+//!
+//! A pack's life: a row with `sent = 0` before its PUT (a crash then leaves a name to
+//! delete, never an object nothing knows); `record_pack` once it landed, pointing its
+//! blocks at it; `record_index` once an index object lists it; queued for deletion from
+//! the store when its last live block is freed, and its index object with its last pack.
+
+use rusqlite::{OptionalExtension, params};
+
+use super::{Error, ReadTx, Result, WriteTx};
+use crate::blocks::BlockHash;
+use crate::manifest::{PackId, PackListing, PackedBlock};
+use crate::store::{BlockPlace, ObjectKey};
+
+/// A pack the catalog knows, by its row id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackRow {
+    pub row: i64,
+    pub id: PackId,
+}
+
+fn pack_id(name: String) -> Result<PackId> {
+    PackId::parse(&name).ok_or_else(|| Error::Corrupt(format!("bad pack name {name:?}")))
+}
+
+impl ReadTx<'_> {
+    /// Where this volume's store holds block `hash`; `None` if it does not (not sent, or
+    /// the origin's).
+    pub fn block_place(&self, hash: &BlockHash) -> Result<Option<BlockPlace>> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT p.name, b.pack_offset, b.pack_length
+                 FROM blocks b LEFT JOIN packs p ON p.id = b.pack
+                 WHERE b.hash = ?1 AND b.stored = 1",
+            )?
+            .query_row([hash.as_bytes()], |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    r.get::<_, Option<u64>>(1)?,
+                    r.get::<_, Option<u32>>(2)?,
+                ))
+            })
+            .optional()?;
+        Ok(match row {
+            None => None,
+            Some((Some(name), Some(offset), Some(length))) => Some(BlockPlace::Packed {
+                pack: pack_id(name)?,
+                offset,
+                length,
+            }),
+            Some(_) => Some(BlockPlace::Object),
+        })
+    }
+
+    /// The packs that landed and that no index object lists yet, with the listing of
+    /// their live blocks.
+    pub fn unindexed_packs(&self) -> Result<Vec<(PackRow, PackListing)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, name, data_length FROM packs WHERE sent = 1 AND indexed IS NULL",
+        )?;
+        let packs = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<Vec<(i64, String, u64)>>>()?;
+        let mut blocks = self.conn.prepare_cached(
+            "SELECT hash, pack_offset, pack_length, len FROM blocks WHERE pack = ?1
+             ORDER BY pack_offset",
+        )?;
+        let mut found = Vec::with_capacity(packs.len());
+        for (row, name, data_length) in packs {
+            let listed = blocks
+                .query_map([row], |r| {
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
+                .map(|row| {
+                    let (hash, offset, length, raw_length) = row?;
+                    let hash = BlockHash::try_from(hash.as_slice())
+                        .map_err(|_| Error::Corrupt("bad hash in the block table".into()))?;
+                    Ok(PackedBlock {
+                        hash,
+                        offset,
+                        length,
+                        raw_length,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            found.push((
+                PackRow {
+                    row,
+                    id: pack_id(name)?,
+                },
+                PackListing {
+                    data_length,
+                    blocks: listed,
+                },
+            ));
+        }
+        Ok(found)
+    }
+
+    /// The store's packs: count, bytes, and the bytes of their live blocks.
+    pub fn pack_usage(&self) -> Result<(u64, u64, u64)> {
+        Ok(self.conn.query_row(
+            "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(live_bytes), 0)
+             FROM packs WHERE sent = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?)
+    }
+}
+
+impl WriteTx<'_> {
+    /// Records that pack `id` (`size` bytes, its frames `data_length` of them) is about
+    /// to be sent.
+    pub fn begin_pack(&self, id: &PackId, size: u64, data_length: u64) -> Result<PackRow> {
+        self.conn
+            .prepare_cached("INSERT INTO packs (name, size, data_length) VALUES (?1, ?2, ?3)")?
+            .execute(params![id.to_string(), size, data_length])?;
+        Ok(PackRow {
+            row: self.conn.last_insert_rowid(),
+            id: *id,
+        })
+    }
+
+    /// Records that `pack` landed holding `listing`, and the progress of snapshot
+    /// `snapshot`. Blocks freed while it was sent do not count as its live blocks (a pack
+    /// left with none is queued for deletion at once), nor do blocks another pack has.
+    pub fn record_pack(
+        &self,
+        snapshot: u64,
+        pack: PackRow,
+        size: u64,
+        listing: &PackListing,
+    ) -> Result<()> {
+        let mut point = self.conn.prepare_cached(
+            "UPDATE blocks SET stored = 1, pack = ?2, pack_offset = ?3, pack_length = ?4
+             WHERE hash = ?1 AND stored = 0",
+        )?;
+        let (mut live, mut live_bytes, mut raw) = (0u64, 0u64, 0u64);
+        for block in &listing.blocks {
+            raw += u64::from(block.raw_length);
+            if point.execute(params![
+                block.hash.as_bytes(),
+                pack.row,
+                block.offset,
+                block.length
+            ])? > 0
+            {
+                live += 1;
+                live_bytes += u64::from(block.length);
+            }
+        }
+        self.conn
+            .prepare_cached(
+                "UPDATE packs SET sent = 1, blocks = blocks + ?2, live_bytes = live_bytes + ?3
+                 WHERE id = ?1",
+            )?
+            .execute(params![pack.row, live, live_bytes])?;
+        self.conn
+            .prepare_cached(
+                "UPDATE snapshots SET sent_blocks = sent_blocks + ?2,
+                     sent_bytes = sent_bytes + ?3, stored_bytes = stored_bytes + ?4
+                 WHERE id = ?1",
+            )?
+            .execute(params![snapshot, listing.blocks.len() as u64, raw, size])?;
+        self.queue_dead_packs()
+    }
+
+    /// Records that index object `index` lists `packs`.
+    pub fn record_index(&self, index: &PackId, packs: &[PackRow]) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("UPDATE packs SET indexed = ?2 WHERE id = ?1")?;
+        let mut listed = 0;
+        for pack in packs {
+            listed += stmt.execute(params![pack.row, index.to_string()])?;
+        }
+        // Every pack it lists died while it was written: nothing keeps it.
+        if listed == 0 {
+            self.conn
+                .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?
+                .execute([ObjectKey::index(index).as_str()])?;
+        }
+        Ok(())
+    }
+
+    /// Records that the volume's store holds block `hash` as an object of its own
+    /// (`verify --repair` wrote it there in place of a lost or damaged copy in a pack).
+    pub fn set_block_unpacked(&self, hash: &BlockHash) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE blocks SET pack = NULL, pack_offset = NULL, pack_length = NULL
+                 WHERE hash = ?1 AND stored = 1",
+            )?
+            .execute([hash.as_bytes()])?;
+        self.queue_dead_packs()
+    }
+
+    /// Queues for deletion the packs whose PUT a crash or an unmount cut short: called
+    /// when no PUT is under way.
+    pub fn abandon_unsent_packs(&self) -> Result<()> {
+        // Such a pack counts no block yet: the condition lets the partial index serve.
+        self.queue_packs("sent = 0 AND blocks <= 0")
+    }
+
+    /// Queues for deletion from the store the packs no live block is in, and the index
+    /// objects that list only such packs.
+    pub(super) fn queue_dead_packs(&self) -> Result<()> {
+        self.queue_packs("sent = 1 AND blocks <= 0")
+    }
+
+    fn queue_packs(&self, condition: &str) -> Result<()> {
+        let doomed: Vec<(String, Option<String>)> = self
+            .conn
+            .prepare_cached(&format!(
+                "DELETE FROM packs WHERE {condition} RETURNING name, indexed"
+            ))?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut queue = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?;
+        let mut still_listing = self
+            .conn
+            .prepare_cached("SELECT 1 FROM packs WHERE indexed = ?1")?;
+        for (name, indexed) in doomed {
+            queue.execute([ObjectKey::pack(&pack_id(name)?).as_str()])?;
+            if let Some(index) = indexed
+                && !still_listing.exists([&index])?
+            {
+                queue.execute([ObjectKey::index(&pack_id(index)?).as_str()])?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,359 @@
+//! Packs and index objects (store format 2, docs/format.md): blocks travel to the store
+//! many to an object, so a TiB is some tens of thousands of requests, not millions.
+//!
+//! A pack is its blocks' zstd frames, one after the other, each sealed on its own by an
+//! encrypting store (`ObjectStore::seal_part`), so one block is read back with one range
+//! request; then its listing (where each frame is), sealed too, its length (4 bytes,
+//! little-endian) and [`PACK_MAGIC`]. Index objects carry the listings of many packs, so a
+//! reader with nothing but the bucket finds any block after listing `index/` once; a lost
+//! index is rebuilt from the packs' own listings.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+use super::{ObjectKey, ObjectStore, StoreError, StoreResult};
+use crate::blocks::BlockHash;
+use crate::manifest::{self, PackId, PackListing, PackedBlock};
+
+/// The last 8 bytes of every pack.
+pub const PACK_MAGIC: &[u8; 8] = b"snapfsP1";
+/// The footer: the listing's length, then the magic.
+const FOOTER: usize = 4 + PACK_MAGIC.len();
+/// Index objects read at once.
+const INDEX_READS: usize = 16;
+/// Largest decompressed listing or index object accepted.
+const MAX_LISTING: usize = 256 << 20;
+
+/// A new random name for a pack or an index object: names never repeat, so a PUT never
+/// races a deletion of the same key.
+pub fn random_id() -> PackId {
+    let mut id = [0u8; 16];
+    chacha20poly1305::aead::rand_core::RngCore::fill_bytes(
+        &mut chacha20poly1305::aead::OsRng,
+        &mut id,
+    );
+    PackId(id)
+}
+
+/// A pack being filled.
+pub struct PackBuilder {
+    id: PackId,
+    key: ObjectKey,
+    body: Vec<u8>,
+    blocks: Vec<PackedBlock>,
+}
+
+/// A pack ready to be sent.
+pub struct FinishedPack {
+    pub id: PackId,
+    pub key: ObjectKey,
+    pub body: Vec<u8>,
+    pub listing: PackListing,
+}
+
+impl Default for PackBuilder {
+    fn default() -> Self {
+        PackBuilder::new()
+    }
+}
+
+impl PackBuilder {
+    pub fn new() -> PackBuilder {
+        let id = random_id();
+        PackBuilder {
+            id,
+            key: ObjectKey::pack(&id),
+            body: Vec::new(),
+            blocks: Vec::new(),
+        }
+    }
+
+    /// Adds block `hash` (`raw_length` bytes) as `frame`, its zstd frame, sealed by
+    /// `store` as it requires.
+    pub fn add(
+        &mut self,
+        store: &dyn ObjectStore,
+        hash: BlockHash,
+        raw_length: u32,
+        frame: Vec<u8>,
+    ) -> StoreResult<()> {
+        let part = store.seal_part(&self.key, frame)?;
+        let length = u32::try_from(part.len())
+            .ok()
+            .filter(|&length| length <= manifest::MAX_PACKED_BLOCK)
+            .ok_or_else(|| StoreError::permanent(format!("block {hash} is too large")))?;
+        self.blocks.push(PackedBlock {
+            hash,
+            offset: self.body.len() as u64,
+            length,
+            raw_length,
+        });
+        self.body.extend_from_slice(&part);
+        Ok(())
+    }
+
+    /// Bytes of frames so far.
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// The pack with its listing appended.
+    pub fn finish(mut self, store: &dyn ObjectStore, level: i32) -> StoreResult<FinishedPack> {
+        let listing = PackListing {
+            data_length: self.body.len() as u64,
+            blocks: self.blocks,
+        };
+        let encoded = manifest::compress(&manifest::encode_pack_listing(&listing), level)
+            .map_err(|e| StoreError::permanent(format!("zstd: {e}")))?;
+        let trailer = store.seal_part(&self.key, encoded)?;
+        let trailer_length = u32::try_from(trailer.len())
+            .map_err(|_| StoreError::permanent("a pack listing beyond 4 GiB"))?;
+        self.body.extend_from_slice(&trailer);
+        self.body.extend_from_slice(&trailer_length.to_le_bytes());
+        self.body.extend_from_slice(PACK_MAGIC);
+        Ok(FinishedPack {
+            id: self.id,
+            key: self.key,
+            body: self.body,
+            listing,
+        })
+    }
+}
+
+/// The listing in the trailer of `pack`, a whole pack object read from `store` under
+/// `key`: authenticated, decoded, and every frame inside the pack's data. The error says
+/// what is wrong.
+pub fn read_listing(
+    store: &dyn ObjectStore,
+    key: &str,
+    pack: &[u8],
+) -> Result<PackListing, String> {
+    let Some(footer_at) = pack.len().checked_sub(FOOTER) else {
+        return Err("shorter than a pack's footer".into());
+    };
+    let (rest, footer) = pack.split_at(footer_at);
+    if &footer[4..] != PACK_MAGIC {
+        return Err("not a snapfs pack (no magic at its end)".into());
+    }
+    let mut length = [0u8; 4];
+    length.copy_from_slice(&footer[..4]);
+    let length = u32::from_le_bytes(length) as usize;
+    let Some(data_length) = rest.len().checked_sub(length) else {
+        return Err("its listing is longer than the pack".into());
+    };
+    let trailer = store
+        .open_part(key, rest[data_length..].to_vec())
+        .map_err(|e| e.message)?;
+    // Each entry names a frame of at least a byte and encodes to at most 52 bytes.
+    let bound = (16 + 52 * (data_length + 1)).min(MAX_LISTING);
+    let encoded = manifest::decompress(&trailer, bound)
+        .map_err(|e| format!("its listing is not a zstd frame: {e}"))?;
+    let listing = manifest::decode_pack_listing(&encoded).map_err(|e| e.to_string())?;
+    if listing.data_length != data_length as u64 {
+        return Err("its listing does not match its length".into());
+    }
+    Ok(listing)
+}
+
+/// Decodes block `hash` from `part`, its frame as read from pack `key`: opened,
+/// decompressed (at most `max` bytes) and checked against the hash.
+pub fn open_frame(
+    store: &dyn ObjectStore,
+    key: &str,
+    hash: &BlockHash,
+    part: Vec<u8>,
+    max: usize,
+) -> Result<Vec<u8>, String> {
+    let frame = store.open_part(key, part).map_err(|e| e.message)?;
+    let data = zstd::bulk::decompress(&frame, max)
+        .map_err(|e| format!("not a zstd frame of at most {max} bytes: {e}"))?;
+    let actual = BlockHash::of(&data);
+    if actual == *hash {
+        Ok(data)
+    } else {
+        Err(format!("its content hashes to {actual}"))
+    }
+}
+
+/// Where a block is in a store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockPlace {
+    /// Format 1: an object of its own, `blocks/<hash>`.
+    Object,
+    /// Format 2: a frame in a pack.
+    Packed {
+        pack: PackId,
+        offset: u64,
+        length: u32,
+    },
+}
+
+/// A store's index objects, merged: where each block is. A block listed in several packs
+/// (sent again after an interruption) has each place, newest index last.
+#[derive(Default)]
+pub struct PackIndex {
+    places: HashMap<BlockHash, Vec<BlockPlace>>,
+    /// Index objects that could not be read, for messages.
+    pub damaged: Vec<String>,
+    /// Index objects read.
+    pub objects: usize,
+}
+
+impl PackIndex {
+    /// Reads every index object of `store`. One that cannot be read is named in
+    /// `damaged`, not an error: the blocks it lists are then reported missing where they
+    /// are needed (and `verify --repair` rebuilds it from the packs).
+    pub async fn load(store: &dyn ObjectStore) -> StoreResult<PackIndex> {
+        let mut index = PackIndex::default();
+        let keys = super::retry(Some(5), || store.list(ObjectKey::INDEX)).await?;
+        // One index object per snapshot upload: many requests, read some at a time.
+        let fetch = |key: String| async move {
+            let checked = super::fetch_verified(store, &key, |object| {
+                let data = manifest::decompress(&object, MAX_LISTING)
+                    .map_err(|e| format!("corrupt or truncated: {e}"))?;
+                manifest::decode_index(&data).map_err(|e| e.to_string())
+            })
+            .await;
+            (key, checked)
+        };
+        let mut pending =
+            futures_util::stream::iter(keys.into_iter().map(fetch)).buffer_unordered(INDEX_READS);
+        while let Some((key, checked)) = pending.next().await {
+            match checked? {
+                // Deleted since it was listed: the packs it named went first.
+                None => {}
+                Some(Err(problem)) => index.damaged.push(format!("{key}: {problem}")),
+                Some(Ok(packs)) => {
+                    index.objects += 1;
+                    for (pack, listing) in packs {
+                        index.add(pack, &listing);
+                    }
+                }
+            }
+        }
+        Ok(index)
+    }
+
+    /// Adds the blocks of `pack`.
+    pub fn add(&mut self, pack: PackId, listing: &PackListing) {
+        for block in &listing.blocks {
+            self.places
+                .entry(block.hash)
+                .or_default()
+                .push(BlockPlace::Packed {
+                    pack,
+                    offset: block.offset,
+                    length: block.length,
+                });
+        }
+    }
+
+    /// The places of block `hash` in packs (none: look for a format-1 object).
+    pub fn places(&self, hash: &BlockHash) -> &[BlockPlace] {
+        self.places.get(hash).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn contains(&self, hash: &BlockHash) -> bool {
+        self.places.contains_key(hash)
+    }
+
+    /// Every block the index lists, with its places.
+    pub fn blocks(&self) -> impl Iterator<Item = (&BlockHash, &[BlockPlace])> {
+        self.places
+            .iter()
+            .map(|(hash, places)| (hash, places.as_slice()))
+    }
+}
+
+/// A store and its index, read at the first block wanted from it, and again when a
+/// block is found nowhere (the store's writer may have added packs since: a follower, an
+/// origin still in use).
+pub struct IndexedStore {
+    pub store: Arc<dyn ObjectStore>,
+    index: tokio::sync::Mutex<Option<(Arc<PackIndex>, Instant)>>,
+}
+
+/// An index is read again for a missing block at most this often.
+const INDEX_REREAD: Duration = Duration::from_secs(1);
+
+impl IndexedStore {
+    pub fn new(store: Arc<dyn ObjectStore>) -> IndexedStore {
+        IndexedStore {
+            store,
+            index: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The store's index (listed and read once).
+    pub async fn index(&self) -> StoreResult<Arc<PackIndex>> {
+        let mut loaded = self.index.lock().await;
+        if let Some((index, _)) = &*loaded {
+            return Ok(index.clone());
+        }
+        let index = Arc::new(PackIndex::load(&*self.store).await?);
+        *loaded = Some((index.clone(), Instant::now()));
+        Ok(index)
+    }
+
+    /// The store's index read again, unless `seen` was read less than `INDEX_REREAD` ago
+    /// or another reader has read it again since.
+    async fn reread(&self, seen: &Arc<PackIndex>) -> StoreResult<Arc<PackIndex>> {
+        let mut loaded = self.index.lock().await;
+        if let Some((index, at)) = &*loaded
+            && (!Arc::ptr_eq(index, seen) || at.elapsed() < INDEX_REREAD)
+        {
+            return Ok(index.clone());
+        }
+        let index = Arc::new(PackIndex::load(&*self.store).await?);
+        *loaded = Some((index.clone(), Instant::now()));
+        Ok(index)
+    }
+
+    /// Block `hash` (at most `max` bytes), verified: from a pack the index places it in,
+    /// else from its own object (a format-1 store), else from a pack added since the
+    /// index was read. `None` if the store has it nowhere.
+    pub async fn block(&self, hash: &BlockHash, max: usize) -> StoreResult<Option<Vec<u8>>> {
+        let index = self.index().await?;
+        let mut damaged = None;
+        if let Some(data) = self.in_packs(&index, hash, max, &mut damaged).await? {
+            return Ok(Some(data));
+        }
+        if let Some(data) = super::fetch_block(&*self.store, hash, BlockPlace::Object, max).await? {
+            return Ok(Some(data));
+        }
+        let again = self.reread(&index).await?;
+        if !Arc::ptr_eq(&again, &index)
+            && let Some(data) = self.in_packs(&again, hash, max, &mut damaged).await?
+        {
+            return Ok(Some(data));
+        }
+        damaged.map_or(Ok(None), Err)
+    }
+
+    /// Block `hash` from the packs `index` places it in; a copy that fails verification
+    /// is kept in `damaged` (another may be whole).
+    async fn in_packs(
+        &self,
+        index: &PackIndex,
+        hash: &BlockHash,
+        max: usize,
+        damaged: &mut Option<StoreError>,
+    ) -> StoreResult<Option<Vec<u8>>> {
+        for place in index.places(hash) {
+            match super::fetch_block(&*self.store, hash, *place, max).await {
+                Ok(Some(data)) => return Ok(Some(data)),
+                Ok(None) => {}
+                Err(e) if !e.is_transient() => *damaged = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+}
