@@ -364,6 +364,7 @@ fn repair(runtime: &Runtime, data_dir: &Path, report: &Report) -> Result<Vec<Str
                 path: PathBuf::from(key.as_str()),
                 source,
             })?;
+            let object = bytes::Bytes::from(object);
             store::retry(Some(5), || own.put(&key, object.clone())).await?;
             writer.write_now(|tx| tx.set_block_unpacked(hash))?;
             uploaded += 1;

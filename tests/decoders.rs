@@ -532,7 +532,7 @@ proptest! {
         let memory = Arc::new(Memory::default());
         let sealed = Sealed::new(memory.clone(), &Key::generate());
         let key = format!("blocks/{}", BlockHash::of(&body));
-        runtime.block_on(sealed.put(&key, body.clone())).expect("put");
+        runtime.block_on(sealed.put(&key, body.clone().into())).expect("put");
         let stored = memory.only();
         for hostile in [mutate(stored.clone(), &mutations), random] {
             if hostile == stored {
@@ -588,8 +588,8 @@ impl Memory {
 }
 
 impl ObjectStore for Memory {
-    fn put<'a>(&'a self, key: &'a str, body: Vec<u8>) -> StoreFuture<'a, ()> {
-        *self.object.lock().expect("lock") = Some((key.to_owned(), body));
+    fn put<'a>(&'a self, key: &'a str, body: bytes::Bytes) -> StoreFuture<'a, ()> {
+        *self.object.lock().expect("lock") = Some((key.to_owned(), body.to_vec()));
         Box::pin(async { Ok(()) })
     }
 

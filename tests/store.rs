@@ -21,14 +21,20 @@ fn check_contract(name: &str, shared: Arc<dyn ObjectStore>, runtime: &tokio::run
             .expect("deleting a missing key succeeds");
 
         let big = pattern(3 << 20, 1);
-        store.put("a/big", big.clone()).await.expect("put");
-        store.put("a/empty", Vec::new()).await.expect("put empty");
-        store.put("b/other", b"x".to_vec()).await.expect("put");
+        store.put("a/big", big.clone().into()).await.expect("put");
+        store
+            .put("a/empty", Vec::new().into())
+            .await
+            .expect("put empty");
+        store
+            .put("b/other", b"x".to_vec().into())
+            .await
+            .expect("put");
         assert_eq!(store.get("a/big").await.expect("get"), Some(big), "{name}");
         assert_eq!(store.get("a/empty").await.expect("get"), Some(Vec::new()));
 
         store
-            .put("a/big", b"replaced".to_vec())
+            .put("a/big", b"replaced".to_vec().into())
             .await
             .expect("overwrite");
         assert_eq!(
@@ -48,7 +54,7 @@ fn check_contract(name: &str, shared: Arc<dyn ObjectStore>, runtime: &tokio::run
             let store = shared.clone();
             puts.spawn(async move {
                 for key in chunk {
-                    store.put(&key, vec![1]).await.expect("put many");
+                    store.put(&key, vec![1].into()).await.expect("put many");
                 }
             });
         }
@@ -78,7 +84,10 @@ fn check_contract(name: &str, shared: Arc<dyn ObjectStore>, runtime: &tokio::run
                     "{name}: {object} hides the hash of {key}"
                 );
             }
-            store.put(&key, b"content".to_vec()).await.expect("put");
+            store
+                .put(&key, b"content".to_vec().into())
+                .await
+                .expect("put");
             assert_eq!(
                 store.get(&key).await.expect("get").as_deref(),
                 Some(&b"content"[..]),
@@ -107,7 +116,7 @@ fn check_contract(name: &str, shared: Arc<dyn ObjectStore>, runtime: &tokio::run
         }
         let pack = builder.finish(store, 3).expect("finish");
         store
-            .put(&pack.key, pack.body.clone())
+            .put(&pack.key, pack.body.clone().into())
             .await
             .expect("put pack");
         let whole = store.get(&pack.key).await.expect("get").expect("the pack");

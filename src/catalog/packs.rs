@@ -100,14 +100,54 @@ impl ReadTx<'_> {
         Ok(found)
     }
 
-    /// The store's packs: count, bytes, and the bytes of their live blocks.
-    pub fn pack_usage(&self) -> Result<(u64, u64, u64)> {
-        Ok(self.conn.query_row(
-            "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(live_bytes), 0)
-             FROM packs WHERE sent = 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?)
+    /// The small blocks (frames under `small` bytes) that follow block `hash` in its pack
+    /// within `span` bytes and are not on the local disk, with the pack: what one range
+    /// read of the pack brings back with it. `None` if `hash` is not in a pack.
+    pub fn pack_neighbours(
+        &self,
+        hash: &BlockHash,
+        span: u64,
+        small: u32,
+    ) -> Result<Option<(PackId, Vec<PackedBlock>)>> {
+        let found = self
+            .conn
+            .prepare_cached(
+                "SELECT b.pack, b.pack_offset, p.name FROM blocks b JOIN packs p ON p.id = b.pack
+                 WHERE b.hash = ?1 AND b.stored = 1",
+            )?
+            .query_row([hash.as_bytes()], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, u64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .optional()?;
+        let Some((pack, offset, name)) = found else {
+            return Ok(None);
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT hash, pack_offset, pack_length, len FROM blocks
+             WHERE pack = ?1 AND pack_offset > ?2 AND pack_offset < ?3 AND pack_length < ?4
+               AND local = 0 AND stored = 1
+             ORDER BY pack_offset",
+        )?;
+        let blocks = stmt
+            .query_map(params![pack, offset, offset + span, small], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .map(|row| {
+                let (hash, offset, length, raw_length) = row?;
+                Ok(PackedBlock {
+                    hash: BlockHash::try_from(hash.as_slice())
+                        .map_err(|_| Error::Corrupt("bad hash in the block table".into()))?,
+                    offset,
+                    length,
+                    raw_length,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some((pack_id(name)?, blocks)))
     }
 }
 

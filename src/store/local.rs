@@ -171,7 +171,7 @@ impl Inner {
 }
 
 impl ObjectStore for LocalStore {
-    fn put<'a>(&'a self, key: &'a str, body: Vec<u8>) -> StoreFuture<'a, ()> {
+    fn put<'a>(&'a self, key: &'a str, body: bytes::Bytes) -> StoreFuture<'a, ()> {
         let key = key.to_owned();
         self.blocking(move |inner| inner.put(&key, &body))
     }

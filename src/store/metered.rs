@@ -25,7 +25,7 @@ async fn timed<T>(op: &'static str, request: StoreFuture<'_, T>) -> StoreResult<
 }
 
 impl ObjectStore for Metered {
-    fn put<'a>(&'a self, key: &'a str, body: Vec<u8>) -> StoreFuture<'a, ()> {
+    fn put<'a>(&'a self, key: &'a str, body: bytes::Bytes) -> StoreFuture<'a, ()> {
         Box::pin(timed("put", self.inner.put(key, body)))
     }
 

@@ -21,10 +21,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 pub use header::VolumeHeader;
 pub use key::ObjectKey;
 pub use local::LocalStore;
-pub use pack::{BlockPlace, IndexedStore, PackBuilder, PackIndex, random_id, read_listing};
+pub use pack::{
+    BlockPlace, IndexedStore, PackBuilder, PackIndex, open_frame, random_id, read_listing,
+};
 pub use reader::{Listing, ReadError, Source, StoreChain, StoreSource, list_manifests, read_tree};
 pub use s3::S3Store;
 pub use sealed::{KEY_FILE_VAR, KEY_VAR, Key, Sealed};
@@ -82,7 +86,8 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = StoreResult<T>> + Send
 /// prefix. Every method may be called concurrently.
 pub trait ObjectStore: Send + Sync {
     /// Stores `body` under `key`, replacing any object there; durable once it returns.
-    fn put<'a>(&'a self, key: &'a str, body: Vec<u8>) -> StoreFuture<'a, ()>;
+    /// The body is shared: a retry sends it again without copying it.
+    fn put<'a>(&'a self, key: &'a str, body: Bytes) -> StoreFuture<'a, ()>;
     /// The object under `key`, or `None` if there is none.
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>>;
     /// Up to `len` bytes of the object under `key` from `offset` (fewer at its end), as
@@ -408,11 +413,11 @@ pub async fn claim(
     retry(Some(3), || store.list(key)).await?;
     let existing = retry(Some(3), || store.get(key)).await?;
     match existing {
-        None => retry(Some(3), || store.put(key, header.clone())).await,
+        None => retry(Some(3), || store.put(key, header.clone().into())).await,
         Some(found) if found == header => Ok(()),
         // This volume's header in format 1: it now says format 2, as packs may follow.
         Some(found) if VolumeHeader::parse(&found).is_ok_and(|h| h.encode() == header) => {
-            retry(Some(3), || store.put(key, header.clone())).await
+            retry(Some(3), || store.put(key, header.clone().into())).await
         }
         Some(found) => {
             let other = header::foreign_id(store, &found)?;
@@ -481,7 +486,7 @@ mod tests {
     }
 
     impl ObjectStore for Mangling {
-        fn put<'a>(&'a self, _: &'a str, _: Vec<u8>) -> StoreFuture<'a, ()> {
+        fn put<'a>(&'a self, _: &'a str, _: Bytes) -> StoreFuture<'a, ()> {
             Box::pin(async { Err(StoreError::permanent("read-only")) })
         }
 

@@ -62,11 +62,16 @@ impl Default for PackBuilder {
 
 impl PackBuilder {
     pub fn new() -> PackBuilder {
+        PackBuilder::with_capacity(0)
+    }
+
+    /// A pack expected to grow to about `bytes`: its buffer is not copied as it fills.
+    pub fn with_capacity(bytes: usize) -> PackBuilder {
         let id = random_id();
         PackBuilder {
             id,
             key: ObjectKey::pack(&id),
-            body: Vec::new(),
+            body: Vec::with_capacity(bytes),
             blocks: Vec::new(),
         }
     }

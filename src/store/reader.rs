@@ -226,7 +226,7 @@ impl StoreChain {
             .map(|(hash, &(_, offset, length))| {
                 let at = (offset - start) as usize;
                 let part = span.get(at..at + length as usize).map(<[u8]>::to_vec);
-                match part.map(|part| super::pack::open_frame(store, &key, hash, part, max)) {
+                match part.map(|part| super::open_frame(store, &key, hash, part, max)) {
                     Some(Ok(data)) => Ok(data),
                     _ => self.block(hash, max),
                 }

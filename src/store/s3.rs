@@ -146,7 +146,7 @@ impl S3Store {
 }
 
 impl ObjectStore for S3Store {
-    fn put<'a>(&'a self, key: &'a str, body: Vec<u8>) -> StoreFuture<'a, ()> {
+    fn put<'a>(&'a self, key: &'a str, body: bytes::Bytes) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             self.client
                 .put_object()

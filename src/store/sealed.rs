@@ -163,14 +163,14 @@ impl Sealed {
 }
 
 impl ObjectStore for Sealed {
-    fn put<'a>(&'a self, key: &'a str, body: Vec<u8>) -> StoreFuture<'a, ()> {
+    fn put<'a>(&'a self, key: &'a str, body: bytes::Bytes) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             // A pack's parts are sealed one by one already (`seal_part`).
             if key == ObjectKey::HEADER.as_str() || ObjectKey::is_sealed_in_parts(key) {
                 return self.inner.put(key, body).await;
             }
             let object = self.seal(key, &body)?;
-            self.inner.put(&self.name(key), object).await
+            self.inner.put(&self.name(key), object.into()).await
         })
     }
 
@@ -251,7 +251,7 @@ mod tests {
             .expect("runtime");
         runtime.block_on(async {
             store
-                .put(&block, b"known content".to_vec())
+                .put(&block, b"known content".to_vec().into())
                 .await
                 .expect("put");
             let back = store.get(&block).await.expect("get");
@@ -274,7 +274,7 @@ mod tests {
             let other = format!("blocks/{}", blake3::hash(b"other").to_hex());
             store
                 .inner
-                .put(&store.object_name(&other), raw.clone())
+                .put(&store.object_name(&other), raw.clone().into())
                 .await
                 .expect("plant");
             let moved = store.get(&other).await.expect_err("moved object");
@@ -283,7 +283,7 @@ mod tests {
             assert_eq!(stranger.get(&block).await.expect("no such name"), None);
             stranger
                 .inner
-                .put(&stranger.object_name(&block), raw)
+                .put(&stranger.object_name(&block), raw.into())
                 .await
                 .expect("plant");
             assert!(stranger.get(&block).await.is_err(), "wrong key");

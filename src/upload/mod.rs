@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
@@ -224,7 +225,7 @@ impl Worker {
             self.core.upload_event(UploadEvent::SnapshotsChanged)?;
         }
         tracing::info!(id, base, blocks = set.len(), "uploading snapshot");
-        let mut packer = Packer::new();
+        let mut packer = Packer::new(self.options.pack_size, self.block_size);
         for batch in set.chunks(BATCH) {
             if lock(&self.catalog).read(|tx| tx.snapshot(id))?.is_none() {
                 return Ok(Outcome::Deleted);
@@ -361,7 +362,8 @@ impl Worker {
         if packer.builder.is_empty() {
             return Ok(Ok(()));
         }
-        let pack = std::mem::take(&mut packer.builder)
+        let next = PackBuilder::with_capacity(packer.capacity);
+        let pack = std::mem::replace(&mut packer.builder, next)
             .finish(&*self.store, self.options.compression_level)?;
         let size = pack.body.len() as u64;
         // Known before it is sent: a crash during the PUT leaves a name to delete.
@@ -375,16 +377,15 @@ impl Worker {
         let store = self.store.clone();
         let limiter = self.limiter.clone();
         let pacer = self.pacer.clone();
+        let (key, body) = (pack.key, Bytes::from(pack.body));
         packer.in_flight.spawn(async move {
             if let Some(limiter) = &limiter {
                 limiter.acquire(size).await;
             }
             // Each attempt paced, not the backoffs between them.
-            store::retry(None, || {
-                pacer.store(store.put(&pack.key, pack.body.clone()))
-            })
-            .await
-            .map_err(|e| e.message)?;
+            store::retry(None, || pacer.store(store.put(&key, body.clone())))
+                .await
+                .map_err(|e| e.message)?;
             metrics::uploaded(size);
             Ok::<_, String>(LandedPack {
                 row,
@@ -653,6 +654,7 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
         let mut tasks = JoinSet::new();
         for (key, body) in objects {
+            let body = Bytes::from(body);
             let permits = permits.clone();
             let store = self.store.clone();
             let limiter = self.limiter.clone();
@@ -732,18 +734,23 @@ struct Packer {
     in_flight: JoinSet<Result<LandedPack, String>>,
     /// When the deletion queue is next served while packs are under way.
     deletions: tokio::time::Interval,
+    /// What a pack's buffer grows to: the target size, the frame that passes it, the
+    /// listing.
+    capacity: usize,
 }
 
 impl Packer {
-    fn new() -> Packer {
+    fn new(pack_size: usize, block_size: u32) -> Packer {
+        let capacity = pack_size + 2 * block_size as usize;
         // Not at once: the caller has just gone through the queue.
         let start = tokio::time::Instant::now() + DELETE_WHILE_WAITING;
         let mut deletions = tokio::time::interval_at(start, DELETE_WHILE_WAITING);
         deletions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Packer {
-            builder: PackBuilder::new(),
+            builder: PackBuilder::with_capacity(capacity),
             in_flight: JoinSet::new(),
             deletions,
+            capacity,
         }
     }
 }

@@ -61,7 +61,7 @@ impl FaultyStore {
 }
 
 impl ObjectStore for FaultyStore {
-    fn put<'a>(&'a self, key: &'a str, body: Vec<u8>) -> StoreFuture<'a, ()> {
+    fn put<'a>(&'a self, key: &'a str, body: bytes::Bytes) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             tokio::time::sleep(self.put_delay).await;
             if let Some(message) = self.permanent.lock().expect("lock").clone() {

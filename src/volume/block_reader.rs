@@ -15,8 +15,13 @@ use super::{Error, Result};
 use crate::blocks::{BlockError, BlockHash, BlockStore, copy_from, is_inline};
 use crate::catalog::Catalog;
 use crate::metrics;
-use crate::store::{self, IndexedStore, ObjectStore};
+use crate::store::{self, BlockPlace, IndexedStore, ObjectKey, ObjectStore};
 use crate::sync::{Mutex, lock};
+
+/// How far past a missed block its pack is read for small evicted blocks that follow it,
+/// and what counts as small (a frame of a small file, or of a file's tail).
+const READ_AROUND: u64 = 1 << 20;
+const SMALL_FRAME: u32 = 64 << 10;
 
 /// An object store, reachable from the read path.
 struct Remote {
@@ -225,11 +230,7 @@ impl BlockReader {
         let max = self.block_size as usize;
         let store = &remote.store;
         let fetched = match place {
-            Some(place) if !in_origin => {
-                remote
-                    .runtime
-                    .block_on(store::fetch_block(&*store.store, hash, place, max))
-            }
+            Some(place) if !in_origin => self.fetch_own(remote, hash, place, max)?,
             _ => remote.runtime.block_on(store.block(hash, max)),
         };
         let data = fetched
@@ -241,16 +242,83 @@ impl BlockReader {
                     message: e.message,
                 })
             })?;
-        self.local.put(hash, &data)?;
-        let local = lock(&self.catalog).write(|tx| tx.set_block_local(hash, true))?;
-        if let (true, Some(cache)) = (local, self.evictable.get()) {
-            lock(cache).admit(*hash, data.len() as u32);
-        }
+        self.keep(hash, &data)?;
         self.evict()?;
         // Verified by `fetch_block`: reads of its other parts need not go to the disk.
         let data = Arc::new(data);
         self.local.cache_verified(hash, data.clone());
         Ok(data)
+    }
+
+    /// Keeps a block fetched from a store (verified) on the local disk again.
+    fn keep(&self, hash: &BlockHash, data: &[u8]) -> Result<()> {
+        self.local.put(hash, data)?;
+        let local = lock(&self.catalog).write(|tx| tx.set_block_local(hash, true))?;
+        if let (true, Some(cache)) = (local, self.evictable.get()) {
+            lock(cache).admit(*hash, data.len() as u32);
+        }
+        Ok(())
+    }
+
+    /// Block `hash` from `place` in the volume's own store. From a pack, the small
+    /// evicted blocks that follow it come with it in the same range request and are kept
+    /// too: a directory of small files read cold costs one request per run of them, not
+    /// one per file. Large blocks are left out, so a random read of a large file reads
+    /// no more than its block.
+    fn fetch_own(
+        &self,
+        remote: &Remote,
+        hash: &BlockHash,
+        place: BlockPlace,
+        max: usize,
+    ) -> Result<store::StoreResult<Option<Vec<u8>>>> {
+        let store = &*remote.store.store;
+        let single = || {
+            remote
+                .runtime
+                .block_on(store::fetch_block(store, hash, place, max))
+        };
+        let BlockPlace::Packed {
+            pack,
+            offset,
+            length,
+        } = place
+        else {
+            return Ok(single());
+        };
+        let neighbours = lock(&self.catalog)
+            .read(|tx| tx.pack_neighbours(hash, READ_AROUND, SMALL_FRAME))?
+            .filter(|(found, _)| *found == pack)
+            .map(|(_, blocks)| blocks)
+            .unwrap_or_default();
+        let Some(last) = neighbours.last() else {
+            return Ok(single());
+        };
+        let key = ObjectKey::pack(&pack);
+        let end = last.offset + u64::from(last.length);
+        let span = remote.runtime.block_on(store::retry(Some(5), || {
+            store.get_range(&key, offset, end - offset)
+        }));
+        let Ok(Some(span)) = span else {
+            return Ok(single());
+        };
+        let frame = |at: u64, length: u32| {
+            let at = (at - offset) as usize;
+            span.get(at..at + length as usize).map(<[u8]>::to_vec)
+        };
+        for block in &neighbours {
+            let part = frame(block.offset, block.length);
+            // A neighbour that fails is fetched alone when it is read.
+            if let Some(Ok(data)) =
+                part.map(|part| store::open_frame(store, &key, &block.hash, part, max))
+            {
+                self.keep(&block.hash, &data)?;
+            }
+        }
+        match frame(offset, length).map(|part| store::open_frame(store, &key, hash, part, max)) {
+            Some(Ok(data)) => Ok(Ok(Some(data))),
+            _ => Ok(single()),
+        }
     }
 
     /// Blocks that just reached the store: they may now be evicted.
