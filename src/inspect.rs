@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::catalog::{Catalog, EntryChange, LIVE, ReadTx};
+use crate::catalog::{Catalog, EntryChange, LIVE, PackTotals, ReadTx};
 use crate::policy::Policy;
 use crate::volume::retention::Verdict;
 use crate::volume::{CheckpointSpace, Error, Result, SnapshotInfo, describe, describe_checkpoints};
@@ -67,6 +67,11 @@ impl Inspector {
             .into_iter()
             .find(|s| s.name == name)
             .ok_or(Error::NotFound)
+    }
+
+    /// The packs in the volume's store: their bytes and the bytes no snapshot needs.
+    pub fn store_usage(&self) -> Result<PackTotals> {
+        Ok(self.catalog.read(|tx| tx.pack_totals())?)
     }
 
     /// The volume's snapshot policy and the start of the last slot its schedule took.

@@ -15,7 +15,8 @@ use snapfs::mount_helper::{self, Call};
 use snapfs::status::{self, StatusOptions};
 use snapfs::store;
 use snapfs::upload::UploadOptions;
-use snapfs::upload::drain::{self, DrainOptions};
+use snapfs::upload::drain::{self, DrainOptions, PruneOptions};
+use snapfs::upload::gc;
 use snapfs::verify::{self, Options};
 use snapfs::volume;
 
@@ -195,6 +196,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Look after a volume's store: free the bytes no snapshot needs.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Show whether a volume's backups are current: mounted or not, its store and whether it
     /// answers, pending snapshots with what is left, the upload rate and ETA, the last
     /// completed snapshot and its age, the last error, local disk used.
@@ -355,6 +359,43 @@ enum PolicyCommand {
     #[command(after_help = "Example:\n  snapfs policy clear ~/work")]
     Clear {
         mountpoint: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Free the store's unused bytes now, without a mount: delete the packs no snapshot
+    /// needs a block of, and copy the live blocks of mostly unused packs into new packs,
+    /// until the unused bytes are within --max-unused of the live ones. A mount does the
+    /// same by itself while its uploader is idle; deleting snapshots is what makes packs
+    /// unused.
+    #[command(after_help = "Examples:\n  \
+        snapfs store prune --data ~/.local/share/snapfs --dry-run   # what it would free\n  \
+        snapfs store prune --data /srv/vol1 --max-unused 0           # leave nothing unused\n\n\
+        Every step keeps each needed block reachable from the bucket alone: new packs and \
+        index objects are written before old ones are deleted, so an interrupted prune \
+        loses nothing and the next prune or mount goes on. --dry-run reads only the \
+        catalog and works on a mounted volume.\n\n\
+        Exit status: 0 done, 2 it could not run (mounted, no volume, store unreachable or \
+        refused).")]
+    Prune {
+        /// The volume's data dir [default: as for `snapfs mount`].
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// The volume's store, as at mount: only needed if it was never mounted with one.
+        #[arg(long, value_name = "URL", value_parser = parse_store_url)]
+        store: Option<store::StoreUrl>,
+        /// Repack until the bytes no snapshot needs are at most this percentage of the
+        /// bytes they do need.
+        #[arg(long, value_name = "PERCENT", default_value_t = gc::DEFAULT_MAX_UNUSED_PERCENT,
+              value_parser = clap::value_parser!(u8).range(0..=100))]
+        max_unused: u8,
+        /// Only report what would be deleted, copied and freed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -559,6 +600,13 @@ struct MountCommand {
     /// cache miss [default: 16M].
     #[arg(long, value_name = "SIZE", value_parser = parse_pack_size)]
     pack_size: Option<usize>,
+    /// While the uploader is idle, repack the store's packs (most unused first) until the
+    /// bytes no snapshot needs are at most this percentage of those they need; packs no
+    /// snapshot needs are deleted whatever it is. 100 leaves repacking to `snapfs store
+    /// prune`.
+    #[arg(long, value_name = "PERCENT", default_value_t = gc::DEFAULT_MAX_UNUSED_PERCENT,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    max_unused: u8,
     /// Most local disk for blocks already safe in the store, e.g. 10G: the least
     /// recently used are evicted and fetched again when read. Blocks not yet uploaded
     /// always stay [default: keep everything].
@@ -649,6 +697,10 @@ impl MountCommand {
                 limit: self.upload_limit,
                 busy_share: self.upload_share,
                 pack_size: self.pack_size.unwrap_or(snapfs::upload::DEFAULT_PACK_SIZE),
+                gc: gc::GcPolicy {
+                    max_unused_percent: self.max_unused,
+                    ..gc::GcPolicy::default()
+                },
             },
             cache_size: self.cache_size,
             from: self.from,
@@ -762,6 +814,24 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 timeout,
             };
             return upload(&dir, options, json);
+        }
+        Command::Store(StoreCommand::Prune {
+            data,
+            store,
+            max_unused,
+            dry_run,
+            json,
+        }) => {
+            let dir = match data {
+                Some(dir) => dir,
+                None => default_data_dir()?,
+            };
+            let options = PruneOptions {
+                store,
+                max_unused_percent: max_unused,
+                dry_run,
+            };
+            return prune(&dir, options, json);
         }
         Command::Status {
             mountpoint,
@@ -927,6 +997,10 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                         tags_text(&s.tags)
                     );
                 }
+                let usage = inspector.store_usage()?;
+                if usage.packs > 0 {
+                    println!("\n{}", store_usage_text(&usage));
+                }
             }
         }
         SnapshotCommand::Prune {
@@ -935,8 +1009,8 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             json,
         } => policy_cli::prune(&mountpoint, dry_run, json)?,
         SnapshotCommand::Show { name, volume, json } => {
-            let info = volume
-                .open()?
+            let inspector = volume.open()?;
+            let info = inspector
                 .snapshot(name.as_bytes())
                 .map_err(|e| missing_snapshot(e, &[Some(name.as_str())]))?;
             if json {
@@ -971,6 +1045,10 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                 );
                 println!("lock:      {}", lifecycle::lock_text(info.lock.as_ref()));
                 println!("tags:      {}", tags_text(&info.tags));
+                let usage = inspector.store_usage()?;
+                if usage.packs > 0 {
+                    println!("{}", store_usage_text(&usage));
+                }
             }
         }
     }
@@ -1243,6 +1321,52 @@ fn upload(
     })
 }
 
+/// The volume's store in one line, with the bytes no snapshot needs.
+fn store_usage_text(usage: &snapfs::catalog::PackTotals) -> String {
+    format!(
+        "store:     {} in {} packs, {} of it unused ({:.1}%; freed while the mount is \
+         idle, or by `snapfs store prune`)",
+        human_bytes(usage.bytes),
+        usage.packs,
+        human_bytes(usage.unused_bytes),
+        100.0 * usage.unused_bytes as f64 / usage.bytes.max(1) as f64
+    )
+}
+
+fn prune(
+    dir: &std::path::Path,
+    options: PruneOptions,
+    json: bool,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let report = drain::prune(dir, options)?;
+    if json {
+        json::print(&report)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let gc = &report.gc;
+    let (delete, repack) = if report.dry_run {
+        ("would delete", "repack")
+    } else {
+        ("deleted", "repacked")
+    };
+    println!(
+        "store: {} in packs, {} of it unused ({:.1}%)",
+        human_bytes(gc.store_bytes),
+        human_bytes(gc.unused_bytes),
+        100.0 * gc.unused_bytes as f64 / gc.store_bytes.max(1) as f64
+    );
+    println!(
+        "{delete} {} unused packs and {repack} {} ({} of live blocks copied into new packs): \
+         {} of packs deleted, in {:.1} s",
+        gc.deleted_packs,
+        gc.repacked_packs,
+        human_bytes(gc.copied_bytes),
+        human_bytes(gc.deleted_bytes),
+        report.seconds
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn status(
     dir: &std::path::Path,
     options: &StatusOptions,
@@ -1440,9 +1564,10 @@ fn main() -> ExitCode {
     };
     // verify's 1 means "problems found": its own failures to run are 2.
     let failure = match cli.command {
-        Command::Verify { .. } | Command::Upload { .. } | Command::Status { .. } => {
-            ExitCode::from(2)
-        }
+        Command::Verify { .. }
+        | Command::Upload { .. }
+        | Command::Store(_)
+        | Command::Status { .. } => ExitCode::from(2),
         _ => ExitCode::FAILURE,
     };
     match run(cli) {

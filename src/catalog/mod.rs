@@ -17,7 +17,7 @@ mod verify;
 
 pub use checkpoints::CheckpointRow;
 pub use lifecycle::{LockMode, SnapshotLock, Trash};
-pub use packs::PackRow;
+pub use packs::{PackRow, PackTotals, PackUsage};
 pub use status::{LocalUsage, Outstanding};
 pub use upload::Completion;
 pub use verify::{BlockRecord, Finding};

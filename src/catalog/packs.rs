@@ -7,6 +7,8 @@
 //! blocks at it; `record_index` once an index object lists it; queued for deletion from
 //! the store when its last live block is freed, and its index object with its last pack.
 
+use std::collections::HashSet;
+
 use rusqlite::{OptionalExtension, params};
 
 use super::{Error, ReadTx, Result, WriteTx};
@@ -21,8 +23,48 @@ pub struct PackRow {
     pub id: PackId,
 }
 
+/// A pack's use of the store (`indexed_packs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackUsage {
+    pub pack: PackRow,
+    /// Bytes of the pack object, and of the frames in it (the rest is its listing).
+    pub size: u64,
+    pub data_length: u64,
+    pub live_blocks: u64,
+    /// Bytes of its live blocks' frames.
+    pub live_bytes: u64,
+    /// The index object that lists it.
+    pub index: PackId,
+}
+
+impl PackUsage {
+    /// Bytes of the pack's frames no live block uses.
+    pub fn unused(&self) -> u64 {
+        self.data_length.saturating_sub(self.live_bytes)
+    }
+}
+
+/// The store's packs in all (`pack_totals`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PackTotals {
+    pub packs: u64,
+    pub bytes: u64,
+    /// Bytes of frames no live block uses: what garbage collection can free.
+    pub unused_bytes: u64,
+}
+
 fn pack_id(name: String) -> Result<PackId> {
     PackId::parse(&name).ok_or_else(|| Error::Corrupt(format!("bad pack name {name:?}")))
+}
+
+fn packed_block(hash: &[u8], offset: u64, length: u32, raw_length: u32) -> Result<PackedBlock> {
+    Ok(PackedBlock {
+        hash: BlockHash::try_from(hash)
+            .map_err(|_| Error::Corrupt("bad hash in the block table".into()))?,
+        offset,
+        length,
+        raw_length,
+    })
 }
 
 impl ReadTx<'_> {
@@ -58,34 +100,48 @@ impl ReadTx<'_> {
     /// The packs that landed and that no index object lists yet, with the listing of
     /// their live blocks.
     pub fn unindexed_packs(&self) -> Result<Vec<(PackRow, PackListing)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id, name, data_length FROM packs WHERE sent = 1 AND indexed IS NULL",
-        )?;
-        let packs = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        self.listed_packs("sent = 1 AND indexed IS NULL", [])
+    }
+
+    /// The packs with a live block that index objects `indexes` list, except `except`
+    /// (rows), with the listing of their live blocks: what an index replacing those
+    /// objects must list.
+    pub fn packs_listed_by(
+        &self,
+        indexes: &[PackId],
+        except: &HashSet<i64>,
+    ) -> Result<Vec<(PackRow, PackListing)>> {
+        let mut found = Vec::new();
+        for index in indexes {
+            let listed = self.listed_packs("blocks > 0 AND indexed = ?1", [index.to_string()])?;
+            found.extend(
+                listed
+                    .into_iter()
+                    .filter(|(pack, _)| !except.contains(&pack.row)),
+            );
+        }
+        Ok(found)
+    }
+
+    fn listed_packs(
+        &self,
+        condition: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Vec<(PackRow, PackListing)>> {
+        let packs = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT id, name, data_length FROM packs WHERE {condition} ORDER BY id"
+            ))?
+            .query_map(args, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<rusqlite::Result<Vec<(i64, String, u64)>>>()?;
-        let mut blocks = self.conn.prepare_cached(
-            "SELECT hash, pack_offset, pack_length, len FROM blocks WHERE pack = ?1
-             ORDER BY pack_offset",
-        )?;
         let mut found = Vec::with_capacity(packs.len());
         for (row, name, data_length) in packs {
-            let listed = blocks
-                .query_map([row], |r| {
-                    Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })?
-                .map(|row| {
-                    let (hash, offset, length, raw_length) = row?;
-                    let hash = BlockHash::try_from(hash.as_slice())
-                        .map_err(|_| Error::Corrupt("bad hash in the block table".into()))?;
-                    Ok(PackedBlock {
-                        hash,
-                        offset,
-                        length,
-                        raw_length,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let blocks = self
+                .live_in_pack(row)?
+                .into_iter()
+                .map(|(block, _)| block)
+                .collect();
             found.push((
                 PackRow {
                     row,
@@ -93,11 +149,84 @@ impl ReadTx<'_> {
                 },
                 PackListing {
                     data_length,
-                    blocks: listed,
+                    blocks,
                 },
             ));
         }
         Ok(found)
+    }
+
+    /// The live blocks of pack `row` in their order in it, each with whether the local
+    /// disk holds it too.
+    pub fn live_in_pack(&self, row: i64) -> Result<Vec<(PackedBlock, bool)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT hash, pack_offset, pack_length, len, local FROM blocks WHERE pack = ?1
+             ORDER BY pack_offset",
+        )?;
+        stmt.query_map([row], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+            ))
+        })?
+        .map(|row| {
+            let (hash, offset, length, raw_length, local) = row?;
+            Ok((packed_block(&hash, offset, length, raw_length)?, local))
+        })
+        .collect()
+    }
+
+    /// The packs of the store that index objects list, with their size and live bytes:
+    /// what garbage collection chooses from.
+    pub fn indexed_packs(&self) -> Result<Vec<PackUsage>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, name, size, data_length, blocks, live_bytes, indexed FROM packs
+             WHERE sent = 1 AND indexed IS NOT NULL ORDER BY id",
+        )?;
+        stmt.query_map([], |r| {
+            Ok((
+                (r.get(0)?, r.get::<_, String>(1)?),
+                (r.get(2)?, r.get(3)?),
+                (r.get::<_, i64>(4)?, r.get::<_, i64>(5)?),
+                r.get::<_, String>(6)?,
+            ))
+        })?
+        .map(|row| {
+            let ((row, name), (size, data_length), (blocks, live_bytes), indexed) = row?;
+            Ok(PackUsage {
+                pack: PackRow {
+                    row,
+                    id: pack_id(name)?,
+                },
+                size,
+                data_length,
+                live_blocks: blocks.max(0) as u64,
+                live_bytes: live_bytes.max(0) as u64,
+                index: pack_id(indexed)?,
+            })
+        })
+        .collect()
+    }
+
+    /// The store's packs in all: how many, their bytes, and the bytes of their live
+    /// blocks (the rest is what garbage collection can free).
+    pub fn pack_totals(&self) -> Result<PackTotals> {
+        Ok(self.conn.query_row(
+            "SELECT count(*), coalesce(sum(size), 0),
+                 coalesce(sum(max(data_length - max(live_bytes, 0), 0)), 0)
+             FROM packs WHERE sent = 1",
+            [],
+            |r| {
+                Ok(PackTotals {
+                    packs: r.get(0)?,
+                    bytes: r.get(1)?,
+                    unused_bytes: r.get(2)?,
+                })
+            },
+        )?)
     }
 
     /// The small blocks (frames under `small` bytes) that follow block `hash` in its pack
@@ -138,13 +267,7 @@ impl ReadTx<'_> {
             })?
             .map(|row| {
                 let (hash, offset, length, raw_length) = row?;
-                Ok(PackedBlock {
-                    hash: BlockHash::try_from(hash.as_slice())
-                        .map_err(|_| Error::Corrupt("bad hash in the block table".into()))?,
-                    offset,
-                    length,
-                    raw_length,
-                })
+                packed_block(&hash, offset, length, raw_length)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Some((pack_id(name)?, blocks)))
@@ -208,6 +331,76 @@ impl WriteTx<'_> {
         self.queue_dead_packs()
     }
 
+    /// Records that pack `pack` (`size` bytes) landed holding `blocks`, copies of live
+    /// blocks of other packs (each with the row of the pack it comes from): garbage
+    /// collection moving them out of packs mostly unused. A block freed meanwhile, or no
+    /// longer in the pack it was copied from, stays where it is.
+    pub fn record_repacked(&self, pack: PackRow, blocks: &[(PackedBlock, i64)]) -> Result<()> {
+        let mut moved = self.conn.prepare_cached(
+            "UPDATE blocks SET pack = ?2, pack_offset = ?3, pack_length = ?4
+             WHERE hash = ?1 AND pack = ?5 AND stored = 1",
+        )?;
+        let (mut live, mut live_bytes) = (0u64, 0u64);
+        for (block, from) in blocks {
+            if moved.execute(params![
+                block.hash.as_bytes(),
+                pack.row,
+                block.offset,
+                block.length,
+                from
+            ])? > 0
+            {
+                live += 1;
+                live_bytes += u64::from(block.length);
+            }
+        }
+        self.conn
+            .prepare_cached(
+                "UPDATE packs SET sent = 1, blocks = blocks + ?2, live_bytes = live_bytes + ?3
+                 WHERE id = ?1",
+            )?
+            .execute(params![pack.row, live, live_bytes])?;
+        // Left with no block, it goes at once: no index lists it yet.
+        self.queue_dead_packs()
+    }
+
+    /// Records that index object `index` is about to be written: queued for deletion until
+    /// `record_index` makes packs point at it, so a crash during its PUT leaves a name to
+    /// delete rather than an object nothing knows.
+    pub fn begin_index(&self, index: &PackId) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?
+            .execute([ObjectKey::index(index).as_str()])?;
+        Ok(())
+    }
+
+    /// Deletes the packs of `rows` that hold no live block, queueing their objects for
+    /// deletion from the store, and the index objects that no longer list a pack. Called
+    /// once an index object lists every live pack that the packs' index objects list:
+    /// deletions run index objects first, so no index ever names a deleted pack. Returns
+    /// the packs deleted and their bytes.
+    pub fn retire_packs(&self, rows: &[i64]) -> Result<(u64, u64)> {
+        let mut doomed = Vec::new();
+        let mut delete = self.conn.prepare_cached(
+            "DELETE FROM packs WHERE id = ?1 AND blocks <= 0 RETURNING name, indexed, size",
+        )?;
+        for row in rows {
+            if let Some(found) = delete
+                .query_row([row], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?
+            {
+                doomed.push(found);
+            }
+        }
+        drop(delete);
+        let retired = (
+            doomed.len() as u64,
+            doomed.iter().map(|(_, _, size)| size).sum(),
+        );
+        self.queue_retired(doomed.into_iter().map(|(name, indexed, _)| (name, indexed)))?;
+        Ok(retired)
+    }
+
     /// Records that index object `index` lists `packs`.
     pub fn record_index(&self, index: &PackId, packs: &[PackRow]) -> Result<()> {
         let mut stmt = self
@@ -245,10 +438,12 @@ impl WriteTx<'_> {
         self.queue_packs("sent = 0 AND blocks <= 0")
     }
 
-    /// Queues for deletion from the store the packs no live block is in, and the index
-    /// objects that list only such packs.
+    /// Queues for deletion from the store the packs no live block is in and that no
+    /// index object lists (freed before their index was written). Those an index lists
+    /// wait for garbage collection (`retire_packs`), which first writes an index without
+    /// them.
     pub(super) fn queue_dead_packs(&self) -> Result<()> {
-        self.queue_packs("sent = 1 AND blocks <= 0")
+        self.queue_packs("sent = 1 AND blocks <= 0 AND indexed IS NULL")
     }
 
     fn queue_packs(&self, condition: &str) -> Result<()> {
@@ -259,13 +454,19 @@ impl WriteTx<'_> {
             ))?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
+        self.queue_retired(doomed.into_iter())
+    }
+
+    /// Queues deleted packs (name, index object listing them) for deletion from the
+    /// store, and each index object no pack row names any more.
+    fn queue_retired(&self, packs: impl Iterator<Item = (String, Option<String>)>) -> Result<()> {
         let mut queue = self
             .conn
             .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?;
         let mut still_listing = self
             .conn
             .prepare_cached("SELECT 1 FROM packs WHERE indexed = ?1")?;
-        for (name, indexed) in doomed {
+        for (name, indexed) in packs {
             queue.execute([ObjectKey::pack(&pack_id(name)?).as_str()])?;
             if let Some(index) = indexed
                 && !still_listing.exists([&index])?

@@ -216,19 +216,22 @@ impl ReadTx<'_> {
     }
 
     /// Up to `limit` store objects waiting to be deleted, snapshot objects before
-    /// anything else: the store must never hold a snapshot whose trees or blocks are
-    /// gone, even if the deletion is cut short.
+    /// anything else, then index objects: the store must never hold a snapshot whose
+    /// trees or blocks are gone, nor an index naming a deleted pack, even if the deletion
+    /// is cut short.
     pub fn store_deletions(&self, limit: u32) -> Result<Vec<String>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT key FROM store_deletions WHERE key >= ?2 AND key < ?3 LIMIT ?1",
         )?;
-        let prefix = ObjectKey::SNAPSHOTS;
-        let keys = stmt.query_map(params![limit, prefix, ObjectKey::prefix_end(prefix)], |r| {
-            r.get(0)
-        })?;
-        let snapshots: Vec<String> = keys.collect::<rusqlite::Result<_>>()?;
-        if !snapshots.is_empty() {
-            return Ok(snapshots);
+        for prefix in [ObjectKey::SNAPSHOTS, ObjectKey::INDEX] {
+            let keys = stmt
+                .query_map(params![limit, prefix, ObjectKey::prefix_end(prefix)], |r| {
+                    r.get(0)
+                })?;
+            let first: Vec<String> = keys.collect::<rusqlite::Result<_>>()?;
+            if !first.is_empty() {
+                return Ok(first);
+            }
         }
         let mut stmt = self
             .conn

@@ -1,5 +1,6 @@
 //! `snapfs upload`: the uploader run once without a mount, until no snapshot is pending
-//! (a laptop that took snapshots offline sends them later, from cron).
+//! (a laptop that took snapshots offline sends them later, from cron); `snapfs store prune`:
+//! its garbage collection run once, to the end.
 //!
 //! The volume is opened as a mount opens it (the data dir lock, the same clean-up of what
 //! a crash left), its store checked and claimed as a mount does, and `Worker::upload_pending`
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::gc::{self, GcPolicy, GcReport};
 use super::{STOP_GRACE, UploadError, UploadOptions, Worker};
 use crate::catalog::{self, Catalog, Outstanding, Setting, SnapshotState};
 use crate::store::{self, StoreError, StoreUrl};
@@ -51,10 +53,15 @@ pub struct FailedSnapshot {
 #[derive(Debug, thiserror::Error)]
 pub enum DrainError {
     #[error(
-        "{} is mounted or in use (pid {pid}): a mount uploads by itself; unmount it to upload with `snapfs upload`",
+        "{} is mounted or in use (pid {pid}): a mount {does} by itself; unmount it to {command}",
         dir.display()
     )]
-    InUse { dir: PathBuf, pid: String },
+    InUse {
+        dir: PathBuf,
+        pid: String,
+        does: &'static str,
+        command: &'static str,
+    },
     #[error(transparent)]
     Volume(#[from] volume::Error),
     #[error(transparent)]
@@ -84,10 +91,7 @@ pub fn drain(
     // A dir without a volume is refused, never turned into a new one.
     let watch = Catalog::open_data_dir_read_only(dir)?;
     let runtime = store::runtime().map_err(DrainError::Runtime)?;
-    let volume = match Volume::open(dir, &volume::Options::default()) {
-        Err(volume::Error::Locked { dir, pid }) => return Err(DrainError::InUse { dir, pid }),
-        opened => Arc::new(opened?),
-    };
+    let volume = open_unmounted(dir, "uploads", "upload with `snapfs upload`")?;
     let sent = send_watched(&volume, &watch, &runtime, options, deadline, progress);
     // Also after a failure: unfinished uploads resume at the next mount or run, as after
     // an unmount.
@@ -170,17 +174,36 @@ fn send_watched(
     })
 }
 
-/// Checks and claims the store as a mount does, then uploads until nothing is pending or
-/// `deadline`; true if the deadline came first.
-async fn send(
+/// Opens the volume in `dir` as a mount does (the data dir lock, the same clean-up of what
+/// a crash left); refused while it is mounted, whose mount `does` the work by itself.
+fn open_unmounted(
+    dir: &Path,
+    does: &'static str,
+    command: &'static str,
+) -> Result<Arc<Volume>, DrainError> {
+    match Volume::open(dir, &volume::Options::default()) {
+        Err(volume::Error::Locked { dir, pid }) => Err(DrainError::InUse {
+            dir,
+            pid,
+            does,
+            command,
+        }),
+        opened => Ok(Arc::new(opened?)),
+    }
+}
+
+/// Checks and claims the store as a mount does (`store` may only repeat the one the
+/// volume remembers), and starts a worker on it.
+async fn open_worker(
     volume: &Arc<Volume>,
-    options: DrainOptions,
+    store: Option<&StoreUrl>,
+    upload: UploadOptions,
     deadline: Option<Instant>,
-) -> Result<(StoreUrl, bool), DrainError> {
+) -> Result<(StoreUrl, Worker), DrainError> {
     if let Some(followed) = volume.setting(Setting::Follows)? {
         return Err(DrainError::Follower(followed));
     }
-    let url = volume.store_url(options.store.as_ref())?;
+    let url = volume.store_url(store)?;
     let (volume_id, block_size, origin) = (
         volume.volume_id()?,
         volume.block_size() as u32,
@@ -195,7 +218,17 @@ async fn send(
         .await
         .ok_or(DrainError::StoreTimeout)??;
     volume.remember_store(&url)?;
-    let worker = Worker::new(volume.clone(), opened, options.upload)?;
+    Ok((url, Worker::new(volume.clone(), opened, upload)?))
+}
+
+/// Uploads until nothing is pending or `deadline`; true if the deadline came first.
+async fn send(
+    volume: &Arc<Volume>,
+    options: DrainOptions,
+    deadline: Option<Instant>,
+) -> Result<(StoreUrl, bool), DrainError> {
+    let (url, worker) =
+        open_worker(volume, options.store.as_ref(), options.upload, deadline).await?;
     let running = worker.upload_pending();
     tokio::pin!(running);
     if let Some(outcomes) = until(deadline, &mut running).await {
@@ -214,4 +247,52 @@ async fn until<T>(deadline: Option<Instant>, work: impl Future<Output = T>) -> O
         Some(deadline) => tokio::time::timeout_at(deadline.into(), work).await.ok(),
         None => Some(work.await),
     }
+}
+
+/// What `snapfs store prune` does: garbage collection to the end, or (`dry_run`) what it would
+/// do, read from the catalog alone.
+#[derive(Clone, Debug, Default)]
+pub struct PruneOptions {
+    pub store: Option<StoreUrl>,
+    pub max_unused_percent: u8,
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    #[serde(flatten)]
+    pub gc: GcReport,
+    pub seconds: f64,
+}
+
+/// Collects the garbage of the store of the volume in `dir` (not mounted) under
+/// `options`; with `dry_run`, only says what that would do (mounted or not).
+pub fn prune(dir: &Path, options: PruneOptions) -> Result<PruneReport, DrainError> {
+    let started = Instant::now();
+    let policy = GcPolicy {
+        max_unused_percent: options.max_unused_percent,
+        max_copy_bytes: None,
+    };
+    let watch = Catalog::open_data_dir_read_only(dir)?;
+    let gc = if options.dry_run {
+        let packs = watch.read(|tx| tx.indexed_packs())?;
+        gc::plan(&packs, &policy).report(&packs)
+    } else {
+        drop(watch);
+        let runtime = store::runtime().map_err(DrainError::Runtime)?;
+        let volume = open_unmounted(dir, "collects garbage", "prune with `snapfs store prune`")?;
+        let pruned = runtime.block_on(async {
+            let upload = UploadOptions::default();
+            let (_, worker) = open_worker(&volume, options.store.as_ref(), upload, None).await?;
+            Ok::<_, DrainError>(worker.collect_garbage(&policy).await?)
+        });
+        volume.shutdown()?;
+        pruned?
+    };
+    Ok(PruneReport {
+        dry_run: options.dry_run,
+        gc,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }

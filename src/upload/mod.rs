@@ -22,6 +22,7 @@ use crate::metrics;
 use crate::store::{self, ObjectKey, ObjectStore, PackBuilder, StoreError};
 use crate::sync::{Mutex, lock};
 use crate::volume::{self, Volume};
+use gc::GcPolicy;
 use pace::Pacer;
 
 #[derive(Clone, Debug)]
@@ -37,6 +38,8 @@ pub struct UploadOptions {
     pub busy_share: u8,
     /// Bytes of blocks (compressed) per pack.
     pub pack_size: usize,
+    /// How garbage collection runs while the uploader is idle.
+    pub gc: GcPolicy,
 }
 
 impl Default for UploadOptions {
@@ -47,6 +50,7 @@ impl Default for UploadOptions {
             limit: None,
             busy_share: DEFAULT_BUSY_SHARE,
             pack_size: DEFAULT_PACK_SIZE,
+            gc: GcPolicy::default(),
         }
     }
 }
@@ -194,6 +198,11 @@ impl Worker {
             self.rewrite_stale_manifests().await?;
             let next = lock(&self.catalog).read(|tx| tx.next_pending_snapshot())?;
             let Some(snapshot) = next else {
+                // Idle: the store's garbage is collected, a bounded pass at a time,
+                // looking for a pending snapshot between passes.
+                if self.collect_in_background().await? {
+                    continue;
+                }
                 return Ok(outcomes);
             };
             let id = snapshot.id;
@@ -210,6 +219,22 @@ impl Worker {
             }
             self.core.upload_event(UploadEvent::SnapshotsChanged)?;
             outcomes.push((id, outcome));
+        }
+    }
+
+    /// One pass of garbage collection under the mount's policy; true if it freed
+    /// anything (another pass may free more). A store failure only postpones it.
+    async fn collect_in_background(&self) -> Result<bool, UploadError> {
+        if self.is_stopping() {
+            return Ok(false);
+        }
+        match self.collect_garbage(&self.options.gc).await {
+            Ok(report) => Ok(report.deleted_packs + report.repacked_packs > 0),
+            Err(UploadError::Store(e)) => {
+                tracing::warn!(error = %e, "garbage collection failed; will retry");
+                Ok(false)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -449,13 +474,19 @@ impl Worker {
     /// bucket finds every block a completed snapshot needs.
     async fn write_index(&self) -> Result<(), UploadError> {
         let unindexed = lock(&self.catalog).read(|tx| tx.unindexed_packs())?;
-        for packs in unindexed.chunks(PACKS_PER_INDEX) {
+        self.write_indexes(unindexed).await
+    }
+
+    /// Writes index objects listing `packs` and records that they do.
+    async fn write_indexes(&self, packs: Vec<(PackRow, PackListing)>) -> Result<(), UploadError> {
+        for packs in packs.chunks(PACKS_PER_INDEX) {
             let listings: Vec<(PackId, PackListing)> = packs
                 .iter()
                 .map(|(pack, listing)| (pack.id, listing.clone()))
                 .collect();
             let object = self.compress(&manifest::encode_index(&listings))?;
             let index = store::random_id();
+            lock(&self.writer).write_now(|tx| tx.begin_index(&index))?;
             self.put_all(vec![(ObjectKey::index(&index).into(), object)])
                 .await?;
             let rows: Vec<PackRow> = packs.iter().map(|(pack, _)| *pack).collect();
@@ -872,6 +903,7 @@ async fn run(worker: &Worker, wake: &Notify) {
 }
 
 pub mod drain;
+pub mod gc;
 mod pace;
 #[cfg(test)]
 mod proptests;

@@ -795,10 +795,20 @@ impl Fault {
 }
 
 /// Which requests get a fault.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Plan {
     Always(Fault),
-    Every { n: u64, fault: Fault, seen: u64 },
+    Every {
+        n: u64,
+        fault: Fault,
+        seen: u64,
+    },
+    /// Requests with this method whose target contains this text.
+    Matching {
+        method: String,
+        part: String,
+        fault: Fault,
+    },
 }
 
 struct Shared {
@@ -815,11 +825,24 @@ struct Shared {
 }
 
 impl Shared {
-    /// The fault for the next request; `object_get`: it is a GET of an object (not of a
-    /// listing), the only request body faults apply to.
-    fn next_fault(&self, object_get: bool) -> Fault {
+    /// The fault for request `head`; body faults apply only to GETs of an object (not of
+    /// a listing).
+    fn next_fault(&self, head: &Head) -> Fault {
+        let object_get = head.is_object_get();
         let mut plan = self.plan.lock().expect("fault plan lock");
         match &mut *plan {
+            Plan::Matching {
+                method,
+                part,
+                fault,
+            } => {
+                let target = head.start.split(' ').nth(1).unwrap_or_default();
+                if head.method() == method && target.contains(part.as_str()) {
+                    *fault
+                } else {
+                    Fault::None
+                }
+            }
             Plan::Always(fault) | Plan::Every { fault, .. } if fault.on_body() && !object_get => {
                 Fault::None
             }
@@ -908,6 +931,16 @@ impl FaultProxy {
         self.shared.set_plan(Plan::Every { n, fault, seen: 0 });
     }
 
+    /// From now on `fault` applies to the requests with `method` whose target (path and
+    /// query) contains `part`; the others are forwarded.
+    pub fn fault_matching(&self, method: &str, part: &str, fault: Fault) {
+        self.shared.set_plan(Plan::Matching {
+            method: method.into(),
+            part: part.into(),
+            fault,
+        });
+    }
+
     /// (requests forwarded to the upstream, requests that got a fault) so far.
     pub fn counts(&self) -> (u64, u64) {
         (
@@ -979,7 +1012,7 @@ fn serve(shared: &Shared, id: u64, client: TcpStream) -> io::Result<()> {
         let head = Head::parse(&raw)?;
         let request_framing = head.request_framing()?;
         let head_request = head.method() == "HEAD";
-        let fault = shared.next_fault(head.is_object_get());
+        let fault = shared.next_fault(&head);
         // Body faults count once applied (to a successful answer with a body).
         if fault != Fault::None && !fault.on_body() {
             shared.faulted.fetch_add(1, Ordering::SeqCst);

@@ -1,0 +1,398 @@
+//! Garbage collection of packs: deleting snapshots frees blocks, which leaves packs
+//! partly or wholly unused. Packs no live block is in are deleted; packs mostly unused
+//! are repacked (their live blocks copied into new packs) until the store's unused bytes
+//! are within `GcPolicy::max_unused_percent` of its live bytes.
+//!
+//! The order keeps every needed block reachable from the bucket alone at every step, so a
+//! crash anywhere loses nothing: new packs are sent (known to the catalog before their
+//! PUT), the blocks are pointed at them, an index object listing them and every live pack
+//! the old packs' index objects listed is written (queued for deletion until it is
+//! recorded), and only then are the old packs and index objects queued for deletion,
+//! index objects first (`store_deletions`), so no index ever names a deleted pack.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{UploadError, Worker};
+use crate::blocks::{self, BlockHash};
+use crate::catalog::PackUsage;
+use crate::manifest::{PackId, PackedBlock};
+use crate::store::{self, ObjectKey, PackBuilder};
+use crate::sync::lock;
+
+/// When and how much garbage collection repacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GcPolicy {
+    /// Packs are repacked (most unused first) until the bytes no live block uses are at
+    /// most this percentage of the live bytes.
+    pub max_unused_percent: u8,
+    /// Live bytes copied at most in one pass (`None`: no bound); a background pass stops
+    /// there and lets pending uploads go first.
+    pub max_copy_bytes: Option<u64>,
+}
+
+/// The default share of unused bytes the store keeps: restic's `prune --max-unused` is 5%
+/// of the whole; 10% keeps repacking rare while bounding the waste to 1.1x.
+pub const DEFAULT_MAX_UNUSED_PERCENT: u8 = 10;
+
+/// What a background pass copies at most before pending uploads go on.
+pub const BACKGROUND_COPY_BYTES: u64 = 256 << 20;
+
+impl Default for GcPolicy {
+    fn default() -> Self {
+        GcPolicy {
+            max_unused_percent: DEFAULT_MAX_UNUSED_PERCENT,
+            max_copy_bytes: Some(BACKGROUND_COPY_BYTES),
+        }
+    }
+}
+
+/// What a pass would do or did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GcReport {
+    /// Packs without a live block, deleted.
+    pub deleted_packs: u64,
+    /// Packs whose live blocks were copied into new packs, then deleted.
+    pub repacked_packs: u64,
+    /// Bytes of the live blocks copied.
+    pub copied_bytes: u64,
+    /// Bytes of the packs deleted (the new packs take `copied_bytes` back).
+    pub deleted_bytes: u64,
+    /// The store's packs before: how many, their bytes, and the bytes no live block uses.
+    pub store_packs: u64,
+    pub store_bytes: u64,
+    pub unused_bytes: u64,
+}
+
+/// The packs to delete and to repack, chosen from the indexed packs `packs`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct GcPlan {
+    pub dead: Vec<PackUsage>,
+    pub repack: Vec<PackUsage>,
+}
+
+impl GcPlan {
+    pub fn is_empty(&self) -> bool {
+        self.dead.is_empty() && self.repack.is_empty()
+    }
+
+    /// What carrying the plan out does, on a store whose packs are `packs`.
+    pub fn report(&self, packs: &[PackUsage]) -> GcReport {
+        GcReport {
+            deleted_packs: self.dead.len() as u64,
+            repacked_packs: self.repack.len() as u64,
+            copied_bytes: self.repack.iter().map(|p| p.live_bytes).sum(),
+            deleted_bytes: self.dead.iter().chain(&self.repack).map(|p| p.size).sum(),
+            store_packs: packs.len() as u64,
+            store_bytes: packs.iter().map(|p| p.size).sum(),
+            unused_bytes: packs.iter().map(PackUsage::unused).sum(),
+        }
+    }
+}
+
+/// Every pack without a live block, and the packs with the largest unused share until
+/// the unused bytes left are within the policy (or the copy bound is reached: at least one
+/// pack is always taken, however large, so progress is made).
+pub fn plan(packs: &[PackUsage], policy: &GcPolicy) -> GcPlan {
+    let live: u64 = packs.iter().map(|p| p.live_bytes).sum();
+    let allowed = live / 100 * u64::from(policy.max_unused_percent)
+        + live % 100 * u64::from(policy.max_unused_percent) / 100;
+    let (dead, mut partial): (Vec<PackUsage>, Vec<PackUsage>) =
+        packs.iter().partition(|p| p.live_blocks == 0);
+    let mut unused: u64 = partial.iter().map(PackUsage::unused).sum();
+    // Most unused share first: the least copying for the bytes freed.
+    partial.sort_by(|a, b| {
+        let share = |p: &PackUsage, of: &PackUsage| p.unused() as u128 * u128::from(of.size);
+        share(b, a).cmp(&share(a, b))
+    });
+    let mut repack = Vec::new();
+    let mut copied = 0u64;
+    // 100%: repacking is left to `snapfs store prune`.
+    let partial = if policy.max_unused_percent >= 100 {
+        Vec::new()
+    } else {
+        partial
+    };
+    for pack in partial {
+        if unused <= allowed || pack.unused() == 0 {
+            break;
+        }
+        if let Some(bound) = policy.max_copy_bytes
+            && copied + pack.live_bytes > bound
+            && !repack.is_empty()
+        {
+            break;
+        }
+        unused -= pack.unused();
+        copied += pack.live_bytes;
+        repack.push(pack);
+    }
+    GcPlan { dead, repack }
+}
+
+impl Worker {
+    /// What a pass under `policy` would do now, without doing it.
+    pub fn gc_plan(&self, policy: &GcPolicy) -> Result<(GcPlan, GcReport), UploadError> {
+        let packs = lock(&self.catalog).read(|tx| tx.indexed_packs())?;
+        let plan = plan(&packs, policy);
+        let report = plan.report(&packs);
+        Ok((plan, report))
+    }
+
+    /// One pass of garbage collection under `policy`: repacks what the plan says, then
+    /// deletes the packs left without a live block. Returns what it did. Called when no
+    /// upload is under way.
+    pub async fn collect_garbage(&self, policy: &GcPolicy) -> Result<GcReport, UploadError> {
+        // No pack is in flight: one not sent yet was cut short (a crash mid-repack).
+        lock(&self.writer).write_now(|tx| tx.abandon_unsent_packs())?;
+        let (plan, mut report) = self.gc_plan(policy)?;
+        if plan.is_empty() {
+            // What an interrupted pass queued is deleted all the same.
+            self.delete_unneeded().await?;
+            return Ok(GcReport {
+                deleted_packs: 0,
+                repacked_packs: 0,
+                copied_bytes: 0,
+                deleted_bytes: 0,
+                ..report
+            });
+        }
+        tracing::info!(
+            dead = plan.dead.len(),
+            repack = plan.repack.len(),
+            "collecting the store's garbage"
+        );
+        let mut repacked = 0;
+        let mut copied = 0;
+        let mut packer = Repacker::new(self.options.pack_size, self.block_size);
+        for pack in &plan.repack {
+            if self.is_stopping() {
+                break;
+            }
+            match self.copy_live_blocks(pack, &mut packer).await? {
+                Some(bytes) => {
+                    repacked += 1;
+                    copied += bytes;
+                }
+                None => continue,
+            }
+            if packer.builder.len() >= self.options.pack_size {
+                self.send_repacked(&mut packer).await?;
+            }
+        }
+        self.send_repacked(&mut packer).await?;
+        let (deleted, deleted_bytes) = self.retire_dead_packs().await?;
+        report.repacked_packs = repacked;
+        report.copied_bytes = copied;
+        report.deleted_packs = deleted.saturating_sub(repacked);
+        report.deleted_bytes = deleted_bytes;
+        self.delete_unneeded().await?;
+        Ok(report)
+    }
+
+    /// Adds the live blocks of `pack` to the pack being filled: from the local disk where
+    /// it holds them, else from the pack in one range read. Returns their bytes, or `None`
+    /// (the pack stays as it is) if a block cannot be had whole.
+    async fn copy_live_blocks(
+        &self,
+        pack: &PackUsage,
+        packer: &mut Repacker,
+    ) -> Result<Option<u64>, UploadError> {
+        let live = lock(&self.catalog).read(|tx| tx.live_in_pack(pack.pack.row))?;
+        let remote: Vec<&PackedBlock> = live
+            .iter()
+            .filter(|(_, local)| !local)
+            .map(|(block, _)| block)
+            .collect();
+        let key = ObjectKey::pack(&pack.pack.id);
+        let span = match (remote.first(), remote.last()) {
+            (Some(first), Some(last)) => {
+                let end = last.offset + u64::from(last.length);
+                let read = store::retry(Some(5), || {
+                    self.pacer
+                        .store(self.store.get_range(&key, first.offset, end - first.offset))
+                })
+                .await;
+                match read {
+                    Ok(Some(span)) => Some((first.offset, span)),
+                    Ok(None) => return Ok(self.cannot_repack(pack, "the pack is missing")),
+                    Err(e) => return Ok(self.cannot_repack(pack, &e.message)),
+                }
+            }
+            _ => None,
+        };
+        let max = self.block_size as usize;
+        let mut frames = Vec::with_capacity(live.len());
+        for (block, local) in &live {
+            let data = if *local {
+                let inline = if blocks::is_inline(block.raw_length as usize) {
+                    lock(&self.catalog).read(|tx| tx.inline_block(&block.hash))?
+                } else {
+                    None
+                };
+                self.blocks
+                    .read_uncached(&block.hash, inline)
+                    .map_err(|e| e.to_string())
+            } else {
+                let part = span.as_ref().and_then(|(start, span)| {
+                    let at = (block.offset - start) as usize;
+                    span.get(at..at + block.length as usize)
+                });
+                match part {
+                    Some(part) => {
+                        store::open_frame(&*self.store, &key, &block.hash, part.to_vec(), max)
+                    }
+                    None => Err("cut short".into()),
+                }
+            };
+            let data = match data {
+                Ok(data) => data,
+                Err(e) => {
+                    let reason = format!("block {}: {e}", block.hash);
+                    return Ok(self.cannot_repack(pack, &reason));
+                }
+            };
+            frames.push((block.hash, block.raw_length, self.compress(&data)?));
+        }
+        let mut bytes = 0;
+        for (hash, raw_length, frame) in frames {
+            bytes += frame.len() as u64;
+            packer.builder.add(&*self.store, hash, raw_length, frame)?;
+            packer.from.insert(hash, pack.pack.row);
+        }
+        Ok(Some(bytes))
+    }
+
+    fn cannot_repack(&self, pack: &PackUsage, reason: &str) -> Option<u64> {
+        tracing::warn!(pack = %pack.pack.id, reason, "cannot repack; the pack stays");
+        None
+    }
+
+    /// Sends the pack being filled with copied blocks and points them at it.
+    async fn send_repacked(&self, packer: &mut Repacker) -> Result<(), UploadError> {
+        if packer.builder.is_empty() {
+            return Ok(());
+        }
+        let next = PackBuilder::with_capacity(packer.capacity);
+        let pack = std::mem::replace(&mut packer.builder, next)
+            .finish(&*self.store, self.options.compression_level)?;
+        let size = pack.body.len() as u64;
+        let row = lock(&self.writer)
+            .write_now(|tx| tx.begin_pack(&pack.id, size, pack.listing.data_length))?;
+        self.put_all(vec![(pack.key.into(), pack.body)]).await?;
+        let moved: Vec<(PackedBlock, i64)> = pack
+            .listing
+            .blocks
+            .into_iter()
+            .filter_map(|block| Some((block, *packer.from.get(&block.hash)?)))
+            .collect();
+        packer.from.clear();
+        lock(&self.writer).write_now(|tx| tx.record_repacked(row, &moved))?;
+        Ok(())
+    }
+
+    /// Deletes the indexed packs no live block is in: first an index object is written
+    /// that lists every live pack their index objects list (and the packs no index lists
+    /// yet), then the packs and those index objects are queued for deletion. Returns the
+    /// packs deleted and their bytes.
+    pub(super) async fn retire_dead_packs(&self) -> Result<(u64, u64), UploadError> {
+        let packs = lock(&self.catalog).read(|tx| tx.indexed_packs())?;
+        let dead: Vec<&PackUsage> = packs.iter().filter(|p| p.live_blocks == 0).collect();
+        if dead.is_empty() {
+            return Ok((0, 0));
+        }
+        let rows: HashSet<i64> = dead.iter().map(|p| p.pack.row).collect();
+        let mut indexes: Vec<PackId> = dead.iter().map(|p| p.index).collect();
+        indexes.sort_unstable_by_key(PackId::to_string);
+        indexes.dedup();
+        let listed = lock(&self.catalog).read(|tx| {
+            let mut listed = tx.unindexed_packs()?;
+            listed.extend(tx.packs_listed_by(&indexes, &rows)?);
+            Ok::<_, crate::catalog::Error>(listed)
+        })?;
+        self.write_indexes(listed).await?;
+        let rows: Vec<i64> = rows.into_iter().collect();
+        Ok(lock(&self.writer).write_now(|tx| tx.retire_packs(&rows))?)
+    }
+}
+
+/// The pack being filled with copied blocks, and the pack each came from.
+struct Repacker {
+    builder: PackBuilder,
+    from: HashMap<BlockHash, i64>,
+    capacity: usize,
+}
+
+impl Repacker {
+    fn new(pack_size: usize, block_size: u32) -> Repacker {
+        let capacity = pack_size + 2 * block_size as usize;
+        Repacker {
+            builder: PackBuilder::with_capacity(capacity),
+            from: HashMap::new(),
+            capacity,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::PackRow;
+
+    fn usage(row: i64, size: u64, live_blocks: u64, live_bytes: u64) -> PackUsage {
+        let id = PackId::parse(&format!("{row:032x}")).expect("a pack name");
+        PackUsage {
+            pack: PackRow { row, id },
+            size,
+            data_length: size,
+            live_blocks,
+            live_bytes,
+            index: id,
+        }
+    }
+
+    fn unbounded(max_unused_percent: u8) -> GcPolicy {
+        GcPolicy {
+            max_unused_percent,
+            max_copy_bytes: None,
+        }
+    }
+
+    #[test]
+    fn dead_packs_always_go_and_the_most_unused_are_repacked_first() {
+        let packs = [
+            usage(1, 100, 9, 90),
+            usage(2, 100, 0, 0),
+            usage(3, 100, 3, 30),
+            usage(4, 100, 5, 50),
+            usage(5, 100, 10, 100),
+        ];
+        // Live 270, unused before 70 + 50 + 10 = 130 among the live packs.
+        let plan = plan(&packs, &unbounded(10));
+        assert_eq!(plan.dead, vec![packs[1]]);
+        // Pack 3 (70% unused) then pack 4 (50%): 10 left, within 27.
+        assert_eq!(plan.repack, vec![packs[2], packs[3]]);
+        let report = plan.report(&packs);
+        assert_eq!(report.copied_bytes, 80);
+        assert_eq!(report.deleted_bytes, 300);
+        assert_eq!(report.store_bytes, 500);
+        assert_eq!(report.unused_bytes, 230);
+    }
+
+    #[test]
+    fn a_store_within_the_policy_is_left_alone() {
+        let packs = [usage(1, 100, 9, 95), usage(2, 100, 10, 92)];
+        assert!(plan(&packs, &unbounded(10)).is_empty());
+        // At 0%: every pack with an unused byte is repacked.
+        assert_eq!(plan(&packs, &unbounded(0)).repack, vec![packs[1], packs[0]]);
+    }
+
+    #[test]
+    fn the_copy_bound_stops_a_pass_after_at_least_one_pack() {
+        let packs = [usage(1, 100, 4, 40), usage(2, 100, 5, 50)];
+        let bounded = GcPolicy {
+            max_unused_percent: 0,
+            max_copy_bytes: Some(10),
+        };
+        assert_eq!(plan(&packs, &bounded).repack, vec![packs[0]]);
+    }
+}

@@ -1,0 +1,327 @@
+//! Garbage collection of the store's packs (issue 15): deleting snapshots leaves packs
+//! partly or wholly unused; an idle mount, or `snapfs store prune`, deletes and repacks
+//! them, and a SIGKILL at any step of a repack leaves every snapshot restorable from the
+//! bucket alone, byte for byte.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::s3::{Fault, FaultProxy, S3Env, unique_prefix};
+use common::*;
+
+/// Files in the volume, each two blocks.
+const FILES: usize = 8;
+const FILE_LEN: usize = 2 * BLOCK;
+
+fn file_name(n: usize) -> String {
+    format!("f{n}")
+}
+
+/// Writes every file with content `version`, or those `n` for which `which(n)`.
+fn write_files(root: &Path, version: u64, which: impl Fn(usize) -> bool) {
+    for n in (0..FILES).filter(|n| which(*n)) {
+        fs::write(root.join(file_name(n)), file_content(n, version)).expect("write a file");
+    }
+}
+
+fn file_content(n: usize, version: u64) -> Vec<u8> {
+    pattern(FILE_LEN, version * 1000 + n as u64)
+}
+
+/// The versions of the files in a snapshot, as written.
+type Versions = Vec<u64>;
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    );
+}
+
+/// The number after `"key":` in a JSON object printed by snapfs.
+fn json_number(json: &str, key: &str) -> u64 {
+    let needle = format!("\"{key}\":");
+    let at = json
+        .find(&needle)
+        .unwrap_or_else(|| panic!("{key} in {json}"))
+        + needle.len();
+    json[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|e| panic!("{key} in {json}: {e}"))
+}
+
+/// `snapfs store prune --data DATA ARGS --json`, with `env`'s variables.
+fn prune_cmd(data: &Path, env: Option<&S3Env>, args: &[&str]) -> std::process::Command {
+    let mut cmd = snapfs();
+    if let Some(env) = env {
+        env.apply(&mut cmd);
+    }
+    cmd.args(["store", "prune", "--json", "--data"])
+        .arg(data)
+        .args(args);
+    cmd
+}
+
+static RESTORES: AtomicUsize = AtomicUsize::new(0);
+
+/// Restores every snapshot of `expected` from `url` alone and compares each file.
+fn assert_restorable(s3: &S3Env, url: &str, expected: &[(&str, Versions)], scratch: &Path) {
+    for (name, versions) in expected {
+        let dest = scratch.join(format!(
+            "restore-{name}-{}",
+            RESTORES.fetch_add(1, Ordering::SeqCst)
+        ));
+        let out = s3.restore(url, name, &dest, &[]);
+        assert_ok(&out, &format!("restore {name} from the bucket"));
+        for (n, version) in versions.iter().enumerate() {
+            let data = fs::read(dest.join(file_name(n))).expect("read a restored file");
+            assert_bytes_eq(
+                &data,
+                &file_content(n, *version),
+                &format!("{name}: file {n}"),
+            );
+        }
+        fs::remove_dir_all(&dest).expect("remove the restore");
+    }
+}
+
+/// A volume on `s3` under `prefix` (mounted with background repacking off, packs of 1
+/// MiB, two files each, blocks evicted): snapshot `old` of version 1, `mid` with six files rewritten
+/// (version 2), `new` with file 0 rewritten again; then `mid` deleted, which leaves the
+/// pack of its files 0 and 1 half unused. Returns the mount (unmounted) and the snapshots
+/// left with their file versions.
+fn volume_with_garbage(s3: &S3Env, prefix: &str) -> (Mount, Vec<(&'static str, Versions)>) {
+    // A small cache evicts the blocks once stored: a repack reads them from the packs.
+    let args = ["--pack-size", "1M", "--max-unused", "100", "--cache-size", "1M"];
+    let mut mount = s3.mount_store(prefix, &args);
+    write_files(mount.path(), 1, |_| true);
+    take_snapshot(&mount, "old");
+    write_files(mount.path(), 2, |n| n < 6);
+    take_snapshot(&mount, "mid");
+    write_files(mount.path(), 3, |n| n == 0);
+    take_snapshot(&mount, "new");
+    for name in ["old", "mid", "new"] {
+        wait_completed(&mount, name);
+    }
+    fs::remove_dir(snapshot_dir(&mount, "mid")).expect("rmdir mid");
+    mount.unmount();
+    let old = vec![1; FILES];
+    let new = vec![3, 2, 2, 2, 2, 2, 1, 1];
+    (mount, vec![("old", old), ("new", new)])
+}
+
+/// The pack and index keys under `prefix` of the bucket.
+fn store_keys(s3: &S3Env, prefix: &str, kind: &str) -> Vec<String> {
+    let mut keys: Vec<String> = s3
+        .client()
+        .list(&format!("{prefix}{kind}/"))
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Runs `prune` until the proxy has stalled a request (the step under test is under
+/// way), then kills it with SIGKILL.
+fn kill_during(mut prune: std::process::Command, proxy: &FaultProxy, step: &str) {
+    let before = proxy.counts().1;
+    let mut child: Child = prune
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start snapfs store prune");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.counts().1 == before {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{step}: prune ended ({status}) before the step was reached");
+        }
+        assert!(Instant::now() < deadline, "{step}: never reached");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("SIGKILL the prune");
+    child.wait().expect("reap the prune");
+}
+
+#[test]
+fn a_prune_killed_at_every_step_loses_nothing_and_the_next_one_finishes() {
+    let s3 = S3Env::garage();
+    let prefix = unique_prefix("prune-kill");
+    let url = s3.url(&prefix);
+    let (mount, expected) = volume_with_garbage(&s3, &prefix);
+    let scratch = mount.scratch("restores");
+    fs::create_dir_all(&scratch).expect("scratch dir");
+    let data = mount.data_dir();
+
+    let dry = run(&mut prune_cmd(
+        data,
+        Some(&s3),
+        &["--dry-run", "--max-unused", "0"],
+    ));
+    assert_ok(&dry, "prune --dry-run");
+    let dry = stdout(&dry);
+    assert!(json_number(&dry, "repacked_packs") > 0, "{dry}");
+    assert!(json_number(&dry, "unused_bytes") >= FILE_LEN as u64, "{dry}");
+    let packs_before = store_keys(&s3, &prefix, "packs");
+
+    let (proxy, through) = FaultProxy::for_env(&s3);
+    // Each step in turn: the range read of an old pack (before any new pack), the PUT of
+    // the new pack, the PUT of the new index (the new pack landed), the DELETE of the
+    // old index (the new index landed), the DELETEs of the old packs.
+    for (method, part, step) in [
+        ("GET", "/packs/", "reading an old pack"),
+        ("PUT", "/packs/", "sending the new pack"),
+        ("PUT", "/index/", "sending the new index"),
+        ("DELETE", "/index/", "deleting the old index"),
+        ("DELETE", "/packs/", "deleting the old packs"),
+    ] {
+        proxy.fault_matching(method, part, Fault::Stall);
+        kill_during(
+            prune_cmd(data, Some(&through), &["--max-unused", "0"]),
+            &proxy,
+            step,
+        );
+        proxy.set_fault(Fault::None);
+        assert_restorable(&s3, &url, &expected, &scratch);
+        for index in store_keys(&s3, &prefix, "index") {
+            let body = s3.client().get(&index).expect("an index object listed");
+            assert!(!body.is_empty(), "{step}: {index} is empty");
+        }
+    }
+
+    let out = run(&mut prune_cmd(data, Some(&s3), &["--max-unused", "0"]));
+    assert_ok(&out, "prune after the kills");
+    let after = run(&mut prune_cmd(
+        data,
+        Some(&s3),
+        &["--dry-run", "--max-unused", "0"],
+    ));
+    assert_ok(&after, "prune --dry-run after");
+    let after = stdout(&after);
+    assert_eq!(json_number(&after, "unused_bytes"), 0, "{after}");
+    assert_eq!(json_number(&after, "repacked_packs"), 0, "{after}");
+    assert_restorable(&s3, &url, &expected, &scratch);
+
+    // Nothing is left over: every pack in the bucket is one the catalog counts, every
+    // old pack that held garbage is gone, and every block in a pack is intact.
+    let packs_after = store_keys(&s3, &prefix, "packs");
+    assert_eq!(
+        packs_after.len() as u64,
+        json_number(&after, "store_packs"),
+        "packs in the bucket: {packs_after:?}\n{after}"
+    );
+    assert!(
+        packs_before.iter().any(|p| !packs_after.contains(p)),
+        "old packs deleted: {packs_before:?} -> {packs_after:?}"
+    );
+    packed_in_bucket(&s3.client(), &prefix);
+    let mut verify = snapfs();
+    s3.apply(&mut verify);
+    let verified = run(verify.args(["verify", "--data"]).arg(data));
+    assert_ok(&verified, "verify after the prunes");
+}
+
+#[test]
+fn an_idle_mount_collects_what_deleted_snapshots_left() {
+    let mut mount = Mount::with_args(&["--pack-size", "1M"]);
+    let store = mount.data_dir().join("store");
+    write_files(mount.path(), 1, |_| true);
+    take_snapshot(&mount, "a");
+    write_files(mount.path(), 2, |n| n % 2 == 0);
+    take_snapshot(&mount, "b");
+    write_files(mount.path(), 3, |n| n % 2 == 1);
+    take_snapshot(&mount, "c");
+    for name in ["a", "b", "c"] {
+        wait_completed(&mount, name);
+    }
+    let pack_bytes = || -> u64 {
+        fs::read_dir(store.join("packs"))
+            .expect("packs dir")
+            .map(|e| e.expect("entry").metadata().expect("stat").len())
+            .sum()
+    };
+    // Deleting `a` leaves each pack of version 1 (two files) half unused: repacked. Then
+    // deleting `b` leaves packs without a live block: deleted. Each time the packs shrink
+    // to within 1.25x of the files the snapshots left need (pattern data does not
+    // compress).
+    for (name, files_needed) in [("a", 12), ("b", 8)] {
+        fs::remove_dir(snapshot_dir(&mount, name)).expect("rmdir");
+        let needed = (files_needed * FILE_LEN) as u64;
+        let deadline = Instant::now() + COMPLETION_TIMEOUT;
+        while pack_bytes() > needed * 5 / 4 {
+            assert!(
+                Instant::now() < deadline,
+                "after deleting {name}: packs hold {} bytes for {needed} needed; log:\n{}",
+                pack_bytes(),
+                mount.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let data_dir = mount.data_dir().display().to_string();
+    let listing = ok(&["snapshot", "list", "--data", &data_dir]);
+    let usage = listing
+        .lines()
+        .find(|line| line.starts_with("store:"))
+        .unwrap_or_else(|| panic!("a store line in {listing}"));
+    assert!(usage.contains("packs,"), "{usage}");
+    let data = fs::read(snapshot_dir(&mount, "c").join(file_name(0))).expect("read c");
+    assert_bytes_eq(&data, &file_content(0, 2), "c: file 0");
+    mount.unmount();
+
+    let dest = mount.scratch("restore");
+    let out = run(snapfs()
+        .args(["restore", "--store"])
+        .arg(format!("file://{}", store.display()))
+        .arg("c")
+        .arg(&dest));
+    assert_ok(&out, "restore c from the store");
+    for n in 0..FILES {
+        let version = if n % 2 == 0 { 2 } else { 3 };
+        let data = fs::read(dest.join(file_name(n))).expect("read a restored file");
+        assert_bytes_eq(&data, &file_content(n, version), &format!("c: file {n}"));
+    }
+}
+
+#[test]
+fn prune_refuses_a_mounted_volume_and_dry_run_reads_it() {
+    let mount = Mount::new();
+    fs::write(mount.path().join("f"), b"x").expect("write");
+    take_snapshot(&mount, "s");
+    wait_completed(&mount, "s");
+    let out = run(&mut prune_cmd(mount.data_dir(), None, &[]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is mounted or in use")
+            && stderr(&out).contains("snapfs store prune"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&mut prune_cmd(mount.data_dir(), None, &["--dry-run"]));
+    assert_ok(&out, "prune --dry-run beside a mount");
+    let json = stdout(&out);
+    assert_eq!(json_number(&json, "deleted_packs"), 0, "{json}");
+    assert_eq!(json_number(&json, "store_packs"), 1, "{json}");
+    assert!(json.contains("\"dry_run\":true"), "{json}");
+    let out = run(snapfs().args(["store", "prune", "--max-unused", "101"]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
