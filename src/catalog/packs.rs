@@ -64,28 +64,8 @@ impl ReadTx<'_> {
         let packs = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<rusqlite::Result<Vec<(i64, String, u64)>>>()?;
-        let mut blocks = self.conn.prepare_cached(
-            "SELECT hash, pack_offset, pack_length, len FROM blocks WHERE pack = ?1
-             ORDER BY pack_offset",
-        )?;
         let mut found = Vec::with_capacity(packs.len());
         for (row, name, data_length) in packs {
-            let listed = blocks
-                .query_map([row], |r| {
-                    Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })?
-                .map(|row| {
-                    let (hash, offset, length, raw_length) = row?;
-                    let hash = BlockHash::try_from(hash.as_slice())
-                        .map_err(|_| Error::Corrupt("bad hash in the block table".into()))?;
-                    Ok(PackedBlock {
-                        hash,
-                        offset,
-                        length,
-                        raw_length,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
             found.push((
                 PackRow {
                     row,
@@ -93,11 +73,35 @@ impl ReadTx<'_> {
                 },
                 PackListing {
                     data_length,
-                    blocks: listed,
+                    blocks: self.blocks_in_pack(row)?,
                 },
             ));
         }
         Ok(found)
+    }
+
+    /// The blocks the catalog points at pack `row`, in offset order.
+    fn blocks_in_pack(&self, row: i64) -> Result<Vec<PackedBlock>> {
+        self.conn
+            .prepare_cached(
+                "SELECT hash, pack_offset, pack_length, len FROM blocks WHERE pack = ?1
+                 ORDER BY pack_offset",
+            )?
+            .query_map([row], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .map(|row| {
+                let (hash, offset, length, raw_length) = row?;
+                let hash = BlockHash::try_from(hash.as_slice())
+                    .map_err(|_| Error::Corrupt("bad hash in the block table".into()))?;
+                Ok(PackedBlock {
+                    hash,
+                    offset,
+                    length,
+                    raw_length,
+                })
+            })
+            .collect()
     }
 
     /// The small blocks (frames under `small` bytes) that follow block `hash` in its pack
@@ -271,6 +275,66 @@ impl WriteTx<'_> {
                 && !still_listing.exists([&index])?
             {
                 queue.execute([ObjectKey::index(&pack_id(index)?).as_str()])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ReadTx<'_> {
+    /// Pack `id` if it landed, with the listing of the blocks the catalog points at it
+    /// (`verify --repair` checks a pack's own listing against it).
+    pub fn landed_pack(&self, id: &PackId) -> Result<Option<(PackRow, PackListing)>> {
+        let found = self
+            .conn
+            .prepare_cached("SELECT id, data_length FROM packs WHERE name = ?1 AND sent = 1")?
+            .query_row([id.to_string()], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((row, data_length)) = found else {
+            return Ok(None);
+        };
+        let listing = PackListing {
+            data_length,
+            blocks: self.blocks_in_pack(row)?,
+        };
+        Ok(Some((PackRow { row, id: *id }, listing)))
+    }
+}
+
+impl WriteTx<'_> {
+    /// Queues index object `index` for deletion before its PUT: a crash before
+    /// `record_index` then leaves a name the uploader deletes, not an object nothing
+    /// knows (`object_needed` keeps it once a pack names it).
+    pub fn begin_index(&self, index: &PackId) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?
+            .execute([ObjectKey::index(index).as_str()])?;
+        Ok(())
+    }
+
+    /// Records that new index object `index` lists `packs` in place of the index objects
+    /// that listed them, and queues for deletion those that now list no pack.
+    pub fn reindex(&self, index: &PackId, packs: &[PackRow]) -> Result<()> {
+        let mut was = self
+            .conn
+            .prepare_cached("SELECT indexed FROM packs WHERE id = ?1 AND indexed IS NOT NULL")?;
+        let mut previous = Vec::new();
+        for pack in packs {
+            if let Some(name) = was
+                .query_row([pack.row], |r| r.get::<_, String>(0))
+                .optional()?
+            {
+                previous.push(pack_id(name)?);
+            }
+        }
+        self.record_index(index, packs)?;
+        let mut queue = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?;
+        for old in previous {
+            let key = ObjectKey::index(&old);
+            if !self.object_needed(key.as_str())? {
+                queue.execute([key.as_str()])?;
             }
         }
         Ok(())
