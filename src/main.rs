@@ -125,8 +125,9 @@ enum Command {
         #[arg(long)]
         deep: bool,
         /// On an unmounted volume: upload blocks the store lacks or holds damaged from good
-        /// local copies, fetch damaged or missing local blocks from the store, delete block
-        /// files nothing references; then check again.
+        /// local copies, fetch damaged or missing local blocks from the store, rebuild lost
+        /// or damaged index objects from the packs, delete block files nothing references;
+        /// then check again.
         #[arg(long, conflicts_with = "store")]
         repair: bool,
         /// Print the report as JSON.

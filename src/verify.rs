@@ -6,7 +6,7 @@
 //! every object the store's own manifests name. A store's check needs nothing but the
 //! bucket. `deep` reads every block, local and stored, and hashes it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,8 +15,10 @@ use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 
 use crate::blocks::{BlockError, BlockHash, BlockStore};
-use crate::catalog::{self, BlockLocation, BlockRecord, Catalog, Finding, Setting, SnapshotState};
-use crate::manifest::{self, Content};
+use crate::catalog::{
+    self, BlockLocation, BlockRecord, Catalog, Finding, PackRecord, PackRow, Setting, SnapshotState,
+};
+use crate::manifest::{self, Content, PackId, PackListing};
 use crate::restore::Progress;
 use crate::store::{
     self, BlockPlace, IndexedStore, Listing, ObjectKey, ObjectStore, PackIndex, ReadError,
@@ -51,8 +53,8 @@ pub struct Options {
     /// Read and hash every block (downloading the store's).
     pub deep: bool,
     /// Upload blocks the store lacks or holds damaged from good local copies, fetch local
-    /// blocks that are missing or damaged from the store, delete block files nothing
-    /// references; then check again.
+    /// blocks that are missing or damaged from the store, rebuild lost or damaged index
+    /// objects from the packs, delete block files nothing references; then check again.
     pub repair: bool,
 }
 
@@ -69,6 +71,11 @@ pub struct Report {
     store_gaps: HashSet<BlockHash>,
     /// Blocks whose local file is missing or damaged.
     local_gaps: HashSet<BlockHash>,
+    /// Packs of the volume's store that no index object lists as the catalog does.
+    reindex: HashSet<PackId>,
+    /// Index objects of the volume's store that are damaged or list a pack wrongly:
+    /// every pack they list gets a new index, and they go.
+    bad_indexes: HashSet<String>,
     /// Block files no catalog row names (written before a crash could commit them).
     orphans: Vec<PathBuf>,
     /// Blocks downloaded and hashed already.
@@ -173,6 +180,7 @@ fn check_volume(
     };
     let read = catalog.read(|tx| {
         let damage = tx.integrity_check()?;
+        let packs = tx.pack_records()?;
         report.problem("the catalog fails SQLite's integrity check", damage);
         report
             .findings
@@ -180,12 +188,13 @@ fn check_volume(
         let urls = (tx.setting(Setting::Store)?, tx.setting(Setting::Origin)?);
         Ok::<_, VerifyError>((
             tx.block_records()?,
+            packs,
             tx.completed_trees()?,
             tx.snapshots()?,
             urls,
         ))
     });
-    let (records, completed_trees, snapshots, urls) = match read {
+    let (records, packs, completed_trees, snapshots, urls) = match read {
         Ok(read) => read,
         Err(VerifyError::Catalog(e)) => {
             damaged(&mut report, &e);
@@ -259,6 +268,7 @@ fn check_volume(
         stores
             .check_blocks(&recorded, options.deep, &mut report, progress)
             .await;
+        stores.check_index_reach(&records, &packs, &still_referenced, &mut report);
         // The store's view of the snapshots the catalog has completed: deleted ones may
         // linger in the store, half deleted, until the next mount finishes the job.
         let completed: HashSet<u64> = snapshots
@@ -335,7 +345,11 @@ fn repair(runtime: &Runtime, data_dir: &Path, report: &Report) -> Result<Vec<Str
             report.orphans.len()
         ));
     }
-    if report.store_gaps.is_empty() && report.local_gaps.is_empty() {
+    if report.store_gaps.is_empty()
+        && report.local_gaps.is_empty()
+        && report.reindex.is_empty()
+        && report.bad_indexes.is_empty()
+    {
         return Ok(done);
     }
     let catalog = Catalog::open_data_dir_read_only(data_dir)?;
@@ -374,6 +388,7 @@ fn repair(runtime: &Runtime, data_dir: &Path, report: &Report) -> Result<Vec<Str
                 "uploaded {uploaded} blocks to {url} from local copies"
             ));
         }
+        rebuild_indexes(&*own, &mut writer, report, &mut done).await?;
         let mut sources = vec![IndexedStore::new(own)];
         if let Some(origin) = &origin {
             sources.push(IndexedStore::new(store::open(origin).await?));
@@ -408,6 +423,108 @@ fn repair(runtime: &Runtime, data_dir: &Path, report: &Report) -> Result<Vec<Str
     })?;
     blocks.sync()?;
     Ok(done)
+}
+
+/// Writes new index objects for the packs `report` found no index lists right and for
+/// every pack a bad index object lists, from each pack's own listing (the catalog's if
+/// that cannot be read), keeping the blocks the catalog records there; then deletes the
+/// bad index objects nothing names any more. Adds what it did to `done`.
+///
+/// Each new name is queued for deletion before its PUT and recorded after it, so a crash
+/// between the two leaves an object the next mount deletes.
+async fn rebuild_indexes(
+    own: &dyn ObjectStore,
+    writer: &mut Catalog,
+    report: &Report,
+    done: &mut Vec<String>,
+) -> Result<()> {
+    if report.reindex.is_empty() && report.bad_indexes.is_empty() {
+        return Ok(());
+    }
+    let bad: BTreeSet<PackId> = report
+        .bad_indexes
+        .iter()
+        .filter_map(|key| PackId::parse(key.strip_prefix(ObjectKey::INDEX)?))
+        .collect();
+    let recorded = writer.read(|tx| tx.pack_records())?;
+    let mut wanted: BTreeSet<PackId> = report.reindex.iter().copied().collect();
+    wanted.extend(
+        recorded
+            .iter()
+            .filter(|(_, record)| record.indexed.is_some_and(|index| bad.contains(&index)))
+            .map(|(pack, _)| *pack),
+    );
+    let mut listings: Vec<(PackRow, PackListing)> = Vec::new();
+    let mut from_catalog = 0;
+    for pack in wanted {
+        let Some((row, catalog_listing)) = writer.read(|tx| tx.landed_pack(&pack))? else {
+            continue;
+        };
+        let key = ObjectKey::pack(&pack);
+        let own_listing =
+            store::fetch_verified(own, &key, |object| store::read_listing(own, &key, &object))
+                .await?;
+        let listing = match own_listing {
+            // Lost with its blocks: those are reported (and uploaded again) as missing.
+            None => continue,
+            Some(Ok(listing)) => PackListing {
+                blocks: listing
+                    .blocks
+                    .into_iter()
+                    .filter(|block| catalog_listing.blocks.contains(block))
+                    .collect(),
+                ..listing
+            },
+            Some(Err(problem)) => {
+                tracing::warn!("{key}: its own listing cannot be read ({problem})");
+                from_catalog += 1;
+                catalog_listing
+            }
+        };
+        listings.push((row, listing));
+    }
+    let mut written = 0;
+    for chunk in listings.chunks(store::PACKS_PER_INDEX) {
+        let packs: Vec<(PackId, PackListing)> = chunk
+            .iter()
+            .map(|(row, listing)| (row.id, listing.clone()))
+            .collect();
+        let (index, object) = store::index_object(&packs, 3)?;
+        // Queued first: a crash before `reindex` leaves a name to delete.
+        writer.write_now(|tx| tx.begin_index(&index))?;
+        let key = ObjectKey::index(&index);
+        let object = bytes::Bytes::from(object);
+        store::retry(Some(5), || own.put(&key, object.clone())).await?;
+        let rows: Vec<PackRow> = chunk.iter().map(|(row, _)| *row).collect();
+        writer.write_now(|tx| tx.reindex(&index, &rows))?;
+        written += 1;
+    }
+    if written > 0 {
+        let fallback = if from_catalog > 0 {
+            format!(" ({from_catalog} from the catalog's record: their own listing is unreadable)")
+        } else {
+            String::new()
+        };
+        done.push(format!(
+            "rebuilt {written} index objects listing {} packs{fallback}",
+            listings.len()
+        ));
+    }
+    // The bad ones the store holds; others `reindex` left unused are queued.
+    let mut deleted = 0;
+    for index in bad {
+        let key = ObjectKey::index(&index);
+        if writer.read(|tx| tx.object_needed(&key))? {
+            continue;
+        }
+        store::retry(Some(5), || own.delete(&key)).await?;
+        writer.write_now(|tx| tx.forget_deletion(&key))?;
+        deleted += 1;
+    }
+    if deleted > 0 {
+        done.push(format!("deleted {deleted} index objects nothing needs"));
+    }
+    Ok(())
 }
 
 /// A store, with the keys it holds and its index of packs.
@@ -469,7 +586,12 @@ impl Stores {
     async fn list(own: Arc<dyn ObjectStore>, origin: Option<&StoreUrl>) -> Result<Stores> {
         let own = ListedStore::list(
             own,
-            &[ObjectKey::BLOCKS, ObjectKey::TREES, ObjectKey::SNAPSHOTS],
+            &[
+                ObjectKey::BLOCKS,
+                ObjectKey::TREES,
+                ObjectKey::SNAPSHOTS,
+                ObjectKey::INDEX,
+            ],
         )
         .await?;
         let origin = match origin {
@@ -500,8 +622,193 @@ impl Stores {
     fn damaged_indexes(&self) -> Vec<String> {
         std::iter::once(&self.own)
             .chain(&self.origin)
-            .flat_map(|listed| listed.index.damaged.iter().cloned())
+            .flat_map(|listed| listed.index.damaged.iter())
+            .map(|(key, problem)| format!("{key}: {problem}"))
             .collect()
+    }
+
+    /// Checks that a reader with nothing but the bucket finds every block the catalog
+    /// (`records`, `packs`) places in a pack of the volume's store where the catalog
+    /// says: an index object lists it there, and gives the pack the data length the
+    /// catalog recorded. Packs no index lists yet (an upload under way) and packs
+    /// missing from the store (reported with their blocks) are passed over, as are
+    /// blocks a running mount freed meanwhile (`live` says).
+    fn check_index_reach(
+        &self,
+        records: &[BlockRecord],
+        packs: &HashMap<PackId, PackRecord>,
+        live: &dyn Fn(&BlockHash) -> bool,
+        report: &mut Report,
+    ) {
+        let own = &self.own;
+        let indexed = |pack: &PackId| {
+            packs
+                .get(pack)
+                .and_then(|record| record.indexed)
+                .filter(|_| own.has(&ObjectKey::pack(pack)))
+        };
+        let mut unreachable = Vec::new();
+        for record in records {
+            let Some(place @ BlockPlace::Packed { pack, .. }) = record.place else {
+                continue;
+            };
+            let Some(index) = indexed(&pack) else {
+                continue;
+            };
+            if record.stored == BlockLocation::Store
+                && !own.index.places(&record.hash).contains(&place)
+                && live(&record.hash)
+            {
+                report.reindex.insert(pack);
+                // One that is there lists the pack wrongly; a lost one needs no deletion.
+                let key = ObjectKey::index(&index);
+                if own.has(&key) {
+                    report.bad_indexes.insert(key.into());
+                }
+                unreachable.push(format!(
+                    "{} in {} (the catalog says {} lists it)",
+                    record.hash.to_hex(),
+                    ObjectKey::pack(&pack),
+                    ObjectKey::index(&index)
+                ));
+            }
+        }
+        report.problem(
+            format!("blocks no index object in {} leads to", own.store.url()),
+            unreachable,
+        );
+        let mut wrong = Vec::new();
+        for (pack, record) in packs {
+            if indexed(pack).is_none() {
+                continue;
+            }
+            for (key, data_length) in own.index.packs.get(pack).into_iter().flatten() {
+                if *data_length != record.data_length {
+                    report.reindex.insert(*pack);
+                    report.bad_indexes.insert(key.clone());
+                    wrong.push(format!(
+                        "{} in {key}: its frames end at {data_length} there, at {} in the \
+                         catalog",
+                        ObjectKey::pack(pack),
+                        record.data_length
+                    ));
+                }
+            }
+        }
+        report.problem(
+            "index objects that give a pack another length than the catalog",
+            wrong,
+        );
+        report
+            .bad_indexes
+            .extend(own.index.damaged.iter().map(|(key, _)| key.clone()));
+    }
+
+    /// Reads the listing of every pack of the volume's store that its index objects
+    /// list (one range request from where the index says its frames end) and checks each
+    /// entry the index gives for the pack against it. Entries naming a pack the store no
+    /// longer has are passed over: deletions leave them (an index object goes with its
+    /// last pack) and a reader tries the next place a block has.
+    async fn check_index_entries(&self, report: &mut Report) {
+        let index = &self.own.index;
+        let mut entries: HashMap<PackId, Vec<(BlockHash, u64, u32)>> = HashMap::new();
+        for (hash, places) in index.blocks() {
+            for place in places {
+                if let BlockPlace::Packed {
+                    pack,
+                    offset,
+                    length,
+                } = *place
+                {
+                    entries
+                        .entry(pack)
+                        .or_default()
+                        .push((*hash, offset, length));
+                }
+            }
+        }
+        // One read per pack and data length, whichever index objects give it.
+        let mut reads: HashMap<(PackId, u64), Vec<String>> = HashMap::new();
+        for (pack, listed) in &index.packs {
+            if !self.own.has(&ObjectKey::pack(pack)) {
+                continue;
+            }
+            for (key, data_length) in listed {
+                reads
+                    .entry((*pack, *data_length))
+                    .or_default()
+                    .push(key.clone());
+            }
+        }
+        let mut wrong = Vec::new();
+        let mut pending = JoinSet::new();
+        let mut queue = reads.into_iter();
+        loop {
+            while pending.len() < CONCURRENCY {
+                let Some(((pack, data_length), keys)) = queue.next() else {
+                    break;
+                };
+                let store = self.own.store.clone();
+                pending.spawn(async move {
+                    let key = ObjectKey::pack(&pack);
+                    let listing = store::fetch_listing_at(&*store, &key, data_length).await;
+                    (pack, keys, listing)
+                });
+            }
+            let Some(done) = pending.join_next().await else {
+                break;
+            };
+            let Ok((pack, mut keys, listing)) = done else {
+                continue;
+            };
+            keys.sort();
+            let listed_by = keys.join(", ");
+            let problem = match listing {
+                Ok(None) => continue,
+                Err(e) => {
+                    wrong.push(format!("{} ({listed_by}): {e}", ObjectKey::pack(&pack)));
+                    continue;
+                }
+                Ok(Some(Err(problem))) => problem,
+                Ok(Some(Ok(listing))) => {
+                    let frames: HashSet<(BlockHash, u64, u32)> = listing
+                        .blocks
+                        .iter()
+                        .map(|b| (b.hash, b.offset, b.length))
+                        .collect();
+                    let strays: Vec<&(BlockHash, u64, u32)> = entries
+                        .get(&pack)
+                        .into_iter()
+                        .flatten()
+                        .filter(|entry| !frames.contains(entry))
+                        .collect();
+                    let Some((hash, offset, length)) = strays.first() else {
+                        continue;
+                    };
+                    // The entries are merged: each index object listing the pack is
+                    // suspect.
+                    keys = index
+                        .packs
+                        .get(&pack)
+                        .into_iter()
+                        .flatten()
+                        .map(|(key, _)| key.clone())
+                        .collect();
+                    format!(
+                        "{} entries are not frames it lists, e.g. {} at {offset}, {length} bytes",
+                        strays.len(),
+                        hash.to_hex()
+                    )
+                }
+            };
+            report.reindex.insert(pack);
+            report.bad_indexes.extend(keys);
+            wrong.push(format!(
+                "{} ({listed_by}): {problem}",
+                ObjectKey::pack(&pack)
+            ));
+        }
+        report.problem("index entries that do not match their pack", wrong);
     }
 
     /// Checks that every block in `blocks` (hash, whether it lives in the origin's store,
@@ -628,6 +935,9 @@ impl Stores {
     ) -> Result<()> {
         report.problem("snapshot objects that cannot be read", listing.damaged);
         report.problem("index objects that cannot be read", self.damaged_indexes());
+        if deep {
+            self.check_index_entries(report).await;
+        }
         report.counts.snapshots = report.counts.snapshots.max(listing.snapshots.len() as u64);
         let mut blocks: HashMap<BlockHash, String> = HashMap::new();
         let mut seen_trees = HashSet::new();

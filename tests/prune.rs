@@ -111,7 +111,14 @@ fn assert_restorable(s3: &S3Env, url: &str, expected: &[(&str, Versions)], scrat
 /// left with their file versions.
 fn volume_with_garbage(s3: &S3Env, prefix: &str) -> (Mount, Vec<(&'static str, Versions)>) {
     // A small cache evicts the blocks once stored: a repack reads them from the packs.
-    let args = ["--pack-size", "1M", "--max-unused", "100", "--cache-size", "1M"];
+    let args = [
+        "--pack-size",
+        "1M",
+        "--max-unused",
+        "100",
+        "--cache-size",
+        "1M",
+    ];
     let mut mount = s3.mount_store(prefix, &args);
     write_files(mount.path(), 1, |_| true);
     take_snapshot(&mount, "old");
@@ -180,7 +187,10 @@ fn a_prune_killed_at_every_step_loses_nothing_and_the_next_one_finishes() {
     assert_ok(&dry, "prune --dry-run");
     let dry = stdout(&dry);
     assert!(json_number(&dry, "repacked_packs") > 0, "{dry}");
-    assert!(json_number(&dry, "unused_bytes") >= FILE_LEN as u64, "{dry}");
+    assert!(
+        json_number(&dry, "unused_bytes") >= FILE_LEN as u64,
+        "{dry}"
+    );
     let packs_before = store_keys(&s3, &prefix, "packs");
 
     let (proxy, through) = FaultProxy::for_env(&s3);

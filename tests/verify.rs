@@ -1,6 +1,7 @@
 //! `snapfs verify`: a whole volume checks clean (locally, in Garage, from the bucket alone,
 //! beside a running mount); each kind of damage - to the store, the local blocks, the
-//! catalog - is found and named; `--repair` fixes what good copies allow.
+//! catalog, the index objects - is found and named; `--repair` fixes what good copies
+//! allow, and rebuilds lost or damaged index objects from the packs themselves.
 
 mod common;
 
@@ -11,6 +12,7 @@ use std::process::Output;
 
 use common::s3::{S3Env, unique_prefix};
 use common::*;
+use snapfs::manifest::{self, PackId, PackListing};
 
 /// `snapfs verify ARGS`: its output and exit code.
 fn verify(args: &[&str], env: &[(String, String)]) -> (i32, String) {
@@ -395,4 +397,215 @@ fn a_damaged_catalog_file_is_a_finding_not_a_crash() {
             || text.contains("PROBLEM: the catalog cannot be read whole"),
         "{text}"
     );
+}
+
+/// Restores snapshot "two" of `volume_with_snapshots` from the store at `url` alone
+/// (`vars` its server's variables) into `dest`, and checks every file byte for byte.
+fn restores_exactly(url: &str, vars: &[(String, String)], dest: &Path) {
+    let mut cmd = snapfs();
+    cmd.args(["restore", "--store", url, "two"]).arg(dest);
+    for (key, value) in vars {
+        cmd.env(key, value);
+    }
+    let output = run(&mut cmd);
+    assert!(output.status.success(), "{output:?}");
+    let big = pattern(3 * BLOCK + 100, 1);
+    let read = |path: &str| fs::read(dest.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert_bytes_eq(&read("big"), &big, "restored big");
+    assert_bytes_eq(&read("src/link"), &big, "restored link");
+    assert_bytes_eq(
+        &read("src/deep/changed"),
+        &pattern(BLOCK + 7, 2),
+        "restored changed",
+    );
+    assert_eq!(read("src/deep/er/small"), b"small file");
+}
+
+/// The packs an index object lists, from its stored bytes (unsealed).
+fn decode_index(object: &[u8]) -> Vec<(PackId, PackListing)> {
+    let encoded = zstd::decode_all(object).expect("an index object is a zstd frame");
+    manifest::decode_index(&encoded).expect("an index object decodes")
+}
+
+#[test]
+fn a_lost_index_is_found_and_rebuilt_from_the_packs() {
+    let mut mount = Mount::new();
+    volume_with_snapshots(&mut mount);
+    let data = mount.data_dir().to_owned();
+    let store = data.join("store");
+    let url = format!("file://{}", store.display());
+    let index_dir = store.join("index");
+    let lost = dir_names(&index_dir);
+    assert!(!lost.is_empty(), "the uploads wrote index objects");
+    for name in &lost {
+        fs::remove_file(index_dir.join(name)).expect("remove index");
+    }
+    let packs = dir_names(&store.join("packs")).len();
+
+    // The packs are all there: only a reader of the bucket cannot find their blocks.
+    let found = verify_data(&data, &[]);
+    assert_problem(&found, "blocks no index object in file://");
+    assert!(
+        lost.iter().any(|name| found
+            .1
+            .contains(&format!("the catalog says index/{name} lists it"))),
+        "{}",
+        found.1
+    );
+    assert!(
+        !found.1.contains("recorded as stored that are missing"),
+        "{}",
+        found.1
+    );
+    assert_problem(
+        &verify(&["--store", &url], &[]),
+        "blocks named by a snapshot's manifest that no store holds",
+    );
+
+    let (code, text) = verify_data(&data, &["--repair"]);
+    assert_eq!(code, 0, "repair should leave the volume whole:\n{text}");
+    assert!(
+        text.contains(&format!(
+            "repaired: rebuilt 1 index objects listing {packs} packs\n"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("uploaded"), "no block was lost: {text}");
+    assert!(!text.contains("deleted"), "nothing to delete: {text}");
+    let rebuilt = dir_names(&index_dir);
+    assert_eq!(rebuilt.len(), 1, "{rebuilt:?}");
+    assert!(!lost.contains(&rebuilt[0]), "a new name: {rebuilt:?}");
+    let listed = decode_index(&fs::read(index_dir.join(&rebuilt[0])).expect("read index"));
+    assert_eq!(listed.len(), packs);
+    assert_clean(verify_data(&data, &["--deep"]));
+    assert_clean(verify(&["--store", &url, "--deep"], &[]));
+    restores_exactly(&url, &[], &mount.scratch("restored"));
+
+    // A mount serves the deletion queue (the lost names, and the new one queued before
+    // its PUT) before it uploads a snapshot: the new index is needed and stays.
+    big_reads_back_after_repair(&mut mount);
+    fs::write(mount.path().join("later"), pattern(BLOCK, 4)).expect("write later");
+    take_snapshot(&mount, "three");
+    wait_completed(&mount, "three");
+    mount.unmount();
+    let after = dir_names(&index_dir);
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert!(after.contains(&rebuilt[0]), "{after:?}");
+    assert_clean(verify_data(&data, &["--deep"]));
+}
+
+#[test]
+fn a_damaged_index_in_garage_is_found_and_rebuilt() {
+    let env = S3Env::garage();
+    let prefix = unique_prefix("verify-index");
+    let mut mount = env.mount_store(&prefix, &[]);
+    volume_with_snapshots(&mut mount);
+    let vars = env.vars();
+    let data = mount.data_dir().to_str().expect("utf-8").to_owned();
+    let client = env.client();
+    let index_prefix = format!("{prefix}index/");
+    let before: BTreeSet<String> = client
+        .list(&index_prefix)
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    let victim = before.first().expect("an index object").clone();
+    let mut object = client.get(&victim).expect("the index object");
+    let listed = decode_index(&object).len();
+    let middle = object.len() / 2;
+    for byte in &mut object[middle..middle + 4] {
+        *byte ^= 0x5a;
+    }
+    client.put(&victim, &object);
+    let name = victim.strip_prefix(&prefix).expect("under the prefix");
+
+    let found = verify(&["--data", &data], &vars);
+    assert_problem(&found, "index objects that cannot be read");
+    assert!(found.1.contains(&format!("{name}: corrupt")), "{}", found.1);
+    assert_problem(&found, "blocks no index object in s3://");
+
+    let (code, text) = verify(&["--data", &data, "--repair"], &vars);
+    assert_eq!(code, 0, "repair should leave the volume whole:\n{text}");
+    assert!(
+        text.contains(&format!(
+            "repaired: rebuilt 1 index objects listing {listed} packs\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("repaired: deleted 1 index objects nothing needs"),
+        "{text}"
+    );
+    let after: BTreeSet<String> = client
+        .list(&index_prefix)
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    assert!(!after.contains(&victim), "{after:?}");
+    assert_eq!(after.len(), before.len(), "one for one: {after:?}");
+    assert_clean(verify(&["--data", &data, "--deep"], &vars));
+    assert_clean(verify(&["--store", &env.url(&prefix), "--deep"], &vars));
+    restores_exactly(&env.url(&prefix), &vars, &mount.scratch("restored"));
+}
+
+#[test]
+fn an_index_entry_beyond_its_pack_is_found_and_rebuilt() {
+    let mut mount = Mount::new();
+    volume_with_snapshots(&mut mount);
+    let data = mount.data_dir().to_owned();
+    let store = data.join("store");
+    let url = format!("file://{}", store.display());
+    let index_dir = store.join("index");
+    let name = dir_names(&index_dir).into_iter().next().expect("an index");
+    let path = index_dir.join(&name);
+    // Forged: the pack's frames said to run on past its trailer, and its last block
+    // placed out there, where the pack has no frame.
+    let mut packs = decode_index(&fs::read(&path).expect("read index"));
+    let (pack, listing) = packs.first_mut().expect("a pack listed");
+    let pack = pack.to_string();
+    listing.data_length += 1 << 16;
+    let last = listing.blocks.last_mut().expect("a block listed");
+    last.offset = listing.data_length - u64::from(last.length);
+    let moved = last.hash.to_hex();
+    let forged = manifest::compress(&manifest::encode_index(&packs), 3).expect("zstd");
+    fs::write(&path, forged).expect("write forged index");
+
+    let found = verify_data(&data, &[]);
+    assert_problem(&found, "blocks no index object in file://");
+    assert!(
+        found.1.contains(&format!("{moved} in packs/{pack}")),
+        "{}",
+        found.1
+    );
+    assert_problem(
+        &found,
+        "index objects that give a pack another length than the catalog",
+    );
+    let from_bucket = verify(&["--store", &url, "--deep"], &[]);
+    assert_problem(&from_bucket, "index entries that do not match their pack");
+    assert!(
+        from_bucket
+            .1
+            .contains(&format!("packs/{pack} (index/{name}): ")),
+        "{}",
+        from_bucket.1
+    );
+
+    let (code, text) = verify_data(&data, &["--repair"]);
+    assert_eq!(code, 0, "repair should leave the volume whole:\n{text}");
+    assert!(
+        text.contains(&format!(
+            "repaired: rebuilt 1 index objects listing {} packs\n",
+            packs.len()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("repaired: deleted 1 index objects nothing needs"),
+        "{text}"
+    );
+    assert!(!dir_names(&index_dir).contains(&name));
+    assert_clean(verify_data(&data, &["--deep"]));
+    assert_clean(verify(&["--store", &url, "--deep"], &[]));
+    restores_exactly(&url, &[], &mount.scratch("restored"));
 }

@@ -20,7 +20,7 @@ pub use lifecycle::{LockMode, SnapshotLock, Trash};
 pub use packs::{PackRow, PackTotals, PackUsage};
 pub use status::{LocalUsage, Outstanding};
 pub use upload::Completion;
-pub use verify::{BlockRecord, Finding};
+pub use verify::{BlockRecord, Finding, PackRecord};
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::SyncSender;

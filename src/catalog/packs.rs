@@ -137,11 +137,6 @@ impl ReadTx<'_> {
             .collect::<rusqlite::Result<Vec<(i64, String, u64)>>>()?;
         let mut found = Vec::with_capacity(packs.len());
         for (row, name, data_length) in packs {
-            let blocks = self
-                .live_in_pack(row)?
-                .into_iter()
-                .map(|(block, _)| block)
-                .collect();
             found.push((
                 PackRow {
                     row,
@@ -149,11 +144,20 @@ impl ReadTx<'_> {
                 },
                 PackListing {
                     data_length,
-                    blocks,
+                    blocks: self.blocks_in_pack(row)?,
                 },
             ));
         }
         Ok(found)
+    }
+
+    /// The blocks the catalog points at pack `row`, in offset order.
+    fn blocks_in_pack(&self, row: i64) -> Result<Vec<PackedBlock>> {
+        Ok(self
+            .live_in_pack(row)?
+            .into_iter()
+            .map(|(block, _)| block)
+            .collect())
     }
 
     /// The live blocks of pack `row` in their order in it, each with whether the local
@@ -472,6 +476,56 @@ impl WriteTx<'_> {
                 && !still_listing.exists([&index])?
             {
                 queue.execute([ObjectKey::index(&pack_id(index)?).as_str()])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ReadTx<'_> {
+    /// Pack `id` if it landed, with the listing of the blocks the catalog points at it
+    /// (`verify --repair` checks a pack's own listing against it).
+    pub fn landed_pack(&self, id: &PackId) -> Result<Option<(PackRow, PackListing)>> {
+        let found = self
+            .conn
+            .prepare_cached("SELECT id, data_length FROM packs WHERE name = ?1 AND sent = 1")?
+            .query_row([id.to_string()], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((row, data_length)) = found else {
+            return Ok(None);
+        };
+        let listing = PackListing {
+            data_length,
+            blocks: self.blocks_in_pack(row)?,
+        };
+        Ok(Some((PackRow { row, id: *id }, listing)))
+    }
+}
+
+impl WriteTx<'_> {
+    /// Records that new index object `index` lists `packs` in place of the index objects
+    /// that listed them, and queues for deletion those that now list no pack.
+    pub fn reindex(&self, index: &PackId, packs: &[PackRow]) -> Result<()> {
+        let mut was = self
+            .conn
+            .prepare_cached("SELECT indexed FROM packs WHERE id = ?1 AND indexed IS NOT NULL")?;
+        let mut previous = Vec::new();
+        for pack in packs {
+            if let Some(name) = was
+                .query_row([pack.row], |r| r.get::<_, String>(0))
+                .optional()?
+            {
+                previous.push(pack_id(name)?);
+            }
+        }
+        self.record_index(index, packs)?;
+        let mut queue = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?;
+        for old in previous {
+            let key = ObjectKey::index(&old);
+            if !self.object_needed(key.as_str())? {
+                queue.execute([key.as_str()])?;
             }
         }
         Ok(())

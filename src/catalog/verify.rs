@@ -325,3 +325,35 @@ fn describe(value: Value) -> String {
         Value::Blob(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
     }
 }
+
+/// A pack that landed, as the catalog records it.
+#[derive(Clone, Copy, Debug)]
+pub struct PackRecord {
+    /// Bytes of its frames: where its trailer starts.
+    pub data_length: u64,
+    /// The index object that lists it; `None` until the upload writes one.
+    pub indexed: Option<PackId>,
+}
+
+impl ReadTx<'_> {
+    /// Every pack that landed.
+    pub fn pack_records(&self) -> Result<std::collections::HashMap<PackId, PackRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, data_length, indexed FROM packs WHERE sent = 1")?;
+        let mut rows = stmt.query([])?;
+        let parse = |name: String| {
+            PackId::parse(&name).ok_or_else(|| Error::Corrupt(format!("bad pack name {name:?}")))
+        };
+        let mut packs = std::collections::HashMap::new();
+        while let Some(row) = rows.next()? {
+            let indexed: Option<String> = row.get(2)?;
+            let record = PackRecord {
+                data_length: row.get(1)?,
+                indexed: indexed.map(parse).transpose()?,
+            };
+            packs.insert(parse(row.get(0)?)?, record);
+        }
+        Ok(packs)
+    }
+}

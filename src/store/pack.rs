@@ -26,6 +26,8 @@ const FOOTER: usize = 4 + PACK_MAGIC.len();
 const INDEX_READS: usize = 16;
 /// Largest decompressed listing or index object accepted.
 const MAX_LISTING: usize = 256 << 20;
+/// Packs one index object lists at most (some 45 bytes per block listed).
+pub const PACKS_PER_INDEX: usize = 4096;
 
 /// A new random name for a pack or an index object: names never repeat, so a PUT never
 /// races a deletion of the same key.
@@ -140,31 +142,77 @@ pub fn read_listing(
     key: &str,
     pack: &[u8],
 ) -> Result<PackListing, String> {
-    let Some(footer_at) = pack.len().checked_sub(FOOTER) else {
+    let (data_length, trailer) = split_trailer(pack)?;
+    decode_trailer(store, key, data_length as u64, trailer)
+}
+
+/// The listing of pack `key` read from its end alone (one range request from
+/// `data_length`, where an index says its frames end), verified as [`read_listing`]
+/// does: a wrong `data_length` finds no trailer there. `None` if the pack is not in
+/// `store`; `Some(Err(problem))` if it is not as the index says.
+pub async fn fetch_listing_at(
+    store: &dyn ObjectStore,
+    key: &str,
+    data_length: u64,
+) -> StoreResult<Option<Result<PackListing, String>>> {
+    let most = (MAX_LISTING + FOOTER) as u64;
+    let get = || store.get_range(key, data_length, most);
+    super::fetch_checked(store, key, get, |tail| match split_trailer(&tail)? {
+        (0, trailer) => decode_trailer(store, key, data_length, trailer),
+        _ => Err(format!("its frames do not end at {data_length}")),
+    })
+    .await
+}
+
+/// Where the trailer of `bytes` (a pack, or its end) starts, and the trailer.
+fn split_trailer(bytes: &[u8]) -> Result<(usize, &[u8]), String> {
+    let Some(footer_at) = bytes.len().checked_sub(FOOTER) else {
         return Err("shorter than a pack's footer".into());
     };
-    let (rest, footer) = pack.split_at(footer_at);
+    let (rest, footer) = bytes.split_at(footer_at);
     if &footer[4..] != PACK_MAGIC {
         return Err("not a snapfs pack (no magic at its end)".into());
     }
     let mut length = [0u8; 4];
     length.copy_from_slice(&footer[..4]);
     let length = u32::from_le_bytes(length) as usize;
-    let Some(data_length) = rest.len().checked_sub(length) else {
+    let Some(start) = rest.len().checked_sub(length) else {
         return Err("its listing is longer than the pack".into());
     };
+    Ok((start, &rest[start..]))
+}
+
+/// The listing in `trailer`, the sealed listing part of pack `key`, whose frames take
+/// `data_length` bytes.
+fn decode_trailer(
+    store: &dyn ObjectStore,
+    key: &str,
+    data_length: u64,
+    trailer: &[u8],
+) -> Result<PackListing, String> {
     let trailer = store
-        .open_part(key, rest[data_length..].to_vec())
+        .open_part(key, trailer.to_vec())
         .map_err(|e| e.message)?;
     // Each entry names a frame of at least a byte and encodes to at most 52 bytes.
-    let bound = (16 + 52 * (data_length + 1)).min(MAX_LISTING);
+    let frames = usize::try_from(data_length).unwrap_or(usize::MAX);
+    let bound = 16usize
+        .saturating_add(52usize.saturating_mul(frames.saturating_add(1)))
+        .min(MAX_LISTING);
     let encoded = manifest::decompress(&trailer, bound)
         .map_err(|e| format!("its listing is not a zstd frame: {e}"))?;
     let listing = manifest::decode_pack_listing(&encoded).map_err(|e| e.to_string())?;
-    if listing.data_length != data_length as u64 {
+    if listing.data_length != data_length {
         return Err("its listing does not match its length".into());
     }
     Ok(listing)
+}
+
+/// A new index object listing `packs` (at most [`PACKS_PER_INDEX`]): its random name and
+/// its body, compressed at `level` (the store seals it on `put` as it requires).
+pub fn index_object(packs: &[(PackId, PackListing)], level: i32) -> StoreResult<(PackId, Vec<u8>)> {
+    let body = manifest::compress(&manifest::encode_index(packs), level)
+        .map_err(|e| StoreError::permanent(format!("zstd: {e}")))?;
+    Ok((random_id(), body))
 }
 
 /// Decodes block `hash` from `part`, its frame as read from pack `key`: opened,
@@ -205,8 +253,11 @@ pub enum BlockPlace {
 #[derive(Default)]
 pub struct PackIndex {
     places: HashMap<BlockHash, Vec<BlockPlace>>,
-    /// Index objects that could not be read, for messages.
-    pub damaged: Vec<String>,
+    /// Each pack listed: the index objects listing it, each with the length it gives
+    /// the pack's frames.
+    pub packs: HashMap<PackId, Vec<(String, u64)>>,
+    /// Index objects that could not be read: key, and what is wrong.
+    pub damaged: Vec<(String, String)>,
     /// Index objects read.
     pub objects: usize,
 }
@@ -234,11 +285,11 @@ impl PackIndex {
             match checked? {
                 // Deleted since it was listed: the packs it named went first.
                 None => {}
-                Some(Err(problem)) => index.damaged.push(format!("{key}: {problem}")),
+                Some(Err(problem)) => index.damaged.push((key, problem)),
                 Some(Ok(packs)) => {
                     index.objects += 1;
                     for (pack, listing) in packs {
-                        index.add(pack, &listing);
+                        index.add(&key, pack, &listing);
                     }
                 }
             }
@@ -246,8 +297,12 @@ impl PackIndex {
         Ok(index)
     }
 
-    /// Adds the blocks of `pack`.
-    pub fn add(&mut self, pack: PackId, listing: &PackListing) {
+    /// Adds the blocks of `pack`, as index object `key` lists them.
+    fn add(&mut self, key: &str, pack: PackId, listing: &PackListing) {
+        self.packs
+            .entry(pack)
+            .or_default()
+            .push((key.to_owned(), listing.data_length));
         for block in &listing.blocks {
             self.places
                 .entry(block.hash)

@@ -19,7 +19,7 @@ use crate::blocks::{self, BlockHash, BlockStore};
 use crate::catalog::{self, Catalog, Completion, Kind, PackRow, ROOT_INO, SnapshotRow};
 use crate::manifest::{self, Content, Entry, PackId, PackListing, SnapshotManifest};
 use crate::metrics;
-use crate::store::{self, ObjectKey, ObjectStore, PackBuilder, StoreError};
+use crate::store::{self, ObjectKey, ObjectStore, PACKS_PER_INDEX, PackBuilder, StoreError};
 use crate::sync::{Mutex, lock};
 use crate::volume::{self, Volume};
 use gc::GcPolicy;
@@ -82,8 +82,6 @@ const READ_AT_ONCE: usize = 16;
 const PACKS_IN_FLIGHT: usize = 3;
 /// How often the deletion queue is served while a pack is under way.
 const DELETE_WHILE_WAITING: Duration = Duration::from_millis(100);
-/// Packs one index object lists at most (some 45 bytes per block listed).
-const PACKS_PER_INDEX: usize = 4096;
 /// Manifest bytes buffered before they are sent.
 const TREE_BATCH_BYTES: usize = 8 << 20;
 
@@ -484,8 +482,8 @@ impl Worker {
                 .iter()
                 .map(|(pack, listing)| (pack.id, listing.clone()))
                 .collect();
-            let object = self.compress(&manifest::encode_index(&listings))?;
-            let index = store::random_id();
+            let (index, object) = store::index_object(&listings, self.options.compression_level)?;
+            // Queued first: a crash before it is recorded leaves a name to delete.
             lock(&self.writer).write_now(|tx| tx.begin_index(&index))?;
             self.put_all(vec![(ObjectKey::index(&index).into(), object)])
                 .await?;
