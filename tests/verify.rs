@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::s3::{S3Env, unique_prefix};
@@ -427,13 +427,20 @@ fn decode_index(object: &[u8]) -> Vec<(PackId, PackListing)> {
     manifest::decode_index(&encoded).expect("an index object decodes")
 }
 
-#[test]
-fn a_lost_index_is_found_and_rebuilt_from_the_packs() {
-    let mut mount = Mount::new();
-    volume_with_snapshots(&mut mount);
+/// A volume with snapshots (`volume_with_snapshots`) in `mount`: its data dir, its
+/// `file://` store's dir and URL.
+fn local_store_volume(mount: &mut Mount) -> (PathBuf, PathBuf, String) {
+    volume_with_snapshots(mount);
     let data = mount.data_dir().to_owned();
     let store = data.join("store");
     let url = format!("file://{}", store.display());
+    (data, store, url)
+}
+
+#[test]
+fn a_lost_index_is_found_and_rebuilt_from_the_packs() {
+    let mut mount = Mount::new();
+    let (data, store, url) = local_store_volume(&mut mount);
     let index_dir = store.join("index");
     let lost = dir_names(&index_dir);
     assert!(!lost.is_empty(), "the uploads wrote index objects");
@@ -551,10 +558,7 @@ fn a_damaged_index_in_garage_is_found_and_rebuilt() {
 #[test]
 fn an_index_entry_beyond_its_pack_is_found_and_rebuilt() {
     let mut mount = Mount::new();
-    volume_with_snapshots(&mut mount);
-    let data = mount.data_dir().to_owned();
-    let store = data.join("store");
-    let url = format!("file://{}", store.display());
+    let (data, store, url) = local_store_volume(&mut mount);
     let index_dir = store.join("index");
     let name = dir_names(&index_dir).into_iter().next().expect("an index");
     let path = index_dir.join(&name);

@@ -7,7 +7,7 @@
 //! blocks at it; `record_index` once an index object lists it; queued for deletion from
 //! the store when its last live block is freed, and its index object with its last pack.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use rusqlite::{OptionalExtension, params};
 
@@ -215,6 +215,21 @@ impl ReadTx<'_> {
         .collect()
     }
 
+    /// The packs an index object lists that hold no live block (found through the
+    /// `packs_empty` index, without a scan), with that index object.
+    pub fn dead_indexed_packs(&self) -> Result<Vec<(i64, PackId)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, indexed FROM packs
+             WHERE sent = 1 AND blocks <= 0 AND indexed IS NOT NULL",
+        )?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, String>(1)?)))?
+            .map(|row| {
+                let (row, index) = row?;
+                Ok((row, pack_id(index)?))
+            })
+            .collect()
+    }
+
     /// The store's packs in all: how many, their bytes, and the bytes of their live
     /// blocks (the rest is what garbage collection can free).
     pub fn pack_totals(&self) -> Result<PackTotals> {
@@ -305,26 +320,19 @@ impl WriteTx<'_> {
             "UPDATE blocks SET stored = 1, pack = ?2, pack_offset = ?3, pack_length = ?4
              WHERE hash = ?1 AND stored = 0",
         )?;
-        let (mut live, mut live_bytes, mut raw) = (0u64, 0u64, 0u64);
-        for block in &listing.blocks {
-            raw += u64::from(block.raw_length);
-            if point.execute(params![
+        self.fill_pack(pack, &listing.blocks, |block| {
+            point.execute(params![
                 block.hash.as_bytes(),
                 pack.row,
                 block.offset,
                 block.length
-            ])? > 0
-            {
-                live += 1;
-                live_bytes += u64::from(block.length);
-            }
-        }
-        self.conn
-            .prepare_cached(
-                "UPDATE packs SET sent = 1, blocks = blocks + ?2, live_bytes = live_bytes + ?3
-                 WHERE id = ?1",
-            )?
-            .execute(params![pack.row, live, live_bytes])?;
+            ])
+        })?;
+        let raw: u64 = listing
+            .blocks
+            .iter()
+            .map(|block| u64::from(block.raw_length))
+            .sum();
         self.conn
             .prepare_cached(
                 "UPDATE snapshots SET sent_blocks = sent_blocks + ?2,
@@ -335,25 +343,47 @@ impl WriteTx<'_> {
         self.queue_dead_packs()
     }
 
-    /// Records that pack `pack` (`size` bytes) landed holding `blocks`, copies of live
-    /// blocks of other packs (each with the row of the pack it comes from): garbage
-    /// collection moving them out of packs mostly unused. A block freed meanwhile, or no
-    /// longer in the pack it was copied from, stays where it is.
-    pub fn record_repacked(&self, pack: PackRow, blocks: &[(PackedBlock, i64)]) -> Result<()> {
+    /// Records that pack `pack` landed holding `blocks`, copies of live blocks of other
+    /// packs (`from`: the row of the pack each comes from): garbage collection moving them
+    /// out of packs mostly unused. A block freed meanwhile, or no longer in the pack it was
+    /// copied from, stays where it is.
+    pub fn record_repacked(
+        &self,
+        pack: PackRow,
+        blocks: &[PackedBlock],
+        from: &HashMap<BlockHash, i64>,
+    ) -> Result<()> {
         let mut moved = self.conn.prepare_cached(
             "UPDATE blocks SET pack = ?2, pack_offset = ?3, pack_length = ?4
              WHERE hash = ?1 AND pack = ?5 AND stored = 1",
         )?;
-        let (mut live, mut live_bytes) = (0u64, 0u64);
-        for (block, from) in blocks {
-            if moved.execute(params![
+        self.fill_pack(pack, blocks, |block| {
+            let Some(from) = from.get(&block.hash) else {
+                return Ok(0);
+            };
+            moved.execute(params![
                 block.hash.as_bytes(),
                 pack.row,
                 block.offset,
                 block.length,
                 from
-            ])? > 0
-            {
+            ])
+        })?;
+        // Left with no block, it goes at once: no index lists it yet.
+        self.queue_dead_packs()
+    }
+
+    /// Marks `pack` sent, counting as its live blocks those of `blocks` that `point`
+    /// (which points one at the pack; how many rows it changed) pointed at it.
+    fn fill_pack(
+        &self,
+        pack: PackRow,
+        blocks: &[PackedBlock],
+        mut point: impl FnMut(&PackedBlock) -> rusqlite::Result<usize>,
+    ) -> Result<()> {
+        let (mut live, mut live_bytes) = (0u64, 0u64);
+        for block in blocks {
+            if point(block)? > 0 {
                 live += 1;
                 live_bytes += u64::from(block.length);
             }
@@ -364,8 +394,7 @@ impl WriteTx<'_> {
                  WHERE id = ?1",
             )?
             .execute(params![pack.row, live, live_bytes])?;
-        // Left with no block, it goes at once: no index lists it yet.
-        self.queue_dead_packs()
+        Ok(())
     }
 
     /// Records that index object `index` is about to be written: queued for deletion until

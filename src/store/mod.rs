@@ -27,8 +27,8 @@ pub use header::VolumeHeader;
 pub use key::ObjectKey;
 pub use local::LocalStore;
 pub use pack::{
-    BlockPlace, IndexedStore, PACKS_PER_INDEX, PackBuilder, PackIndex, fetch_listing_at,
-    index_object, open_frame, random_id, read_listing,
+    BlockPlace, FinishedPack, IndexedStore, PACKS_PER_INDEX, PackBuilder, PackIndex,
+    fetch_listing_at, index_object, open_frame, random_id, read_listing,
 };
 pub use reader::{Listing, ReadError, Source, StoreChain, StoreSource, list_manifests, read_tree};
 pub use s3::S3Store;

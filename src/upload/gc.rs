@@ -269,24 +269,13 @@ impl Worker {
 
     /// Sends the pack being filled with copied blocks and points them at it.
     async fn send_repacked(&self, packer: &mut Repacker) -> Result<(), UploadError> {
-        if packer.builder.is_empty() {
+        let Some((pack, row)) = self.seal_pack(&mut packer.builder, packer.capacity)? else {
             return Ok(());
-        }
-        let next = PackBuilder::with_capacity(packer.capacity);
-        let pack = std::mem::replace(&mut packer.builder, next)
-            .finish(&*self.store, self.options.compression_level)?;
-        let size = pack.body.len() as u64;
-        let row = lock(&self.writer)
-            .write_now(|tx| tx.begin_pack(&pack.id, size, pack.listing.data_length))?;
+        };
         self.put_all(vec![(pack.key.into(), pack.body)]).await?;
-        let moved: Vec<(PackedBlock, i64)> = pack
-            .listing
-            .blocks
-            .into_iter()
-            .filter_map(|block| Some((block, *packer.from.get(&block.hash)?)))
-            .collect();
+        lock(&self.writer)
+            .write_now(|tx| tx.record_repacked(row, &pack.listing.blocks, &packer.from))?;
         packer.from.clear();
-        lock(&self.writer).write_now(|tx| tx.record_repacked(row, &moved))?;
         Ok(())
     }
 
@@ -295,13 +284,12 @@ impl Worker {
     /// yet), then the packs and those index objects are queued for deletion. Returns the
     /// packs deleted and their bytes.
     pub(super) async fn retire_dead_packs(&self) -> Result<(u64, u64), UploadError> {
-        let packs = lock(&self.catalog).read(|tx| tx.indexed_packs())?;
-        let dead: Vec<&PackUsage> = packs.iter().filter(|p| p.live_blocks == 0).collect();
+        let dead = lock(&self.catalog).read(|tx| tx.dead_indexed_packs())?;
         if dead.is_empty() {
             return Ok((0, 0));
         }
-        let rows: HashSet<i64> = dead.iter().map(|p| p.pack.row).collect();
-        let mut indexes: Vec<PackId> = dead.iter().map(|p| p.index).collect();
+        let rows: HashSet<i64> = dead.iter().map(|(row, _)| *row).collect();
+        let mut indexes: Vec<PackId> = dead.iter().map(|(_, index)| *index).collect();
         indexes.sort_unstable_by_key(PackId::to_string);
         indexes.dedup();
         let listed = lock(&self.catalog).read(|tx| {
@@ -312,6 +300,19 @@ impl Worker {
         self.write_indexes(listed).await?;
         let rows: Vec<i64> = rows.into_iter().collect();
         Ok(lock(&self.writer).write_now(|tx| tx.retire_packs(&rows))?)
+    }
+
+    /// Deletes the packs left without a live block while an upload is under way (a full
+    /// disk waits for that room); a store failure only postpones it.
+    pub(super) async fn retire_while_uploading(&self) -> Result<(), UploadError> {
+        match self.retire_dead_packs().await {
+            Ok(_) => Ok(()),
+            Err(UploadError::Store(e)) => {
+                tracing::warn!(error = %e, "cannot delete unused packs yet; will retry");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -19,7 +19,9 @@ use crate::blocks::{self, BlockHash, BlockStore};
 use crate::catalog::{self, Catalog, Completion, Kind, PackRow, ROOT_INO, SnapshotRow};
 use crate::manifest::{self, Content, Entry, PackId, PackListing, SnapshotManifest};
 use crate::metrics;
-use crate::store::{self, ObjectKey, ObjectStore, PACKS_PER_INDEX, PackBuilder, StoreError};
+use crate::store::{
+    self, FinishedPack, ObjectKey, ObjectStore, PACKS_PER_INDEX, PackBuilder, StoreError,
+};
 use crate::sync::{Mutex, lock};
 use crate::volume::{self, Volume};
 use gc::GcPolicy;
@@ -192,6 +194,7 @@ impl Worker {
             }
             // No pack is in flight between snapshots: one not sent yet was cut short.
             lock(&self.writer).write_now(|tx| tx.abandon_unsent_packs())?;
+            self.retire_while_uploading().await?;
             self.delete_unneeded().await?;
             self.rewrite_stale_manifests().await?;
             let next = lock(&self.catalog).read(|tx| tx.next_pending_snapshot())?;
@@ -264,6 +267,7 @@ impl Worker {
                 self.land_all(id, &mut packer).await?.ok();
                 return Ok(Outcome::Interrupted);
             }
+            self.retire_while_uploading().await?;
             self.delete_unneeded().await?;
         }
         let sent = match self.send_pack(id, &mut packer).await? {
@@ -382,16 +386,10 @@ impl Worker {
         id: u64,
         packer: &mut Packer,
     ) -> Result<Result<(), String>, UploadError> {
-        if packer.builder.is_empty() {
+        let Some((pack, row)) = self.seal_pack(&mut packer.builder, packer.capacity)? else {
             return Ok(Ok(()));
-        }
-        let next = PackBuilder::with_capacity(packer.capacity);
-        let pack = std::mem::replace(&mut packer.builder, next)
-            .finish(&*self.store, self.options.compression_level)?;
+        };
         let size = pack.body.len() as u64;
-        // Known before it is sent: a crash during the PUT leaves a name to delete.
-        let row = lock(&self.writer)
-            .write_now(|tx| tx.begin_pack(&pack.id, size, pack.listing.data_length))?;
         while packer.in_flight.len() >= PACKS_IN_FLIGHT {
             if let Err(reason) = self.land_one(id, packer).await? {
                 return Ok(Err(reason));
@@ -419,6 +417,25 @@ impl Worker {
         Ok(Ok(()))
     }
 
+    /// Finishes the pack `builder` is filling (if it holds anything), leaving it a new
+    /// one of `capacity`, and records the pack in the catalog before its PUT: a crash
+    /// during the PUT leaves a name to delete.
+    fn seal_pack(
+        &self,
+        builder: &mut PackBuilder,
+        capacity: usize,
+    ) -> Result<Option<(FinishedPack, PackRow)>, UploadError> {
+        if builder.is_empty() {
+            return Ok(None);
+        }
+        let pack = std::mem::replace(builder, PackBuilder::with_capacity(capacity))
+            .finish(&*self.store, self.options.compression_level)?;
+        let size = pack.body.len() as u64;
+        let row = lock(&self.writer)
+            .write_now(|tx| tx.begin_pack(&pack.id, size, pack.listing.data_length))?;
+        Ok(Some((pack, row)))
+    }
+
     /// Waits for the next pack in flight to land and records it.
     async fn land_one(
         &self,
@@ -430,7 +447,10 @@ impl Worker {
         let joined = loop {
             tokio::select! {
                 joined = packer.in_flight.join_next() => break joined,
-                _ = packer.deletions.tick() => self.delete_unneeded().await?,
+                _ = packer.deletions.tick() => {
+                    self.retire_while_uploading().await?;
+                    self.delete_unneeded().await?;
+                }
             }
         };
         let landed = match joined {
