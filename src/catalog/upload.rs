@@ -121,6 +121,17 @@ impl ReadTx<'_> {
             .exists([hash.as_bytes()])?)
     }
 
+    /// Which of `hashes` are blocks of the volume's origin not on the local disk.
+    pub fn origin_blocks_to_fetch(&self, hashes: &[BlockHash]) -> Result<Vec<bool>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM blocks WHERE hash = ?1 AND stored = 2 AND local = 0")?;
+        hashes
+            .iter()
+            .map(|hash| Ok(stmt.exists([hash.as_bytes()])?))
+            .collect()
+    }
+
     /// Whether some live directory entry names `ino`.
     pub fn is_linked(&self, ino: u64) -> Result<bool> {
         Ok(self

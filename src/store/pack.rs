@@ -256,6 +256,8 @@ pub struct PackIndex {
     /// Each pack listed: the index objects listing it, each with the length it gives
     /// the pack's frames.
     pub packs: HashMap<PackId, Vec<(String, u64)>>,
+    /// Each pack's frames in offset order: what follows a block in its pack.
+    frames: HashMap<PackId, Vec<PackedBlock>>,
     /// Index objects that could not be read: key, and what is wrong.
     pub damaged: Vec<(String, String)>,
     /// Index objects read.
@@ -303,6 +305,10 @@ impl PackIndex {
             .entry(pack)
             .or_default()
             .push((key.to_owned(), listing.data_length));
+        let frames = self.frames.entry(pack).or_default();
+        frames.extend_from_slice(&listing.blocks);
+        frames.sort_unstable_by_key(|block| block.offset);
+        frames.dedup_by_key(|block| block.offset);
         for block in &listing.blocks {
             self.places
                 .entry(block.hash)
@@ -313,6 +319,18 @@ impl PackIndex {
                     length: block.length,
                 });
         }
+    }
+
+    /// The frames of `pack` that start after `offset` and end within `span` bytes of it.
+    pub fn following(&self, pack: &PackId, offset: u64, span: u64) -> &[PackedBlock] {
+        let Some(frames) = self.frames.get(pack) else {
+            return &[];
+        };
+        let first = frames.partition_point(|block| block.offset <= offset);
+        let end = offset.saturating_add(span);
+        let last = frames
+            .partition_point(|block| block.offset.saturating_add(u64::from(block.length)) <= end);
+        frames.get(first..last.max(first)).unwrap_or(&[])
     }
 
     /// The places of block `hash` in packs (none: look for a format-1 object).

@@ -14,6 +14,7 @@ use lru::LruCache;
 use super::{Error, Result};
 use crate::blocks::{BlockError, BlockHash, BlockStore, copy_from, is_inline};
 use crate::catalog::Catalog;
+use crate::manifest::{PackId, PackedBlock};
 use crate::metrics;
 use crate::store::{self, BlockPlace, IndexedStore, ObjectKey, ObjectStore};
 use crate::sync::{Mutex, lock};
@@ -22,6 +23,10 @@ use crate::sync::{Mutex, lock};
 /// and what counts as small (a frame of a small file, or of a file's tail).
 const READ_AROUND: u64 = 1 << 20;
 const SMALL_FRAME: u32 = 64 << 10;
+/// How far past a missed block of the origin its pack is read for the origin's blocks
+/// that follow it (any size: a volume loading lazily is read file by file, and a pack
+/// holds files in order).
+const ORIGIN_READ_AROUND: u64 = 4 << 20;
 
 /// An object store, reachable from the read path.
 struct Remote {
@@ -231,6 +236,7 @@ impl BlockReader {
         let store = &remote.store;
         let fetched = match place {
             Some(place) if !in_origin => self.fetch_own(remote, hash, place, max)?,
+            _ if in_origin => self.fetch_origin(remote, hash, max)?,
             _ => remote.runtime.block_on(store.block(hash, max)),
         };
         let data = fetched
@@ -291,24 +297,81 @@ impl BlockReader {
             .filter(|(found, _)| *found == pack)
             .map(|(_, blocks)| blocks)
             .unwrap_or_default();
-        let Some(last) = neighbours.last() else {
+        Ok(self
+            .read_span(remote, &pack, (hash, offset, length), &neighbours, max)?
+            .unwrap_or_else(single))
+    }
+
+    /// Block `hash` of the origin, verified, with the origin's blocks that follow it in
+    /// its pack (within `ORIGIN_READ_AROUND`) and that the volume still lacks, in the
+    /// same range request, kept too: a file read front to back costs a request per 4
+    /// MiB, not per block.
+    fn fetch_origin(
+        &self,
+        remote: &Remote,
+        hash: &BlockHash,
+        max: usize,
+    ) -> Result<store::StoreResult<Option<Vec<u8>>>> {
+        let store = &remote.store;
+        let single = || remote.runtime.block_on(store.block(hash, max));
+        let index = match remote.runtime.block_on(store.index()) {
+            Ok(index) => index,
+            Err(e) => return Ok(Err(e)),
+        };
+        let Some(&BlockPlace::Packed {
+            pack,
+            offset,
+            length,
+        }) = index.places(hash).first()
+        else {
             return Ok(single());
         };
-        let key = ObjectKey::pack(&pack);
+        let following = index.following(&pack, offset, ORIGIN_READ_AROUND);
+        let hashes: Vec<BlockHash> = following.iter().map(|block| block.hash).collect();
+        let wanted = lock(&self.catalog).read(|tx| tx.origin_blocks_to_fetch(&hashes))?;
+        // Up to the last one wanted: the span read stops there.
+        let neighbours: Vec<_> = following
+            .iter()
+            .zip(wanted)
+            .filter(|(_, wanted)| *wanted)
+            .map(|(block, _)| *block)
+            .collect();
+        Ok(self
+            .read_span(remote, &pack, (hash, offset, length), &neighbours, max)?
+            .unwrap_or_else(single))
+    }
+
+    /// Reads block `hash` at (`offset`, `length`) of `pack` and the `neighbours` after it
+    /// in one range request, keeping the neighbours (each verified; one that fails is
+    /// fetched alone when it is read). `None` if there are no neighbours or the request
+    /// or the block itself fails: the caller fetches the block alone.
+    fn read_span(
+        &self,
+        remote: &Remote,
+        pack: &PackId,
+        (hash, offset, length): (&BlockHash, u64, u32),
+        neighbours: &[PackedBlock],
+        max: usize,
+    ) -> Result<Option<store::StoreResult<Option<Vec<u8>>>>> {
+        let Some(last) = neighbours.last() else {
+            return Ok(None);
+        };
+        let store = &*remote.store.store;
+        let key = ObjectKey::pack(pack);
         let end = last.offset + u64::from(last.length);
         let span = remote.runtime.block_on(store::retry(Some(5), || {
             store.get_range(&key, offset, end - offset)
         }));
         let Ok(Some(span)) = span else {
-            return Ok(single());
+            return Ok(None);
         };
         let frame = |at: u64, length: u32| {
-            let at = (at - offset) as usize;
-            span.get(at..at + length as usize).map(<[u8]>::to_vec)
+            let at = usize::try_from(at - offset).ok()?;
+            span.get(at..at.checked_add(length as usize)?)
+                .map(<[u8]>::to_vec)
         };
-        for block in &neighbours {
+        for block in neighbours {
             let part = frame(block.offset, block.length);
-            // A neighbour that fails is fetched alone when it is read.
             if let Some(Ok(data)) =
                 part.map(|part| store::open_frame(store, &key, &block.hash, part, max))
             {
@@ -316,8 +379,8 @@ impl BlockReader {
             }
         }
         match frame(offset, length).map(|part| store::open_frame(store, &key, hash, part, max)) {
-            Some(Ok(data)) => Ok(Ok(Some(data))),
-            _ => Ok(single()),
+            Some(Ok(data)) => Ok(Some(Ok(Some(data)))),
+            _ => Ok(None),
         }
     }
 
