@@ -367,11 +367,12 @@ enum PolicyCommand {
 
 #[derive(Subcommand)]
 enum StoreCommand {
-    /// Free the store's unused bytes now, without a mount: delete the packs no snapshot
-    /// needs a block of, and copy the live blocks of mostly unused packs into new packs,
-    /// until the unused bytes are within --max-unused of the live ones. A mount does the
-    /// same by itself while its uploader is idle; deleting snapshots is what makes packs
-    /// unused.
+    /// Free the store's unused bytes now, without a mount.
+    ///
+    /// Deletes the packs no snapshot needs a block of, and copies the live blocks of
+    /// mostly unused packs into new packs, until the unused bytes are within --max-unused
+    /// of the live ones. A mount does the same by itself while its uploader is idle;
+    /// deleting snapshots is what makes packs unused.
     #[command(after_help = "Examples:\n  \
         snapfs store prune --data ~/.local/share/snapfs --dry-run   # what it would free\n  \
         snapfs store prune --data /srv/vol1 --max-unused 0           # leave nothing unused\n\n\
