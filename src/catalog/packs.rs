@@ -248,48 +248,32 @@ impl ReadTx<'_> {
         )?)
     }
 
-    /// The small blocks (frames under `small` bytes) that follow block `hash` in its pack
-    /// within `span` bytes and are not on the local disk, with the pack: what one range
-    /// read of the pack brings back with it. `None` if `hash` is not in a pack.
+    /// The small blocks (frames under `small` bytes) of pack `pack` that start after
+    /// `offset` and within `span` bytes of it and are not on the local disk: what one
+    /// range read of the pack from a block at `offset` brings back with it.
     pub fn pack_neighbours(
         &self,
-        hash: &BlockHash,
+        pack: &PackId,
+        offset: u64,
         span: u64,
         small: u32,
-    ) -> Result<Option<(PackId, Vec<PackedBlock>)>> {
-        let found = self
-            .conn
-            .prepare_cached(
-                "SELECT b.pack, b.pack_offset, p.name FROM blocks b JOIN packs p ON p.id = b.pack
-                 WHERE b.hash = ?1 AND b.stored = 1",
-            )?
-            .query_row([hash.as_bytes()], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, u64>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })
-            .optional()?;
-        let Some((pack, offset, name)) = found else {
-            return Ok(None);
-        };
+    ) -> Result<Vec<PackedBlock>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT hash, pack_offset, pack_length, len FROM blocks
-             WHERE pack = ?1 AND pack_offset > ?2 AND pack_offset < ?3 AND pack_length < ?4
-               AND local = 0 AND stored = 1
-             ORDER BY pack_offset",
+            "SELECT b.hash, b.pack_offset, b.pack_length, b.len
+             FROM packs p JOIN blocks b ON b.pack = p.id
+             WHERE p.name = ?1 AND b.pack_offset > ?2 AND b.pack_offset < ?3
+               AND b.pack_length < ?4 AND b.local = 0 AND b.stored = 1
+             ORDER BY b.pack_offset",
         )?;
-        let blocks = stmt
-            .query_map(params![pack, offset, offset + span, small], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })?
-            .map(|row| {
-                let (hash, offset, length, raw_length) = row?;
-                packed_block(&hash, offset, length, raw_length)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Some((pack_id(name)?, blocks)))
+        stmt.query_map(
+            params![pack.to_string(), offset, offset + span, small],
+            |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?
+        .map(|row| {
+            let (hash, offset, length, raw_length) = row?;
+            packed_block(&hash, offset, length, raw_length)
+        })
+        .collect()
     }
 }
 

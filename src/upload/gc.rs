@@ -148,13 +148,7 @@ impl Worker {
         if plan.is_empty() {
             // What an interrupted pass queued is deleted all the same.
             self.delete_unneeded().await?;
-            return Ok(GcReport {
-                deleted_packs: 0,
-                repacked_packs: 0,
-                copied_bytes: 0,
-                deleted_bytes: 0,
-                ..report
-            });
+            return Ok(report);
         }
         tracing::info!(
             dead = plan.dead.len(),
@@ -290,7 +284,7 @@ impl Worker {
         }
         let rows: HashSet<i64> = dead.iter().map(|(row, _)| *row).collect();
         let mut indexes: Vec<PackId> = dead.iter().map(|(_, index)| *index).collect();
-        indexes.sort_unstable_by_key(PackId::to_string);
+        indexes.sort_unstable();
         indexes.dedup();
         let listed = lock(&self.catalog).read(|tx| {
             let mut listed = tx.unindexed_packs()?;

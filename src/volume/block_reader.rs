@@ -293,10 +293,7 @@ impl BlockReader {
             return Ok(single());
         };
         let neighbours = lock(&self.catalog)
-            .read(|tx| tx.pack_neighbours(hash, READ_AROUND, SMALL_FRAME))?
-            .filter(|(found, _)| *found == pack)
-            .map(|(_, blocks)| blocks)
-            .unwrap_or_default();
+            .read(|tx| tx.pack_neighbours(&pack, offset, READ_AROUND, SMALL_FRAME))?;
         Ok(self
             .read_span(remote, &pack, (hash, offset, length), &neighbours, max)?
             .unwrap_or_else(single))
