@@ -357,6 +357,11 @@ pub fn encode_tree(entries: &[Entry]) -> Vec<u8> {
     w.0
 }
 
+/// Whether `data` starts as an encoded tree does (a cheap look, not a decode).
+pub fn looks_like_tree(data: &[u8]) -> bool {
+    data.starts_with(TREE_MAGIC)
+}
+
 pub fn decode_tree(data: &[u8]) -> Result<Vec<Entry>> {
     let mut r = Reader { data };
     r.magic(TREE_MAGIC, "tree")?;

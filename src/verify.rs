@@ -205,6 +205,8 @@ fn check_volume(
     report.counts.snapshots = snapshots.len() as u64;
     let still_referenced =
         |hash: &BlockHash| locked || catalog.read(|tx| tx.block_referenced(hash)).unwrap_or(true);
+    let still_packed =
+        |hash: &BlockHash| locked || catalog.read(|tx| tx.tree_packed(hash)).unwrap_or(true);
 
     let blocks_dir = data_dir.join("blocks");
     let blocks = BlockStore::open_read_only(&blocks_dir);
@@ -252,12 +254,11 @@ fn check_volume(
         report.counts.trees = completed_trees.len() as u64;
         let missing_trees = completed_trees
             .iter()
-            .map(ObjectKey::tree)
-            .filter(|key| !stores.has(key))
-            .map(String::from)
+            .filter(|(hash, _)| !stores.own.has_tree(hash))
+            .map(|(hash, _)| format!("tree {hash}"))
             .collect();
         report.problem(
-            format!("tree objects of completed snapshots missing from {url}"),
+            format!("trees of completed snapshots missing from {url}"),
             missing_trees,
         );
         let recorded: Vec<(BlockHash, bool, Option<BlockPlace>)> = records
@@ -268,7 +269,24 @@ fn check_volume(
         stores
             .check_blocks(&recorded, options.deep, &mut report, progress)
             .await;
-        stores.check_index_reach(&records, &packs, &still_referenced, &mut report);
+        let packed_blocks: Vec<(BlockHash, BlockPlace)> = records
+            .iter()
+            .filter(|r| r.stored == BlockLocation::Store)
+            .filter_map(|r| Some((r.hash, r.place?)))
+            .collect();
+        stores.check_index_reach(
+            "blocks",
+            &packed_blocks,
+            &packs,
+            &still_referenced,
+            &mut report,
+        );
+        let packed_trees: Vec<(BlockHash, BlockPlace)> = completed_trees
+            .iter()
+            .filter_map(|(hash, place)| Some((*hash, (*place)?)))
+            .collect();
+        stores.check_index_reach("trees", &packed_trees, &packs, &still_packed, &mut report);
+        stores.check_index_lengths(&packs, &mut report);
         // The store's view of the snapshots the catalog has completed: deleted ones may
         // linger in the store, half deleted, until the next mount finishes the job.
         let completed: HashSet<u64> = snapshots
@@ -531,7 +549,7 @@ async fn rebuild_indexes(
 struct ListedStore {
     store: Arc<dyn ObjectStore>,
     keys: HashSet<String>,
-    index: PackIndex,
+    index: Arc<PackIndex>,
 }
 
 impl ListedStore {
@@ -541,7 +559,7 @@ impl ListedStore {
         for prefix in prefixes.iter().chain(&[ObjectKey::PACKS]) {
             keys.extend(store::retry(Some(5), || store.list(prefix)).await?);
         }
-        let index = PackIndex::load(&*store).await?;
+        let index = Arc::new(PackIndex::load(&*store).await?);
         Ok(ListedStore { store, keys, index })
     }
 
@@ -556,6 +574,16 @@ impl ListedStore {
             BlockPlace::Object => self.has(&ObjectKey::block(hash)),
             BlockPlace::Packed { pack, .. } => self.has(&ObjectKey::pack(&pack)),
         }
+    }
+
+    /// Whether a reader with only this store finds tree `hash`: in a pack its index
+    /// places it in, or as an object of its own.
+    fn has_tree(&self, hash: &BlockHash) -> bool {
+        self.index
+            .places(hash)
+            .iter()
+            .any(|place| matches!(place, BlockPlace::Packed { .. }) && self.has_at(hash, *place))
+            || self.has(&ObjectKey::tree(hash))
     }
 
     /// Where a reader with only this store finds block `hash`, in the order it looks:
@@ -627,38 +655,29 @@ impl Stores {
             .collect()
     }
 
-    /// Checks that a reader with nothing but the bucket finds every block the catalog
-    /// (`records`, `packs`) places in a pack of the volume's store where the catalog
-    /// says: an index object lists it there, and gives the pack the data length the
-    /// catalog recorded. Packs no index lists yet (an upload under way) and packs
-    /// missing from the store (reported with their blocks) are passed over, as are
-    /// blocks a running mount freed meanwhile (`live` says).
+    /// Checks that a reader with nothing but the bucket finds every block or tree
+    /// (`what`) the catalog places in a pack of the volume's store (`frames`, `packs`)
+    /// where the catalog says: an index object lists it there. Packs no index lists yet
+    /// (an upload under way) and packs missing from the store (reported with what they
+    /// hold) are passed over, as are frames a running mount freed meanwhile (`live`).
     fn check_index_reach(
         &self,
-        records: &[BlockRecord],
+        what: &str,
+        frames: &[(BlockHash, BlockPlace)],
         packs: &HashMap<PackId, PackRecord>,
         live: &dyn Fn(&BlockHash) -> bool,
         report: &mut Report,
     ) {
         let own = &self.own;
-        let indexed = |pack: &PackId| {
-            packs
-                .get(pack)
-                .and_then(|record| record.indexed)
-                .filter(|_| own.has(&ObjectKey::pack(pack)))
-        };
         let mut unreachable = Vec::new();
-        for record in records {
-            let Some(place @ BlockPlace::Packed { pack, .. }) = record.place else {
+        for &(hash, place) in frames {
+            let BlockPlace::Packed { pack, .. } = place else {
                 continue;
             };
-            let Some(index) = indexed(&pack) else {
+            let Some(index) = self.indexed(packs, &pack) else {
                 continue;
             };
-            if record.stored == BlockLocation::Store
-                && !own.index.places(&record.hash).contains(&place)
-                && live(&record.hash)
-            {
+            if !own.index.places(&hash).contains(&place) && live(&hash) {
                 report.reindex.insert(pack);
                 // One that is there lists the pack wrongly; a lost one needs no deletion.
                 let key = ObjectKey::index(&index);
@@ -667,19 +686,33 @@ impl Stores {
                 }
                 unreachable.push(format!(
                     "{} in {} (the catalog says {} lists it)",
-                    record.hash.to_hex(),
+                    hash.to_hex(),
                     ObjectKey::pack(&pack),
                     ObjectKey::index(&index)
                 ));
             }
         }
         report.problem(
-            format!("blocks no index object in {} leads to", own.store.url()),
+            format!("{what} no index object in {} leads to", own.store.url()),
             unreachable,
         );
+    }
+
+    /// The index object the catalog says lists `pack`, if the store has the pack.
+    fn indexed(&self, packs: &HashMap<PackId, PackRecord>, pack: &PackId) -> Option<PackId> {
+        packs
+            .get(pack)
+            .and_then(|record| record.indexed)
+            .filter(|_| self.own.has(&ObjectKey::pack(pack)))
+    }
+
+    /// Checks that every index object gives each pack it lists the data length the
+    /// catalog recorded, and marks unreadable index objects for rebuilding.
+    fn check_index_lengths(&self, packs: &HashMap<PackId, PackRecord>, report: &mut Report) {
+        let own = &self.own;
         let mut wrong = Vec::new();
         for (pack, record) in packs {
-            if indexed(pack).is_none() {
+            if self.indexed(packs, pack).is_none() {
                 continue;
             }
             for (key, data_length) in own.index.packs.get(pack).into_iter().flatten() {
@@ -943,6 +976,10 @@ impl Stores {
         let mut seen_trees = HashSet::new();
         let mut level: Vec<(BlockHash, String)> = Vec::new();
         let mut broken = Vec::new();
+        let trees = Arc::new(IndexedStore::with_index(
+            self.own.store.clone(),
+            self.own.index.clone(),
+        ));
         for snapshot in &listing.snapshots {
             let name = String::from_utf8_lossy(&snapshot.name).into_owned();
             match &snapshot.root.content {
@@ -957,9 +994,9 @@ impl Stores {
                 if !seen_trees.insert(hash) {
                     continue;
                 }
-                let store = self.own.store.clone();
+                let trees = trees.clone();
                 fetches.spawn(async move {
-                    let result = store::read_tree(&*store, &hash)
+                    let result = store::read_tree(&trees, &hash)
                         .await
                         .map_err(|e| e.to_string());
                     (snapshot, result)

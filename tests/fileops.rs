@@ -585,9 +585,21 @@ fn shared_blocks_upload_once_and_outlive_their_source() {
     run(Command::new("cp").arg(&src).arg(m.path().join("copy")));
     take_snapshot(&m, "b");
     wait_completed(&m, "b");
-    // The copy's blocks are the source's: nothing new to upload.
+    // The copy's blocks are the source's: nothing new to upload but the new root's tree.
     assert_eq!(common::packed_in_bucket(&client, &prefix).len(), blocks);
-    assert_eq!(client.list(&format!("{prefix}packs/")), packs);
+    let tree_packs: Vec<String> = common::trees_in_bucket(&client, &prefix)
+        .into_values()
+        .flatten()
+        .map(|tree| tree.pack)
+        .collect();
+    let after = client.list(&format!("{prefix}packs/"));
+    let added: Vec<&(String, u64)> = after.iter().filter(|p| !packs.contains(p)).collect();
+    assert_eq!(added.len(), 1, "one new pack: {added:?}");
+    assert!(tree_packs.contains(&added[0].0), "it holds trees only");
+    assert!(
+        packs.iter().all(|p| after.contains(p)),
+        "the old packs stay"
+    );
     let dest = m.scratch("restored");
     let out = s3.restore(&s3.url(&prefix), "b", &dest.join("b"), &[]);
     assert!(

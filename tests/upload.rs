@@ -63,9 +63,12 @@ fn manifest_root(
     let Content::Tree(root) = &snapshot.root.content else {
         panic!("the root has no tree")
     };
-    let tree = get_decoded(client, &format!("{prefix}trees/{root}"));
-    assert_eq!(BlockHash::of(&tree), *root, "tree matches its key");
-    let entries = manifest::decode_tree(&tree).expect("tree decodes");
+    let trees = trees_in_bucket(client, prefix);
+    let tree = &trees
+        .get(&root.to_hex())
+        .unwrap_or_else(|| panic!("tree {root} is in no pack"))[0]
+        .data;
+    let entries = manifest::decode_tree(tree).expect("tree decodes");
     (snapshot, entries)
 }
 
@@ -102,7 +105,15 @@ fn snapshots_reach_both_servers_as_verified_zstd_blocks_and_manifests() {
             "{server}: each distinct block once, the duplicate file adds none"
         );
         let packs = client.list(&format!("{prefix}packs/"));
-        assert_eq!(packs.len(), 1, "{server}: one pack for a few MiB");
+        assert_eq!(
+            packs.len(),
+            2,
+            "{server}: one pack of blocks for a few MiB, one of the directories' trees"
+        );
+        assert!(
+            client.list(&format!("{prefix}trees/")).is_empty(),
+            "{server}: no object per directory"
+        );
         assert_eq!(client.list(&format!("{prefix}index/")).len(), 1, "{server}");
         assert!(
             client.list(&format!("{prefix}blocks/")).is_empty(),
@@ -166,7 +177,11 @@ fn a_later_snapshot_sends_only_the_changed_block() {
         .into_iter()
         .collect();
     let added: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
-    assert_eq!(added.len(), 1, "exactly one new pack: {added:?}");
+    assert_eq!(
+        added.len(),
+        2,
+        "exactly one new pack of blocks, one of trees: {added:?}"
+    );
     let blocks_after = stored_blocks(&client, &prefix);
     let new_blocks: Vec<&String> = blocks_after
         .keys()
@@ -228,6 +243,7 @@ fn deleting_snapshots_deletes_the_objects_only_they_needed() {
     wait_for(|| stored_blocks(&client, &prefix).is_empty());
     assert!(client.list(&format!("{prefix}snapshots/")).is_empty());
     assert!(client.list(&format!("{prefix}trees/")).is_empty());
+    wait_for(|| trees_in_bucket(&client, &prefix).is_empty());
     wait_for(|| client.list(&format!("{prefix}index/")).is_empty());
 }
 
@@ -540,6 +556,12 @@ fn a_format_1_store_keeps_working_and_gains_packs() {
         let object = zstd::encode_all(copies[0].data.as_slice(), 3).expect("zstd");
         client.put(&format!("{prefix}blocks/{hash}"), &object);
     }
+    let trees = trees_in_bucket(&client, &prefix);
+    assert_eq!(trees.len(), 1, "the root's");
+    for (hash, copies) in &trees {
+        let object = zstd::encode_all(copies[0].data.as_slice(), 3).expect("zstd");
+        client.put(&format!("{prefix}trees/{hash}"), &object);
+    }
     assert!(client.delete_prefix(&format!("{prefix}packs/")) > 0);
     assert!(client.delete_prefix(&format!("{prefix}index/")) > 0);
     let header =
@@ -551,6 +573,7 @@ fn a_format_1_store_keeps_working_and_gains_packs() {
     let db = rusqlite::Connection::open(mount.data_dir().join("catalog.db")).expect("catalog");
     db.execute_batch(
         "UPDATE blocks SET pack = NULL, pack_offset = NULL, pack_length = NULL;
+         DELETE FROM packed_trees;
          DELETE FROM packs;",
     )
     .expect("forget the packs");
@@ -587,6 +610,7 @@ fn a_format_1_store_keeps_working_and_gains_packs() {
     // The old file's last snapshot goes: so do its objects.
     fs::remove_dir(snapshot_dir(&mount, "one")).expect("rmdir one");
     wait_for(|| client.list(&format!("{prefix}blocks/")).is_empty());
+    wait_for(|| client.list(&format!("{prefix}trees/")).is_empty());
     let dest = mount.scratch("restored");
     let out = s3.restore(&s3.url(&prefix), "two", &dest, &[]);
     assert!(

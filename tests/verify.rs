@@ -289,23 +289,26 @@ fn catalog_damage_is_named_precisely() {
 }
 
 #[test]
-fn a_lost_tree_object_breaks_the_manifest_of_every_snapshot_using_it() {
+fn a_lost_pack_of_trees_breaks_the_manifest_of_every_snapshot_using_it() {
     let mut mount = Mount::new();
     volume_with_snapshots(&mut mount);
     let data = mount.data_dir().to_owned();
-    let trees = data.join("store/trees");
-    let tree = fs::read_dir(&trees)
-        .expect("trees")
-        .next()
-        .expect("a tree")
-        .expect("entry")
-        .path();
-    fs::remove_file(&tree).expect("remove tree");
-    let found = verify_data(&data, &[]);
-    assert_problem(
-        &found,
-        "tree objects of completed snapshots missing from file://",
+    assert!(
+        !data.join("store/trees").exists(),
+        "trees travel in packs, not as objects of their own"
     );
+    let trees = packed_trees_in_dir(&data.join("store"));
+    // The first snapshot's: each has a pack of its trees.
+    let pack = trees
+        .values()
+        .flatten()
+        .next()
+        .expect("a packed tree")
+        .pack
+        .clone();
+    fs::remove_file(data.join("store").join(&pack)).expect("remove the pack");
+    let found = verify_data(&data, &[]);
+    assert_problem(&found, "trees of completed snapshots missing from file://");
     let store = format!("file://{}", data.join("store").display());
     assert_problem(
         &verify(&["--store", &store], &[]),
@@ -464,9 +467,12 @@ fn a_lost_index_is_found_and_rebuilt_from_the_packs() {
         "{}",
         found.1
     );
+    assert_problem(&found, "trees no index object in file://");
+    // With no index, a reader of the bucket finds neither the blocks nor the trees (they
+    // travel in packs too): the manifests no longer read back whole.
     assert_problem(
         &verify(&["--store", &url], &[]),
-        "blocks named by a snapshot's manifest that no store holds",
+        "manifests that cannot be read back whole",
     );
 
     let (code, text) = verify_data(&data, &["--repair"]);

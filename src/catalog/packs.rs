@@ -1,11 +1,13 @@
 //! The catalog's side of packs (store format 2, `store/pack.rs`): which pack holds each
-//! stored block and where, how many live blocks each pack still holds, and which index
-//! object lists it. A pack is one row of `packs`; its blocks point at it.
+//! stored block and directory tree and where, how many live frames each pack still
+//! holds, and which index object lists it. A pack is one row of `packs`; its blocks
+//! (`blocks`) and trees (`packed_trees`) point at it.
 //!
 //! A pack's life: a row with `sent = 0` before its PUT (a crash then leaves a name to
-//! delete, never an object nothing knows); `record_pack` once it landed, pointing its
-//! blocks at it; `record_index` once an index object lists it; queued for deletion from
-//! the store when its last live block is freed, and its index object with its last pack.
+//! delete, never an object nothing knows); `record_pack` (`record_tree_pack`) once it
+//! landed, pointing its blocks (trees) at it; `record_index` once an index object lists
+//! it; queued for deletion from the store when its last live frame is freed, and its index
+//! object with its last pack.
 
 use std::collections::{HashMap, HashSet};
 
@@ -68,6 +70,14 @@ fn packed_block(hash: &[u8], offset: u64, length: u32, raw_length: u32) -> Resul
 }
 
 impl ReadTx<'_> {
+    /// Whether a pack of the volume's store holds tree `hash`.
+    pub fn tree_packed(&self, hash: &BlockHash) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM packed_trees WHERE hash = ?1")?
+            .exists([hash.as_bytes()])?)
+    }
+
     /// Where this volume's store holds block `hash`; `None` if it does not (not sent, or
     /// the origin's).
     pub fn block_place(&self, hash: &BlockHash) -> Result<Option<BlockPlace>> {
@@ -160,11 +170,13 @@ impl ReadTx<'_> {
             .collect())
     }
 
-    /// The live blocks of pack `row` in their order in it, each with whether the local
-    /// disk holds it too.
+    /// The live blocks and trees of pack `row` in their order in it, each with whether
+    /// the local disk holds it too (a tree never: only the store has it).
     pub fn live_in_pack(&self, row: i64) -> Result<Vec<(PackedBlock, bool)>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT hash, pack_offset, pack_length, len, local FROM blocks WHERE pack = ?1
+             UNION ALL
+             SELECT hash, pack_offset, pack_length, len, 0 FROM packed_trees WHERE pack = ?1
              ORDER BY pack_offset",
         )?;
         stmt.query_map([row], |r| {
@@ -327,31 +339,56 @@ impl WriteTx<'_> {
         self.queue_dead_packs()
     }
 
-    /// Records that pack `pack` landed holding `blocks`, copies of live blocks of other
-    /// packs (`from`: the row of the pack each comes from): garbage collection moving them
-    /// out of packs mostly unused. A block freed meanwhile, or no longer in the pack it was
-    /// copied from, stays where it is.
+    /// Records that pack `pack` landed holding the trees of `listing`, written with a
+    /// manifest. A tree another pack holds already is not counted as this one's (a pack
+    /// left with none is queued for deletion at once).
+    pub fn record_tree_pack(&self, pack: PackRow, listing: &PackListing) -> Result<()> {
+        let mut insert = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO packed_trees (hash, pack, pack_offset, pack_length, len)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        self.fill_pack(pack, &listing.blocks, |tree| {
+            insert.execute(params![
+                tree.hash.as_bytes(),
+                pack.row,
+                tree.offset,
+                tree.length,
+                tree.raw_length
+            ])
+        })?;
+        self.queue_dead_packs()
+    }
+
+    /// Records that pack `pack` landed holding `blocks`, copies of live blocks and trees
+    /// of other packs (`from`: the row of the pack each comes from): garbage collection
+    /// moving them out of packs mostly unused. One freed meanwhile, or no longer in the
+    /// pack it was copied from, stays where it is.
     pub fn record_repacked(
         &self,
         pack: PackRow,
         blocks: &[PackedBlock],
         from: &HashMap<BlockHash, i64>,
     ) -> Result<()> {
-        let mut moved = self.conn.prepare_cached(
+        let mut moved_block = self.conn.prepare_cached(
             "UPDATE blocks SET pack = ?2, pack_offset = ?3, pack_length = ?4
              WHERE hash = ?1 AND pack = ?5 AND stored = 1",
+        )?;
+        let mut moved_tree = self.conn.prepare_cached(
+            "UPDATE packed_trees SET pack = ?2, pack_offset = ?3, pack_length = ?4
+             WHERE hash = ?1 AND pack = ?5",
         )?;
         self.fill_pack(pack, blocks, |block| {
             let Some(from) = from.get(&block.hash) else {
                 return Ok(0);
             };
-            moved.execute(params![
+            let moved = params![
                 block.hash.as_bytes(),
                 pack.row,
                 block.offset,
                 block.length,
                 from
-            ])
+            ];
+            Ok(moved_block.execute(moved)? + moved_tree.execute(moved)?)
         })?;
         // Left with no block, it goes at once: no index lists it yet.
         self.queue_dead_packs()
@@ -448,11 +485,19 @@ impl WriteTx<'_> {
         self.queue_dead_packs()
     }
 
-    /// Queues for deletion the packs whose PUT a crash or an unmount cut short: called
-    /// when no PUT is under way.
+    /// Queues for deletion the packs whose PUT a crash or an unmount cut short, and
+    /// forgets the packed trees of manifests never completed (a crash, a snapshot deleted
+    /// meanwhile, a manifest written again): called when no upload is under way.
     pub fn abandon_unsent_packs(&self) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "DELETE FROM packed_trees
+                 WHERE NOT EXISTS (SELECT 1 FROM dir_trees d WHERE d.hash = packed_trees.hash)",
+            )?
+            .execute([])?;
         // Such a pack counts no block yet: the condition lets the partial index serve.
-        self.queue_packs("sent = 0 AND blocks <= 0")
+        self.queue_packs("sent = 0 AND blocks <= 0")?;
+        self.queue_dead_packs()
     }
 
     /// Queues for deletion from the store the packs no live block is in and that no

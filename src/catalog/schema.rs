@@ -14,6 +14,7 @@ pub const MIGRATIONS: &[&str] = &[
     V7_LIVE_INODES,
     V8_INLINE_BLOCKS,
     V9_PACKS,
+    V10_PACKED_TREES,
 ];
 
 const V1: &str = r#"
@@ -307,6 +308,30 @@ CREATE TRIGGER blocks_unpack AFTER DELETE ON blocks WHEN OLD.pack IS NOT NULL BE
 END;
 CREATE TRIGGER blocks_leave_pack AFTER UPDATE OF pack ON blocks
 WHEN OLD.pack IS NOT NULL AND NEW.pack IS NOT OLD.pack BEGIN
+    UPDATE packs SET blocks = blocks - 1, live_bytes = live_bytes - OLD.pack_length
+    WHERE id = OLD.pack;
+END;
+"#;
+
+/// Directory trees travel in packs too (their own packs, written with each manifest), so
+/// a snapshot of many directories is a few objects, not one per directory. A row per tree
+/// a pack holds, counted among the pack's live frames like a block (`packs.blocks` counts
+/// both); it goes when no directory version names the tree any more.
+const V10_PACKED_TREES: &str = r#"
+CREATE TABLE packed_trees (
+    hash        BLOB PRIMARY KEY,
+    pack        INTEGER NOT NULL,
+    pack_offset INTEGER NOT NULL,
+    pack_length INTEGER NOT NULL,
+    len         INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX packed_trees_pack ON packed_trees(pack);
+CREATE TRIGGER packed_trees_unpack AFTER DELETE ON packed_trees BEGIN
+    UPDATE packs SET blocks = blocks - 1, live_bytes = live_bytes - OLD.pack_length
+    WHERE id = OLD.pack;
+END;
+CREATE TRIGGER packed_trees_leave_pack AFTER UPDATE OF pack ON packed_trees
+WHEN NEW.pack IS NOT OLD.pack BEGIN
     UPDATE packs SET blocks = blocks - 1, live_bytes = live_bytes - OLD.pack_length
     WHERE id = OLD.pack;
 END;

@@ -27,6 +27,9 @@ pub enum Completion {
     Deleted,
     /// Its base was deleted meanwhile: nothing recorded; write the manifest again.
     BaseChanged,
+    /// A packed tree it names was freed meanwhile (the last snapshot naming it deleted):
+    /// nothing recorded; write the manifest again, which packs the tree anew.
+    TreesFreed,
 }
 
 impl ReadTx<'_> {
@@ -358,6 +361,7 @@ impl WriteTx<'_> {
         base: u64,
         trees: &[(u64, BlockHash)],
         removed: &[u64],
+        packed: &[BlockHash],
     ) -> Result<Completion> {
         let pending = self
             .conn
@@ -368,6 +372,14 @@ impl WriteTx<'_> {
         }
         if self.upload_base(g)? != base {
             return Ok(Completion::BaseChanged);
+        }
+        let mut is_packed = self
+            .conn
+            .prepare_cached("SELECT 1 FROM packed_trees WHERE hash = ?1")?;
+        for hash in packed {
+            if !is_packed.exists([hash.as_bytes()])? {
+                return Ok(Completion::TreesFreed);
+            }
         }
         let next: Option<u64> = self.conn.query_row(
             "SELECT min(generation) FROM snapshots WHERE generation > ?1 AND state = 'completed'",
@@ -477,8 +489,13 @@ impl WriteTx<'_> {
         let mut still_used = self
             .conn
             .prepare_cached("SELECT 1 FROM dir_trees WHERE hash = ?1")?;
+        // A packed tree leaves its pack (garbage collection frees it); an older one is
+        // an object of its own.
+        let mut unpack = self
+            .conn
+            .prepare_cached("DELETE FROM packed_trees WHERE hash = ?1")?;
         for hash in freed {
-            if !still_used.exists([&hash])? {
+            if !still_used.exists([&hash])? && unpack.execute([&hash])? == 0 {
                 queue.execute([ObjectKey::tree(&hash_of(hash)?).as_str()])?;
             }
         }

@@ -236,20 +236,33 @@ impl ReadTx<'_> {
         )?)
     }
 
-    /// Tree objects the completed snapshots' manifests use.
-    pub fn completed_trees(&self) -> Result<Vec<BlockHash>> {
+    /// The trees the completed snapshots' manifests use, each with its place in a pack
+    /// of the volume's store (`None`: an object of its own).
+    pub fn completed_trees(&self) -> Result<Vec<(BlockHash, Option<BlockPlace>)>> {
         let mut stmt = self.conn.prepare(
-            "SELECT DISTINCT t.hash FROM dir_trees t JOIN snapshots s
-             ON s.state = 'completed' AND t.birth <= s.generation
-                AND (t.death IS NULL OR t.death > s.generation)",
+            "SELECT t.hash, p.name, pt.pack_offset, pt.pack_length
+             FROM (SELECT DISTINCT t.hash FROM dir_trees t JOIN snapshots s
+                   ON s.state = 'completed' AND t.birth <= s.generation
+                      AND (t.death IS NULL OR t.death > s.generation)) t
+             LEFT JOIN packed_trees pt ON pt.hash = t.hash
+             LEFT JOIN packs p ON p.id = pt.pack",
         )?;
-        let hashes = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut rows = stmt.query([])?;
         let mut trees = Vec::new();
-        for hash in hashes {
-            trees.push(
-                BlockHash::try_from(hash?.as_slice())
-                    .map_err(|_| Error::Corrupt("a tree hash is not 32 bytes".into()))?,
-            );
+        while let Some(row) = rows.next()? {
+            let hash: Vec<u8> = row.get(0)?;
+            let hash = BlockHash::try_from(hash.as_slice())
+                .map_err(|_| Error::Corrupt("a tree hash is not 32 bytes".into()))?;
+            let place = match (row.get::<_, Option<String>>(1)?, row.get(2)?, row.get(3)?) {
+                (Some(name), Some(offset), Some(length)) => Some(BlockPlace::Packed {
+                    pack: PackId::parse(&name)
+                        .ok_or_else(|| Error::Corrupt(format!("bad pack name {name:?}")))?,
+                    offset,
+                    length,
+                }),
+                _ => None,
+            };
+            trees.push((hash, place));
         }
         Ok(trees)
     }

@@ -381,6 +381,35 @@ pub async fn fetch_block(
     }
 }
 
+/// Fetches tree object `trees/<hash>` (format 1, or a tree too large for a pack):
+/// decompressed (at most `max` bytes) and verified against its hash, like a block.
+pub async fn fetch_tree_object(
+    store: &dyn ObjectStore,
+    hash: &crate::blocks::BlockHash,
+    max: usize,
+) -> StoreResult<Option<Vec<u8>>> {
+    let key = ObjectKey::tree(hash);
+    let checked = fetch_verified(store, &key, |object| {
+        let data = crate::manifest::decompress(&object, max)
+            .map_err(|e| format!("corrupt or truncated: {e}"))?;
+        let actual = crate::blocks::BlockHash::of(&data);
+        if actual == *hash {
+            Ok(data)
+        } else {
+            Err("does not match its hash".to_owned())
+        }
+    })
+    .await?;
+    match checked {
+        None => Ok(None),
+        Some(Ok(data)) => Ok(Some(data)),
+        Some(Err(problem)) => Err(StoreError::permanent(format!(
+            "{key}: {problem} ({VERIFY_ATTEMPTS} copies fetched from {})",
+            store.url()
+        ))),
+    }
+}
+
 /// The error for a block a store should have and does not.
 pub fn missing_block(store: &dyn ObjectStore, hash: &crate::blocks::BlockHash) -> StoreError {
     StoreError::permanent(format!(

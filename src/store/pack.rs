@@ -13,10 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use lru::LruCache;
 
 use super::{ObjectKey, ObjectStore, StoreError, StoreResult};
 use crate::blocks::BlockHash;
 use crate::manifest::{self, PackId, PackListing, PackedBlock};
+use crate::sync::{Mutex, lock};
 
 /// The last 8 bytes of every pack.
 pub const PACK_MAGIC: &[u8; 8] = b"snapfsP1";
@@ -26,6 +28,8 @@ const FOOTER: usize = 4 + PACK_MAGIC.len();
 const INDEX_READS: usize = 16;
 /// Largest decompressed listing or index object accepted.
 const MAX_LISTING: usize = 256 << 20;
+/// Largest decompressed tree accepted (a directory of some millions of entries).
+pub const MAX_TREE: u64 = 256 << 20;
 /// Packs one index object lists at most (some 45 bytes per block listed).
 pub const PACKS_PER_INDEX: usize = 4096;
 
@@ -225,8 +229,17 @@ pub fn open_frame(
     max: usize,
 ) -> Result<Vec<u8>, String> {
     let frame = store.open_part(key, part).map_err(|e| e.message)?;
-    let data = zstd::bulk::decompress(&frame, max)
-        .map_err(|e| format!("not a zstd frame of at most {max} bytes: {e}"))?;
+    // The size the frame declares, if within `max`: a buffer of `max` bytes for each
+    // tree would be far too much (a frame that holds more than it declares fails).
+    let declared = zstd::zstd_safe::get_frame_content_size(&frame)
+        .ok()
+        .flatten()
+        .filter(|&size| size <= max as u64);
+    let data = match declared {
+        Some(size) => zstd::bulk::decompress(&frame, size as usize),
+        None => manifest::decompress(&frame, max),
+    }
+    .map_err(|e| format!("not a zstd frame of at most {max} bytes: {e}"))?;
     let actual = BlockHash::of(&data);
     if actual == *hash {
         Ok(data)
@@ -333,6 +346,20 @@ impl PackIndex {
         frames.get(first..last.max(first)).unwrap_or(&[])
     }
 
+    /// The frames of `pack` that lie within the `span` bytes centred on `offset` (from the
+    /// pack's start, if `offset` is nearer to it than half the span).
+    pub fn around(&self, pack: &PackId, offset: u64, span: u64) -> &[PackedBlock] {
+        let Some(frames) = self.frames.get(pack) else {
+            return &[];
+        };
+        let start = offset.saturating_sub(span / 2);
+        let end = start.saturating_add(span);
+        let first = frames.partition_point(|block| block.offset < start);
+        let last = frames
+            .partition_point(|block| block.offset.saturating_add(u64::from(block.length)) <= end);
+        frames.get(first..last.max(first)).unwrap_or(&[])
+    }
+
     /// The places of block `hash` in packs (none: look for a format-1 object).
     pub fn places(&self, hash: &BlockHash) -> &[BlockPlace] {
         self.places.get(hash).map_or(&[], Vec::as_slice)
@@ -356,6 +383,42 @@ impl PackIndex {
 pub struct IndexedStore {
     pub store: Arc<dyn ObjectStore>,
     index: tokio::sync::Mutex<Option<(Arc<PackIndex>, Instant)>>,
+    /// Trees read with a tree asked for (its neighbours in a pack), until asked for.
+    trees: Mutex<TreeCache>,
+}
+
+/// Bytes of a pack read around a tree asked for: trees written together (one manifest,
+/// children before parents) are asked for together by a restore, an import or a verify,
+/// which would otherwise wait on one request per directory.
+const TREE_READ_AROUND: u64 = 4 << 20;
+/// Decoded bytes of trees kept waiting at most (the least recently read go first).
+const TREE_CACHE_BYTES: usize = 64 << 20;
+
+/// Trees read ahead, each handed out once.
+struct TreeCache {
+    trees: LruCache<BlockHash, Vec<u8>>,
+    bytes: usize,
+}
+
+impl TreeCache {
+    fn take(&mut self, hash: &BlockHash) -> Option<Vec<u8>> {
+        let tree = self.trees.pop(hash)?;
+        self.bytes -= tree.len();
+        Some(tree)
+    }
+
+    fn put(&mut self, hash: BlockHash, tree: Vec<u8>) {
+        self.bytes += tree.len();
+        if let Some(old) = self.trees.put(hash, tree) {
+            self.bytes -= old.len();
+        }
+        while self.bytes > TREE_CACHE_BYTES {
+            let Some((_, old)) = self.trees.pop_lru() else {
+                break;
+            };
+            self.bytes -= old.len();
+        }
+    }
 }
 
 /// An index is read again for a missing block at most this often.
@@ -363,9 +426,25 @@ const INDEX_REREAD: Duration = Duration::from_secs(1);
 
 impl IndexedStore {
     pub fn new(store: Arc<dyn ObjectStore>) -> IndexedStore {
+        IndexedStore::with_loaded(store, None)
+    }
+
+    /// `store`, whose index `index` was read already.
+    pub fn with_index(store: Arc<dyn ObjectStore>, index: Arc<PackIndex>) -> IndexedStore {
+        IndexedStore::with_loaded(store, Some((index, Instant::now())))
+    }
+
+    fn with_loaded(
+        store: Arc<dyn ObjectStore>,
+        index: Option<(Arc<PackIndex>, Instant)>,
+    ) -> IndexedStore {
         IndexedStore {
             store,
-            index: tokio::sync::Mutex::new(None),
+            index: tokio::sync::Mutex::new(index),
+            trees: Mutex::new(TreeCache {
+                trees: LruCache::unbounded(),
+                bytes: 0,
+            }),
         }
     }
 
@@ -398,12 +477,76 @@ impl IndexedStore {
     /// else from its own object (a format-1 store), else from a pack added since the
     /// index was read. `None` if the store has it nowhere.
     pub async fn block(&self, hash: &BlockHash, max: usize) -> StoreResult<Option<Vec<u8>>> {
+        let object = super::fetch_block(&*self.store, hash, BlockPlace::Object, max);
+        self.frame(hash, max, object).await
+    }
+
+    /// Tree `hash`, encoded and verified, found as blocks are (`block`); its own object
+    /// is `trees/<hash>` (format 1, or a tree too large for a pack).
+    pub async fn tree(&self, hash: &BlockHash) -> StoreResult<Option<Vec<u8>>> {
+        if let Some(tree) = lock(&self.trees).take(hash) {
+            return Ok(Some(tree));
+        }
+        if let Some(tree) = self.trees_around(hash).await? {
+            return Ok(Some(tree));
+        }
+        let max = MAX_TREE as usize;
+        let object = super::fetch_tree_object(&*self.store, hash, max);
+        self.frame(hash, max, object).await
+    }
+
+    /// Tree `hash` read from its first pack with the trees around it, which wait in the
+    /// cache; `None` if the index has no pack for it or the read fails (the caller then
+    /// reads it alone, with retries and the other places it has).
+    async fn trees_around(&self, hash: &BlockHash) -> StoreResult<Option<Vec<u8>>> {
+        let index = self.index().await?;
+        let Some(&BlockPlace::Packed { pack, offset, .. }) = index.places(hash).first() else {
+            return Ok(None);
+        };
+        let frames = index.around(&pack, offset, TREE_READ_AROUND);
+        let (Some(first), Some(last)) = (frames.first(), frames.last()) else {
+            return Ok(None);
+        };
+        let (start, end) = (first.offset, last.offset + u64::from(last.length));
+        let key = ObjectKey::pack(&pack);
+        let Ok(Some(span)) =
+            super::retry(Some(5), || self.store.get_range(&key, start, end - start)).await
+        else {
+            return Ok(None);
+        };
+        let mut found = None;
+        let mut cache = lock(&self.trees);
+        for frame in frames {
+            let at = (frame.offset - start) as usize;
+            let Some(part) = span.get(at..at + frame.length as usize) else {
+                continue;
+            };
+            let max = frame.raw_length as usize;
+            // A frame that fails is left to the single read; blocks (a repacked pack mixes
+            // them in) are not kept.
+            match open_frame(&*self.store, &key, &frame.hash, part.to_vec(), max) {
+                Ok(data) if frame.hash == *hash => found = Some(data),
+                Ok(data) if manifest::looks_like_tree(&data) => cache.put(frame.hash, data),
+                _ => {}
+            }
+        }
+        Ok(found)
+    }
+
+    /// Frame `hash` (at most `max` bytes) from a pack the index places it in, else from
+    /// `own_object`, else from a pack added since the index was read.
+    async fn frame(
+        &self,
+        hash: &BlockHash,
+        max: usize,
+        own_object: impl Future<Output = StoreResult<Option<Vec<u8>>>>,
+    ) -> StoreResult<Option<Vec<u8>>> {
         let index = self.index().await?;
         let mut damaged = None;
         if let Some(data) = self.in_packs(&index, hash, max, &mut damaged).await? {
             return Ok(Some(data));
         }
-        if let Some(data) = super::fetch_block(&*self.store, hash, BlockPlace::Object, max).await? {
+        if let Some(data) = own_object.await? {
             return Ok(Some(data));
         }
         let again = self.reread(&index).await?;
@@ -433,5 +576,72 @@ impl IndexedStore {
             }
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An index of one pack whose frames are `lengths` long, one after the other.
+    fn index_of(pack: PackId, lengths: &[u32]) -> PackIndex {
+        let mut offset = 0;
+        let blocks = lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &length)| {
+                let block = PackedBlock {
+                    hash: BlockHash::of(&i.to_le_bytes()),
+                    offset,
+                    length,
+                    raw_length: length,
+                };
+                offset += u64::from(length);
+                block
+            })
+            .collect();
+        let mut index = PackIndex::default();
+        let listing = PackListing {
+            data_length: offset,
+            blocks,
+        };
+        index.add("index/x", pack, &listing);
+        index
+    }
+
+    fn offsets(frames: &[PackedBlock]) -> Vec<u64> {
+        frames.iter().map(|frame| frame.offset).collect()
+    }
+
+    #[test]
+    fn frames_around_and_after_an_offset_stay_within_the_span() {
+        let pack = PackId([7; 16]);
+        // Frames at 0, 100, 200, ... 900.
+        let index = index_of(pack, &[100; 10]);
+        // Centred on 500: from 300 to 700, whole frames only.
+        assert_eq!(offsets(index.around(&pack, 500, 400)), [300, 400, 500, 600]);
+        // At the start nothing lies before: the span reaches further after.
+        assert_eq!(offsets(index.around(&pack, 0, 400)), [0, 100, 200, 300]);
+        assert_eq!(offsets(index.around(&pack, 900, 10_000)).len(), 10);
+        // After 500, within 300 bytes of it.
+        assert_eq!(offsets(index.following(&pack, 500, 300)), [600, 700]);
+        assert!(index.around(&PackId([8; 16]), 0, 400).is_empty());
+    }
+
+    #[test]
+    fn the_tree_cache_hands_each_tree_out_once_within_its_bound() {
+        let mut cache = TreeCache {
+            trees: LruCache::unbounded(),
+            bytes: 0,
+        };
+        let (a, b) = (BlockHash::of(b"a"), BlockHash::of(b"b"));
+        cache.put(a, vec![1; 10]);
+        assert_eq!(cache.take(&a), Some(vec![1; 10]));
+        assert_eq!(cache.take(&a), None, "handed out once");
+        assert_eq!(cache.bytes, 0);
+        cache.put(a, vec![1; TREE_CACHE_BYTES / 2]);
+        cache.put(b, vec![2; TREE_CACHE_BYTES / 2 + 1]);
+        assert_eq!(cache.take(&a), None, "the least recent went first");
+        assert_eq!(cache.bytes, TREE_CACHE_BYTES / 2 + 1);
     }
 }

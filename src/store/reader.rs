@@ -111,9 +111,9 @@ impl StoreChain {
         self.runtime.block_on(list_manifests(&*self.own.store))
     }
 
-    /// Tree object `hash` from the volume's store.
+    /// Tree `hash` from the volume's store.
     fn tree(&self, hash: &BlockHash) -> Result<Vec<Entry>> {
-        self.runtime.block_on(read_tree(&*self.own.store, hash))
+        self.runtime.block_on(read_tree(&self.own, hash))
     }
 
     /// Block `hash` (at most `max` bytes) from `place` in the volume's store, where its
@@ -369,16 +369,18 @@ async fn fetch<T>(
     }
 }
 
-/// Tree object `hash` from `store`: verified against its hash and decoded.
-pub async fn read_tree(store: &dyn ObjectStore, hash: &BlockHash) -> Result<Vec<Entry>> {
-    let key = ObjectKey::tree(hash);
-    fetch(store, &key, MAX_MANIFEST_OBJECT, |data| {
-        if BlockHash::of(&data) != *hash {
-            return Err("does not match its hash".to_owned());
-        }
-        manifest::decode_tree(&data).map_err(|e| e.to_string())
-    })
-    .await
+/// Tree `hash` from `store` (a pack, or an object of its own): verified against its
+/// hash and decoded.
+pub async fn read_tree(store: &IndexedStore, hash: &BlockHash) -> Result<Vec<Entry>> {
+    let encoded = store.tree(hash).await?.ok_or_else(|| {
+        ReadError::Corrupt(format!(
+            "tree {hash} is missing from {} (no pack, no {})",
+            store.store.url(),
+            ObjectKey::tree(hash)
+        ))
+    })?;
+    manifest::decode_tree(&encoded)
+        .map_err(|e| ReadError::Corrupt(format!("tree {hash} in {}: {e}", store.store.url())))
 }
 
 /// The snapshots found in a store: those that read back whole, and a message for each

@@ -214,7 +214,6 @@ impl Worker {
             }
             _ => None,
         };
-        let max = self.block_size as usize;
         let mut frames = Vec::with_capacity(live.len());
         for (block, local) in &live {
             let data = if *local {
@@ -233,6 +232,8 @@ impl Worker {
                 });
                 match part {
                     Some(part) => {
+                        // Its exact length: a tree may be larger than a block.
+                        let max = block.raw_length as usize;
                         store::open_frame(&*self.store, &key, &block.hash, part.to_vec(), max)
                     }
                     None => Err("cut short".into()),
@@ -263,12 +264,11 @@ impl Worker {
 
     /// Sends the pack being filled with copied blocks and points them at it.
     async fn send_repacked(&self, packer: &mut Repacker) -> Result<(), UploadError> {
-        let Some((pack, row)) = self.seal_pack(&mut packer.builder, packer.capacity)? else {
-            return Ok(());
-        };
-        self.put_all(vec![(pack.key.into(), pack.body)]).await?;
-        lock(&self.writer)
-            .write_now(|tx| tx.record_repacked(row, &pack.listing.blocks, &packer.from))?;
+        let from = &packer.from;
+        self.put_pack(&mut packer.builder, packer.capacity, |tx, row, listing| {
+            tx.record_repacked(row, &listing.blocks, from)
+        })
+        .await?;
         packer.from.clear();
         Ok(())
     }

@@ -84,8 +84,6 @@ const READ_AT_ONCE: usize = 16;
 const PACKS_IN_FLIGHT: usize = 3;
 /// How often the deletion queue is served while a pack is under way.
 const DELETE_WHILE_WAITING: Duration = Duration::from_millis(100);
-/// Manifest bytes buffered before they are sent.
-const TREE_BATCH_BYTES: usize = 8 << 20;
 
 /// What happened to a snapshot the uploader worked on.
 #[derive(Debug, PartialEq, Eq)]
@@ -278,11 +276,6 @@ impl Worker {
             self.land_all(id, &mut packer).await?.ok();
             return self.failure(id, reason);
         }
-        match self.write_index().await {
-            Ok(()) => {}
-            Err(UploadError::Store(e)) => return self.failure(id, e.message),
-            Err(e) => return Err(e),
-        }
         loop {
             let manifest = match self.write_manifest(&snapshot, base).await {
                 Ok(manifest) => manifest,
@@ -293,8 +286,14 @@ impl Worker {
                 return Ok(Outcome::Deleted);
             };
             let completion = lock(&self.writer).write_now(|tx| {
-                let completion =
-                    tx.complete_snapshot(id, g, base, &written.trees, &written.removed)?;
+                let completion = tx.complete_snapshot(
+                    id,
+                    g,
+                    base,
+                    &written.trees,
+                    &written.removed,
+                    &written.packed,
+                )?;
                 if completion == Completion::Completed {
                     tx.manifest_written(id, written.version)?;
                 }
@@ -307,6 +306,9 @@ impl Worker {
                 Completion::BaseChanged => {
                     base = lock(&self.catalog).read(|tx| tx.upload_base(g))?;
                     tracing::info!(id, base, "the base was deleted meanwhile: manifest again");
+                }
+                Completion::TreesFreed => {
+                    tracing::info!(id, "a tree was freed meanwhile: manifest again");
                 }
             }
         }
@@ -527,8 +529,7 @@ impl Worker {
             Ok::<_, catalog::Error>((dirs, tx.dirs_removed(base, g)?))
         })?;
         let mut trees = Vec::new();
-        let mut outgoing = Vec::new();
-        let mut outgoing_bytes = 0;
+        let mut packing = TreePacking::default();
         // Depth-first, children before parents: a parent's tree names its children's.
         let mut stack = vec![self.open_dir(ROOT_INO, g)?];
         let root_tree = loop {
@@ -577,13 +578,7 @@ impl Worker {
             let encoded = manifest::encode_tree(&frame.done);
             let hash = BlockHash::of(&encoded);
             trees.push((frame.ino, hash));
-            let compressed = self.compress(&encoded)?;
-            outgoing_bytes += compressed.len();
-            outgoing.push((ObjectKey::tree(&hash).into(), compressed));
-            if outgoing_bytes > TREE_BATCH_BYTES {
-                self.put_all(std::mem::take(&mut outgoing)).await?;
-                outgoing_bytes = 0;
-            }
+            self.pack_tree(hash, &encoded, &mut packing).await?;
             match stack.last_mut() {
                 None => break hash,
                 Some(parent) => {
@@ -595,7 +590,10 @@ impl Worker {
                 }
             }
         };
-        self.put_all(outgoing).await?;
+        self.send_tree_pack(&mut packing.builder).await?;
+        // Before the snapshot object names them: a reader with nothing but the bucket
+        // finds every block and tree of a completed snapshot through the index.
+        self.write_index().await?;
 
         let Some(object) = self.snapshot_object(snapshot.id, g, root_tree)? else {
             return Ok(None);
@@ -605,8 +603,69 @@ impl Worker {
         Ok(Some(WrittenManifest {
             trees,
             removed,
+            packed: packing.packed,
             version: object.0,
         }))
+    }
+
+    /// Adds tree `hash` (`encoded`) to the manifest's tree pack unless a pack holds it
+    /// already, and sends the pack once it reaches the target size. A tree too large for
+    /// a pack's frame (a directory of a million entries) is an object of its own, as in
+    /// format 1.
+    async fn pack_tree(
+        &self,
+        hash: BlockHash,
+        encoded: &[u8],
+        packing: &mut TreePacking,
+    ) -> Result<(), UploadError> {
+        if !packing.seen.insert(hash) {
+            return Ok(());
+        }
+        if lock(&self.catalog).read(|tx| tx.tree_packed(&hash))? {
+            packing.packed.push(hash);
+            return Ok(());
+        }
+        let frame = self.compress(encoded)?;
+        // With room for an encrypting store's nonce and tag.
+        let limit = manifest::MAX_PACKED_BLOCK as usize - 1024;
+        if encoded.len() > limit || frame.len() > limit {
+            return self
+                .put_all(vec![(ObjectKey::tree(&hash).into(), frame)])
+                .await;
+        }
+        packing
+            .builder
+            .add(&*self.store, hash, encoded.len() as u32, frame)?;
+        packing.packed.push(hash);
+        if packing.builder.len() >= self.options.pack_size {
+            self.send_tree_pack(&mut packing.builder).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the tree pack `builder` is filling (if it holds anything) and records its
+    /// trees.
+    async fn send_tree_pack(&self, builder: &mut PackBuilder) -> Result<(), UploadError> {
+        self.put_pack(builder, 0, |tx, row, listing| {
+            tx.record_tree_pack(row, listing)
+        })
+        .await
+    }
+
+    /// Seals the pack `builder` is filling (if it holds anything; see `seal_pack`), sends
+    /// it, and records it with `record` once it landed.
+    async fn put_pack(
+        &self,
+        builder: &mut PackBuilder,
+        capacity: usize,
+        record: impl FnOnce(&catalog::WriteTx<'_>, PackRow, &PackListing) -> catalog::Result<()>,
+    ) -> Result<(), UploadError> {
+        let Some((pack, row)) = self.seal_pack(builder, capacity)? else {
+            return Ok(());
+        };
+        self.put_all(vec![(pack.key.into(), pack.body)]).await?;
+        lock(&self.writer).write_now(|tx| record(tx, row, &pack.listing))?;
+        Ok(())
     }
 
     /// The snapshot object of snapshot `id`, with the version of the name and tags it
@@ -814,8 +873,20 @@ struct LandedPack {
 struct WrittenManifest {
     trees: Vec<(u64, BlockHash)>,
     removed: Vec<u64>,
+    /// The trees it names that packs hold (new or found packed already).
+    packed: Vec<BlockHash>,
     /// The version of the snapshot's name and tags in the snapshot object.
     version: i64,
+}
+
+/// The trees of a manifest being packed.
+#[derive(Default)]
+struct TreePacking {
+    builder: PackBuilder,
+    /// Trees the manifest finds in packs: new ones and those packed already.
+    packed: Vec<BlockHash>,
+    /// Trees looked at already (directories of the same content share one).
+    seen: HashSet<BlockHash>,
 }
 
 /// A directory being encoded: entries still to visit (in reverse order, popped from the

@@ -2,13 +2,13 @@
 //! fault-injecting wrapper around it. Tests through the kernel against real S3 servers
 //! are in tests/upload.rs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::*;
 use crate::catalog::SnapshotState;
-use crate::manifest::{decode_snapshot, decode_tree, decompress};
+use crate::manifest::{PackedBlock, decode_snapshot, decode_tree, decompress};
 use crate::store::{LocalStore, StoreFuture};
 use crate::volume::tests::pattern;
 use crate::volume::{Caller, NodeId, Options, View};
@@ -31,6 +31,8 @@ struct FaultyStore {
     puts: std::sync::Mutex<HashMap<String, u32>>,
     /// Blocks in the packs PUT, counting each PUT.
     packed_blocks_put: AtomicU32,
+    /// Reads of packs (whole or a range).
+    pack_gets: AtomicU32,
     put_delay: Duration,
 }
 
@@ -42,6 +44,7 @@ impl FaultyStore {
             permanent: std::sync::Mutex::new(None),
             puts: std::sync::Mutex::new(HashMap::new()),
             packed_blocks_put: AtomicU32::new(0),
+            pack_gets: AtomicU32::new(0),
             put_delay: Duration::ZERO,
         }
     }
@@ -81,14 +84,22 @@ impl ObjectStore for FaultyStore {
                 .or_default() += 1;
             if key.starts_with(ObjectKey::PACKS) {
                 let listing = store::read_listing(self, key, &body).expect("a pack");
+                let blocks = listing
+                    .blocks
+                    .iter()
+                    .filter(|block| !is_tree_frame(frame_of(&body, block)))
+                    .count();
                 self.packed_blocks_put
-                    .fetch_add(listing.blocks.len() as u32, Ordering::SeqCst);
+                    .fetch_add(blocks as u32, Ordering::SeqCst);
             }
             self.inner.put(key, body).await
         })
     }
 
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
+        if key.starts_with(ObjectKey::PACKS) {
+            self.pack_gets.fetch_add(1, Ordering::SeqCst);
+        }
         self.inner.get(key)
     }
 
@@ -103,6 +114,17 @@ impl ObjectStore for FaultyStore {
     fn url(&self) -> &str {
         self.inner.url()
     }
+}
+
+/// The frame of `block` in `pack`.
+fn frame_of<'a>(pack: &'a [u8], block: &PackedBlock) -> &'a [u8] {
+    let at = block.offset as usize;
+    &pack[at..at + block.length as usize]
+}
+
+/// Whether a pack's frame holds a directory tree rather than a block.
+fn is_tree_frame(frame: &[u8]) -> bool {
+    decompress(frame, 1 << 24).is_ok_and(|data| decode_tree(&data).is_ok())
 }
 
 struct Setup {
@@ -219,20 +241,35 @@ impl Setup {
     /// The blocks in the store's packs, each read back from its frame and checked
     /// against its hash, with the packs holding it.
     fn stored_blocks(&self) -> HashMap<BlockHash, Vec<String>> {
-        let mut blocks: HashMap<BlockHash, Vec<String>> = HashMap::new();
+        self.stored_frames(false)
+    }
+
+    /// The directory trees in the store's packs, as `stored_blocks`.
+    fn stored_trees(&self) -> HashMap<BlockHash, Vec<String>> {
+        self.stored_frames(true)
+    }
+
+    fn stored_frames(&self, trees: bool) -> HashMap<BlockHash, Vec<String>> {
+        let mut frames: HashMap<BlockHash, Vec<String>> = HashMap::new();
         for key in self.keys(ObjectKey::PACKS) {
             let pack = std::fs::read(self.store_dir.join(&key)).expect("pack");
             let listing = store::read_listing(&*self.store, &key, &pack).expect("listing");
             for block in listing.blocks {
-                let at = block.offset as usize;
-                let frame = &pack[at..at + block.length as usize];
+                let frame = frame_of(&pack, &block);
                 let data = decompress(frame, 1 << 24).expect("a zstd frame");
-                assert_eq!(BlockHash::of(&data), block.hash, "{key} at {at}");
+                assert_eq!(
+                    BlockHash::of(&data),
+                    block.hash,
+                    "{key} at {}",
+                    block.offset
+                );
                 assert_eq!(data.len(), block.raw_length as usize);
-                blocks.entry(block.hash).or_default().push(key.clone());
+                if is_tree_frame(frame) == trees {
+                    frames.entry(block.hash).or_default().push(key.clone());
+                }
             }
         }
-        blocks
+        frames
     }
 
     /// Every block in the store is in exactly one pack, and every pack was sent once.
@@ -257,14 +294,12 @@ impl Setup {
         (snapshot, tree)
     }
 
+    /// Tree `hash`, as a reader with nothing but the store finds it (through the index).
     fn tree(&self, hash: &BlockHash) -> Vec<Entry> {
-        let encoded = self.object(&ObjectKey::tree(hash));
-        assert_eq!(
-            BlockHash::of(&encoded),
-            *hash,
-            "tree object matches its key"
-        );
-        decode_tree(&encoded).expect("tree decodes")
+        let store = store::IndexedStore::new(self.store.clone());
+        self.runtime
+            .block_on(store::read_tree(&store, hash))
+            .expect("the tree reads back")
     }
 }
 
@@ -350,7 +385,7 @@ fn later_snapshots_send_only_changed_blocks_and_the_trees_on_the_path() {
     t.write(other, "same", &pattern(BLOCK, 3));
     let first = t.snapshot("one");
     t.upload();
-    let trees_before = t.keys("trees/");
+    let trees_before = t.stored_trees();
     let (_, root_before) = t.manifest(first);
 
     // Rewrite one block in place.
@@ -367,7 +402,7 @@ fn later_snapshots_send_only_changed_blocks_and_the_trees_on_the_path() {
     assert_eq!(row.upload.sent_bytes, BLOCK as u64);
 
     // New trees: the changed directory and the root, nothing else.
-    let trees_after = t.keys("trees/");
+    let trees_after = t.stored_trees();
     assert_eq!(trees_after.len(), trees_before.len() + 2);
     let (_, root_after) = t.manifest(second);
     assert_eq!(
@@ -377,6 +412,47 @@ fn later_snapshots_send_only_changed_blocks_and_the_trees_on_the_path() {
     assert_ne!(root_before[0].content, root_after[0].content);
     // Every block was sent exactly once over both snapshots.
     t.assert_each_block_sent_once();
+}
+
+#[test]
+fn the_trees_of_a_snapshot_travel_in_one_pack() {
+    let t = Setup::new();
+    for i in 0..20 {
+        let dir = t.mkdir(&format!("d{i}"));
+        t.write(dir, "f", format!("file {i}").as_bytes());
+    }
+    let id = t.snapshot("many");
+    assert_eq!(t.upload(), vec![(id, Outcome::Completed)]);
+    assert!(
+        t.keys("trees/").is_empty(),
+        "no tree is an object of its own"
+    );
+    let trees = t.stored_trees();
+    assert_eq!(trees.len(), 21, "the root and 20 directories");
+    let packs: HashSet<&String> = trees.values().flatten().collect();
+    assert_eq!(packs.len(), 1, "one pack holds them all: {packs:?}");
+    // Each reads back through the index alone, all of them with one read of the pack:
+    // the first tree asked for brings the others.
+    let (snapshot, _) = t.manifest(id);
+    let Content::Tree(root) = snapshot.root.content else {
+        panic!("the root is no directory")
+    };
+    let reader = store::IndexedStore::new(t.store.clone());
+    let read = |hash: &BlockHash| {
+        t.runtime
+            .block_on(store::read_tree(&reader, hash))
+            .expect("the tree reads back")
+    };
+    let gets = t.store.pack_gets.load(Ordering::SeqCst);
+    let root = read(&root);
+    assert_eq!(root.len(), 20);
+    for entry in &root {
+        let Content::Tree(hash) = &entry.content else {
+            panic!("{:?} is no directory", entry.name)
+        };
+        assert_eq!(read(hash)[0].name, b"f");
+    }
+    assert_eq!(t.store.pack_gets.load(Ordering::SeqCst) - gets, 1);
 }
 
 #[test]
@@ -400,8 +476,10 @@ fn deleting_snapshots_deletes_the_objects_nothing_else_needs() {
     let remaining = t.stored_blocks();
     assert_eq!(remaining.len(), 2);
     assert!(old_blocks.iter().all(|h| !remaining.contains_key(h)));
-    // The first snapshot's pack and its index object went with its blocks.
-    assert_eq!(t.keys("packs/").len(), 1);
+    // The first snapshot's packs (its blocks', its tree's) and its index object went
+    // with them: left are the second's pack of blocks and pack of its one tree.
+    assert_eq!(t.stored_trees().len(), 1);
+    assert_eq!(t.keys("packs/").len(), 2);
     assert_eq!(t.keys("index/").len(), 1);
     assert_eq!(t.keys("snapshots/"), [ObjectKey::snapshot(second).as_str()]);
     assert!(
@@ -711,7 +789,7 @@ fn a_manifest_is_recorded_only_while_its_snapshot_and_its_base_are_there() {
     let root_tree = [(crate::catalog::ROOT_INO, BlockHash::of(b"a tree"))];
     let complete = |catalog: &mut Catalog, id, g, base| {
         catalog
-            .write_now(|tx| tx.complete_snapshot(id, g, base, &root_tree, &[]))
+            .write_now(|tx| tx.complete_snapshot(id, g, base, &root_tree, &[], &[]))
             .expect("complete")
     };
     // Written against a base that is gone (an older one, 0, is the base now).
@@ -731,6 +809,18 @@ fn a_manifest_is_recorded_only_while_its_snapshot_and_its_base_are_there() {
     let gc = t.state(c).generation;
     t.volume.delete_snapshot(b"c").expect("delete");
     assert_eq!(complete(&mut catalog, c, gc, 0), Completion::Deleted);
+    // Relying on a packed tree that was freed meanwhile (the last snapshot naming it
+    // deleted): nothing recorded, the manifest is written again.
+    let freed = [BlockHash::of(b"a freed tree")];
+    let relying = catalog
+        .write_now(|tx| tx.complete_snapshot(b, gb, 0, &root_tree, &[], &freed))
+        .expect("complete");
+    assert_eq!(relying, Completion::TreesFreed);
+    assert_eq!(
+        state(&mut catalog, b),
+        Some(SnapshotState::Pending),
+        "nothing recorded"
+    );
     // Against the base there is: recorded.
     assert_eq!(complete(&mut catalog, b, gb, 0), Completion::Completed);
     assert_eq!(state(&mut catalog, b), Some(SnapshotState::Completed));

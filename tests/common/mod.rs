@@ -905,24 +905,51 @@ pub fn unpack(key: &str, pack: &[u8]) -> Vec<(String, Packed)> {
 
 /// Every block in the packs of the store whose `packs/` keys are `keys` (relative keys,
 /// `get` fetching one; a pack deleted since the listing is skipped): each copy, by hex
-/// hash.
+/// hash. Directory trees, which travel in packs too, are left out (`packed_trees`).
 pub fn packed_blocks(
     keys: impl IntoIterator<Item = String>,
     get: impl Fn(&str) -> Option<Vec<u8>>,
 ) -> BTreeMap<String, Vec<Packed>> {
-    let mut blocks: BTreeMap<String, Vec<Packed>> = BTreeMap::new();
+    packed_frames(keys, get, false)
+}
+
+/// The directory trees in the packs of a store, as `packed_blocks` finds blocks.
+pub fn packed_trees(
+    keys: impl IntoIterator<Item = String>,
+    get: impl Fn(&str) -> Option<Vec<u8>>,
+) -> BTreeMap<String, Vec<Packed>> {
+    packed_frames(keys, get, true)
+}
+
+fn packed_frames(
+    keys: impl IntoIterator<Item = String>,
+    get: impl Fn(&str) -> Option<Vec<u8>>,
+    trees: bool,
+) -> BTreeMap<String, Vec<Packed>> {
+    let mut frames: BTreeMap<String, Vec<Packed>> = BTreeMap::new();
     for key in keys {
         let Some(pack) = get(&key) else { continue };
         for (hash, packed) in unpack(&key, &pack) {
-            blocks.entry(hash).or_default().push(packed);
+            if snapfs::manifest::decode_tree(&packed.data).is_ok() == trees {
+                frames.entry(hash).or_default().push(packed);
+            }
         }
     }
-    blocks
+    frames
 }
 
 /// The blocks in the packs of a `file://` store in `dir`, by hex hash.
 pub fn packed_blocks_in_dir(dir: &Path) -> BTreeMap<String, Vec<Packed>> {
-    let keys = fs::read_dir(dir.join("packs"))
+    packed_blocks(dir_pack_keys(dir), |key| fs::read(dir.join(key)).ok())
+}
+
+/// The directory trees in the packs of a `file://` store in `dir`, by hex hash.
+pub fn packed_trees_in_dir(dir: &Path) -> BTreeMap<String, Vec<Packed>> {
+    packed_trees(dir_pack_keys(dir), |key| fs::read(dir.join(key)).ok())
+}
+
+fn dir_pack_keys(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir.join("packs"))
         .map(|entries| {
             entries
                 .map(|e| {
@@ -933,15 +960,23 @@ pub fn packed_blocks_in_dir(dir: &Path) -> BTreeMap<String, Vec<Packed>> {
                 })
                 .collect::<Vec<_>>()
         })
-        .unwrap_or_default();
-    packed_blocks(keys, |key| fs::read(dir.join(key)).ok())
+        .unwrap_or_default()
 }
 
 /// The blocks in the packs under `prefix` of a bucket, by hex hash.
 pub fn packed_in_bucket(client: &s3::S3Client, prefix: &str) -> BTreeMap<String, Vec<Packed>> {
-    let keys = client
+    packed_blocks(pack_keys(client, prefix), |key| client.get(key))
+}
+
+/// The directory trees in the packs under `prefix` of a bucket, by hex hash.
+pub fn trees_in_bucket(client: &s3::S3Client, prefix: &str) -> BTreeMap<String, Vec<Packed>> {
+    packed_trees(pack_keys(client, prefix), |key| client.get(key))
+}
+
+fn pack_keys(client: &s3::S3Client, prefix: &str) -> Vec<String> {
+    client
         .list(&format!("{prefix}packs/"))
         .into_iter()
-        .map(|(key, _)| key);
-    packed_blocks(keys, |key| client.get(key))
+        .map(|(key, _)| key)
+        .collect()
 }

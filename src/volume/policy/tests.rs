@@ -57,7 +57,7 @@ impl Clocked {
         lock(&self.volume.catalog)
             .write(|tx| {
                 let base = tx.upload_base(row.generation)?;
-                tx.complete_snapshot(row.id, row.generation, base, &[], &[])
+                tx.complete_snapshot(row.id, row.generation, base, &[], &[], &[])
             })
             .expect("complete");
         self.volume
