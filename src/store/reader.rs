@@ -58,9 +58,10 @@ pub trait Source: Sync {
 /// Frames of one pack at most this far apart are read with one range request (the bytes
 /// between are read for nothing)...
 const PLAN_GAP: u64 = 256 << 10;
-/// ...and at most this many bytes a request, so that the requests in flight bound the
-/// memory held.
-const PLAN_SPAN: u64 = 4 << 20;
+/// ...and at most this many bytes a request (a whole pack of the default size), so that
+/// the requests in flight bound the memory held. Fewer, larger requests cost the server
+/// less: each range read pays its own request and reads whole chunks at its edges.
+const PLAN_SPAN: u64 = 16 << 20;
 
 /// Largest decompressed tree or snapshot object accepted.
 const MAX_MANIFEST_OBJECT: usize = 256 << 20;
@@ -341,7 +342,7 @@ impl Source for StoreSource {
         // Each request waits tens of milliseconds on a loopback server, far more on a
         // remote one: many in flight keep the link busy (the CPU is mostly idle). A
         // request for a run of a pack holds up to `PLAN_SPAN` bytes: fewer of those.
-        if self.stores.has_packs() { 16 } else { 64 }
+        if self.stores.has_packs() { 8 } else { 64 }
     }
 }
 
