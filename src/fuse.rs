@@ -78,6 +78,16 @@ impl SnapFs {
         metrics::operation(op)
     }
 
+    /// `operation` in directory `parent`: in the control directories (taking or deleting
+    /// a snapshot) it is no foreground work to yield to, but the uploader's next job.
+    fn operation_in(&self, parent: NodeId, op: &'static str) -> metrics::Operation {
+        if parent.is_live_catalog_node() {
+            self.operation(op)
+        } else {
+            metrics::operation(op)
+        }
+    }
+
     /// Open flags: snapshot files never change, and live files change only through this
     /// mount (whose writes, truncates and hole punches go through the kernel's page cache
     /// too), so the kernel may keep their pages across opens.
@@ -363,10 +373,11 @@ impl Filesystem for SnapFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let _op = self.operation("mkdir");
+        let parent = node(parent);
+        let _op = self.operation_in(parent, "mkdir");
         let result = self
             .volume
-            .mkdir(node(parent), name.as_bytes(), mode & !umask, caller(req));
+            .mkdir(parent, name.as_bytes(), mode & !umask, caller(req));
         self.reply_entry(reply, result);
     }
 
@@ -376,8 +387,9 @@ impl Filesystem for SnapFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _op = self.operation("rmdir");
-        reply_empty(reply, self.volume.rmdir(node(parent), name.as_bytes()));
+        let parent = node(parent);
+        let _op = self.operation_in(parent, "rmdir");
+        reply_empty(reply, self.volume.rmdir(parent, name.as_bytes()));
     }
 
     fn symlink(
