@@ -338,17 +338,7 @@ pub async fn fetch_block(
     let (key, checked) = match place {
         BlockPlace::Object => {
             let key = ObjectKey::block(hash);
-            let checked = fetch_verified(store, &key, |object| {
-                let data = zstd::bulk::decompress(&object, max_len)
-                    .map_err(|e| format!("not a zstd frame of at most {max_len} bytes: {e}"))?;
-                let actual = crate::blocks::BlockHash::of(&data);
-                if actual == *hash {
-                    Ok(data)
-                } else {
-                    Err(format!("its content hashes to {actual}"))
-                }
-            })
-            .await?;
+            let checked = fetch_hashed(store, &key, hash, max_len).await?;
             (key, checked)
         }
         BlockPlace::Packed {
@@ -381,6 +371,29 @@ pub async fn fetch_block(
     }
 }
 
+/// Fetches object `key`, the zstd frame of content `hash`, with `fetch_verified`:
+/// decompressed (at most `max` bytes) and checked against the hash.
+async fn fetch_hashed(
+    store: &dyn ObjectStore,
+    key: &str,
+    hash: &crate::blocks::BlockHash,
+    max: usize,
+) -> StoreResult<Option<Result<Vec<u8>, String>>> {
+    fetch_verified(store, key, |object| {
+        let data = crate::manifest::decompress(&object, max)
+            .map_err(|e| format!("not a zstd frame of at most {max} bytes: {e}"))?;
+        let actual = crate::blocks::BlockHash::of(&data);
+        if actual == *hash {
+            Ok(data)
+        } else {
+            Err(format!(
+                "it does not match its hash: its content hashes to {actual}"
+            ))
+        }
+    })
+    .await
+}
+
 /// Fetches tree object `trees/<hash>` (format 1, or a tree too large for a pack):
 /// decompressed (at most `max` bytes) and verified against its hash, like a block.
 pub async fn fetch_tree_object(
@@ -389,18 +402,7 @@ pub async fn fetch_tree_object(
     max: usize,
 ) -> StoreResult<Option<Vec<u8>>> {
     let key = ObjectKey::tree(hash);
-    let checked = fetch_verified(store, &key, |object| {
-        let data = crate::manifest::decompress(&object, max)
-            .map_err(|e| format!("corrupt or truncated: {e}"))?;
-        let actual = crate::blocks::BlockHash::of(&data);
-        if actual == *hash {
-            Ok(data)
-        } else {
-            Err("does not match its hash".to_owned())
-        }
-    })
-    .await?;
-    match checked {
+    match fetch_hashed(store, &key, hash, max).await? {
         None => Ok(None),
         Some(Ok(data)) => Ok(Some(data)),
         Some(Err(problem)) => Err(StoreError::permanent(format!(
