@@ -373,11 +373,8 @@ impl WriteTx<'_> {
         if self.upload_base(g)? != base {
             return Ok(Completion::BaseChanged);
         }
-        let mut is_packed = self
-            .conn
-            .prepare_cached("SELECT 1 FROM packed_trees WHERE hash = ?1")?;
         for hash in packed {
-            if !is_packed.exists([hash.as_bytes()])? {
+            if !self.tree_packed(hash)? {
                 return Ok(Completion::TreesFreed);
             }
         }

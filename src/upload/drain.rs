@@ -285,6 +285,7 @@ pub fn prune(dir: &Path, options: PruneOptions) -> Result<PruneReport, DrainErro
         let pruned = runtime.block_on(async {
             let upload = UploadOptions::default();
             let (_, worker) = open_worker(&volume, options.store.as_ref(), upload, None).await?;
+            worker.abandon_interrupted()?;
             Ok::<_, DrainError>(worker.collect_garbage(&policy).await?)
         });
         volume.shutdown()?;

@@ -140,10 +140,9 @@ impl Worker {
 
     /// One pass of garbage collection under `policy`: repacks what the plan says, then
     /// deletes the packs left without a live block. Returns what it did. Called when no
-    /// upload is under way.
+    /// upload is under way, after `abandon_interrupted` (a crash mid-repack leaves a pack
+    /// not sent).
     pub async fn collect_garbage(&self, policy: &GcPolicy) -> Result<GcReport, UploadError> {
-        // No pack is in flight: one not sent yet was cut short (a crash mid-repack).
-        lock(&self.writer).write_now(|tx| tx.abandon_unsent_packs())?;
         let (plan, mut report) = self.gc_plan(policy)?;
         if plan.is_empty() {
             // What an interrupted pass queued is deleted all the same.

@@ -190,8 +190,7 @@ impl Worker {
             if self.is_stopping() {
                 return Ok(outcomes);
             }
-            // No pack is in flight between snapshots: one not sent yet was cut short.
-            lock(&self.writer).write_now(|tx| tx.abandon_unsent_packs())?;
+            self.abandon_interrupted()?;
             self.retire_while_uploading().await?;
             self.delete_unneeded().await?;
             self.rewrite_stale_manifests().await?;
@@ -219,6 +218,12 @@ impl Worker {
             self.core.upload_event(UploadEvent::SnapshotsChanged)?;
             outcomes.push((id, outcome));
         }
+    }
+
+    /// Forgets what an upload or a repack cut short left (packs not sent, trees of
+    /// manifests never completed). Called when none is under way.
+    fn abandon_interrupted(&self) -> Result<(), UploadError> {
+        Ok(lock(&self.writer).write_now(|tx| tx.abandon_unsent_packs())?)
     }
 
     /// One pass of garbage collection under the mount's policy; true if it freed
@@ -516,8 +521,8 @@ impl Worker {
     }
 
     /// Writes the manifest of `snapshot`: the trees of the directories changed since
-    /// `base` (all of them for the first), then the snapshot object. `None` if the
-    /// snapshot was deleted meanwhile.
+    /// `base` (all of them for the first), in packs, then the index of every pack not
+    /// listed yet, then the snapshot object. `None` if the snapshot was deleted meanwhile.
     async fn write_manifest(
         &self,
         snapshot: &SnapshotRow,
