@@ -4,6 +4,8 @@
 //! single assignment that the panicking holder was doing). The order in which the core
 //! takes its locks is in docs/architecture.md ("Locks").
 
+use std::collections::HashSet;
+use std::hash::Hash;
 use std::time::Duration;
 
 pub use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -40,4 +42,106 @@ pub fn wait_timeout<'a, T>(
         .wait_timeout(guard, timeout)
         .map(|(guard, _)| guard)
         .unwrap_or_else(|poisoned| poisoned.into_inner().0)
+}
+
+/// Keys some thread is working on (a block being loaded or fetched): others wait for that
+/// work, or skip it, rather than doing it a second time.
+pub struct Claims<K> {
+    keys: Mutex<HashSet<K>>,
+    done: Condvar,
+}
+
+impl<K> Default for Claims<K> {
+    fn default() -> Self {
+        Claims {
+            keys: Mutex::new(HashSet::new()),
+            done: Condvar::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Copy> Claims<K> {
+    /// Claims `key`, unless someone holds it.
+    pub fn try_claim(&self, key: K) -> Option<Claim<'_, K>> {
+        lock(&self.keys).insert(key).then(|| Claim {
+            claims: self,
+            keys: vec![key],
+        })
+    }
+
+    /// Claims `keys` in order up to the first one someone else holds.
+    pub fn claim_until_taken(&self, keys: impl IntoIterator<Item = K>) -> Claim<'_, K> {
+        let mut held = lock(&self.keys);
+        let keys = keys
+            .into_iter()
+            .take_while(|&key| held.insert(key))
+            .collect();
+        Claim { claims: self, keys }
+    }
+
+    /// Waits while someone holds `key`.
+    pub fn wait_for(&self, key: &K) {
+        let mut held = lock(&self.keys);
+        while held.contains(key) {
+            held = wait(&self.done, held);
+        }
+    }
+}
+
+/// Keys claimed from [`Claims`], released (and their waiters woken) when dropped.
+pub struct Claim<'a, K: Hash + Eq> {
+    claims: &'a Claims<K>,
+    keys: Vec<K>,
+}
+
+impl<K: Hash + Eq> Claim<'_, K> {
+    pub fn keys(&self) -> &[K] {
+        &self.keys
+    }
+}
+
+impl<K: Hash + Eq> Drop for Claim<'_, K> {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut held = lock(&self.claims.keys);
+        for key in &self.keys {
+            held.remove(key);
+        }
+        drop(held);
+        self.claims.done.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_are_held_until_dropped_and_a_run_stops_at_a_taken_key() {
+        let claims = Claims::default();
+        let one = claims.try_claim(1).expect("free");
+        assert!(claims.try_claim(1).is_none());
+        let run = claims.claim_until_taken([3, 4, 1, 5]);
+        assert_eq!(run.keys(), [3, 4]);
+        assert!(
+            claims.try_claim(5).is_some(),
+            "5 came after a taken key: not claimed"
+        );
+        drop(one);
+        drop(run);
+        claims.wait_for(&3);
+        let waiter = std::thread::scope(|scope| {
+            let held = claims.try_claim(7).expect("free");
+            let waiter = scope.spawn(|| {
+                claims.wait_for(&7);
+                claims.try_claim(7).is_some()
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            drop(held);
+            waiter.join().expect("waiter")
+        });
+        assert!(waiter, "the key is free once its claim is dropped");
+    }
 }

@@ -1,6 +1,7 @@
 //! A wrapper that times every request of the store it wraps for the metrics
 //! (`--metrics`): chosen by `store::open` when metrics are on, so no backend knows of it.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -50,7 +51,7 @@ impl ObjectStore for Metered {
         self.inner.seal_part(key, part)
     }
 
-    fn open_part(&self, key: &str, part: Vec<u8>) -> StoreResult<Vec<u8>> {
+    fn open_part<'p>(&self, key: &str, part: &'p [u8]) -> StoreResult<Cow<'p, [u8]>> {
         self.inner.open_part(key, part)
     }
 

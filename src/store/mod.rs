@@ -14,6 +14,7 @@ mod reader;
 mod s3;
 mod sealed;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
@@ -133,9 +134,9 @@ pub trait ObjectStore: Send + Sync {
         Ok(part)
     }
     /// The inverse of [`seal_part`](Self::seal_part): a part read back from object `key`,
-    /// authenticated.
-    fn open_part(&self, _key: &str, part: Vec<u8>) -> StoreResult<Vec<u8>> {
-        Ok(part)
+    /// authenticated. Borrowed when the store does not seal: no copy on the read path.
+    fn open_part<'p>(&self, _key: &str, part: &'p [u8]) -> StoreResult<Cow<'p, [u8]>> {
+        Ok(Cow::Borrowed(part))
     }
     /// Whether writing here uses the machine's own disks (a `file://` store), which the
     /// live volume needs too: the uploader then yields its writes to the foreground.
@@ -355,7 +356,7 @@ pub async fn fetch_block(
                         part.len()
                     ));
                 }
-                pack::open_frame(store, &key, hash, part, max_len)
+                pack::open_frame(store, &key, hash, &part, max_len)
             })
             .await?;
             (key, checked)

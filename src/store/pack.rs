@@ -8,6 +8,7 @@
 //! reader with nothing but the bucket finds any block after listing `index/` once; a lost
 //! index is rebuilt from the packs' own listings.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -194,9 +195,7 @@ fn decode_trailer(
     data_length: u64,
     trailer: &[u8],
 ) -> Result<PackListing, String> {
-    let trailer = store
-        .open_part(key, trailer.to_vec())
-        .map_err(|e| e.message)?;
+    let trailer = store.open_part(key, trailer).map_err(|e| e.message)?;
     // Each entry names a frame of at least a byte and encodes to at most 52 bytes.
     let frames = usize::try_from(data_length).unwrap_or(usize::MAX);
     let bound = 16usize
@@ -219,13 +218,30 @@ pub fn index_object(packs: &[(PackId, PackListing)], level: i32) -> StoreResult<
     Ok((random_id(), body))
 }
 
+/// Decompresses `frame` into `size` bytes with this thread's zstd context: making a
+/// context costs as much as decompressing a small block, and a read path decodes
+/// thousands of frames.
+fn decompress_block(frame: &[u8], size: usize) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static CONTEXT: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { RefCell::new(None) };
+    }
+    CONTEXT.with_borrow_mut(|context| {
+        let context = match context {
+            Some(context) => context,
+            None => context.insert(zstd::bulk::Decompressor::new()?),
+        };
+        context.decompress(frame, size)
+    })
+}
+
 /// Decodes block `hash` from `part`, its frame as read from pack `key`: opened,
 /// decompressed (at most `max` bytes) and checked against the hash.
 pub fn open_frame(
     store: &dyn ObjectStore,
     key: &str,
     hash: &BlockHash,
-    part: Vec<u8>,
+    part: &[u8],
     max: usize,
 ) -> Result<Vec<u8>, String> {
     let frame = store.open_part(key, part).map_err(|e| e.message)?;
@@ -236,7 +252,7 @@ pub fn open_frame(
         .flatten()
         .filter(|&size| size <= max as u64);
     let data = match declared {
-        Some(size) => zstd::bulk::decompress(&frame, size as usize),
+        Some(size) => decompress_block(&frame, size as usize),
         None => manifest::decompress(&frame, max),
     }
     .map_err(|e| format!("not a zstd frame of at most {max} bytes: {e}"))?;
@@ -524,7 +540,7 @@ impl IndexedStore {
             let max = frame.raw_length as usize;
             // A frame that fails is left to the single read; blocks (a repacked pack mixes
             // them in) are not kept.
-            match open_frame(&*self.store, &key, &frame.hash, part.to_vec(), max) {
+            match open_frame(&*self.store, &key, &frame.hash, part, max) {
                 Ok(data) if frame.hash == *hash => found = Some(data),
                 Ok(data) if manifest::looks_like_tree(&data) => cache.put(frame.hash, data),
                 _ => {}

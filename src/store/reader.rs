@@ -226,7 +226,7 @@ impl StoreChain {
             .zip(&places)
             .map(|(hash, &(_, offset, length))| {
                 let at = (offset - start) as usize;
-                let part = span.get(at..at + length as usize).map(<[u8]>::to_vec);
+                let part = span.get(at..at + length as usize);
                 match part.map(|part| super::open_frame(store, &key, hash, part, max)) {
                     Some(Ok(data)) => Ok(data),
                     _ => self.block(hash, max),

@@ -16,6 +16,10 @@ use aws_sdk_s3::primitives::ByteStream;
 
 use super::{ObjectStore, StoreError, StoreFuture, StoreResult};
 
+/// Most bytes a response's announced length reserves ahead (a whole pack of the largest
+/// size, and then some).
+const MAX_PREALLOCATED_BODY: usize = 256 << 20;
+
 pub struct S3Store {
     client: Client,
     bucket: String,
@@ -96,6 +100,26 @@ impl HttpStatus for aws_sdk_s3::config::http::HttpResponse {
 }
 
 impl S3Store {
+    /// A response's body, read into one buffer of the length the response announced:
+    /// collecting its chunks and joining them after would copy every byte twice more.
+    async fn read_body(
+        &self,
+        key: &str,
+        mut body: ByteStream,
+        length: Option<i64>,
+    ) -> StoreResult<Vec<u8>> {
+        // The announced length only sizes the buffer (bounded, as a hostile server may
+        // announce anything); what arrives is what counts.
+        let capacity = length.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+        let mut out = Vec::with_capacity(capacity.min(MAX_PREALLOCATED_BODY));
+        while let Some(chunk) = body.try_next().await.map_err(|e| {
+            StoreError::transient(format!("GET {key} on {}: body cut off: {e}", self.url))
+        })? {
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
     pub async fn open(bucket: &str, prefix: &str, url: String) -> StoreResult<S3Store> {
         let shared = aws_config::defaults(BehaviorVersion::latest()).load().await;
         let Some(credentials) = shared.credentials_provider() else {
@@ -176,10 +200,8 @@ impl ObjectStore for S3Store {
                 }
                 Err(e) => return Err(classify(&self.url, &format!("GET {key}"), e)),
             };
-            let body = response.body.collect().await.map_err(|e| {
-                StoreError::transient(format!("GET {key} on {}: body cut off: {e}", self.url))
-            })?;
-            Ok(Some(body.into_bytes().to_vec()))
+            let length = response.content_length();
+            Ok(Some(self.read_body(key, response.body, length).await?))
         })
     }
 
@@ -215,17 +237,14 @@ impl ObjectStore for S3Store {
             };
             // A server that ignores the range sends the whole object, without a range.
             let whole = response.content_range().is_none();
-            let body = response.body.collect().await.map_err(|e| {
-                StoreError::transient(format!("GET {key} on {}: body cut off: {e}", self.url))
-            })?;
-            let body = body.into_bytes();
-            let start = if whole {
-                usize::try_from(offset)
-                    .unwrap_or(usize::MAX)
-                    .min(body.len())
-            } else {
-                0
-            };
+            let length = response.content_length();
+            let body = self.read_body(key, response.body, length).await?;
+            if !whole {
+                return Ok(Some(body));
+            }
+            let start = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .min(body.len());
             let end = start.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
             Ok(Some(body[start..end.min(body.len())].to_vec()))
         })

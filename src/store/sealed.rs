@@ -10,6 +10,7 @@
 //! The volume header stays readable and carries a key check value (a keyed hash of a fixed
 //! string), so a missing or wrong key is reported before anything is read or written.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -204,8 +205,8 @@ impl ObjectStore for Sealed {
         self.seal(key, &part)
     }
 
-    fn open_part(&self, key: &str, part: Vec<u8>) -> StoreResult<Vec<u8>> {
-        self.open(key, &part)
+    fn open_part<'p>(&self, key: &str, part: &'p [u8]) -> StoreResult<Cow<'p, [u8]>> {
+        self.open(key, part).map(Cow::Owned)
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<String>> {

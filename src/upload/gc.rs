@@ -233,7 +233,7 @@ impl Worker {
                     Some(part) => {
                         // Its exact length: a tree may be larger than a block.
                         let max = block.raw_length as usize;
-                        store::open_frame(&*self.store, &key, &block.hash, part.to_vec(), max)
+                        store::open_frame(&*self.store, &key, &block.hash, part, max)
                     }
                     None => Err("cut short".into()),
                 }

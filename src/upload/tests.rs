@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::*;
 use crate::catalog::SnapshotState;
@@ -33,7 +33,11 @@ struct FaultyStore {
     packed_blocks_put: AtomicU32,
     /// Reads of packs (whole or a range).
     pack_gets: AtomicU32,
+    /// Bytes of packs read by range requests.
+    pack_range_bytes: AtomicU64,
     put_delay: Duration,
+    /// How long each range read waits before it reads.
+    range_delay: Duration,
 }
 
 impl FaultyStore {
@@ -45,7 +49,9 @@ impl FaultyStore {
             puts: std::sync::Mutex::new(HashMap::new()),
             packed_blocks_put: AtomicU32::new(0),
             pack_gets: AtomicU32::new(0),
+            pack_range_bytes: AtomicU64::new(0),
             put_delay: Duration::ZERO,
+            range_delay: Duration::ZERO,
         }
     }
 
@@ -101,6 +107,25 @@ impl ObjectStore for FaultyStore {
             self.pack_gets.fetch_add(1, Ordering::SeqCst);
         }
         self.inner.get(key)
+    }
+
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.range_delay).await;
+            let part = self.inner.get_range(key, offset, len).await?;
+            if key.starts_with(ObjectKey::PACKS) {
+                self.pack_gets.fetch_add(1, Ordering::SeqCst);
+                let read = part.as_ref().map_or(0, Vec::len);
+                self.pack_range_bytes
+                    .fetch_add(read as u64, Ordering::SeqCst);
+            }
+            Ok(part)
+        })
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
@@ -453,6 +478,78 @@ fn the_trees_of_a_snapshot_travel_in_one_pack() {
         assert_eq!(read(hash)[0].name, b"f");
     }
     assert_eq!(t.store.pack_gets.load(Ordering::SeqCst) - gets, 1);
+}
+
+#[test]
+fn readers_of_evicted_neighbours_fetch_each_frame_once() {
+    const BLOCKS: usize = 32;
+    let t = Setup::with_store(|dir| FaultyStore {
+        // Long enough for the readers' misses to meet while a span is on its way.
+        range_delay: Duration::from_millis(30),
+        ..FaultyStore::new(dir)
+    });
+    let worker = Worker::new(
+        t.volume.clone(),
+        t.store.clone(),
+        UploadOptions {
+            pack_size: 4 * BLOCKS * BLOCK,
+            ..UploadOptions::default()
+        },
+    )
+    .expect("worker");
+    // The file, then as much again in another pack to fill the cache with.
+    let data = pattern(BLOCKS * BLOCK, 6);
+    let file = t.write(ROOT, "f", &data);
+    for name in ["s", "pad"] {
+        if name == "pad" {
+            t.write(ROOT, "pad", &pattern(BLOCKS * BLOCK, 7));
+        }
+        let id = t.snapshot(name);
+        let uploaded = t.runtime.block_on(worker.upload_pending()).expect("upload");
+        assert_eq!(uploaded, vec![(id, Outcome::Completed)]);
+    }
+    let file_pack = t.stored_blocks()[&BlockHash::of(&data[..BLOCK])][0].clone();
+    // A cache of one file's blocks: reading the padding last leaves only it local.
+    t.volume
+        .attach_store(
+            t.store.clone(),
+            t.runtime.handle().clone(),
+            Some((BLOCKS * BLOCK) as u64),
+        )
+        .expect("attach");
+    let pad = t.volume.lookup(ROOT, b"pad").expect("pad").node;
+    for idx in 0..BLOCKS {
+        t.volume
+            .read(pad, (idx * BLOCK) as u64, BLOCK as u32)
+            .expect("read the padding");
+    }
+    let read_before = t.store.pack_range_bytes.load(Ordering::SeqCst);
+    // Readers start at different blocks at once: a miss reads the evicted blocks after
+    // it in the same request, and a reader that needs one of those waits for it.
+    let start = std::sync::Barrier::new(4);
+    std::thread::scope(|scope| {
+        for reader in 0..4 {
+            let (t, data, start) = (&t, &data, &start);
+            scope.spawn(move || {
+                start.wait();
+                for i in 0..BLOCKS {
+                    let idx = (reader * BLOCKS / 4 + i) % BLOCKS;
+                    let at = idx * BLOCK;
+                    let got = t.volume.read(file, at as u64, BLOCK as u32).expect("read");
+                    assert!(got == data[at..at + BLOCK], "block {idx} reads back");
+                }
+            });
+        }
+    });
+    let frames = std::fs::metadata(t.store_dir.join(&file_pack))
+        .expect("pack")
+        .len();
+    let read = t.store.pack_range_bytes.load(Ordering::SeqCst) - read_before;
+    assert!(read > 0, "the file's blocks were evicted");
+    assert!(
+        read <= frames,
+        "{read} bytes read from a pack of {frames}: some frames were fetched twice"
+    );
 }
 
 #[test]

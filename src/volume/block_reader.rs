@@ -17,7 +17,7 @@ use crate::catalog::Catalog;
 use crate::manifest::{PackId, PackedBlock};
 use crate::metrics;
 use crate::store::{self, BlockPlace, IndexedStore, ObjectKey, ObjectStore};
-use crate::sync::{Mutex, lock};
+use crate::sync::{Claims, Mutex, lock};
 
 /// How far past a missed block its pack is read for small evicted blocks that follow it,
 /// and what counts as small (a frame of a small file, or of a file's tail).
@@ -70,6 +70,9 @@ pub(super) struct BlockReader {
     origin: OnceLock<Remote>,
     /// Stored blocks on the local disk, for eviction under `--cache-size` (set only then).
     evictable: OnceLock<Mutex<Evictable>>,
+    /// Blocks being fetched from a store (alone, or in the span of a neighbour's fetch):
+    /// a read that needs one waits for that fetch, read-ahead skips it.
+    fetching: Claims<BlockHash>,
 }
 
 impl BlockReader {
@@ -81,6 +84,7 @@ impl BlockReader {
             remote: OnceLock::new(),
             origin: OnceLock::new(),
             evictable: OnceLock::new(),
+            fetching: Claims::default(),
         }
     }
 
@@ -142,8 +146,11 @@ impl BlockReader {
     /// knows it: a writer replaced and freed it since it was queued, and a copy fetched now
     /// would stay on the disk for no one.
     pub fn fetch_ahead(&self, hash: &BlockHash) -> Result<()> {
-        if lock(&self.catalog).read(|tx| tx.has_block(hash))? {
-            self.fetch(hash)?;
+        let Some(_fetching) = self.fetching.try_claim(*hash) else {
+            return Ok(());
+        };
+        if lock(&self.catalog).read(|tx| tx.has_block(hash))? && self.local_block(hash)?.is_none() {
+            self.fetch_claimed(hash)?;
         }
         Ok(())
     }
@@ -219,6 +226,25 @@ impl BlockReader {
     }
 
     fn fetch(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>> {
+        let _fetching = loop {
+            if let Some(claim) = self.fetching.try_claim(*hash) {
+                break claim;
+            }
+            self.fetching.wait_for(hash);
+            // Kept by that fetch, unless it failed (then this one tries for itself).
+            if let Some(data) = self.local_block(hash)? {
+                return Ok(data);
+            }
+        };
+        // It may have landed between the caller's miss and the claim.
+        if let Some(data) = self.local_block(hash)? {
+            return Ok(data);
+        }
+        self.fetch_claimed(hash)
+    }
+
+    /// Fetches block `hash`, claimed in `fetching` by the caller, and keeps it.
+    fn fetch_claimed(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>> {
         // The volume's own blocks are where the catalog recorded them; the origin's are
         // found through its store's index.
         let (in_origin, place) = lock(&self.catalog).read(|tx| {
@@ -340,8 +366,9 @@ impl BlockReader {
 
     /// Reads block `hash` at (`offset`, `length`) of `pack` and the `neighbours` after it
     /// in one range request, keeping the neighbours (each verified; one that fails is
-    /// fetched alone when it is read). `None` if there are no neighbours or the request
-    /// or the block itself fails: the caller fetches the block alone.
+    /// fetched alone when it is read). The span stops before the first neighbour another
+    /// fetch is bringing. `None` if there are no neighbours left or the request or the
+    /// block itself fails: the caller fetches the block alone.
     fn read_span(
         &self,
         remote: &Remote,
@@ -350,6 +377,10 @@ impl BlockReader {
         neighbours: &[PackedBlock],
         max: usize,
     ) -> Result<Option<store::StoreResult<Option<Vec<u8>>>>> {
+        let claim = self
+            .fetching
+            .claim_until_taken(neighbours.iter().map(|block| block.hash));
+        let neighbours = &neighbours[..claim.keys().len()];
         let Some(last) = neighbours.last() else {
             return Ok(None);
         };
@@ -365,7 +396,6 @@ impl BlockReader {
         let frame = |at: u64, length: u32| {
             let at = usize::try_from(at - offset).ok()?;
             span.get(at..at.checked_add(length as usize)?)
-                .map(<[u8]>::to_vec)
         };
         for block in neighbours {
             let part = frame(block.offset, block.length);
@@ -373,6 +403,9 @@ impl BlockReader {
                 part.map(|part| store::open_frame(store, &key, &block.hash, part, max))
             {
                 self.keep(&block.hash, &data)?;
+                // Verified: the read that comes for it (a reader's next, or read-ahead's)
+                // copies it from memory.
+                self.local.cache_verified(&block.hash, Arc::new(data));
             }
         }
         match frame(offset, length).map(|part| store::open_frame(store, &key, hash, part, max)) {

@@ -14,7 +14,6 @@
 //! does. The read-ahead queue and the set of blocks loading are leaves; the workers hold
 //! no lock while they load (the block reader's own, and the catalog for a fetch).
 
-use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -26,7 +25,7 @@ use lru::LruCache;
 use super::Result;
 use super::block_reader::BlockReader;
 use crate::blocks::BlockHash;
-use crate::sync::{Condvar, Mutex, lock, wait};
+use crate::sync::{Claims, Mutex, lock};
 
 /// Block indexes per segment of a map loaded at once (64 MiB of file at 256 KiB blocks).
 const SEGMENT: u64 = 256;
@@ -37,8 +36,10 @@ const SEGMENTS_PER_FILE: usize = 16;
 /// Snapshot files whose read state is kept.
 const SNAPSHOT_FILES: usize = 64;
 
-/// Bytes read ahead of a sequential reader.
-const READ_AHEAD_BYTES: u64 = 4 << 20;
+/// Bytes read ahead of a sequential reader: for a file that only a store has, room for
+/// the workers to keep several of the block reader's 4 MiB requests in flight (one at a
+/// time left a lazily loaded file read at a single request's speed).
+const READ_AHEAD_BYTES: u64 = 16 << 20;
 
 /// Read-ahead workers: blocks loaded (from the disk or a store) in parallel.
 const READ_AHEAD_WORKERS: usize = 4;
@@ -184,15 +185,9 @@ pub(super) struct ReadAhead {
     workers: Vec<JoinHandle<()>>,
     /// Blocks read ahead of a reader.
     window: u64,
-    loading: Arc<Loading>,
-}
-
-/// The blocks workers are loading from the local disk now: a read that needs one waits for
-/// it rather than reading and hashing it a second time.
-#[derive(Default)]
-struct Loading {
-    blocks: Mutex<HashSet<BlockHash>>,
-    done: Condvar,
+    /// The blocks workers are loading from the local disk now: a read that needs one
+    /// waits for it rather than reading and hashing it a second time.
+    loading: Arc<Claims<BlockHash>>,
 }
 
 impl ReadAhead {
@@ -203,7 +198,7 @@ impl ReadAhead {
         let window = (READ_AHEAD_BYTES / block_size.max(1)).min(cache_blocks as u64 / 4);
         let (queue, jobs) = std::sync::mpsc::sync_channel(window.max(1) as usize);
         let jobs = Arc::new(Mutex::new(jobs));
-        let loading = Arc::new(Loading::default());
+        let loading = Arc::new(Claims::default());
         let workers = (0..READ_AHEAD_WORKERS)
             .filter_map(|i| {
                 let (blocks, jobs, loading) = (blocks.clone(), jobs.clone(), loading.clone());
@@ -226,10 +221,7 @@ impl ReadAhead {
     /// cache, unless that failed or it was evicted already: the caller reads it as usual
     /// either way).
     pub fn wait_for(&self, hash: &BlockHash) {
-        let mut loading = lock(&self.loading.blocks);
-        while loading.contains(hash) {
-            loading = wait(&self.loading.done, loading);
-        }
+        self.loading.wait_for(hash);
     }
 
     /// How many blocks to read ahead of a sequential reader.
@@ -247,18 +239,17 @@ impl ReadAhead {
     }
 }
 
-fn work(blocks: &BlockReader, jobs: &Mutex<Receiver<BlockHash>>, loading: &Loading) {
+fn work(blocks: &BlockReader, jobs: &Mutex<Receiver<BlockHash>>, loading: &Claims<BlockHash>) {
     loop {
         let job = lock(jobs).recv();
         let Ok(hash) = job else {
             return;
         };
-        if !lock(&loading.blocks).insert(hash) {
+        let Some(claim) = loading.try_claim(hash) else {
             continue;
-        }
+        };
         let local = blocks.local_block(&hash);
-        lock(&loading.blocks).remove(&hash);
-        loading.done.notify_all();
+        drop(claim);
         // A block only a store has is fetched with no reader waiting for it: readers wait
         // holding their file's state, and a store may take minutes to answer.
         let loaded = match local {
