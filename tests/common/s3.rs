@@ -331,17 +331,28 @@ impl S3Client {
             let mut out = Vec::new();
             let mut token = None;
             loop {
-                let page = self
-                    .sdk
-                    .list_objects_v2()
-                    .bucket(&self.env.bucket)
-                    .prefix(prefix)
-                    .max_keys(page_size)
-                    .set_continuation_token(token)
-                    .send()
-                    .await
-                    .map_err(S3Error::from_sdk)
-                    .unwrap_or_else(|e| self.fail(&format!("list {prefix:?}"), e));
+                // s3s-fs answers 500 when an object goes while it lists the directory
+                // (tests list while a daemon deletes): a listing is asked again then.
+                let mut attempts = 0;
+                let page = loop {
+                    let page = self
+                        .sdk
+                        .list_objects_v2()
+                        .bucket(&self.env.bucket)
+                        .prefix(prefix)
+                        .max_keys(page_size)
+                        .set_continuation_token(token.clone())
+                        .send()
+                        .await
+                        .map_err(S3Error::from_sdk);
+                    match page {
+                        Err(e) if e.status() == Some(500) && attempts < 3 => attempts += 1,
+                        page => {
+                            break page
+                                .unwrap_or_else(|e| self.fail(&format!("list {prefix:?}"), e));
+                        }
+                    }
+                };
                 for object in page.contents() {
                     let (Some(key), Some(size)) = (object.key(), object.size()) else {
                         panic!("list {prefix:?}: an object without key or size: {object:?}");
