@@ -10,14 +10,14 @@
 //! reads a volume this way (its catalog read-only beside a running mount, block files
 //! directly), and it needs nothing of `Volume`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 
 use tokio::runtime::Handle;
 
@@ -168,7 +168,7 @@ impl Source for LocalSource {
     }
 }
 
-/// Blocks queued, and files open, before the queue is drained.
+/// Blocks queued, and files open, before the queue is handed to the pool.
 const MAX_QUEUED_BLOCKS: usize = 4096;
 const MAX_OPEN_FILES: usize = 256;
 
@@ -221,24 +221,29 @@ pub fn restore(
             .find(|child| child.name == part.as_bytes())
             .ok_or_else(|| RestoreError::NoPath(path.to_owned()))?;
     }
-    let mut run = Run {
+    let writer = Writer {
         source,
         options,
         progress,
         report: Mutex::new(Report::default()),
-        first_links: HashMap::new(),
-        later_links: Vec::new(),
         failed_inodes: Mutex::new(std::collections::HashSet::new()),
-        finished_dirs: Vec::new(),
-        open_files: 0,
         block_size: source.block_size(),
     };
     // The directory restored into: the one flushed at the end.
-    let restored_into = if entry.attrs.kind == Kind::Dir {
-        prepare_dir(dest, options.overwrite)?;
-        run.dirs(entry, dest)?;
-        dest.to_owned()
-    } else {
+    let restored_into = std::thread::scope(|scope| {
+        let mut run = Run {
+            writer: &writer,
+            pool: Pool::start(scope, &writer),
+            first_links: HashMap::new(),
+            later_links: Vec::new(),
+            finished_dirs: Vec::new(),
+            open_files: 0,
+        };
+        if entry.attrs.kind == Kind::Dir {
+            prepare_dir(dest, options.overwrite)?;
+            run.dirs(entry, dest)?;
+            return Ok(dest.to_owned());
+        }
         let (parent, name) = match fs::metadata(dest) {
             Ok(meta) if meta.is_dir() => (dest.to_owned(), entry.name.clone()),
             _ => {
@@ -260,18 +265,22 @@ pub fn restore(
         entry.name = name;
         let mut jobs = Vec::new();
         run.nodes(vec![entry], &dir, &parent, &mut jobs)?;
-        run.drain_blocks(jobs);
+        run.pool.submit(jobs);
+        run.pool.finish();
         run.make_later_links();
-        parent
-    };
+        Ok(parent)
+    })?;
     // On disk when it returns, at the cost of one flush of the file system rather than
     // one synchronous write-back per file.
     let synced = open_dir_path(&restored_into)
         .and_then(|fd| sync_file_system(&fd).map_err(io_err(&restored_into)));
     if let Err(e) = synced {
-        run.error(format!("the restored data may not be on disk: {e}"));
+        writer.error(format!("the restored data may not be on disk: {e}"));
     }
-    Ok(run.report.into_inner().unwrap_or_else(|p| p.into_inner()))
+    Ok(writer
+        .report
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner()))
 }
 
 /// Writes back every dirty page of the file system holding `fd` (syncfs(2)), reporting
@@ -364,32 +373,35 @@ struct BlockJob {
     hash: BlockHash,
 }
 
-struct Run<'a> {
-    source: &'a dyn Source,
-    options: &'a Options,
-    progress: &'a dyn Progress,
-    report: Mutex<Report>,
+/// The walk: it creates the nodes and queues the blocks of each file for the pool.
+struct Run<'w, 'a> {
+    writer: &'w Writer<'a>,
+    pool: Pool<'a>,
     /// Hard links: the first restored path of each inode with nlink > 1.
     first_links: HashMap<u64, PathBuf>,
     /// Further names of those inodes, linked once all file data is written, so a file
     /// that fails is left out under every name.
     later_links: Vec<(u64, PathBuf)>,
-    /// Inodes whose data could not be restored.
-    failed_inodes: Mutex<std::collections::HashSet<u64>>,
     /// Directories whose contents are done, deepest last: metadata is applied in reverse,
     /// reopened by path (holding a descriptor each would run out of them).
     finished_dirs: Vec<(PathBuf, Entry)>,
-    /// Files created since the block queue was last drained (each holds a descriptor).
+    /// Files created since the block queue was last handed to the pool (each holds a
+    /// descriptor).
     open_files: usize,
+}
+
+/// What the walk and the pool's workers share: the source, the options, the report.
+struct Writer<'a> {
+    source: &'a dyn Source,
+    options: &'a Options,
+    progress: &'a dyn Progress,
+    report: Mutex<Report>,
+    /// Inodes whose data could not be restored.
+    failed_inodes: Mutex<std::collections::HashSet<u64>>,
     block_size: u64,
 }
 
-impl Run<'_> {
-    fn error(&self, message: String) {
-        tracing::error!("{message}");
-        crate::sync::lock(&self.report).errors.push(message);
-    }
-
+impl Run<'_, '_> {
     /// Restores the contents of directory `root` into `dest`, then its metadata.
     fn dirs(&mut self, root: Entry, dest: &Path) -> Result<()> {
         let mut jobs = Vec::new();
@@ -399,16 +411,18 @@ impl Run<'_> {
             dest.to_owned(),
             &mut jobs,
         )?;
-        self.drain_blocks(jobs);
+        self.pool.submit(jobs);
+        self.pool.finish();
         self.make_later_links();
         // Children first: setting a directory's times before its contents would undo them.
         for (path, entry) in std::mem::take(&mut self.finished_dirs).into_iter().rev() {
             let result = open_dir_path(&path).and_then(|fd| {
-                self.apply_metadata(fd.as_raw_fd(), &entry)
+                self.writer
+                    .apply_metadata(fd.as_raw_fd(), &entry)
                     .map_err(io_err(&path))
             });
             if let Err(e) = result {
-                self.error(e.to_string());
+                self.writer.error(e.to_string());
             }
         }
         Ok(())
@@ -435,16 +449,16 @@ impl Run<'_> {
                     match open_child_dir(&parent, &entry.name) {
                         Ok(fd) => (entry, Arc::new(fd), path),
                         Err(e) => {
-                            self.error(format!("{}: {e}", path.display()));
+                            self.writer.error(format!("{}: {e}", path.display()));
                             continue;
                         }
                     }
                 }
             };
-            let children = match self.source.children(&dir) {
+            let children = match self.writer.source.children(&dir) {
                 Ok(children) => children,
                 Err(e) => {
-                    self.error(format!("{}: {e}", path.display()));
+                    self.writer.error(format!("{}: {e}", path.display()));
                     continue;
                 }
             };
@@ -474,11 +488,11 @@ impl Run<'_> {
             match self.node(entry, dir, &path, jobs) {
                 Ok(Some(subdir)) => subdirs.push(subdir),
                 Ok(None) => {}
-                Err(e) => self.error(format!("{}: {e}", path.display())),
+                Err(e) => self.writer.error(format!("{}: {e}", path.display())),
             }
-            // Each queued file holds a descriptor: drain before they run out.
+            // Each queued file holds a descriptor: hand them over before they run out.
             if jobs.len() > MAX_QUEUED_BLOCKS || self.open_files >= MAX_OPEN_FILES {
-                *jobs = self.drain_blocks(std::mem::take(jobs));
+                self.pool.submit(std::mem::take(jobs));
                 self.open_files = 0;
             }
         }
@@ -494,10 +508,10 @@ impl Run<'_> {
     ) -> std::io::Result<Option<(Entry, PathBuf)>> {
         let name = cname(&entry.name)?;
         let dirfd = dir.as_raw_fd();
-        if self.options.overwrite {
-            self.clear(dirfd, &name, entry.attrs.kind)?;
+        if self.writer.options.overwrite {
+            self.writer.clear(dirfd, &name, entry.attrs.kind)?;
         }
-        let report = |f: fn(&mut Report)| f(&mut crate::sync::lock(&self.report));
+        let report = |f: fn(&mut Report)| f(&mut crate::sync::lock(&self.writer.report));
         match entry.attrs.kind {
             Kind::Dir => {
                 // SAFETY: mkdirat reads the NUL-terminated name; dirfd is open.
@@ -537,7 +551,7 @@ impl Run<'_> {
                         return Err(std::io::Error::other("a file without a block list"));
                     };
                     if let Some((index, _)) = blocks.last() {
-                        if index.saturating_mul(self.block_size) >= entry.attrs.size.max(1) {
+                        if index.saturating_mul(self.writer.block_size) >= entry.attrs.size.max(1) {
                             return Err(std::io::Error::other(
                                 "the manifest maps a block beyond the end of the file",
                             ));
@@ -565,10 +579,10 @@ impl Run<'_> {
                     remaining: AtomicUsize::new(blocks.len()),
                     failed: AtomicBool::new(false),
                 });
-                self.progress.total(open.entry.attrs.size);
+                self.writer.progress.total(open.entry.attrs.size);
                 self.open_files += 1;
                 if blocks.is_empty() {
-                    self.finish_file(&open);
+                    self.writer.finish_file(&open);
                 }
                 jobs.extend(blocks.into_iter().map(|(index, hash)| BlockJob {
                     file: open.clone(),
@@ -581,7 +595,7 @@ impl Run<'_> {
                 let target = CString::new(entry.target.clone().unwrap_or_default())?;
                 // SAFETY: symlinkat reads the two NUL-terminated strings.
                 check(unsafe { libc::symlinkat(target.as_ptr(), dirfd, name.as_ptr()) })?;
-                self.apply_at(dirfd, &name, &entry)?;
+                self.writer.apply_at(dirfd, &name, &entry)?;
                 report(|r| r.symlinks += 1);
                 Ok(None)
             }
@@ -601,7 +615,7 @@ impl Run<'_> {
                         libc::dev_t::from(entry.attrs.rdev),
                     )
                 })?;
-                self.apply_at(dirfd, &name, &entry)?;
+                self.writer.apply_at(dirfd, &name, &entry)?;
                 report(|r| r.specials += 1);
                 Ok(None)
             }
@@ -611,9 +625,9 @@ impl Run<'_> {
     /// Creates the further names of hard-linked files, now that their data is written.
     fn make_later_links(&mut self) {
         for (ino, path) in std::mem::take(&mut self.later_links) {
-            let failed = crate::sync::lock(&self.failed_inodes).contains(&ino);
+            let failed = crate::sync::lock(&self.writer.failed_inodes).contains(&ino);
             let Some(first) = self.first_links.get(&ino).filter(|_| !failed) else {
-                self.error(format!(
+                self.writer.error(format!(
                     "{}: not restored (a hard link to a file that could not be)",
                     path.display()
                 ));
@@ -636,74 +650,17 @@ impl Run<'_> {
                 Ok(())
             };
             match link() {
-                Ok(()) => crate::sync::lock(&self.report).hard_links += 1,
-                Err(e) => self.error(format!("{}: {e}", path.display())),
+                Ok(()) => crate::sync::lock(&self.writer.report).hard_links += 1,
+                Err(e) => self.writer.error(format!("{}: {e}", path.display())),
             }
         }
     }
+}
 
-    /// With --overwrite, makes room for `name`: an existing non-directory goes; an existing
-    /// directory stays only for a directory (restored into).
-    fn clear(&self, dirfd: libc::c_int, name: &CString, kind: Kind) -> std::io::Result<()> {
-        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: fstatat fills `stat`; the name is NUL-terminated.
-        let found =
-            unsafe { libc::fstatat(dirfd, name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) };
-        if found != 0 {
-            return Ok(());
-        }
-        let is_dir = stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
-        match (is_dir, kind == Kind::Dir) {
-            (true, true) => Ok(()),
-            (true, false) => Err(std::io::Error::other(
-                "a directory is in the way (remove it to restore this file)",
-            )),
-            // SAFETY: unlinkat reads the NUL-terminated name.
-            _ => check(unsafe { libc::unlinkat(dirfd, name.as_ptr(), 0) }).map(drop),
-        }
-    }
-
-    /// Reads and writes the queued blocks on worker threads, in the groups the source
-    /// plans (neighbours in one pack fetched together), each block written to every
-    /// place that needs it; returns an empty queue.
-    fn drain_blocks(&self, jobs: Vec<BlockJob>) -> Vec<BlockJob> {
-        if jobs.is_empty() {
-            return jobs;
-        }
-        let mut wanted: HashMap<BlockHash, Vec<BlockJob>> = HashMap::new();
-        let mut order = Vec::new();
-        for job in jobs {
-            let places = wanted.entry(job.hash).or_default();
-            if places.is_empty() {
-                order.push(job.hash);
-            }
-            places.push(job);
-        }
-        let (send, receive) = mpsc::channel();
-        for group in self.source.plan(order) {
-            let _ = send.send(group);
-        }
-        drop(send);
-        let receive = Mutex::new(receive);
-        let workers = self.source.parallelism().max(1);
-        let wanted = &wanted;
-        std::thread::scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|| {
-                    loop {
-                        let group = crate::sync::lock(&receive).recv();
-                        let Ok(group) = group else { return };
-                        let blocks = self.source.blocks(&group);
-                        for (hash, block) in group.iter().zip(&blocks) {
-                            for job in wanted.get(hash).into_iter().flatten() {
-                                self.write_block(job, block.as_deref());
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        Vec::new()
+impl Writer<'_> {
+    fn error(&self, message: String) {
+        tracing::error!("{message}");
+        crate::sync::lock(&self.report).errors.push(message);
     }
 
     /// Writes `block`, read for `job` (or the error reading it).
@@ -803,5 +760,160 @@ impl Run<'_> {
             )
         })?;
         Ok(())
+    }
+
+    /// With --overwrite, makes room for `name`: an existing non-directory goes; an existing
+    /// directory stays only for a directory (restored into).
+    fn clear(&self, dirfd: libc::c_int, name: &CString, kind: Kind) -> std::io::Result<()> {
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatat fills `stat`; the name is NUL-terminated.
+        let found =
+            unsafe { libc::fstatat(dirfd, name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) };
+        if found != 0 {
+            return Ok(());
+        }
+        let is_dir = stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        match (is_dir, kind == Kind::Dir) {
+            (true, true) => Ok(()),
+            (true, false) => Err(std::io::Error::other(
+                "a directory is in the way (remove it to restore this file)",
+            )),
+            // SAFETY: unlinkat reads the NUL-terminated name.
+            _ => check(unsafe { libc::unlinkat(dirfd, name.as_ptr(), 0) }).map(drop),
+        }
+    }
+}
+
+/// One group of neighbouring blocks (see `Source::plan`), each with the places that need
+/// it, and the batch it belongs to.
+struct Group {
+    blocks: Vec<(BlockHash, Vec<BlockJob>)>,
+    batch: Arc<Batch>,
+}
+
+impl Drop for Group {
+    /// Counts the group written, after its jobs (and with the last of a file's, its
+    /// descriptor) are gone; also when a worker panics, so the walk never waits forever.
+    fn drop(&mut self) {
+        drop(std::mem::take(&mut self.blocks));
+        self.batch.finish_group();
+    }
+}
+
+/// The groups of one queue handed to the pool that are not written yet.
+struct Batch {
+    left: Mutex<usize>,
+    done: Condvar,
+}
+
+impl Batch {
+    fn wait(&self) {
+        let mut left = crate::sync::lock(&self.left);
+        while *left > 0 {
+            left = crate::sync::wait(&self.done, left);
+        }
+    }
+
+    fn finish_group(&self) {
+        let mut left = crate::sync::lock(&self.left);
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            self.done.notify_all();
+        }
+    }
+}
+
+/// Workers that fetch and write the queued blocks while the walk goes on creating the
+/// next files: at most two queues are outstanding (the one written, the one after it),
+/// so open descriptors stay bounded and the workers are never idle at a hand-over.
+struct Pool<'a> {
+    send: mpsc::Sender<Group>,
+    outstanding: VecDeque<Arc<Batch>>,
+    source: &'a dyn Source,
+}
+
+impl<'a> Pool<'a> {
+    /// Starts `source.parallelism()` workers in `scope`, writing through `writer`.
+    fn start<'scope>(
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        writer: &'scope Writer<'a>,
+    ) -> Pool<'a>
+    where
+        'a: 'scope,
+    {
+        let (send, receive) = mpsc::channel::<Group>();
+        let receive = Arc::new(Mutex::new(receive));
+        for _ in 0..writer.source.parallelism().max(1) {
+            let receive = receive.clone();
+            scope.spawn(move || {
+                loop {
+                    let group = crate::sync::lock(&receive).recv();
+                    let Ok(group) = group else { return };
+                    let hashes: Vec<BlockHash> =
+                        group.blocks.iter().map(|(hash, _)| *hash).collect();
+                    let blocks = writer.source.blocks(&hashes);
+                    for ((_, jobs), block) in group.blocks.iter().zip(&blocks) {
+                        for job in jobs {
+                            writer.write_block(job, block.as_deref());
+                        }
+                    }
+                }
+            });
+        }
+        Pool {
+            send,
+            outstanding: VecDeque::new(),
+            source: writer.source,
+        }
+    }
+
+    /// Hands the queued blocks to the workers, in the groups the source plans (neighbours
+    /// in one pack fetched together), each block to be written to every place that needs
+    /// it; waits while the queue before the previous one is still being written.
+    fn submit(&mut self, jobs: Vec<BlockJob>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let mut wanted: HashMap<BlockHash, Vec<BlockJob>> = HashMap::new();
+        let mut order = Vec::new();
+        for job in jobs {
+            let places = wanted.entry(job.hash).or_default();
+            if places.is_empty() {
+                order.push(job.hash);
+            }
+            places.push(job);
+        }
+        let groups = self.source.plan(order);
+        let batch = Arc::new(Batch {
+            left: Mutex::new(groups.len()),
+            done: Condvar::new(),
+        });
+        for group in groups {
+            let blocks = group
+                .into_iter()
+                .map(|hash| (hash, wanted.remove(&hash).unwrap_or_default()))
+                .collect();
+            let group = Group {
+                blocks,
+                batch: batch.clone(),
+            };
+            if self.send.send(group).is_err() {
+                // No worker left (they only end with the pool): nothing more to wait for.
+                return;
+            }
+        }
+        self.outstanding.push_back(batch);
+        while self.outstanding.len() > 1 {
+            if let Some(oldest) = self.outstanding.pop_front() {
+                oldest.wait();
+            }
+        }
+    }
+
+    /// Waits until every block handed over is written.
+    fn finish(&mut self) {
+        for batch in self.outstanding.drain(..) {
+            batch.wait();
+        }
     }
 }
