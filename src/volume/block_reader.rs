@@ -236,10 +236,8 @@ impl BlockReader {
                 return Ok(data);
             }
         };
-        // It may have landed between the caller's miss and the claim.
-        if let Some(data) = self.local_block(hash)? {
-            return Ok(data);
-        }
+        // (One that landed between the caller's miss and the claim is fetched again: rare,
+        // and cheaper than looking on the disk and in the catalog before every fetch.)
         self.fetch_claimed(hash)
     }
 
