@@ -185,6 +185,46 @@ fn catalog_of_a_newer_snapfs_is_refused() {
     assert_eq!(fs::read(m.path().join("f")).expect("read"), b"keep");
 }
 
+#[test]
+fn catalog_of_an_older_snapfs_is_read_as_it_is_and_upgraded_by_the_mount() {
+    let mut m = Mount::new();
+    fs::write(m.path().join("f"), pattern(BLOCK + 10, 3)).expect("write");
+    m.unmount();
+    let catalog = m.data_dir().join("catalog.db");
+    let version = || -> i64 {
+        let db = rusqlite::Connection::open(&catalog).expect("open catalog");
+        db.pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("user_version")
+    };
+    let current = version();
+    assert_eq!(
+        current, 10,
+        "this test downgrades from version 10: update it"
+    );
+    // The catalog as the snapfs before packed trees (version 10) left it.
+    {
+        let db = rusqlite::Connection::open(&catalog).expect("open catalog");
+        db.execute_batch("DROP TABLE packed_trees; PRAGMA user_version = 9;")
+            .expect("downgrade");
+    }
+    // verify reads every table, packed trees included.
+    let out = run(snapfs().arg("verify").arg("--data").arg(m.data_dir()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(": clean"),
+        "verify of an older catalog: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(version(), 9, "a read-only command changed the catalog");
+    m.remount();
+    assert_eq!(version(), current, "the mount upgrades it");
+    assert_eq!(
+        fs::read(m.path().join("f")).expect("read"),
+        pattern(BLOCK + 10, 3)
+    );
+}
+
 /// Writes a one-block victim file and a small bystander, unmounts, and returns the path
 /// of the victim's block file.
 fn victim_block(m: &mut Mount, victim: &[u8]) -> PathBuf {

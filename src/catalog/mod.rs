@@ -475,6 +475,8 @@ impl Catalog {
     }
 
     /// Opens an existing catalog for reading only (CLI commands beside a running mount).
+    /// One an older snapfs wrote is read through a copy in memory, migrated: the file
+    /// stays as it is until a mount upgrades it, and every query sees the current schema.
     pub fn open_read_only(path: &Path) -> Result<Catalog> {
         let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(|source| Error::Open {
@@ -482,8 +484,21 @@ impl Catalog {
                 source,
             })?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         refuse_foreign(&conn, path)?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let conn = if (version as usize) < schema::MIGRATIONS.len() {
+            let mut copy = Connection::open_in_memory()?;
+            rusqlite::backup::Backup::new(&conn, &mut copy)?.run_to_completion(
+                1024,
+                std::time::Duration::ZERO,
+                None,
+            )?;
+            migrate(&copy)?;
+            copy
+        } else {
+            conn
+        };
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let mut catalog = Catalog {
             conn,
             generation: 0,
