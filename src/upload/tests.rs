@@ -528,6 +528,7 @@ fn readers_of_evicted_neighbours_fetch_each_frame_once() {
             .expect("read the padding");
     }
     let read_before = t.store.pack_range_bytes.load(Ordering::SeqCst);
+    let gets_before = t.store.pack_gets.load(Ordering::SeqCst);
     // Readers start at different blocks at once: a miss reads the evicted blocks after
     // it in the same request, and a reader that needs one of those waits for it.
     let start = std::sync::Barrier::new(4);
@@ -550,6 +551,11 @@ fn readers_of_evicted_neighbours_fetch_each_frame_once() {
         .len();
     let read = t.store.pack_range_bytes.load(Ordering::SeqCst) - read_before;
     assert!(read > 0, "the file's blocks were evicted");
+    let gets = t.store.pack_gets.load(Ordering::SeqCst) - gets_before;
+    assert!(
+        gets <= 8,
+        "{gets} requests for {BLOCKS} blocks: a miss brings the blocks after it"
+    );
     assert!(
         read <= frames,
         "{read} bytes read from a pack of {frames}: some frames were fetched twice"
