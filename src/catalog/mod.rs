@@ -484,8 +484,7 @@ impl Catalog {
                 source,
             })?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        refuse_foreign(&conn, path)?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let version = refuse_foreign(&conn, path)?;
         let conn = if (version as usize) < schema::MIGRATIONS.len() {
             let mut copy = Connection::open_in_memory()?;
             rusqlite::backup::Backup::new(&conn, &mut copy)?.run_to_completion(
@@ -849,7 +848,8 @@ impl Drop for Catalog {
 }
 
 /// Refuses a damaged file, another program's database, and a newer snapfs's catalog.
-fn refuse_foreign(conn: &Connection, path: &Path) -> Result<()> {
+/// Returns the catalog's schema version.
+fn refuse_foreign(conn: &Connection, path: &Path) -> Result<i64> {
     let not_a_catalog = |source| Error::NotACatalog {
         path: path.to_owned(),
         source,
@@ -877,7 +877,7 @@ fn refuse_foreign(conn: &Connection, path: &Path) -> Result<()> {
             supported: schema::MIGRATIONS.len(),
         });
     }
-    Ok(())
+    Ok(version)
 }
 
 fn migrate(conn: &Connection) -> Result<()> {
