@@ -375,7 +375,8 @@ enum StoreCommand {
     /// deleting snapshots is what makes packs unused.
     #[command(after_help = "Examples:\n  \
         snapfs store prune --data ~/.local/share/snapfs --dry-run   # what it would free\n  \
-        snapfs store prune --data /srv/vol1 --max-unused 0           # leave nothing unused\n\n\
+        snapfs store prune --data /srv/vol1 --max-unused 0           # leave nothing unused\n  \
+        snapfs store prune --data /srv/vol1 --convert                # pack a format-1 store\n\n\
         Every step keeps each needed block reachable from the bucket alone: new packs and \
         index objects are written before old ones are deleted, so an interrupted prune \
         loses nothing and the next prune or mount goes on. --dry-run reads only the \
@@ -394,6 +395,12 @@ enum StoreCommand {
         #[arg(long, value_name = "PERCENT", default_value_t = gc::DEFAULT_MAX_UNUSED_PERCENT,
               value_parser = clap::value_parser!(u8).range(0..=100))]
         max_unused: u8,
+        /// First copy the blocks and directory trees the store holds as objects of their
+        /// own (format 1: written by snapfs before packs, or by `verify --repair`) into
+        /// packs, then delete those objects. Reads the local copies where the disk has
+        /// them, else one GET per object.
+        #[arg(long)]
+        convert: bool,
         /// Only report what would be deleted, copied and freed.
         #[arg(long)]
         dry_run: bool,
@@ -821,6 +828,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             data,
             store,
             max_unused,
+            convert,
             dry_run,
             json,
         }) => {
@@ -831,6 +839,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let options = PruneOptions {
                 store,
                 max_unused_percent: max_unused,
+                convert,
                 dry_run,
             };
             return prune(&dir, options, json);
@@ -1366,6 +1375,25 @@ fn prune(
         human_bytes(gc.deleted_bytes),
         report.seconds
     );
+    let convert = &report.convert;
+    if convert.converted_objects > 0 {
+        println!(
+            "converted {} format-1 objects into packs ({} of frames)",
+            convert.converted_objects,
+            human_bytes(convert.converted_bytes)
+        );
+    }
+    if convert.left_objects > 0 {
+        println!(
+            "{} format-1 objects could not be converted and stay as they are (the log says why)",
+            convert.left_objects
+        );
+    } else if convert.converted_objects == 0 && convert.format_1_objects > 0 {
+        println!(
+            "the store holds {} objects of their own (format 1); --convert packs them",
+            convert.format_1_objects
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -336,3 +336,97 @@ fn prune_refuses_a_mounted_volume_and_dry_run_reads_it() {
     let out = run(snapfs().args(["store", "prune", "--max-unused", "101"]));
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+/// A store written in format 1 (each block and tree an object of its own) is packed by
+/// `store prune --convert`: a SIGKILL at each step (reading the old objects, sending a
+/// pack, sending the index, deleting the old objects) leaves every snapshot restorable
+/// from the bucket alone, and the next prune finishes: no object of its own is left, the
+/// packs hold every block, and the volume reads its evicted blocks from them.
+#[test]
+fn prune_convert_packs_a_format_1_store_and_a_kill_at_every_step_loses_nothing() {
+    let s3 = S3Env::garage();
+    let prefix = unique_prefix("convert");
+    let url = s3.url(&prefix);
+    // A small cache evicts the blocks once stored: the conversion reads them from the
+    // store. Packs of 1 MiB: it writes several.
+    let mut mount = s3.mount_store(&prefix, &["--cache-size", "1M", "--pack-size", "1M"]);
+    write_files(mount.path(), 1, |_| true);
+    take_snapshot(&mount, "old");
+    write_files(mount.path(), 2, |n| n < 4);
+    take_snapshot(&mount, "new");
+    for name in ["old", "new"] {
+        wait_completed(&mount, name);
+    }
+    wait_for(|| block_files(mount.data_dir()).len() <= 4);
+    mount.unmount();
+    let expected = [
+        ("old", vec![1; FILES]),
+        ("new", vec![2, 2, 2, 2, 1, 1, 1, 1]),
+    ];
+    let client = s3.client();
+    let (blocks, trees) = rewrite_as_format_1(&client, &prefix, mount.data_dir());
+    assert_eq!(blocks, 12 * FILE_LEN / BLOCK, "each file version's blocks");
+    assert_eq!(trees, 2, "each snapshot's root");
+    let scratch = mount.scratch("restores");
+    fs::create_dir_all(&scratch).expect("scratch dir");
+    assert_restorable(&s3, &url, &expected, &scratch);
+    let data = mount.data_dir();
+
+    let dry = run(&mut prune_cmd(data, Some(&s3), &["--dry-run"]));
+    assert_ok(&dry, "prune --dry-run");
+    let dry = stdout(&dry);
+    assert_eq!(
+        json_number(&dry, "format_1_objects"),
+        (blocks + trees) as u64,
+        "{dry}"
+    );
+    let plain = run(&mut prune_cmd(data, Some(&s3), &[]));
+    assert_ok(&plain, "prune without --convert");
+    assert_eq!(json_number(&stdout(&plain), "converted_objects"), 0);
+    assert_eq!(store_keys(&s3, &prefix, "blocks").len(), blocks);
+
+    let (proxy, through) = FaultProxy::for_env(&s3);
+    for (method, part, step) in [
+        ("GET", "/blocks/", "reading the old objects"),
+        ("PUT", "/packs/", "sending a pack"),
+        ("PUT", "/index/", "sending the index"),
+        ("DELETE", "/blocks/", "deleting the old objects"),
+    ] {
+        proxy.fault_matching(method, part, Fault::Stall);
+        kill_during(
+            prune_cmd(data, Some(&through), &["--convert"]),
+            &proxy,
+            step,
+        );
+        proxy.set_fault(Fault::None);
+        assert_restorable(&s3, &url, &expected, &scratch);
+        // A prune (or a mount) that only deletes what is queued keeps each old object
+        // until an index lists its copy.
+        let plain = run(&mut prune_cmd(data, Some(&s3), &[]));
+        assert_ok(&plain, &format!("prune after {step}"));
+        assert_restorable(&s3, &url, &expected, &scratch);
+    }
+
+    let out = run(&mut prune_cmd(data, Some(&s3), &["--convert"]));
+    assert_ok(&out, "prune --convert after the kills");
+    assert_eq!(json_number(&stdout(&out), "left_objects"), 0);
+    assert_eq!(store_keys(&s3, &prefix, "blocks"), Vec::<String>::new());
+    assert_eq!(store_keys(&s3, &prefix, "trees"), Vec::<String>::new());
+    let after = run(&mut prune_cmd(data, Some(&s3), &["--dry-run"]));
+    assert_ok(&after, "prune --dry-run after");
+    assert_eq!(json_number(&stdout(&after), "format_1_objects"), 0);
+    assert_eq!(packed_in_bucket(&client, &prefix).len(), blocks);
+    assert_eq!(trees_in_bucket(&client, &prefix).len(), trees);
+    assert_restorable(&s3, &url, &expected, &scratch);
+    let mut verify = snapfs();
+    s3.apply(&mut verify);
+    let verified = run(verify.args(["verify", "--data"]).arg(data));
+    assert_ok(&verified, "verify after the conversion");
+
+    mount.remount();
+    for n in 0..FILES {
+        let version = if n < 4 { 2 } else { 1 };
+        let read = fs::read(mount.path().join(file_name(n))).expect("read an evicted file");
+        assert_bytes_eq(&read, &file_content(n, version), &format!("file {n}"));
+    }
+}

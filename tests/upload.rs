@@ -247,14 +247,6 @@ fn deleting_snapshots_deletes_the_objects_only_they_needed() {
     wait_for(|| client.list(&format!("{prefix}index/")).is_empty());
 }
 
-fn wait_for(mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + COMPLETION_TIMEOUT;
-    while !done() {
-        assert!(Instant::now() < deadline, "condition not met in time");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// `snapfs mount` (daemonizing) with `s3`'s credentials: its output.
 fn try_mount(mount: &Mount, s3: &S3Env, store: &str) -> std::process::Output {
     let mut cmd = mount_cmd(mount.path(), &mount.scratch("data"));
@@ -547,37 +539,10 @@ fn a_format_1_store_keeps_working_and_gains_packs() {
     wait_for(|| block_files(mount.data_dir()).len() <= 4);
     mount.unmount();
 
-    // What format 1 left: each block an object, no packs, no index, a format-1 header,
-    // a catalog that knows no pack.
     let client = s3.client();
-    let packed = packed_in_bucket(&client, &prefix);
-    assert_eq!(packed.len(), 8);
-    for (hash, copies) in &packed {
-        let object = zstd::encode_all(copies[0].data.as_slice(), 3).expect("zstd");
-        client.put(&format!("{prefix}blocks/{hash}"), &object);
-    }
-    let trees = trees_in_bucket(&client, &prefix);
-    assert_eq!(trees.len(), 1, "the root's");
-    for (hash, copies) in &trees {
-        let object = zstd::encode_all(copies[0].data.as_slice(), 3).expect("zstd");
-        client.put(&format!("{prefix}trees/{hash}"), &object);
-    }
-    assert!(client.delete_prefix(&format!("{prefix}packs/")) > 0);
-    assert!(client.delete_prefix(&format!("{prefix}index/")) > 0);
-    let header =
-        String::from_utf8(client.get(&format!("{prefix}volume")).expect("header")).expect("text");
-    client.put(
-        &format!("{prefix}volume"),
-        header.replace("format 2", "format 1").as_bytes(),
-    );
-    let db = rusqlite::Connection::open(mount.data_dir().join("catalog.db")).expect("catalog");
-    db.execute_batch(
-        "UPDATE blocks SET pack = NULL, pack_offset = NULL, pack_length = NULL;
-         DELETE FROM packed_trees;
-         DELETE FROM packs;",
-    )
-    .expect("forget the packs");
-    drop(db);
+    let (blocks, trees) = rewrite_as_format_1(&client, &prefix, mount.data_dir());
+    assert_eq!(blocks, 8);
+    assert_eq!(trees, 1, "the root's");
 
     mount.remount();
     let header = client.get(&format!("{prefix}volume")).expect("header");

@@ -19,7 +19,7 @@ pub use checkpoints::CheckpointRow;
 pub use lifecycle::{LockMode, SnapshotLock, Trash};
 pub use packs::{PackRow, PackTotals, PackUsage};
 pub use status::{LocalUsage, Outstanding};
-pub use upload::Completion;
+pub use upload::{Completion, ObjectFate};
 pub use verify::{BlockRecord, Finding, PackRecord};
 
 use std::path::{Path, PathBuf};

@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 
 use rusqlite::{OptionalExtension, params};
 
+use super::upload::hash_of;
 use super::{Error, ReadTx, Result, WriteTx};
 use crate::blocks::BlockHash;
 use crate::manifest::{PackId, PackListing, PackedBlock};
@@ -57,6 +58,11 @@ pub struct PackTotals {
 
 fn pack_id(name: String) -> Result<PackId> {
     PackId::parse(&name).ok_or_else(|| Error::Corrupt(format!("bad pack name {name:?}")))
+}
+
+/// The bytes hashes are listed after: an empty blob sorts before every hash.
+fn after_hash(after: Option<&BlockHash>) -> &[u8] {
+    after.map_or(&[], |hash| hash.as_bytes())
 }
 
 fn packed_block(hash: &[u8], offset: u64, length: u32, raw_length: u32) -> Result<PackedBlock> {
@@ -105,6 +111,61 @@ impl ReadTx<'_> {
             }),
             Some(_) => Some(BlockPlace::Object),
         })
+    }
+
+    /// Up to `limit` blocks this volume's store holds as objects of their own (format 1),
+    /// in hash order after `after`: each with its length and whether the local disk holds
+    /// it.
+    pub fn format_1_blocks(
+        &self,
+        after: Option<&BlockHash>,
+        limit: u32,
+    ) -> Result<Vec<(BlockHash, u32, bool)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT hash, len, local FROM blocks
+             WHERE stored = 1 AND pack IS NULL AND hash > ?1 ORDER BY hash LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after_hash(after), limit], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?))
+        })?;
+        let mut found = Vec::new();
+        for row in rows {
+            let (hash, len, local) = row?;
+            found.push((hash_of(hash)?, len, local));
+        }
+        Ok(found)
+    }
+
+    /// Up to `limit` directory trees a snapshot of this volume names that its store holds
+    /// as objects of their own (format 1, or too large for a pack), in hash order after
+    /// `after` (from the first with `None`).
+    pub fn format_1_trees(&self, after: Option<&BlockHash>, limit: u32) -> Result<Vec<BlockHash>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT DISTINCT hash FROM dir_trees d
+             WHERE hash > ?1 AND NOT EXISTS (SELECT 1 FROM packed_trees p WHERE p.hash = d.hash)
+             ORDER BY hash LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after_hash(after), limit], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })?;
+        let mut found = Vec::new();
+        for row in rows {
+            found.push(hash_of(row?)?);
+        }
+        Ok(found)
+    }
+
+    /// How many objects of their own (format 1) the volume's store holds for its blocks
+    /// and trees, and the blocks' bytes before compression.
+    pub fn format_1_totals(&self) -> Result<(u64, u64)> {
+        Ok(self.conn.query_row(
+            "SELECT (SELECT count(*) FROM blocks WHERE stored = 1 AND pack IS NULL)
+                  + (SELECT count(DISTINCT hash) FROM dir_trees d
+                     WHERE NOT EXISTS (SELECT 1 FROM packed_trees p WHERE p.hash = d.hash)),
+                    (SELECT coalesce(sum(len), 0) FROM blocks WHERE stored = 1 AND pack IS NULL)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?)
     }
 
     /// The packs that landed and that no index object lists yet, with the listing of
@@ -391,6 +452,46 @@ impl WriteTx<'_> {
             Ok(moved_block.execute(moved)? + moved_tree.execute(moved)?)
         })?;
         // Left with no block, it goes at once: no index lists it yet.
+        self.queue_dead_packs()
+    }
+
+    /// Records that pack `pack` landed holding `blocks`, copies of blocks and trees the
+    /// store held as objects of their own (format 1): they are pointed at the pack, and
+    /// their old objects queued for deletion, which waits until an index object lists the
+    /// pack (`object_fate`). One freed meanwhile, or packed meanwhile, stays as it is.
+    pub fn record_converted(&self, pack: PackRow, blocks: &[PackedBlock]) -> Result<()> {
+        let mut moved_block = self.conn.prepare_cached(
+            "UPDATE blocks SET pack = ?2, pack_offset = ?3, pack_length = ?4
+             WHERE hash = ?1 AND pack IS NULL AND stored = 1",
+        )?;
+        // A frame of the same bytes serves a block and a tree of the same hash alike.
+        let mut moved_tree = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO packed_trees (hash, pack, pack_offset, pack_length, len)
+             SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM dir_trees WHERE hash = ?1)",
+        )?;
+        let mut queue = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO store_deletions (key) VALUES (?1)")?;
+        self.fill_pack(pack, blocks, |frame| {
+            let at = params![frame.hash.as_bytes(), pack.row, frame.offset, frame.length];
+            let mut moved = 0;
+            if moved_block.execute(at)? > 0 {
+                queue.execute([ObjectKey::block(&frame.hash).as_str()])?;
+                moved += 1;
+            }
+            let tree = params![
+                frame.hash.as_bytes(),
+                pack.row,
+                frame.offset,
+                frame.length,
+                frame.raw_length
+            ];
+            if moved_tree.execute(tree)? > 0 {
+                queue.execute([ObjectKey::tree(&frame.hash).as_str()])?;
+                moved += 1;
+            }
+            Ok(moved)
+        })?;
         self.queue_dead_packs()
     }
 

@@ -14,9 +14,20 @@ use crate::store::ObjectKey;
 /// Rows of a versioned table whose life started or ended in `(:base, :g]`.
 const CHANGED: &str = "((birth > :base AND birth <= :g) OR (death > :base AND death <= :g))";
 
-fn hash_of(bytes: Vec<u8>) -> Result<BlockHash> {
+pub(super) fn hash_of(bytes: Vec<u8>) -> Result<BlockHash> {
     BlockHash::try_from(bytes.as_slice())
         .map_err(|_| Error::Corrupt("a stored hash is not 32 bytes".into()))
+}
+
+/// What becomes of a store object queued for deletion (`object_fate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectFate {
+    /// Its content came back since it was queued: it stays, and leaves the queue.
+    Needed,
+    /// A pack holds a copy that no index object lists yet: it goes once one does.
+    Later,
+    /// Nothing needs it.
+    Unneeded,
 }
 
 /// What `complete_snapshot` found.
@@ -255,27 +266,57 @@ impl ReadTx<'_> {
     }
 
     /// Whether the object under `key` is needed again (its content came back since it was
-    /// queued): then it must not be deleted.
+    /// queued, or waits for its index): then it must not be deleted.
     pub fn object_needed(&self, key: &str) -> Result<bool> {
+        Ok(self.object_fate(key)? != ObjectFate::Unneeded)
+    }
+
+    /// What becomes of the object under `key`, queued for deletion.
+    pub fn object_fate(&self, key: &str) -> Result<ObjectFate> {
         let (kind, name) = key.split_once('/').unwrap_or((key, ""));
-        let exists = |sql: &str, value: &dyn rusqlite::ToSql| -> Result<bool> {
-            Ok(self.conn.prepare_cached(sql)?.exists([value])?)
+        let exists = |sql: &str, value: &dyn rusqlite::ToSql| -> Result<ObjectFate> {
+            Ok(match self.conn.prepare_cached(sql)?.exists([value])? {
+                true => ObjectFate::Needed,
+                false => ObjectFate::Unneeded,
+            })
         };
         let hash = || {
             blake3::Hash::from_hex(name)
                 .map(|h| h.as_bytes().to_vec())
                 .map_err(|_| Error::Corrupt(format!("bad key {key} in the deletion queue")))
         };
+        // A block or tree whose object of its own (format 1) has a copy in a pack: the
+        // object goes once an index object lists that pack.
+        let packed_copy = |sql: &str| -> Result<ObjectFate> {
+            let row: Option<(bool, bool)> = self
+                .conn
+                .prepare_cached(sql)?
+                .query_row([hash()?], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            Ok(match row {
+                None => ObjectFate::Unneeded,
+                Some((false, _)) => ObjectFate::Needed,
+                Some((true, false)) => ObjectFate::Later,
+                Some((true, true)) => ObjectFate::Unneeded,
+            })
+        };
         match kind {
-            "blocks" => exists("SELECT 1 FROM blocks WHERE hash = ?1", &hash()?),
-            "trees" => exists("SELECT 1 FROM dir_trees WHERE hash = ?1", &hash()?),
+            "blocks" => packed_copy(
+                "SELECT b.pack IS NOT NULL, p.indexed IS NOT NULL
+                 FROM blocks b LEFT JOIN packs p ON p.id = b.pack WHERE b.hash = ?1",
+            ),
+            "trees" => packed_copy(
+                "SELECT t.hash IS NOT NULL, p.indexed IS NOT NULL
+                 FROM (SELECT 1 FROM dir_trees WHERE hash = ?1 LIMIT 1)
+                 LEFT JOIN packed_trees t ON t.hash = ?1 LEFT JOIN packs p ON p.id = t.pack",
+            ),
             "packs" => exists("SELECT 1 FROM packs WHERE name = ?1", &name),
             "index" => exists("SELECT 1 FROM packs WHERE indexed = ?1", &name),
             "snapshots" => match name.parse::<u64>() {
                 Ok(id) => exists("SELECT 1 FROM snapshots WHERE id = ?1", &id),
-                Err(_) => Ok(false),
+                Err(_) => Ok(ObjectFate::Unneeded),
             },
-            _ => Ok(false),
+            _ => Ok(ObjectFate::Unneeded),
         }
     }
 }
@@ -570,5 +611,95 @@ mod tests {
             .read(|tx| tx.store_deletions(10))
             .expect("second batch");
         assert_eq!(second, vec!["blocks/aa", "blocks/cc", "trees/bb"]);
+    }
+
+    /// A block and a tree converted from objects of their own (format 1) into a pack:
+    /// their old objects are queued, but stay until an index object lists the pack, so a
+    /// reader with nothing but the bucket finds them at every step.
+    #[test]
+    fn a_converted_object_goes_once_an_index_lists_its_pack() {
+        use super::super::ObjectFate;
+        use crate::blocks::BlockHash;
+        use crate::manifest::PackedBlock;
+        use crate::store::{ObjectKey, random_id};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut catalog =
+            Catalog::open(&dir.path().join("catalog.db"), 4096, 0, (0, 0)).expect("open");
+        let (block, tree) = (BlockHash::of(b"block"), BlockHash::of(b"tree"));
+        let (block_key, tree_key) = (ObjectKey::block(&block), ObjectKey::tree(&tree));
+        let fates = |catalog: &mut Catalog| {
+            catalog
+                .read(|tx| {
+                    Ok::<_, super::Error>((tx.object_fate(&block_key)?, tx.object_fate(&tree_key)?))
+                })
+                .expect("fates")
+        };
+        catalog
+            .write(|tx| {
+                tx.conn.execute(
+                    "INSERT INTO blocks (hash, len, refs, stored, local) VALUES (?1, 5, 1, 1, 0)",
+                    [block.as_bytes()],
+                )?;
+                tx.conn.execute(
+                    "INSERT INTO dir_trees (ino, birth, hash) VALUES (1, 1, ?1)",
+                    [tree.as_bytes()],
+                )?;
+                Ok::<_, super::Error>(())
+            })
+            .expect("format-1 rows");
+        assert_eq!(
+            fates(&mut catalog),
+            (ObjectFate::Needed, ObjectFate::Needed)
+        );
+        let found = catalog
+            .read(|tx| {
+                Ok::<_, super::Error>((tx.format_1_blocks(None, 10)?, tx.format_1_trees(None, 10)?))
+            })
+            .expect("format-1 objects");
+        assert_eq!(found, (vec![(block, 5, false)], vec![tree]));
+
+        let (pack, index) = (random_id(), random_id());
+        let frames = [
+            PackedBlock {
+                hash: block,
+                offset: 0,
+                length: 9,
+                raw_length: 5,
+            },
+            PackedBlock {
+                hash: tree,
+                offset: 9,
+                length: 8,
+                raw_length: 4,
+            },
+        ];
+        let row = catalog
+            .write(|tx| {
+                let row = tx.begin_pack(&pack, 100, 17)?;
+                tx.record_converted(row, &frames)?;
+                Ok::<_, super::Error>(row)
+            })
+            .expect("record the pack");
+        assert_eq!(fates(&mut catalog), (ObjectFate::Later, ObjectFate::Later));
+        let mut queued = catalog.read(|tx| tx.store_deletions(10)).expect("queue");
+        queued.sort();
+        assert_eq!(queued, vec![block_key.to_string(), tree_key.to_string()]);
+        let left = catalog
+            .read(|tx| {
+                Ok::<_, super::Error>((tx.format_1_blocks(None, 10)?, tx.format_1_trees(None, 10)?))
+            })
+            .expect("format-1 objects");
+        assert_eq!(left, (vec![], vec![]));
+
+        catalog
+            .write(|tx| tx.record_index(&index, &[row]))
+            .expect("index");
+        assert_eq!(
+            fates(&mut catalog),
+            (ObjectFate::Unneeded, ObjectFate::Unneeded)
+        );
+        let packs = catalog.read(|tx| tx.indexed_packs()).expect("packs");
+        assert_eq!((packs[0].live_blocks, packs[0].live_bytes), (2, 17));
     }
 }

@@ -28,7 +28,7 @@ pub use header::VolumeHeader;
 pub use key::ObjectKey;
 pub use local::LocalStore;
 pub use pack::{
-    BlockPlace, FinishedPack, IndexedStore, PACKS_PER_INDEX, PackBuilder, PackIndex,
+    BlockPlace, FinishedPack, IndexedStore, MAX_TREE, PACKS_PER_INDEX, PackBuilder, PackIndex,
     fetch_listing_at, index_object, open_frame, random_id, read_listing,
 };
 pub use reader::{Listing, ReadError, Source, StoreChain, StoreSource, list_manifests, read_tree};

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::convert::ConvertReport;
 use super::gc::{self, GcPolicy, GcReport};
 use super::{STOP_GRACE, UploadError, UploadOptions, Worker};
 use crate::catalog::{self, Catalog, Outstanding, Setting, SnapshotState};
@@ -249,12 +250,14 @@ async fn until<T>(deadline: Option<Instant>, work: impl Future<Output = T>) -> O
     }
 }
 
-/// What `snapfs store prune` does: garbage collection to the end, or (`dry_run`) what it would
-/// do, read from the catalog alone.
+/// What `snapfs store prune` does: garbage collection to the end, with `convert` the
+/// conversion of format-1 objects into packs first, or (`dry_run`) what it would do, read
+/// from the catalog alone.
 #[derive(Clone, Debug, Default)]
 pub struct PruneOptions {
     pub store: Option<StoreUrl>,
     pub max_unused_percent: u8,
+    pub convert: bool,
     pub dry_run: bool,
 }
 
@@ -263,6 +266,8 @@ pub struct PruneReport {
     pub dry_run: bool,
     #[serde(flatten)]
     pub gc: GcReport,
+    #[serde(flatten)]
+    pub convert: ConvertReport,
     pub seconds: f64,
 }
 
@@ -275,9 +280,14 @@ pub fn prune(dir: &Path, options: PruneOptions) -> Result<PruneReport, DrainErro
         max_copy_bytes: None,
     };
     let watch = Catalog::open_data_dir_read_only(dir)?;
-    let gc = if options.dry_run {
+    let (format_1_objects, _) = watch.read(|tx| tx.format_1_totals())?;
+    let found = ConvertReport {
+        format_1_objects,
+        ..ConvertReport::default()
+    };
+    let (gc, convert) = if options.dry_run {
         let packs = watch.read(|tx| tx.indexed_packs())?;
-        gc::plan(&packs, &policy).report(&packs)
+        (gc::plan(&packs, &policy).report(&packs), found)
     } else {
         drop(watch);
         let runtime = store::runtime().map_err(DrainError::Runtime)?;
@@ -286,7 +296,11 @@ pub fn prune(dir: &Path, options: PruneOptions) -> Result<PruneReport, DrainErro
             let upload = UploadOptions::default();
             let (_, worker) = open_worker(&volume, options.store.as_ref(), upload, None).await?;
             worker.abandon_interrupted()?;
-            Ok::<_, DrainError>(worker.collect_garbage(&policy).await?)
+            let convert = match options.convert {
+                true => worker.convert_format_1().await?,
+                false => found,
+            };
+            Ok::<_, DrainError>((worker.collect_garbage(&policy).await?, convert))
         });
         volume.shutdown()?;
         pruned?
@@ -294,6 +308,7 @@ pub fn prune(dir: &Path, options: PruneOptions) -> Result<PruneReport, DrainErro
     Ok(PruneReport {
         dry_run: options.dry_run,
         gc,
+        convert,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

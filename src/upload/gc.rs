@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::{UploadError, Worker};
-use crate::blocks::{self, BlockHash};
+use crate::blocks::BlockHash;
 use crate::catalog::PackUsage;
 use crate::manifest::{PackId, PackedBlock};
 use crate::store::{self, ObjectKey, PackBuilder};
@@ -216,14 +216,7 @@ impl Worker {
         let mut frames = Vec::with_capacity(live.len());
         for (block, local) in &live {
             let data = if *local {
-                let inline = if blocks::is_inline(block.raw_length as usize) {
-                    lock(&self.catalog).read(|tx| tx.inline_block(&block.hash))?
-                } else {
-                    None
-                };
-                self.blocks
-                    .read_uncached(&block.hash, inline)
-                    .map_err(|e| e.to_string())
+                self.read_local(&block.hash, block.raw_length)
             } else {
                 let part = span.as_ref().and_then(|(start, span)| {
                     let at = (block.offset - start) as usize;

@@ -16,7 +16,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::blocks::{self, BlockHash, BlockStore};
-use crate::catalog::{self, Catalog, Completion, Kind, PackRow, ROOT_INO, SnapshotRow};
+use crate::catalog::{self, Catalog, Completion, Kind, ObjectFate, PackRow, ROOT_INO, SnapshotRow};
 use crate::manifest::{self, Content, Entry, PackId, PackListing, SnapshotManifest};
 use crate::metrics;
 use crate::store::{
@@ -78,6 +78,10 @@ pub enum UploadError {
 /// Blocks packed between looks at the deletion queue (and whether the snapshot is still
 /// wanted); deletions found meanwhile wait at most this long.
 const BATCH: usize = 256;
+
+/// The largest frame written into a pack, with room for an encrypting store's nonce and
+/// tag: a tree larger than this is an object of its own.
+const MAX_FRAME: usize = manifest::MAX_PACKED_BLOCK as usize - 1024;
 /// Blocks read and compressed at once.
 const READ_AT_ONCE: usize = 16;
 /// Packs sent at once: each is held in memory until it lands.
@@ -631,9 +635,7 @@ impl Worker {
             return Ok(());
         }
         let frame = self.compress(encoded)?;
-        // With room for an encrypting store's nonce and tag.
-        let limit = manifest::MAX_PACKED_BLOCK as usize - 1024;
-        if encoded.len() > limit || frame.len() > limit {
+        if encoded.len() > MAX_FRAME || frame.len() > MAX_FRAME {
             return self
                 .put_all(vec![(ObjectKey::tree(&hash).into(), frame)])
                 .await;
@@ -757,6 +759,21 @@ impl Worker {
         Ok(Entry::from_row(child, xattrs, content))
     }
 
+    /// Block `hash` (`len` bytes) from the local disk, verified: from the catalog for a
+    /// small block kept inline, else its file.
+    fn read_local(&self, hash: &BlockHash, len: u32) -> Result<Vec<u8>, String> {
+        let inline = if blocks::is_inline(len as usize) {
+            lock(&self.catalog)
+                .read(|tx| tx.inline_block(hash))
+                .map_err(|e| e.to_string())?
+        } else {
+            None
+        };
+        self.blocks
+            .read_uncached(hash, inline)
+            .map_err(|e| e.to_string())
+    }
+
     fn compress(&self, data: &[u8]) -> Result<Vec<u8>, UploadError> {
         manifest::compress(data, self.options.compression_level)
             .map_err(|e| StoreError::permanent(format!("zstd: {e}")).into())
@@ -799,16 +816,24 @@ impl Worker {
                 return Ok(());
             }
             let mut doomed = Vec::new();
+            let mut needed = 0;
             lock(&self.writer).write_now(|tx| {
                 for key in keys {
-                    if tx.object_needed(&key)? {
-                        tx.forget_deletion(&key)?;
-                    } else {
-                        doomed.push(key);
+                    match tx.object_fate(&key)? {
+                        ObjectFate::Needed => {
+                            tx.forget_deletion(&key)?;
+                            needed += 1;
+                        }
+                        ObjectFate::Later => {}
+                        ObjectFate::Unneeded => doomed.push(key),
                     }
                 }
                 Ok::<_, catalog::Error>(())
             })?;
+            if doomed.is_empty() && needed == 0 {
+                // Only objects that wait for an index: the pass that writes it goes on.
+                return Ok(());
+            }
             let mut tasks = JoinSet::new();
             for key in doomed {
                 let store = self.store.clone();
@@ -996,6 +1021,7 @@ async fn run(worker: &Worker, wake: &Notify) {
     }
 }
 
+mod convert;
 pub mod drain;
 pub mod gc;
 mod pace;

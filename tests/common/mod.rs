@@ -759,6 +759,15 @@ pub fn disk_usage(dir: &Path) -> u64 {
     total
 }
 
+/// Waits up to `COMPLETION_TIMEOUT` for `done`.
+pub fn wait_for(mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + COMPLETION_TIMEOUT;
+    while !done() {
+        assert!(Instant::now() < deadline, "condition not met in time");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The block files of a data dir's store: `DATA/blocks/xx/<hash>`, without temporaries.
 pub fn block_files(data_dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
@@ -971,6 +980,39 @@ pub fn packed_in_bucket(client: &s3::S3Client, prefix: &str) -> BTreeMap<String,
 /// The directory trees in the packs under `prefix` of a bucket, by hex hash.
 pub fn trees_in_bucket(client: &s3::S3Client, prefix: &str) -> BTreeMap<String, Vec<Packed>> {
     packed_trees(pack_keys(client, prefix), |key| client.get(key))
+}
+
+/// Rewrites the store under `prefix` of the volume in `data_dir` (unmounted) as snapfs
+/// wrote it before packs (format 1): each block and tree an object of its own, no packs,
+/// no index, a format-1 header, a catalog that knows no pack. Returns how many block and
+/// tree objects it wrote.
+pub fn rewrite_as_format_1(client: &s3::S3Client, prefix: &str, data_dir: &Path) -> (usize, usize) {
+    let packed = packed_in_bucket(client, prefix);
+    for (hash, copies) in &packed {
+        let object = zstd::encode_all(copies[0].data.as_slice(), 3).expect("zstd");
+        client.put(&format!("{prefix}blocks/{hash}"), &object);
+    }
+    let trees = trees_in_bucket(client, prefix);
+    for (hash, copies) in &trees {
+        let object = zstd::encode_all(copies[0].data.as_slice(), 3).expect("zstd");
+        client.put(&format!("{prefix}trees/{hash}"), &object);
+    }
+    assert!(client.delete_prefix(&format!("{prefix}packs/")) > 0);
+    assert!(client.delete_prefix(&format!("{prefix}index/")) > 0);
+    let header =
+        String::from_utf8(client.get(&format!("{prefix}volume")).expect("header")).expect("text");
+    client.put(
+        &format!("{prefix}volume"),
+        header.replace("format 2", "format 1").as_bytes(),
+    );
+    let db = rusqlite::Connection::open(data_dir.join("catalog.db")).expect("catalog");
+    db.execute_batch(
+        "UPDATE blocks SET pack = NULL, pack_offset = NULL, pack_length = NULL;
+         DELETE FROM packed_trees;
+         DELETE FROM packs;",
+    )
+    .expect("forget the packs");
+    (packed.len(), trees.len())
 }
 
 fn pack_keys(client: &s3::S3Client, prefix: &str) -> Vec<String> {
