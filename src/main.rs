@@ -1375,6 +1375,17 @@ fn prune(
         human_bytes(gc.deleted_bytes),
         report.seconds
     );
+    if gc.merged_indexes > 0 {
+        let merge = if report.dry_run {
+            "would merge"
+        } else {
+            "merged"
+        };
+        println!(
+            "{merge} {} small index objects into full ones",
+            gc.merged_indexes
+        );
+    }
     let convert = &report.convert;
     if convert.converted_objects > 0 {
         println!(

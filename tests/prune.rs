@@ -430,3 +430,38 @@ fn prune_convert_packs_a_format_1_store_and_a_kill_at_every_step_loses_nothing()
         assert_bytes_eq(&read, &file_content(n, version), &format!("file {n}"));
     }
 }
+
+/// Each upload writes an index object, and a reader of the bucket GETs every one: an
+/// idle mount merges the small ones once there are more than 16, and every snapshot
+/// still restores from the store alone.
+#[test]
+fn an_idle_mount_merges_small_index_objects() {
+    const SNAPSHOTS: usize = 20;
+    let mount = Mount::new();
+    let store = mount.data_dir().join("store");
+    let index_objects = || {
+        fs::read_dir(store.join("index"))
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    };
+    for n in 0..SNAPSHOTS {
+        fs::write(mount.path().join(file_name(n)), file_content(n, 1)).expect("write");
+        take_snapshot(&mount, &format!("s{n}"));
+        wait_completed(&mount, &format!("s{n}"));
+    }
+    wait_for(|| index_objects() <= 4);
+    let url = format!("file://{}", store.display());
+    for last in [0, SNAPSHOTS / 2, SNAPSHOTS - 1] {
+        let dest = mount.scratch(&format!("restore-{last}"));
+        let out = run(snapfs()
+            .args(["restore", "--store", &url])
+            .arg(format!("s{last}"))
+            .arg(&dest));
+        assert_ok(&out, &format!("restore s{last} from the store"));
+        for n in 0..=last {
+            let data = fs::read(dest.join(file_name(n))).expect("read a restored file");
+            assert_bytes_eq(&data, &file_content(n, 1), &format!("s{last}: file {n}"));
+        }
+        assert!(!dest.join(file_name(last + 1)).exists());
+    }
+}

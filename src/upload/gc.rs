@@ -37,6 +37,13 @@ pub const DEFAULT_MAX_UNUSED_PERCENT: u8 = 10;
 /// What a background pass copies at most before pending uploads go on.
 pub const BACKGROUND_COPY_BYTES: u64 = 256 << 20;
 
+/// An index object listing fewer live packs than this is small...
+const SMALL_INDEX_PACKS: usize = store::PACKS_PER_INDEX / 4;
+/// ...and small ones are merged into full ones once there are more than this many: a
+/// reader of the bucket GETs every index object before its first block, and each upload
+/// writes one.
+const SMALL_INDEXES_KEPT: usize = 16;
+
 impl Default for GcPolicy {
     fn default() -> Self {
         GcPolicy {
@@ -57,6 +64,9 @@ pub struct GcReport {
     pub copied_bytes: u64,
     /// Bytes of the packs deleted (the new packs take `copied_bytes` back).
     pub deleted_bytes: u64,
+    /// Small index objects merged into full ones (their packs listed again, then they are
+    /// deleted).
+    pub merged_indexes: u64,
     /// The store's packs before: how many, their bytes, and the bytes no live block uses.
     pub store_packs: u64,
     pub store_bytes: u64,
@@ -68,11 +78,13 @@ pub struct GcReport {
 pub struct GcPlan {
     pub dead: Vec<PackUsage>,
     pub repack: Vec<PackUsage>,
+    /// Small index objects to merge (`small_indexes`).
+    pub merge: Vec<PackId>,
 }
 
 impl GcPlan {
     pub fn is_empty(&self) -> bool {
-        self.dead.is_empty() && self.repack.is_empty()
+        self.dead.is_empty() && self.repack.is_empty() && self.merge.is_empty()
     }
 
     /// What carrying the plan out does, on a store whose packs are `packs`.
@@ -82,6 +94,7 @@ impl GcPlan {
             repacked_packs: self.repack.len() as u64,
             copied_bytes: self.repack.iter().map(|p| p.live_bytes).sum(),
             deleted_bytes: self.dead.iter().chain(&self.repack).map(|p| p.size).sum(),
+            merged_indexes: self.merge.len() as u64,
             store_packs: packs.len() as u64,
             store_bytes: packs.iter().map(|p| p.size).sum(),
             unused_bytes: packs.iter().map(PackUsage::unused).sum(),
@@ -126,7 +139,30 @@ pub fn plan(packs: &[PackUsage], policy: &GcPolicy) -> GcPlan {
         copied += pack.live_bytes;
         repack.push(pack);
     }
-    GcPlan { dead, repack }
+    GcPlan {
+        dead,
+        repack,
+        merge: small_indexes(packs),
+    }
+}
+
+/// The index objects listing fewer than `SMALL_INDEX_PACKS` live packs of `packs`, if
+/// there are more than `SMALL_INDEXES_KEPT` of them (else none), in name order.
+pub fn small_indexes(packs: &[PackUsage]) -> Vec<PackId> {
+    let mut listed: HashMap<PackId, usize> = HashMap::new();
+    for pack in packs.iter().filter(|p| p.live_blocks > 0) {
+        *listed.entry(pack.index).or_default() += 1;
+    }
+    let mut small: Vec<PackId> = listed
+        .into_iter()
+        .filter(|&(_, packs)| packs < SMALL_INDEX_PACKS)
+        .map(|(index, _)| index)
+        .collect();
+    if small.len() <= SMALL_INDEXES_KEPT {
+        return Vec::new();
+    }
+    small.sort_unstable();
+    small
 }
 
 impl Worker {
@@ -144,7 +180,8 @@ impl Worker {
     /// not sent).
     pub async fn collect_garbage(&self, policy: &GcPolicy) -> Result<GcReport, UploadError> {
         let (plan, mut report) = self.gc_plan(policy)?;
-        if plan.is_empty() {
+        if plan.dead.is_empty() && plan.repack.is_empty() {
+            report.merged_indexes = self.merge_small_indexes().await?;
             // What an interrupted pass queued is deleted all the same.
             self.delete_unneeded().await?;
             return Ok(report);
@@ -178,8 +215,24 @@ impl Worker {
         report.copied_bytes = copied;
         report.deleted_packs = deleted.saturating_sub(repacked);
         report.deleted_bytes = deleted_bytes;
+        report.merged_indexes = self.merge_small_indexes().await?;
         self.delete_unneeded().await?;
         Ok(report)
+    }
+
+    /// Lists the live packs of the small index objects again in full ones (`reindex`
+    /// queues the old objects once no pack points at them), if there are too many small
+    /// ones (`small_indexes`). Returns how many it merged.
+    async fn merge_small_indexes(&self) -> Result<u64, UploadError> {
+        let packs = lock(&self.catalog).read(|tx| tx.indexed_packs())?;
+        let small = small_indexes(&packs);
+        if small.is_empty() {
+            return Ok(0);
+        }
+        tracing::info!(indexes = small.len(), "merging small index objects");
+        let listed = lock(&self.catalog).read(|tx| tx.packs_listed_by(&small, &HashSet::new()))?;
+        self.write_indexes(listed).await?;
+        Ok(small.len() as u64)
     }
 
     /// Adds the live blocks of `pack` to the pack being filled: from the local disk where
@@ -381,5 +434,31 @@ mod tests {
             max_copy_bytes: Some(10),
         };
         assert_eq!(plan(&packs, &bounded).repack, vec![packs[0]]);
+    }
+
+    #[test]
+    fn small_index_objects_are_merged_once_there_are_too_many() {
+        let id = |n: u64| PackId::parse(&format!("{n:032x}")).expect("an index name");
+        let listed_by = |index: u64, row: i64, live_blocks: u64| PackUsage {
+            index: id(index),
+            ..usage(row, 100, live_blocks, live_blocks * 10)
+        };
+        // One small index per upload: as many as are kept stay as they are.
+        let mut packs: Vec<PackUsage> = (0..SMALL_INDEXES_KEPT as u64)
+            .map(|n| listed_by(n, n as i64, 1))
+            .collect();
+        // An index whose packs all died is left to the dead packs' retirement.
+        packs.push(listed_by(100, 100, 0));
+        assert!(plan(&packs, &unbounded(100)).merge.is_empty());
+        // A full index is never merged; one more small one merges every small one.
+        packs.extend((0..SMALL_INDEX_PACKS as i64).map(|n| listed_by(200, 1000 + n, 1)));
+        assert!(small_indexes(&packs).is_empty());
+        packs.push(listed_by(300, 300, 2));
+        let plan = plan(&packs, &unbounded(100));
+        let mut expected: Vec<PackId> = (0..SMALL_INDEXES_KEPT as u64).map(id).collect();
+        expected.push(id(300));
+        assert_eq!(plan.merge, expected);
+        assert_eq!(plan.report(&packs).merged_indexes, expected.len() as u64);
+        assert_eq!((plan.dead.len(), plan.repack.len()), (1, 0));
     }
 }

@@ -506,7 +506,8 @@ impl Worker {
         self.write_indexes(unindexed).await
     }
 
-    /// Writes index objects listing `packs` and records that they do.
+    /// Writes index objects listing `packs` and records that they do, in place of the index
+    /// objects that listed them before (each queued for deletion once it lists no pack).
     async fn write_indexes(&self, packs: Vec<(PackRow, PackListing)>) -> Result<(), UploadError> {
         for packs in packs.chunks(PACKS_PER_INDEX) {
             let listings: Vec<(PackId, PackListing)> = packs
@@ -519,7 +520,7 @@ impl Worker {
             self.put_all(vec![(ObjectKey::index(&index).into(), object)])
                 .await?;
             let rows: Vec<PackRow> = packs.iter().map(|(pack, _)| *pack).collect();
-            lock(&self.writer).write_now(|tx| tx.record_index(&index, &rows))?;
+            lock(&self.writer).write_now(|tx| tx.reindex(&index, &rows))?;
         }
         Ok(())
     }
