@@ -314,7 +314,8 @@ impl PackIndex {
             futures_util::stream::iter(keys.into_iter().map(fetch)).buffer_unordered(INDEX_READS);
         while let Some((key, checked)) = pending.next().await {
             match checked? {
-                // Deleted since it was listed: the packs it named went first.
+                // Deleted since it was listed: the packs it named went first, or an index
+                // object written since lists them (a miss reads the index again).
                 None => {}
                 Some(Err(problem)) => index.damaged.push((key, problem)),
                 Some(Ok(packs)) => {
