@@ -17,7 +17,7 @@ mod verify;
 
 pub use checkpoints::CheckpointRow;
 pub use lifecycle::{LockMode, SnapshotLock, Trash};
-pub use packs::{PackRow, PackTotals, PackUsage};
+pub use packs::{FileOrder, PackRow, PackTotals, PackUsage};
 pub use status::{LocalUsage, Outstanding};
 pub use upload::{Completion, ObjectFate};
 pub use verify::{BlockRecord, Finding, PackRecord};

@@ -60,10 +60,9 @@ fn pack_id(name: String) -> Result<PackId> {
     PackId::parse(&name).ok_or_else(|| Error::Corrupt(format!("bad pack name {name:?}")))
 }
 
-/// The bytes hashes are listed after: an empty blob sorts before every hash.
-fn after_hash(after: Option<&BlockHash>) -> &[u8] {
-    after.map_or(&[], |hash| hash.as_bytes())
-}
+/// A place in file order: (inode, block index, birth) of a `blockmap` row, or (inode, 0,
+/// birth) of a `dir_trees` row.
+pub type FileOrder = (u64, u64, i64);
 
 fn packed_block(hash: &[u8], offset: u64, length: u32, raw_length: u32) -> Result<PackedBlock> {
     Ok(PackedBlock {
@@ -113,44 +112,64 @@ impl ReadTx<'_> {
         })
     }
 
-    /// Up to `limit` blocks this volume's store holds as objects of their own (format 1),
-    /// in hash order after `after`: each with its length and whether the local disk holds
-    /// it.
+    /// Up to `limit` places of blocks this volume's store holds as objects of their own
+    /// (format 1), in file order (`blockmap`'s key) after `after` (from the first with
+    /// `None`): each with the place, the block's length and whether the local disk holds
+    /// it. A block shared by several places comes at each until it is packed.
     pub fn format_1_blocks(
         &self,
-        after: Option<&BlockHash>,
+        after: Option<FileOrder>,
         limit: u32,
-    ) -> Result<Vec<(BlockHash, u32, bool)>> {
+    ) -> Result<Vec<(FileOrder, BlockHash, u32, bool)>> {
+        let (ino, idx, birth) = after.unwrap_or((0, 0, -1));
         let mut stmt = self.conn.prepare_cached(
-            "SELECT hash, len, local FROM blocks
-             WHERE stored = 1 AND pack IS NULL AND hash > ?1 ORDER BY hash LIMIT ?2",
+            "SELECT m.ino, m.idx, m.birth, b.hash, b.len, b.local
+             FROM blockmap m JOIN blocks b ON b.hash = m.hash
+             WHERE (m.ino, m.idx, m.birth) > (?1, ?2, ?3) AND b.stored = 1 AND b.pack IS NULL
+             ORDER BY m.ino, m.idx, m.birth LIMIT ?4",
         )?;
-        let rows = stmt.query_map(params![after_hash(after), limit], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?))
+        let rows = stmt.query_map(params![ino, idx, birth, limit], |r| {
+            Ok((
+                (r.get(0)?, r.get(1)?, r.get(2)?),
+                r.get::<_, Vec<u8>>(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })?;
         let mut found = Vec::new();
         for row in rows {
-            let (hash, len, local) = row?;
-            found.push((hash_of(hash)?, len, local));
+            let (at, hash, len, local) = row?;
+            found.push((at, hash_of(hash)?, len, local));
         }
         Ok(found)
     }
 
-    /// Up to `limit` directory trees a snapshot of this volume names that its store holds
-    /// as objects of their own (format 1, or too large for a pack), in hash order after
-    /// `after` (from the first with `None`).
-    pub fn format_1_trees(&self, after: Option<&BlockHash>, limit: u32) -> Result<Vec<BlockHash>> {
+    /// Up to `limit` versions of directories whose tree this volume's store holds as an
+    /// object of its own (format 1, or too large for a pack), in directory order
+    /// (`dir_trees`' key) after `after`: each with its place and the tree's hash.
+    pub fn format_1_trees(
+        &self,
+        after: Option<FileOrder>,
+        limit: u32,
+    ) -> Result<Vec<(FileOrder, BlockHash)>> {
+        let (ino, _, birth) = after.unwrap_or((0, 0, -1));
         let mut stmt = self.conn.prepare_cached(
-            "SELECT DISTINCT hash FROM dir_trees d
-             WHERE hash > ?1 AND NOT EXISTS (SELECT 1 FROM packed_trees p WHERE p.hash = d.hash)
-             ORDER BY hash LIMIT ?2",
+            "SELECT d.ino, d.birth, d.hash FROM dir_trees d
+             WHERE (d.ino, d.birth) > (?1, ?2)
+               AND NOT EXISTS (SELECT 1 FROM packed_trees p WHERE p.hash = d.hash)
+             ORDER BY d.ino, d.birth LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![after_hash(after), limit], |r| {
-            r.get::<_, Vec<u8>>(0)
+        let rows = stmt.query_map(params![ino, birth, limit], |r| {
+            Ok((
+                r.get::<_, u64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
         })?;
         let mut found = Vec::new();
         for row in rows {
-            found.push(hash_of(row?)?);
+            let (ino, birth, hash) = row?;
+            found.push(((ino, 0, birth), hash_of(hash)?));
         }
         Ok(found)
     }

@@ -645,6 +645,10 @@ mod tests {
                     "INSERT INTO dir_trees (ino, birth, hash) VALUES (1, 1, ?1)",
                     [tree.as_bytes()],
                 )?;
+                tx.conn.execute(
+                    "INSERT INTO blockmap (ino, idx, birth, hash) VALUES (5, 3, 1, ?1)",
+                    [block.as_bytes()],
+                )?;
                 Ok::<_, super::Error>(())
             })
             .expect("format-1 rows");
@@ -657,7 +661,10 @@ mod tests {
                 Ok::<_, super::Error>((tx.format_1_blocks(None, 10)?, tx.format_1_trees(None, 10)?))
             })
             .expect("format-1 objects");
-        assert_eq!(found, (vec![(block, 5, false)], vec![tree]));
+        assert_eq!(
+            found,
+            (vec![((5, 3, 1), block, 5, false)], vec![((1, 0, 1), tree)])
+        );
 
         let (pack, index) = (random_id(), random_id());
         let frames = [

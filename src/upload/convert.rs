@@ -11,10 +11,13 @@
 //! object until an index lists the pack, the pack after. A conversion cut short is
 //! finished by the next: it indexes what the last one packed before going on.
 
+use std::collections::HashSet;
+
 use futures_util::StreamExt;
 
 use super::{MAX_FRAME, UploadError, Worker};
 use crate::blocks::BlockHash;
+use crate::catalog::{FileOrder, ReadTx};
 use crate::store::{self, BlockPlace, PackBuilder};
 use crate::sync::lock;
 
@@ -64,34 +67,28 @@ impl Worker {
         }
         let capacity = self.options.pack_size + 2 * self.block_size as usize;
         let mut builder = PackBuilder::with_capacity(capacity);
+        // What the pack being filled holds (the catalog learns it when the pack is sent),
+        // and what cannot be converted: each once, however many places share it.
+        let mut packing: HashSet<BlockHash> = HashSet::new();
+        let mut left: HashSet<BlockHash> = HashSet::new();
         for trees in [false, true] {
             let mut after = None;
             loop {
-                let chunk: Vec<(BlockHash, Source)> = lock(&self.catalog).read(|tx| {
-                    Ok::<_, crate::catalog::Error>(if trees {
-                        let found = tx.format_1_trees(after.as_ref(), CHUNK)?;
-                        found.into_iter().map(|hash| (hash, Source::Tree)).collect()
-                    } else {
-                        let found = tx.format_1_blocks(after.as_ref(), CHUNK)?;
-                        let size = self.block_size as usize;
-                        let source = |len, local| match local {
-                            true => Source::Local(len),
-                            false => Source::Block(size),
-                        };
-                        found
-                            .into_iter()
-                            .map(|(hash, len, local)| (hash, source(len, local)))
-                            .collect()
-                    })
-                })?;
-                let Some((last, _)) = chunk.last() else {
+                let chunk: Vec<(FileOrder, BlockHash, Source)> =
+                    lock(&self.catalog).read(|tx| self.format_1_chunk(tx, trees, after))?;
+                let Some((last, ..)) = chunk.last() else {
                     break;
                 };
                 after = Some(*last);
                 if self.is_stopping() {
                     break;
                 }
-                let mut fetched = futures_util::stream::iter(chunk.into_iter().map(
+                let wanted = chunk.into_iter().filter_map(|(_, hash, source)| {
+                    let new = !left.contains(&hash) && packing.insert(hash);
+                    new.then_some((hash, source))
+                });
+                let wanted: Vec<(BlockHash, Source)> = wanted.collect();
+                let mut fetched = futures_util::stream::iter(wanted.into_iter().map(
                     |(hash, source)| async move { (hash, self.old_object(&hash, source).await) },
                 ))
                 .buffered(FETCHES);
@@ -100,7 +97,8 @@ impl Worker {
                         Ok(data) => data,
                         Err(reason) => {
                             tracing::warn!(%hash, reason, "cannot convert; the object stays");
-                            report.left_objects += 1;
+                            packing.remove(&hash);
+                            left.insert(hash);
                             continue;
                         }
                     };
@@ -110,6 +108,7 @@ impl Worker {
                     builder.add(&*self.store, hash, data.len() as u32, frame)?;
                     if builder.len() >= self.options.pack_size {
                         self.send_converted(&mut builder, capacity).await?;
+                        packing.clear();
                     }
                 }
             }
@@ -117,7 +116,37 @@ impl Worker {
         self.send_converted(&mut builder, capacity).await?;
         self.write_index().await?;
         self.delete_unneeded().await?;
+        report.left_objects = left.len() as u64;
         Ok(report)
+    }
+
+    /// The next chunk of old objects after `after`, in file order: blocks, or trees.
+    fn format_1_chunk(
+        &self,
+        tx: &ReadTx<'_>,
+        trees: bool,
+        after: Option<FileOrder>,
+    ) -> Result<Vec<(FileOrder, BlockHash, Source)>, crate::catalog::Error> {
+        if trees {
+            let found = tx.format_1_trees(after, CHUNK)?;
+            return Ok(found
+                .into_iter()
+                .map(|(at, hash)| (at, hash, Source::Tree))
+                .collect());
+        }
+        let max = self.block_size as usize;
+        let found = tx.format_1_blocks(after, CHUNK)?;
+        Ok(found
+            .into_iter()
+            .map(|(at, hash, len, local)| {
+                let source = if local {
+                    Source::Local(len)
+                } else {
+                    Source::Block(max)
+                };
+                (at, hash, source)
+            })
+            .collect())
     }
 
     /// The bytes of the old object of block or tree `hash`, verified; `Err(reason)` if
