@@ -415,7 +415,12 @@ fn prune_convert_packs_a_format_1_store_and_a_kill_at_every_step_loses_nothing()
     let after = run(&mut prune_cmd(data, Some(&s3), &["--dry-run"]));
     assert_ok(&after, "prune --dry-run after");
     assert_eq!(json_number(&stdout(&after), "format_1_objects"), 0);
-    assert_eq!(packed_in_bucket(&client, &prefix).len(), blocks);
+    let packed = packed_in_bucket(&client, &prefix);
+    assert_eq!(packed.len(), blocks);
+    assert!(
+        packed.values().all(|copies| copies.len() == 1),
+        "each block packed once"
+    );
     assert_eq!(trees_in_bucket(&client, &prefix).len(), trees);
     assert_restorable(&s3, &url, &expected, &scratch);
     let mut verify = snapfs();

@@ -69,7 +69,7 @@ impl Worker {
         let mut builder = PackBuilder::with_capacity(capacity);
         // What the pack being filled holds (the catalog learns it when the pack is sent),
         // and what cannot be converted: each once, however many places share it.
-        let mut packing: HashSet<BlockHash> = HashSet::new();
+        let mut in_builder: HashSet<BlockHash> = HashSet::new();
         let mut left: HashSet<BlockHash> = HashSet::new();
         for trees in [false, true] {
             let mut after = None;
@@ -83,11 +83,14 @@ impl Worker {
                 if self.is_stopping() {
                     break;
                 }
-                let wanted = chunk.into_iter().filter_map(|(_, hash, source)| {
-                    let new = !left.contains(&hash) && packing.insert(hash);
-                    new.then_some((hash, source))
-                });
-                let wanted: Vec<(BlockHash, Source)> = wanted.collect();
+                let mut seen = HashSet::new();
+                let wanted: Vec<(BlockHash, Source)> = chunk
+                    .into_iter()
+                    .filter(|(_, hash, _)| {
+                        !left.contains(hash) && !in_builder.contains(hash) && seen.insert(*hash)
+                    })
+                    .map(|(_, hash, source)| (hash, source))
+                    .collect();
                 let mut fetched = futures_util::stream::iter(wanted.into_iter().map(
                     |(hash, source)| async move { (hash, self.old_object(&hash, source).await) },
                 ))
@@ -97,7 +100,6 @@ impl Worker {
                         Ok(data) => data,
                         Err(reason) => {
                             tracing::warn!(%hash, reason, "cannot convert; the object stays");
-                            packing.remove(&hash);
                             left.insert(hash);
                             continue;
                         }
@@ -106,9 +108,10 @@ impl Worker {
                     report.converted_objects += 1;
                     report.converted_bytes += frame.len() as u64;
                     builder.add(&*self.store, hash, data.len() as u32, frame)?;
+                    in_builder.insert(hash);
                     if builder.len() >= self.options.pack_size {
                         self.send_converted(&mut builder, capacity).await?;
-                        packing.clear();
+                        in_builder.clear();
                     }
                 }
             }
