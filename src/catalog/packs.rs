@@ -175,15 +175,14 @@ impl ReadTx<'_> {
     }
 
     /// How many objects of their own (format 1) the volume's store holds for its blocks
-    /// and trees, and the blocks' bytes before compression.
-    pub fn format_1_totals(&self) -> Result<(u64, u64)> {
+    /// and trees.
+    pub fn format_1_objects(&self) -> Result<u64> {
         Ok(self.conn.query_row(
             "SELECT (SELECT count(*) FROM blocks WHERE stored = 1 AND pack IS NULL)
                   + (SELECT count(DISTINCT hash) FROM dir_trees d
-                     WHERE NOT EXISTS (SELECT 1 FROM packed_trees p WHERE p.hash = d.hash)),
-                    (SELECT coalesce(sum(len), 0) FROM blocks WHERE stored = 1 AND pack IS NULL)",
+                     WHERE NOT EXISTS (SELECT 1 FROM packed_trees p WHERE p.hash = d.hash))",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| r.get(0),
         )?)
     }
 

@@ -54,7 +54,7 @@ impl Worker {
     /// then deletes the old objects. Runs unmounted (`store prune --convert`).
     pub async fn convert_format_1(&self) -> Result<ConvertReport, UploadError> {
         self.write_index().await?;
-        let (objects, _) = lock(&self.catalog).read(|tx| tx.format_1_totals())?;
+        let objects = lock(&self.catalog).read(|tx| tx.format_1_objects())?;
         let mut report = ConvertReport {
             format_1_objects: objects,
             ..ConvertReport::default()

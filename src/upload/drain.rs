@@ -280,7 +280,7 @@ pub fn prune(dir: &Path, options: PruneOptions) -> Result<PruneReport, DrainErro
         max_copy_bytes: None,
     };
     let watch = Catalog::open_data_dir_read_only(dir)?;
-    let (format_1_objects, _) = watch.read(|tx| tx.format_1_totals())?;
+    let format_1_objects = watch.read(|tx| tx.format_1_objects())?;
     let found = ConvertReport {
         format_1_objects,
         ..ConvertReport::default()

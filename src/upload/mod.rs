@@ -346,12 +346,7 @@ impl Worker {
             }
             let mut reads = Vec::with_capacity(chunk.len());
             for &(hash, len) in chunk {
-                // A small block's bytes are in the catalog, not in a file.
-                let inline = if blocks::is_inline(len as usize) {
-                    lock(&self.catalog).read(|tx| tx.inline_block(&hash))?
-                } else {
-                    None
-                };
+                let inline = self.inline_bytes(&hash, len)?;
                 let blocks = self.blocks.clone();
                 let level = self.options.compression_level;
                 let pacer = self.pacer.clone();
@@ -763,16 +758,19 @@ impl Worker {
     /// Block `hash` (`len` bytes) from the local disk, verified: from the catalog for a
     /// small block kept inline, else its file.
     fn read_local(&self, hash: &BlockHash, len: u32) -> Result<Vec<u8>, String> {
-        let inline = if blocks::is_inline(len as usize) {
-            lock(&self.catalog)
-                .read(|tx| tx.inline_block(hash))
-                .map_err(|e| e.to_string())?
-        } else {
-            None
-        };
+        let inline = self.inline_bytes(hash, len).map_err(|e| e.to_string())?;
         self.blocks
             .read_uncached(hash, inline)
             .map_err(|e| e.to_string())
+    }
+
+    /// The bytes the catalog keeps of block `hash` (`len` bytes) if it is small enough to
+    /// be kept there rather than in a file.
+    fn inline_bytes(&self, hash: &BlockHash, len: u32) -> catalog::Result<Option<Vec<u8>>> {
+        if !blocks::is_inline(len as usize) {
+            return Ok(None);
+        }
+        lock(&self.catalog).read(|tx| tx.inline_block(hash))
     }
 
     fn compress(&self, data: &[u8]) -> Result<Vec<u8>, UploadError> {
