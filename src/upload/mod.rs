@@ -247,6 +247,7 @@ impl Worker {
     }
 
     async fn upload_snapshot(&self, snapshot: SnapshotRow) -> Result<Outcome, UploadError> {
+        self.pacer.begin_job();
         let (id, g) = (snapshot.id, snapshot.generation);
         let (mut base, set) = lock(&self.catalog).read(|tx| {
             let base = tx.upload_base(g)?;

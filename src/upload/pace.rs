@@ -7,7 +7,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::volume::Activity;
+use crate::sync::{Mutex, lock};
+use crate::volume::{Activity, Mark};
 
 /// A request within this long makes the foreground busy (ZFS's `zfs_scan_idle` is 50
 /// ticks, 0.5 s at 100 Hz: tighter here, as a file server pauses between operations).
@@ -21,6 +22,9 @@ pub struct Pacer {
     share: f64,
     /// Whether store writes go to the machine's own disks (see `ObjectStore::is_local`).
     local_store: bool,
+    /// When the current job (a snapshot's upload) began: requests before it ended before
+    /// its work started and compete with none of it.
+    job_began: Mutex<Mark>,
     /// One piece of paced work at a time.
     turn: tokio::sync::Mutex<()>,
 }
@@ -32,8 +36,17 @@ impl Pacer {
             activity,
             share: f64::from(share_percent.clamp(1, 100)) / 100.0,
             local_store,
+            job_began: Mutex::new(Mark::default()),
             turn: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// A job begins: from now on only requests that come after this moment make the
+    /// foreground busy. The writes of a rewrite that a `sync` and a snapshot just ended are
+    /// not held against that snapshot's upload; a load still running sends its next
+    /// request within moments and is yielded to again.
+    pub fn begin_job(&self) {
+        *lock(&self.job_began) = self.activity.mark();
     }
 
     /// Runs `work` on local resources (reading block files, compressing), which must not
@@ -67,7 +80,8 @@ impl Pacer {
     }
 
     fn busy(&self) -> bool {
-        self.activity.busy(BUSY_WINDOW)
+        let since = *lock(&self.job_began);
+        self.activity.busy_since(BUSY_WINDOW, since)
     }
 }
 
@@ -148,5 +162,20 @@ mod tests {
         );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         toucher.join().expect("toucher");
+    }
+
+    #[test]
+    fn a_job_does_not_yield_to_requests_that_ended_before_it_began() {
+        let activity = Arc::new(Activity::default());
+        let pacer = Pacer::new(activity.clone(), 25, false);
+        activity.touch();
+        assert!(pacer.busy(), "a request just now");
+        // Past the activity clock's millisecond, so the mark falls after that request.
+        std::thread::sleep(Duration::from_millis(5));
+        pacer.begin_job();
+        assert!(!pacer.busy(), "the request ended before the job began");
+        std::thread::sleep(Duration::from_millis(5));
+        activity.touch();
+        assert!(pacer.busy(), "a request during the job");
     }
 }

@@ -12,6 +12,10 @@ pub struct Activity {
     last: AtomicU64,
 }
 
+/// A moment of an `Activity`'s clock (milliseconds since its origin, plus one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mark(u64);
+
 impl Default for Activity {
     fn default() -> Self {
         Activity {
@@ -33,8 +37,19 @@ impl Activity {
 
     /// Whether a request was served within the last `window`.
     pub fn busy(&self, window: Duration) -> bool {
+        self.busy_since(window, Mark(0))
+    }
+
+    /// This moment, for `busy_since`.
+    pub fn mark(&self) -> Mark {
+        Mark(self.now())
+    }
+
+    /// Whether a request was served within the last `window` and after `mark`: work that
+    /// ended before a background job began does not compete with it.
+    pub fn busy_since(&self, window: Duration, mark: Mark) -> bool {
         let last = self.last.load(Ordering::Relaxed);
-        last != 0 && self.now().saturating_sub(last) <= window.as_millis() as u64
+        last > mark.0 && self.now().saturating_sub(last) <= window.as_millis() as u64
     }
 
     fn now(&self) -> u64 {
@@ -59,5 +74,22 @@ mod tests {
         assert!(activity.busy(Duration::from_secs(10)));
         activity.touch();
         assert!(activity.busy(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn busy_since_a_mark_only_after_a_request_that_came_later() {
+        let activity = Activity::default();
+        activity.touch();
+        // Past the clock's millisecond: a request in the mark's own tick counts as before.
+        std::thread::sleep(Duration::from_millis(5));
+        let mark = activity.mark();
+        assert!(activity.busy(Duration::from_secs(5)));
+        assert!(
+            !activity.busy_since(Duration::from_secs(5), mark),
+            "the request came before"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        activity.touch();
+        assert!(activity.busy_since(Duration::from_secs(5), mark));
     }
 }

@@ -37,7 +37,7 @@ use crate::store::{ObjectStore, StoreUrl};
 use crate::sync::{Mutex, RwLock, lock};
 use crate::upload::{UploadEvent, UploadEvents};
 
-pub use activity::Activity;
+pub use activity::{Activity, Mark};
 use block_reader::BlockReader;
 pub use checkpoints::{
     CHECKPOINT_DIR, CHECKPOINTS_NAME, CheckpointInfo, CheckpointPolicy, CheckpointSpace,
