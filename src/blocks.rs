@@ -632,7 +632,11 @@ mod tests {
         lock(&store.unsynced).push(not_a_dir.join("block"));
         let pending = lock(&store.unsynced).paths.len();
         assert!(store.sync().is_err(), "an unopenable path synced");
-        assert_eq!(lock(&store.unsynced).paths.len(), pending, "kept for the next sync");
+        assert_eq!(
+            lock(&store.unsynced).paths.len(),
+            pending,
+            "kept for the next sync"
+        );
         fs::remove_file(&not_a_dir).expect("remove");
         store.sync().expect("sync once the path is gone");
         assert!(lock(&store.unsynced).paths.is_empty());
