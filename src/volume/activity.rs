@@ -35,7 +35,7 @@ impl Activity {
         }
     }
 
-    /// Whether a request was served within the last `window`, whenever the job began.
+    /// Whether any request was served within the last `window`: `busy_since` with no mark.
     #[cfg(test)]
     pub fn busy(&self, window: Duration) -> bool {
         self.busy_since(window, Mark(0))
