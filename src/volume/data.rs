@@ -648,13 +648,22 @@ impl Volume {
         std::thread::scope(|scope| {
             let workers: Vec<_> = blocks
                 .chunks(chunk_len)
-                .map(|chunk| scope.spawn(move || store(chunk)))
+                .map(|chunk| {
+                    let thread = std::thread::Builder::new();
+                    thread
+                        .spawn_scoped(scope, move || store(chunk))
+                        .map_err(|_| chunk)
+                })
                 .collect();
             let mut staged = Vec::with_capacity(blocks.len());
             for worker in workers {
-                let stored = worker
-                    .join()
-                    .map_err(|_| Error::Invalid("block hashing thread panicked"))?;
+                let stored = match worker {
+                    Ok(worker) => worker
+                        .join()
+                        .map_err(|_| Error::Invalid("block hashing thread panicked"))?,
+                    // No thread to be had: this one stores the chunk itself.
+                    Err(chunk) => store(chunk),
+                };
                 staged.extend(stored?);
             }
             Ok(staged)
