@@ -353,7 +353,7 @@ impl WriteTx<'_> {
     /// Maps block `idx` of `ino` to a block of the origin volume, which is in the origin's
     /// store and not yet on the local disk (`stored = 2`: never sent, never deleted).
     pub fn import_block(&self, ino: u64, idx: u64, hash: &BlockHash, len: u32) -> Result<()> {
-        self.retire("blockmap", "ino = ?1 AND idx = ?2", &[&ino, &idx])?;
+        self.retire_key("blockmap", "ino = ?1 AND idx = ?2", &[&ino, &idx])?;
         self.conn
             .prepare_cached(
                 "INSERT OR IGNORE INTO blocks (hash, len, stored, local) VALUES (?1, ?2, 2, 0)",
@@ -367,7 +367,7 @@ impl WriteTx<'_> {
 
     /// Records the tree object the live directory `ino` now matches (a followed store's).
     pub fn set_live_tree(&self, ino: u64, hash: &BlockHash) -> Result<()> {
-        self.retire("dir_trees", "ino = ?1", &[&ino])?;
+        self.retire_key("dir_trees", "ino = ?1", &[&ino])?;
         self.conn
             .prepare_cached("INSERT INTO dir_trees (ino, birth, hash) VALUES (?1, ?2, ?3)")?
             .execute(params![ino, self.g, hash.as_bytes()])?;
