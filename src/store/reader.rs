@@ -58,10 +58,13 @@ pub trait Source: Sync {
 /// Frames of one pack at most this far apart are read with one range request (the bytes
 /// between are read for nothing)...
 const PLAN_GAP: u64 = 256 << 10;
-/// ...and at most this many bytes a request (a whole pack of the default size), so that
-/// the requests in flight bound the memory held. Fewer, larger requests cost the server
-/// less: each range read pays its own request and reads whole chunks at its edges.
-const PLAN_SPAN: u64 = 16 << 20;
+/// ...and at most this many bytes a request, so that the requests in flight bound the
+/// memory held: a whole pack of the default size (16 MiB) with the frame that took it
+/// past its target (a block of up to 1 MiB, compressed or not, and its seal). Fewer,
+/// larger requests cost the server less: each range read pays its own request and reads
+/// whole chunks at its edges. At 16 MiB flat, almost every full pack took a second
+/// request for its last frame.
+const PLAN_SPAN: u64 = (16 << 20) + (2 << 20);
 
 /// Largest decompressed tree or snapshot object accepted.
 const MAX_MANIFEST_OBJECT: usize = 256 << 20;
@@ -155,25 +158,8 @@ impl StoreChain {
         }
         let mut packs: Vec<_> = by_pack.into_iter().collect();
         packs.sort_by_key(|(pack, _)| *pack);
-        for (_, mut frames) in packs {
-            frames.sort_unstable_by_key(|&(offset, ..)| offset);
-            let mut run: Vec<BlockHash> = Vec::new();
-            let (mut start, mut end) = (0, 0);
-            for (offset, frame_end, hash) in frames {
-                let joins =
-                    !run.is_empty() && offset <= end + PLAN_GAP && frame_end - start <= PLAN_SPAN;
-                if !joins {
-                    if !run.is_empty() {
-                        groups.push(std::mem::take(&mut run));
-                    }
-                    start = offset;
-                }
-                end = end.max(frame_end);
-                run.push(hash);
-            }
-            if !run.is_empty() {
-                groups.push(run);
-            }
+        for (_, frames) in packs {
+            groups.extend(runs_of(frames));
         }
         groups
     }
@@ -346,6 +332,30 @@ impl Source for StoreSource {
     }
 }
 
+/// The frames of one pack, `(offset, end, hash)`, in runs to read with one range request
+/// each, in pack order (see `PLAN_GAP`, `PLAN_SPAN`).
+fn runs_of(mut frames: Vec<(u64, u64, BlockHash)>) -> Vec<Vec<BlockHash>> {
+    frames.sort_unstable_by_key(|&(offset, ..)| offset);
+    let mut runs = Vec::new();
+    let mut run: Vec<BlockHash> = Vec::new();
+    let (mut start, mut end) = (0, 0);
+    for (offset, frame_end, hash) in frames {
+        let joins = !run.is_empty() && offset <= end + PLAN_GAP && frame_end - start <= PLAN_SPAN;
+        if !joins {
+            if !run.is_empty() {
+                runs.push(std::mem::take(&mut run));
+            }
+            start = offset;
+        }
+        end = end.max(frame_end);
+        run.push(hash);
+    }
+    if !run.is_empty() {
+        runs.push(run);
+    }
+    runs
+}
+
 /// An object, decompressed (at most `max` bytes) and checked by `check` (hash, decode);
 /// a copy that fails is fetched again (see `store::fetch_verified`). A missing object, or
 /// one that fails every time, is an error.
@@ -422,4 +432,47 @@ pub async fn list_manifests(store: &dyn ObjectStore) -> Result<Listing> {
         }
     }
     Ok(listing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `count` frames of `len` bytes from `offset`, `gap` bytes apart.
+    fn frames(count: u64, offset: u64, len: u64, gap: u64) -> Vec<(u64, u64, BlockHash)> {
+        (0..count)
+            .map(|i| {
+                let at = offset + i * (len + gap);
+                (at, at + len, BlockHash::of(&at.to_le_bytes()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_full_pack_of_the_default_size_is_one_request() {
+        // 64 incompressible 256 KiB blocks reach the 16 MiB target; the 65th passed it.
+        let pack = frames(65, 48, (256 << 10) + 40, 0);
+        let runs = runs_of(pack.clone());
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0], pack.iter().map(|f| f.2).collect::<Vec<_>>());
+        // So does one of 1 MiB blocks (the largest), whose 16th frame passed the target,
+        // and even a frame more.
+        assert_eq!(runs_of(frames(17, 48, (1 << 20) + 40, 0)).len(), 1);
+    }
+
+    #[test]
+    fn runs_split_at_wide_gaps_and_at_the_span_bound_in_pack_order() {
+        let mut pack = frames(3, 0, 1000, 10);
+        pack.extend(frames(2, 10_000 + PLAN_GAP, 1000, 0));
+        pack.reverse();
+        let runs = runs_of(pack);
+        assert_eq!(runs.iter().map(Vec::len).collect::<Vec<_>>(), [3, 2]);
+        assert_eq!(runs[0][0], BlockHash::of(&0u64.to_le_bytes()));
+
+        let huge = frames(40, 0, 1 << 20, 0);
+        let runs = runs_of(huge);
+        assert!(runs.len() > 1);
+        assert!(runs.iter().all(|run| (run.len() as u64) << 20 <= PLAN_SPAN));
+        assert_eq!(runs.iter().map(Vec::len).sum::<usize>(), 40);
+    }
 }
