@@ -450,14 +450,16 @@ mod tests {
 
     #[test]
     fn a_full_pack_of_the_default_size_is_one_request() {
-        // 64 incompressible 256 KiB blocks reach the 16 MiB target; the 65th passed it.
-        let pack = frames(65, 48, (256 << 10) + 40, 0);
-        let runs = runs_of(pack.clone());
-        assert_eq!(runs.len(), 1);
-        assert_eq!(runs[0], pack.iter().map(|f| f.2).collect::<Vec<_>>());
-        // So does one of 1 MiB blocks (the largest), whose 16th frame passed the target,
-        // and even a frame more.
-        assert_eq!(runs_of(frames(17, 48, (1 << 20) + 40, 0)).len(), 1);
+        let target = crate::upload::DEFAULT_PACK_SIZE as u64;
+        // Incompressible blocks of 256 KiB and of 1 MiB (the largest), each frame some
+        // bytes over its block (zstd's headers, a seal): the pack is sent with the frame
+        // that reaches the target, so it ends up to a frame past it.
+        for block in [256 << 10, 1 << 20] {
+            let frame = block + 64;
+            let pack = frames(target.div_ceil(frame), 0, frame, 0);
+            let runs = runs_of(pack.clone());
+            assert_eq!(runs, [pack.iter().map(|f| f.2).collect::<Vec<_>>()]);
+        }
     }
 
     #[test]
