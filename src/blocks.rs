@@ -8,6 +8,9 @@
 //! 16 KiB pieces (subtrees of its hash tree), kept in memory (`Pieces`). A later small read
 //! of that block reads and hashes only the pieces it touches, each checked against its
 //! value: as safe as checking the whole block against its name, at a fraction of the cost.
+//! The flush that writes a block computes those values anyway; the catalog keeps them
+//! (`hash_and_pieces`), so the first small read of a block after a mount can adopt them
+//! (`adopt_pieces`, checked against the name first) instead of reading all of it.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -151,6 +154,46 @@ impl Pieces {
             Mode::Hash,
         )
     }
+}
+
+/// Bytes of one piece's chaining value in `Pieces::encode`.
+const PIECE_VALUE_LEN: usize = 32;
+
+impl Pieces {
+    /// The values as the catalog keeps them: each piece's, in order.
+    fn encode(&self) -> Vec<u8> {
+        self.values.iter().flatten().copied().collect()
+    }
+
+    /// The pieces of a block of `len` bytes from `encoded`, if they make `hash`: anything
+    /// else (a damaged or hostile catalog) is refused, and the block is then read whole.
+    /// A `len` wrong by less than its last piece makes the same tree; reading that piece
+    /// then fails its own check (too few or too many bytes), so no read returns wrong bytes.
+    fn decode(hash: &BlockHash, len: usize, encoded: &[u8]) -> Option<Pieces> {
+        if len <= PIECE || encoded.len() != len.div_ceil(PIECE) * PIECE_VALUE_LEN {
+            return None;
+        }
+        let values = encoded
+            .chunks_exact(PIECE_VALUE_LEN)
+            .map(|value| value.try_into().ok())
+            .collect::<Option<Box<[ChainingValue]>>>()?;
+        let pieces = Pieces { len, values };
+        (pieces.root() == *hash).then_some(pieces)
+    }
+}
+
+/// The hash of a block's `data` and, if it is longer than a piece, its pieces' chaining
+/// values as the catalog keeps them: one pass over the bytes for both.
+pub fn hash_and_pieces(data: &[u8]) -> (BlockHash, Option<Vec<u8>>) {
+    let (hash, pieces) = Pieces::of(data);
+    (hash, pieces.map(|pieces| pieces.encode()))
+}
+
+/// Whether a read of `len` bytes from `offset` into a block of `block_size` bytes could be
+/// served from fewer pieces than the whole block: worth adopting the catalog's values
+/// first. A read from a block's start within one piece is most often all of a small file.
+pub fn reads_part(offset: usize, len: usize, block_size: usize) -> bool {
+    offset > 0 || (PIECE < len && len < block_size)
 }
 
 /// The chaining value of piece `index`, whose bytes are `piece`.
@@ -304,6 +347,22 @@ impl BlockStore {
         let data = Arc::new(data);
         self.lock_cache().put(*hash, data.clone());
         Ok(data)
+    }
+
+    /// Whether a part of block `hash` can be read without reading all of it: the block is
+    /// in memory, or its pieces are.
+    pub fn knows_pieces(&self, hash: &BlockHash) -> bool {
+        self.lock_cache().contains(hash) || lock(&self.pieces).contains(hash)
+    }
+
+    /// Remembers the pieces of block `hash` (`len` bytes) from `encoded`, as
+    /// `hash_and_pieces` made them, if they make that hash. Whether they did.
+    pub fn adopt_pieces(&self, hash: &BlockHash, len: usize, encoded: &[u8]) -> bool {
+        let Some(pieces) = Pieces::decode(hash, len, encoded) else {
+            return false;
+        };
+        lock(&self.pieces).put(*hash, Arc::new(pieces));
+        true
     }
 
     /// Keeps `data`, verified by the caller as block `hash`, in the memory cache.
@@ -610,6 +669,86 @@ mod tests {
             store.read_into(&hash, 4 * PIECE, &mut out),
             Err(BlockError::CorruptPiece { .. })
         ));
+    }
+
+    #[test]
+    fn stored_piece_values_are_adopted_only_if_they_make_the_hash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = bytes(5 * PIECE + 100);
+        let (hash, encoded) = hash_and_pieces(&data);
+        assert_eq!(hash, BlockHash::of(&data));
+        let encoded = encoded.expect("a block of several pieces has values");
+        assert_eq!(encoded.len(), 6 * PIECE_VALUE_LEN);
+        assert_eq!(
+            hash_and_pieces(&data[..PIECE]).1,
+            None,
+            "one piece: read whole"
+        );
+        BlockStore::open(dir.path(), 0)
+            .expect("open")
+            .put(&hash, &data)
+            .expect("put");
+        // Piece 3 damaged on the disk: a store that adopted the values reads the others
+        // without reading it, so they succeed and it fails.
+        let mut damaged = data.clone();
+        damaged[3 * PIECE + 5] ^= 1;
+        let store = BlockStore::open(dir.path(), 0).expect("reopen");
+        fs::write(store.path_of(&hash), &damaged).expect("damage");
+
+        let mut tampered = encoded.clone();
+        tampered[PIECE_VALUE_LEN] ^= 1;
+        let refused = [
+            (data.len(), &tampered[..]),
+            (data.len() - PIECE, &encoded[..]),
+            (data.len() + PIECE, &encoded[..]),
+            (data.len(), &encoded[..encoded.len() - 1]),
+        ];
+        for (len, values) in refused {
+            assert!(!store.adopt_pieces(&hash, len, values), "len {len}");
+            assert!(!store.knows_pieces(&hash));
+        }
+        let mut out = vec![0; 10];
+        assert!(
+            matches!(
+                store.read_into(&hash, PIECE, &mut out),
+                Err(BlockError::Corrupt { .. })
+            ),
+            "without values a part is checked with its whole block"
+        );
+
+        // A length wrong within the last piece makes the same tree: that piece's own
+        // value then refuses it (an error, never bytes cut short).
+        assert!(store.adopt_pieces(&hash, data.len() - 1, &encoded));
+        assert!(matches!(
+            store.read_into(&hash, 5 * PIECE, &mut out),
+            Err(BlockError::CorruptPiece { offset, .. }) if offset == 5 * PIECE
+        ));
+
+        assert!(store.adopt_pieces(&hash, data.len(), &encoded));
+        assert!(store.knows_pieces(&hash));
+        let mut tail = vec![0; 200];
+        let len = store.read_into(&hash, 5 * PIECE, &mut tail).expect("tail");
+        assert_eq!(&tail[..len], &data[5 * PIECE..]);
+        store
+            .read_into(&hash, PIECE, &mut out)
+            .expect("intact piece");
+        assert_eq!(out, &data[PIECE..PIECE + 10]);
+        assert!(matches!(
+            store.read_into(&hash, 3 * PIECE, &mut out),
+            Err(BlockError::CorruptPiece { offset, .. }) if offset == 3 * PIECE
+        ));
+    }
+
+    #[test]
+    fn only_reads_of_part_of_a_block_want_its_pieces() {
+        let block = 256 * 1024;
+        assert!(reads_part(4096, 4096, block), "a 4 KiB read inside a block");
+        assert!(reads_part(0, 2 * PIECE, block), "the first pieces");
+        assert!(!reads_part(0, block, block), "the whole block");
+        assert!(
+            !reads_part(0, 1024, block),
+            "a small file, read from its start"
+        );
     }
 
     #[test]

@@ -183,6 +183,17 @@ pub struct DirEntryRow {
     pub inode: InodeRow,
 }
 
+/// A block a flush maps into a file (`WriteTx::set_block`).
+#[derive(Clone, Copy, Debug)]
+pub struct NewBlock<'a> {
+    pub hash: &'a BlockHash,
+    pub len: u32,
+    /// The bytes of a small block, which the catalog holds (`blocks::INLINE_MAX`).
+    pub inline: Option<&'a [u8]>,
+    /// Its pieces' chaining values (`blocks::hash_and_pieces`).
+    pub pieces: Option<&'a [u8]>,
+}
+
 /// A directory entry that one of two generations sees and the other does not.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryChange {
@@ -1091,6 +1102,24 @@ impl ReadTx<'_> {
             .optional()?)
     }
 
+    /// The length of block `hash` and its pieces' values, if the flush that wrote it kept
+    /// them (`blocks::hash_and_pieces`).
+    pub fn block_pieces(&self, hash: &BlockHash) -> Result<Option<(u32, Vec<u8>)>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT len, piece_values FROM block_pieces WHERE hash = ?1")?
+            .query_row([hash.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    }
+
+    /// How many blocks' piece values the catalog keeps.
+    #[cfg(test)]
+    pub fn block_pieces_count(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT count(*) FROM block_pieces", [], |r| r.get(0))?)
+    }
+
     /// How many small blocks the catalog holds (`blocks::INLINE_MAX`).
     pub fn inline_block_count(&self) -> Result<u64> {
         Ok(self
@@ -1413,6 +1442,16 @@ impl WriteTx<'_> {
         Ok(())
     }
 
+    /// Zeroes every block's piece values, as a damaged disk might.
+    #[cfg(test)]
+    pub fn damage_block_pieces(&self) -> Result<()> {
+        self.conn.execute(
+            "UPDATE block_pieces SET piece_values = zeroblob(length(piece_values))",
+            [],
+        )?;
+        Ok(())
+    }
+
     /// Zeroes every small block's bytes, as a damaged disk might.
     #[cfg(test)]
     pub fn damage_inline_blocks(&self) -> Result<()> {
@@ -1424,12 +1463,7 @@ impl WriteTx<'_> {
     /// Maps block `idx` of `ino` to `block` (hash, length, and its bytes if they live in
     /// the catalog rather than a block file: see `blocks::INLINE_MAX`), or to a hole.
     /// Returns the change in allocated bytes.
-    pub fn set_block(
-        &self,
-        ino: u64,
-        idx: u64,
-        block: Option<(&BlockHash, u32, Option<&[u8]>)>,
-    ) -> Result<i64> {
+    pub fn set_block(&self, ino: u64, idx: u64, block: Option<NewBlock<'_>>) -> Result<i64> {
         let old_len: i64 = self
             .conn
             .prepare_cached(
@@ -1440,13 +1474,27 @@ impl WriteTx<'_> {
             .optional()?
             .unwrap_or(0);
         self.retire_key("blockmap", "ino = ?1 AND idx = ?2", &[&ino, &idx])?;
-        let Some((hash, len, inline)) = block else {
+        let Some(NewBlock {
+            hash,
+            len,
+            inline,
+            pieces,
+        }) = block
+        else {
             return Ok(-old_len);
         };
         if let Some(data) = inline {
             self.conn
                 .prepare_cached("INSERT OR IGNORE INTO inline_blocks (hash, data) VALUES (?1, ?2)")?
                 .execute(params![hash.as_bytes(), data])?;
+        }
+        if let Some(values) = pieces {
+            self.conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO block_pieces (hash, len, piece_values)
+                     VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![hash.as_bytes(), len, values])?;
         }
         // A block written again after it was evicted is local again.
         self.conn

@@ -15,6 +15,7 @@ pub const MIGRATIONS: &[&str] = &[
     V8_INLINE_BLOCKS,
     V9_PACKS,
     V10_PACKED_TREES,
+    V11_BLOCK_PIECES,
 ];
 
 const V1: &str = r#"
@@ -334,5 +335,24 @@ CREATE TRIGGER packed_trees_leave_pack AFTER UPDATE OF pack ON packed_trees
 WHEN NEW.pack IS NOT OLD.pack BEGIN
     UPDATE packs SET blocks = blocks - 1, live_bytes = live_bytes - OLD.pack_length
     WHERE id = OLD.pack;
+END;
+"#;
+
+/// The chaining values of a block's 16 KiB pieces (`blocks::hash_and_pieces`, 32 bytes
+/// each: 512 per 256 KiB block) and the length they were computed for, kept by the flush
+/// that computed them while hashing. A small read of a block after a mount adopts them,
+/// checked against the block's name, and reads 16 KiB, not the whole block. A table apart,
+/// so scans of `blocks` stay as small as before; keyed by the hash alone (no rowid, and
+/// its own length rather than a join to `blocks`), so a cold lookup is one leaf page
+/// read; the trigger frees the values with their block. A block without a row (fetched
+/// from a store, written before this version) is read whole once, as before.
+const V11_BLOCK_PIECES: &str = r#"
+CREATE TABLE block_pieces (
+    hash         BLOB PRIMARY KEY,
+    len          INTEGER NOT NULL,
+    piece_values BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER blocks_free_pieces AFTER DELETE ON blocks BEGIN
+    DELETE FROM block_pieces WHERE hash = OLD.hash;
 END;
 "#;

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use lru::LruCache;
 
 use super::{Error, Result};
-use crate::blocks::{BlockError, BlockHash, BlockStore, copy_from, is_inline};
+use crate::blocks::{self, BlockError, BlockHash, BlockStore, copy_from, is_inline};
 use crate::catalog::Catalog;
 use crate::manifest::{PackId, PackedBlock};
 use crate::metrics;
@@ -169,6 +169,11 @@ impl BlockReader {
         offset: usize,
         out: &mut [u8],
     ) -> Result<Option<usize>> {
+        if blocks::reads_part(offset, out.len(), self.block_size as usize)
+            && !self.local.knows_pieces(hash)
+        {
+            self.adopt_pieces(hash)?;
+        }
         let read = self.local.read_into(hash, offset, out);
         self.local_or_none(hash, read, |data| copy_from(&data, offset, out))
     }
@@ -212,6 +217,18 @@ impl BlockReader {
             Err(BlockError::Missing { .. }) if self.has_remote() => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Lets the block store read block `hash` by pieces, from the values its flush kept.
+    /// Values that do not make the hash (a damaged catalog) are not adopted: the block is
+    /// then read and verified whole.
+    fn adopt_pieces(&self, hash: &BlockHash) -> Result<()> {
+        if let Some((len, encoded)) = lock(&self.catalog).read(|tx| tx.block_pieces(hash))?
+            && !self.local.adopt_pieces(hash, len as usize, &encoded)
+        {
+            tracing::warn!(block = %hash, "stored piece values do not match the block: reading it whole");
+        }
+        Ok(())
     }
 
     /// Block `hash` from the catalog, verified and kept in memory, if it is a small block

@@ -12,12 +12,21 @@ use super::open_files::{FileState, PinnedFile, catalog_block_valid};
 use super::reads::ReadState;
 use super::{Attr, Error, FileHandle, NodeId, Result, SetAttr, View, Volume, now};
 use crate::blocks::{self, BlockHash};
-use crate::catalog::{Kind, LIVE};
+use crate::catalog::{Kind, LIVE, NewBlock};
 use crate::sync::lock;
 
 /// A dirty block ready for the catalog: its index and, unless it is a hole, its hash and
 /// whether its bytes go to the catalog (a small block) rather than a block file.
-type StagedBlock<'a> = (u64, Option<(BlockHash, &'a [u8], bool)>);
+/// A dirty block hashed and, unless small, written to the block store: what the catalog
+/// needs to map it at its index (`None`: all zeros, a hole).
+type StagedBlock<'a> = (u64, Option<Staged<'a>>);
+
+struct Staged<'a> {
+    hash: BlockHash,
+    data: &'a [u8],
+    inline: bool,
+    pieces: Option<Vec<u8>>,
+}
 
 /// Rounds of fetching a read's missing blocks before it runs with them local.
 const FETCH_ROUNDS: usize = 3;
@@ -564,8 +573,11 @@ impl Volume {
                     alloc += tx.unmap_block_range(ino, first, end - 1)?;
                 }
                 for (idx, block) in &staged {
-                    let block = block.as_ref().map(|(hash, data, inline)| {
-                        (hash, data.len() as u32, inline.then_some(*data))
+                    let block = block.as_ref().map(|staged| NewBlock {
+                        hash: &staged.hash,
+                        len: staged.data.len() as u32,
+                        inline: staged.inline.then_some(staged.data),
+                        pieces: staged.pieces.as_deref(),
                     });
                     alloc += tx.set_block(ino, *idx, block)?;
                 }
@@ -627,12 +639,18 @@ impl Volume {
                     if block.iter().all(|&b| b == 0) {
                         return Ok((idx, None));
                     }
-                    let hash = BlockHash::of(block);
+                    let (hash, pieces) = blocks::hash_and_pieces(block);
                     let inline = blocks::is_inline(block.len());
                     if !inline {
                         self.blocks.local().put(&hash, block)?;
                     }
-                    Ok((idx, Some((hash, block.as_slice(), inline))))
+                    let staged = Staged {
+                        hash,
+                        data: block.as_slice(),
+                        inline,
+                        pieces,
+                    };
+                    Ok((idx, Some(staged)))
                 })
                 .collect()
         };

@@ -1343,3 +1343,69 @@ fn parts_of_verified_blocks_are_checked_when_read_again() {
     );
     volume.release(handle).expect("release");
 }
+
+/// The piece values a flush kept let a fresh mount read part of a block without reading
+/// it whole (so damage elsewhere in the block does not fail the read); values the catalog
+/// lost are never trusted, and go with their block.
+#[test]
+fn a_fresh_mount_reads_parts_of_blocks_by_the_pieces_their_flush_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = Options {
+        block_size: 64 * 1024,
+        ..Options::default()
+    };
+    let data = pattern(2 * 64 * 1024, 8);
+    let volume = Volume::open(dir.path(), &options).expect("open");
+    let (attr, handle) = volume.create(ROOT, b"f", 0o644, ME).expect("create");
+    let node = attr.node;
+    volume.write(node, 0, &data).expect("write");
+    volume.release(handle).expect("release");
+    let kept = |volume: &Volume| {
+        lock(&volume.catalog)
+            .read(|tx| tx.block_pieces_count())
+            .expect("count")
+    };
+    assert_eq!(kept(&volume), 2);
+    volume.shutdown().expect("shutdown");
+    drop(volume);
+
+    // Damage the first block's third 16 KiB piece behind the volume's back.
+    let hex = crate::blocks::BlockHash::of(&data[..65536]).to_hex();
+    let path = dir.path().join("blocks").join(&hex[..2]).join(&hex);
+    let mut bytes = fs::read(&path).expect("block file");
+    bytes[40_000] ^= 1;
+    fs::write(&path, &bytes).expect("damage");
+
+    let volume = Volume::open(dir.path(), &options).expect("reopen");
+    assert_eq!(
+        volume.read(node, 20_000, 100).expect("an intact piece"),
+        &data[20_000..20_100]
+    );
+    let damaged = volume.read(node, 40_000, 100);
+    assert!(
+        matches!(damaged, Err(ref e) if e.errno() == libc::EIO),
+        "{damaged:?}"
+    );
+    lock(&volume.catalog)
+        .write_now(|tx| tx.damage_block_pieces())
+        .expect("damage the values");
+    volume.shutdown().expect("shutdown");
+    drop(volume);
+
+    // Values that do not make the block's hash are refused: the part is checked with the
+    // whole block, whose damage fails the read.
+    let volume = Volume::open(dir.path(), &options).expect("reopen");
+    let whole = volume.read(node, 20_000, 100);
+    assert!(
+        matches!(whole, Err(ref e) if e.errno() == libc::EIO),
+        "{whole:?}"
+    );
+    assert_eq!(
+        volume
+            .read(node, 65536 + 20_000, 100)
+            .expect("the other block"),
+        &data[65536 + 20_000..65536 + 20_100]
+    );
+    volume.unlink(ROOT, b"f").expect("unlink");
+    assert_eq!(kept(&volume), 0, "the values go with their blocks");
+}
