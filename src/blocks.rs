@@ -98,7 +98,7 @@ impl BlockError {
 
 /// Length of the pieces a verified block is read in: a power of two of BLAKE3 chunks, so
 /// each piece is a subtree of the block's hash tree.
-const PIECE: usize = 16 * 1024;
+pub const PIECE: usize = 16 * 1024;
 
 /// For each block kept whole in memory, the pieces of this many more are remembered: at 256
 /// KiB blocks, 64 MiB of cache remembers 2 GiB of blocks in under 5 MiB.
@@ -157,7 +157,7 @@ impl Pieces {
 }
 
 /// Bytes of one piece's chaining value in `Pieces::encode`.
-const PIECE_VALUE_LEN: usize = 32;
+pub const PIECE_VALUE_LEN: usize = 32;
 
 impl Pieces {
     /// The values as the catalog keeps them: each piece's, in order.

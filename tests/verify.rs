@@ -265,11 +265,16 @@ fn catalog_damage_is_named_precisely() {
          UPDATE inodes SET nlink = 7 WHERE ino = (SELECT max(ino) FROM inodes WHERE kind = 1)
              AND death IS NULL;
          INSERT INTO dentries VALUES (1, CAST('ghost' AS BLOB), 1, NULL, 9999, 1);
-         UPDATE meta SET value = value + 1 WHERE key = 'live_bytes';",
+         UPDATE meta SET value = value + 1 WHERE key = 'live_bytes';
+         UPDATE block_pieces SET len = len - 1 WHERE hash = (SELECT min(hash) FROM block_pieces);",
     )
     .expect("tamper");
     drop(db);
     let found = verify_data(&data, &[]);
+    assert_problem(
+        &found,
+        "piece values that do not fit a block the catalog has",
+    );
     assert_problem(&found, "blocks whose reference count is wrong");
     assert_problem(
         &found,

@@ -4,7 +4,7 @@
 use rusqlite::types::Value;
 
 use super::{BlockLocation, Error, ReadTx, Result, WriteTx};
-use crate::blocks::BlockHash;
+use crate::blocks::{self, BlockHash};
 use crate::manifest::PackId;
 use crate::store::BlockPlace;
 
@@ -102,6 +102,18 @@ impl ReadTx<'_> {
             "SELECT 'ino', ino, 'block', idx, 'born', birth, lower(hex(hash)) FROM blockmap m
              WHERE NOT EXISTS (SELECT 1 FROM blocks b WHERE b.hash = m.hash)",
             &[],
+        )?;
+        check(
+            "piece values that do not fit a block the catalog has (reads refuse them)".into(),
+            "SELECT lower(hex(p.hash)), 'values of', length(p.piece_values), 'bytes for',
+                    p.len, 'bytes; the block has', b.len
+             FROM block_pieces p LEFT JOIN blocks b ON b.hash = p.hash
+             WHERE b.len IS NOT p.len
+                OR length(p.piece_values) != (p.len + ?1 - 1) / ?1 * ?2",
+            &[
+                Value::Integer(blocks::PIECE as i64),
+                Value::Integer(blocks::PIECE_VALUE_LEN as i64),
+            ],
         )?;
         check(
             "blocks evicted from the local disk but never stored".into(),
