@@ -371,8 +371,9 @@ enum StoreCommand {
     ///
     /// Deletes the packs no snapshot needs a block of, and copies the live blocks of
     /// mostly unused packs into new packs, until the unused bytes are within --max-unused
-    /// of the live ones. A mount does the same by itself while its uploader is idle;
-    /// deleting snapshots is what makes packs unused.
+    /// of the live ones. Once more than 16 packs are small (each upload ends with one), it
+    /// merges them into full ones, and small index objects too. A mount does the same by
+    /// itself while its uploader is idle; deleting snapshots is what makes packs unused.
     #[command(after_help = "Examples:\n  \
         snapfs store prune --data ~/.local/share/snapfs --dry-run   # what it would free\n  \
         snapfs store prune --data /srv/vol1 --max-unused 0           # leave nothing unused\n  \
@@ -689,6 +690,7 @@ impl MountCommand {
             Some(dir) => dir,
             None => default_data_dir()?,
         };
+        let pack_size = self.pack_size.unwrap_or(snapfs::upload::DEFAULT_PACK_SIZE);
         daemon::mount(MountArgs {
             mountpoint: self.mountpoint,
             data_dir,
@@ -705,9 +707,10 @@ impl MountCommand {
                 compression_level: self.compression_level,
                 limit: self.upload_limit,
                 busy_share: self.upload_share,
-                pack_size: self.pack_size.unwrap_or(snapfs::upload::DEFAULT_PACK_SIZE),
+                pack_size,
                 gc: gc::GcPolicy {
                     max_unused_percent: self.max_unused,
+                    small_pack_bytes: pack_size as u64 / 4,
                     ..gc::GcPolicy::default()
                 },
             },
@@ -1375,12 +1378,18 @@ fn prune(
         human_bytes(gc.deleted_bytes),
         report.seconds
     );
+    let merge = if report.dry_run {
+        "would merge"
+    } else {
+        "merged"
+    };
+    if gc.merged_small_packs > 0 {
+        println!(
+            "{merge} {} small packs into full ones (of the packs {repack})",
+            gc.merged_small_packs
+        );
+    }
     if gc.merged_indexes > 0 {
-        let merge = if report.dry_run {
-            "would merge"
-        } else {
-            "merged"
-        };
         println!(
             "{merge} {} small index objects into full ones",
             gc.merged_indexes

@@ -473,3 +473,39 @@ fn an_idle_mount_merges_small_index_objects() {
         assert!(!dest.join(file_name(last + 1)).exists());
     }
 }
+
+#[test]
+fn an_idle_mount_merges_small_packs() {
+    const SNAPSHOTS: usize = 20;
+    // What the uploader keeps of small packs (`gc::SMALL_PACKS_KEPT`), and the one a merge
+    // may leave.
+    const SMALL_PACKS_LEFT: usize = 16 + 1;
+    let mount = Mount::new();
+    let store = mount.data_dir().join("store");
+    let packs = || {
+        fs::read_dir(store.join("packs"))
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    };
+    for n in 0..SNAPSHOTS {
+        fs::write(mount.path().join(file_name(n)), file_content(n, 1)).expect("write");
+        take_snapshot(&mount, &format!("s{n}"));
+        wait_completed(&mount, &format!("s{n}"));
+    }
+    // Each upload sent a small pack of blocks and one of trees: 40 without merging.
+    wait_for(|| packs() <= SMALL_PACKS_LEFT);
+    let url = format!("file://{}", store.display());
+    for last in [0, SNAPSHOTS / 2, SNAPSHOTS - 1] {
+        let dest = mount.scratch(&format!("restore-{last}"));
+        let out = run(snapfs()
+            .args(["restore", "--store", &url])
+            .arg(format!("s{last}"))
+            .arg(&dest));
+        assert_ok(&out, &format!("restore s{last} from the store"));
+        for n in 0..=last {
+            let data = fs::read(dest.join(file_name(n))).expect("read a restored file");
+            assert_bytes_eq(&data, &file_content(n, 1), &format!("s{last}: file {n}"));
+        }
+        assert!(!dest.join(file_name(last + 1)).exists());
+    }
+}

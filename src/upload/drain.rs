@@ -278,6 +278,7 @@ pub fn prune(dir: &Path, options: PruneOptions) -> Result<PruneReport, DrainErro
     let policy = GcPolicy {
         max_unused_percent: options.max_unused_percent,
         max_copy_bytes: None,
+        ..GcPolicy::default()
     };
     let watch = Catalog::open_data_dir_read_only(dir)?;
     let format_1_objects = watch.read(|tx| tx.format_1_objects())?;

@@ -28,6 +28,9 @@ pub struct GcPolicy {
     /// Live bytes copied at most in one pass (`None`: no bound); a background pass stops
     /// there and lets pending uploads go first.
     pub max_copy_bytes: Option<u64>,
+    /// Packs smaller than this are small (a quarter of the pack size the uploader fills):
+    /// once there are more than `SMALL_PACKS_KEPT`, they are merged into full ones.
+    pub small_pack_bytes: u64,
 }
 
 /// The default share of unused bytes the store keeps: restic's `prune --max-unused` is 5%
@@ -44,11 +47,17 @@ const SMALL_INDEX_PACKS: usize = store::PACKS_PER_INDEX / 4;
 /// writes one.
 const SMALL_INDEXES_KEPT: usize = 16;
 
+/// Small packs (`GcPolicy::small_pack_bytes`) kept as they are: each snapshot's upload and
+/// each repack ends with one, and every object costs a request to write, list, restore and
+/// move between storage classes (hourly snapshots of a quiet volume would leave thousands).
+const SMALL_PACKS_KEPT: usize = 16;
+
 impl Default for GcPolicy {
     fn default() -> Self {
         GcPolicy {
             max_unused_percent: DEFAULT_MAX_UNUSED_PERCENT,
             max_copy_bytes: Some(BACKGROUND_COPY_BYTES),
+            small_pack_bytes: super::DEFAULT_PACK_SIZE as u64 / 4,
         }
     }
 }
@@ -58,8 +67,11 @@ impl Default for GcPolicy {
 pub struct GcReport {
     /// Packs without a live block, deleted.
     pub deleted_packs: u64,
-    /// Packs whose live blocks were copied into new packs, then deleted.
+    /// Packs whose live blocks were copied into new packs, then deleted (small ones
+    /// merged included).
     pub repacked_packs: u64,
+    /// Of those, small packs merged into full ones.
+    pub merged_small_packs: u64,
     /// Bytes of the live blocks copied.
     pub copied_bytes: u64,
     /// Bytes of the packs deleted (the new packs take `copied_bytes` back).
@@ -77,7 +89,10 @@ pub struct GcReport {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct GcPlan {
     pub dead: Vec<PackUsage>,
+    /// Packs to repack: the most unused first, then small ones to merge.
     pub repack: Vec<PackUsage>,
+    /// How many of `repack` are there for being small (`merge_small_packs`).
+    pub small: usize,
     /// Small index objects to merge (`small_indexes`).
     pub merge: Vec<PackId>,
 }
@@ -92,6 +107,7 @@ impl GcPlan {
         GcReport {
             deleted_packs: self.dead.len() as u64,
             repacked_packs: self.repack.len() as u64,
+            merged_small_packs: self.small as u64,
             copied_bytes: self.repack.iter().map(|p| p.live_bytes).sum(),
             deleted_bytes: self.dead.iter().chain(&self.repack).map(|p| p.size).sum(),
             merged_indexes: self.merge.len() as u64,
@@ -139,11 +155,54 @@ pub fn plan(packs: &[PackUsage], policy: &GcPolicy) -> GcPlan {
         copied += pack.live_bytes;
         repack.push(pack);
     }
+    let small = merge_small_packs(packs, policy, &mut repack, copied);
     GcPlan {
         dead,
         repack,
+        small,
         merge: small_indexes(packs),
     }
+}
+
+/// Adds the small live packs not already in `repack` to it, smallest first and within the
+/// copy bound (`copied` so far), if there are more than `SMALL_PACKS_KEPT` of them and at
+/// least two fit: merged, they make fewer packs. Returns how many it added. Left to
+/// `snapfs store prune` like any repack when the policy allows 100% unused.
+fn merge_small_packs(
+    packs: &[PackUsage],
+    policy: &GcPolicy,
+    repack: &mut Vec<PackUsage>,
+    mut copied: u64,
+) -> usize {
+    if policy.max_unused_percent >= 100 {
+        return 0;
+    }
+    let mut small: Vec<PackUsage> = packs
+        .iter()
+        .filter(|p| p.live_blocks > 0 && p.size < policy.small_pack_bytes)
+        .filter(|p| !repack.iter().any(|r| r.pack.row == p.pack.row))
+        .copied()
+        .collect();
+    if small.len() <= SMALL_PACKS_KEPT {
+        return 0;
+    }
+    small.sort_by_key(|p| (p.live_bytes, p.pack.row));
+    let mut taken = Vec::new();
+    for pack in small {
+        if let Some(bound) = policy.max_copy_bytes
+            && copied + pack.live_bytes > bound
+        {
+            break;
+        }
+        copied += pack.live_bytes;
+        taken.push(pack);
+    }
+    if taken.len() < 2 {
+        return 0;
+    }
+    let added = taken.len();
+    repack.extend(taken);
+    added
 }
 
 /// The index objects listing fewer than `SMALL_INDEX_PACKS` live packs of `packs`, if
@@ -189,18 +248,22 @@ impl Worker {
         tracing::info!(
             dead = plan.dead.len(),
             repack = plan.repack.len(),
+            small = plan.small,
             "collecting the store's garbage"
         );
         let mut repacked = 0;
+        let mut merged_small = 0;
         let mut copied = 0;
         let mut packer = Repacker::new(self.options.pack_size, self.block_size);
-        for pack in &plan.repack {
+        let first_small = plan.repack.len() - plan.small;
+        for (n, pack) in plan.repack.iter().enumerate() {
             if self.is_stopping() {
                 break;
             }
             match self.copy_live_blocks(pack, &mut packer).await? {
                 Some(bytes) => {
                     repacked += 1;
+                    merged_small += u64::from(n >= first_small);
                     copied += bytes;
                 }
                 None => continue,
@@ -212,6 +275,7 @@ impl Worker {
         self.send_repacked(&mut packer).await?;
         let (deleted, deleted_bytes) = self.retire_dead_packs().await?;
         report.repacked_packs = repacked;
+        report.merged_small_packs = merged_small;
         report.copied_bytes = copied;
         report.deleted_packs = deleted.saturating_sub(repacked);
         report.deleted_bytes = deleted_bytes;
@@ -394,6 +458,7 @@ mod tests {
         GcPolicy {
             max_unused_percent,
             max_copy_bytes: None,
+            small_pack_bytes: 100,
         }
     }
 
@@ -432,8 +497,53 @@ mod tests {
         let bounded = GcPolicy {
             max_unused_percent: 0,
             max_copy_bytes: Some(10),
+            small_pack_bytes: 100,
         };
         assert_eq!(plan(&packs, &bounded).repack, vec![packs[0]]);
+    }
+
+    #[test]
+    fn small_packs_are_merged_once_there_are_too_many() {
+        // Small: under `small_pack_bytes` (100 here); none has an unused byte.
+        let mut packs: Vec<PackUsage> = (0..SMALL_PACKS_KEPT as i64)
+            .map(|n| usage(n, 50 - n as u64, 1, 50 - n as u64))
+            .collect();
+        packs.push(usage(100, 100, 9, 100)); // full: never merged
+        packs.push(usage(101, 60, 0, 0)); // dead: deleted, not merged
+        let before = plan(&packs, &unbounded(10));
+        assert!(before.repack.is_empty());
+        assert_eq!(before.dead, vec![packs[SMALL_PACKS_KEPT + 1]]);
+        // One more small pack merges every small one, smallest (live bytes) first.
+        packs.push(usage(200, 2, 1, 2));
+        let plan_now = plan(&packs, &unbounded(10));
+        let mut expected: Vec<PackUsage> = packs[..SMALL_PACKS_KEPT].to_vec();
+        expected.push(packs[SMALL_PACKS_KEPT + 2]);
+        expected.sort_by_key(|p| p.live_bytes);
+        assert_eq!(plan_now.repack, expected);
+        assert_eq!(plan_now.small, SMALL_PACKS_KEPT + 1);
+        let report = plan_now.report(&packs);
+        assert_eq!(report.merged_small_packs, SMALL_PACKS_KEPT as u64 + 1);
+        // A pack repacked for its unused bytes counts once: the small ones left are then
+        // no more than are kept.
+        packs[0].live_bytes = 5;
+        let plan_now = plan(&packs, &unbounded(0));
+        assert_eq!(plan_now.repack, vec![packs[0]]);
+        assert_eq!(plan_now.small, 0);
+        // 100% leaves all repacking to `snapfs store prune`.
+        assert!(plan(&packs, &unbounded(100)).repack.is_empty());
+        // Within the copy bound only; a merge of one pack would change nothing.
+        let packs: Vec<PackUsage> = (1..=SMALL_PACKS_KEPT as i64 + 1)
+            .map(|n| usage(n, n as u64, 1, n as u64))
+            .collect();
+        let bounded = |bytes| GcPolicy {
+            max_copy_bytes: Some(bytes),
+            ..unbounded(10)
+        };
+        assert_eq!(
+            plan(&packs, &bounded(1 + 2 + 3)).repack,
+            packs[..3].to_vec()
+        );
+        assert_eq!(plan(&packs, &bounded(2)).small, 0);
     }
 
     #[test]
