@@ -690,7 +690,6 @@ impl MountCommand {
             Some(dir) => dir,
             None => default_data_dir()?,
         };
-        let pack_size = self.pack_size.unwrap_or(snapfs::upload::DEFAULT_PACK_SIZE);
         daemon::mount(MountArgs {
             mountpoint: self.mountpoint,
             data_dir,
@@ -707,10 +706,9 @@ impl MountCommand {
                 compression_level: self.compression_level,
                 limit: self.upload_limit,
                 busy_share: self.upload_share,
-                pack_size,
+                pack_size: self.pack_size.unwrap_or(snapfs::upload::DEFAULT_PACK_SIZE),
                 gc: gc::GcPolicy {
                     max_unused_percent: self.max_unused,
-                    small_pack_bytes: pack_size as u64 / 4,
                     ..gc::GcPolicy::default()
                 },
             },

@@ -278,7 +278,6 @@ pub fn prune(dir: &Path, options: PruneOptions) -> Result<PruneReport, DrainErro
     let policy = GcPolicy {
         max_unused_percent: options.max_unused_percent,
         max_copy_bytes: None,
-        ..GcPolicy::default()
     };
     let watch = Catalog::open_data_dir_read_only(dir)?;
     let format_1_objects = watch.read(|tx| tx.format_1_objects())?;
@@ -288,7 +287,9 @@ pub fn prune(dir: &Path, options: PruneOptions) -> Result<PruneReport, DrainErro
     };
     let (gc, convert) = if options.dry_run {
         let packs = watch.read(|tx| tx.indexed_packs())?;
-        (gc::plan(&packs, &policy).report(&packs), found)
+        // The pack size a prune repacks into (`UploadOptions::default`, below).
+        let pack_size = UploadOptions::default().pack_size as u64;
+        (gc::plan(&packs, &policy, pack_size).report(&packs), found)
     } else {
         drop(watch);
         let runtime = store::runtime().map_err(DrainError::Runtime)?;

@@ -28,9 +28,6 @@ pub struct GcPolicy {
     /// Live bytes copied at most in one pass (`None`: no bound); a background pass stops
     /// there and lets pending uploads go first.
     pub max_copy_bytes: Option<u64>,
-    /// Packs smaller than this are small (a quarter of the pack size the uploader fills):
-    /// once there are more than `SMALL_PACKS_KEPT`, they are merged into full ones.
-    pub small_pack_bytes: u64,
 }
 
 /// The default share of unused bytes the store keeps: restic's `prune --max-unused` is 5%
@@ -47,7 +44,9 @@ const SMALL_INDEX_PACKS: usize = store::PACKS_PER_INDEX / 4;
 /// writes one.
 const SMALL_INDEXES_KEPT: usize = 16;
 
-/// Small packs (`GcPolicy::small_pack_bytes`) kept as they are: each snapshot's upload and
+/// A pack under this fraction of the pack size the repack fills is small...
+const SMALL_PACK_FRACTION: u64 = 4;
+/// ...and small packs are kept as they are up to this many: each snapshot's upload and
 /// each repack ends with one, and every object costs a request to write, list, restore and
 /// move between storage classes (hourly snapshots of a quiet volume would leave thousands).
 const SMALL_PACKS_KEPT: usize = 16;
@@ -57,7 +56,6 @@ impl Default for GcPolicy {
         GcPolicy {
             max_unused_percent: DEFAULT_MAX_UNUSED_PERCENT,
             max_copy_bytes: Some(BACKGROUND_COPY_BYTES),
-            small_pack_bytes: super::DEFAULT_PACK_SIZE as u64 / 4,
         }
     }
 }
@@ -120,8 +118,9 @@ impl GcPlan {
 
 /// Every pack without a live block, and the packs with the largest unused share until
 /// the unused bytes left are within the policy (or the copy bound is reached: at least one
-/// pack is always taken, however large, so progress is made).
-pub fn plan(packs: &[PackUsage], policy: &GcPolicy) -> GcPlan {
+/// pack is always taken, however large, so progress is made); then small packs to merge
+/// into packs of `pack_size` (the size the repack fills).
+pub fn plan(packs: &[PackUsage], policy: &GcPolicy, pack_size: u64) -> GcPlan {
     let live: u64 = packs.iter().map(|p| p.live_bytes).sum();
     let allowed = live / 100 * u64::from(policy.max_unused_percent)
         + live % 100 * u64::from(policy.max_unused_percent) / 100;
@@ -155,7 +154,7 @@ pub fn plan(packs: &[PackUsage], policy: &GcPolicy) -> GcPlan {
         copied += pack.live_bytes;
         repack.push(pack);
     }
-    let small = merge_small_packs(packs, policy, &mut repack, copied);
+    let small = merge_small_packs(packs, policy, pack_size, &mut repack, copied);
     GcPlan {
         dead,
         repack,
@@ -164,13 +163,16 @@ pub fn plan(packs: &[PackUsage], policy: &GcPolicy) -> GcPlan {
     }
 }
 
-/// Adds the small live packs not already in `repack` to it, smallest first and within the
-/// copy bound (`copied` so far), if there are more than `SMALL_PACKS_KEPT` of them and at
-/// least two fit: merged, they make fewer packs. Returns how many it added. Left to
-/// `snapfs store prune` like any repack when the policy allows 100% unused.
+/// Adds the small live packs (under `pack_size / SMALL_PACK_FRACTION`) not already in
+/// `repack` to it, smallest first and within the copy bound (`copied` so far), if there
+/// are more than `SMALL_PACKS_KEPT` of them and those that fit make fewer packs of
+/// `pack_size` than they are (else a background pass would merge them for ever). Returns
+/// how many it added. Left to `snapfs store prune` like any repack when the policy allows
+/// 100% unused.
 fn merge_small_packs(
     packs: &[PackUsage],
     policy: &GcPolicy,
+    pack_size: u64,
     repack: &mut Vec<PackUsage>,
     mut copied: u64,
 ) -> usize {
@@ -179,7 +181,7 @@ fn merge_small_packs(
     }
     let mut small: Vec<PackUsage> = packs
         .iter()
-        .filter(|p| p.live_blocks > 0 && p.size < policy.small_pack_bytes)
+        .filter(|p| p.live_blocks > 0 && p.size < pack_size / SMALL_PACK_FRACTION)
         .filter(|p| !repack.iter().any(|r| r.pack.row == p.pack.row))
         .copied()
         .collect();
@@ -197,7 +199,8 @@ fn merge_small_packs(
         copied += pack.live_bytes;
         taken.push(pack);
     }
-    if taken.len() < 2 {
+    let live: u64 = taken.iter().map(|p| p.live_bytes).sum();
+    if live.div_ceil(pack_size.max(1)) >= taken.len() as u64 {
         return 0;
     }
     let added = taken.len();
@@ -228,7 +231,7 @@ impl Worker {
     /// What a pass under `policy` would do now, without doing it.
     pub fn gc_plan(&self, policy: &GcPolicy) -> Result<(GcPlan, GcReport), UploadError> {
         let packs = lock(&self.catalog).read(|tx| tx.indexed_packs())?;
-        let plan = plan(&packs, policy);
+        let plan = plan(&packs, policy, self.options.pack_size as u64);
         let report = plan.report(&packs);
         Ok((plan, report))
     }
@@ -442,6 +445,9 @@ mod tests {
     use super::*;
     use crate::catalog::PackRow;
 
+    /// The pack size of the tests' plans: packs under 100 bytes are small.
+    const PACK: u64 = 400;
+
     fn usage(row: i64, size: u64, live_blocks: u64, live_bytes: u64) -> PackUsage {
         let id = PackId::parse(&format!("{row:032x}")).expect("a pack name");
         PackUsage {
@@ -458,7 +464,6 @@ mod tests {
         GcPolicy {
             max_unused_percent,
             max_copy_bytes: None,
-            small_pack_bytes: 100,
         }
     }
 
@@ -472,7 +477,7 @@ mod tests {
             usage(5, 100, 10, 100),
         ];
         // Live 270, unused before 70 + 50 + 10 = 130 among the live packs.
-        let plan = plan(&packs, &unbounded(10));
+        let plan = plan(&packs, &unbounded(10), PACK);
         assert_eq!(plan.dead, vec![packs[1]]);
         // Pack 3 (70% unused) then pack 4 (50%): 10 left, within 27.
         assert_eq!(plan.repack, vec![packs[2], packs[3]]);
@@ -486,9 +491,12 @@ mod tests {
     #[test]
     fn a_store_within_the_policy_is_left_alone() {
         let packs = [usage(1, 100, 9, 95), usage(2, 100, 10, 92)];
-        assert!(plan(&packs, &unbounded(10)).is_empty());
+        assert!(plan(&packs, &unbounded(10), PACK).is_empty());
         // At 0%: every pack with an unused byte is repacked.
-        assert_eq!(plan(&packs, &unbounded(0)).repack, vec![packs[1], packs[0]]);
+        assert_eq!(
+            plan(&packs, &unbounded(0), PACK).repack,
+            vec![packs[1], packs[0]]
+        );
     }
 
     #[test]
@@ -497,25 +505,24 @@ mod tests {
         let bounded = GcPolicy {
             max_unused_percent: 0,
             max_copy_bytes: Some(10),
-            small_pack_bytes: 100,
         };
-        assert_eq!(plan(&packs, &bounded).repack, vec![packs[0]]);
+        assert_eq!(plan(&packs, &bounded, PACK).repack, vec![packs[0]]);
     }
 
     #[test]
     fn small_packs_are_merged_once_there_are_too_many() {
-        // Small: under `small_pack_bytes` (100 here); none has an unused byte.
+        // Small: under a quarter of the pack size (400 here); none has an unused byte.
         let mut packs: Vec<PackUsage> = (0..SMALL_PACKS_KEPT as i64)
             .map(|n| usage(n, 50 - n as u64, 1, 50 - n as u64))
             .collect();
         packs.push(usage(100, 100, 9, 100)); // full: never merged
         packs.push(usage(101, 60, 0, 0)); // dead: deleted, not merged
-        let before = plan(&packs, &unbounded(10));
+        let before = plan(&packs, &unbounded(10), PACK);
         assert!(before.repack.is_empty());
         assert_eq!(before.dead, vec![packs[SMALL_PACKS_KEPT + 1]]);
         // One more small pack merges every small one, smallest (live bytes) first.
         packs.push(usage(200, 2, 1, 2));
-        let plan_now = plan(&packs, &unbounded(10));
+        let plan_now = plan(&packs, &unbounded(10), PACK);
         let mut expected: Vec<PackUsage> = packs[..SMALL_PACKS_KEPT].to_vec();
         expected.push(packs[SMALL_PACKS_KEPT + 2]);
         expected.sort_by_key(|p| p.live_bytes);
@@ -526,11 +533,11 @@ mod tests {
         // A pack repacked for its unused bytes counts once: the small ones left are then
         // no more than are kept.
         packs[0].live_bytes = 5;
-        let plan_now = plan(&packs, &unbounded(0));
+        let plan_now = plan(&packs, &unbounded(0), PACK);
         assert_eq!(plan_now.repack, vec![packs[0]]);
         assert_eq!(plan_now.small, 0);
         // 100% leaves all repacking to `snapfs store prune`.
-        assert!(plan(&packs, &unbounded(100)).repack.is_empty());
+        assert!(plan(&packs, &unbounded(100), PACK).repack.is_empty());
         // Within the copy bound only; a merge of one pack would change nothing.
         let packs: Vec<PackUsage> = (1..=SMALL_PACKS_KEPT as i64 + 1)
             .map(|n| usage(n, n as u64, 1, n as u64))
@@ -540,10 +547,10 @@ mod tests {
             ..unbounded(10)
         };
         assert_eq!(
-            plan(&packs, &bounded(1 + 2 + 3)).repack,
+            plan(&packs, &bounded(1 + 2 + 3), PACK).repack,
             packs[..3].to_vec()
         );
-        assert_eq!(plan(&packs, &bounded(2)).small, 0);
+        assert_eq!(plan(&packs, &bounded(2), PACK).small, 0);
     }
 
     #[test]
@@ -559,12 +566,12 @@ mod tests {
             .collect();
         // An index whose packs all died is left to the dead packs' retirement.
         packs.push(listed_by(100, 100, 0));
-        assert!(plan(&packs, &unbounded(100)).merge.is_empty());
+        assert!(plan(&packs, &unbounded(100), PACK).merge.is_empty());
         // A full index is never merged; one more small one merges every small one.
         packs.extend((0..SMALL_INDEX_PACKS as i64).map(|n| listed_by(200, 1000 + n, 1)));
         assert!(small_indexes(&packs).is_empty());
         packs.push(listed_by(300, 300, 2));
-        let plan = plan(&packs, &unbounded(100));
+        let plan = plan(&packs, &unbounded(100), PACK);
         let mut expected: Vec<PackId> = (0..SMALL_INDEXES_KEPT as u64).map(id).collect();
         expected.push(id(300));
         assert_eq!(plan.merge, expected);
