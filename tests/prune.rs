@@ -444,46 +444,26 @@ fn prune_convert_packs_a_format_1_store_and_a_kill_at_every_step_loses_nothing()
 /// still restores from the store alone.
 #[test]
 fn an_idle_mount_merges_small_index_objects() {
-    const SNAPSHOTS: usize = 20;
-    let mount = Mount::new();
-    let store = mount.data_dir().join("store");
-    let index_objects = || {
-        fs::read_dir(store.join("index"))
-            .map(|entries| entries.count())
-            .unwrap_or(0)
-    };
-    for n in 0..SNAPSHOTS {
-        fs::write(mount.path().join(file_name(n)), file_content(n, 1)).expect("write");
-        take_snapshot(&mount, &format!("s{n}"));
-        wait_completed(&mount, &format!("s{n}"));
-    }
-    wait_for(|| index_objects() <= 4);
-    let url = format!("file://{}", store.display());
-    for last in [0, SNAPSHOTS / 2, SNAPSHOTS - 1] {
-        let dest = mount.scratch(&format!("restore-{last}"));
-        let out = run(snapfs()
-            .args(["restore", "--store", &url])
-            .arg(format!("s{last}"))
-            .arg(&dest));
-        assert_ok(&out, &format!("restore s{last} from the store"));
-        for n in 0..=last {
-            let data = fs::read(dest.join(file_name(n))).expect("read a restored file");
-            assert_bytes_eq(&data, &file_content(n, 1), &format!("s{last}: file {n}"));
-        }
-        assert!(!dest.join(file_name(last + 1)).exists());
-    }
+    merged_after_small_uploads("index", 4);
 }
 
+/// Each upload sends a small pack of blocks and one of trees (40 here without merging):
+/// an idle mount keeps 16 small packs (`gc::SMALL_PACKS_KEPT`), plus the one a merge may
+/// leave, and every snapshot still restores from the store alone.
 #[test]
 fn an_idle_mount_merges_small_packs() {
+    merged_after_small_uploads("packs", 16 + 1);
+}
+
+/// Takes 20 snapshots of one new small file each, each uploaded before the next, waits
+/// until the store's `kind` directory holds at most `at_most` objects, then restores
+/// the first, a middle and the last snapshot from the store alone, byte for byte.
+fn merged_after_small_uploads(kind: &str, at_most: usize) {
     const SNAPSHOTS: usize = 20;
-    // What the uploader keeps of small packs (`gc::SMALL_PACKS_KEPT`), and the one a merge
-    // may leave.
-    const SMALL_PACKS_LEFT: usize = 16 + 1;
     let mount = Mount::new();
     let store = mount.data_dir().join("store");
-    let packs = || {
-        fs::read_dir(store.join("packs"))
+    let objects = || {
+        fs::read_dir(store.join(kind))
             .map(|entries| entries.count())
             .unwrap_or(0)
     };
@@ -492,8 +472,7 @@ fn an_idle_mount_merges_small_packs() {
         take_snapshot(&mount, &format!("s{n}"));
         wait_completed(&mount, &format!("s{n}"));
     }
-    // Each upload sent a small pack of blocks and one of trees: 40 without merging.
-    wait_for(|| packs() <= SMALL_PACKS_LEFT);
+    wait_for(|| objects() <= at_most);
     let url = format!("file://{}", store.display());
     for last in [0, SNAPSHOTS / 2, SNAPSHOTS - 1] {
         let dest = mount.scratch(&format!("restore-{last}"));
