@@ -297,11 +297,13 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     volume
         .spawn_trash_timer(TRASH_CHECK)
         .map_err(MountError::Daemon)?;
-    let session = start_session(args, &volume)?;
-    volume.on_attrs_changed(kernel_attr_dropper(&session));
+    let session = start_session(args, &volume, |notifier| {
+        volume.on_attrs_changed(kernel_attr_dropper(notifier));
+        volume.on_pruned(kernel_forgetter(notifier)?);
+        Ok(())
+    })?;
     let uploader = Uploader::start(runtime, worker).map_err(MountError::Daemon)?;
     // After the session: scheduled snapshots run the hooks, which may use the mount.
-    volume.on_pruned(kernel_forgetter(&session)?);
     let scheduler = volume.spawn_scheduler().map_err(MountError::Daemon)?;
     tracing::info!(mountpoint = %args.mountpoint.display(), data = %args.data_dir.display(), store = %url, "mounted");
     wait_for_unmount(session, ready, &signals);
@@ -365,9 +367,9 @@ fn serve_follower(
         .map_err(|e| MountError::Reported(format!("store: {e}")))?;
     volume.attach_origin(followed.clone(), runtime.handle().clone());
     volume.attach_store(followed, runtime.handle().clone(), args.cache_size)?;
-    let session = start_session(args, &volume)?;
+    let session = start_session(args, &volume, |_| Ok(()))?;
     // Snapshots deleted in the store vanish here behind the kernel's back.
-    let forget = kernel_forgetter(&session)?;
+    let forget = kernel_forgetter(&session.notifier)?;
     let forget = Box::new(move |name: &[u8]| forget(volume::SNAPDIR, name));
     let follower = follow::Follower::start(volume.clone(), stores, args.follow_interval, forget)
         .map_err(MountError::Daemon)?;
@@ -388,7 +390,15 @@ struct Session {
     thread: std::thread::JoinHandle<std::io::Result<()>>,
 }
 
-fn start_session(args: &MountArgs, volume: &Arc<Volume>) -> Result<Session, MountError> {
+/// Mounts and serves the volume. `wire` gets the session's notifier before the first
+/// request is served: a core callback registered later would miss the changes of the
+/// first requests (a close whose flush never drops the kernel's cached `st_blocks`), as
+/// the mount is visible, and used, from here.
+fn start_session(
+    args: &MountArgs,
+    volume: &Arc<Volume>,
+    wire: impl FnOnce(&fuser::Notifier) -> Result<(), MountError>,
+) -> Result<Session, MountError> {
     let mut session = fuser::Session::new(
         SnapFs::new(volume.clone(), !args.read_only),
         &args.mountpoint,
@@ -400,6 +410,7 @@ fn start_session(args: &MountArgs, volume: &Arc<Volume>) -> Result<Session, Moun
     })?;
     let unmounter = session.unmount_callable();
     let notifier = session.notifier();
+    wire(&notifier)?;
     let thread = std::thread::Builder::new()
         .name("fuse-session".into())
         .spawn(move || {
@@ -422,8 +433,8 @@ fn start_session(args: &MountArgs, volume: &Arc<Volume>) -> Result<Session, Moun
 /// behind the kernel's back (looked up with a long TTL). On a thread of its own: a
 /// deletion may come from a request on the directory itself (a prune of `.snapshots`),
 /// during which the kernel holds the directory that the invalidation must lock.
-fn kernel_forgetter(session: &Session) -> Result<volume::Pruned, MountError> {
-    let notifier = session.notifier.clone();
+fn kernel_forgetter(notifier: &fuser::Notifier) -> Result<volume::Pruned, MountError> {
+    let notifier = notifier.clone();
     let (names, deleted) = std::sync::mpsc::channel::<(volume::NodeId, Vec<u8>)>();
     std::thread::Builder::new()
         .name("snapfs-forget".into())
@@ -446,8 +457,8 @@ fn kernel_forgetter(session: &Session) -> Result<volume::Pruned, MountError> {
 /// back (see `volume::AttrsChanged`), at once, on the thread that changed it: unlike a
 /// name (`kernel_forgetter`), an inode's attributes are dropped without any lock the
 /// kernel may hold while it waits for this daemon.
-fn kernel_attr_dropper(session: &Session) -> volume::AttrsChanged {
-    let notifier = session.notifier.clone();
+fn kernel_attr_dropper(notifier: &fuser::Notifier) -> volume::AttrsChanged {
+    let notifier = notifier.clone();
     Box::new(move |node: volume::NodeId| {
         // A negative offset: the attributes only; the cached pages hold the same bytes.
         if let Err(e) = notifier.inval_inode(fuser::INodeNo(node.raw()), -1, 0) {
