@@ -1102,8 +1102,8 @@ impl ReadTx<'_> {
             .optional()?)
     }
 
-    /// The length of block `hash` and its pieces' values, if the flush that wrote it, or
-    /// the fetch that kept it, kept them (`blocks::hash_and_pieces`).
+    /// The length of block `hash` and its pieces' values, if the flush that wrote it kept
+    /// them (`blocks::hash_and_pieces`).
     pub fn block_pieces(&self, hash: &BlockHash) -> Result<Option<(u32, Vec<u8>)>> {
         Ok(self
             .conn
@@ -1460,18 +1460,6 @@ impl WriteTx<'_> {
         Ok(())
     }
 
-    /// Keeps the pieces' values of block `hash` (`len` bytes), as `blocks::hash_and_pieces`
-    /// made them, unless the catalog has them already.
-    pub fn keep_block_pieces(&self, hash: &BlockHash, len: u32, values: &[u8]) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO block_pieces (hash, len, piece_values)
-                 VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![hash.as_bytes(), len, values])?;
-        Ok(())
-    }
-
     /// Maps block `idx` of `ino` to `block` (hash, length, and its bytes if they live in
     /// the catalog rather than a block file: see `blocks::INLINE_MAX`), or to a hole.
     /// Returns the change in allocated bytes.
@@ -1501,7 +1489,12 @@ impl WriteTx<'_> {
                 .execute(params![hash.as_bytes(), data])?;
         }
         if let Some(values) = pieces {
-            self.keep_block_pieces(hash, len, values)?;
+            self.conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO block_pieces (hash, len, piece_values)
+                     VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![hash.as_bytes(), len, values])?;
         }
         // A block written again after it was evicted is local again.
         self.conn

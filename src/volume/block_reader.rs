@@ -297,30 +297,10 @@ impl BlockReader {
         Ok(data)
     }
 
-    /// Keeps a block fetched from a store (verified) on the local disk again, with its
-    /// pieces' values if the catalog lacks them (an origin's block: no flush here made
-    /// them), so that a small read of it after the next mount reads one piece, not all.
+    /// Keeps a block fetched from a store (verified) on the local disk again.
     fn keep(&self, hash: &BlockHash, data: &[u8]) -> Result<()> {
         self.local.put(hash, data)?;
-        let pieces = if data.len() > blocks::PIECE
-            && lock(&self.catalog)
-                .read(|tx| tx.block_pieces(hash))?
-                .is_none()
-        {
-            // Hashed again, outside the catalog's lock: the fetch verified the block
-            // whole, and a fetch costs far more than the hash.
-            blocks::hash_and_pieces(data).1
-        } else {
-            None
-        };
-        let local = lock(&self.catalog).write(|tx| {
-            let local = tx.set_block_local(hash, true)?;
-            // Only for a block the catalog still has (a writer may have freed it meanwhile).
-            if let (true, Some(values)) = (local, &pieces) {
-                tx.keep_block_pieces(hash, data.len() as u32, values)?;
-            }
-            Ok::<_, crate::catalog::Error>(local)
-        })?;
+        let local = lock(&self.catalog).write(|tx| tx.set_block_local(hash, true))?;
         if let (true, Some(cache)) = (local, self.evictable.get()) {
             lock(cache).admit(*hash, data.len() as u32);
         }
