@@ -285,17 +285,17 @@ pub fn prune(dir: &Path, options: PruneOptions) -> Result<PruneReport, DrainErro
         format_1_objects,
         ..ConvertReport::default()
     };
+    // The worker a prune runs, and whose pack size a dry run's plan fills.
+    let upload = UploadOptions::default();
     let (gc, convert) = if options.dry_run {
         let packs = watch.read(|tx| tx.indexed_packs())?;
-        // The pack size a prune repacks into (`UploadOptions::default`, below).
-        let pack_size = UploadOptions::default().pack_size as u64;
-        (gc::plan(&packs, &policy, pack_size).report(&packs), found)
+        let plan = gc::plan(&packs, &policy, upload.pack_size as u64);
+        (plan.report(&packs), found)
     } else {
         drop(watch);
         let runtime = store::runtime().map_err(DrainError::Runtime)?;
         let volume = open_unmounted(dir, "collects garbage", "prune with `snapfs store prune`")?;
         let pruned = runtime.block_on(async {
-            let upload = UploadOptions::default();
             let (_, worker) = open_worker(&volume, options.store.as_ref(), upload, None).await?;
             worker.abandon_interrupted()?;
             let convert = match options.convert {
