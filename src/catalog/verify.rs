@@ -109,9 +109,11 @@ impl ReadTx<'_> {
                     p.len, 'bytes; the block has', b.len
              FROM block_pieces p LEFT JOIN blocks b ON b.hash = p.hash
              WHERE b.len IS NOT p.len
-                OR length(p.piece_values) != (p.len + ?1 - 1) / ?1 * ?2",
+                OR length(p.piece_values) NOT IN ((p.len + ?1 - 1) / ?1 * ?3,
+                                                  (p.len + ?2 - 1) / ?2 * ?3)",
             &[
                 Value::Integer(blocks::PIECE as i64),
+                Value::Integer(blocks::WIDE_PIECE as i64),
                 Value::Integer(blocks::PIECE_VALUE_LEN as i64),
             ],
         )?;
