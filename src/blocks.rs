@@ -239,11 +239,11 @@ pub fn hash_and_pieces(data: &[u8]) -> (BlockHash, Option<Vec<u8>>) {
     (hash, pieces.map(|pieces| pieces.encode()))
 }
 
-/// Whether a read of `len` bytes from `offset` into a block of `block_size` bytes could be
+/// Whether a read of `len` bytes from `offset` into a block of `block_len` bytes could be
 /// served from fewer pieces than the whole block: worth adopting the catalog's values
-/// first. A read from a block's start within one piece is most often all of a small file.
-pub fn reads_part(offset: usize, len: usize, block_size: usize) -> bool {
-    offset > 0 || (PIECE < len && len < block_size)
+/// first. (A block of one piece has none; a read of all of a block reads it whole.)
+pub fn reads_part(offset: usize, len: usize, block_len: usize) -> bool {
+    block_len > PIECE && (offset > 0 || len < block_len)
 }
 
 /// The chaining value of the subtree of a block's hash tree that starts at `offset` and
@@ -951,11 +951,17 @@ mod tests {
         let block = 256 * 1024;
         assert!(reads_part(4096, 4096, block), "a 4 KiB read inside a block");
         assert!(reads_part(0, 2 * PIECE, block), "the first pieces");
+        assert!(reads_part(0, 4096, block), "the first page of a block");
         assert!(!reads_part(0, block, block), "the whole block");
         assert!(
-            !reads_part(0, 1024, block),
+            !reads_part(0, 1024, 1024),
             "a small file, read from its start"
         );
+        assert!(
+            !reads_part(0, 12288, 10000),
+            "a file of a few pages, read whole"
+        );
+        assert!(!reads_part(1024, 1024, PIECE), "a block of one piece");
     }
 
     #[test]

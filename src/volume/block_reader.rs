@@ -161,27 +161,33 @@ impl BlockReader {
         self.local_or_none(hash, self.local.get(hash), |data| data)
     }
 
-    /// Copies block `hash` from `offset` into `out` from memory or the local disk (see
-    /// `BlockStore::read_into`): how many bytes it had there, `None` if only a store has it.
+    /// Copies block `hash` (of `block_len` bytes, as far as the reader knows) from `offset`
+    /// into `out` from memory or the local disk (see `BlockStore::read_into`): how many
+    /// bytes it had there, `None` if only a store has it.
     pub fn read_local(
         &self,
         hash: &BlockHash,
+        block_len: usize,
         offset: usize,
         out: &mut [u8],
     ) -> Result<Option<usize>> {
-        if blocks::reads_part(offset, out.len(), self.block_size as usize)
-            && !self.local.knows_pieces(hash)
-        {
+        if blocks::reads_part(offset, out.len(), block_len) && !self.local.knows_pieces(hash) {
             self.adopt_pieces(hash)?;
         }
         let read = self.local.read_into(hash, offset, out);
         self.local_or_none(hash, read, |data| copy_from(&data, offset, out))
     }
 
-    /// Copies block `hash` from `offset` into `out`, from wherever it is: how many bytes it
-    /// had there.
-    pub fn read(&self, hash: &BlockHash, offset: usize, out: &mut [u8]) -> Result<usize> {
-        match self.read_local(hash, offset, out)? {
+    /// Copies block `hash` (of `block_len` bytes) from `offset` into `out`, from wherever
+    /// it is: how many bytes it had there.
+    pub fn read(
+        &self,
+        hash: &BlockHash,
+        block_len: usize,
+        offset: usize,
+        out: &mut [u8],
+    ) -> Result<usize> {
+        match self.read_local(hash, block_len, offset, out)? {
             Some(len) => Ok(len),
             None => {
                 metrics::cache_miss();

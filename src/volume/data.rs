@@ -50,6 +50,8 @@ struct Span {
     len: usize,
     first: u64,
     last: u64,
+    /// The file's size.
+    size: u64,
 }
 
 impl Span {
@@ -61,6 +63,7 @@ impl Span {
             len: (end - offset) as usize,
             first: offset / block_size,
             last: (end - 1) / block_size,
+            size,
         })
     }
 }
@@ -332,10 +335,15 @@ impl Volume {
             }
             let part = &mut out[(from - span.start) as usize..(to - span.start) as usize];
             let in_block = (from - idx * bs) as usize;
+            let block_len = (span.size - idx * bs).min(bs) as usize;
             self.read_ahead.wait_for(&hash);
             if fetch {
-                self.blocks.read(&hash, in_block, part)?;
-            } else if self.blocks.read_local(&hash, in_block, part)?.is_none() {
+                self.blocks.read(&hash, block_len, in_block, part)?;
+            } else if self
+                .blocks
+                .read_local(&hash, block_len, in_block, part)?
+                .is_none()
+            {
                 missing.push(hash);
             }
         }
