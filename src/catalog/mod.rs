@@ -793,14 +793,15 @@ impl Catalog {
     }
 
     /// Deletes snapshot (or checkpoint) `id` and every row only it could see (see
-    /// `exclusive_rows`). Returns the blocks no longer referenced, for the caller to delete.
-    pub fn delete_snapshot(&mut self, id: u64) -> Result<Vec<BlockHash>> {
+    /// `exclusive_rows`). The blocks it leaves unreferenced are the garbage collector's
+    /// (`take_unreferenced_blocks`).
+    pub fn delete_snapshot(&mut self, id: u64) -> Result<()> {
         self.commit()?;
         let live = self.generation;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let freed = {
+        {
             let t = WriteTx::new(&tx, live);
             let bounds = t.snapshot_bounds(id)?;
             let state: String = tx.query_row(
@@ -816,10 +817,9 @@ impl Catalog {
             if state != checkpoints::CHECKPOINT {
                 t.forget_snapshot_objects(id, bounds.generation)?;
             }
-            t.take_unreferenced_blocks()?
-        };
+        }
         tx.commit()?;
-        Ok(freed)
+        Ok(())
     }
 
     /// Makes every commit so far durable against power loss: commits run with
@@ -1566,30 +1566,33 @@ impl WriteTx<'_> {
         Ok(freed + self.mapped_bytes(dst, to, to_last)?)
     }
 
-    /// Forgets the blocks no map row references any more and returns them, so the caller
-    /// can delete their data. Those already in the object store are queued for deletion
-    /// there.
-    pub fn take_unreferenced_blocks(&self) -> Result<Vec<BlockHash>> {
-        self.conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO store_deletions (key)
-                 SELECT ?1 || lower(hex(hash)) FROM blocks
-                 WHERE refs = 0 AND stored = 1 AND pack IS NULL",
-            )?
-            .execute([crate::store::ObjectKey::BLOCKS])?;
-        let mut stmt = self
+    /// Forgets up to `limit` blocks no map row references any more and returns them, so
+    /// the caller can delete their data. Those already in the object store are queued for
+    /// deletion there.
+    pub fn take_unreferenced_blocks(&self, limit: usize) -> Result<Vec<BlockHash>> {
+        let hashes = self
             .conn
-            .prepare_cached("DELETE FROM blocks WHERE refs = 0 RETURNING hash")?;
-        let hashes = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
-        let mut freed = Vec::new();
+            .prepare_cached("SELECT hash FROM blocks WHERE refs = 0 LIMIT ?1")?
+            .query_map([limit as i64], |r| r.get::<_, Vec<u8>>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut queue_deletion = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO store_deletions (key)
+             SELECT ?1 || lower(hex(hash)) FROM blocks
+             WHERE hash = ?2 AND stored = 1 AND pack IS NULL",
+        )?;
+        let mut forget = self
+            .conn
+            .prepare_cached("DELETE FROM blocks WHERE hash = ?1")?;
+        let mut freed = Vec::with_capacity(hashes.len());
         for hash in hashes {
-            let hash = hash?;
+            queue_deletion.execute(params![crate::store::ObjectKey::BLOCKS, hash])?;
+            forget.execute([&hash])?;
             freed.push(
                 BlockHash::try_from(hash.as_slice())
                     .map_err(|_| Error::Corrupt("bad hash in the block table".into()))?,
             );
         }
-        drop(stmt);
+        drop((queue_deletion, forget));
         // Packed blocks leave their pack's count (a trigger): packs left empty go.
         self.queue_dead_packs()?;
         Ok(freed)

@@ -16,7 +16,7 @@ use std::time::Duration;
 use super::snapshots::{SNAPDIR, SNAPDIR_INO, XATTR_CREATED, XATTR_ID, XATTR_STATE};
 use super::{Attr, DirEntry, Error, NodeId, Result, SnapshotInfo, View, Volume, rfc3339};
 use crate::catalog::{CheckpointRow, ROOT_INO, ReadTx};
-use crate::sync::{lock, write};
+use crate::sync::lock;
 
 /// Name of the hidden checkpoint directory in `.snapshots`.
 pub const CHECKPOINTS_NAME: &[u8] = b".checkpoints";
@@ -216,16 +216,13 @@ impl Volume {
     /// Deletes checkpoint `id`, freeing the rows and blocks nothing else needs (a block
     /// a snapshot needs has a reference from that snapshot's rows, so it stays).
     fn delete_checkpoint(&self, id: u64) -> Result<()> {
-        let _no_block_being_adopted = write(&self.gc);
         let name = self.checkpoints.get(id)?.name;
-        let freed = self.checkpoints.remove(id, || {
+        self.checkpoints.remove(id, || {
             self.freeing(|| Ok(lock(&self.catalog).delete_snapshot(id)?))
         })?;
         // Thinning and a full disk drop checkpoints with no request on their directory.
         self.forget_name(CHECKPOINT_DIR, name.as_bytes());
-        for hash in freed {
-            self.blocks.local().remove(&hash)?;
-        }
+        self.freeing(|| self.collect_garbage())?;
         // Blocks stored for a snapshot deleted since may be freed only now, in the store too.
         self.upload_wake.notify_one();
         Ok(())

@@ -620,7 +620,8 @@ impl Volume {
         }
         self.files.discard_buffers(state);
         crate::metrics::flushed();
-        self.collect_garbage()
+        // Under the file's lock: one batch (an overwrite frees about what it wrote).
+        self.collect_garbage_batches(1)
     }
 
     /// Deletes the data of blocks a failed flush stored that the catalog does not know.

@@ -184,6 +184,11 @@ fn parse_remembered(what: &str, url: &str) -> Result<StoreUrl> {
 /// open it died without shutting down.
 const RUNNING_MARKER: &str = "running";
 
+/// Blocks freed per hold of the exclusive GC lock. Flushes (so writers, and a snapshot
+/// taken meanwhile) wait while a batch's files are deleted: all 8,192 of a deleted 2 GiB
+/// file at once held them for 1.6 s on this disk.
+const GC_BATCH: usize = 64;
+
 /// Takes the data dir's lock if no mount holds it (`None` if one does), for tools that
 /// must not run beside a mount or want none to start meanwhile.
 pub fn try_lock_data_dir(dir: &Path) -> Result<Option<fs::File>> {
@@ -458,21 +463,38 @@ impl Volume {
         Ok(())
     }
 
-    /// Deletes the data of blocks nothing references any more. While a catalog group is
-    /// open this waits for the committer: a block file must not go before the catalog
-    /// change that stopped naming it has committed.
+    /// Deletes the data of blocks nothing references any more, a batch at a time. While a
+    /// catalog group is open this waits for the committer: a block file must not go before
+    /// the catalog change that stopped naming it has committed.
     fn collect_garbage(&self) -> Result<()> {
-        // Most changes free nothing: find that out without the exclusive lock.
-        {
-            let catalog = lock(&self.catalog);
-            if catalog.group_open() || !catalog.read(|tx| tx.has_unreferenced_blocks())? {
-                return Ok(());
+        self.collect_garbage_batches(usize::MAX)
+    }
+
+    /// `collect_garbage`, `batches` batches at most: what a caller holding a file's lock
+    /// does, so that the file's writers (and a snapshot) wait for one batch, not for all
+    /// of a deleted file's blocks (1.5 to 2 s for 2 GiB here: each unlink of a block file
+    /// waits for the disk's discard). The committer, after its next commit, or the next
+    /// call frees the rest.
+    fn collect_garbage_batches(&self, batches: usize) -> Result<()> {
+        for _ in 0..batches {
+            // Most changes free nothing: find that out without the exclusive lock.
+            {
+                let catalog = lock(&self.catalog);
+                if catalog.group_open() || !catalog.read(|tx| tx.has_unreferenced_blocks())? {
+                    return Ok(());
+                }
             }
-        }
-        let _exclusive = crate::sync::write(&self.gc);
-        let freed = lock(&self.catalog).write_now(|tx| tx.take_unreferenced_blocks())?;
-        for hash in freed {
-            self.blocks.local().remove(&hash)?;
+            // Exclusive from taking a batch to deleting its files: no flush is then between
+            // finding a block's file already there and adopting it.
+            let _exclusive = crate::sync::write(&self.gc);
+            let freed =
+                lock(&self.catalog).write_now(|tx| tx.take_unreferenced_blocks(GC_BATCH))?;
+            for hash in &freed {
+                self.blocks.local().remove(hash)?;
+            }
+            if freed.len() < GC_BATCH {
+                break;
+            }
         }
         Ok(())
     }

@@ -375,7 +375,7 @@ impl Volume {
             state.ctime = time;
             // The map changed outside a flush: reads must load it again.
             state.reads.forget_map();
-            self.collect_garbage()?;
+            self.collect_garbage_batches(1)?;
         }
         if !head_bytes.is_empty() {
             self.buffer_write(dst.ino, &mut state, dst_offset, &head_bytes)?;

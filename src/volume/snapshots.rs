@@ -306,14 +306,11 @@ impl Volume {
     /// Deletes snapshot `row` for good, freeing the rows and blocks nothing else needs.
     pub(super) fn remove_snapshot(&self, row: &SnapshotRow) -> Result<()> {
         let name = &row.name;
-        let _no_block_being_adopted = write(&self.gc);
-        let freed = self.snapshots.remove(row.id, || {
+        self.snapshots.remove(row.id, || {
             self.freeing(|| Ok(lock(&self.catalog).delete_snapshot(row.id)?))
         })?;
+        self.freeing(|| self.collect_garbage())?;
         self.upload_wake.notify_one();
-        for hash in freed {
-            self.blocks.local().remove(&hash)?;
-        }
         tracing::info!(name = %String::from_utf8_lossy(name), "snapshot deleted");
         Ok(())
     }

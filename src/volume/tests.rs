@@ -208,6 +208,27 @@ fn overwritten_blocks_are_freed() {
 }
 
 #[test]
+fn a_flush_frees_one_batch_under_the_files_lock_and_a_collection_the_rest() {
+    let t = TestVolume::new();
+    let blocks = 3 * GC_BATCH;
+    let node = t.write_file("f", &pattern(blocks * 4096, 1));
+    assert_eq!(t.block_files(), blocks);
+    let handle = t.v().open_file(node, true).expect("open");
+    t.truncate(node, 0);
+    t.v().write(node, 0, &pattern(4096, 2)).expect("write");
+    t.v().release(handle).expect("release");
+    // Each flush round under the file's lock frees one batch of what it unmapped.
+    let left = t.block_files();
+    assert!(
+        (2..=1 + blocks - GC_BATCH).contains(&left),
+        "{left} block files after the flush: not one batch at a time"
+    );
+    t.v().collect_garbage().expect("collect");
+    assert_eq!(t.block_files(), 1);
+    assert_eq!(t.read_all(node), pattern(4096, 2));
+}
+
+#[test]
 fn small_blocks_live_in_the_catalog_and_read_back_everywhere() {
     let mut t = TestVolume::new();
     // One full block (a file) and a tail of 100 bytes (in the catalog).
