@@ -367,7 +367,8 @@ impl BlockStore {
     pub fn open(dir: &Path, cache_blocks: usize) -> Result<BlockStore, BlockError> {
         let temp = dir.join("tmp");
         fs::create_dir_all(&temp).map_err(|e| BlockError::io(&temp, e))?;
-        // Temporaries of a crashed run were never renamed into place: nothing refers to them.
+        // Temporaries of a crashed run were never renamed into place, and files the GC moved
+        // here (`detach`) were freed: nothing refers to them.
         for entry in fs::read_dir(&temp).map_err(|e| BlockError::io(&temp, e))? {
             let entry = entry.map_err(|e| BlockError::io(&temp, e))?;
             let _ = fs::remove_file(entry.path());
@@ -613,10 +614,26 @@ impl BlockStore {
     /// Deletes a block no one references any more.
     pub fn remove(&self, hash: &BlockHash) -> Result<(), BlockError> {
         self.lock_cache().pop(hash);
+        delete_file(&self.path_of(hash))
+    }
+
+    /// Moves the file of a block no one references any more out of the store, into `tmp`
+    /// (emptied at open), for `delete_detached` to delete. A rename is quick; an unlink
+    /// waits for the disk to discard the file's extents (milliseconds each with `-o
+    /// discard`). So the GC renames while it holds its exclusive lock, which flushes wait
+    /// for, and unlinks after. `None`: nothing left to delete.
+    pub fn detach(&self, hash: &BlockHash) -> Result<Option<PathBuf>, BlockError> {
+        self.lock_cache().pop(hash);
         let path = self.path_of(hash);
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(BlockError::io(&path, e)),
-            _ => Ok(()),
+        let detached = self
+            .dir
+            .join("tmp")
+            .join(format!("freed-{}", hash.to_hex()));
+        match fs::rename(&path, &detached) {
+            Ok(()) => Ok(Some(detached)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            // No room for the new name (a full disk): delete it in place, the slow way.
+            Err(_) => delete_file(&path).map(|()| None),
         }
     }
 
@@ -683,6 +700,19 @@ impl BlockStore {
     }
 }
 
+/// Deletes the files `BlockStore::detach` moved out of the store.
+pub fn delete_detached(paths: &[PathBuf]) -> Result<(), BlockError> {
+    paths.iter().try_for_each(|path| delete_file(path))
+}
+
+/// Deletes `path`; already gone is no error.
+fn delete_file(path: &Path) -> Result<(), BlockError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(BlockError::io(path, e)),
+        _ => Ok(()),
+    }
+}
+
 /// An LRU cache of at most `entries` (at least one).
 fn bounded<V>(entries: usize) -> LruCache<BlockHash, V> {
     LruCache::new(std::num::NonZeroUsize::new(entries).unwrap_or(std::num::NonZeroUsize::MIN))
@@ -745,6 +775,52 @@ mod tests {
             fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
             0
         );
+    }
+
+    /// The GC's two steps: a detached block is gone from the store at once (a flush that
+    /// stores the same bytes again writes a new file), its file is deleted by
+    /// `delete_detached`, or by the next open if the process died between the two.
+    #[test]
+    fn a_detached_block_leaves_the_store_at_once_and_its_file_after() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = BlockStore::open(dir.path(), 4).expect("open");
+        let (first, second) = (bytes(5000), bytes(6000));
+        let (hash_first, hash_second) = (BlockHash::of(&first), BlockHash::of(&second));
+        store.put(&hash_first, &first).expect("put first");
+        store.put(&hash_second, &second).expect("put second");
+        assert_eq!(store.get(&hash_first).expect("cached").as_slice(), first);
+
+        let detached = store.detach(&hash_first).expect("detach").expect("a file");
+        assert!(matches!(
+            store.get(&hash_first),
+            Err(BlockError::Missing { .. })
+        ));
+        assert_eq!(fs::read(&detached).expect("detached file"), first);
+        store.put(&hash_first, &first).expect("stored again");
+        assert_eq!(
+            fs::read(store.path_of(&hash_first)).expect("new file"),
+            first
+        );
+        delete_detached(std::slice::from_ref(&detached)).expect("delete");
+        assert!(!detached.exists());
+        assert_eq!(store.get(&hash_first).expect("read").as_slice(), first);
+        assert_eq!(
+            store
+                .detach(&BlockHash::of(b"never stored"))
+                .expect("absent"),
+            None
+        );
+
+        // Died between the two: the next open deletes what was detached.
+        let left = store.detach(&hash_second).expect("detach").expect("a file");
+        drop(store);
+        let reopened = BlockStore::open(dir.path(), 4).expect("reopen");
+        assert!(!left.exists());
+        assert!(matches!(
+            reopened.get(&hash_second),
+            Err(BlockError::Missing { .. })
+        ));
+        assert_eq!(reopened.get(&hash_first).expect("kept").as_slice(), first);
     }
 
     fn bytes(len: usize) -> Vec<u8> {
