@@ -718,7 +718,8 @@ impl Volume {
     /// Makes everything flushed so far durable: blocks first, then the catalog naming them.
     pub(super) fn sync(&self) -> Result<()> {
         self.blocks.local().sync()?;
-        lock(&self.catalog).sync()?;
+        let wal = lock(&self.catalog).commit_for_sync()?;
+        wal.sync()?;
         Ok(())
     }
 

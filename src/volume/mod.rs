@@ -28,7 +28,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::blocks::{self, BlockStore};
 use crate::catalog::{Catalog, InodeRow, Kind, LIVE, ROOT_INO, Setting};
@@ -620,6 +620,10 @@ fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
     Ok(stat)
 }
 
+/// How often the committer folds the catalog's WAL in while groups commit
+/// (`catalog::Checkpointer`): about as often as SQLite did under a streaming writer.
+const FOLD_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Group commit needs this much free disk in the data dir: one group's commit must never
 /// fail for room (it would take operations that returned with it).
 const GROUP_COMMIT_MIN_FREE: u64 = 256 << 20;
@@ -639,11 +643,15 @@ impl Volume {
             statvfs(&dir)
                 .is_ok_and(|s| s.f_bavail.saturating_mul(s.f_frsize) >= GROUP_COMMIT_MIN_FREE)
         };
+        let checkpointer = lock(&self.catalog)
+            .checkpointer()
+            .map_err(std::io::Error::other)?;
         lock(&self.catalog).enable_group_commit(opened, Box::new(has_room));
         let volume = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("snapfs-committer".into())
             .spawn(move || {
+                let mut folded = Instant::now();
                 // Ends when the catalog (and its sender) is dropped with the volume.
                 while groups.recv().is_ok() {
                     std::thread::sleep(window);
@@ -656,6 +664,12 @@ impl Volume {
                         .and_then(|()| volume.collect_garbage())
                     {
                         tracing::error!(error = %e, "background catalog commit failed");
+                    }
+                    if folded.elapsed() >= FOLD_INTERVAL {
+                        if let Err(e) = checkpointer.fold() {
+                            tracing::warn!(error = %e, "cannot fold the catalog's WAL in");
+                        }
+                        folded = Instant::now();
                     }
                 }
             })?;
