@@ -254,13 +254,14 @@ impl BlockReader {
                 break claim;
             }
             self.fetching.wait_for(hash);
-            // Kept by that fetch, unless it failed (then this one tries for itself).
-            if let Some(data) = self.local_block(hash)? {
-                return Ok(data);
-            }
         };
-        // (One that landed between the caller's miss and the claim is fetched again: rare,
-        // and cheaper than looking on the disk and in the catalog before every fetch.)
+        // Kept by the fetch this one waited for, or by one that ended between the caller's
+        // miss and the claim (unless it failed: then this one fetches for itself). A look
+        // on the disk costs far less than a second request to the store, which the
+        // readers of a cold file's neighbours made under load.
+        if let Some(data) = self.local_block(hash)? {
+            return Ok(data);
+        }
         self.fetch_claimed(hash)
     }
 
