@@ -696,7 +696,7 @@ impl Catalog {
     /// `Checkpointer`); from now on this connection leaves that to it, up to
     /// `SELF_CHECKPOINT_PAGES`.
     pub fn checkpointer(&self) -> Result<Checkpointer> {
-        let path = self.conn.path().unwrap_or_default();
+        let path = self.file_path()?;
         let open_err = |source| Error::Open {
             path: path.into(),
             source,
@@ -899,11 +899,7 @@ impl Catalog {
     /// database file and synced it first, so they are durable either way.
     pub fn commit_for_sync(&mut self) -> Result<WalSync> {
         self.commit()?;
-        let wal = self
-            .conn
-            .path()
-            .map(|db| PathBuf::from(format!("{db}-wal")));
-        let wal = wal.ok_or_else(|| Error::Corrupt("the catalog has no file".into()))?;
+        let wal = PathBuf::from(format!("{}-wal", self.file_path()?));
         let file = match std::fs::File::open(&wal) {
             Ok(file) => Some(file),
             // No WAL: every commit is in the database file, synced when it was folded in.
@@ -911,6 +907,14 @@ impl Catalog {
             Err(source) => return Err(Error::Io { path: wal, source }),
         };
         Ok(WalSync { file, path: wal })
+    }
+
+    /// The path of the catalog's database file (its WAL is beside it).
+    fn file_path(&self) -> Result<&str> {
+        self.conn
+            .path()
+            .filter(|path| !path.is_empty())
+            .ok_or_else(|| Error::Corrupt("the catalog has no file".into()))
     }
 
     /// Folds the WAL into the database file (at unmount).
