@@ -105,22 +105,22 @@ fn assert_restorable(s3: &S3Env, url: &str, expected: &[(&str, Versions)], scrat
 }
 
 /// A volume on `s3` under `prefix` (mounted with background repacking off, packs of 1
-/// MiB, two files each, every block evicted once stored): snapshot `old` of version 1, `mid` with six files rewritten
-/// (version 2), `new` with file 0 rewritten again; then `mid` deleted, which leaves the
-/// pack of its files 0 and 1 half unused. Returns the mount (unmounted) and the snapshots
-/// left with their file versions.
-fn volume_with_garbage(s3: &S3Env, prefix: &str) -> (Mount, Vec<(&'static str, Versions)>) {
-    // No cache: every block is evicted once stored, so a repack reads them from the
-    // packs. (With 1M, the four blocks stored last stayed; packs land three at a time in
-    // any order, and when the half-unused pack landed last its live blocks were still
-    // local, the repack read no pack, and the kill test found no step to kill.)
+/// MiB, two files each, a local cache of `cache_size`): snapshot `old` of version 1,
+/// `mid` with six files rewritten (version 2), `new` with file 0 rewritten again; then
+/// `mid` deleted, which leaves the pack of its files 0 and 1 half unused. Returns the
+/// mount (unmounted) and the snapshots left with their file versions.
+fn volume_with_garbage(
+    s3: &S3Env,
+    prefix: &str,
+    cache_size: &str,
+) -> (Mount, Vec<(&'static str, Versions)>) {
     let args = [
         "--pack-size",
         "1M",
         "--max-unused",
         "100",
         "--cache-size",
-        "0",
+        cache_size,
     ];
     let mut mount = s3.mount_store(prefix, &args);
     write_files(mount.path(), 1, |_| true);
@@ -177,7 +177,11 @@ fn a_prune_killed_at_every_step_loses_nothing_and_the_next_one_finishes() {
     let s3 = S3Env::garage();
     let prefix = unique_prefix("prune-kill");
     let url = s3.url(&prefix);
-    let (mount, expected) = volume_with_garbage(&s3, &prefix);
+    // No cache: every block is evicted once stored, so a repack reads them from the
+    // packs. (With 1M, the four blocks stored last stayed; packs land three at a time in
+    // any order, and when the half-unused pack landed last its live blocks were still
+    // local, the repack read no pack, and the kill test found no step to kill.)
+    let (mount, expected) = volume_with_garbage(&s3, &prefix, "0");
     let scratch = mount.scratch("restores");
     fs::create_dir_all(&scratch).expect("scratch dir");
     let data = mount.data_dir();
@@ -251,6 +255,43 @@ fn a_prune_killed_at_every_step_loses_nothing_and_the_next_one_finishes() {
     s3.apply(&mut verify);
     let verified = run(verify.args(["verify", "--data"]).arg(data));
     assert_ok(&verified, "verify after the prunes");
+}
+
+/// The catalog's word that the local disk holds a block can be stale: evicted since a
+/// repack read it, or lost. The repack then copies the block from its pack; it once left
+/// the pack as it was ("cannot repack"), for as long as the word stayed wrong.
+#[test]
+fn a_repack_copies_blocks_the_disk_lost_from_their_pack() {
+    let s3 = S3Env::garage();
+    let prefix = unique_prefix("prune-lost");
+    let url = s3.url(&prefix);
+    // A cache that keeps every block: the catalog says they are all on the disk.
+    let (mount, expected) = volume_with_garbage(&s3, &prefix, "1G");
+    let data = mount.data_dir();
+    let lost = block_files(data);
+    assert!(
+        lost.len() >= 2 * FILES,
+        "the blocks stayed on the disk: {lost:?}"
+    );
+    for file in &lost {
+        fs::remove_file(file).expect("lose a block file");
+    }
+
+    let out = run(&mut prune_cmd(data, Some(&s3), &["--max-unused", "0"]));
+    assert_ok(&out, "prune");
+    let report = stdout(&out);
+    assert!(json_number(&report, "repacked_packs") > 0, "{report}");
+    let after = run(&mut prune_cmd(
+        data,
+        Some(&s3),
+        &["--dry-run", "--max-unused", "0"],
+    ));
+    assert_ok(&after, "prune --dry-run after");
+    let after = stdout(&after);
+    assert_eq!(json_number(&after, "unused_bytes"), 0, "{after}");
+    let scratch = mount.scratch("restores");
+    fs::create_dir_all(&scratch).expect("scratch dir");
+    assert_restorable(&s3, &url, &expected, &scratch);
 }
 
 #[test]

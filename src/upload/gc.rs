@@ -303,8 +303,9 @@ impl Worker {
     }
 
     /// Adds the live blocks of `pack` to the pack being filled: from the local disk where
-    /// it holds them, else from the pack in one range read. Returns their bytes, or `None`
-    /// (the pack stays as it is) if a block cannot be had whole.
+    /// it holds them, else from the pack in one range read (a block gone from the disk
+    /// after all, in a range read of its own). Returns their bytes, or `None` (the pack
+    /// stays as it is) if a block cannot be had whole.
     async fn copy_live_blocks(
         &self,
         pack: &PackUsage,
@@ -335,21 +336,11 @@ impl Worker {
         };
         let mut frames = Vec::with_capacity(live.len());
         for (block, local) in &live {
-            let data = if *local {
-                self.read_local(&block.hash, block.raw_length)
-            } else {
-                let part = span.as_ref().and_then(|(start, span)| {
-                    let at = (block.offset - start) as usize;
-                    span.get(at..at + block.length as usize)
-                });
-                match part {
-                    Some(part) => {
-                        // Its exact length: a tree may be larger than a block.
-                        let max = block.raw_length as usize;
-                        store::open_frame(&*self.store, &key, &block.hash, part, max)
-                    }
-                    None => Err("cut short".into()),
-                }
+            // The catalog's word that the disk holds a block may be stale (evicted since
+            // it was read, or lost): the pack has it too.
+            let data = match local.then(|| self.read_local(&block.hash, block.raw_length)) {
+                Some(Ok(data)) => Ok(data),
+                _ => self.frame_from_pack(&key, block, span.as_ref()).await,
             };
             let data = match data {
                 Ok(data) => data,
@@ -367,6 +358,40 @@ impl Worker {
             packer.from.insert(hash, pack.pack.row);
         }
         Ok(Some(bytes))
+    }
+
+    /// The bytes of `block` in the pack under `key`: from `span` (where it starts, its
+    /// bytes) if it holds the frame, else with a range read of its own.
+    async fn frame_from_pack(
+        &self,
+        key: &ObjectKey,
+        block: &PackedBlock,
+        span: Option<&(u64, Vec<u8>)>,
+    ) -> Result<Vec<u8>, String> {
+        let in_span = span.and_then(|(start, span)| {
+            let at = usize::try_from(block.offset.checked_sub(*start)?).ok()?;
+            span.get(at..at.checked_add(block.length as usize)?)
+        });
+        let read;
+        let part = match in_span {
+            Some(part) => part,
+            None => {
+                read = store::retry(Some(5), || {
+                    self.pacer.store(self.store.get_range(
+                        key,
+                        block.offset,
+                        u64::from(block.length),
+                    ))
+                })
+                .await
+                .map_err(|e| e.message)?
+                .ok_or("the pack is missing")?;
+                read.as_slice()
+            }
+        };
+        // Its exact length: a tree may be larger than a block.
+        let max = block.raw_length as usize;
+        store::open_frame(&*self.store, key, &block.hash, part, max)
     }
 
     fn cannot_repack(&self, pack: &PackUsage, reason: &str) -> Option<u64> {
