@@ -81,6 +81,22 @@ fn prune_cmd(data: &Path, env: Option<&S3Env>, args: &[&str]) -> std::process::C
     cmd
 }
 
+/// Runs `store prune --max-unused 0` (`what` names it in failures), then a dry run that
+/// must find no unused byte left. Returns both JSON reports.
+fn prune_all_unused(data: &Path, s3: &S3Env, what: &str) -> (String, String) {
+    let out = run(&mut prune_cmd(data, Some(s3), &["--max-unused", "0"]));
+    assert_ok(&out, what);
+    let after = run(&mut prune_cmd(
+        data,
+        Some(s3),
+        &["--dry-run", "--max-unused", "0"],
+    ));
+    assert_ok(&after, &format!("prune --dry-run after {what}"));
+    let after = stdout(&after);
+    assert_eq!(json_number(&after, "unused_bytes"), 0, "{after}");
+    (stdout(&out), after)
+}
+
 static RESTORES: AtomicUsize = AtomicUsize::new(0);
 
 /// Restores every snapshot of `expected` from `url` alone and compares each file.
@@ -225,16 +241,7 @@ fn a_prune_killed_at_every_step_loses_nothing_and_the_next_one_finishes() {
         }
     }
 
-    let out = run(&mut prune_cmd(data, Some(&s3), &["--max-unused", "0"]));
-    assert_ok(&out, "prune after the kills");
-    let after = run(&mut prune_cmd(
-        data,
-        Some(&s3),
-        &["--dry-run", "--max-unused", "0"],
-    ));
-    assert_ok(&after, "prune --dry-run after");
-    let after = stdout(&after);
-    assert_eq!(json_number(&after, "unused_bytes"), 0, "{after}");
+    let (_, after) = prune_all_unused(data, &s3, "prune after the kills");
     assert_eq!(json_number(&after, "repacked_packs"), 0, "{after}");
     assert_restorable(&s3, &url, &expected, &scratch);
 
@@ -277,21 +284,9 @@ fn a_repack_copies_blocks_the_disk_lost_from_their_pack() {
         fs::remove_file(file).expect("lose a block file");
     }
 
-    let out = run(&mut prune_cmd(data, Some(&s3), &["--max-unused", "0"]));
-    assert_ok(&out, "prune");
-    let report = stdout(&out);
+    let (report, _) = prune_all_unused(data, &s3, "prune");
     assert!(json_number(&report, "repacked_packs") > 0, "{report}");
-    let after = run(&mut prune_cmd(
-        data,
-        Some(&s3),
-        &["--dry-run", "--max-unused", "0"],
-    ));
-    assert_ok(&after, "prune --dry-run after");
-    let after = stdout(&after);
-    assert_eq!(json_number(&after, "unused_bytes"), 0, "{after}");
-    let scratch = mount.scratch("restores");
-    fs::create_dir_all(&scratch).expect("scratch dir");
-    assert_restorable(&s3, &url, &expected, &scratch);
+    assert_restorable(&s3, &url, &expected, &mount.scratch("restores"));
 }
 
 #[test]
