@@ -272,7 +272,8 @@ impl Volume {
         let lock_file = take_data_dir_lock(dir)?;
         // SAFETY: getuid/getgid cannot fail.
         let owner = unsafe { (libc::getuid(), libc::getgid()) };
-        let catalog = Catalog::open(&dir.join("catalog.db"), options.block_size, now(), owner)?;
+        let mut catalog = Catalog::open(&dir.join("catalog.db"), options.block_size, now(), owner)?;
+        catalog.keep_live_inodes(LIVE_INODES_KEPT);
         let block_size = u64::from(catalog.block_size());
         let cache_blocks = (options.cache_bytes / block_size.max(1)) as usize;
         let local = BlockStore::open(&dir.join("blocks"), cache_blocks)?;
@@ -619,6 +620,10 @@ fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
     }
     Ok(stat)
 }
+
+/// Live inode rows the catalog keeps in memory (`Catalog::keep_live_inodes`): about 3
+/// MiB, the working set of a build or a `cp -r` many times over.
+const LIVE_INODES_KEPT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(16_384).unwrap();
 
 /// How often the committer folds the catalog's WAL in while groups commit
 /// (`catalog::Checkpointer`): about as often as SQLite did under a streaming writer.
