@@ -1630,16 +1630,19 @@ impl WriteTx<'_> {
     /// the catalog rather than a block file: see `blocks::INLINE_MAX`), or to a hole.
     /// Returns the change in allocated bytes.
     pub fn set_block(&self, ino: u64, idx: u64, block: Option<NewBlock<'_>>) -> Result<i64> {
-        let old_len: i64 = self
+        let old_len: Option<i64> = self
             .conn
             .prepare_cached(
-                "SELECT b.len FROM blockmap m JOIN blocks b ON b.hash = m.hash
+                "SELECT coalesce(b.len, 0) FROM blockmap m LEFT JOIN blocks b ON b.hash = m.hash
                  WHERE m.ino = ?1 AND m.idx = ?2 AND m.death IS NULL",
             )?
             .query_row(params![ino, idx], |r| r.get(0))
-            .optional()?
-            .unwrap_or(0);
-        self.retire_key("blockmap", "ino = ?1 AND idx = ?2", &[&ino, &idx])?;
+            .optional()?;
+        // Most blocks a flush maps are new (a new file, an append): nothing to retire.
+        if old_len.is_some() {
+            self.retire_key("blockmap", "ino = ?1 AND idx = ?2", &[&ino, &idx])?;
+        }
+        let old_len = old_len.unwrap_or(0);
         let Some(NewBlock {
             hash,
             len,
