@@ -376,6 +376,7 @@ impl WriteTx<'_> {
 
     /// Makes new inode numbers start above `ino` (after an import kept the origin's).
     pub fn reserve_inos_through(&self, ino: u64) -> Result<()> {
+        self.forget_free_inos();
         self.conn.execute(
             "UPDATE meta SET value = max(value, ?1 + 1) WHERE key = 'next_ino'",
             [ino],
