@@ -17,6 +17,7 @@ pub const MIGRATIONS: &[&str] = &[
     V10_PACKED_TREES,
     V11_BLOCK_PIECES,
     V12_PIECES_BY_ROWID,
+    V13_TOTALS_BY_WRITES,
 ];
 
 const V1: &str = r#"
@@ -376,6 +377,17 @@ DROP TABLE block_pieces_v11;
 CREATE TRIGGER blocks_free_pieces AFTER DELETE ON blocks BEGIN
     DELETE FROM block_pieces WHERE hash = OLD.hash;
 END;
+"#;
+
+/// The live totals are kept by the writes themselves, a sum per transaction (see
+/// `Totals` in the catalog), instead of by an UPDATE of `meta` per inode row written.
+const V13_TOTALS_BY_WRITES: &str = r#"
+DROP TRIGGER inodes_bytes_insert;
+DROP TRIGGER inodes_bytes_delete;
+DROP TRIGGER inodes_bytes_update;
+DROP TRIGGER inodes_count_insert;
+DROP TRIGGER inodes_count_delete;
+DROP TRIGGER inodes_count_update;
 "#;
 
 #[cfg(test)]

@@ -578,7 +578,7 @@ impl Volume {
     }
 
     pub fn statfs(&self) -> Result<FsStats> {
-        let files = lock(&self.catalog).read(|tx| tx.live_inodes())?;
+        let files = lock(&self.catalog).live_inodes()?;
         let stat = statvfs(&self.dir).map_err(|source| Error::DataDir {
             path: self.dir.clone(),
             source,

@@ -694,7 +694,7 @@ proptest! {
             apply(&mut t, &mut model, op);
             check(&t, &model);
         }
-        // The counters the triggers keep (live inodes and bytes, block references) match
+        // The counters (live inodes and bytes, block references) match
         // the rows after any sequence, and every view is a tree.
         let findings = lock(&t.v().catalog)
             .read(|tx| tx.invariant_findings(4096))
