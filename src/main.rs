@@ -265,11 +265,14 @@ enum SnapshotCommand {
     },
     /// List snapshots with their state, size, lock and the space only each holds. Works
     /// with or without a running mount.
-    #[command(after_help = "Examples:\n  snapfs snapshot list --mount ~/work\n  \
+    #[command(after_help = "Examples:\n  snapfs snapshot list ~/work\n  \
         snapfs snapshot list --data /srv/vol1 --json\n  \
-        snapfs snapshot list --trash --mount ~/work   # the recycle bin\n  \
+        snapfs snapshot list --trash ~/work   # the recycle bin\n  \
         snapfs snapshot list --store s3://my-bucket/laptop   # from the bucket alone")]
     List {
+        /// A running snapfs mount; its data dir is read (the same as --mount).
+        #[arg(value_name = "MOUNTPOINT", conflicts_with_all = ["data", "mount", "store"])]
+        mountpoint: Option<PathBuf>,
         #[command(flatten)]
         volume: VolumeSource,
         /// List the recycle bin instead: deleted snapshots with their deletion time, expiry
@@ -480,6 +483,15 @@ impl MountOrData {
 }
 
 impl VolumeSource {
+    /// This source, or the running mount at `mountpoint` if the command was given one as
+    /// an argument (it conflicts with --data and --mount).
+    fn or_mountpoint(self, mountpoint: Option<PathBuf>) -> VolumeSource {
+        VolumeSource {
+            mount: mountpoint.or(self.mount),
+            ..self
+        }
+    }
+
     fn data_dir(&self) -> Result<PathBuf, Box<dyn std::error::Error>> {
         Ok(match (&self.data, &self.mount) {
             (Some(dir), _) => dir.clone(),
@@ -958,17 +970,23 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             }
         }
         SnapshotCommand::List {
+            mountpoint,
             volume,
             json,
             trash: true,
             ..
-        } => lifecycle::list_trash(&volume.open()?, json)?,
+        } => lifecycle::list_trash(&volume.or_mountpoint(mountpoint).open()?, json)?,
         SnapshotCommand::Undelete(args) => lifecycle::undelete(args)?,
         SnapshotCommand::Purge(args) => lifecycle::purge(args)?,
         SnapshotCommand::Lock(args) => lifecycle::lock(args)?,
         SnapshotCommand::Unlock(args) => lifecycle::unlock(args)?,
-        SnapshotCommand::List { volume, json, .. } => {
-            let inspector = volume.open()?;
+        SnapshotCommand::List {
+            mountpoint,
+            volume,
+            json,
+            ..
+        } => {
+            let inspector = volume.or_mountpoint(mountpoint).open()?;
             let snapshots = inspector.snapshots()?;
             let plan = inspector.retention_plan()?.map(|(_, plan)| plan);
             let verdict = |name: &[u8]| plan.as_ref()?.iter().find(|v| v.name == name);

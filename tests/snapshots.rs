@@ -411,6 +411,26 @@ fn cli_creates_lists_tags_diffs_and_deletes() {
         "{list}"
     );
     assert!(!list.contains("tuesday"), "{list}");
+    // The mountpoint as an argument, as `snapshot create` takes it, lists the same
+    // snapshots (their upload state may have moved on meanwhile).
+    let names = |listing: &str| -> Vec<String> {
+        let items: serde_json::Value = serde_json::from_str(listing).expect("JSON");
+        items
+            .as_array()
+            .expect("an array")
+            .iter()
+            .map(|s| s["name"].as_str().expect("a name").to_owned())
+            .collect()
+    };
+    let out = run(snapfs().args(["snapshot", "list", mp, "--json"]));
+    assert_eq!(names(&String::from_utf8_lossy(&out.stdout)), ["monday"]);
+    assert_eq!(names(&list), ["monday"]);
+    let out = run(snapfs().args(["snapshot", "list", mp, "--data", data]));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a mountpoint and --data conflict"
+    );
     let out = run(snapfs().args(["snapshot", "show", "nope", "--data", data]));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no snapshot named nope"));
