@@ -2097,16 +2097,9 @@ mod tests {
             row.attrs.size = size;
             catalog.write(|tx| tx.update_inode(row)).expect("resize");
         };
-        let written = |catalog: &Catalog| -> (i64, i64) {
-            catalog
-                .conn
-                .query_row(
-                    "SELECT (SELECT value FROM meta WHERE key = 'live_inodes'),
-                            (SELECT value FROM meta WHERE key = 'live_bytes')",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .expect("meta")
+        let written = |catalog: &Catalog| {
+            let counter = |key| catalog.meta(key).expect("meta").expect(key);
+            (counter("live_inodes"), counter("live_bytes"))
         };
         let consistent = |catalog: &Catalog| {
             let findings = catalog
