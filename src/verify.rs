@@ -21,7 +21,7 @@ use crate::catalog::{
 use crate::manifest::{self, Content, PackId, PackListing};
 use crate::restore::Progress;
 use crate::store::{
-    self, BlockPlace, IndexedStore, Listing, ObjectKey, ObjectStore, PackIndex, ReadError,
+    self, BlockPlace, IndexedStore, Listing, ObjectKey, ObjectStore, PackIndex, ReadError, Retries,
     StoreError, StoreUrl,
 };
 
@@ -397,7 +397,7 @@ fn repair(runtime: &Runtime, data_dir: &Path, report: &Report) -> Result<Vec<Str
                 source,
             })?;
             let object = bytes::Bytes::from(object);
-            store::retry(Some(5), || own.put(&key, object.clone())).await?;
+            store::retry(Retries::Attempts(5), || own.put(&key, object.clone())).await?;
             writer.write_now(|tx| tx.set_block_unpacked(hash))?;
             uploaded += 1;
         }
@@ -512,7 +512,7 @@ async fn rebuild_indexes(
         writer.write_now(|tx| tx.begin_index(&index))?;
         let key = ObjectKey::index(&index);
         let object = bytes::Bytes::from(object);
-        store::retry(Some(5), || own.put(&key, object.clone())).await?;
+        store::retry(Retries::Attempts(5), || own.put(&key, object.clone())).await?;
         let rows: Vec<PackRow> = chunk.iter().map(|(row, _)| *row).collect();
         writer.write_now(|tx| tx.reindex(&index, &rows))?;
         written += 1;
@@ -535,7 +535,7 @@ async fn rebuild_indexes(
         if writer.read(|tx| tx.object_needed(&key))? {
             continue;
         }
-        store::retry(Some(5), || own.delete(&key)).await?;
+        store::retry(Retries::Attempts(5), || own.delete(&key)).await?;
         writer.write_now(|tx| tx.forget_deletion(&key))?;
         deleted += 1;
     }
@@ -557,7 +557,7 @@ impl ListedStore {
     async fn list(store: Arc<dyn ObjectStore>, prefixes: &[&str]) -> Result<ListedStore> {
         let mut keys = HashSet::new();
         for prefix in prefixes.iter().chain(&[ObjectKey::PACKS]) {
-            keys.extend(store::retry(Some(5), || store.list(prefix)).await?);
+            keys.extend(store::retry(Retries::Attempts(5), || store.list(prefix)).await?);
         }
         let index = Arc::new(PackIndex::load(&*store).await?);
         Ok(ListedStore { store, keys, index })

@@ -20,7 +20,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -256,24 +256,62 @@ pub fn backoff(attempt: u32, max: Duration) -> Duration {
     ceiling.mul_f64((random % 1_000_001) as f64 / 1_000_000.0)
 }
 
-/// Runs `request` until it succeeds, fails permanently, or `attempts` transient failures
-/// have happened (`None`: no limit; an outage of any length only delays the result).
-pub async fn retry<T, F, Fut>(attempts: Option<u32>, mut request: F) -> StoreResult<T>
+/// How long a store request keeps being retried through transient failures (throttling,
+/// 5xx answers, timeouts, dropped connections).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retries {
+    /// Until it succeeds or fails permanently: an outage of any length only delays the
+    /// result. For background work nobody waits on (uploads).
+    Unlimited,
+    /// At most this many attempts in all: for a store that has not answered yet (opening
+    /// a bucket, mounting), where a wrong endpoint should be reported at once, and for
+    /// work that is tried again later anyway.
+    Attempts(u32),
+    /// Attempts until this long after the first: for reads a program waits on from a
+    /// store that has answered. They ride out throttling and a restarting server, and
+    /// fail (a read gets EIO) rather than hang while the store is down.
+    For(Duration),
+}
+
+/// What a read from a store that works waits through before it fails: a store that
+/// answers `SlowDown` is asking us to come back later, not to give up.
+pub const READ_PATIENCE: Retries = Retries::For(Duration::from_secs(15));
+
+/// The longest pause between two attempts of a request that is retried without limit.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Runs `request` until it succeeds, fails permanently, or `retries` runs out.
+pub async fn retry<T, F, Fut>(retries: Retries, mut request: F) -> StoreResult<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = StoreResult<T>>,
 {
+    let started = Instant::now();
     let mut attempt = 0u32;
     loop {
-        match request().await {
-            Err(e) if e.is_transient() && attempts.is_none_or(|limit| attempt + 1 < limit) => {
-                tracing::debug!(error = %e, attempt, "store request failed; retrying");
-                crate::metrics::store_retry();
-                tokio::time::sleep(backoff(attempt, Duration::from_secs(30))).await;
-                attempt = attempt.saturating_add(1);
-            }
+        let e = match request().await {
+            Err(e) if e.is_transient() => e,
             result => return result,
-        }
+        };
+        let pause = match retries {
+            Retries::Unlimited => Some(backoff(attempt, MAX_BACKOFF)),
+            Retries::Attempts(limit) => {
+                (attempt + 1 < limit).then(|| backoff(attempt, MAX_BACKOFF))
+            }
+            // Shorter pauses than without a limit, so a store that comes back is noticed
+            // soon; the last attempt is made at the deadline.
+            Retries::For(limit) => limit
+                .checked_sub(started.elapsed())
+                .filter(|left| !left.is_zero())
+                .map(|left| backoff(attempt, limit / 8).min(left)),
+        };
+        let Some(pause) = pause else {
+            return Err(e);
+        };
+        tracing::debug!(error = %e, attempt, "store request failed; retrying");
+        crate::metrics::store_retry();
+        tokio::time::sleep(pause).await;
+        attempt = attempt.saturating_add(1);
     }
 }
 
@@ -302,7 +340,7 @@ async fn fetch_checked<'a, T>(
 ) -> StoreResult<Option<Result<T, String>>> {
     let mut attempt = 0u32;
     loop {
-        let checked = match retry(Some(5), &get).await {
+        let checked = match retry(READ_PATIENCE, &get).await {
             Ok(Some(object)) => check(object),
             Ok(None) => return Ok(None),
             // An encrypting store authenticates the copy before it is returned.
@@ -443,14 +481,22 @@ pub async fn claim(
     let key = &ObjectKey::HEADER;
     // A listing fails on a missing bucket on every server (some answer a GET of a key in
     // a missing bucket with NoSuchKey).
-    retry(Some(3), || store.list(key)).await?;
-    let existing = retry(Some(3), || store.get(key)).await?;
+    retry(Retries::Attempts(3), || store.list(key)).await?;
+    let existing = retry(Retries::Attempts(3), || store.get(key)).await?;
     match existing {
-        None => retry(Some(3), || store.put(key, header.clone().into())).await,
+        None => {
+            retry(Retries::Attempts(3), || {
+                store.put(key, header.clone().into())
+            })
+            .await
+        }
         Some(found) if found == header => Ok(()),
         // This volume's header in format 1: it now says format 2, as packs may follow.
         Some(found) if VolumeHeader::parse(&found).is_ok_and(|h| h.encode() == header) => {
-            retry(Some(3), || store.put(key, header.clone().into())).await
+            retry(Retries::Attempts(3), || {
+                store.put(key, header.clone().into())
+            })
+            .await
         }
         Some(found) => {
             let other = header::foreign_id(store, &found)?;
@@ -588,6 +634,53 @@ mod tests {
         assert!(!err.is_transient());
         assert!(err.message.contains(&hash.to_string()), "{}", err.message);
         assert_eq!(store.gets.into_inner(), VERIFY_ATTEMPTS);
+    }
+
+    #[test]
+    fn reads_retry_for_a_time_not_a_number_of_attempts() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        // Fails transiently `failures` times, then answers with the number of calls.
+        let flaky = |failures: u32, retries: Retries| {
+            let calls = AtomicU32::new(0);
+            let result = runtime.block_on(retry(retries, || {
+                let call = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if call < failures {
+                        Err(StoreError::transient("SlowDown"))
+                    } else {
+                        Ok(call + 1)
+                    }
+                }
+            }));
+            (result, calls.into_inner())
+        };
+        // Eight throttled answers in a row: a count of five gives up, a time does not.
+        let (result, calls) = flaky(8, Retries::Attempts(5));
+        assert!(result.is_err());
+        assert_eq!(calls, 5);
+        // (Pauses of at most an eighth of the time: 3.2 s in all at worst.)
+        let (result, _) = flaky(8, Retries::For(Duration::from_secs(4)));
+        assert_eq!(result.expect("through the throttling"), 9);
+        // A store that stays down fails the read once the time is up, not much later.
+        let started = Instant::now();
+        let limit = Duration::from_millis(800);
+        let (result, calls) = flaky(u32::MAX, Retries::For(limit));
+        let took = started.elapsed();
+        assert!(result.expect_err("still down").is_transient());
+        assert!(calls >= 3, "{calls} attempts");
+        assert!(took >= limit && took < limit * 2, "gave up after {took:?}");
+        // A permanent error is not retried.
+        let calls = AtomicU32::new(0);
+        let result: StoreResult<()> = runtime.block_on(retry(READ_PATIENCE, || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err(StoreError::permanent("AccessDenied")) }
+        }));
+        assert!(result.is_err());
+        assert_eq!(calls.into_inner(), 1);
     }
 
     #[test]

@@ -299,7 +299,7 @@ impl PackIndex {
     /// are needed (and `verify --repair` rebuilds it from the packs).
     pub async fn load(store: &dyn ObjectStore) -> StoreResult<PackIndex> {
         let mut index = PackIndex::default();
-        let keys = super::retry(Some(5), || store.list(ObjectKey::INDEX)).await?;
+        let keys = super::retry(super::READ_PATIENCE, || store.list(ObjectKey::INDEX)).await?;
         // One index object per snapshot upload: many requests, read some at a time.
         let fetch = |key: String| async move {
             let checked = super::fetch_verified(store, &key, |object| {
@@ -514,7 +514,8 @@ impl IndexedStore {
 
     /// Tree `hash` read from its first pack with the trees around it, which wait in the
     /// cache; `None` if the index has no pack for it or the read fails (the caller then
-    /// reads it alone, with retries and the other places it has).
+    /// reads it alone, with retries and the other places it has), but for a store that
+    /// stays unreachable.
     async fn trees_around(&self, hash: &BlockHash) -> StoreResult<Option<Vec<u8>>> {
         let index = self.index().await?;
         let Some(&BlockPlace::Packed { pack, offset, .. }) = index.places(hash).first() else {
@@ -526,10 +527,14 @@ impl IndexedStore {
         };
         let (start, end) = (first.offset, last.offset + u64::from(last.length));
         let key = ObjectKey::pack(&pack);
-        let Ok(Some(span)) =
-            super::retry(Some(5), || self.store.get_range(&key, start, end - start)).await
-        else {
-            return Ok(None);
+        let span = super::retry(super::READ_PATIENCE, || {
+            self.store.get_range(&key, start, end - start)
+        });
+        let span = match span.await {
+            Ok(Some(span)) => span,
+            // The store is down: alone, the tree would wait as long again.
+            Err(e) if e.is_transient() => return Err(e),
+            Ok(None) | Err(_) => return Ok(None),
         };
         let mut found = None;
         let mut cache = lock(&self.trees);

@@ -166,7 +166,8 @@ impl StoreChain {
 
     /// The blocks of one group of [`plan`](Self::plan) (at most `max` bytes each): a
     /// run in one pack with one range request, each frame verified. A block that fails
-    /// is fetched alone, so it gets the retries and the error it would have had.
+    /// is fetched alone, so it gets the retries and the error it would have had; a store
+    /// that stays unreachable fails them all.
     pub fn blocks(&self, group: &[BlockHash], max: usize) -> Vec<Result<Vec<u8>>> {
         let alone = |hashes: &[BlockHash]| hashes.iter().map(|h| self.block(h, max)).collect();
         let Ok(index) = self.runtime.block_on(self.own.index()) else {
@@ -201,11 +202,18 @@ impl StoreChain {
         }
         let key = ObjectKey::pack(&pack);
         let store = &*self.own.store;
-        let span = self.runtime.block_on(super::retry(Some(5), || {
-            store.get_range(&key, start, end - start)
-        }));
-        let Ok(Some(span)) = span else {
-            return alone(group);
+        let span = self
+            .runtime
+            .block_on(super::retry(super::READ_PATIENCE, || {
+                store.get_range(&key, start, end - start)
+            }));
+        let span = match span {
+            Ok(Some(span)) => span,
+            // The store is down: alone, each block would wait as long again.
+            Err(e) if e.is_transient() => {
+                return group.iter().map(|_| Err(e.clone().into())).collect();
+            }
+            Ok(None) | Err(_) => return alone(group),
         };
         group
             .iter()
@@ -407,12 +415,15 @@ pub struct Listing {
 /// the volume header is checked (format, key).
 pub async fn list_manifests(store: &dyn ObjectStore) -> Result<Listing> {
     let key = ObjectKey::HEADER;
-    let header = super::retry(Some(5), || store.get(&key))
+    let header = super::retry(super::Retries::Attempts(5), || store.get(&key))
         .await?
         .ok_or_else(|| ReadError::Corrupt(format!("{} holds no snapfs volume", store.url())))?;
     let header = VolumeHeader::parse(&header).map_err(ReadError::Corrupt)?;
     header.check_key(store)?;
-    let mut keys = super::retry(Some(5), || store.list(ObjectKey::SNAPSHOTS)).await?;
+    let mut keys = super::retry(super::Retries::Attempts(5), || {
+        store.list(ObjectKey::SNAPSHOTS)
+    })
+    .await?;
     keys.sort();
     let mut listing = Listing {
         snapshots: Vec::new(),

@@ -16,7 +16,7 @@ use super::{UploadError, Worker};
 use crate::blocks::BlockHash;
 use crate::catalog::PackUsage;
 use crate::manifest::{PackId, PackedBlock};
-use crate::store::{self, ObjectKey, PackBuilder};
+use crate::store::{self, ObjectKey, PackBuilder, Retries};
 use crate::sync::lock;
 
 /// When and how much garbage collection repacks.
@@ -321,7 +321,7 @@ impl Worker {
         let span = match (remote.first(), remote.last()) {
             (Some(first), Some(last)) => {
                 let end = last.offset + u64::from(last.length);
-                let read = store::retry(Some(5), || {
+                let read = store::retry(Retries::Attempts(5), || {
                     self.pacer
                         .store(self.store.get_range(&key, first.offset, end - first.offset))
                 })
@@ -376,7 +376,7 @@ impl Worker {
         let part = match in_span {
             Some(part) => part,
             None => {
-                read = store::retry(Some(5), || {
+                read = store::retry(Retries::Attempts(5), || {
                     self.pacer.store(self.store.get_range(
                         key,
                         block.offset,

@@ -20,7 +20,7 @@ use crate::catalog::{self, Catalog, Completion, Kind, ObjectFate, PackRow, ROOT_
 use crate::manifest::{self, Content, Entry, PackId, PackListing, SnapshotManifest};
 use crate::metrics;
 use crate::store::{
-    self, FinishedPack, ObjectKey, ObjectStore, PACKS_PER_INDEX, PackBuilder, StoreError,
+    self, FinishedPack, ObjectKey, ObjectStore, PACKS_PER_INDEX, PackBuilder, Retries, StoreError,
 };
 use crate::sync::{Mutex, lock};
 use crate::volume::{self, Volume};
@@ -411,9 +411,11 @@ impl Worker {
                 limiter.acquire(size).await;
             }
             // Each attempt paced, not the backoffs between them.
-            store::retry(None, || pacer.store(store.put(&key, body.clone())))
-                .await
-                .map_err(|e| e.message)?;
+            store::retry(Retries::Unlimited, || {
+                pacer.store(store.put(&key, body.clone()))
+            })
+            .await
+            .map_err(|e| e.message)?;
             metrics::uploaded(size);
             Ok::<_, String>(LandedPack {
                 row,
@@ -795,7 +797,10 @@ impl Worker {
                     limiter.acquire(body.len() as u64).await;
                 }
                 let sent = body.len() as u64;
-                store::retry(None, || pacer.store(store.put(&key, body.clone()))).await?;
+                store::retry(Retries::Unlimited, || {
+                    pacer.store(store.put(&key, body.clone()))
+                })
+                .await?;
                 metrics::uploaded(sent);
                 Ok::<_, StoreError>(())
             });
@@ -838,7 +843,7 @@ impl Worker {
             for key in doomed {
                 let store = self.store.clone();
                 tasks.spawn(async move {
-                    let result = store::retry(Some(3), || store.delete(&key)).await;
+                    let result = store::retry(Retries::Attempts(3), || store.delete(&key)).await;
                     (key, result)
                 });
             }

@@ -390,7 +390,8 @@ impl BlockReader {
     /// in one range request, keeping the neighbours (each verified; one that fails is
     /// fetched alone when it is read). The span stops before the first neighbour another
     /// fetch is bringing. `None` if there are no neighbours left or the request or the
-    /// block itself fails: the caller fetches the block alone.
+    /// block itself fails (but for a store that stays unreachable): the caller fetches
+    /// the block alone.
     fn read_span(
         &self,
         remote: &Remote,
@@ -409,11 +410,16 @@ impl BlockReader {
         let store = &*remote.store.store;
         let key = ObjectKey::pack(pack);
         let end = last.offset + u64::from(last.length);
-        let span = remote.runtime.block_on(store::retry(Some(5), || {
-            store.get_range(&key, offset, end - offset)
-        }));
-        let Ok(Some(span)) = span else {
-            return Ok(None);
+        let span = remote
+            .runtime
+            .block_on(store::retry(store::READ_PATIENCE, || {
+                store.get_range(&key, offset, end - offset)
+            }));
+        let span = match span {
+            Ok(Some(span)) => span,
+            // The store is down: alone, the block would wait as long again.
+            Err(e) if e.is_transient() => return Ok(Some(Err(e))),
+            Ok(None) | Err(_) => return Ok(None),
         };
         let frame = |at: u64, length: u32| {
             let at = usize::try_from(at - offset).ok()?;
