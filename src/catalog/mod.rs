@@ -658,19 +658,6 @@ impl Catalog {
     }
 
     fn initialize(&mut self, block_size: u32, now: i64, (uid, gid): (u32, u32)) -> Result<u64> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for (key, value) in [
-            ("generation", 1),
-            ("next_ino", FIRST_FREE_INO),
-            ("block_size", u64::from(block_size)),
-        ] {
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2)",
-                params![key, value],
-            )?;
-        }
         let root = InodeRow {
             ino: ROOT_INO,
             attrs: Attrs {
@@ -690,10 +677,19 @@ impl Catalog {
             alloc: 0,
             target: None,
         };
-        let t = WriteTx::new(&tx, 1, None, None);
-        t.insert_inode(&root)?;
-        t.settle()?;
-        tx.commit()?;
+        write_alone(&mut self.conn, 1, (None, None), |t| {
+            for (key, value) in [
+                ("generation", 1),
+                ("next_ino", FIRST_FREE_INO),
+                ("block_size", u64::from(block_size)),
+            ] {
+                t.conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                    params![key, value],
+                )?;
+            }
+            t.insert_inode(&root)
+        })?;
         Ok(1)
     }
 
@@ -723,22 +719,8 @@ impl Catalog {
         f: impl FnOnce(&WriteTx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
         if !self.join_group()? {
-            let alone = (|| {
-                let tx = self
-                    .conn
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(Error::from)?;
-                let t = WriteTx::new(
-                    &tx,
-                    self.generation,
-                    self.live_inodes.as_ref(),
-                    self.free_inos.as_ref(),
-                );
-                let value = f(&t)?;
-                t.settle()?;
-                tx.commit().map_err(Error::from)?;
-                Ok(value)
-            })();
+            let caches = (self.live_inodes.as_ref(), self.free_inos.as_ref());
+            let alone = write_alone(&mut self.conn, self.generation, caches, f);
             return self.forget_live_inodes_if_failed(alone);
         }
         run_statement(&self.conn, "SAVEPOINT op")?;
@@ -991,11 +973,9 @@ impl Catalog {
     ) -> Result<T> {
         self.commit()?;
         let g = self.generation;
-        let pinned = (|| -> Result<T> {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let row = tx.query_row(
+        let caches = (self.live_inodes.as_ref(), self.free_inos.as_ref());
+        let pinned = write_alone(&mut self.conn, g, caches, |t| -> Result<T> {
+            let row = t.conn.query_row(
                 &format!(
                     "INSERT INTO snapshots (name, generation, created, state, logical_bytes)
                  VALUES (?1, ?2, ?3, ?4, (SELECT value FROM meta WHERE key = 'live_bytes'))
@@ -1004,16 +984,13 @@ impl Catalog {
                 params![name, g, created, state],
                 |r| Ok(decode(r)),
             )??;
-            let t = WriteTx::new(&tx, g, self.live_inodes.as_ref(), self.free_inos.as_ref());
-            fill(&t, &row)?;
-            t.settle()?;
-            tx.execute(
+            fill(t, &row)?;
+            t.conn.execute(
                 "UPDATE meta SET value = ?1 WHERE key = 'generation'",
                 [g + 1],
             )?;
-            tx.commit()?;
             Ok(row)
-        })();
+        });
         let row = self.forget_live_inodes_if_failed(pinned)?;
         self.generation = g + 1;
         Ok(row)
@@ -1025,34 +1002,24 @@ impl Catalog {
     pub fn delete_snapshot(&mut self, id: u64) -> Result<()> {
         self.commit()?;
         let live = self.generation;
-        let deleted = (|| -> Result<()> {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let t = WriteTx::new(
-                &tx,
-                live,
-                self.live_inodes.as_ref(),
-                self.free_inos.as_ref(),
-            );
+        let caches = (self.live_inodes.as_ref(), self.free_inos.as_ref());
+        let deleted = write_alone(&mut self.conn, live, caches, |t| -> Result<()> {
             let bounds = t.snapshot_bounds(id)?;
-            let state: String = tx.query_row(
+            let state: String = t.conn.query_row(
                 "DELETE FROM snapshots WHERE id = ?1 RETURNING state",
                 [id],
                 |r| r.get(0),
             )?;
             for table in ["inodes", "dentries", "blockmap", "xattrs"] {
                 let sql = format!("DELETE FROM {table} WHERE {}", exclusive_rows("", &bounds));
-                tx.execute(&sql, [])?;
+                t.conn.execute(&sql, [])?;
             }
             // A checkpoint was never uploaded: it has no store object to forget.
             if state != checkpoints::CHECKPOINT {
                 t.forget_snapshot_objects(id, bounds.generation)?;
             }
-            t.settle()?;
-            tx.commit()?;
             Ok(())
-        })();
+        });
         self.forget_live_inodes_if_failed(deleted)
     }
 
@@ -1192,6 +1159,25 @@ pub struct WriteTx<'a> {
     free_inos: Option<&'a FreeInos>,
     /// What this write changed in the live totals, not yet applied.
     totals: Cell<Totals>,
+}
+
+/// Runs `f` as a transaction of its own on `conn`, which takes the write lock at BEGIN
+/// (see `Catalog::write`), and applies what it changed in the live totals before its
+/// COMMIT, so a counter never lands apart from its rows.
+fn write_alone<T, E: From<Error>>(
+    conn: &mut Connection,
+    g: u64,
+    (live_inodes, free_inos): (Option<&LiveInodes>, Option<&FreeInos>),
+    f: impl FnOnce(&WriteTx<'_>) -> Result<T, E>,
+) -> Result<T, E> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(Error::from)?;
+    let t = WriteTx::new(&tx, g, live_inodes, free_inos);
+    let value = f(&t)?;
+    t.settle()?;
+    tx.commit().map_err(Error::from)?;
+    Ok(value)
 }
 
 impl<'a> std::ops::Deref for WriteTx<'a> {
