@@ -102,37 +102,6 @@ impl Rng {
 // Shared checks
 // ---------------------------------------------------------------------------------------
 
-/// `snapfs verify --data DATA` (with `env`: the store's credentials) must exit 0. Skipped,
-/// with a note, while this build has no `verify` subcommand.
-fn verify_clean_with(data: &Path, env: &[(String, String)]) {
-    let out = run(snapfs()
-        .arg("verify")
-        .arg("--data")
-        .arg(data)
-        .envs(env.iter().map(|(k, v)| (k, v))));
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    if !out.status.success() && stderr.contains("unrecognized subcommand") {
-        eprintln!(
-            "snapfs verify is not in this build: not run on {}",
-            data.display()
-        );
-        return;
-    }
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "snapfs verify --data {}:\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        data.display()
-    );
-}
-
-fn verify_clean(data: &Path) {
-    verify_clean_with(data, &[]);
-}
-
 /// The end of a daemon log, for failure messages.
 fn log_tail(mount: &Mount) -> String {
     let log = mount.daemon_log();
@@ -947,7 +916,7 @@ fn kill9_at_random_moments_with_an_s3_store_loses_nothing() {
         .collect();
     assert!(missing.is_empty(), "blocks missing from {url}: {missing:?}");
     restore_each_from_store(&mount, &model, &url, &s3.vars());
-    verify_clean_with(mount.data_dir(), &s3.vars());
+    assert_verify_clean(mount.data_dir(), &s3.vars());
     eprintln!(
         "kill9_s3: {} cycles, kills {:?}, ops {:?}, faults {:?}; checked {} fsynced files, \
          {} snapshots, {} bytes; {} blocks in the store; {} snapshots restored from it",
@@ -991,7 +960,7 @@ fn kill9_at_random_moments_with_the_default_store_loses_nothing() {
     }
     let url = format!("file://{}", store.display());
     restore_each_from_store(&mount, &model, &url, &[]);
-    verify_clean(mount.data_dir());
+    assert_verify_clean(mount.data_dir(), &[]);
     eprintln!(
         "kill9_local: {} cycles, kills {:?}, ops {:?}; checked {} fsynced files, {} snapshots, \
          {} bytes; {} snapshots restored from the store",
@@ -1065,7 +1034,7 @@ fn kill9_of_a_volume_made_from_a_snapshot_loses_nothing() {
     copy.unmount();
     // The copy's snapshots restore from its store alone (shared blocks from the origin's).
     restore_each_from_store(&copy, &model, &copy_url, &s3.vars());
-    verify_clean_with(copy.data_dir(), &s3.vars());
+    assert_verify_clean(copy.data_dir(), &s3.vars());
     eprintln!(
         "kill9_lazy: {} cycles, kills {:?}, ops {:?}, faults {:?}; checked {} fsynced files, \
          {} snapshots, {} bytes; {} snapshots restored from the store",
@@ -1184,7 +1153,7 @@ fn a_restore_killed_at_random_moments_reruns_to_completion_with_overwrite() {
         );
         assert_eq!(contents(&dest), expected, "round {round}: restored tree");
     }
-    verify_clean_with(mount.data_dir(), &s3.vars());
+    assert_verify_clean(mount.data_dir(), &s3.vars());
     eprintln!("restore_kill: {rounds} rounds (a whole restore takes {whole} ms): {outcomes:?}");
 }
 
@@ -1354,7 +1323,7 @@ fn corrupted_or_truncated_blocks_from_the_store_are_fetched_again_never_served()
         assert!(count > 0, "{fault:?}: no fault was injected");
         injected.insert(format!("{fault:?} every {every}"), count);
     }
-    verify_clean_with(source.data_dir(), &s3.vars());
+    assert_verify_clean(source.data_dir(), &s3.vars());
     eprintln!(
         "bad_gets: faults injected {injected:?}; file reads through the faults \
          {read_outcomes:?}; restores {restore_outcomes:?}"
@@ -1622,7 +1591,7 @@ fn a_store_unreachable_for_a_while_delays_uploads_and_loses_nothing() {
     for (name, bytes) in files {
         assert_bytes_eq(&fs::read(dest.join(name)).expect("read"), bytes, name);
     }
-    verify_clean_with(mount.data_dir(), &s3.vars());
+    assert_verify_clean(mount.data_dir(), &s3.vars());
     eprintln!(
         "outage: Stall then Reset for {outage:?}, {faulted} requests faulted, {round} rounds of local \
          work, {} snapshots taken meanwhile, all completed {catch_up:?} after the store healed; \

@@ -258,10 +258,7 @@ fn a_prune_killed_at_every_step_loses_nothing_and_the_next_one_finishes() {
         "old packs deleted: {packs_before:?} -> {packs_after:?}"
     );
     packed_in_bucket(&s3.client(), &prefix);
-    let mut verify = snapfs();
-    s3.apply(&mut verify);
-    let verified = run(verify.args(["verify", "--data"]).arg(data));
-    assert_ok(&verified, "verify after the prunes");
+    assert_verify_clean(data, &s3.vars());
 }
 
 /// The catalog's word that the local disk holds a block can be stale: evicted since a
@@ -462,10 +459,7 @@ fn prune_convert_packs_a_format_1_store_and_a_kill_at_every_step_loses_nothing()
     );
     assert_eq!(trees_in_bucket(&client, &prefix).len(), trees);
     assert_restorable(&s3, &url, &expected, &scratch);
-    let mut verify = snapfs();
-    s3.apply(&mut verify);
-    let verified = run(verify.args(["verify", "--data"]).arg(data));
-    assert_ok(&verified, "verify after the conversion");
+    assert_verify_clean(data, &s3.vars());
 
     mount.remount();
     for n in 0..FILES {

@@ -181,6 +181,7 @@ impl Mount {
         let deadline = Instant::now() + MOUNT_TIMEOUT;
         while !self.is_mounted() {
             let child = self.child.as_mut().expect("child just spawned");
+            let pid = child.id();
             if let Some(status) = child.try_wait().expect("try_wait on snapfs mount") {
                 self.child = None;
                 panic!(
@@ -190,9 +191,10 @@ impl Mount {
             }
             assert!(
                 Instant::now() < deadline,
-                "{} not mounted after {MOUNT_TIMEOUT:?}; daemon output:\n{}",
+                "{} not mounted after {MOUNT_TIMEOUT:?}; daemon output:\n{}\ndaemon threads:\n{}",
                 self.mountpoint.display(),
-                self.daemon_log()
+                self.daemon_log(),
+                threads_of(pid)
             );
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -251,15 +253,48 @@ impl Mount {
     /// Waits (with a timeout) for the foreground daemon to exit on its own.
     pub fn wait_daemon(&mut self) -> ExitStatus {
         let child = self.child.as_mut().expect("wait_daemon: no daemon");
+        let pid = child.id();
         let status = wait_timeout(child, EXIT_TIMEOUT).unwrap_or_else(|| {
             panic!(
-                "daemon still running {EXIT_TIMEOUT:?} after being asked to stop; output:\n{}",
-                self.daemon_log()
+                "daemon still running {EXIT_TIMEOUT:?} after being asked to stop; output:\n{}\n\
+                 daemon threads:\n{}",
+                self.daemon_log(),
+                threads_of(pid)
             )
         });
         self.child = None;
         status
     }
+}
+
+/// What each thread of process `pid` is doing, as the kernel sees it (name, state, where
+/// it waits, its kernel stack): what the report of a daemon that hangs needs.
+fn threads_of(pid: u32) -> String {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(process {pid} is gone)");
+    };
+    let mut out = String::new();
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+        // The state follows the parenthesised name, which may itself hold spaces.
+        let stat = read("stat");
+        let state = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.split(' ').next());
+        out += &format!(
+            "{} {}: state {}, waiting in {}\n",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            state.unwrap_or("?"),
+            read("wchan"),
+        );
+        for frame in read("stack").lines().take(8) {
+            out += &format!("    {frame}\n");
+        }
+    }
+    out
 }
 
 impl Drop for Mount {
@@ -389,6 +424,27 @@ impl Captured {
 /// its output.
 pub fn run(cmd: &mut Command) -> Output {
     Captured::spawn(cmd).finish()
+}
+
+/// `snapfs verify --data DATA` (with `env`: a store's credentials) must find the volume
+/// clean: exit 0 and a clean verdict.
+#[track_caller]
+pub fn assert_verify_clean(data: &Path, env: &[(String, String)]) {
+    let out = run(snapfs()
+        .arg("verify")
+        .arg("--data")
+        .arg(data)
+        .envs(env.iter().map(|(k, v)| (k, v))));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.contains(": clean"),
+        "snapfs verify --data {} ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        data.display(),
+        out.status
+    );
 }
 
 /// `snapfs ARGS`, its output.
