@@ -268,12 +268,25 @@ impl Mount {
 }
 
 /// What each thread of process `pid` is doing, as the kernel sees it (name, state, where
-/// it waits, its kernel stack): what the report of a daemon that hangs needs.
+/// it waits, its kernel stack), and where in the program if gdb is installed: what the
+/// report of a daemon that hangs needs.
 fn threads_of(pid: u32) -> String {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return format!("(process {pid} is gone)");
     };
     let mut out = String::new();
+    if let Ok(gdb) = Command::new("gdb")
+        .args([
+            "-p",
+            &pid.to_string(),
+            "-batch",
+            "-ex",
+            "thread apply all bt 30",
+        ])
+        .output()
+    {
+        out += &String::from_utf8_lossy(&gdb.stdout);
+    }
     for task in tasks.flatten() {
         let dir = task.path();
         let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
