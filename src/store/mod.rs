@@ -315,6 +315,23 @@ where
     }
 }
 
+/// Bytes `start..start + length` of `key`, read for several frames at once (the caller
+/// verifies each). `Ok(None)` if the object is missing or the request failed for good:
+/// the caller then reads each frame alone, with its own retries and places. `Err` only
+/// for a store that stayed unreachable through [`READ_PATIENCE`]: alone, each frame
+/// would wait as long again.
+pub async fn get_span(
+    store: &dyn ObjectStore,
+    key: &str,
+    start: u64,
+    length: u64,
+) -> StoreResult<Option<Vec<u8>>> {
+    match retry(READ_PATIENCE, || store.get_range(key, start, length)).await {
+        Err(e) if !e.is_transient() => Ok(None),
+        read => read,
+    }
+}
+
 /// How many copies of an object are fetched before one that fails verification is
 /// reported corrupt: a proxy or the network may have mangled a copy (a body cut short with
 /// a matching Content-Length, flipped bits), while an object bad in the store stays bad.

@@ -527,14 +527,8 @@ impl IndexedStore {
         };
         let (start, end) = (first.offset, last.offset + u64::from(last.length));
         let key = ObjectKey::pack(&pack);
-        let span = super::retry(super::READ_PATIENCE, || {
-            self.store.get_range(&key, start, end - start)
-        });
-        let span = match span.await {
-            Ok(Some(span)) => span,
-            // The store is down: alone, the tree would wait as long again.
-            Err(e) if e.is_transient() => return Err(e),
-            Ok(None) | Err(_) => return Ok(None),
+        let Some(span) = super::get_span(&*self.store, &key, start, end - start).await? else {
+            return Ok(None);
         };
         let mut found = None;
         let mut cache = lock(&self.trees);

@@ -204,16 +204,11 @@ impl StoreChain {
         let store = &*self.own.store;
         let span = self
             .runtime
-            .block_on(super::retry(super::READ_PATIENCE, || {
-                store.get_range(&key, start, end - start)
-            }));
+            .block_on(super::get_span(store, &key, start, end - start));
         let span = match span {
             Ok(Some(span)) => span,
-            // The store is down: alone, each block would wait as long again.
-            Err(e) if e.is_transient() => {
-                return group.iter().map(|_| Err(e.clone().into())).collect();
-            }
-            Ok(None) | Err(_) => return alone(group),
+            Ok(None) => return alone(group),
+            Err(e) => return group.iter().map(|_| Err(e.clone().into())).collect(),
         };
         group
             .iter()

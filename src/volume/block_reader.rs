@@ -412,14 +412,11 @@ impl BlockReader {
         let end = last.offset + u64::from(last.length);
         let span = remote
             .runtime
-            .block_on(store::retry(store::READ_PATIENCE, || {
-                store.get_range(&key, offset, end - offset)
-            }));
+            .block_on(store::get_span(store, &key, offset, end - offset));
         let span = match span {
             Ok(Some(span)) => span,
-            // The store is down: alone, the block would wait as long again.
-            Err(e) if e.is_transient() => return Ok(Some(Err(e))),
-            Ok(None) | Err(_) => return Ok(None),
+            Ok(None) => return Ok(None),
+            Err(e) => return Ok(Some(Err(e))),
         };
         let frame = |at: u64, length: u32| {
             let at = usize::try_from(at - offset).ok()?;
