@@ -18,6 +18,7 @@ pub const MIGRATIONS: &[&str] = &[
     V11_BLOCK_PIECES,
     V12_PIECES_BY_ROWID,
     V13_TOTALS_BY_WRITES,
+    V14_TREES_ONE_AT_A_TIME,
 ];
 
 const V1: &str = r#"
@@ -390,6 +391,25 @@ DROP TRIGGER inodes_count_delete;
 DROP TRIGGER inodes_count_update;
 "#;
 
+/// Repairs the directory trees that deleting snapshots could leave overlapping before
+/// this version: deleting the newest snapshots in turn left trees no completed snapshot
+/// sees, which an older tree made current again then overlapped; a checkpoint promoted
+/// after such a deletion recorded trees that outlived the next version. A tree no
+/// completed snapshot sees goes (a follower records its live trees again at its next
+/// sync); a version that outlives the next one ends where that one begins.
+const V14_TREES_ONE_AT_A_TIME: &str = r#"
+DELETE FROM dir_trees WHERE NOT EXISTS (
+    SELECT 1 FROM snapshots s
+    WHERE s.state = 'completed' AND s.generation >= dir_trees.birth
+        AND (dir_trees.death IS NULL OR s.generation < dir_trees.death));
+UPDATE dir_trees SET death = (
+    SELECT min(n.birth) FROM dir_trees n WHERE n.ino = dir_trees.ino AND n.birth > dir_trees.birth)
+WHERE EXISTS (
+    SELECT 1 FROM dir_trees n
+    WHERE n.ino = dir_trees.ino AND n.birth > dir_trees.birth
+        AND (dir_trees.death IS NULL OR dir_trees.death > n.birth));
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,5 +446,51 @@ mod tests {
         db.execute_batch("DELETE FROM blocks WHERE hash = x'01'")
             .expect("free a block");
         assert_eq!(rows(&db), vec![(vec![2], 30000, vec![0xbb])]);
+    }
+
+    #[test]
+    fn overlapping_directory_trees_are_repaired_to_one_version_at_a_time() {
+        let db = rusqlite::Connection::open_in_memory().expect("open");
+        let v14 = MIGRATIONS
+            .iter()
+            .position(|sql| *sql == V14_TREES_ONE_AT_A_TIME)
+            .expect("V14 is a migration");
+        for sql in &MIGRATIONS[..v14] {
+            db.execute_batch(sql).expect("earlier migration");
+        }
+        // Completed snapshots at 4 and 7 (the one at 9 was deleted), a promoted checkpoint
+        // at 2. Directory 1: a tree only the deleted snapshot saw, overlapping the current
+        // one made current again. Directory 16: the promoted checkpoint's tree outliving
+        // the next version. Directory 17: versions that were right all along.
+        db.execute_batch(
+            "INSERT INTO snapshots (name, generation, created, state) VALUES
+                 ('p', 2, 0, 'completed'), ('a', 4, 0, 'completed'), ('b', 7, 0, 'completed'),
+                 ('pending', 10, 0, 'pending');
+             INSERT INTO dir_trees (ino, birth, death, hash) VALUES
+                 (1, 2, NULL, x'01'), (1, 9, NULL, x'02'),
+                 (16, 2, 7, x'03'), (16, 4, NULL, x'04'),
+                 (17, 2, 4, x'05'), (17, 4, 7, x'06'), (17, 7, NULL, x'07');",
+        )
+        .expect("a schema-13 catalog with overlapping trees");
+        db.execute_batch(V14_TREES_ONE_AT_A_TIME).expect("V14");
+        let mut stmt = db
+            .prepare("SELECT ino, birth, death, hash FROM dir_trees ORDER BY ino, birth")
+            .expect("prepare");
+        let rows: Vec<(i64, i64, Option<i64>, Vec<u8>)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .expect("query")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows");
+        assert_eq!(
+            rows,
+            vec![
+                (1, 2, None, vec![1]),
+                (16, 2, Some(4), vec![3]),
+                (16, 4, None, vec![4]),
+                (17, 2, Some(4), vec![5]),
+                (17, 4, Some(7), vec![6]),
+                (17, 7, None, vec![7]),
+            ]
+        );
     }
 }

@@ -394,7 +394,8 @@ impl WriteTx<'_> {
     /// written again against the base there is now.
     ///
     /// A promoted checkpoint may complete after newer snapshots did: its trees then hold
-    /// only up to the next completed snapshot, and a tree it replaces is restored from
+    /// only up to the next completed snapshot (or the next version of the directory's
+    /// tree, if a deleted snapshot's lives on), and a tree it replaces is restored from
     /// there on, so every completed snapshot keeps seeing the trees of its own manifest.
     pub fn complete_snapshot(
         &self,
@@ -435,6 +436,11 @@ impl WriteTx<'_> {
         let mut insert = self.conn.prepare_cached(
             "INSERT INTO dir_trees (ino, birth, death, hash) VALUES (?1, ?2, ?3, ?4)",
         )?;
+        // A version born after `g` (before `next`: its snapshot was deleted, a later one
+        // still sees it) bounds the one `g` records.
+        let mut born_after = self
+            .conn
+            .prepare_cached("SELECT min(birth) FROM dir_trees WHERE ino = ?1 AND birth > ?2")?;
         let mut replace = |ino: u64, hash: Option<&BlockHash>| -> Result<()> {
             type Found = (u64, Option<u64>, Vec<u8>);
             let existing: Option<Found> = current
@@ -453,7 +459,12 @@ impl WriteTx<'_> {
                 }
             }
             if let Some(hash) = hash {
-                insert.execute(params![ino, g, next, hash.as_bytes()])?;
+                let later: Option<u64> = born_after.query_row(params![ino, g], |r| r.get(0))?;
+                let death = match (later, next) {
+                    (Some(later), Some(next)) => Some(later.min(next)),
+                    (later, next) => later.or(next),
+                };
+                insert.execute(params![ino, g, death, hash.as_bytes()])?;
             }
             Ok(())
         };
@@ -489,8 +500,10 @@ impl WriteTx<'_> {
     /// Queues the store objects of snapshot `id` (generation `g`) that nothing else
     /// needs: its manifest object, and the directory trees only it used. Trees matter only
     /// to completed snapshots (the bases of later manifests), so the bounds here are the
-    /// completed snapshots around it; with none after it, the trees it retired become
-    /// current again, as if it had never been uploaded.
+    /// completed snapshots around it, `previous` and `next`: no completed snapshot sees a
+    /// tree born after `previous` that dies by `next`. With none after it, every tree born
+    /// after `previous` goes (those of snapshots deleted earlier included, which a later
+    /// one kept alive), and the trees `previous` sees become current again.
     pub(super) fn forget_snapshot_objects(&self, id: u64, g: u64) -> Result<()> {
         let mut queue = self
             .conn
@@ -508,20 +521,19 @@ impl WriteTx<'_> {
             Some(next) => self
                 .conn
                 .prepare_cached(
-                    "DELETE FROM dir_trees WHERE birth > ?1 AND death > ?2 AND death <= ?3
-                     RETURNING hash",
+                    "DELETE FROM dir_trees WHERE birth > ?1 AND death <= ?2 RETURNING hash",
                 )?
-                .query_map(params![previous, g, next], |r| r.get(0))?
+                .query_map(params![previous, next], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?,
             None => {
                 let freed = self
                     .conn
-                    .prepare_cached("DELETE FROM dir_trees WHERE birth = ?1 RETURNING hash")?
-                    .query_map([g], |r| r.get(0))?
+                    .prepare_cached("DELETE FROM dir_trees WHERE birth > ?1 RETURNING hash")?
+                    .query_map([previous], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
                 self.conn
-                    .prepare_cached("UPDATE dir_trees SET death = NULL WHERE death = ?1")?
-                    .execute([g])?;
+                    .prepare_cached("UPDATE dir_trees SET death = NULL WHERE death > ?1")?
+                    .execute([previous])?;
                 freed
             }
         };

@@ -977,3 +977,263 @@ fn objects_freed_during_a_slow_batch_are_deleted_before_it_ends() {
         .expect("upload");
     assert_eq!(outcomes, vec![(two, Outcome::Completed)]);
 }
+
+/// One step of `random_snapshot_lifecycles_keep_every_manifest_whole`.
+#[derive(Clone, Debug)]
+enum LifecycleOp {
+    /// Writes file `file` of directory `dir` (made as needed) with pattern `seed`.
+    Write {
+        dir: usize,
+        file: usize,
+        seed: u8,
+    },
+    /// Removes directory `dir` and everything under it.
+    RemoveDir {
+        dir: usize,
+    },
+    Snapshot,
+    Checkpoint,
+    /// Promotes the `n`th checkpoint (modulo their number) to a snapshot.
+    Promote {
+        n: usize,
+    },
+    Upload,
+    /// Deletes the `n`th snapshot (modulo their number).
+    Delete {
+        n: usize,
+    },
+    /// Deletes the `n`th snapshot while an upload runs.
+    DeleteDuringUpload {
+        n: usize,
+    },
+}
+
+/// The directories the lifecycle test writes in: the root and three below it.
+const LIFECYCLE_DIRS: [&str; 4] = ["", "a", "a/b", "c"];
+
+fn lifecycle_op() -> impl proptest::strategy::Strategy<Value = LifecycleOp> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0..LIFECYCLE_DIRS.len(), 0..2usize, any::<u8>())
+            .prop_map(|(dir, file, seed)| LifecycleOp::Write { dir, file, seed }),
+        1 => (1..LIFECYCLE_DIRS.len()).prop_map(|dir| LifecycleOp::RemoveDir { dir }),
+        2 => Just(LifecycleOp::Snapshot),
+        1 => Just(LifecycleOp::Checkpoint),
+        1 => any::<usize>().prop_map(|n| LifecycleOp::Promote { n }),
+        2 => Just(LifecycleOp::Upload),
+        2 => any::<usize>().prop_map(|n| LifecycleOp::Delete { n }),
+        1 => any::<usize>().prop_map(|n| LifecycleOp::DeleteDuringUpload { n }),
+    ]
+}
+
+/// What a view holds: each file by path, with its content.
+type Files = std::collections::BTreeMap<String, Vec<u8>>;
+
+impl Setup {
+    /// The directory at `path` (made, with its parents, if missing).
+    fn dir_at(&self, path: &str) -> NodeId {
+        let mut node = ROOT;
+        for name in path.split('/').filter(|name| !name.is_empty()) {
+            node = match self.volume.lookup(node, name.as_bytes()) {
+                Ok(attr) => attr.node,
+                Err(_) => {
+                    self.volume
+                        .mkdir(node, name.as_bytes(), 0o755, ME)
+                        .expect("mkdir")
+                        .node
+                }
+            };
+        }
+        node
+    }
+
+    /// Removes the tree at `path` (a directory under the root), if it is there.
+    fn remove_tree(&self, parent: NodeId, name: &str) {
+        let Ok(attr) = self.volume.lookup(parent, name.as_bytes()) else {
+            return;
+        };
+        for file in ["f0", "f1"] {
+            // Absent files are fine: only those written exist.
+            let _ = self.volume.unlink(attr.node, file.as_bytes());
+        }
+        self.remove_tree(attr.node, "b");
+        self.volume.rmdir(parent, name.as_bytes()).expect("rmdir");
+    }
+
+    /// What `snapfs verify` finds wrong in the catalog's rows, read (as it reads them)
+    /// through a connection of its own.
+    fn invariant_findings(&self) -> Vec<crate::catalog::Finding> {
+        Catalog::open(&self.volume.catalog_path(), BLOCK as u32, 0, (0, 0))
+            .expect("catalog")
+            .read(|tx| tx.invariant_findings(BLOCK as u64))
+            .expect("invariants")
+    }
+
+    /// Every file of snapshot `id`'s manifest in the store, by path, as its blocks.
+    fn manifest_files(&self, id: u64) -> HashMap<String, Vec<(u64, BlockHash)>> {
+        fn walk(
+            t: &Setup,
+            prefix: &str,
+            entries: Vec<Entry>,
+            files: &mut HashMap<String, Vec<(u64, BlockHash)>>,
+        ) {
+            for entry in entries {
+                let path = format!("{prefix}{}", String::from_utf8_lossy(&entry.name));
+                match &entry.content {
+                    Content::Tree(tree) => walk(t, &format!("{path}/"), t.tree(tree), files),
+                    Content::Blocks(blocks) => {
+                        files.insert(path, blocks.clone());
+                    }
+                    Content::None => panic!("{path}: nothing of the kind was made"),
+                }
+            }
+        }
+        let (_, root) = self.manifest(id);
+        let mut files = HashMap::new();
+        walk(self, "", root, &mut files);
+        files
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 48,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Snapshots taken, uploaded, promoted from checkpoints and deleted in any order (a
+    /// deletion racing an upload included) leave the catalog's versioned rows, directory
+    /// trees included, one version at a time, and every completed snapshot's manifest in
+    /// the store naming exactly the files it had.
+    #[test]
+    fn random_snapshot_lifecycles_keep_every_manifest_whole(
+        ops in proptest::collection::vec(lifecycle_op(), 1..40)
+    ) {
+        let t = Setup::new();
+        let mut live = Files::new();
+        let mut snapshots: Vec<(u64, String, Files)> = Vec::new();
+        let mut checkpoints: Vec<(String, Files)> = Vec::new();
+        let mut taken = 0;
+        for op in &ops {
+            match *op {
+                LifecycleOp::Write { dir, file, seed } => {
+                    let path = LIFECYCLE_DIRS[dir];
+                    let content = pattern(BLOCK + 100, seed);
+                    t.write(t.dir_at(path), &format!("f{file}"), &content);
+                    let key = format!("{path}{}f{file}", if path.is_empty() { "" } else { "/" });
+                    live.insert(key, content);
+                }
+                LifecycleOp::RemoveDir { dir } => {
+                    let path = LIFECYCLE_DIRS[dir];
+                    let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+                    t.remove_tree(t.dir_at(parent), name);
+                    live.retain(|file, _| !file.starts_with(&format!("{path}/")));
+                }
+                LifecycleOp::Snapshot => {
+                    taken += 1;
+                    let name = format!("s{taken}");
+                    snapshots.push((t.snapshot(&name), name, live.clone()));
+                }
+                LifecycleOp::Checkpoint => {
+                    // One per millisecond of the name: a distinct time for each.
+                    let at = 1_000_000_000 + 1000 * (checkpoints.len() as i64 + 1);
+                    if let Some(row) = t.volume.take_checkpoint(at).expect("checkpoint") {
+                        checkpoints.push((row.name, live.clone()));
+                    }
+                }
+                LifecycleOp::Promote { n } if !checkpoints.is_empty() => {
+                    let (checkpoint, files) = checkpoints.remove(n % checkpoints.len());
+                    taken += 1;
+                    let name = format!("s{taken}");
+                    let info = t
+                        .volume
+                        .promote_checkpoint(checkpoint.as_bytes(), name.as_bytes())
+                        .expect("promote");
+                    snapshots.push((info.id, name, files));
+                }
+                LifecycleOp::Upload => {
+                    t.upload();
+                }
+                LifecycleOp::Delete { n } if !snapshots.is_empty() => {
+                    let (_, name, _) = snapshots.remove(n % snapshots.len());
+                    t.volume.delete_snapshot(name.as_bytes()).expect("delete");
+                }
+                LifecycleOp::DeleteDuringUpload { n } if !snapshots.is_empty() => {
+                    let upload = t.spawn_upload();
+                    let (_, name, _) = snapshots.remove(n % snapshots.len());
+                    t.volume.delete_snapshot(name.as_bytes()).expect("delete");
+                    t.runtime.block_on(upload).expect("join").expect("upload");
+                }
+                _ => {}
+            }
+            let findings = t.invariant_findings();
+            proptest::prop_assert!(findings.is_empty(), "after {op:?}: {findings:?}");
+        }
+        t.upload();
+        for (id, name, files) in &snapshots {
+            proptest::prop_assert_eq!(t.state(*id).state, SnapshotState::Completed, "{}", name);
+            let expected: HashMap<String, Vec<(u64, BlockHash)>> = files
+                .iter()
+                .map(|(path, content)| (path.clone(), hashes(content)))
+                .collect();
+            proptest::prop_assert_eq!(t.manifest_files(*id), expected, "{}", name);
+        }
+    }
+}
+
+/// Deleting the newest completed snapshots one after another: a tree an earlier deletion
+/// kept (a later snapshot saw it) goes with that later snapshot, so the tree the
+/// remaining newest one sees becomes current alone.
+#[test]
+fn deleting_the_newest_snapshots_in_turn_leaves_one_tree_per_directory() {
+    let t = Setup::new();
+    let d = t.mkdir("d");
+    t.write(d, "f", &pattern(BLOCK, 1));
+    t.snapshot("a");
+    t.write(d, "f", &pattern(BLOCK, 2));
+    t.snapshot("b");
+    t.write(d, "f", &pattern(BLOCK, 3));
+    t.snapshot("c");
+    t.snapshot("d");
+    t.upload();
+    for name in ["c", "d", "b"] {
+        t.volume.delete_snapshot(name.as_bytes()).expect("delete");
+        assert_eq!(t.invariant_findings(), vec![], "after deleting {name}");
+    }
+    // The next manifest reuses the trees of "a" for what did not change since.
+    t.write(ROOT, "g", &pattern(BLOCK, 4));
+    let e = t.snapshot("e");
+    t.upload();
+    assert_eq!(file_blocks(&t, e, "d", "f"), hashes(&pattern(BLOCK, 3)));
+}
+
+/// A checkpoint promoted after the snapshot right after it was deleted: the tree it
+/// records gives way to the one the deleted snapshot left to a later one.
+#[test]
+fn a_checkpoint_promoted_after_a_deletion_records_trees_that_do_not_overlap() {
+    let t = Setup::new();
+    let d = t.mkdir("d");
+    t.snapshot("s1");
+    t.write(d, "f", &pattern(BLOCK, 1));
+    let checkpoint = t
+        .volume
+        .take_checkpoint(1_000_000_000)
+        .expect("checkpoint")
+        .expect("taken");
+    t.write(d, "f", &pattern(BLOCK, 2));
+    t.snapshot("s2");
+    let s3 = t.snapshot("s3");
+    t.upload();
+    t.volume.delete_snapshot(b"s2").expect("delete");
+    let promoted = t
+        .volume
+        .promote_checkpoint(checkpoint.name.as_bytes(), b"p")
+        .expect("promote");
+    assert_eq!(t.upload(), vec![(promoted.id, Outcome::Completed)]);
+    assert_eq!(t.invariant_findings(), vec![]);
+    assert_eq!(
+        file_blocks(&t, promoted.id, "d", "f"),
+        hashes(&pattern(BLOCK, 1))
+    );
+    assert_eq!(file_blocks(&t, s3, "d", "f"), hashes(&pattern(BLOCK, 2)));
+}
