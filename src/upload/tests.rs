@@ -1006,6 +1006,18 @@ enum LifecycleOp {
     DeleteDuringUpload {
         n: usize,
     },
+    /// Renames the `n`th snapshot.
+    Rename {
+        n: usize,
+    },
+    /// Takes the `n`th snapshot of the recycle bin out again, under a new name.
+    Undelete {
+        n: usize,
+    },
+    /// Deletes the `n`th snapshot of the recycle bin for good.
+    Purge {
+        n: usize,
+    },
 }
 
 /// The directories the lifecycle test writes in: the root and three below it.
@@ -1023,6 +1035,9 @@ fn lifecycle_op() -> impl proptest::strategy::Strategy<Value = LifecycleOp> {
         2 => Just(LifecycleOp::Upload),
         2 => any::<usize>().prop_map(|n| LifecycleOp::Delete { n }),
         1 => any::<usize>().prop_map(|n| LifecycleOp::DeleteDuringUpload { n }),
+        1 => any::<usize>().prop_map(|n| LifecycleOp::Rename { n }),
+        1 => any::<usize>().prop_map(|n| LifecycleOp::Undelete { n }),
+        1 => any::<usize>().prop_map(|n| LifecycleOp::Purge { n }),
     ]
 }
 
@@ -1101,19 +1116,40 @@ proptest::proptest! {
         ..proptest::prelude::ProptestConfig::default()
     })]
 
-    /// Snapshots taken, uploaded, promoted from checkpoints and deleted in any order (a
-    /// deletion racing an upload included) leave the catalog's versioned rows, directory
+    /// Snapshots taken, uploaded, promoted from checkpoints, renamed and deleted in any
+    /// order (a deletion racing an upload included), with or without a recycle bin to
+    /// delete into, undelete from and purge, leave the catalog's versioned rows, directory
     /// trees included, one version at a time, and every completed snapshot's manifest in
-    /// the store naming exactly the files it had.
+    /// the store (those in the bin included) naming exactly the files it had.
     #[test]
     fn random_snapshot_lifecycles_keep_every_manifest_whole(
-        ops in proptest::collection::vec(lifecycle_op(), 1..40)
+        ops in proptest::collection::vec(lifecycle_op(), 1..40),
+        bin in proptest::prelude::any::<bool>(),
     ) {
         let t = Setup::new();
+        if bin {
+            t.volume
+                .remember_trash_retention(Duration::from_secs(86_400))
+                .expect("a recycle bin");
+        }
         let mut live = Files::new();
         let mut snapshots: Vec<(u64, String, Files)> = Vec::new();
+        let mut trashed: Vec<(u64, String, Files)> = Vec::new();
         let mut checkpoints: Vec<(String, Files)> = Vec::new();
         let mut taken = 0;
+        let mut new_name = || {
+            taken += 1;
+            format!("s{taken}")
+        };
+        // The name snapshot `id` has in the recycle bin.
+        let bin_name = |id: u64| {
+            t.volume
+                .trashed_snapshots()
+                .into_iter()
+                .find(|row| row.id == id)
+                .expect("in the bin")
+                .name
+        };
         for op in &ops {
             match *op {
                 LifecycleOp::Write { dir, file, seed } => {
@@ -1130,8 +1166,7 @@ proptest::proptest! {
                     live.retain(|file, _| !file.starts_with(&format!("{path}/")));
                 }
                 LifecycleOp::Snapshot => {
-                    taken += 1;
-                    let name = format!("s{taken}");
+                    let name = new_name();
                     snapshots.push((t.snapshot(&name), name, live.clone()));
                 }
                 LifecycleOp::Checkpoint => {
@@ -1143,8 +1178,7 @@ proptest::proptest! {
                 }
                 LifecycleOp::Promote { n } if !checkpoints.is_empty() => {
                     let (checkpoint, files) = checkpoints.remove(n % checkpoints.len());
-                    taken += 1;
-                    let name = format!("s{taken}");
+                    let name = new_name();
                     let info = t
                         .volume
                         .promote_checkpoint(checkpoint.as_bytes(), name.as_bytes())
@@ -1155,14 +1189,40 @@ proptest::proptest! {
                     t.upload();
                 }
                 LifecycleOp::Delete { n } if !snapshots.is_empty() => {
-                    let (_, name, _) = snapshots.remove(n % snapshots.len());
-                    t.volume.delete_snapshot(name.as_bytes()).expect("delete");
+                    let deleted = snapshots.remove(n % snapshots.len());
+                    t.volume.delete_snapshot(deleted.1.as_bytes()).expect("delete");
+                    if bin {
+                        trashed.push(deleted);
+                    }
                 }
                 LifecycleOp::DeleteDuringUpload { n } if !snapshots.is_empty() => {
                     let upload = t.spawn_upload();
-                    let (_, name, _) = snapshots.remove(n % snapshots.len());
-                    t.volume.delete_snapshot(name.as_bytes()).expect("delete");
+                    let deleted = snapshots.remove(n % snapshots.len());
+                    t.volume.delete_snapshot(deleted.1.as_bytes()).expect("delete");
                     t.runtime.block_on(upload).expect("join").expect("upload");
+                    if bin {
+                        trashed.push(deleted);
+                    }
+                }
+                LifecycleOp::Rename { n } if !snapshots.is_empty() => {
+                    let i = n % snapshots.len();
+                    let name = new_name();
+                    t.volume
+                        .rename_snapshot(snapshots[i].1.as_bytes(), name.as_bytes())
+                        .expect("rename");
+                    snapshots[i].1 = name;
+                }
+                LifecycleOp::Undelete { n } if !trashed.is_empty() => {
+                    let (id, _, files) = trashed.remove(n % trashed.len());
+                    let name = new_name();
+                    t.volume
+                        .undelete_snapshot(&bin_name(id), Some(name.as_bytes()))
+                        .expect("undelete");
+                    snapshots.push((id, name, files));
+                }
+                LifecycleOp::Purge { n } if !trashed.is_empty() => {
+                    let (id, _, _) = trashed.remove(n % trashed.len());
+                    t.volume.purge_snapshot(&bin_name(id)).expect("purge");
                 }
                 _ => {}
             }
@@ -1170,13 +1230,23 @@ proptest::proptest! {
             proptest::prop_assert!(findings.is_empty(), "after {op:?}: {findings:?}");
         }
         t.upload();
-        for (id, name, files) in &snapshots {
-            proptest::prop_assert_eq!(t.state(*id).state, SnapshotState::Completed, "{}", name);
+        let rows: Vec<SnapshotRow> = t
+            .volume
+            .list_snapshots()
+            .into_iter()
+            .chain(t.volume.trashed_snapshots())
+            .collect();
+        for (id, name, files) in snapshots.iter().chain(&trashed) {
+            let row = rows.iter().find(|row| row.id == *id).expect("snapshot kept");
+            proptest::prop_assert_eq!(row.state, SnapshotState::Completed, "{}", name);
             let expected: HashMap<String, Vec<(u64, BlockHash)>> = files
                 .iter()
                 .map(|(path, content)| (path.clone(), hashes(content)))
                 .collect();
             proptest::prop_assert_eq!(t.manifest_files(*id), expected, "{}", name);
+        }
+        for (id, name, _) in &snapshots {
+            proptest::prop_assert_eq!(&t.manifest(*id).0.name, name.as_bytes());
         }
     }
 }
