@@ -290,18 +290,27 @@ fn threads_of(pid: u32) -> String {
     for task in tasks.flatten() {
         let dir = task.path();
         let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
-        // The state follows the parenthesised name, which may itself hold spaces.
+        // The fields follow the parenthesised name, which may itself hold spaces: state
+        // first, then (11 and 12 on) the CPU time used in user and system mode, in ticks.
+        // Much time used is a loop; little, a thread that waits or never got a CPU.
         let stat = read("stat");
-        let state = stat
-            .rsplit(") ")
-            .next()
-            .and_then(|rest| rest.split(' ').next());
+        let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
+        // SAFETY: sysconf only reads a configuration value.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let seconds = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .map_or("?".to_owned(), |t| format!("{:.2}", t / ticks))
+        };
         out += &format!(
-            "{} {}: state {}, waiting in {}\n",
+            "{} {}: state {}, waiting in {}, ran {} s in user mode and {} s in the kernel\n",
             task.file_name().to_string_lossy(),
             read("comm").trim(),
-            state.unwrap_or("?"),
+            fields.first().unwrap_or(&"?"),
             read("wchan"),
+            seconds(11),
+            seconds(12),
         );
         for frame in read("stack").lines().take(8) {
             out += &format!("    {frame}\n");
