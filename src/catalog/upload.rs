@@ -521,7 +521,10 @@ impl WriteTx<'_> {
             Some(next) => self
                 .conn
                 .prepare_cached(
-                    "DELETE FROM dir_trees WHERE birth > ?1 AND death <= ?2 RETURNING hash",
+                    // `death > ?1` follows from `birth > ?1`: it lets the death index
+                    // read only the deaths in between, not the whole history.
+                    "DELETE FROM dir_trees WHERE birth > ?1 AND death > ?1 AND death <= ?2
+                     RETURNING hash",
                 )?
                 .query_map(params![previous, next], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?,
