@@ -414,16 +414,22 @@ WHERE EXISTS (
 mod tests {
     use super::*;
 
-    #[test]
-    fn piece_values_survive_the_move_to_a_rowid_table_and_go_with_their_block() {
+    /// An empty catalog at the schema just before `migration`, which the caller applies.
+    fn schema_before(migration: &str) -> rusqlite::Connection {
         let db = rusqlite::Connection::open_in_memory().expect("open");
-        let v12 = MIGRATIONS
+        let at = MIGRATIONS
             .iter()
-            .position(|sql| *sql == V12_PIECES_BY_ROWID)
-            .expect("V12 is a migration");
-        for sql in &MIGRATIONS[..v12] {
+            .position(|sql| *sql == migration)
+            .expect("a migration");
+        for sql in &MIGRATIONS[..at] {
             db.execute_batch(sql).expect("earlier migration");
         }
+        db
+    }
+
+    #[test]
+    fn piece_values_survive_the_move_to_a_rowid_table_and_go_with_their_block() {
+        let db = schema_before(V12_PIECES_BY_ROWID);
         db.execute_batch(
             "INSERT INTO blocks (hash, len) VALUES (x'01', 20000), (x'02', 30000);
              INSERT INTO block_pieces VALUES (x'01', 20000, x'aa'), (x'02', 30000, x'bb');",
@@ -450,14 +456,7 @@ mod tests {
 
     #[test]
     fn overlapping_directory_trees_are_repaired_to_one_version_at_a_time() {
-        let db = rusqlite::Connection::open_in_memory().expect("open");
-        let v14 = MIGRATIONS
-            .iter()
-            .position(|sql| *sql == V14_TREES_ONE_AT_A_TIME)
-            .expect("V14 is a migration");
-        for sql in &MIGRATIONS[..v14] {
-            db.execute_batch(sql).expect("earlier migration");
-        }
+        let db = schema_before(V14_TREES_ONE_AT_A_TIME);
         // Completed snapshots at 4 and 7 (the one at 9 was deleted), a promoted checkpoint
         // at 2. Directory 1: a tree only the deleted snapshot saw, overlapping the current
         // one made current again. Directory 16: the promoted checkpoint's tree outliving

@@ -460,10 +460,7 @@ impl WriteTx<'_> {
             }
             if let Some(hash) = hash {
                 let later: Option<u64> = born_after.query_row(params![ino, g], |r| r.get(0))?;
-                let death = match (later, next) {
-                    (Some(later), Some(next)) => Some(later.min(next)),
-                    (later, next) => later.or(next),
-                };
+                let death = [later, next].into_iter().flatten().min();
                 insert.execute(params![ino, g, death, hash.as_bytes()])?;
             }
             Ok(())

@@ -1062,7 +1062,8 @@ impl Setup {
         node
     }
 
-    /// Removes the tree at `path` (a directory under the root), if it is there.
+    /// Removes directory `name` of `parent`, if it is there, with the files and the
+    /// subdirectory the lifecycle test makes in it.
     fn remove_tree(&self, parent: NodeId, name: &str) {
         let Ok(attr) = self.volume.lookup(parent, name.as_bytes()) else {
             return;

@@ -287,6 +287,8 @@ fn threads_of(pid: u32) -> String {
     {
         out += &String::from_utf8_lossy(&gdb.stdout);
     }
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     for task in tasks.flatten() {
         let dir = task.path();
         let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
@@ -295,8 +297,6 @@ fn threads_of(pid: u32) -> String {
         // Much time used is a loop; little, a thread that waits or never got a CPU.
         let stat = read("stat");
         let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
-        // SAFETY: sysconf only reads a configuration value.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let seconds = |i: usize| {
             fields
                 .get(i)
