@@ -929,10 +929,9 @@ impl Catalog {
         Ok(value)
     }
 
-    /// Pins the live generation as a new snapshot and starts the next one. O(1): no row is
-    /// copied.
-    /// Pins the live generation as snapshot `name`, with `tags` and `lock`, in one
-    /// transaction: a crash leaves either the whole snapshot or none of it.
+    /// Pins the live generation as snapshot `name`, with `tags` and `lock`, and starts the
+    /// next one. O(1): no row is copied. One transaction: a crash leaves either the whole
+    /// snapshot or none of it.
     pub fn create_snapshot(
         &mut self,
         name: &[u8],
@@ -941,7 +940,7 @@ impl Catalog {
         tags: &[(Vec<u8>, Vec<u8>)],
         lock: Option<&SnapshotLock>,
     ) -> Result<SnapshotRow> {
-        self.pin_generation(
+        let mut row = self.pin_generation(
             name,
             created,
             &state,
@@ -956,7 +955,10 @@ impl Catalog {
                     None => Ok(()),
                 }
             },
-        )
+        )?;
+        // The row was read back as inserted, before its lock was set.
+        row.lock = lock.copied();
+        Ok(row)
     }
 
     /// Inserts a `snapshots` row (in `state`) pinning the live generation, lets `fill`
@@ -2195,5 +2197,24 @@ mod tests {
         drop(catalog);
         let mut reopened = Catalog::open(&path, 4096, 0, (0, 0)).expect("reopen");
         assert_eq!(take(&mut reopened), next_ino);
+    }
+
+    /// A snapshot created with a lock (a follower pins the store's) is handed back with
+    /// it, as a later read gives it.
+    #[test]
+    fn a_snapshot_created_with_a_lock_comes_back_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut catalog =
+            Catalog::open(&dir.path().join("catalog.db"), 4096, 0, (0, 0)).expect("open");
+        let held = SnapshotLock {
+            mode: LockMode::Governance,
+            until: 2_000_000_000_000_000_000,
+            cool_off_until: 1_000_000_000_000_000_000,
+        };
+        let row = catalog
+            .create_snapshot(b"s", 1, SnapshotState::Completed, &[], Some(&held))
+            .expect("snapshot");
+        assert_eq!(row.lock, Some(held));
+        assert_eq!(catalog.read(|tx| tx.snapshots()).expect("list"), vec![row]);
     }
 }
