@@ -4,11 +4,12 @@
 //! The store is never written. The store is opened once, by the daemon, and read on the
 //! daemon's runtime.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::catalog::Setting;
+use crate::manifest::SnapshotManifest;
 use crate::store::{StoreChain, StoreSource, StoreUrl};
 use crate::sync::{Condvar, Mutex};
 use crate::volume::Volume;
@@ -38,11 +39,15 @@ pub fn claim(volume: &Volume, url: &StoreUrl) -> Result<(), String> {
     }
 }
 
-/// Imports the snapshots completed in the store since the last call, in order, renames
-/// those renamed there and drops those deleted there, telling `forget` each name that went
-/// away (the kernel caches names).
-/// `stores` is the followed store (its origin's is added the first time the listing names
-/// one). Returns how many were imported.
+/// Makes this volume's snapshots those completed in the store and its live tree the
+/// newest of them. A snapshot here is the one in the store created at the same moment
+/// (pinned with its creation time): one renamed there is renamed here, one deleted there
+/// is deleted here (`forget` is told each name that went away: the kernel caches names),
+/// its lock is the one there, and each one not here yet is imported, oldest first,
+/// wherever it falls in the series: a checkpoint promoted there after newer snapshots, a
+/// snapshot taken out of the recycle bin there, one whose name was taken here when it was
+/// listed. `stores` is the followed store (its origin's is added the first time the
+/// listing names one). Returns how many were imported.
 pub fn follow_once(
     volume: &Volume,
     stores: &mut StoreChain,
@@ -51,24 +56,40 @@ pub fn follow_once(
     let mut listing = stores.list().map_err(|e| e.to_string())?;
     // A snapshot in the other volume's recycle bin is deleted as far as a follower goes.
     listing.snapshots.retain(|m| m.trash.is_none());
+    listing.snapshots.sort_by_key(|m| m.generation);
     for damaged in &listing.damaged {
         tracing::warn!(url = %stores.url(), "{damaged}");
     }
-    let first_new: u64 = volume
+    stores
+        .set_origin(listing.origin.as_ref())
+        .map_err(|e| e.to_string())?;
+    mirror_renames_and_deletions(volume, &listing.snapshots, forget)?;
+
+    let here: HashSet<i64> = volume.list_snapshots().iter().map(|s| s.created).collect();
+    let mut shown = volume
         .setting(Setting::FollowedId)
         .map_err(|e| e.to_string())?
-        .and_then(|id| id.parse().ok())
-        .unwrap_or(0);
+        .and_then(|id| id.parse::<u64>().ok());
+    let new: Vec<&SnapshotManifest> = listing
+        .snapshots
+        .iter()
+        .filter(|m| !here.contains(&m.created))
+        .collect();
+    let newest = listing.snapshots.last();
+    if new.is_empty() && newest.is_none_or(|m| shown == Some(m.id)) {
+        return Ok(0);
+    }
+    // What is new there is in packs added since the indexes here were read.
+    stores.store_changed();
+    volume.origin_changed();
     let mut imported = 0;
-    for manifest in listing.snapshots.iter().filter(|m| m.id > first_new) {
-        let name = manifest.name.clone();
-        stores
-            .set_origin(listing.origin.as_ref())
-            .map_err(|e| e.to_string())?;
-        let source = StoreSource::new(stores.clone(), manifest.clone());
-        volume.sync_to(&source, true).map_err(|e| e.to_string())?;
+    for manifest in new {
+        // A snapshot is pinned from the live tree: it shows this one for the moment.
+        show(volume, stores, manifest)?;
+        shown = Some(manifest.id);
+        let name = &manifest.name;
         let pinned = volume.pin_followed_snapshot(
-            &name,
+            name,
             manifest.created,
             &manifest.tags,
             manifest.lock.as_ref(),
@@ -76,20 +97,40 @@ pub fn follow_once(
         match pinned {
             Ok(()) => imported += 1,
             Err(e) => {
-                tracing::warn!(name = %String::from_utf8_lossy(&name), error = %e, "snapshot not followed")
+                tracing::warn!(name = %String::from_utf8_lossy(name), error = %e, "snapshot not followed")
             }
         }
-        volume
-            .set_setting(Setting::FollowedId, &manifest.id.to_string())
-            .map_err(|e| e.to_string())?;
     }
-    // A snapshot here is the one in the store created at the same moment (pinned with its
-    // creation time): one renamed there is renamed here, one deleted there is deleted, and
-    // its lock is the one there.
-    let remaining: HashMap<i64, &crate::manifest::SnapshotManifest> =
-        listing.snapshots.iter().map(|m| (m.created, m)).collect();
+    // The live tree shows the newest snapshot, also when the one it showed was deleted
+    // there (whose blocks that store may no longer hold). With none left, it stays.
+    if let Some(newest) = newest
+        && shown != Some(newest.id)
+    {
+        show(volume, stores, newest)?;
+    }
+    Ok(imported)
+}
+
+/// Makes the live tree that of `manifest`, and records that it shows it.
+fn show(volume: &Volume, stores: &StoreChain, manifest: &SnapshotManifest) -> Result<(), String> {
+    let source = StoreSource::new(stores.clone(), manifest.clone());
+    volume.sync_to(&source, true).map_err(|e| e.to_string())?;
+    volume
+        .set_setting(Setting::FollowedId, &manifest.id.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Renames and deletes this volume's snapshots as the store's `listed` ones were, and
+/// mirrors their locks.
+fn mirror_renames_and_deletions(
+    volume: &Volume,
+    listed: &[SnapshotManifest],
+    forget: &dyn Fn(&[u8]),
+) -> Result<(), String> {
+    let by_created: HashMap<i64, &SnapshotManifest> =
+        listed.iter().map(|m| (m.created, m)).collect();
     for local in volume.list_snapshots() {
-        let found = remaining.get(&local.created);
+        let found = by_created.get(&local.created);
         if let Some(m) = found
             && let Err(e) = volume.mirror_snapshot_lock(&local.name, m.lock.as_ref())
         {
@@ -103,13 +144,17 @@ pub fn follow_once(
                     continue;
                 }
             }
-            None => volume
-                .delete_snapshot(&local.name)
-                .map_err(|e| e.to_string())?,
+            None => {
+                // Its lock here only mirrored the store's, which let it go.
+                volume
+                    .mirror_snapshot_lock(&local.name, None)
+                    .and_then(|()| volume.delete_snapshot(&local.name))
+                    .map_err(|e| e.to_string())?
+            }
         }
         forget(&local.name);
     }
-    Ok(imported)
+    Ok(())
 }
 
 /// Called with the name of each snapshot deleted in the store.

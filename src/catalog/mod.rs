@@ -354,7 +354,7 @@ pub enum Setting {
     OriginSnapshot,
     /// The store a read-only volume follows.
     Follows,
-    /// The id of the last snapshot a follower imported.
+    /// The id (in the followed store) of the snapshot a follower's live tree shows.
     FollowedId,
     /// The mount's `--cache-size` in bytes (absent: no limit), for `snapfs status`.
     CacheSize,
@@ -1016,8 +1016,11 @@ impl Catalog {
                 let sql = format!("DELETE FROM {table} WHERE {}", exclusive_rows("", &bounds));
                 t.conn.execute(&sql, [])?;
             }
-            // A checkpoint was never uploaded: it has no store object to forget.
-            if state != checkpoints::CHECKPOINT {
+            // A checkpoint was never uploaded: it has no store object to forget. A
+            // follower's snapshots are another volume's objects, and its trees are those
+            // of its live tree (`set_live_tree`), which a deletion leaves as it is.
+            let follower = t.setting(Setting::Follows)?.is_some();
+            if state != checkpoints::CHECKPOINT && !follower {
                 t.forget_snapshot_objects(id, bounds.generation)?;
             }
             Ok(())

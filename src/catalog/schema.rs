@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[&str] = &[
     V12_PIECES_BY_ROWID,
     V13_TOTALS_BY_WRITES,
     V14_TREES_ONE_AT_A_TIME,
+    V15_FOLLOWERS_KEEP_LIVE_TREES,
 ];
 
 const V1: &str = r#"
@@ -410,6 +411,16 @@ WHERE EXISTS (
         AND (dir_trees.death IS NULL OR dir_trees.death > n.birth));
 "#;
 
+/// A follower's trees are those of its live tree, one per directory. Before this version
+/// deleting its newest snapshot made an older snapshot's trees current again while the
+/// live tree stayed as it was, so a later sync could skip a directory that differed.
+/// They all go: its next sync walks the whole tree once and records them again. So do the
+/// store deletions it queued: the store it follows is another volume's.
+const V15_FOLLOWERS_KEEP_LIVE_TREES: &str = r#"
+DELETE FROM dir_trees WHERE EXISTS (SELECT 1 FROM settings WHERE key = 'follows');
+DELETE FROM store_deletions WHERE EXISTS (SELECT 1 FROM settings WHERE key = 'follows');
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,5 +502,36 @@ mod tests {
                 (17, 7, None, vec![7]),
             ]
         );
+    }
+
+    #[test]
+    fn a_follower_forgets_its_trees_and_store_deletions_and_a_writer_keeps_them() {
+        let trees_and_deletions = |follower: bool| -> (i64, i64) {
+            let db = schema_before(V15_FOLLOWERS_KEEP_LIVE_TREES);
+            db.execute_batch(
+                "INSERT INTO snapshots (name, generation, created, state) VALUES
+                     ('a', 2, 0, 'completed');
+                 INSERT INTO dir_trees (ino, birth, death, hash) VALUES
+                     (1, 2, 4, x'01'), (1, 4, NULL, x'02'), (16, 2, NULL, x'03');
+                 INSERT INTO store_deletions (key) VALUES ('snapshots/x');",
+            )
+            .expect("a schema-14 catalog");
+            if follower {
+                db.execute_batch(
+                    "INSERT INTO settings (key, value) VALUES ('follows', 'file:///s')",
+                )
+                .expect("a follower");
+            }
+            db.execute_batch(V15_FOLLOWERS_KEEP_LIVE_TREES)
+                .expect("V15");
+            db.query_row(
+                "SELECT (SELECT count(*) FROM dir_trees), (SELECT count(*) FROM store_deletions)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("count")
+        };
+        assert_eq!(trees_and_deletions(true), (0, 0));
+        assert_eq!(trees_and_deletions(false), (3, 1));
     }
 }

@@ -366,11 +366,21 @@ impl WriteTx<'_> {
     }
 
     /// Records the tree object the live directory `ino` now matches (a followed store's).
+    /// A follower writes no manifest, so it keeps no history: one row per directory, the
+    /// tree its live directory holds, which only its next sync changes.
     pub fn set_live_tree(&self, ino: u64, hash: &BlockHash) -> Result<()> {
-        self.retire_key("dir_trees", "ino = ?1", &[&ino])?;
+        self.forget_live_tree(ino)?;
         self.conn
             .prepare_cached("INSERT INTO dir_trees (ino, birth, hash) VALUES (?1, ?2, ?3)")?
             .execute(params![ino, self.g, hash.as_bytes()])?;
+        Ok(())
+    }
+
+    /// Forgets the tree a follower recorded for directory `ino` (gone from its live tree).
+    pub fn forget_live_tree(&self, ino: u64) -> Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM dir_trees WHERE ino = ?1")?
+            .execute([ino])?;
         Ok(())
     }
 

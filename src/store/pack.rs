@@ -11,6 +11,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -400,6 +401,8 @@ impl PackIndex {
 pub struct IndexedStore {
     pub store: Arc<dyn ObjectStore>,
     index: tokio::sync::Mutex<Option<(Arc<PackIndex>, Instant)>>,
+    /// The store is known to have changed since the index was read (see `store_changed`).
+    stale: AtomicBool,
     /// Trees read with a tree asked for (its neighbours in a pack), until asked for.
     trees: Mutex<TreeCache>,
 }
@@ -458,6 +461,7 @@ impl IndexedStore {
         IndexedStore {
             store,
             index: tokio::sync::Mutex::new(index),
+            stale: AtomicBool::new(false),
             trees: Mutex::new(TreeCache {
                 trees: LruCache::unbounded(),
                 bytes: 0,
@@ -465,9 +469,19 @@ impl IndexedStore {
         }
     }
 
-    /// The store's index (listed and read once).
+    /// Makes the next reader read the index again: the store has new packs (a follower
+    /// saw new snapshots there). A block missing from the index is otherwise looked for
+    /// again at most once per `INDEX_REREAD`, and a read in between would fail.
+    pub fn store_changed(&self) {
+        self.stale.store(true, Ordering::Release);
+    }
+
+    /// The store's index (listed and read once, and again after `store_changed`).
     pub async fn index(&self) -> StoreResult<Arc<PackIndex>> {
         let mut loaded = self.index.lock().await;
+        if self.stale.swap(false, Ordering::AcqRel) {
+            *loaded = None;
+        }
         if let Some((index, _)) = &*loaded {
             return Ok(index.clone());
         }
@@ -480,7 +494,8 @@ impl IndexedStore {
     /// or another reader has read it again since.
     async fn reread(&self, seen: &Arc<PackIndex>) -> StoreResult<Arc<PackIndex>> {
         let mut loaded = self.index.lock().await;
-        if let Some((index, at)) = &*loaded
+        if !self.stale.swap(false, Ordering::AcqRel)
+            && let Some((index, at)) = &*loaded
             && (!Arc::ptr_eq(index, seen) || at.elapsed() < INDEX_REREAD)
         {
             return Ok(index.clone());

@@ -105,6 +105,11 @@ impl StoreChain {
         Ok(())
     }
 
+    /// The volume's store has new packs (see `IndexedStore::store_changed`).
+    pub fn store_changed(&self) {
+        self.own.store_changed();
+    }
+
     /// The volume's store, for messages.
     pub fn url(&self) -> &str {
         self.own.store.url()

@@ -246,6 +246,15 @@ impl Setup {
         info.id
     }
 
+    /// Takes a checkpoint (the one of this test: a fixed time) and returns its name.
+    fn checkpoint(&self) -> String {
+        self.volume
+            .take_checkpoint(1_000_000_000)
+            .expect("checkpoint")
+            .expect("taken")
+            .name
+    }
+
     fn state(&self, id: u64) -> SnapshotRow {
         self.volume
             .list_snapshots()
@@ -829,11 +838,7 @@ fn a_checkpoint_promoted_after_newer_snapshots_gets_a_correct_manifest() {
     t.snapshot("s1");
     t.upload();
     t.write(d1, "f", &pattern(2 * BLOCK, 3));
-    let checkpoint = t
-        .volume
-        .take_checkpoint(1_000_000_000)
-        .expect("checkpoint")
-        .expect("taken");
+    let checkpoint = t.checkpoint();
     let keys_before = t.keys("");
     assert!(t.upload().is_empty(), "a checkpoint is not uploaded");
     assert_eq!(t.keys(""), keys_before, "nothing of it reaches the store");
@@ -844,7 +849,7 @@ fn a_checkpoint_promoted_after_newer_snapshots_gets_a_correct_manifest() {
 
     let promoted = t
         .volume
-        .promote_checkpoint(checkpoint.name.as_bytes(), b"p")
+        .promote_checkpoint(checkpoint.as_bytes(), b"p")
         .expect("promote");
     assert_eq!(promoted.state, "pending");
     assert_eq!(t.upload(), vec![(promoted.id, Outcome::Completed)]);
@@ -1133,10 +1138,12 @@ proptest::proptest! {
                 .remember_trash_retention(Duration::from_secs(86_400))
                 .expect("a recycle bin");
         }
+        let follower = Follower::of(&t);
         let mut live = Files::new();
         let mut snapshots: Vec<(u64, String, Files)> = Vec::new();
         let mut trashed: Vec<(u64, String, Files)> = Vec::new();
         let mut checkpoints: Vec<(String, Files)> = Vec::new();
+        let mut checkpoints_taken = 0i64;
         let mut taken = 0;
         let mut new_name = || {
             taken += 1;
@@ -1171,8 +1178,10 @@ proptest::proptest! {
                     snapshots.push((t.snapshot(&name), name, live.clone()));
                 }
                 LifecycleOp::Checkpoint => {
-                    // One per millisecond of the name: a distinct time for each.
-                    let at = 1_000_000_000 + 1000 * (checkpoints.len() as i64 + 1);
+                    // One per millisecond of the name: a distinct time for each, as a
+                    // clock gives (a follower knows a snapshot by its creation time).
+                    checkpoints_taken += 1;
+                    let at = 1_000_000_000 + 1_000_000 * checkpoints_taken;
                     if let Some(row) = t.volume.take_checkpoint(at).expect("checkpoint") {
                         checkpoints.push((row.name, live.clone()));
                     }
@@ -1188,6 +1197,20 @@ proptest::proptest! {
                 }
                 LifecycleOp::Upload => {
                     t.upload();
+                    follower.follow(&t);
+                    // Every snapshot there, by name; the live tree the newest's.
+                    let generation = |id: u64| t.state(id).generation;
+                    let mut names: Vec<String> =
+                        snapshots.iter().map(|(_, name, _)| name.clone()).collect();
+                    names.sort();
+                    proptest::prop_assert_eq!(follower.snapshot_names(), names);
+                    if let Some((_, name, files)) =
+                        snapshots.iter().max_by_key(|(id, ..)| generation(*id))
+                    {
+                        proptest::prop_assert_eq!(&follower.files(), files, "showing {}", name);
+                    }
+                    let findings = follower.invariant_findings();
+                    proptest::prop_assert!(findings.is_empty(), "follower: {findings:?}");
                 }
                 LifecycleOp::Delete { n } if !snapshots.is_empty() => {
                     let deleted = snapshots.remove(n % snapshots.len());
@@ -1286,11 +1309,7 @@ fn a_checkpoint_promoted_after_a_deletion_records_trees_that_do_not_overlap() {
     let d = t.mkdir("d");
     t.snapshot("s1");
     t.write(d, "f", &pattern(BLOCK, 1));
-    let checkpoint = t
-        .volume
-        .take_checkpoint(1_000_000_000)
-        .expect("checkpoint")
-        .expect("taken");
+    let checkpoint = t.checkpoint();
     t.write(d, "f", &pattern(BLOCK, 2));
     t.snapshot("s2");
     let s3 = t.snapshot("s3");
@@ -1298,7 +1317,7 @@ fn a_checkpoint_promoted_after_a_deletion_records_trees_that_do_not_overlap() {
     t.volume.delete_snapshot(b"s2").expect("delete");
     let promoted = t
         .volume
-        .promote_checkpoint(checkpoint.name.as_bytes(), b"p")
+        .promote_checkpoint(checkpoint.as_bytes(), b"p")
         .expect("promote");
     assert_eq!(t.upload(), vec![(promoted.id, Outcome::Completed)]);
     assert_eq!(t.invariant_findings(), vec![]);
@@ -1307,4 +1326,193 @@ fn a_checkpoint_promoted_after_a_deletion_records_trees_that_do_not_overlap() {
         hashes(&pattern(BLOCK, 1))
     );
     assert_eq!(file_blocks(&t, s3, "d", "f"), hashes(&pattern(BLOCK, 2)));
+}
+
+/// A read-only volume following the store of a `Setup`'s volume, as `--read-only` does.
+struct Follower {
+    _dir: tempfile::TempDir,
+    volume: Volume,
+}
+
+impl Follower {
+    fn of(t: &Setup) -> Follower {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = Options {
+            block_size: BLOCK as u32,
+            ..Options::default()
+        };
+        let volume = Volume::open(dir.path(), &options).expect("open follower");
+        let volume_id = t.volume.volume_id().expect("volume id");
+        t.runtime
+            .block_on(store::claim(&*t.store, &volume_id, BLOCK as u32, None))
+            .expect("claim the store");
+        let url = crate::store::StoreUrl::parse(t.store.url()).expect("url");
+        crate::follow::claim(&volume, &url).expect("follow");
+        // Blocks are read from the store on first read, as the daemon attaches it.
+        volume.attach_origin(t.store.clone(), t.runtime.handle().clone());
+        Follower { _dir: dir, volume }
+    }
+
+    /// Every file of the live tree, by path, with its content.
+    fn files(&self) -> Files {
+        fn walk(volume: &Volume, dir: NodeId, prefix: &str, files: &mut Files) {
+            let handle = volume.opendir(dir).expect("opendir");
+            let entries = volume.readdir(handle).expect("readdir");
+            volume.releasedir(handle);
+            // `.`, `..` and the control directories: the test's names have no dot.
+            for entry in entries.iter().filter(|e| !e.name.starts_with(b".")) {
+                let path = format!("{prefix}{}", String::from_utf8_lossy(&entry.name));
+                if entry.attr.attrs.kind == crate::catalog::Kind::Dir {
+                    walk(volume, entry.attr.node, &format!("{path}/"), files);
+                } else {
+                    let data = volume
+                        .read(entry.attr.node, 0, entry.attr.attrs.size as u32)
+                        .expect("read");
+                    files.insert(path, data);
+                }
+            }
+        }
+        let mut files = Files::new();
+        walk(&self.volume, ROOT, "", &mut files);
+        files
+    }
+
+    /// One round of following; how many snapshots it imported.
+    fn follow(&self, t: &Setup) -> usize {
+        // A chain per round: a chain reads the store's index again at most once a second.
+        let mut chain = crate::store::StoreChain::new(t.runtime.handle(), t.store.clone());
+        crate::follow::follow_once(&self.volume, &mut chain, &|_| {}).expect("follow")
+    }
+
+    fn snapshot_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .volume
+            .list_snapshots()
+            .into_iter()
+            .map(|s| String::from_utf8_lossy(&s.name).into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Whether the live tree has `name` in directory `dir` of the root.
+    fn has(&self, dir: &str, name: &str) -> bool {
+        let dir = self.volume.lookup(ROOT, dir.as_bytes()).expect("dir").node;
+        match self.volume.lookup(dir, name.as_bytes()) {
+            Ok(_) => true,
+            Err(crate::volume::Error::NotFound) => false,
+            Err(e) => panic!("lookup of {name}: {e}"),
+        }
+    }
+
+    fn invariant_findings(&self) -> Vec<crate::catalog::Finding> {
+        Catalog::open(&self.volume.catalog_path(), BLOCK as u32, 0, (0, 0))
+            .expect("catalog")
+            .read(|tx| tx.invariant_findings(BLOCK as u64))
+            .expect("invariants")
+    }
+}
+
+/// A follower that loses its newest snapshot shows the newest one left, and knows what
+/// it shows: deleting a snapshot does not swap the trees it recorded for its live tree
+/// for an older snapshot's (which would make it skip `d` as unchanged when it went back
+/// to "a", where `d` was empty).
+#[test]
+fn a_follower_that_loses_its_newest_snapshot_shows_the_newest_left() {
+    let t = Setup::new();
+    let follower = Follower::of(&t);
+    let d = t.mkdir("d");
+    t.snapshot("a");
+    t.upload();
+    assert_eq!(follower.follow(&t), 1);
+    t.write(d, "f", &pattern(BLOCK, 1));
+    t.snapshot("b");
+    t.upload();
+    assert_eq!(follower.follow(&t), 1);
+    assert!(follower.has("d", "f"));
+
+    t.volume.delete_snapshot(b"b").expect("delete");
+    t.upload();
+    assert_eq!(follower.follow(&t), 0);
+    assert_eq!(follower.snapshot_names(), ["a"]);
+    assert!(!follower.has("d", "f"), "the live tree shows a");
+
+    t.volume.unlink(d, b"f").expect("unlink");
+    t.write(d, "g", &pattern(BLOCK, 2));
+    t.snapshot("c");
+    t.upload();
+    assert_eq!(follower.follow(&t), 1);
+    assert!(follower.has("d", "g") && !follower.has("d", "f"));
+    assert_eq!(follower.invariant_findings(), vec![]);
+}
+
+/// Snapshots that complete in the store behind newer ones are followed too: a checkpoint
+/// promoted there, a snapshot taken out of the recycle bin there. The live tree keeps
+/// showing the newest.
+#[test]
+fn a_follower_imports_snapshots_that_complete_behind_newer_ones() {
+    let t = Setup::new();
+    t.volume
+        .remember_trash_retention(Duration::from_secs(86_400))
+        .expect("a recycle bin");
+    let follower = Follower::of(&t);
+    let d = t.mkdir("d");
+    t.write(d, "x", &pattern(BLOCK, 1));
+    let checkpoint = t.checkpoint();
+    t.write(d, "y", &pattern(BLOCK, 2));
+    t.snapshot("s1");
+    t.upload();
+    assert_eq!(follower.follow(&t), 1);
+
+    t.volume
+        .promote_checkpoint(checkpoint.as_bytes(), b"p")
+        .expect("promote");
+    t.upload();
+    assert_eq!(follower.follow(&t), 1);
+    assert_eq!(follower.snapshot_names(), ["p", "s1"]);
+    assert!(follower.has("d", "y"), "the live tree shows s1, the newest");
+
+    t.volume
+        .delete_snapshot(b"s1")
+        .expect("delete into the bin");
+    t.upload();
+    assert_eq!(follower.follow(&t), 0);
+    assert_eq!(follower.snapshot_names(), ["p"]);
+    assert!(!follower.has("d", "y"), "the live tree shows p");
+
+    let binned = t.volume.trashed_snapshots()[0].name.clone();
+    t.volume
+        .undelete_snapshot(&binned, Some(b"s1"))
+        .expect("undelete");
+    t.upload();
+    assert_eq!(follower.follow(&t), 1);
+    assert_eq!(follower.snapshot_names(), ["p", "s1"]);
+    assert!(follower.has("d", "y"), "the live tree shows s1 again");
+    assert_eq!(follower.follow(&t), 0, "nothing left to import");
+    assert_eq!(follower.invariant_findings(), vec![]);
+}
+
+/// A snapshot unlocked and deleted in the store between two rounds is deleted here too:
+/// the lock here only mirrored the store's, and the store's deletion is what counts.
+#[test]
+fn a_follower_deletes_a_snapshot_its_lock_no_longer_keeps() {
+    let t = Setup::new();
+    let follower = Follower::of(&t);
+    t.write(ROOT, "f", &pattern(BLOCK, 1));
+    t.snapshot("a");
+    t.snapshot("b");
+    let held = crate::catalog::SnapshotLock {
+        mode: crate::catalog::LockMode::Governance,
+        until: i64::MAX,
+        cool_off_until: 0,
+    };
+    t.volume.lock_snapshot(b"a", Some(&held)).expect("lock");
+    t.upload();
+    assert_eq!(follower.follow(&t), 2);
+
+    t.volume.lock_snapshot(b"a", None).expect("unlock");
+    t.volume.delete_snapshot(b"a").expect("delete");
+    t.upload();
+    assert_eq!(follower.follow(&t), 0);
+    assert_eq!(follower.snapshot_names(), ["b"]);
 }

@@ -131,6 +131,13 @@ impl BlockReader {
         let _ = self.origin.set(Remote { store, runtime });
     }
 
+    /// The origin's store has new packs (see `IndexedStore::store_changed`).
+    pub fn origin_changed(&self) {
+        if let Some(origin) = self.origin.get() {
+            origin.store.store_changed();
+        }
+    }
+
     /// Block `hash`, from memory, the local disk, or the store.
     pub fn block(&self, hash: &BlockHash) -> Result<Arc<Vec<u8>>> {
         match self.local_block(hash)? {

@@ -140,6 +140,9 @@ impl Volume {
                     unlinked.push(child.inode.ino);
                 }
                 tx.retire_inode(ino)?;
+                if record_trees {
+                    tx.forget_live_tree(ino)?;
+                }
             }
             tx.reserve_inos_through(max_ino)?;
             Ok::<_, Error>(())

@@ -360,6 +360,11 @@ impl Volume {
         self.blocks.attach_origin(store, runtime);
     }
 
+    /// The origin's store has new packs: a follower imported snapshots that use them.
+    pub fn origin_changed(&self) {
+        self.blocks.origin_changed();
+    }
+
     /// The store this volume uploads to: the one it was first mounted with, which
     /// `requested` (a `--store` URL) may only repeat. The default is a directory beside
     /// the volume. A new volume's choice is kept by `remember_store` once it works.
