@@ -4,7 +4,10 @@
 //! must hold (names, kinds, bytes, modes, symlink targets, link counts, hard links,
 //! xattrs). Built like mountpoint-s3's reftests: generators pick targets by index into
 //! what the model holds, the model says what each operation must return, the harness runs
-//! both and compares. Shrunk failures are the named regression tests at the end.
+//! both and compares. Shrunk failures are the named regression tests at the end. A
+//! follower (`--read-only`) follows the store beside it: after each upload its snapshots
+//! and its live tree (the newest snapshot), read through the core's calls, must hold
+//! what the model says too.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -370,6 +373,39 @@ struct Node {
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+impl Node {
+    /// The node of an entry with `attrs`, `same_as` left to `tree`.
+    fn of(
+        attrs: &crate::catalog::Attrs,
+        data: Vec<u8>,
+        mut xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Node {
+        xattrs.sort();
+        Node {
+            kind: attrs.kind,
+            perm: attrs.perm,
+            nlink: attrs.nlink,
+            same_as: Vec::new(),
+            data,
+            xattrs,
+        }
+    }
+}
+
+/// Asserts that `found` (in `what`, read from `place`) is `model`'s tree, path by path.
+fn assert_holds(found: &Tree, model: &Model, what: &str, place: &str) {
+    let expected = model.tree();
+    let paths: std::collections::BTreeSet<&Vec<u8>> = expected.keys().chain(found.keys()).collect();
+    for path in paths {
+        assert_eq!(
+            found.get(path),
+            expected.get(path),
+            "{what}:{} {place} (left) against the model (right)",
+            String::from_utf8_lossy(path)
+        );
+    }
+}
+
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node")
@@ -442,16 +478,7 @@ fn read_store(url: &StoreUrl) -> BTreeMap<Vec<u8>, Tree> {
                 }
                 Content::None => entry.target.clone().unwrap_or_default(),
             };
-            let mut xattrs = entry.xattrs.clone();
-            xattrs.sort();
-            let node = Node {
-                kind: entry.attrs.kind,
-                perm: entry.attrs.perm,
-                nlink: entry.attrs.nlink,
-                same_as: Vec::new(),
-                data,
-                xattrs,
-            };
+            let node = Node::of(&entry.attrs, data, entry.xattrs.clone());
             nodes.push((path, entry.ino, node));
         }
         tree(nodes.into_iter())
@@ -474,7 +501,57 @@ fn read_store(url: &StoreUrl) -> BTreeMap<Vec<u8>, Tree> {
         .collect()
 }
 
+/// The tree of `root` in `volume` (the live tree or a snapshot's), read through the
+/// core's calls as a mount's requests make them. Names with a dot (the control
+/// directories) and snapfs's own xattrs are not the tree's.
+fn read_view(volume: &Volume, root: NodeId) -> Tree {
+    let own_xattr =
+        |name: &[u8]| name.starts_with(b"user.snapfs.") || name.starts_with(b"user.tag.");
+    let mut nodes = Vec::new();
+    let mut stack = vec![(b"/".to_vec(), root)];
+    while let Some((path, node)) = stack.pop() {
+        let attr = volume.getattr(node).expect("getattr");
+        let data = match attr.attrs.kind {
+            Kind::Dir => {
+                let handle = volume.opendir(node).expect("opendir");
+                let entries = volume.readdir(handle).expect("readdir");
+                volume.releasedir(handle);
+                for entry in entries.iter().filter(|e| !e.name.starts_with(b".")) {
+                    let mut child_path = path.clone();
+                    if child_path != b"/" {
+                        child_path.push(b'/');
+                    }
+                    child_path.extend_from_slice(&entry.name);
+                    stack.push((child_path, entry.attr.node));
+                }
+                Vec::new()
+            }
+            Kind::Symlink => volume.readlink(node).expect("readlink"),
+            _ => volume.read(node, 0, attr.attrs.size as u32).expect("read"),
+        };
+        let xattrs = volume
+            .listxattr(node)
+            .expect("listxattr")
+            .into_iter()
+            .filter(|name| !own_xattr(name))
+            .map(|name| {
+                let value = volume.getxattr(node, &name).expect("getxattr");
+                (name, value)
+            })
+            .collect();
+        nodes.push((path, node.ino, Node::of(&attr.attrs, data, xattrs)));
+    }
+    tree(nodes.into_iter())
+}
+
 // ---- The harness ----
+
+/// A read-only volume following the store (`--read-only`), with the one store chain the
+/// daemon keeps for it.
+struct Follower {
+    volume: Volume,
+    stores: crate::store::StoreChain,
+}
 
 struct Harness {
     dir: tempfile::TempDir,
@@ -483,6 +560,7 @@ struct Harness {
     runtime: tokio::runtime::Runtime,
     url: StoreUrl,
     model: Model,
+    follower: Follower,
     /// Snapshots taken and not deleted, with the model as it was.
     snapshots: Vec<(Vec<u8>, Model)>,
     taken: usize,
@@ -494,12 +572,25 @@ impl Harness {
         let url = StoreUrl::parse(&format!("file://{}", dir.path().join("store").display()))
             .expect("store url");
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let options = Options {
+            block_size: BLOCK as u32,
+            ..Options::default()
+        };
+        let follower = Volume::open(&dir.path().join("follower"), &options).expect("follower");
+        crate::follow::claim(&follower, &url).expect("follow the store");
+        let store = runtime.block_on(store::open(&url)).expect("store");
+        follower.attach_origin(store.clone(), runtime.handle().clone());
+        let follower = Follower {
+            volume: follower,
+            stores: crate::store::StoreChain::new(runtime.handle(), store),
+        };
         let mut harness = Harness {
             dir,
             mounted: None,
             runtime,
             url,
             model: Model::new(0),
+            follower,
             snapshots: Vec::new(),
             taken: 0,
         };
@@ -773,18 +864,42 @@ impl Harness {
         );
         for (name, model) in &self.snapshots {
             let name_text = String::from_utf8_lossy(name);
-            let expected = model.tree();
-            let found = &stored[name];
-            let paths: std::collections::BTreeSet<&Vec<u8>> =
-                expected.keys().chain(found.keys()).collect();
-            for path in paths {
-                assert_eq!(
-                    found.get(path),
-                    expected.get(path),
-                    "{name_text}:{} read back from the store (left) against the model (right)",
-                    String::from_utf8_lossy(path)
-                );
-            }
+            assert_holds(&stored[name], model, &name_text, "read back from the store");
+        }
+        self.check_follower();
+    }
+
+    /// Follows the store once, then checks that the follower holds every snapshot in it,
+    /// each as the model was, and that its live tree is the newest one's.
+    fn check_follower(&mut self) {
+        let follower = &mut self.follower;
+        crate::follow::follow_once(&follower.volume, &mut follower.stores, &|_| {})
+            .expect("follow");
+        let mut names: Vec<Vec<u8>> = follower
+            .volume
+            .list_snapshots()
+            .into_iter()
+            .map(|row| row.name)
+            .collect();
+        names.sort();
+        let mut expected: Vec<Vec<u8>> = self.snapshots.iter().map(|(n, _)| n.clone()).collect();
+        expected.sort();
+        assert_eq!(names, expected, "the follower's snapshots");
+        let views = self.snapshots.iter().map(|(name, model)| {
+            let root = follower
+                .volume
+                .lookup(crate::volume::SNAPDIR, name)
+                .expect("a followed snapshot")
+                .node;
+            (String::from_utf8_lossy(name).into_owned(), root, model)
+        });
+        let live = self
+            .snapshots
+            .last()
+            .map(|(_, newest)| ("the live tree".to_owned(), ROOT, newest));
+        for (what, root, model) in views.chain(live) {
+            let found = read_view(&follower.volume, root);
+            assert_holds(&found, model, &what, "in the follower");
         }
     }
 }
