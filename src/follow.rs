@@ -114,10 +114,12 @@ pub fn follow_once(
 /// Makes the live tree that of `manifest`, and records that it shows it.
 fn show(volume: &Volume, stores: &StoreChain, manifest: &SnapshotManifest) -> Result<(), String> {
     let source = StoreSource::new(stores.clone(), manifest.clone());
-    volume.sync_to(&source, true).map_err(|e| e.to_string())?;
+    let written = volume.sync_to(&source, true).map_err(|e| e.to_string())?;
     volume
         .set_setting(Setting::FollowedId, &manifest.id.to_string())
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    tracing::info!(snapshot = %String::from_utf8_lossy(&manifest.name), entries_written = written, "live tree synced to the snapshot");
+    Ok(())
 }
 
 /// Renames and deletes this volume's snapshots as the store's `listed` ones were, and
