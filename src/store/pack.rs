@@ -490,9 +490,23 @@ impl IndexedStore {
         Ok(index)
     }
 
-    /// The store's index read again, unless `seen` was read less than `INDEX_REREAD` ago
-    /// or another reader has read it again since.
-    async fn reread(&self, seen: &Arc<PackIndex>) -> StoreResult<Arc<PackIndex>> {
+    /// The store's index read again after `seen` missed a block, unless another reader
+    /// has read it again since. An index is many objects, so it is read at most once per
+    /// `INDEX_REREAD`. A reader that missed a block outright (`wait_turn`) waits for that
+    /// turn rather than failing: the block may be in a pack `seen` does not list yet (its
+    /// writer repacked it and deleted the pack `seen` places it in, or a follower reads a
+    /// snapshot newer than `seen`), and the index written before that deletion lists it.
+    /// A reader that found a damaged copy does not wait: its error is known.
+    async fn reread(&self, seen: &Arc<PackIndex>, wait_turn: bool) -> StoreResult<Arc<PackIndex>> {
+        let turn_in = match &*self.index.lock().await {
+            Some((index, at)) if Arc::ptr_eq(index, seen) => {
+                INDEX_REREAD.saturating_sub(at.elapsed())
+            }
+            _ => Duration::ZERO,
+        };
+        if wait_turn && !turn_in.is_zero() {
+            tokio::time::sleep(turn_in).await;
+        }
         let mut loaded = self.index.lock().await;
         if !self.stale.swap(false, Ordering::AcqRel)
             && let Some((index, at)) = &*loaded
@@ -580,7 +594,7 @@ impl IndexedStore {
         if let Some(data) = own_object.await? {
             return Ok(Some(data));
         }
-        let again = self.reread(&index).await?;
+        let again = self.reread(&index, damaged.is_none()).await?;
         if !Arc::ptr_eq(&again, &index)
             && let Some(data) = self.in_packs(&again, hash, max, &mut damaged).await?
         {

@@ -1516,3 +1516,27 @@ fn a_follower_deletes_a_snapshot_its_lock_no_longer_keeps() {
     assert_eq!(follower.follow(&t), 0);
     assert_eq!(follower.snapshot_names(), ["b"]);
 }
+
+/// A block in a pack newer than a reader's index is found by reading the index again,
+/// also when the reader read it less than a second before (a follower reading a snapshot
+/// just followed, a reader whose pack the writer repacked and deleted): the reader waits
+/// for its turn to read the index again rather than failing.
+#[test]
+fn a_block_in_a_pack_newer_than_the_index_read_a_moment_ago_is_found() {
+    let t = Setup::new();
+    t.write(ROOT, "f", &pattern(BLOCK, 1));
+    t.snapshot("s1");
+    t.upload();
+    let reader = crate::store::IndexedStore::new(t.store.clone());
+    t.runtime.block_on(reader.index()).expect("index");
+    let newer = pattern(BLOCK, 2);
+    t.write(ROOT, "g", &newer);
+    t.snapshot("s2");
+    t.upload();
+    let hash = BlockHash::of(&newer);
+    let found = t
+        .runtime
+        .block_on(reader.block(&hash, BLOCK))
+        .expect("read");
+    assert_eq!(found.as_deref().map(BlockHash::of), Some(hash));
+}
