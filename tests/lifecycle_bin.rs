@@ -421,6 +421,29 @@ fn the_store_keeps_trash_until_purged_and_carries_locks_to_followers() {
         },
     );
 
+    // Undeleted at the source, it is followed again, older than what the follower shows;
+    // the live tree stays the newest snapshot's. Deleted again, it goes again.
+    ok(&["snapshot", "undelete", &m, "old"]);
+    wait_until(
+        "the follower follows the undelete",
+        COMPLETION_TIMEOUT,
+        || snapshot_dir(&follower, "old").exists(),
+    );
+    assert_bytes_eq(
+        &fs::read(snapshot_dir(&follower, "old").join("f")).expect("read the undeleted"),
+        &pattern(2 * BLOCK, 6),
+        "the undeleted snapshot in the follower",
+    );
+    assert_bytes_eq(
+        &fs::read(follower.path().join("f")).expect("read the live tree"),
+        &pattern(2 * BLOCK, 7),
+        "the follower's live tree",
+    );
+    fs::remove_dir(snapshot_dir(&mount, "old")).expect("rmdir into the bin again");
+    wait_until("the follower drops it again", COMPLETION_TIMEOUT, || {
+        !snapshot_dir(&follower, "old").exists()
+    });
+
     // Purged: its snapshot object and the blocks only it needed go.
     ok(&["snapshot", "purge", &m, "old"]);
     wait_until(
