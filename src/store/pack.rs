@@ -470,8 +470,8 @@ impl IndexedStore {
     }
 
     /// Makes the next reader read the index again: the store has new packs (a follower
-    /// saw new snapshots there). A block missing from the index is otherwise looked for
-    /// again at most once per `INDEX_REREAD`, and a read in between would fail.
+    /// saw new snapshots there). A block missing from the index would otherwise wait for
+    /// the index's next turn (`reread`), up to `INDEX_REREAD`.
     pub fn store_changed(&self) {
         self.stale.store(true, Ordering::Release);
     }
@@ -498,14 +498,17 @@ impl IndexedStore {
     /// snapshot newer than `seen`), and the index written before that deletion lists it.
     /// A reader that found a damaged copy does not wait: its error is known.
     async fn reread(&self, seen: &Arc<PackIndex>, wait_turn: bool) -> StoreResult<Arc<PackIndex>> {
-        let turn_in = match &*self.index.lock().await {
-            Some((index, at)) if Arc::ptr_eq(index, seen) => {
-                INDEX_REREAD.saturating_sub(at.elapsed())
+        if wait_turn {
+            let turn_in = match &*self.index.lock().await {
+                Some((index, at)) if Arc::ptr_eq(index, seen) => {
+                    INDEX_REREAD.saturating_sub(at.elapsed())
+                }
+                _ => Duration::ZERO,
+            };
+            // A zero sleep would still wait for the timer's next tick.
+            if !turn_in.is_zero() {
+                tokio::time::sleep(turn_in).await;
             }
-            _ => Duration::ZERO,
-        };
-        if wait_turn && !turn_in.is_zero() {
-            tokio::time::sleep(turn_in).await;
         }
         let mut loaded = self.index.lock().await;
         if !self.stale.swap(false, Ordering::AcqRel)
