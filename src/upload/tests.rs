@@ -21,6 +21,23 @@ const ROOT: NodeId = NodeId {
 const BLOCK: usize = 4096;
 const PACK_SIZE: usize = 2 * BLOCK;
 
+/// The options of this file's volumes: small blocks, so tests of a few blocks span many.
+fn options() -> Options {
+    Options {
+        block_size: BLOCK as u32,
+        ..Options::default()
+    }
+}
+
+/// What `snapfs verify` finds wrong in `volume`'s catalog rows, read (as it reads them)
+/// through a connection of its own.
+fn invariant_findings(volume: &Volume) -> Vec<crate::catalog::Finding> {
+    Catalog::open(&volume.catalog_path(), BLOCK as u32, 0, (0, 0))
+        .expect("catalog")
+        .read(|tx| tx.invariant_findings(BLOCK as u64))
+        .expect("invariants")
+}
+
 /// A store that injects faults in front of a directory store and counts PUTs per key.
 struct FaultyStore {
     inner: LocalStore,
@@ -167,11 +184,7 @@ impl Setup {
 
     fn with_store(make: impl FnOnce(&Path) -> FaultyStore) -> Setup {
         let dir = tempfile::tempdir().expect("tempdir");
-        let options = Options {
-            block_size: BLOCK as u32,
-            ..Options::default()
-        };
-        let volume = Arc::new(Volume::open(&dir.path().join("data"), &options).expect("open"));
+        let volume = Arc::new(Volume::open(&dir.path().join("data"), &options()).expect("open"));
         let store_dir = dir.path().join("store");
         let store = Arc::new(make(&store_dir));
         Setup {
@@ -1081,13 +1094,8 @@ impl Setup {
         self.volume.rmdir(parent, name.as_bytes()).expect("rmdir");
     }
 
-    /// What `snapfs verify` finds wrong in the catalog's rows, read (as it reads them)
-    /// through a connection of its own.
     fn invariant_findings(&self) -> Vec<crate::catalog::Finding> {
-        Catalog::open(&self.volume.catalog_path(), BLOCK as u32, 0, (0, 0))
-            .expect("catalog")
-            .read(|tx| tx.invariant_findings(BLOCK as u64))
-            .expect("invariants")
+        invariant_findings(&self.volume)
     }
 
     /// Every file of snapshot `id`'s manifest in the store, by path, as its blocks.
@@ -1337,11 +1345,7 @@ struct Follower {
 impl Follower {
     fn of(t: &Setup) -> Follower {
         let dir = tempfile::tempdir().expect("tempdir");
-        let options = Options {
-            block_size: BLOCK as u32,
-            ..Options::default()
-        };
-        let volume = Volume::open(dir.path(), &options).expect("open follower");
+        let volume = Volume::open(dir.path(), &options()).expect("open follower");
         let volume_id = t.volume.volume_id().expect("volume id");
         t.runtime
             .block_on(store::claim(&*t.store, &volume_id, BLOCK as u32, None))
@@ -1379,7 +1383,8 @@ impl Follower {
 
     /// One round of following; how many snapshots it imported.
     fn follow(&self, t: &Setup) -> usize {
-        // A chain per round: a chain reads the store's index again at most once a second.
+        // A new chain per round, as after a restart; the reftest in proptests.rs keeps
+        // one, as the daemon does.
         let mut chain = crate::store::StoreChain::new(t.runtime.handle(), t.store.clone());
         crate::follow::follow_once(&self.volume, &mut chain, &|_| {}).expect("follow")
     }
@@ -1406,10 +1411,7 @@ impl Follower {
     }
 
     fn invariant_findings(&self) -> Vec<crate::catalog::Finding> {
-        Catalog::open(&self.volume.catalog_path(), BLOCK as u32, 0, (0, 0))
-            .expect("catalog")
-            .read(|tx| tx.invariant_findings(BLOCK as u64))
-            .expect("invariants")
+        invariant_findings(&self.volume)
     }
 }
 
