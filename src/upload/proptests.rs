@@ -546,6 +546,14 @@ fn read_view(volume: &Volume, root: NodeId) -> Tree {
 
 // ---- The harness ----
 
+/// The options of the writer's and the follower's volumes.
+fn volume_options() -> Options {
+    Options {
+        block_size: BLOCK as u32,
+        ..Options::default()
+    }
+}
+
 /// A read-only volume following the store (`--read-only`), with the one store chain the
 /// daemon keeps for it.
 struct Follower {
@@ -572,11 +580,8 @@ impl Harness {
         let url = StoreUrl::parse(&format!("file://{}", dir.path().join("store").display()))
             .expect("store url");
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        let options = Options {
-            block_size: BLOCK as u32,
-            ..Options::default()
-        };
-        let follower = Volume::open(&dir.path().join("follower"), &options).expect("follower");
+        let follower =
+            Volume::open(&dir.path().join("follower"), &volume_options()).expect("follower");
         crate::follow::claim(&follower, &url).expect("follow the store");
         let store = runtime.block_on(store::open(&url)).expect("store");
         follower.attach_origin(store.clone(), runtime.handle().clone());
@@ -602,11 +607,7 @@ impl Harness {
 
     /// Opens the volume and its uploader, as a mount does (the first claims the store).
     fn mount(&mut self) {
-        let options = Options {
-            block_size: BLOCK as u32,
-            ..Options::default()
-        };
-        let volume = Volume::open(&self.dir.path().join("data"), &options).expect("open");
+        let volume = Volume::open(&self.dir.path().join("data"), &volume_options()).expect("open");
         let volume = Arc::new(volume);
         let id = volume.volume_id().expect("volume id");
         let opened = self.runtime.block_on(async {
