@@ -321,21 +321,11 @@ impl Volume {
                 attr: self.getattr(SNAPDIR)?,
             },
         ];
-        for checkpoint in self.checkpoints.list() {
-            let root = NodeId {
-                view: View::Snapshot(checkpoint.id),
-                ino: ROOT_INO,
-            };
-            // Dropped by thinning meanwhile: not listed.
-            match self.getattr(root) {
-                Ok(attr) => entries.push(DirEntry {
-                    name: checkpoint.name.into_bytes(),
-                    attr,
-                }),
-                Err(Error::NotFound) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let checkpoints = self.checkpoints.list().into_iter();
+        self.push_snapshot_roots(
+            &mut entries,
+            checkpoints.map(|row| (row.id, row.name.into_bytes())),
+        )?;
         Ok(entries)
     }
 

@@ -504,17 +504,31 @@ impl Volume {
                 attr: self.getattr(NodeId::live(ROOT_INO))?,
             },
         ];
-        for snapshot in self.list_snapshots() {
+        let snapshots = self.list_snapshots().into_iter();
+        self.push_snapshot_roots(&mut entries, snapshots.map(|row| (row.id, row.name)))?;
+        Ok(entries)
+    }
+
+    /// Appends one directory entry per snapshot root in `roots` (id, name). A snapshot
+    /// deleted since its row was read (retention, thinning, a follower's sync) is left
+    /// out rather than failing the whole listing with ENOENT.
+    pub(super) fn push_snapshot_roots(
+        &self,
+        entries: &mut Vec<DirEntry>,
+        roots: impl Iterator<Item = (u64, Vec<u8>)>,
+    ) -> Result<()> {
+        for (id, name) in roots {
             let root = NodeId {
-                view: View::Snapshot(snapshot.id),
+                view: View::Snapshot(id),
                 ino: ROOT_INO,
             };
-            entries.push(DirEntry {
-                name: snapshot.name,
-                attr: self.getattr(root)?,
-            });
+            match self.getattr(root) {
+                Ok(attr) => entries.push(DirEntry { name, attr }),
+                Err(Error::NotFound) => {}
+                Err(e) => return Err(e),
+            }
         }
-        Ok(entries)
+        Ok(())
     }
 
     fn dir_entries(&self, node: NodeId) -> Result<Vec<DirEntry>> {

@@ -816,6 +816,27 @@ fn deleting_a_snapshot_frees_exactly_what_only_it_held() {
     assert_eq!(t.stored_blocks(), 1);
 }
 
+/// Retention may delete a snapshot between the moment a listing of `.snapshots` reads the
+/// rows and the moment it reads each root: the listing leaves it out instead of failing
+/// (opendir once failed with ENOENT while a schedule pruned).
+#[test]
+fn a_listing_leaves_out_a_snapshot_deleted_while_it_was_taken() {
+    let t = TestVolume::new();
+    t.write_file("f", b"1");
+    t.v().create_snapshot(b"kept").expect("kept");
+    t.v().create_snapshot(b"pruned").expect("pruned");
+    let rows = t.v().list_snapshots();
+    t.v().delete_snapshot(b"pruned").expect("delete");
+
+    let mut entries = Vec::new();
+    t.v()
+        .push_snapshot_roots(&mut entries, rows.into_iter().map(|r| (r.id, r.name)))
+        .expect("a listing with a deleted row");
+    let names: Vec<&[u8]> = entries.iter().map(|e| &e.name[..]).collect();
+    assert_eq!(names, [&b"kept"[..]]);
+    assert_eq!(entries[0].attr.node, snapshot_root(&t, "kept"));
+}
+
 #[test]
 fn diff_reports_changes_between_snapshots() {
     use crate::inspect::{Change, Inspector};

@@ -246,12 +246,8 @@ impl Volume {
                 attr: self.getattr(NodeId::live(SNAPDIR_INO))?,
             },
         ];
-        for row in self.snapshots.trashed() {
-            entries.push(DirEntry {
-                attr: self.getattr(snapshot_root(row.id))?,
-                name: row.name,
-            });
-        }
+        let trashed = self.snapshots.trashed().into_iter();
+        self.push_snapshot_roots(&mut entries, trashed.map(|row| (row.id, row.name)))?;
         Ok(entries)
     }
 
