@@ -412,27 +412,45 @@ fn repair(runtime: &Runtime, data_dir: &Path, report: &Report) -> Result<Vec<Str
             sources.push(IndexedStore::new(store::open(origin).await?));
         }
         let mut fetched = 0;
-        for hash in &report.local_gaps {
-            // Where the catalog recorded it first: a pack no index lists yet included.
-            let recorded = match catalog.read(|tx| tx.block_place(hash))? {
-                Some(place) => store::fetch_block(&*sources[0].store, hash, place, block_size)
-                    .await
-                    .ok()
-                    .flatten(),
-                None => None,
-            };
-            let mut found = recorded;
-            for source in &sources {
-                if found.is_some() {
+        let mut gaps: Vec<&BlockHash> = report.local_gaps.iter().collect();
+        for round in 0..2 {
+            if round == 1 {
+                if gaps.is_empty() {
                     break;
                 }
-                found = source.block(hash, block_size).await.ok().flatten();
+                // The misses may be in packs written since the indexes were read (the
+                // origin's writer repacks): every index is read once more, for all of
+                // them together.
+                sources.iter().for_each(IndexedStore::store_changed);
             }
-            if let Some(data) = found {
-                blocks.remove(hash)?;
-                blocks.put(hash, &data)?;
-                fetched += 1;
+            let mut missed = Vec::new();
+            for hash in gaps {
+                // Where the catalog recorded it first: a pack no index lists yet included.
+                let recorded = match catalog.read(|tx| tx.block_place(hash))? {
+                    Some(place) => store::fetch_block(&*sources[0].store, hash, place, block_size)
+                        .await
+                        .ok()
+                        .flatten(),
+                    None => None,
+                };
+                let mut found = recorded;
+                for source in &sources {
+                    if found.is_some() {
+                        break;
+                    }
+                    let block = source.block_without_waiting(hash, block_size).await;
+                    found = block.ok().flatten();
+                }
+                match found {
+                    Some(data) => {
+                        blocks.remove(hash)?;
+                        blocks.put(hash, &data)?;
+                        fetched += 1;
+                    }
+                    None => missed.push(hash),
+                }
             }
+            gaps = missed;
         }
         if fetched > 0 {
             done.push(format!("rewrote {fetched} local blocks from the store"));

@@ -527,7 +527,19 @@ impl IndexedStore {
     /// index was read. `None` if the store has it nowhere.
     pub async fn block(&self, hash: &BlockHash, max: usize) -> StoreResult<Option<Vec<u8>>> {
         let object = super::fetch_block(&*self.store, hash, BlockPlace::Object, max);
-        self.frame(hash, max, object).await
+        self.frame(hash, max, object, true).await
+    }
+
+    /// Block `hash` as `block` finds it, but a miss does not wait for the index's next
+    /// turn: for a caller that looks for many blocks that may all be gone, and looks
+    /// again for its misses together after `store_changed` (one wait, not one per miss).
+    pub async fn block_without_waiting(
+        &self,
+        hash: &BlockHash,
+        max: usize,
+    ) -> StoreResult<Option<Vec<u8>>> {
+        let object = super::fetch_block(&*self.store, hash, BlockPlace::Object, max);
+        self.frame(hash, max, object, false).await
     }
 
     /// Tree `hash`, encoded and verified, found as blocks are (`block`); its own object
@@ -541,7 +553,7 @@ impl IndexedStore {
         }
         let max = MAX_TREE as usize;
         let object = super::fetch_tree_object(&*self.store, hash, max);
-        self.frame(hash, max, object).await
+        self.frame(hash, max, object, true).await
     }
 
     /// Tree `hash` read from its first pack with the trees around it, which wait in the
@@ -582,12 +594,14 @@ impl IndexedStore {
     }
 
     /// Frame `hash` (at most `max` bytes) from a pack the index places it in, else from
-    /// `own_object`, else from a pack added since the index was read.
+    /// `own_object`, else from a pack added since the index was read (waiting for the
+    /// index's turn if `wait_turn`, see `reread`).
     async fn frame(
         &self,
         hash: &BlockHash,
         max: usize,
         own_object: impl Future<Output = StoreResult<Option<Vec<u8>>>>,
+        wait_turn: bool,
     ) -> StoreResult<Option<Vec<u8>>> {
         let index = self.index().await?;
         let mut damaged = None;
@@ -597,7 +611,7 @@ impl IndexedStore {
         if let Some(data) = own_object.await? {
             return Ok(Some(data));
         }
-        let again = self.reread(&index, damaged.is_none()).await?;
+        let again = self.reread(&index, wait_turn && damaged.is_none()).await?;
         if !Arc::ptr_eq(&again, &index)
             && let Some(data) = self.in_packs(&again, hash, max, &mut damaged).await?
         {

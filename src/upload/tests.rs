@@ -1542,3 +1542,39 @@ fn a_block_in_a_pack_newer_than_the_index_read_a_moment_ago_is_found() {
         .expect("read");
     assert_eq!(found.as_deref().map(BlockHash::of), Some(hash));
 }
+
+/// A reader that looks for many blocks which may all be gone (`verify --repair`) does not
+/// wait for the index's turn on each miss: it misses at once, and after `store_changed`
+/// finds a block in a pack newer than its index.
+#[test]
+fn a_reader_that_will_not_wait_misses_at_once_and_finds_after_store_changed() {
+    let t = Setup::new();
+    t.write(ROOT, "f", &pattern(BLOCK, 1));
+    t.snapshot("s1");
+    t.upload();
+    let reader = crate::store::IndexedStore::new(t.store.clone());
+    t.runtime.block_on(reader.index()).expect("index");
+    let gone = BlockHash::of(&pattern(BLOCK, 3));
+    let started = std::time::Instant::now();
+    for _ in 0..3 {
+        let found = t
+            .runtime
+            .block_on(reader.block_without_waiting(&gone, BLOCK));
+        assert_eq!(found.expect("read"), None);
+    }
+    // `block` waits up to a second for the index's turn on each of these.
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_millis(900), "{took:?}");
+
+    let newer = pattern(BLOCK, 2);
+    t.write(ROOT, "g", &newer);
+    t.snapshot("s2");
+    t.upload();
+    reader.store_changed();
+    let hash = BlockHash::of(&newer);
+    let found = t
+        .runtime
+        .block_on(reader.block_without_waiting(&hash, BLOCK))
+        .expect("read");
+    assert_eq!(found.as_deref().map(BlockHash::of), Some(hash));
+}
