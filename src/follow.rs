@@ -76,7 +76,12 @@ pub fn follow_once(
         .filter(|m| !here.contains(&m.created))
         .collect();
     let newest = listing.snapshots.last();
-    if new.is_empty() && newest.is_none_or(|m| shown == Some(m.id)) {
+    let live_tree_stale = match newest {
+        Some(newest) => shown != Some(newest.id),
+        // With none left there, the live tree is empty (their blocks may be gone).
+        None => shown.is_some() || !volume.live_tree_is_empty().map_err(|e| e.to_string())?,
+    };
+    if new.is_empty() && !live_tree_stale {
         return Ok(0);
     }
     // What is new there is in packs added since the indexes here were read.
@@ -102,13 +107,26 @@ pub fn follow_once(
         }
     }
     // The live tree shows the newest snapshot, also when the one it showed was deleted
-    // there (whose blocks that store may no longer hold). With none left, it stays.
-    if let Some(newest) = newest
-        && shown != Some(newest.id)
-    {
-        show(volume, stores, newest)?;
+    // there (whose blocks that store may no longer hold).
+    match newest {
+        Some(newest) if shown != Some(newest.id) => show(volume, stores, newest)?,
+        Some(_) => {}
+        None => show_nothing(volume)?,
     }
     Ok(imported)
+}
+
+/// Empties the live tree: the store has no snapshot left to show.
+fn show_nothing(volume: &Volume) -> Result<(), String> {
+    let written = volume.sync_to_empty(true).map_err(|e| e.to_string())?;
+    volume
+        .set_setting(Setting::FollowedId, "")
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        entries_written = written,
+        "live tree emptied: the store has no snapshot left"
+    );
+    Ok(())
 }
 
 /// Makes the live tree that of `manifest`, and records that it shows it.

@@ -1448,6 +1448,34 @@ fn a_follower_that_loses_its_newest_snapshot_shows_the_newest_left() {
     assert_eq!(follower.invariant_findings(), vec![]);
 }
 
+/// A follower whose store loses its last snapshot empties its live tree (the writer's GC
+/// may delete the blocks it showed), and shows the next snapshot taken there.
+#[test]
+fn a_follower_whose_store_has_no_snapshot_left_shows_an_empty_tree() {
+    let t = Setup::new();
+    let follower = Follower::of(&t);
+    let d = t.mkdir("d");
+    t.write(d, "f", &pattern(BLOCK, 1));
+    t.snapshot("a");
+    t.upload();
+    assert_eq!(follower.follow(&t), 1);
+    assert!(follower.has("d", "f"));
+
+    t.volume.delete_snapshot(b"a").expect("delete");
+    t.upload();
+    assert_eq!(follower.follow(&t), 0);
+    assert_eq!(follower.snapshot_names(), Vec::<String>::new());
+    assert_eq!(follower.files(), Files::new());
+    assert!(follower.volume.live_tree_is_empty().expect("read"));
+    assert_eq!(follower.follow(&t), 0, "nothing left to do");
+
+    t.snapshot("b");
+    t.upload();
+    assert_eq!(follower.follow(&t), 1);
+    assert!(follower.has("d", "f"), "the live tree shows b");
+    assert_eq!(follower.invariant_findings(), vec![]);
+}
+
 /// Snapshots that complete in the store behind newer ones are followed too: a checkpoint
 /// promoted there, a snapshot taken out of the recycle bin there. The live tree keeps
 /// showing the newest.

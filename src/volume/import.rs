@@ -50,9 +50,33 @@ impl Volume {
     /// Whether the volume is as `Volume::open` creates it: nothing in it, no snapshot (in
     /// the recycle bin either).
     pub fn is_new(&self) -> Result<bool> {
-        let empty =
-            lock(&self.catalog).read(|tx| tx.dir_is_empty(crate::catalog::LIVE, ROOT_INO))?;
-        Ok(empty && self.list_snapshots().is_empty() && self.trashed_snapshots().is_empty())
+        Ok(self.live_tree_is_empty()?
+            && self.list_snapshots().is_empty()
+            && self.trashed_snapshots().is_empty())
+    }
+
+    /// Whether the live tree's root directory is empty.
+    pub fn live_tree_is_empty(&self) -> Result<bool> {
+        Ok(lock(&self.catalog).read(|tx| tx.dir_is_empty(LIVE, ROOT_INO))?)
+    }
+
+    /// Empties the live tree as `sync_to` an empty snapshot would (a follower whose store
+    /// has no snapshot left), keeping the root's attributes. Returns the number of
+    /// entries written.
+    pub fn sync_to_empty(&self, record_trees: bool) -> Result<u64> {
+        let root = lock(&self.catalog)
+            .read(|tx| tx.inode(LIVE, ROOT_INO))?
+            .ok_or(Error::NotFound)?;
+        let root = Entry {
+            name: Vec::new(),
+            ino: ROOT_INO,
+            attrs: root.attrs,
+            target: None,
+            xattrs: Vec::new(),
+            content: Content::Tree(BlockHash::of(&crate::manifest::encode_tree(&[]))),
+        };
+        let block_size = self.block_size;
+        self.sync_to(&EmptyTree { root, block_size }, record_trees)
     }
 
     /// Imports the tree of `source` (a snapshot in another volume's store) as this new
@@ -152,6 +176,37 @@ impl Volume {
             lock(&state).reads.forget_map();
         }
         Ok(written)
+    }
+}
+
+/// A tree with nothing in it but its root (`Volume::sync_to_empty`).
+struct EmptyTree {
+    root: Entry,
+    block_size: u64,
+}
+
+impl Source for EmptyTree {
+    fn root(&self) -> std::result::Result<Entry, ReadError> {
+        Ok(self.root.clone())
+    }
+
+    fn children(&self, _: &Entry) -> std::result::Result<Vec<Entry>, ReadError> {
+        Ok(Vec::new())
+    }
+
+    fn block(&self, hash: &BlockHash) -> std::result::Result<Vec<u8>, ReadError> {
+        Err(ReadError::Corrupt(format!(
+            "an empty tree has no block {}",
+            hash.to_hex()
+        )))
+    }
+
+    fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    fn parallelism(&self) -> usize {
+        1
     }
 }
 
