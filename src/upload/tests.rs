@@ -1206,17 +1206,18 @@ proptest::proptest! {
                 LifecycleOp::Upload => {
                     t.upload();
                     follower.follow(&t);
-                    // Every snapshot there, by name; the live tree the newest's.
+                    // Every snapshot there, by name; the live tree the newest's (with
+                    // none, empty).
                     let generation = |id: u64| t.state(id).generation;
                     let mut names: Vec<String> =
                         snapshots.iter().map(|(_, name, _)| name.clone()).collect();
                     names.sort();
                     proptest::prop_assert_eq!(follower.snapshot_names(), names);
-                    if let Some((_, name, files)) =
-                        snapshots.iter().max_by_key(|(id, ..)| generation(*id))
-                    {
-                        proptest::prop_assert_eq!(&follower.files(), files, "showing {}", name);
-                    }
+                    let newest = snapshots.iter().max_by_key(|(id, ..)| generation(*id));
+                    let nothing = Files::new();
+                    let (name, files) =
+                        newest.map_or(("none", &nothing), |(_, n, f)| (n.as_str(), f));
+                    proptest::prop_assert_eq!(&follower.files(), files, "showing {}", name);
                     let findings = follower.invariant_findings();
                     proptest::prop_assert!(findings.is_empty(), "follower: {findings:?}");
                 }
