@@ -278,4 +278,18 @@ fn a_read_only_mount_follows_the_store_another_volume_writes() {
         fs::read(reader.path().join(".snapshots/second/d/f")).expect("read"),
         b"changed"
     );
+
+    // With no snapshot left there, the live tree is empty (the writer's GC may free the
+    // blocks it showed).
+    fs::remove_dir(writer.path().join(".snapshots/second")).expect("rmdir the last");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dir_names(reader.path()).is_empty() || reader.path().join("g").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the reader did not empty its live tree: {:?}",
+            dir_names(reader.path())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(dir_names(&reader.path().join(".snapshots")).is_empty());
 }
