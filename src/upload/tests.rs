@@ -1468,6 +1468,8 @@ fn a_follower_whose_store_has_no_snapshot_left_shows_an_empty_tree() {
     assert_eq!(follower.snapshot_names(), Vec::<String>::new());
     assert_eq!(follower.files(), Files::new());
     assert!(follower.volume.live_tree_is_empty().expect("read"));
+    let root = follower.volume.getattr(ROOT).expect("root");
+    assert_eq!(root.attrs.nlink, 2, "no subdirectory left");
     assert_eq!(follower.follow(&t), 0, "nothing left to do");
 
     t.snapshot("b");

@@ -61,16 +61,19 @@ impl Volume {
     }
 
     /// Empties the live tree as `sync_to` an empty snapshot would (a follower whose store
-    /// has no snapshot left), keeping the root's attributes. Returns the number of
+    /// has no snapshot left), keeping the root's other attributes. Returns the number of
     /// entries written.
     pub fn sync_to_empty(&self, record_trees: bool) -> Result<u64> {
-        let root = lock(&self.catalog)
+        let mut attrs = lock(&self.catalog)
             .read(|tx| tx.inode(LIVE, ROOT_INO))?
-            .ok_or(Error::NotFound)?;
+            .ok_or(Error::NotFound)?
+            .attrs;
+        // `.` and its name in the parent: no subdirectory links to it any more.
+        attrs.nlink = 2;
         let root = Entry {
             name: Vec::new(),
             ino: ROOT_INO,
-            attrs: root.attrs,
+            attrs,
             target: None,
             xattrs: Vec::new(),
             content: Content::Tree(BlockHash::of(&crate::manifest::encode_tree(&[]))),
