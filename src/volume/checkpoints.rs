@@ -302,10 +302,7 @@ impl Volume {
         match name {
             b"." => self.getattr(CHECKPOINT_DIR),
             b".." => self.getattr(SNAPDIR),
-            _ => self.getattr(NodeId {
-                view: View::Snapshot(self.checkpoints.by_name(name)?.id),
-                ino: ROOT_INO,
-            }),
+            _ => self.getattr(NodeId::snapshot_root(self.checkpoints.by_name(name)?.id)),
         }
     }
 

@@ -43,10 +43,7 @@ impl Volume {
                 b".." => self.getattr(NodeId::live(ROOT_INO)),
                 TRASHDIR_NAME => self.trashdir_attr(),
                 CHECKPOINTS_NAME => self.getattr(CHECKPOINT_DIR),
-                _ => self.getattr(NodeId {
-                    view: View::Snapshot(self.snapshots.by_name(name)?.id),
-                    ino: ROOT_INO,
-                }),
+                _ => self.getattr(NodeId::snapshot_root(self.snapshots.by_name(name)?.id)),
             };
         }
         if parent == CHECKPOINT_DIR {
@@ -146,10 +143,7 @@ impl Volume {
     pub fn mkdir(&self, parent: NodeId, name: &[u8], mode: u32, caller: Caller) -> Result<Attr> {
         if parent == SNAPDIR {
             let snapshot = self.create_snapshot(name)?;
-            return self.getattr(NodeId {
-                view: View::Snapshot(snapshot.id),
-                ino: ROOT_INO,
-            });
+            return self.getattr(NodeId::snapshot_root(snapshot.id));
         }
         self.make_node(
             parent,
@@ -518,11 +512,7 @@ impl Volume {
         roots: impl Iterator<Item = (u64, Vec<u8>)>,
     ) -> Result<()> {
         for (id, name) in roots {
-            let root = NodeId {
-                view: View::Snapshot(id),
-                ino: ROOT_INO,
-            };
-            match self.getattr(root) {
+            match self.getattr(NodeId::snapshot_root(id)) {
                 Ok(attr) => entries.push(DirEntry { name, attr }),
                 Err(Error::NotFound) => {}
                 Err(e) => return Err(e),

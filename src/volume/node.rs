@@ -4,7 +4,7 @@
 //! must have two inode numbers. So a node id packs the view (0 = live, else a snapshot id)
 //! above the catalog's inode number.
 
-use crate::catalog::{Attrs, InodeRow, Kind};
+use crate::catalog::{Attrs, InodeRow, Kind, ROOT_INO};
 
 const VIEW_SHIFT: u32 = 40;
 const INO_MASK: u64 = (1 << VIEW_SHIFT) - 1;
@@ -35,6 +35,14 @@ impl NodeId {
         }
     }
 
+    /// The root directory of snapshot `id`.
+    pub fn snapshot_root(id: u64) -> NodeId {
+        NodeId {
+            view: View::Snapshot(id),
+            ino: ROOT_INO,
+        }
+    }
+
     pub fn from_raw(raw: u64) -> NodeId {
         let ino = raw & INO_MASK;
         match raw >> VIEW_SHIFT {
@@ -50,7 +58,7 @@ impl NodeId {
     /// and what is below it): only this mount's requests change it or the names in it.
     pub fn is_live_catalog_node(self) -> bool {
         self.view == View::Live
-            && (self.ino == crate::catalog::ROOT_INO || self.ino >= crate::catalog::FIRST_FREE_INO)
+            && (self.ino == ROOT_INO || self.ino >= crate::catalog::FIRST_FREE_INO)
     }
 
     pub fn raw(self) -> u64 {

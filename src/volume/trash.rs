@@ -256,14 +256,9 @@ impl Volume {
         match name {
             b"." => self.trashdir_attr(),
             b".." => self.getattr(NodeId::live(SNAPDIR_INO)),
-            _ => self.getattr(snapshot_root(self.snapshots.trashed_by_name(name)?.id)),
+            _ => self.getattr(NodeId::snapshot_root(
+                self.snapshots.trashed_by_name(name)?.id,
+            )),
         }
-    }
-}
-
-fn snapshot_root(id: u64) -> NodeId {
-    NodeId {
-        view: View::Snapshot(id),
-        ino: ROOT_INO,
     }
 }
