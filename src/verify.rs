@@ -412,45 +412,40 @@ fn repair(runtime: &Runtime, data_dir: &Path, report: &Report) -> Result<Vec<Str
             sources.push(IndexedStore::new(store::open(origin).await?));
         }
         let mut fetched = 0;
-        let mut gaps: Vec<&BlockHash> = report.local_gaps.iter().collect();
-        for round in 0..2 {
-            if round == 1 {
-                if gaps.is_empty() {
-                    break;
-                }
-                // The misses may be in packs written since the indexes were read (the
-                // origin's writer repacks): every index is read once more, for all of
-                // them together.
-                sources.iter().for_each(IndexedStore::store_changed);
+        let mut rewrite = |hash: &BlockHash, data: Vec<u8>| -> Result<()> {
+            blocks.remove(hash)?;
+            blocks.put(hash, &data)?;
+            fetched += 1;
+            Ok(())
+        };
+        let mut missed = Vec::new();
+        for hash in &report.local_gaps {
+            // Where the catalog recorded it first: a pack no index lists yet included.
+            let recorded = match catalog.read(|tx| tx.block_place(hash))? {
+                Some(place) => store::fetch_block(&*sources[0].store, hash, place, block_size)
+                    .await
+                    .ok()
+                    .flatten(),
+                None => None,
+            };
+            let found = match recorded {
+                Some(data) => Some(data),
+                None => found_in(&sources, hash, block_size).await,
+            };
+            match found {
+                Some(data) => rewrite(hash, data)?,
+                None => missed.push(hash),
             }
-            let mut missed = Vec::new();
-            for hash in gaps {
-                // Where the catalog recorded it first: a pack no index lists yet included.
-                let recorded = match catalog.read(|tx| tx.block_place(hash))? {
-                    Some(place) => store::fetch_block(&*sources[0].store, hash, place, block_size)
-                        .await
-                        .ok()
-                        .flatten(),
-                    None => None,
-                };
-                let mut found = recorded;
-                for source in &sources {
-                    if found.is_some() {
-                        break;
-                    }
-                    let block = source.block_without_waiting(hash, block_size).await;
-                    found = block.ok().flatten();
-                }
-                match found {
-                    Some(data) => {
-                        blocks.remove(hash)?;
-                        blocks.put(hash, &data)?;
-                        fetched += 1;
-                    }
-                    None => missed.push(hash),
+        }
+        if !missed.is_empty() {
+            // The misses may be in packs written since the indexes were read (the origin's
+            // writer repacks): every index is read once more, for all of them together.
+            sources.iter().for_each(IndexedStore::store_changed);
+            for hash in missed {
+                if let Some(data) = found_in(&sources, hash, block_size).await {
+                    rewrite(hash, data)?;
                 }
             }
-            gaps = missed;
         }
         if fetched > 0 {
             done.push(format!("rewrote {fetched} local blocks from the store"));
@@ -459,6 +454,18 @@ fn repair(runtime: &Runtime, data_dir: &Path, report: &Report) -> Result<Vec<Str
     })?;
     blocks.sync()?;
     Ok(done)
+}
+
+/// Block `hash` from the first of `sources` that holds it whole. A miss does not wait
+/// for an index's turn (`IndexedStore::block_without_waiting`): `repair` looks again for
+/// all its misses together.
+async fn found_in(sources: &[IndexedStore], hash: &BlockHash, max: usize) -> Option<Vec<u8>> {
+    for source in sources {
+        if let Ok(Some(data)) = source.block_without_waiting(hash, max).await {
+            return Some(data);
+        }
+    }
+    None
 }
 
 /// Writes new index objects for the packs `report` found no index lists right and for
