@@ -217,9 +217,11 @@ impl Volume {
     /// a snapshot needs has a reference from that snapshot's rows, so it stays).
     fn delete_checkpoint(&self, id: u64) -> Result<()> {
         let name = self.checkpoints.get(id)?.name;
-        self.checkpoints.remove(id, || {
-            self.freeing(|| Ok(lock(&self.catalog).delete_snapshot(id)?))
-        })?;
+        self.checkpoints.remove(
+            id,
+            |_| Ok(()),
+            || self.freeing(|| Ok(lock(&self.catalog).delete_snapshot(id)?)),
+        )?;
         // Thinning and a full disk drop checkpoints with no request on their directory.
         self.forget_name(CHECKPOINT_DIR, name.as_bytes());
         self.freeing(|| self.collect_garbage())?;
@@ -234,7 +236,11 @@ impl Volume {
         let Some(oldest) = self.checkpoints.list().into_iter().next() else {
             return Ok(false);
         };
-        self.delete_checkpoint(oldest.id)?;
+        match self.delete_checkpoint(oldest.id) {
+            // Another writer dropped it first: it made the room.
+            Err(Error::NotFound) => return Ok(true),
+            result => result?,
+        }
         tracing::warn!(checkpoint = %oldest.name, "data dir full: dropped the oldest checkpoint to make room");
         Ok(true)
     }
@@ -245,11 +251,15 @@ impl Volume {
         super::snapshots::check_snapshot_name(new_name)?;
         let checkpoint = self.checkpoints.by_name(name)?;
         let row = self.snapshots.insert(new_name, || {
-            self.checkpoints.remove(checkpoint.id, || {
-                lock(&self.catalog)
-                    .write_now(|tx| tx.promote_checkpoint(checkpoint.id, new_name))?
-                    .ok_or(Error::NotFound)
-            })
+            self.checkpoints.remove(
+                checkpoint.id,
+                |_| Ok(()),
+                || {
+                    lock(&self.catalog)
+                        .write_now(|tx| tx.promote_checkpoint(checkpoint.id, new_name))?
+                        .ok_or(Error::NotFound)
+                },
+            )
         })?;
         self.upload_wake.notify_one();
         tracing::info!(checkpoint = %checkpoint.name, name = %String::from_utf8_lossy(new_name), id = row.id, "checkpoint promoted to a snapshot");

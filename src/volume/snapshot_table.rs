@@ -113,9 +113,17 @@ impl<R: Pin> PinTable<R> {
         Ok(row)
     }
 
-    /// Removes row `id` once `delete` took it out of the catalog.
-    pub fn remove<T>(&self, id: u64, delete: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// Removes row `id` once `delete` took it out of the catalog, if `still` accepts the
+    /// row as it is now: a change read before (a rename, an undelete, a lock) is seen,
+    /// never overridden. A row removed meanwhile is `NotFound`.
+    pub fn remove<T>(
+        &self,
+        id: u64,
+        still: impl FnOnce(&R) -> Result<()>,
+        delete: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
         let mut rows = write(&self.rows);
+        still(rows.get(&id).ok_or(Error::NotFound)?)?;
         let done = delete()?;
         rows.remove(&id);
         Ok(done)

@@ -296,19 +296,21 @@ impl Volume {
     /// keeps one, else for good. A locked snapshot is refused (EPERM).
     pub fn delete_snapshot(&self, name: &[u8]) -> Result<()> {
         let row = self.snapshots.by_name(name)?;
-        self.check_unlocked(&row, "delete")?;
         match self.trash_retention()? {
             Some(retention) => self.move_to_trash(&row, retention),
-            None => self.remove_snapshot(&row),
+            None => self.remove_snapshot(&row, "delete"),
         }
     }
 
-    /// Deletes snapshot `row` for good, freeing the rows and blocks nothing else needs.
-    pub(super) fn remove_snapshot(&self, row: &SnapshotRow) -> Result<()> {
+    /// Deletes snapshot `row` for good, freeing the rows and blocks nothing else needs,
+    /// unless it changed since it was read or is locked (`check_still_removable`).
+    pub(super) fn remove_snapshot(&self, row: &SnapshotRow, what: &str) -> Result<()> {
         let name = &row.name;
-        self.snapshots.remove(row.id, || {
-            self.freeing(|| Ok(lock(&self.catalog).delete_snapshot(row.id)?))
-        })?;
+        self.snapshots.remove(
+            row.id,
+            |current| self.check_still_removable(row, current, what),
+            || self.freeing(|| Ok(lock(&self.catalog).delete_snapshot(row.id)?)),
+        )?;
         self.freeing(|| self.collect_garbage())?;
         self.upload_wake.notify_one();
         tracing::info!(name = %String::from_utf8_lossy(name), "snapshot deleted");

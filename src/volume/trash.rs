@@ -44,6 +44,16 @@ pub(super) fn lifecycle_xattrs(row: &SnapshotRow) -> Vec<(Vec<u8>, Vec<u8>)> {
     attrs
 }
 
+/// `NotFound` unless snapshot `current` is still the snapshot read as `seen`, under the
+/// same name, in or out of the bin: not renamed, undeleted or deleted again since.
+fn unchanged_since(seen: &SnapshotRow, current: &SnapshotRow) -> Result<()> {
+    if current.name == seen.name && current.trash == seen.trash {
+        Ok(())
+    } else {
+        Err(Error::NotFound)
+    }
+}
+
 impl Volume {
     /// How long a deleted snapshot stays in the recycle bin; `None`: deleting is for good.
     pub fn trash_retention(&self) -> Result<Option<Duration>> {
@@ -76,6 +86,20 @@ impl Volume {
         }
     }
 
+    /// Refuses to `what` (delete, purge) snapshot `current`, asked of it as it was read
+    /// (`seen`), if it changed since (`unchanged_since`) or while its lock holds. Checked
+    /// under the snapshot table's lock, so a change made after the read is never
+    /// overridden: an undeleted snapshot is not purged, a locked one not deleted.
+    pub(super) fn check_still_removable(
+        &self,
+        seen: &SnapshotRow,
+        current: &SnapshotRow,
+        what: &str,
+    ) -> Result<()> {
+        unchanged_since(seen, current)?;
+        self.check_unlocked(current, what)
+    }
+
     /// Moves snapshot `row` into the recycle bin for `retention`.
     pub(super) fn move_to_trash(&self, row: &SnapshotRow, retention: Duration) -> Result<()> {
         let deleted = self.clock.now();
@@ -83,7 +107,8 @@ impl Volume {
             deleted,
             expires: deleted.saturating_add(retention.as_nanos().min(i64::MAX as u128) as i64),
         };
-        let moved = self.snapshots.update(row.id, |_, _| {
+        let moved = self.snapshots.update(row.id, |current, _| {
+            self.check_still_removable(row, current, "delete")?;
             Ok(lock(&self.catalog).write_now(|tx| tx.trash_snapshot(row.id, trash))?)
         })?;
         self.upload_wake.notify_one();
@@ -104,7 +129,8 @@ impl Volume {
         let row = self.snapshots.trashed_by_name(name)?;
         let new_name = new_name.unwrap_or(name);
         check_snapshot_name(new_name)?;
-        self.snapshots.update(row.id, |_, taken| {
+        self.snapshots.update(row.id, |current, taken| {
+            unchanged_since(&row, current)?;
             if taken(new_name) {
                 return Err(Error::Exists);
             }
@@ -118,19 +144,25 @@ impl Volume {
     /// Deletes snapshot `name` of the recycle bin for good.
     pub fn purge_snapshot(&self, name: &[u8]) -> Result<()> {
         let row = self.snapshots.trashed_by_name(name)?;
-        self.check_unlocked(&row, "purge")?;
-        self.remove_snapshot(&row)
+        self.remove_snapshot(&row, "purge")
     }
 
     /// Purges the snapshots of the bin that expired by `at`; returns how many.
     pub fn purge_expired_trash(&self, at: i64) -> Result<usize> {
         let mut purged = 0;
         for row in self.snapshots.trashed() {
-            let expired = row.trash.is_some_and(|trash| trash.expires <= at);
-            if expired && self.check_unlocked(&row, "purge").is_ok() {
-                self.remove_snapshot(&row)?;
-                self.forget_name(TRASHDIR, &row.name);
-                purged += 1;
+            if row.trash.is_none_or(|trash| trash.expires > at) {
+                continue;
+            }
+            match self.remove_snapshot(&row, "purge") {
+                Ok(()) => {
+                    self.forget_name(TRASHDIR, &row.name);
+                    purged += 1;
+                }
+                // Locked, or undeleted or purged since the bin was read: it stays, and
+                // the rest of the bin is still purged.
+                Err(Error::NotPermitted(_) | Error::NotFound) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(purged)
@@ -149,11 +181,18 @@ impl Volume {
         let Some(row) = oldest else {
             return Ok(false);
         };
-        tracing::warn!(name = %String::from_utf8_lossy(&row.name),
-            "data dir full: purging the oldest snapshot of the recycle bin before failing a write");
-        self.remove_snapshot(&row)?;
-        self.forget_name(TRASHDIR, &row.name);
-        Ok(true)
+        match self.remove_snapshot(&row, "purge") {
+            Ok(()) => {
+                tracing::warn!(name = %String::from_utf8_lossy(&row.name),
+                    "data dir full: purged the oldest snapshot of the recycle bin before failing a write");
+                self.forget_name(TRASHDIR, &row.name);
+                Ok(true)
+            }
+            // The bin changed since it was read (another writer purged it, or it was
+            // undeleted or locked): the writer tries again with the bin as it is now.
+            Err(Error::NotPermitted(_) | Error::NotFound) => Ok(true),
+            Err(e) => Err(e),
+        }
     }
 
     /// Starts the thread that purges the bin's expired snapshots every `every`. It ends

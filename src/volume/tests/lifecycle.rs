@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::catalog::{LockMode, SnapshotLock};
+use crate::volume::locks;
 use crate::volume::trash::{TRASHDIR, TRASHDIR_NAME};
 
 const HOUR: i64 = 3600 * 1_000_000_000;
@@ -149,4 +150,92 @@ fn a_locked_snapshot_is_neither_deleted_nor_shortened_against_its_mode() {
         .mirror_snapshot_lock(b"c", Some(&expired))
         .expect("mirror");
     t.v().delete_snapshot(b"c").expect("expired lock: deleted");
+}
+
+/// Each deletion reads a snapshot's row, then removes it: the retention timer, rmdir, a
+/// full disk's purge. A change made in between must win over the row read before it.
+#[test]
+fn a_removal_that_read_a_snapshot_before_it_changed_leaves_it_as_it_became() {
+    let t = TestVolume::new();
+    t.write_file("f", b"kept");
+    let errno = |result: Result<()>| result.map_err(|e| e.errno());
+    t.v()
+        .remember_trash_retention(Duration::from_secs(3600))
+        .expect("retention");
+
+    // Undeleted after a purge read the bin: the restored snapshot stays.
+    t.v().create_snapshot(b"u").expect("snapshot");
+    t.v().delete_snapshot(b"u").expect("into the bin");
+    let binned = t.v().trashed_snapshots().remove(0);
+    t.v().undelete_snapshot(b"u", None).expect("undelete");
+    assert_eq!(
+        errno(t.v().remove_snapshot(&binned, "purge")),
+        Err(libc::ENOENT)
+    );
+    let root = t.v().lookup(SNAPDIR, b"u").expect("restored").node;
+    let file = t.v().lookup(root, b"f").expect("its file").node;
+    assert_eq!(t.read_all(file), b"kept");
+
+    // Locked after a deletion read it: refused, into the bin or for good.
+    let read = t.v().snapshots.by_name(b"u").expect("listed");
+    let governance = lock_for(LockMode::Governance, HOUR);
+    t.v().lock_snapshot(b"u", Some(&governance)).expect("lock");
+    assert_eq!(
+        errno(t.v().move_to_trash(&read, Duration::from_secs(3600))),
+        Err(libc::EPERM)
+    );
+    assert_eq!(
+        errno(t.v().remove_snapshot(&read, "delete")),
+        Err(libc::EPERM)
+    );
+    assert!(t.v().trashed_snapshots().is_empty());
+    t.v().lock_snapshot(b"u", None).expect("unlock");
+
+    // Renamed after a deletion read it: the name asked for is gone, the snapshot is not.
+    let read = t.v().snapshots.by_name(b"u").expect("listed");
+    t.v().rename_snapshot(b"u", b"v").expect("rename");
+    assert_eq!(
+        errno(t.v().move_to_trash(&read, Duration::from_secs(3600))),
+        Err(libc::ENOENT)
+    );
+    assert_eq!(
+        errno(t.v().remove_snapshot(&read, "delete")),
+        Err(libc::ENOENT)
+    );
+    let names: Vec<Vec<u8>> = t.v().list_snapshots().into_iter().map(|r| r.name).collect();
+    assert_eq!(names, [b"v".to_vec()]);
+}
+
+#[test]
+fn an_expiry_purge_skips_a_locked_snapshot_and_purges_the_rest_of_the_bin() {
+    let t = TestVolume::new();
+    t.write_file("f", b"x");
+    t.v()
+        .remember_trash_retention(Duration::from_secs(3600))
+        .expect("retention");
+    for name in [b"a", b"b", b"c"] {
+        t.v().create_snapshot(name).expect("snapshot");
+    }
+    for name in [b"a", b"b", b"c"] {
+        t.v().delete_snapshot(name).expect("into the bin");
+    }
+    let bin_a = t.v().snapshots.trashed_by_name(b"a").expect("in the bin");
+    let governance = locks::format(&lock_for(LockMode::Governance, 4 * HOUR));
+    t.v()
+        .set_lock_xattr(bin_a.id, Some(governance.as_bytes()))
+        .expect("lock it in the bin");
+
+    assert_eq!(
+        t.v()
+            .purge_expired_trash(now() + 2 * HOUR)
+            .expect("expired"),
+        2
+    );
+    let bin: Vec<Vec<u8>> = t
+        .v()
+        .trashed_snapshots()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(bin, [b"a".to_vec()], "the locked one stays");
 }
