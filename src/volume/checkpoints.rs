@@ -196,11 +196,17 @@ impl Volume {
             .iter()
             .map(|row| (row.id, row.created))
             .collect();
-        let dropped = thin(&taken, now, policy);
-        for &id in &dropped {
-            self.delete_checkpoint(id)?;
+        let mut dropped = 0;
+        for id in thin(&taken, now, policy) {
+            match self.delete_checkpoint(id) {
+                Ok(()) => dropped += 1,
+                // Promoted, or dropped for room, since the list was read: the rest are
+                // still thinned.
+                Err(Error::NotFound) => {}
+                Err(e) => return Err(e),
+            }
         }
-        Ok(dropped.len())
+        Ok(dropped)
     }
 
     /// The checkpoints, oldest first.
@@ -215,7 +221,7 @@ impl Volume {
 
     /// Deletes checkpoint `id`, freeing the rows and blocks nothing else needs (a block
     /// a snapshot needs has a reference from that snapshot's rows, so it stays).
-    fn delete_checkpoint(&self, id: u64) -> Result<()> {
+    pub(super) fn delete_checkpoint(&self, id: u64) -> Result<()> {
         let name = self.checkpoints.get(id)?.name;
         self.checkpoints.remove(
             id,

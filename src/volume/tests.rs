@@ -1198,6 +1198,29 @@ fn thinning_a_checkpoint_frees_only_what_nothing_else_holds() {
     assert_eq!(t.read_all(kept.node), pattern(2 * 4096, 1));
 }
 
+/// Thinning reads the checkpoints, then drops them one by one: one promoted to a
+/// snapshot in between keeps its catalog id, and must not be dropped as a checkpoint.
+#[test]
+fn a_checkpoint_promoted_after_thinning_listed_it_stays_a_snapshot() {
+    let t = TestVolume::new();
+    t.write_file("f", &pattern(4096, 3));
+    let listed = t
+        .v()
+        .take_checkpoint(0)
+        .expect("checkpoint")
+        .expect("taken");
+    t.v()
+        .promote_checkpoint(listed.name.as_bytes(), b"p")
+        .expect("promote");
+    assert_eq!(
+        t.v().delete_checkpoint(listed.id).map_err(|e| e.errno()),
+        Err(libc::ENOENT)
+    );
+    let root = t.v().lookup(SNAPDIR, b"p").expect("the snapshot").node;
+    let file = t.v().lookup(root, b"f").expect("its file").node;
+    assert_eq!(t.read_all(file), pattern(4096, 3));
+}
+
 #[test]
 fn checkpoints_survive_reopening() {
     let mut t = TestVolume::new();
