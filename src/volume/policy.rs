@@ -6,7 +6,7 @@
 //!
 //! Only the latest slot is taken: a daemon that was down (or a volume unmounted) for ten
 //! slots takes one snapshot when it comes back, not ten. Retention deletes through
-//! `delete_snapshot`, like rmdir.
+//! `delete_snapshot_row`, like rmdir.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock, Weak};
@@ -211,20 +211,33 @@ impl Volume {
         };
         let mut deleted = Vec::new();
         for verdict in plan {
-            if verdict.keep() {
-                continue;
-            }
-            match self.delete_snapshot(&verdict.name) {
-                // Deleted meanwhile (rmdir, another prune): what retention wanted.
-                Ok(()) | Err(Error::NotFound) => {
-                    tracing::info!(name = %String::from_utf8_lossy(&verdict.name), "retention deleted a snapshot");
-                    self.forget_name(SNAPDIR, &verdict.name);
-                    deleted.push(verdict.name);
-                }
-                Err(e) => return Err(e),
+            if !verdict.keep() && self.carry_out(&verdict)? {
+                tracing::info!(name = %String::from_utf8_lossy(&verdict.name), "retention deleted a snapshot");
+                self.forget_name(SNAPDIR, &verdict.name);
+                deleted.push(verdict.name);
             }
         }
         Ok(deleted)
+    }
+
+    /// Deletes the snapshot `verdict` judged, known by its name and creation time: the
+    /// plan was made from rows read before. Whether it is gone: one deleted meanwhile
+    /// (rmdir, another prune) is what retention wanted, and a newer snapshot that took its
+    /// name is not the one judged; one locked meanwhile stays.
+    pub(super) fn carry_out(&self, verdict: &Verdict) -> Result<bool> {
+        let judged = self
+            .snapshots
+            .by_name(&verdict.name)
+            .ok()
+            .filter(|row| row.created == verdict.created);
+        let Some(row) = judged else {
+            return Ok(true);
+        };
+        match self.delete_snapshot_row(&row) {
+            Ok(()) | Err(Error::NotFound) => Ok(true),
+            Err(Error::NotPermitted(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Tells the mount that `name` left control directory `parent` (see `Pruned`).

@@ -296,9 +296,15 @@ impl Volume {
     /// keeps one, else for good. A locked snapshot is refused (EPERM).
     pub fn delete_snapshot(&self, name: &[u8]) -> Result<()> {
         let row = self.snapshots.by_name(name)?;
+        self.delete_snapshot_row(&row)
+    }
+
+    /// Deletes snapshot `row` as `delete_snapshot` does, if it did not change since it was
+    /// read (`check_still_removable`).
+    pub(super) fn delete_snapshot_row(&self, row: &SnapshotRow) -> Result<()> {
         match self.trash_retention()? {
-            Some(retention) => self.move_to_trash(&row, retention),
-            None => self.remove_snapshot(&row, "delete"),
+            Some(retention) => self.move_to_trash(row, retention),
+            None => self.remove_snapshot(row, "delete"),
         }
     }
 

@@ -455,3 +455,58 @@ fn a_cron_schedule_takes_its_times_and_nothing_between() {
         "taken when back"
     );
 }
+
+/// Retention judges the rows it read, then deletes: a snapshot deleted and taken again
+/// under its name in between, or locked in between, is not the one it judged.
+#[test]
+fn retention_deletes_only_the_snapshot_it_judged() {
+    let t = Clocked::new(START + HOUR / 2);
+    let policy = Policy {
+        every_secs: 3600,
+        keep: KeepRules {
+            last: 1,
+            ..KeepRules::default()
+        },
+        trash_days: None,
+        cron: None,
+    };
+    t.volume.set_policy(&policy).expect("set policy");
+    let mut taken = vec![];
+    for hour in 1..=3 {
+        t.clock.set(START + hour * HOUR);
+        taken.push(t.volume.run_policy().expect("run").taken.expect("taken"));
+    }
+    // Retention judges completed snapshots only.
+    taken.iter().for_each(|name| t.complete(name));
+    let plan = t.volume.retention_plan().expect("plan").expect("a policy");
+    let judged = |name: &[u8]| {
+        let verdict = plan.iter().find(|v| v.name == name).expect("in the plan");
+        assert!(!verdict.keep(), "the plan deletes it");
+        verdict
+    };
+
+    // Deleted by hand, then a snapshot of that name taken again.
+    t.volume.delete_snapshot(&taken[0]).expect("rmdir");
+    t.clock.set(START + 3 * HOUR + 60 * NANOS);
+    t.volume.create_snapshot(&taken[0]).expect("the name again");
+    assert!(t.volume.carry_out(judged(&taken[0])).expect("carry out"));
+    t.volume
+        .snapshots
+        .by_name(&taken[0])
+        .expect("the newer snapshot stays");
+
+    // Locked after the plan was made.
+    let held = SnapshotLock {
+        mode: LockMode::Governance,
+        until: START + 10 * DAY,
+        cool_off_until: START,
+    };
+    t.volume
+        .lock_snapshot(&taken[1], Some(&held))
+        .expect("lock");
+    assert!(!t.volume.carry_out(judged(&taken[1])).expect("carry out"));
+    t.volume
+        .snapshots
+        .by_name(&taken[1])
+        .expect("the locked snapshot stays");
+}
