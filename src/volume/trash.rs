@@ -181,10 +181,10 @@ impl Volume {
         let Some(row) = oldest else {
             return Ok(false);
         };
+        tracing::warn!(name = %String::from_utf8_lossy(&row.name),
+            "data dir full: purging the oldest snapshot of the recycle bin before failing a write");
         match self.remove_snapshot(&row, "purge") {
             Ok(()) => {
-                tracing::warn!(name = %String::from_utf8_lossy(&row.name),
-                    "data dir full: purged the oldest snapshot of the recycle bin before failing a write");
                 self.forget_name(TRASHDIR, &row.name);
                 Ok(true)
             }
