@@ -154,18 +154,26 @@ impl Volume {
             if row.trash.is_none_or(|trash| trash.expires > at) {
                 continue;
             }
-            match self.remove_snapshot(&row, "purge") {
-                Ok(()) => {
-                    self.forget_name(TRASHDIR, &row.name);
-                    purged += 1;
-                }
-                // Locked, or undeleted or purged since the bin was read: it stays, and
-                // the rest of the bin is still purged.
-                Err(Error::NotPermitted(_) | Error::NotFound) => {}
-                Err(e) => return Err(e),
+            // One locked, undeleted or purged since the bin was read stays; the rest of
+            // the bin is still purged.
+            if self.purge_as_read(&row)? {
+                purged += 1;
             }
         }
         Ok(purged)
+    }
+
+    /// Purges snapshot `row` of the bin, as it was read; false if it was locked,
+    /// undeleted or purged since (it stays as it is now).
+    fn purge_as_read(&self, row: &SnapshotRow) -> Result<bool> {
+        match self.remove_snapshot(row, "purge") {
+            Ok(()) => {
+                self.forget_name(TRASHDIR, &row.name);
+                Ok(true)
+            }
+            Err(Error::NotPermitted(_) | Error::NotFound) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Purges the oldest deletion in the bin (that no lock holds), to make room on a full
@@ -183,16 +191,10 @@ impl Volume {
         };
         tracing::warn!(name = %String::from_utf8_lossy(&row.name),
             "data dir full: purging the oldest snapshot of the recycle bin before failing a write");
-        match self.remove_snapshot(&row, "purge") {
-            Ok(()) => {
-                self.forget_name(TRASHDIR, &row.name);
-                Ok(true)
-            }
-            // The bin changed since it was read (another writer purged it, or it was
-            // undeleted or locked): the writer tries again with the bin as it is now.
-            Err(Error::NotPermitted(_) | Error::NotFound) => Ok(true),
-            Err(e) => Err(e),
-        }
+        // Purged, or the bin changed since it was read (another writer purged it, or it
+        // was undeleted or locked): either way the writer tries again.
+        self.purge_as_read(&row)?;
+        Ok(true)
     }
 
     /// Starts the thread that purges the bin's expired snapshots every `every`. It ends

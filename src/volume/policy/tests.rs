@@ -344,8 +344,9 @@ fn policies_are_checked_stored_and_cleared() {
     assert_eq!(t.volume.prune().map_err(|e| e.errno()), Err(libc::ENODATA));
 }
 
-#[test]
-fn retention_keeps_locked_snapshots_and_its_deletions_go_to_the_recycle_bin() {
+/// A volume whose policy keeps the last snapshot (deletions into a bin kept
+/// `trash_days`), after its schedule took three hourly snapshots (pending); their names.
+fn three_hourly_keeping_the_last(trash_days: Option<u32>) -> (Clocked, Vec<Vec<u8>>) {
     let t = Clocked::new(START + HOUR / 2);
     let policy = Policy {
         every_secs: 3600,
@@ -353,7 +354,7 @@ fn retention_keeps_locked_snapshots_and_its_deletions_go_to_the_recycle_bin() {
             last: 1,
             ..KeepRules::default()
         },
-        trash_days: Some(1),
+        trash_days,
         cron: None,
     };
     t.volume.set_policy(&policy).expect("set policy");
@@ -362,6 +363,12 @@ fn retention_keeps_locked_snapshots_and_its_deletions_go_to_the_recycle_bin() {
         t.clock.set(START + hour * HOUR);
         taken.push(t.volume.run_policy().expect("run").taken.expect("taken"));
     }
+    (t, taken)
+}
+
+#[test]
+fn retention_keeps_locked_snapshots_and_its_deletions_go_to_the_recycle_bin() {
+    let (t, taken) = three_hourly_keeping_the_last(Some(1));
     let held = SnapshotLock {
         mode: LockMode::Governance,
         until: START + 10 * DAY,
@@ -460,22 +467,7 @@ fn a_cron_schedule_takes_its_times_and_nothing_between() {
 /// under its name in between, or locked in between, is not the one it judged.
 #[test]
 fn retention_deletes_only_the_snapshot_it_judged() {
-    let t = Clocked::new(START + HOUR / 2);
-    let policy = Policy {
-        every_secs: 3600,
-        keep: KeepRules {
-            last: 1,
-            ..KeepRules::default()
-        },
-        trash_days: None,
-        cron: None,
-    };
-    t.volume.set_policy(&policy).expect("set policy");
-    let mut taken = vec![];
-    for hour in 1..=3 {
-        t.clock.set(START + hour * HOUR);
-        taken.push(t.volume.run_policy().expect("run").taken.expect("taken"));
-    }
+    let (t, taken) = three_hourly_keeping_the_last(None);
     // Retention judges completed snapshots only.
     taken.iter().for_each(|name| t.complete(name));
     let plan = t.volume.retention_plan().expect("plan").expect("a policy");

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::catalog::{LockMode, SnapshotLock};
+use crate::catalog::{LockMode, SnapshotLock, SnapshotRow};
 use crate::volume::locks;
 use crate::volume::trash::{TRASHDIR, TRASHDIR_NAME};
 
@@ -176,32 +176,27 @@ fn a_removal_that_read_a_snapshot_before_it_changed_leaves_it_as_it_became() {
     let file = t.v().lookup(root, b"f").expect("its file").node;
     assert_eq!(t.read_all(file), b"kept");
 
-    // Locked after a deletion read it: refused, into the bin or for good.
+    // A deletion of the row as `read`, into the bin or for good, fails with `expected`.
+    let refused = |read: &SnapshotRow, expected: i32| {
+        assert_eq!(
+            errno(t.v().move_to_trash(read, Duration::from_secs(3600))),
+            Err(expected)
+        );
+        assert_eq!(errno(t.v().remove_snapshot(read, "delete")), Err(expected));
+    };
+
+    // Locked after a deletion read it: refused.
     let read = t.v().snapshots.by_name(b"u").expect("listed");
     let governance = lock_for(LockMode::Governance, HOUR);
     t.v().lock_snapshot(b"u", Some(&governance)).expect("lock");
-    assert_eq!(
-        errno(t.v().move_to_trash(&read, Duration::from_secs(3600))),
-        Err(libc::EPERM)
-    );
-    assert_eq!(
-        errno(t.v().remove_snapshot(&read, "delete")),
-        Err(libc::EPERM)
-    );
+    refused(&read, libc::EPERM);
     assert!(t.v().trashed_snapshots().is_empty());
     t.v().lock_snapshot(b"u", None).expect("unlock");
 
     // Renamed after a deletion read it: the name asked for is gone, the snapshot is not.
     let read = t.v().snapshots.by_name(b"u").expect("listed");
     t.v().rename_snapshot(b"u", b"v").expect("rename");
-    assert_eq!(
-        errno(t.v().move_to_trash(&read, Duration::from_secs(3600))),
-        Err(libc::ENOENT)
-    );
-    assert_eq!(
-        errno(t.v().remove_snapshot(&read, "delete")),
-        Err(libc::ENOENT)
-    );
+    refused(&read, libc::ENOENT);
     let names: Vec<Vec<u8>> = t.v().list_snapshots().into_iter().map(|r| r.name).collect();
     assert_eq!(names, [b"v".to_vec()]);
 }
