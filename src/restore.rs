@@ -168,9 +168,19 @@ impl Source for LocalSource {
     }
 }
 
-/// Blocks queued, and files open, before the queue is handed to the pool.
-const MAX_QUEUED_BLOCKS: usize = 4096;
-const MAX_OPEN_FILES: usize = 256;
+/// Files (each holding a descriptor) and blocks queued before the first hand-over to the
+/// pool: small, so that the workers start at once...
+const FIRST_QUEUE_FILES: usize = 256;
+const FIRST_QUEUE_BLOCKS: usize = 4096;
+/// ...and before each later one: as many files as a quarter of the descriptors the
+/// process may hold (two queues are open at once: one being written, one filling), up to
+/// this many. A queue's blocks are planned by pack, so a pack is fetched once per queue
+/// that needs it: in queues of 256 files, a restore of 3,758 files made 263 requests of
+/// 43 packs.
+const MAX_QUEUE_FILES: usize = 8192;
+const MAX_QUEUE_BLOCKS: usize = 65536;
+/// The soft limit of descriptors is raised to the hard limit, as far as this.
+const WANTED_DESCRIPTORS: u64 = 65536;
 
 #[derive(Clone, Debug, Default)]
 pub struct Options {
@@ -190,6 +200,32 @@ pub struct Report {
     pub specials: u64,
     pub bytes: u64,
     pub errors: Vec<String>,
+}
+
+/// How many descriptors this process may hold, after raising its soft limit towards the
+/// hard one (as Go's runtime does for restic): a distribution's soft limit of 1,024 would
+/// keep the queues, and so the requests per pack, at their first size.
+fn descriptor_limit() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given, and only that.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    let wanted = limit.rlim_max.min(WANTED_DESCRIPTORS);
+    if limit.rlim_cur < wanted {
+        let raised = libc::rlimit {
+            rlim_cur: wanted,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct it is given, and only that.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
 }
 
 /// Progress callbacks (bytes written, files finished), for a progress bar.
@@ -238,6 +274,11 @@ pub fn restore(
             later_links: Vec::new(),
             finished_dirs: Vec::new(),
             open_files: 0,
+            queue_bound: (FIRST_QUEUE_FILES, FIRST_QUEUE_BLOCKS),
+            later_bound: (
+                (descriptor_limit() / 4).clamp(FIRST_QUEUE_FILES, MAX_QUEUE_FILES),
+                MAX_QUEUE_BLOCKS,
+            ),
         };
         if entry.attrs.kind == Kind::Dir {
             prepare_dir(dest, options.overwrite)?;
@@ -404,6 +445,10 @@ struct Run<'w, 'a> {
     /// Files created since the block queue was last handed to the pool (each holds a
     /// descriptor).
     open_files: usize,
+    /// The files and blocks the queue takes before it is handed over: the first queue's
+    /// bound, then `later_bound`.
+    queue_bound: (usize, usize),
+    later_bound: (usize, usize),
 }
 
 /// What the walk and the pool's workers share: the source, the options, the report.
@@ -507,9 +552,11 @@ impl Run<'_, '_> {
                 Err(e) => self.writer.error(format!("{}: {e}", path.display())),
             }
             // Each queued file holds a descriptor: hand them over before they run out.
-            if jobs.len() > MAX_QUEUED_BLOCKS || self.open_files >= MAX_OPEN_FILES {
+            let (files, blocks) = self.queue_bound;
+            if jobs.len() > blocks || self.open_files >= files {
                 self.pool.submit(std::mem::take(jobs));
                 self.open_files = 0;
+                self.queue_bound = self.later_bound;
             }
         }
         Ok(subdirs)
