@@ -920,7 +920,7 @@ impl Catalog {
             });
         }
         // Cached statements: rusqlite's transactions parse BEGIN and COMMIT at every
-        // read, a fifth of the daemon's work for a getxattr.
+        // read, about 6% of the daemon's work for a getxattr.
         run_statement(&self.conn, "BEGIN")?;
         let _end = EndRead(&self.conn);
         f(&ReadTx {
