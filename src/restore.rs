@@ -915,12 +915,11 @@ impl<'a> Pool<'a> {
                     let Ok(group) = group else { return };
                     let hashes: Vec<BlockHash> =
                         group.blocks.iter().map(|(hash, _)| *hash).collect();
-                    let blocks = writer.source.blocks(&hashes);
-                    for ((_, jobs), block) in group.blocks.iter().zip(&blocks) {
-                        for job in jobs {
-                            writer.write_block(job, block.as_deref());
+                    writer.source.blocks(&hashes, &mut |at, block| {
+                        for job in &group.blocks[at].1 {
+                            writer.write_block(job, block);
                         }
-                    }
+                    });
                 }
             });
         }

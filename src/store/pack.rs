@@ -219,20 +219,22 @@ pub fn index_object(packs: &[(PackId, PackListing)], level: i32) -> StoreResult<
     Ok((random_id(), body))
 }
 
-/// Decompresses `frame` into `size` bytes with this thread's zstd context: making a
-/// context costs as much as decompressing a small block, and a read path decodes
+/// Decompresses `frame` into `out` (`size` bytes) with this thread's zstd context:
+/// making a context costs as much as decompressing a small block, and a read path decodes
 /// thousands of frames.
-fn decompress_block(frame: &[u8], size: usize) -> std::io::Result<Vec<u8>> {
+fn decompress_block(frame: &[u8], size: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
     thread_local! {
         static CONTEXT: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
             const { RefCell::new(None) };
     }
+    out.clear();
+    out.reserve(size);
     CONTEXT.with_borrow_mut(|context| {
         let context = match context {
             Some(context) => context,
             None => context.insert(zstd::bulk::Decompressor::new()?),
         };
-        context.decompress(frame, size)
+        context.decompress_to_buffer(frame, out).map(|_| ())
     })
 }
 
@@ -245,6 +247,21 @@ pub fn open_frame(
     part: &[u8],
     max: usize,
 ) -> Result<Vec<u8>, String> {
+    let mut data = Vec::new();
+    open_frame_into(store, key, hash, part, max, &mut data)?;
+    Ok(data)
+}
+
+/// [`open_frame`] into `data`, whose allocation a caller decoding many frames reuses:
+/// a fresh block-sized buffer per frame cost a restore a sixth of its CPU in page faults.
+pub fn open_frame_into(
+    store: &dyn ObjectStore,
+    key: &str,
+    hash: &BlockHash,
+    part: &[u8],
+    max: usize,
+    data: &mut Vec<u8>,
+) -> Result<(), String> {
     let frame = store.open_part(key, part).map_err(|e| e.message)?;
     // The size the frame declares, if within `max`: a buffer of `max` bytes for each
     // tree would be far too much (a frame that holds more than it declares fails).
@@ -252,14 +269,14 @@ pub fn open_frame(
         .ok()
         .flatten()
         .filter(|&size| size <= max as u64);
-    let data = match declared {
-        Some(size) => decompress_block(&frame, size as usize),
-        None => manifest::decompress(&frame, max),
+    match declared {
+        Some(size) => decompress_block(&frame, size as usize, data),
+        None => manifest::decompress(&frame, max).map(|decoded| *data = decoded),
     }
     .map_err(|e| format!("not a zstd frame of at most {max} bytes: {e}"))?;
-    let actual = BlockHash::of(&data);
+    let actual = BlockHash::of(data);
     if actual == *hash {
-        Ok(data)
+        Ok(())
     } else {
         Err(format!("its content hashes to {actual}"))
     }

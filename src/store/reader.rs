@@ -29,6 +29,10 @@ pub enum ReadError {
 
 type Result<T, E = ReadError> = std::result::Result<T, E>;
 
+/// What receives each block of a group: its place in the group, and its verified bytes
+/// (valid during the call) or why it could not be read.
+pub type EachBlock<'a> = dyn FnMut(usize, Result<&[u8], &ReadError>) + 'a;
+
 /// Where a snapshot's tree and blocks come from: the store ([`StoreSource`]) or a local
 /// volume (`restore::LocalSource`, which falls back to a [`StoreChain`] for blocks not
 /// on its disk). Restore writes one to a directory; `Volume::sync_to` imports one.
@@ -46,9 +50,13 @@ pub trait Source: Sync {
     fn plan(&self, hashes: Vec<BlockHash>) -> Vec<Vec<BlockHash>> {
         hashes.into_iter().map(|hash| vec![hash]).collect()
     }
-    /// The blocks of one group of [`plan`](Self::plan), each verified, in its order.
-    fn blocks(&self, group: &[BlockHash]) -> Vec<Result<Vec<u8>>> {
-        group.iter().map(|hash| self.block(hash)).collect()
+    /// Hands each block of one group of [`plan`](Self::plan) to `each` with its place in
+    /// the group, verified, in the group's order. A block's bytes live only during its
+    /// call, so a group of many blocks never sits decompressed in memory at once.
+    fn blocks(&self, group: &[BlockHash], each: &mut EachBlock) {
+        for (at, hash) in group.iter().enumerate() {
+            each(at, self.block(hash).as_deref());
+        }
     }
     fn block_size(&self) -> u64;
     /// Block reads worth running at once.
@@ -169,14 +177,19 @@ impl StoreChain {
         groups
     }
 
-    /// The blocks of one group of [`plan`](Self::plan) (at most `max` bytes each): a
-    /// run in one pack with one range request, each frame verified. A block that fails
+    /// The blocks of one group of [`plan`](Self::plan) (at most `max` bytes each), to
+    /// `each` as [`Source::blocks`] says: a run in one pack with one range request, each
+    /// frame verified, all decoded into one buffer. A block that fails
     /// is fetched alone, so it gets the retries and the error it would have had; a store
     /// that stays unreachable fails them all.
-    pub fn blocks(&self, group: &[BlockHash], max: usize) -> Vec<Result<Vec<u8>>> {
-        let alone = |hashes: &[BlockHash]| hashes.iter().map(|h| self.block(h, max)).collect();
+    pub fn blocks(&self, group: &[BlockHash], max: usize, each: &mut EachBlock) {
+        let alone = |hashes: &[BlockHash], each: &mut EachBlock| {
+            for (at, hash) in hashes.iter().enumerate() {
+                each(at, self.block(hash, max).as_deref());
+            }
+        };
         let Ok(index) = self.runtime.block_on(self.own.index()) else {
-            return alone(group);
+            return alone(group, each);
         };
         let places: Vec<(PackId, u64, u32)> = group
             .iter()
@@ -193,7 +206,7 @@ impl StoreChain {
             places.first(),
             group.len() > 1 && places.len() == group.len(),
         ) else {
-            return alone(group);
+            return alone(group, each);
         };
         let pack = first.0;
         let start = places.iter().map(|p| p.1).min().unwrap_or(0);
@@ -203,7 +216,7 @@ impl StoreChain {
             .max()
             .unwrap_or(0);
         if places.iter().any(|p| p.0 != pack) {
-            return alone(group);
+            return alone(group, each);
         }
         let key = ObjectKey::pack(&pack);
         let store = &*self.own.store;
@@ -212,21 +225,24 @@ impl StoreChain {
             .block_on(super::get_span(store, &key, start, end - start));
         let span = match span {
             Ok(Some(span)) => span,
-            Ok(None) => return alone(group),
-            Err(e) => return group.iter().map(|_| Err(e.clone().into())).collect(),
+            Ok(None) => return alone(group, each),
+            Err(e) => {
+                let e = ReadError::from(e);
+                return (0..group.len()).for_each(|at| each(at, Err(&e)));
+            }
         };
-        group
-            .iter()
-            .zip(&places)
-            .map(|(hash, &(_, offset, length))| {
-                let at = (offset - start) as usize;
-                let part = span.get(at..at + length as usize);
-                match part.map(|part| super::open_frame(store, &key, hash, part, max)) {
-                    Some(Ok(data)) => Ok(data),
-                    _ => self.block(hash, max),
-                }
-            })
-            .collect()
+        // One buffer for every frame of the span.
+        let mut data = Vec::new();
+        for (at, (hash, &(_, offset, length))) in group.iter().zip(&places).enumerate() {
+            let from = (offset - start) as usize;
+            let decoded = span
+                .get(from..from + length as usize)
+                .map(|part| super::pack::open_frame_into(store, &key, hash, part, max, &mut data));
+            match decoded {
+                Some(Ok(())) => each(at, Ok(&data)),
+                _ => each(at, self.block(hash, max).as_deref()),
+            }
+        }
     }
 
     /// Whether the volume's store keeps its blocks in packs (format 2).
@@ -324,8 +340,8 @@ impl Source for StoreSource {
         self.stores.plan(hashes)
     }
 
-    fn blocks(&self, group: &[BlockHash]) -> Vec<Result<Vec<u8>>> {
-        self.stores.blocks(group, self.block_size() as usize)
+    fn blocks(&self, group: &[BlockHash], each: &mut EachBlock) {
+        self.stores.blocks(group, self.block_size() as usize, each)
     }
 
     fn block_size(&self) -> u64 {
