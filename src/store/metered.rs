@@ -47,6 +47,19 @@ impl ObjectStore for Metered {
         Box::pin(timed("get", self.inner.get_range(key, offset, len)))
     }
 
+    fn get_range_into<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+        buffer: Vec<u8>,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        Box::pin(timed(
+            "get",
+            self.inner.get_range_into(key, offset, len, buffer),
+        ))
+    }
+
     fn seal_part(&self, key: &str, part: Vec<u8>) -> StoreResult<Vec<u8>> {
         self.inner.seal_part(key, part)
     }

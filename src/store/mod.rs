@@ -111,6 +111,18 @@ pub trait ObjectStore: Send + Sync {
             }))
         })
     }
+    /// [`get_range`](Self::get_range) into `buffer`, whose allocation is reused when it
+    /// is large enough: a reader of many large ranges (a restore's pack spans) otherwise
+    /// pays a page fault for every 4 KiB of each fresh buffer. By default a fresh one.
+    fn get_range_into<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+        _buffer: Vec<u8>,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        self.get_range(key, offset, len)
+    }
     /// Deletes `key`; deleting a missing key succeeds.
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()>;
     /// Every key that starts with `prefix`, in no particular order.
@@ -325,8 +337,14 @@ pub async fn get_span(
     key: &str,
     start: u64,
     length: u64,
+    buffer: Vec<u8>,
 ) -> StoreResult<Option<Vec<u8>>> {
-    match retry(READ_PATIENCE, || store.get_range(key, start, length)).await {
+    // A failed attempt drops the buffer: the retries read into fresh ones.
+    let mut buffer = Some(buffer);
+    let read = retry(READ_PATIENCE, || {
+        store.get_range_into(key, start, length, buffer.take().unwrap_or_default())
+    });
+    match read.await {
         Err(e) if !e.is_transient() => Ok(None),
         read => read,
     }

@@ -594,7 +594,9 @@ impl IndexedStore {
         };
         let (start, end) = (first.offset, last.offset + u64::from(last.length));
         let key = ObjectKey::pack(&pack);
-        let Some(span) = super::get_span(&*self.store, &key, start, end - start).await? else {
+        let Some(span) =
+            super::get_span(&*self.store, &key, start, end - start, Vec::new()).await?
+        else {
             return Ok(None);
         };
         let mut found = None;

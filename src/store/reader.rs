@@ -74,6 +74,12 @@ const PLAN_GAP: u64 = 256 << 10;
 /// request for its last frame.
 const PLAN_SPAN: u64 = (16 << 20) + (2 << 20);
 
+thread_local! {
+    /// The buffer of this thread's last span, for its next (see
+    /// `ObjectStore::get_range_into`): a restore's workers each read one span after another.
+    static SPARE_SPAN: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Largest decompressed tree or snapshot object accepted.
 const MAX_MANIFEST_OBJECT: usize = 256 << 20;
 
@@ -220,9 +226,10 @@ impl StoreChain {
         }
         let key = ObjectKey::pack(&pack);
         let store = &*self.own.store;
+        let spare = SPARE_SPAN.take();
         let span = self
             .runtime
-            .block_on(super::get_span(store, &key, start, end - start));
+            .block_on(super::get_span(store, &key, start, end - start, spare));
         let span = match span {
             Ok(Some(span)) => span,
             Ok(None) => return alone(group, each),
@@ -243,6 +250,7 @@ impl StoreChain {
                 _ => each(at, self.block(hash, max).as_deref()),
             }
         }
+        SPARE_SPAN.set(span);
     }
 
     /// Whether the volume's store keeps its blocks in packs (format 2).

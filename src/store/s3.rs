@@ -102,16 +102,19 @@ impl HttpStatus for aws_sdk_s3::config::http::HttpResponse {
 impl S3Store {
     /// A response's body, read into one buffer of the length the response announced:
     /// collecting its chunks and joining them after would copy every byte twice more.
+    /// `out` is cleared first; its allocation is kept if large enough.
     async fn read_body(
         &self,
         key: &str,
         mut body: ByteStream,
         length: Option<i64>,
+        mut out: Vec<u8>,
     ) -> StoreResult<Vec<u8>> {
         // The announced length only sizes the buffer (bounded, as a hostile server may
         // announce anything); what arrives is what counts.
         let capacity = length.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
-        let mut out = Vec::with_capacity(capacity.min(MAX_PREALLOCATED_BODY));
+        out.clear();
+        out.reserve(capacity.min(MAX_PREALLOCATED_BODY));
         while let Some(chunk) = body.try_next().await.map_err(|e| {
             StoreError::transient(format!("GET {key} on {}: body cut off: {e}", self.url))
         })? {
@@ -201,7 +204,10 @@ impl ObjectStore for S3Store {
                 Err(e) => return Err(classify(&self.url, &format!("GET {key}"), e)),
             };
             let length = response.content_length();
-            Ok(Some(self.read_body(key, response.body, length).await?))
+            Ok(Some(
+                self.read_body(key, response.body, length, Vec::new())
+                    .await?,
+            ))
         })
     }
 
@@ -210,6 +216,16 @@ impl ObjectStore for S3Store {
         key: &'a str,
         offset: u64,
         len: u64,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        self.get_range_into(key, offset, len, Vec::new())
+    }
+
+    fn get_range_into<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+        buffer: Vec<u8>,
     ) -> StoreFuture<'a, Option<Vec<u8>>> {
         Box::pin(async move {
             if len == 0 {
@@ -238,7 +254,7 @@ impl ObjectStore for S3Store {
             // A server that ignores the range sends the whole object, without a range.
             let whole = response.content_range().is_none();
             let length = response.content_length();
-            let body = self.read_body(key, response.body, length).await?;
+            let body = self.read_body(key, response.body, length, buffer).await?;
             if !whole {
                 return Ok(Some(body));
             }

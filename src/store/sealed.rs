@@ -197,6 +197,16 @@ impl ObjectStore for Sealed {
         self.inner.get_range(key, offset, len)
     }
 
+    fn get_range_into<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+        buffer: Vec<u8>,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        self.inner.get_range_into(key, offset, len, buffer)
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move { self.inner.delete(&self.name(key)).await })
     }

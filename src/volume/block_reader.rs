@@ -417,9 +417,13 @@ impl BlockReader {
         let store = &*remote.store.store;
         let key = ObjectKey::pack(pack);
         let end = last.offset + u64::from(last.length);
-        let span = remote
-            .runtime
-            .block_on(store::get_span(store, &key, offset, end - offset));
+        let span = remote.runtime.block_on(store::get_span(
+            store,
+            &key,
+            offset,
+            end - offset,
+            Vec::new(),
+        ));
         let span = match span {
             Ok(Some(span)) => span,
             Ok(None) => return Ok(None),
