@@ -290,7 +290,16 @@ impl BlockReader {
         let max = self.block_size as usize;
         let store = &remote.store;
         let fetched = match place {
-            Some(place) if !in_origin => self.fetch_own(remote, hash, place, max)?,
+            Some(place) if !in_origin => match self.fetch_own(remote, hash, place, max)? {
+                // Garbage collection moved the block to a new pack and pointed the catalog
+                // at it, then deleted the old pack, between the read of its place and the
+                // fetch: fetch it where the catalog says now.
+                Ok(None) => match lock(&self.catalog).read(|tx| tx.block_place(hash))? {
+                    Some(moved) if moved != place => self.fetch_own(remote, hash, moved, max)?,
+                    _ => Ok(None),
+                },
+                fetched => fetched,
+            },
             _ if in_origin => self.fetch_origin(remote, hash, max)?,
             _ => remote.runtime.block_on(store.block(hash, max)),
         };
