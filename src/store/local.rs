@@ -181,11 +181,14 @@ impl ObjectStore for LocalStore {
         self.blocking(move |inner| inner.get(&key))
     }
 
-    fn get_range<'a>(
+    /// Into a fresh buffer: the reuse has been measured only against S3 (a `file://`
+    /// restore still pays its page faults).
+    fn get_range_into<'a>(
         &'a self,
         key: &'a str,
         offset: u64,
         len: u64,
+        _buffer: Vec<u8>,
     ) -> StoreFuture<'a, Option<Vec<u8>>> {
         let key = key.to_owned();
         self.blocking(move |inner| inner.get_range(&key, offset, len))

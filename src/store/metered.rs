@@ -38,15 +38,6 @@ impl ObjectStore for Metered {
         Box::pin(timed("delete", self.inner.delete(key)))
     }
 
-    fn get_range<'a>(
-        &'a self,
-        key: &'a str,
-        offset: u64,
-        len: u64,
-    ) -> StoreFuture<'a, Option<Vec<u8>>> {
-        Box::pin(timed("get", self.inner.get_range(key, offset, len)))
-    }
-
     fn get_range_into<'a>(
         &'a self,
         key: &'a str,

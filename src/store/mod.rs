@@ -101,6 +101,20 @@ pub trait ObjectStore: Send + Sync {
         offset: u64,
         len: u64,
     ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        self.get_range_into(key, offset, len, Vec::new())
+    }
+    /// [`get_range`](Self::get_range) into `buffer`, whose allocation a store that reads
+    /// ranges itself reuses when it is large enough: a reader of many large ranges (a
+    /// restore's pack spans) otherwise pays a page fault for every 4 KiB of each fresh
+    /// buffer. The one range read a store implements; by default, sliced from the whole
+    /// object.
+    fn get_range_into<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+        _buffer: Vec<u8>,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
         Box::pin(async move {
             Ok(self.get(key).await?.map(|object| {
                 let start = usize::try_from(offset)
@@ -110,18 +124,6 @@ pub trait ObjectStore: Send + Sync {
                 object[start..end.min(object.len())].to_vec()
             }))
         })
-    }
-    /// [`get_range`](Self::get_range) into `buffer`, whose allocation is reused when it
-    /// is large enough: a reader of many large ranges (a restore's pack spans) otherwise
-    /// pays a page fault for every 4 KiB of each fresh buffer. By default a fresh one.
-    fn get_range_into<'a>(
-        &'a self,
-        key: &'a str,
-        offset: u64,
-        len: u64,
-        _buffer: Vec<u8>,
-    ) -> StoreFuture<'a, Option<Vec<u8>>> {
-        self.get_range(key, offset, len)
     }
     /// Deletes `key`; deleting a missing key succeeds.
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()>;

@@ -211,15 +211,6 @@ impl ObjectStore for S3Store {
         })
     }
 
-    fn get_range<'a>(
-        &'a self,
-        key: &'a str,
-        offset: u64,
-        len: u64,
-    ) -> StoreFuture<'a, Option<Vec<u8>>> {
-        self.get_range_into(key, offset, len, Vec::new())
-    }
-
     fn get_range_into<'a>(
         &'a self,
         key: &'a str,

@@ -188,15 +188,6 @@ impl ObjectStore for Sealed {
     }
 
     /// Ranges are read only of objects sealed in parts, which are stored as they are.
-    fn get_range<'a>(
-        &'a self,
-        key: &'a str,
-        offset: u64,
-        len: u64,
-    ) -> StoreFuture<'a, Option<Vec<u8>>> {
-        self.inner.get_range(key, offset, len)
-    }
-
     fn get_range_into<'a>(
         &'a self,
         key: &'a str,

@@ -126,15 +126,16 @@ impl ObjectStore for FaultyStore {
         self.inner.get(key)
     }
 
-    fn get_range<'a>(
+    fn get_range_into<'a>(
         &'a self,
         key: &'a str,
         offset: u64,
         len: u64,
+        buffer: Vec<u8>,
     ) -> StoreFuture<'a, Option<Vec<u8>>> {
         Box::pin(async move {
             tokio::time::sleep(self.range_delay).await;
-            let part = self.inner.get_range(key, offset, len).await?;
+            let part = self.inner.get_range_into(key, offset, len, buffer).await?;
             if key.starts_with(ObjectKey::PACKS) {
                 self.pack_gets.fetch_add(1, Ordering::SeqCst);
                 let read = part.as_ref().map_or(0, Vec::len);
