@@ -583,7 +583,11 @@ impl Volume {
             }
         }
         let view = self.view_generation(node.view)?;
-        lock(&self.catalog)
+        let catalog = lock(&self.catalog);
+        if view == LIVE && catalog.live_inode_is_bare(node.ino) {
+            return Err(Error::NoXattr);
+        }
+        catalog
             .read(|tx| tx.xattr_get(view, node.ino, name))?
             .ok_or(Error::NoXattr)
     }
