@@ -102,6 +102,40 @@ fn counters_move_with_real_work() {
     assert!(sample(&errors, r#"snapfs_operation_errors_total{errno="2"}"#) >= 1.0);
 }
 
+/// A descriptor opened only to read is closed without a FLUSH request (FOPEN_NOFLUSH),
+/// and one opened to write still gets it: its close stores what it wrote.
+#[test]
+fn a_read_only_close_costs_no_flush_request() {
+    let port = free_port();
+    let mount = Mount::with_args(&["--metrics", &port.to_string()]);
+    let path = mount.path().join("f");
+    let data = pattern(100 << 10, 3);
+    fs::write(&path, &data).expect("write");
+    let count = |samples: &BTreeMap<String, f64>, op: &str| {
+        let name = format!(r#"snapfs_operation_duration_seconds_count{{op="{op}"}}"#);
+        samples.get(&name).copied().unwrap_or(0.0)
+    };
+    let before = scrape(port);
+    for _ in 0..10 {
+        assert_eq!(fs::read(&path).expect("read"), data);
+    }
+    let after = scrape(port);
+    assert_eq!(count(&after, "open") - count(&before, "open"), 10.0);
+    assert_eq!(count(&after, "flush"), count(&before, "flush"));
+
+    let mut file = fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .expect("open to write");
+    file.write_all(b"tail").expect("append");
+    drop(file);
+    let written = scrape(port);
+    assert_eq!(count(&written, "flush") - count(&after, "flush"), 1.0);
+    let mut expected = data;
+    expected.extend_from_slice(b"tail");
+    assert_eq!(fs::read(&path).expect("read back"), expected);
+}
+
 #[test]
 fn other_paths_and_methods_are_refused() {
     let port = free_port();
