@@ -94,6 +94,23 @@ impl SnapFs {
     /// read gets no FLUSH at close (FOPEN_NOFLUSH): FLUSH stores buffered writes, which
     /// only a writer's descriptor makes, and the kernel keeps POSIX locks itself. That is
     /// one of the three round trips of each file a `git status` or a compiler opens.
+    /// Directory open flags: the kernel may keep a listing across opens (FOPEN_CACHE_DIR
+    /// and FOPEN_KEEP_CACHE) where only its own requests change it: a snapshot, and the
+    /// live tree of a sole writer (see `ttl`). It drops the listing itself when a create,
+    /// unlink, rename or link changes the directory, or its mtime moves. The control
+    /// directories change behind its back, and a follower's live tree too.
+    fn dir_open_flags(&self, node: NodeId) -> FopenFlags {
+        let cached = match node.view {
+            View::Live => self.sole_writer && node.is_live_catalog_node(),
+            View::Snapshot(_) => true,
+        };
+        if cached {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        }
+    }
+
     fn open_flags(&self, node: NodeId, write: bool) -> FopenFlags {
         let cache = match node.view {
             View::Live if !self.sole_writer => FopenFlags::empty(),
@@ -545,7 +562,7 @@ impl Filesystem for SnapFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _op = self.operation("opendir");
         match self.volume.opendir(node(ino)) {
-            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
+            Ok(handle) => reply.opened(FileHandle(handle), self.dir_open_flags(node(ino))),
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -149,6 +149,68 @@ fn listing_shows_every_entry_once() {
     assert_eq!(names, expected);
 }
 
+/// The kernel keeps a live directory's listing across opens (FOPEN_CACHE_DIR): every
+/// change through the mount must still show in the next listing. Each step lists both
+/// directories first, so the kernel holds their listings when the change comes.
+#[test]
+fn listings_follow_every_change_after_the_kernel_kept_them() {
+    let m = Mount::new();
+    let (a, b) = (m.path().join("a"), m.path().join("b"));
+    fs::create_dir(&a).expect("mkdir a");
+    fs::create_dir(&b).expect("mkdir b");
+    let list = |dir: &Path| {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().into_string().expect("UTF-8"))
+            .collect();
+        names.sort();
+        names
+    };
+    let step = |name: &str, change: &dyn Fn(), in_a: &[&str], in_b: &[&str]| {
+        list(&a);
+        list(&b);
+        change();
+        assert_eq!(list(&a), in_a, "a after {name}");
+        assert_eq!(list(&b), in_b, "b after {name}");
+    };
+    step(
+        "create",
+        &|| fs::write(a.join("f"), b"x").expect("create"),
+        &["f"],
+        &[],
+    );
+    step(
+        "link",
+        &|| fs::hard_link(a.join("f"), b.join("g")).expect("link"),
+        &["f"],
+        &["g"],
+    );
+    let across = || fs::rename(a.join("f"), b.join("h")).expect("rename");
+    step("rename across", &across, &[], &["g", "h"]);
+    let within = || fs::rename(b.join("h"), b.join("i")).expect("rename");
+    step("rename within", &within, &[], &["g", "i"]);
+    step(
+        "mkdir",
+        &|| fs::create_dir(a.join("sub")).expect("mkdir"),
+        &["sub"],
+        &["g", "i"],
+    );
+    let symlink = || std::os::unix::fs::symlink("i", b.join("s")).expect("symlink");
+    step("symlink", &symlink, &["sub"], &["g", "i", "s"]);
+    step(
+        "unlink",
+        &|| fs::remove_file(b.join("g")).expect("unlink"),
+        &["sub"],
+        &["i", "s"],
+    );
+    step(
+        "rmdir",
+        &|| fs::remove_dir(a.join("sub")).expect("rmdir"),
+        &[],
+        &["i", "s"],
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Names
 
