@@ -88,29 +88,34 @@ impl SnapFs {
         }
     }
 
-    /// Open flags: snapshot files never change, and live files change only through this
-    /// mount (whose writes, truncates and hole punches go through the kernel's page cache
-    /// too), so the kernel may keep their pages across opens. A descriptor opened only to
-    /// read gets no FLUSH at close (FOPEN_NOFLUSH): FLUSH stores buffered writes, which
-    /// only a writer's descriptor makes, and the kernel keeps POSIX locks itself. That is
-    /// one of the three round trips of each file a `git status` or a compiler opens.
-    /// Directory open flags: the kernel may keep a listing across opens (FOPEN_CACHE_DIR
-    /// and FOPEN_KEEP_CACHE) where only its own requests change it: a snapshot, and the
-    /// live tree of a sole writer (see `ttl`). It drops the listing itself when a create,
-    /// unlink, rename or link changes the directory, or its mtime moves. The control
-    /// directories change behind its back, and a follower's live tree too.
-    fn dir_open_flags(&self, node: NodeId) -> FopenFlags {
-        let cached = match node.view {
+    /// Whether only the kernel's own requests change `node`: a snapshot's nodes, and the
+    /// live tree of a mount that is its only writer. The control directories change
+    /// behind the kernel's back, and a follower's live tree too.
+    fn changes_only_through_kernel(&self, node: NodeId) -> bool {
+        match node.view {
             View::Live => self.sole_writer && node.is_live_catalog_node(),
             View::Snapshot(_) => true,
-        };
-        if cached {
+        }
+    }
+
+    /// Directory open flags: the kernel may keep a listing across opens (FOPEN_CACHE_DIR
+    /// and FOPEN_KEEP_CACHE) where only its own requests change it. It drops the listing
+    /// itself when a create, unlink, rename or link changes the directory, or its mtime
+    /// moves.
+    fn dir_open_flags(&self, node: NodeId) -> FopenFlags {
+        if self.changes_only_through_kernel(node) {
             FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
         } else {
             FopenFlags::empty()
         }
     }
 
+    /// Open flags: snapshot files never change, and live files change only through this
+    /// mount (whose writes, truncates and hole punches go through the kernel's page cache
+    /// too), so the kernel may keep their pages across opens. A descriptor opened only to
+    /// read gets no FLUSH at close (FOPEN_NOFLUSH): FLUSH stores buffered writes, which
+    /// only a writer's descriptor makes, and the kernel keeps POSIX locks itself. That is
+    /// one of the three round trips of each file a `git status` or a compiler opens.
     fn open_flags(&self, node: NodeId, write: bool) -> FopenFlags {
         let cache = match node.view {
             View::Live if !self.sole_writer => FopenFlags::empty(),
@@ -242,9 +247,9 @@ impl SnapFs {
     /// How long the kernel may keep a node's attributes, and a name for it.
     fn ttl(&self, node: NodeId) -> Duration {
         match node.view {
-            View::Live if self.sole_writer && node.is_live_catalog_node() => SOLE_WRITER_TTL,
-            View::Live => LIVE_TTL,
             View::Snapshot(_) => SNAPSHOT_TTL,
+            View::Live if self.changes_only_through_kernel(node) => SOLE_WRITER_TTL,
+            View::Live => LIVE_TTL,
         }
     }
 
