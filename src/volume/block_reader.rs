@@ -294,10 +294,17 @@ impl BlockReader {
                 // Garbage collection moved the block to a new pack and pointed the catalog
                 // at it, then deleted the old pack, between the read of its place and the
                 // fetch: fetch it where the catalog says now.
-                Ok(None) => match lock(&self.catalog).read(|tx| tx.block_place(hash))? {
-                    Some(moved) if moved != place => self.fetch_own(remote, hash, moved, max)?,
-                    _ => Ok(None),
-                },
+                // (The catalog is read in a statement of its own: a guard made in a match's
+                // scrutinee lives through its arms, and `fetch_own` locks the catalog.)
+                Ok(None) => {
+                    let now = lock(&self.catalog).read(|tx| tx.block_place(hash))?;
+                    match now {
+                        Some(moved) if moved != place => {
+                            self.fetch_own(remote, hash, moved, max)?
+                        }
+                        _ => Ok(None),
+                    }
+                }
                 fetched => fetched,
             },
             _ if in_origin => self.fetch_origin(remote, hash, max)?,
