@@ -559,15 +559,12 @@ impl Volume {
             .ok_or(Error::NotFound)
     }
 
-    /// Attributes of a row, with the size and times of an open file's unflushed writes.
+    /// Attributes of a row, as an open file's unflushed changes make them.
     fn attr_of(&self, view: View, row: &InodeRow) -> Attr {
         let mut attr = Attr::from_row(view, row);
         if view == View::Live && row.attrs.kind == Kind::File {
             if let Some(state) = self.files.peek(row.ino) {
-                let state = lock(&state);
-                attr.attrs.size = state.size;
-                attr.attrs.mtime = state.mtime;
-                attr.attrs.ctime = state.ctime;
+                lock(&state).overlay(&mut attr.attrs);
             }
         }
         attr

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::Result;
 use super::reads::ReadState;
-use crate::catalog::InodeRow;
+use crate::catalog::{Attrs, InodeRow};
 use crate::sync::{Condvar, Mutex, MutexGuard, lock, wait_timeout};
 
 /// The background flusher starts at this fraction of the dirty limit (1 MiB of 64 MiB):
@@ -29,16 +29,19 @@ use crate::sync::{Condvar, Mutex, MutexGuard, lock, wait_timeout};
 const FLUSH_AHEAD_FRACTION: u64 = 64;
 
 /// The state of a live file while it is open or has unflushed changes: the authority for
-/// its size and times until flushed.
+/// its size and times until flushed, and for its mode, owner and atime while `held`.
 pub(super) struct FileState {
     pub size: u64,
     pub mtime: i64,
     pub ctime: i64,
+    /// What a setattr changed while writes were buffered, stored with them by the next
+    /// flush (`Volume::setattr_file`). Only ever set while `changed`.
+    pub held: Option<HeldAttrs>,
     /// Changed blocks by index, each at most a block long and never past `size`.
     pub dirty: BTreeMap<u64, Vec<u8>>,
     /// Bytes held in `dirty`, as counted in `OpenFiles::dirty_bytes`.
     pub buffered: u64,
-    /// Size, times or blocks differ from the catalog.
+    /// Size, times, `held` attributes or blocks differ from the catalog.
     pub changed: bool,
     /// Smallest size truncated to since the last flush: catalog blocks past it are stale.
     pub truncated_to: Option<u64>,
@@ -60,6 +63,7 @@ impl FileState {
             size: row.attrs.size,
             mtime: row.attrs.mtime,
             ctime: row.attrs.ctime,
+            held: None,
             dirty: BTreeMap::new(),
             buffered: 0,
             changed: false,
@@ -114,6 +118,42 @@ impl FileState {
         self.changed = true;
         self.dirty_since.get_or_insert_with(Instant::now);
     }
+
+    /// `attrs` (the catalog's) as this file has them now: the size and times of buffered
+    /// writes and the attributes a setattr left here.
+    pub fn overlay(&self, attrs: &mut Attrs) {
+        attrs.size = self.size;
+        attrs.mtime = self.mtime;
+        attrs.ctime = self.ctime;
+        if let Some(held) = self.held {
+            attrs.perm = held.perm;
+            attrs.uid = held.uid;
+            attrs.gid = held.gid;
+            attrs.atime = held.atime;
+        }
+    }
+
+    /// Keeps a setattr's outcome `attrs` until the next flush stores it.
+    pub fn hold(&mut self, attrs: &Attrs) {
+        self.mtime = attrs.mtime;
+        self.ctime = attrs.ctime;
+        self.held = Some(HeldAttrs {
+            perm: attrs.perm,
+            uid: attrs.uid,
+            gid: attrs.gid,
+            atime: attrs.atime,
+        });
+        self.mark_changed();
+    }
+}
+
+/// The attributes besides size and times that a file's state holds for the catalog.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct HeldAttrs {
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: i64,
 }
 
 /// Whether catalog block `idx` may be used: not cut off by a pending truncate to
@@ -369,6 +409,7 @@ impl OpenFiles {
         self.sub_dirty(state, buffered);
         state.reads.forget_map();
         state.dirty.clear();
+        state.held = None;
         state.truncated_to = None;
         state.punched.clear();
         state.changed = false;

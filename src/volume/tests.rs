@@ -7,6 +7,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::blocks::INLINE_MAX;
+use crate::catalog::Attrs;
 
 mod ranges;
 
@@ -755,6 +756,77 @@ fn snapshot_is_isolated_from_later_changes() {
         errno(t.v().open_file(old.node, true).map(|_| ())),
         Err(libc::EROFS)
     );
+}
+
+/// chmod, chown and utimens of a file whose writes are buffered wait with them and are
+/// stored by their flush, in one catalog write: every view sees them at once, and a
+/// snapshot, the close and a reopen keep them.
+#[test]
+fn attributes_set_while_writes_are_buffered_are_stored_with_them() {
+    let mut t = TestVolume::new();
+    let (node, handle) = t.create("f");
+    let data = pattern(5_000, 1);
+    t.v().write(node, 0, &data).expect("write");
+    let setattr = |set: SetAttr| t.v().setattr(node, set).expect("setattr").attrs;
+    setattr(SetAttr {
+        mode: Some(0o4755),
+        ..SetAttr::default()
+    });
+    let chowned = setattr(SetAttr {
+        uid: Some(1234),
+        gid: Some(99),
+        ..SetAttr::default()
+    });
+    assert_eq!(chowned.perm, 0o755, "chown clears set-user-id");
+    let touched = setattr(SetAttr {
+        atime: Some(SetTime::At(1_000)),
+        mtime: Some(SetTime::At(2_000)),
+        ..SetAttr::default()
+    });
+    let expect = |attrs: &Attrs, what: &str| {
+        let seen = (
+            attrs.perm,
+            attrs.uid,
+            attrs.gid,
+            attrs.atime,
+            attrs.mtime,
+            attrs.size,
+        );
+        assert_eq!(seen, (0o755, 1234, 99, 1_000, 2_000, 5_000), "{what}");
+    };
+    expect(&touched, "setattr's reply");
+    expect(&t.v().getattr(node).expect("getattr").attrs, "getattr");
+    expect(&t.v().lookup(ROOT, b"f").expect("lookup").attrs, "lookup");
+    let stored = lock(&t.v().catalog)
+        .read(|tx| tx.inode(LIVE, node.ino))
+        .expect("read the row")
+        .expect("the row");
+    assert_eq!(stored.attrs.perm, 0o644, "held until the flush");
+
+    let in_snapshot = snapshot_of(&t, "s", b"f");
+    expect(
+        &t.v().getattr(in_snapshot).expect("getattr").attrs,
+        "the snapshot",
+    );
+    assert_eq!(t.read_all(in_snapshot), data);
+
+    t.v()
+        .write(node, 5_000, b"tail")
+        .expect("write after the snapshot");
+    setattr(SetAttr {
+        mode: Some(0o600),
+        ..SetAttr::default()
+    });
+    t.v().release(handle).expect("release");
+    t.reopen();
+    let reopened = t.v().getattr(node).expect("getattr after reopen").attrs;
+    assert_eq!(
+        (reopened.perm, reopened.uid, reopened.gid, reopened.size),
+        (0o600, 1234, 99, 5_004)
+    );
+    assert_ne!(reopened.mtime, 2_000, "the later write set mtime");
+    let in_snapshot = t.v().getattr(snapshot_of(&t, "s2", b"f")).expect("getattr");
+    assert_eq!(in_snapshot.attrs.perm, 0o600);
 }
 
 #[test]
