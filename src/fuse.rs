@@ -313,9 +313,13 @@ impl Filesystem for SnapFs {
         // Larger requests mean fewer round trips; the kernel caps them at what it supports.
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        // HANDLE_KILLPRIV_V2: this daemon clears set-id bits (`SetAttr::drop_setid`), so the
+        // kernel marks an inode found without privileges to drop and stops asking for its
+        // `security.capability` before every write; it asks again after each refresh.
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_PARALLEL_DIROPS;
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let _ = config.add_capabilities(wanted & config.capabilities());
         Ok(())
     }
@@ -339,7 +343,7 @@ impl Filesystem for SnapFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -356,7 +360,7 @@ impl Filesystem for SnapFs {
         reply: ReplyAttr,
     ) {
         let _op = self.operation("setattr");
-        let set = SetAttr {
+        let mut set = SetAttr {
             mode,
             uid,
             gid,
@@ -364,7 +368,14 @@ impl Filesystem for SnapFs {
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
             ctime: ctime.map(kernel_time_nanos),
+            drop_setid: false,
         };
+        // With FUSE_HANDLE_KILLPRIV_V2 the kernel strips the mode it would have sent to drop
+        // set-id bits: from a truncate (flagged FATTR_KILL_SUIDGID, which fuser does not
+        // pass on) and from a write or fallocate (an empty setattr before it). It does so
+        // only for a caller without CAP_FSETID, which root is taken to have.
+        let nothing = set == SetAttr::default();
+        set.drop_setid = req.uid() != 0 && (size.is_some() || nothing);
         self.reply_attr(reply, self.volume.setattr(node(ino), set));
     }
 

@@ -294,6 +294,62 @@ fn open_errno_as_nobody(path: &Path, flags: libc::c_int) -> i32 {
     })
 }
 
+/// A write, truncate or fallocate by a user without CAP_FSETID drops set-user-id, and
+/// set-group-id where it means "group executes"; root's keep them. The kernel leaves this
+/// to snapfs (FUSE_HANDLE_KILLPRIV_V2), so the bits must go here, and the kernel's cached
+/// mode must show it at once.
+#[test]
+fn changes_by_other_users_drop_set_id_bits_and_roots_keep_them() {
+    let m = Mount::with_args(&["--allow-other"]);
+    let mode_of = |path: &Path| fs::metadata(path).expect("stat").mode() & 0o7777;
+    let as_nobody = |path: &Path, op: fn(libc::c_int) -> libc::c_int| {
+        let c_path = cpath(path);
+        errno_as_user(NOBODY, NOBODY, || {
+            // SAFETY: open with a valid path; the descriptor dies with the child.
+            let fd = unsafe { libc::open(c_path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+            if fd < 0 { fd } else { op(fd) }
+        })
+    };
+    let write_one = |fd: libc::c_int| {
+        // SAFETY: writes one byte from a static buffer to an open descriptor.
+        unsafe { libc::pwrite(fd, b"y".as_ptr().cast(), 1, 1) as libc::c_int }
+    };
+    let truncate = |fd: libc::c_int| unsafe { libc::ftruncate(fd, 1) };
+    let fallocate = |fd: libc::c_int| unsafe { libc::fallocate(fd, 0, 0, 8192) };
+    for (name, op, mode, left) in [
+        (
+            "w-suid",
+            write_one as fn(libc::c_int) -> libc::c_int,
+            0o4777,
+            0o777,
+        ),
+        ("w-sgid", write_one, 0o2777, 0o777),
+        ("w-both", write_one, 0o6775 | 0o002, 0o777),
+        ("t-suid", truncate, 0o4777, 0o777),
+        ("f-suid", fallocate, 0o4777, 0o777),
+        ("w-plain", write_one, 0o777, 0o777),
+    ] {
+        let path = m.path().join(name);
+        fs::write(&path, b"xyz").expect("write");
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+        assert_eq!(mode_of(&path), mode, "{name}: before");
+        assert_eq!(as_nobody(&path, op), 0, "{name}: the change as nobody");
+        assert_eq!(mode_of(&path), left, "{name}: after a change by nobody");
+    }
+    assert_eq!(fs::read(m.path().join("w-suid")).expect("read"), b"xyz");
+    assert_eq!(fs::read(m.path().join("t-suid")).expect("read"), b"x");
+
+    let path = m.path().join("root");
+    fs::write(&path, b"xyz").expect("write");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o6777)).expect("chmod");
+    let file = OpenOptions::new().write(true).open(&path).expect("open");
+    file.write_all_at(b"y", 1).expect("root's write");
+    file.set_len(2).expect("root's truncate");
+    drop(file);
+    assert_eq!(mode_of(&path), 0o6777, "root keeps set-id bits");
+    assert_eq!(fs::read(&path).expect("read"), b"xy");
+}
+
 #[test]
 fn permissions_are_enforced_for_other_users() {
     let m = Mount::with_args(&["--allow-other"]);

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Mount, pattern, run, take_snapshot, wait_completed};
 
@@ -15,6 +15,25 @@ use common::{Mount, pattern, run, take_snapshot, wait_completed};
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("local addr").port()
+}
+
+/// The count of requests `op` in `samples`.
+fn count(samples: &BTreeMap<String, f64>, op: &str) -> f64 {
+    let name = format!(r#"snapfs_operation_duration_seconds_count{{op="{op}"}}"#);
+    samples.get(&name).copied().unwrap_or(0.0)
+}
+
+/// Scrapes until requests `op` number at least `at_least`: a request is counted as its
+/// reply goes out, so the syscall it served may return before the count moves.
+fn scrape_until(port: u16, op: &str, at_least: f64) -> BTreeMap<String, f64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let samples = scrape(port);
+        if count(&samples, op) >= at_least || Instant::now() > deadline {
+            return samples;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// One HTTP/1.1 request: (status line, body).
@@ -111,15 +130,11 @@ fn a_read_only_close_costs_no_flush_request() {
     let path = mount.path().join("f");
     let data = pattern(100 << 10, 3);
     fs::write(&path, &data).expect("write");
-    let count = |samples: &BTreeMap<String, f64>, op: &str| {
-        let name = format!(r#"snapfs_operation_duration_seconds_count{{op="{op}"}}"#);
-        samples.get(&name).copied().unwrap_or(0.0)
-    };
-    let before = scrape(port);
+    let before = scrape_until(port, "flush", 1.0);
     for _ in 0..10 {
         assert_eq!(fs::read(&path).expect("read"), data);
     }
-    let after = scrape(port);
+    let after = scrape_until(port, "release", count(&before, "release") + 10.0);
     assert_eq!(count(&after, "open") - count(&before, "open"), 10.0);
     assert_eq!(count(&after, "flush"), count(&before, "flush"));
 
@@ -129,11 +144,33 @@ fn a_read_only_close_costs_no_flush_request() {
         .expect("open to write");
     file.write_all(b"tail").expect("append");
     drop(file);
-    let written = scrape(port);
+    let written = scrape_until(port, "flush", count(&after, "flush") + 1.0);
     assert_eq!(count(&written, "flush") - count(&after, "flush"), 1.0);
     let mut expected = data;
     expected.extend_from_slice(b"tail");
     assert_eq!(fs::read(&path).expect("read back"), expected);
+}
+
+/// The kernel asks for a file's `security.capability` before its first write only, not
+/// before every write: snapfs drops set-id bits itself (FUSE_HANDLE_KILLPRIV_V2), so the
+/// kernel marks a file found without privileges and skips the question until it next
+/// refreshes the file's attributes.
+#[test]
+fn writes_after_the_first_ask_for_no_capability() {
+    let port = free_port();
+    let mount = Mount::with_args(&["--metrics", &port.to_string()]);
+    let path = mount.path().join("f");
+    let chunk = pattern(4 << 10, 5);
+    let before = scrape(port);
+    let mut file = fs::File::create(&path).expect("create");
+    for _ in 0..20 {
+        file.write_all(&chunk).expect("write");
+    }
+    drop(file);
+    let after = scrape_until(port, "flush", count(&before, "flush") + 1.0);
+    assert_eq!(count(&after, "write") - count(&before, "write"), 20.0);
+    assert_eq!(count(&after, "getxattr") - count(&before, "getxattr"), 1.0);
+    assert_eq!(fs::read(&path).expect("read back"), chunk.repeat(20));
 }
 
 #[test]

@@ -750,17 +750,17 @@ pub(super) fn apply_setattr(row: &mut InodeRow, set: &SetAttr, time: i64) {
     if let Some(mode) = set.mode {
         row.attrs.perm = mode & 0o7777;
     }
-    let owner_changes =
-        set.uid.is_some_and(|u| u != row.attrs.uid) || set.gid.is_some_and(|g| g != row.attrs.gid);
+    let chown = set.uid.is_some() || set.gid.is_some();
     if let Some(uid) = set.uid {
         row.attrs.uid = uid;
     }
     if let Some(gid) = set.gid {
         row.attrs.gid = gid;
     }
-    // chown clears set-user-id, and set-group-id where it means "group executes", on files
-    // (unless root asks for the bits with the same call).
-    if owner_changes && row.attrs.kind == Kind::File && set.mode.is_none() {
+    // chown, by anyone, and a truncate or write by a caller without CAP_FSETID clear
+    // set-user-id, and set-group-id where it means "group executes", on files (unless the
+    // same call sets the mode), as Linux does on its own filesystems.
+    if (chown || set.drop_setid) && row.attrs.kind == Kind::File && set.mode.is_none() {
         row.attrs.perm &= !libc::S_ISUID;
         if row.attrs.perm & 0o010 != 0 {
             row.attrs.perm &= !libc::S_ISGID;

@@ -119,6 +119,10 @@ pub struct SetAttr {
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
     pub ctime: Option<i64>,
+    /// The caller lacks CAP_FSETID and the kernel asked to drop a file's set-user-id and
+    /// set-group-id bits with this change (a truncate, or the empty setattr it sends before
+    /// a write or fallocate): with FUSE_HANDLE_KILLPRIV_V2 that falls to the filesystem.
+    pub drop_setid: bool,
 }
 
 /// One directory entry as readdir returns it.
