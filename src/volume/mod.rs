@@ -123,8 +123,8 @@ pub struct Volume {
     snapshots: SnapshotTable,
     /// Checkpoints by id, mirrored from the catalog (see `checkpoints`).
     checkpoints: PinTable<crate::catalog::CheckpointRow>,
-    /// Listings taken at opendir, served by readdir until releasedir.
-    dir_handles: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    /// Open directories, each with its listing once readdir took it.
+    dir_handles: Mutex<HashMap<u64, DirHandle>>,
     next_dir_handle: AtomicU64,
     /// Flushes hold it shared while their new blocks are not yet referenced; deleting
     /// unreferenced blocks holds it exclusively, so it never deletes one being adopted.
@@ -169,6 +169,12 @@ fn check_name(name: &[u8]) -> Result<()> {
         return Err(Error::Invalid("not a valid file name"));
     }
     Ok(())
+}
+
+/// An open directory: opened, then listed by its first readdir (`Volume::readdir`).
+enum DirHandle {
+    Opened(NodeId),
+    Listed(Arc<Vec<DirEntry>>),
 }
 
 /// A store URL the catalog remembers; one that no longer parses is a damaged catalog.

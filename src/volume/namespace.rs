@@ -10,8 +10,9 @@ use super::checkpoints::{CHECKPOINT_DIR, CHECKPOINTS_NAME};
 use super::snapshots::SNAPDIR;
 use super::trash::{TRASHDIR, TRASHDIR_NAME};
 use super::{
-    Attr, Caller, DirEntry, Error, NAME_MAX, NodeId, Result, SNAPDIR_NAME, SetAttr, SetTime, View,
-    Volume, W_OK, XATTR_CREATE, XATTR_REPLACE, XATTR_SIZE_MAX, check_name, now, permits,
+    Attr, Caller, DirEntry, DirHandle, Error, NAME_MAX, NodeId, Result, SNAPDIR_NAME, SetAttr,
+    SetTime, View, Volume, W_OK, XATTR_CREATE, XATTR_REPLACE, XATTR_SIZE_MAX, check_name, now,
+    permits,
 };
 use crate::catalog::{Attrs, InodeRow, Kind, LIVE, ROOT_INO, ReadTx, WriteTx};
 use crate::sync::lock;
@@ -470,20 +471,53 @@ impl Volume {
         }
     }
 
-    /// Takes a listing of directory `node` for readdir; returns its handle.
+    /// Opens directory `node` for readdir; returns its handle. The listing is taken at the
+    /// first readdir: the kernel sends none when it serves the listing from its cache
+    /// (FOPEN_CACHE_DIR), and then listing the directory here would be wasted.
     pub fn opendir(&self, node: NodeId) -> Result<u64> {
-        let entries = if node == SNAPDIR {
-            self.snapdir_entries()?
-        } else if node == TRASHDIR {
-            self.trashdir_entries()?
-        } else if node == CHECKPOINT_DIR {
-            self.checkpoint_dir_entries()?
-        } else {
-            self.dir_entries(node)?
-        };
+        if self.getattr(node)?.attrs.kind != Kind::Dir {
+            return Err(Error::NotDir);
+        }
         let handle = self.next_dir_handle.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dir_handles).insert(handle, Arc::new(entries));
+        lock(&self.dir_handles).insert(handle, DirHandle::Opened(node));
         Ok(handle)
+    }
+
+    /// The entries of an open directory, listed at the first call and the same at every
+    /// later one, so that offsets stay valid until releasedir. A directory removed since
+    /// opendir lists nothing, as on Linux's own filesystems.
+    pub fn readdir(&self, handle: u64) -> Result<Arc<Vec<DirEntry>>> {
+        let node = match lock(&self.dir_handles).get(&handle) {
+            Some(DirHandle::Listed(entries)) => return Ok(entries.clone()),
+            Some(DirHandle::Opened(node)) => *node,
+            None => return Err(Error::Invalid("unknown directory handle")),
+        };
+        let entries = match self.listing(node) {
+            Err(Error::NotFound) => Vec::new(),
+            listed => listed?,
+        };
+        let mut handles = lock(&self.dir_handles);
+        let slot = handles
+            .get_mut(&handle)
+            .ok_or(Error::Invalid("unknown directory handle"))?;
+        if let DirHandle::Listed(first) = slot {
+            return Ok(first.clone());
+        }
+        let entries = Arc::new(entries);
+        *slot = DirHandle::Listed(entries.clone());
+        Ok(entries)
+    }
+
+    fn listing(&self, node: NodeId) -> Result<Vec<DirEntry>> {
+        if node == SNAPDIR {
+            self.snapdir_entries()
+        } else if node == TRASHDIR {
+            self.trashdir_entries()
+        } else if node == CHECKPOINT_DIR {
+            self.checkpoint_dir_entries()
+        } else {
+            self.dir_entries(node)
+        }
     }
 
     /// `.`, `..` and one directory per snapshot.
@@ -555,14 +589,6 @@ impl Volume {
             });
         }
         Ok(entries)
-    }
-
-    /// The entries of an open directory listing from position `offset` on.
-    pub fn readdir(&self, handle: u64) -> Result<Arc<Vec<DirEntry>>> {
-        lock(&self.dir_handles)
-            .get(&handle)
-            .cloned()
-            .ok_or(Error::Invalid("unknown directory handle"))
     }
 
     pub fn releasedir(&self, handle: u64) {

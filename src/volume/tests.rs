@@ -829,6 +829,51 @@ fn attributes_set_while_writes_are_buffered_are_stored_with_them() {
     assert_eq!(in_snapshot.attrs.perm, 0o600);
 }
 
+/// opendir checks the directory; readdir lists it at its first call and gives the same
+/// listing at every later one until releasedir, so the kernel's offsets stay valid. A
+/// directory removed in between lists nothing.
+#[test]
+fn a_listing_is_taken_at_the_first_readdir_and_kept() {
+    let t = TestVolume::new();
+    let dir = t.v().mkdir(ROOT, b"d", 0o755, ME).expect("mkdir").node;
+    let file = t.write_file("f", b"x");
+    let errno = |r: Result<u64>| r.map(drop).map_err(|e| e.errno());
+    assert_eq!(errno(t.v().opendir(file)), Err(libc::ENOTDIR));
+    let names = |handle: u64| -> Vec<Vec<u8>> {
+        let entries = t.v().readdir(handle).expect("readdir");
+        entries.iter().map(|e| e.name.clone()).collect()
+    };
+    let make = |name: &[u8]| {
+        let (_, handle) = t.v().create(dir, name, 0o644, ME).expect("create");
+        t.v().release(handle).expect("release");
+    };
+    let handle = t.v().opendir(dir).expect("opendir");
+    make(b"early");
+    assert_eq!(names(handle), [&b"."[..], b"..", b"early"]);
+    make(b"late");
+    assert_eq!(
+        names(handle),
+        [&b"."[..], b"..", b"early"],
+        "kept until releasedir"
+    );
+    t.v().releasedir(handle);
+    assert_eq!(errno(t.v().readdir(handle).map(|_| 0)), Err(libc::EINVAL));
+
+    let gone = t.v().mkdir(ROOT, b"gone", 0o755, ME).expect("mkdir").node;
+    let handle = t.v().opendir(gone).expect("opendir");
+    t.v().rmdir(ROOT, b"gone").expect("rmdir");
+    assert!(
+        names(handle).is_empty(),
+        "a removed directory lists nothing"
+    );
+    t.v().releasedir(handle);
+    assert_eq!(
+        errno(t.v().opendir(gone)),
+        Err(libc::ENOENT),
+        "opendir of a removed directory"
+    );
+}
+
 #[test]
 fn snapshot_names_are_checked() {
     let t = TestVolume::new();
