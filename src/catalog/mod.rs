@@ -1763,14 +1763,17 @@ impl WriteTx<'_> {
         if let Some(before) = self.inode(LIVE, ino)? {
             self.count(Totals::default().minus(Totals::of(&before)));
         }
+        let mut bare = false;
         if let Some(kept) = self.live_inodes {
             let mut kept = kept.borrow_mut();
             kept.rows.pop(&ino);
-            kept.bare.pop(&ino);
+            bare = kept.bare.pop(&ino).is_some();
         }
         self.retire_key("inodes", "ino = ?1", &[&ino])?;
-        for table in ["blockmap", "xattrs"] {
-            self.retire(table, "ino = ?1", &[&ino])?;
+        self.retire("blockmap", "ino = ?1", &[&ino])?;
+        // Known to have no live xattr: none to retire, two statements fewer per unlink.
+        if !bare {
+            self.retire("xattrs", "ino = ?1", &[&ino])?;
         }
         Ok(())
     }
@@ -2244,6 +2247,14 @@ mod tests {
             Some(b"3".to_vec()),
             "inside the open group"
         );
+
+        // Retiring an inode skips the xattrs only of one known to have none.
+        let names = |catalog: &Catalog, ino: u64| {
+            catalog.read(|tx| tx.xattr_names(LIVE, ino)).expect("names")
+        };
+        catalog.write(|tx| tx.retire_inode(ino)).expect("retire");
+        assert!(names(&catalog, ino).is_empty(), "its xattr went with it");
+        assert!(!catalog.live_inode_is_bare(ino));
     }
 
     /// The live totals (`Totals`) follow every write: inside an open group (statfs), after
