@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use common::{BLOCK, Mount, assert_bytes_eq, errno, mkfifo, pattern, renameat2};
+use common::{BLOCK, Mount, assert_bytes_eq, dir_names, errno, mkfifo, pattern, renameat2};
 
 // ---------------------------------------------------------------------------------------
 // Directories and errors
@@ -158,20 +158,12 @@ fn listings_follow_every_change_after_the_kernel_kept_them() {
     let (a, b) = (m.path().join("a"), m.path().join("b"));
     fs::create_dir(&a).expect("mkdir a");
     fs::create_dir(&b).expect("mkdir b");
-    let list = |dir: &Path| {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .expect("read_dir")
-            .map(|e| e.expect("entry").file_name().into_string().expect("UTF-8"))
-            .collect();
-        names.sort();
-        names
-    };
     let step = |name: &str, change: &dyn Fn(), in_a: &[&str], in_b: &[&str]| {
-        list(&a);
-        list(&b);
+        dir_names(&a);
+        dir_names(&b);
         change();
-        assert_eq!(list(&a), in_a, "a after {name}");
-        assert_eq!(list(&b), in_b, "b after {name}");
+        assert_eq!(dir_names(&a), in_a, "a after {name}");
+        assert_eq!(dir_names(&b), in_b, "b after {name}");
     };
     step(
         "create",
