@@ -314,6 +314,7 @@ fn changes_by_other_users_drop_set_id_bits_and_roots_keep_them() {
         // SAFETY: writes one byte from a static buffer to an open descriptor.
         unsafe { libc::pwrite(fd, b"y".as_ptr().cast(), 1, 1) as libc::c_int }
     };
+    // SAFETY (both): system calls on an open descriptor, with no pointers.
     let truncate = |fd: libc::c_int| unsafe { libc::ftruncate(fd, 1) };
     let fallocate = |fd: libc::c_int| unsafe { libc::fallocate(fd, 0, 0, 8192) };
     for (name, op, mode, left) in [
