@@ -55,6 +55,9 @@ struct FaultyStore {
     put_delay: Duration,
     /// How long each range read waits before it reads.
     range_delay: Duration,
+    /// Runs once, at the next range read of a pack, before the read: what another thread
+    /// does between a reader's look at the catalog and its request.
+    before_pack_read: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl FaultyStore {
@@ -69,6 +72,7 @@ impl FaultyStore {
             pack_range_bytes: AtomicU64::new(0),
             put_delay: Duration::ZERO,
             range_delay: Duration::ZERO,
+            before_pack_read: std::sync::Mutex::new(None),
         }
     }
 
@@ -135,6 +139,12 @@ impl ObjectStore for FaultyStore {
     ) -> StoreFuture<'a, Option<Vec<u8>>> {
         Box::pin(async move {
             tokio::time::sleep(self.range_delay).await;
+            if key.starts_with(ObjectKey::PACKS) {
+                let before = self.before_pack_read.lock().expect("lock").take();
+                if let Some(before) = before {
+                    before();
+                }
+            }
             let part = self.inner.get_range_into(key, offset, len, buffer).await?;
             if key.starts_with(ObjectKey::PACKS) {
                 self.pack_gets.fetch_add(1, Ordering::SeqCst);
@@ -582,6 +592,95 @@ fn readers_of_evicted_neighbours_fetch_each_frame_once() {
     assert!(
         read <= frames,
         "{read} bytes read from a pack of {frames}: some frames were fetched twice"
+    );
+}
+
+/// A reader of an evicted block looks up its pack in the catalog, then reads it; garbage
+/// collection may repack the block and delete that pack in between. The reader then
+/// finds the block where the catalog says it is now, without waiting forever on the
+/// catalog (841c7a4: the first version of this held the catalog's lock while it
+/// fetched again, and every thread of the daemon hung behind it).
+#[test]
+fn a_block_repacked_while_a_reader_fetches_it_is_read_from_its_new_pack() {
+    let t = Setup::new();
+    // A file of two blocks, in one pack; its second block rewritten, so that once the
+    // first snapshot is deleted the pack is half unused.
+    let data = pattern(2 * BLOCK, 1);
+    let file = t.write(ROOT, "f", &data);
+    t.snapshot("one");
+    t.upload();
+    let kept = &data[..BLOCK];
+    let kept_hash = BlockHash::of(kept);
+    let old_pack = t.stored_blocks()[&kept_hash][0].clone();
+    let gone_hash = BlockHash::of(&data[BLOCK..]);
+    assert_eq!(t.stored_blocks()[&gone_hash], [old_pack.as_str()]);
+    let handle = t.volume.open_file(file, true).expect("open");
+    t.volume
+        .write(file, BLOCK as u64, &pattern(BLOCK, 2))
+        .expect("rewrite");
+    t.volume.release(handle).expect("release");
+    t.snapshot("two");
+    t.volume.delete_snapshot(b"one").expect("delete");
+    // An uploader whose idle collection leaves a half unused pack as it is.
+    let patient = Worker::new(
+        t.volume.clone(),
+        t.store.clone(),
+        UploadOptions {
+            pack_size: PACK_SIZE,
+            gc: GcPolicy {
+                max_unused_percent: 200,
+                max_copy_bytes: None,
+            },
+            ..UploadOptions::default()
+        },
+    )
+    .expect("worker");
+    t.runtime
+        .block_on(patient.upload_pending())
+        .expect("upload");
+    assert_eq!(t.stored_blocks()[&kept_hash], [old_pack.as_str()]);
+    // A cache of nothing: the kept block is read from the store.
+    t.volume
+        .attach_store(t.store.clone(), t.runtime.handle().clone(), Some(0))
+        .expect("attach");
+
+    let worker = t.worker();
+    let repacked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let collected = repacked.clone();
+    *t.store.before_pack_read.lock().expect("lock") = Some(Box::new(move || {
+        // On a runtime of its own: the reader's request waits on this one's.
+        let policy = GcPolicy {
+            max_unused_percent: 0,
+            max_copy_bytes: None,
+        };
+        let report = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            runtime.block_on(worker.collect_garbage(&policy))
+        })
+        .join()
+        .expect("the collector ran")
+        .expect("garbage collected");
+        assert_eq!(report.repacked_packs, 1, "{report:?}");
+        collected.store(true, Ordering::SeqCst);
+    }));
+
+    let (sender, read) = std::sync::mpsc::channel();
+    let volume = t.volume.clone();
+    std::thread::spawn(move || sender.send(volume.read(file, 0, BLOCK as u32)));
+    let got = read
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the read returns within 30 s")
+        .expect("read");
+    assert!(
+        repacked.load(Ordering::SeqCst),
+        "the pack was repacked during the read"
+    );
+    assert!(got == kept, "the kept block reads back");
+    let new_pack = &t.stored_blocks()[&kept_hash];
+    assert_ne!(*new_pack, [old_pack.as_str()], "the block moved");
+    assert!(
+        !t.keys("packs/").contains(&old_pack),
+        "its old pack is deleted"
     );
 }
 
