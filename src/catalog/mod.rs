@@ -591,8 +591,12 @@ const GROUP_MAX_OPS: u32 = 4096;
 /// unlink changes more (its inode, dentry, block map and block rows and their indexes), so
 /// from the first such operation on, every operation of the group wrote its pages to a
 /// temporary file (`subjournalPage` under `pwrite`, 7% of the daemon's samples in a run
-/// of unlinks). Larger statements still spill to a file past this.
-const SAVEPOINT_JOURNAL_IN_MEMORY: std::ffi::c_int = 4 << 20;
+/// of unlinks). Larger statements still spill to a file past this. It must stay under 128
+/// KiB: the journal is kept in chunks of this size and spills by writing each chunk at
+/// once, and SQLite's unix VFS writes at most 128 KiB - 1 per call (`seekAndWriteFd`
+/// masks the length), so a larger chunk spilled as a short write, `SQLITE_FULL`: ENOSPC
+/// for the unlink of a 10 GiB file.
+const SAVEPOINT_JOURNAL_IN_MEMORY: std::ffi::c_int = 120 << 10;
 
 /// Process-wide SQLite settings, made once before the first connection opens.
 fn configure_sqlite() {
@@ -2209,6 +2213,52 @@ mod tests {
             )
             .expect("the row");
         assert_eq!(stored, 0o750);
+    }
+
+    /// An operation of a group whose savepoint journal outgrows what stays in memory
+    /// (`SAVEPOINT_JOURNAL_IN_MEMORY`) spills it to a file and succeeds: a spill larger
+    /// than SQLite's unix VFS writes at once failed as SQLITE_FULL, and the unlink of a
+    /// 10 GiB file with ENOSPC.
+    #[test]
+    fn an_operation_whose_savepoint_journal_spills_succeeds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut catalog = mount_catalog(&dir.path().join("catalog.db"));
+        let (opened, _groups) = std::sync::mpsc::sync_channel(1);
+        catalog.enable_group_commit(opened, Box::new(|| true));
+        const BLOCKS: u64 = 3000;
+        // 2 KiB of piece values per block, as a 256 KiB block has: 6 MiB in all.
+        let values = vec![7u8; 2048];
+        let ino = catalog
+            .write(|tx| {
+                let mut row = tx.inode(LIVE, ROOT_INO)?.expect("root");
+                row.ino = tx.alloc_ino()?;
+                row.attrs.kind = Kind::File;
+                row.attrs.nlink = 1;
+                tx.insert_inode(&row)?;
+                for idx in 0..BLOCKS {
+                    let hash = BlockHash::of(&idx.to_le_bytes());
+                    let block = NewBlock {
+                        hash: &hash,
+                        len: 256 << 10,
+                        inline: None,
+                        pieces: Some(&values),
+                    };
+                    tx.set_block(row.ino, idx, Some(block))?;
+                }
+                Ok::<_, Error>(row.ino)
+            })
+            .expect("a file of many blocks");
+        catalog.commit().expect("commit");
+        let freed = catalog
+            .write(|tx| {
+                tx.retire_inode(ino)?;
+                tx.take_unreferenced_blocks(BLOCKS as usize)
+            })
+            .expect("the file and its blocks go in one operation");
+        assert_eq!(freed.len(), BLOCKS as usize);
+        catalog.commit().expect("commit");
+        let pieces_left = catalog.read(|tx| tx.block_pieces_count()).expect("count");
+        assert_eq!(pieces_left, 0);
     }
 
     /// A live inode known to have no xattr answers getxattr without SQL: a new one, or
