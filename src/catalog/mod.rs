@@ -2162,6 +2162,18 @@ mod tests {
         catalog
     }
 
+    /// A new file's inode row of `size` bytes (the root's owner and times), in no directory.
+    fn insert_file(tx: &WriteTx<'_>, size: u64) -> Result<InodeRow> {
+        let mut row = tx.inode(LIVE, ROOT_INO)?.expect("root");
+        row.ino = tx.alloc_ino()?;
+        row.attrs.kind = Kind::File;
+        row.attrs.nlink = 1;
+        row.attrs.size = size;
+        row.parent = 0;
+        tx.insert_inode(&row)?;
+        Ok(row)
+    }
+
     /// The kept inode rows follow every write, and a write that fails leaves none that it
     /// made: alone, or in a group (its savepoint rolled back).
     #[test]
@@ -2230,11 +2242,7 @@ mod tests {
         let values = vec![7u8; 2048];
         let ino = catalog
             .write(|tx| {
-                let mut row = tx.inode(LIVE, ROOT_INO)?.expect("root");
-                row.ino = tx.alloc_ino()?;
-                row.attrs.kind = Kind::File;
-                row.attrs.nlink = 1;
-                tx.insert_inode(&row)?;
+                let row = insert_file(tx, BLOCKS * (256 << 10))?;
                 for idx in 0..BLOCKS {
                     let hash = BlockHash::of(&idx.to_le_bytes());
                     let block = NewBlock {
@@ -2281,14 +2289,7 @@ mod tests {
         assert!(catalog.live_inode_is_bare(ROOT_INO), "a read found none");
 
         let ino = catalog
-            .write(|tx| {
-                let mut row = tx.inode(LIVE, ROOT_INO)?.expect("root");
-                row.ino = tx.alloc_ino()?;
-                row.attrs.kind = Kind::File;
-                row.attrs.nlink = 1;
-                tx.insert_inode(&row)?;
-                Ok::<_, Error>(row.ino)
-            })
+            .write(|tx| insert_file(tx, 0).map(|row| row.ino))
             .expect("create");
         assert!(catalog.live_inode_is_bare(ino), "a new inode");
 
@@ -2348,13 +2349,7 @@ mod tests {
         let (opened, _groups) = std::sync::mpsc::sync_channel(1);
         catalog.enable_group_commit(opened, Box::new(|| true));
         let file = |tx: &WriteTx<'_>, size: u64| -> Result<InodeRow> {
-            let mut row = tx.inode(LIVE, ROOT_INO)?.expect("root");
-            row.ino = tx.alloc_ino()?;
-            row.attrs.kind = Kind::File;
-            row.attrs.nlink = 1;
-            row.attrs.size = size;
-            row.parent = 0;
-            tx.insert_inode(&row)?;
+            let row = insert_file(tx, size)?;
             tx.insert_dentry(ROOT_INO, &row.ino.to_be_bytes(), row.ino, Kind::File)?;
             Ok(row)
         };
