@@ -264,6 +264,9 @@ pub struct BlockStore {
     next_temp: AtomicU64,
     /// Blocks written since the last `sync`, which makes them durable.
     unsynced: Mutex<Unsynced>,
+    /// Held through a `sync`: a second caller waits for the first, whose set may hold its
+    /// blocks, rather than find the set empty and return before they are durable.
+    syncing: Mutex<()>,
 }
 
 /// Blocks written since the last sync: their paths, up to `SYNC_EACH_LIMIT`; past it only
@@ -386,6 +389,7 @@ impl BlockStore {
             )),
             next_temp: AtomicU64::new(0),
             unsynced: Mutex::default(),
+            syncing: Mutex::default(),
         })
     }
 
@@ -398,6 +402,7 @@ impl BlockStore {
             pieces: Mutex::new(bounded(1)),
             next_temp: AtomicU64::new(0),
             unsynced: Mutex::default(),
+            syncing: Mutex::default(),
         }
     }
 
@@ -640,6 +645,7 @@ impl BlockStore {
     /// Makes every block written so far durable: each file and its directory entry, or,
     /// when many are pending, the data dir's whole filesystem at once.
     pub fn sync(&self) -> Result<(), BlockError> {
+        let _syncing = lock(&self.syncing);
         let pending = std::mem::take(&mut *crate::sync::lock(&self.unsynced));
         let result = self.sync_paths(&pending);
         if result.is_err() {
@@ -1068,6 +1074,53 @@ mod tests {
         fs::remove_file(&not_a_dir).expect("remove");
         store.sync().expect("sync once the path is gone");
         assert!(lock(&store.unsynced).paths.is_empty());
+    }
+
+    #[test]
+    fn a_sync_begun_during_another_waits_for_it_and_shares_its_failure() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = BlockStore::open(dir.path(), 4).expect("open");
+        // A FIFO holds the first sync in its open until a writer comes, then fails it (a
+        // pipe cannot be fsynced): a sync under way, whose set holds the second's block.
+        let fifo = dir.path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).expect("path");
+        // SAFETY: mkfifo reads the NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+        lock(&store.unsynced).push(fifo.clone());
+        let store = &store;
+        std::thread::scope(|scope| {
+            let first = scope.spawn(|| store.sync());
+            while !lock(&store.unsynced).paths.is_empty() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let (done, finished) = std::sync::mpsc::channel();
+            let second = scope.spawn(move || {
+                let synced = store.sync();
+                let _ = done.send(());
+                synced
+            });
+            let returned_early = finished
+                .recv_timeout(std::time::Duration::from_millis(300))
+                .is_ok();
+            // Let the first go before any assertion, or a failing test would hang on it.
+            let writer = fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&fifo)
+                .expect("the FIFO's writing end");
+            assert!(
+                !returned_early,
+                "the second sync returned while the first still held its block"
+            );
+            assert!(first.join().expect("first sync").is_err(), "a FIFO synced");
+            assert!(
+                second.join().expect("second sync").is_err(),
+                "the second sync succeeded though its block was never made durable"
+            );
+            drop(writer);
+        });
     }
 
     #[test]
