@@ -655,6 +655,13 @@ impl BlockStore {
         result
     }
 
+    /// Whether every block written so far is synced.
+    #[cfg(test)]
+    pub(crate) fn all_synced(&self) -> bool {
+        let unsynced = lock(&self.unsynced);
+        unsynced.paths.is_empty() && !unsynced.many
+    }
+
     fn sync_paths(&self, pending: &Unsynced) -> Result<(), BlockError> {
         if pending.many {
             let dir = fs::File::open(&self.dir).map_err(|e| BlockError::io(&self.dir, e))?;

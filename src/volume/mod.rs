@@ -633,8 +633,9 @@ fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
 /// MiB, the working set of a build or a `cp -r` many times over.
 const LIVE_INODES_KEPT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(16_384).unwrap();
 
-/// How often the committer folds the catalog's WAL in while groups commit
-/// (`catalog::Checkpointer`): about as often as SQLite did under a streaming writer.
+/// How often the committer syncs the block files and then folds the catalog's WAL in
+/// while groups commit (`catalog::Checkpointer`): about as often as SQLite did under a
+/// streaming writer, and the most a power loss takes of what nothing synced.
 const FOLD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Group commit needs this much free disk in the data dir: one group's commit must never
@@ -679,7 +680,11 @@ impl Volume {
                         tracing::error!(error = %e, "background catalog commit failed");
                     }
                     if folded.elapsed() >= FOLD_INTERVAL {
-                        if let Err(e) = checkpointer.fold() {
+                        // Blocks first: the fold makes the WAL durable, and after a power
+                        // loss the catalog must not name block files the disk never got.
+                        if let Err(e) = volume.blocks.local().sync() {
+                            tracing::warn!(error = %e, "cannot sync block files; the WAL waits");
+                        } else if let Err(e) = checkpointer.fold() {
                             tracing::warn!(error = %e, "cannot fold the catalog's WAL in");
                         }
                         folded = Instant::now();

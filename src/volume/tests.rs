@@ -403,6 +403,36 @@ fn block_files_a_crash_left_are_removed_at_the_next_open() {
 }
 
 #[test]
+fn the_committer_syncs_the_block_files_before_it_folds_the_wal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let volume = Arc::new(Volume::open(dir.path(), &small_blocks()).expect("open volume"));
+    volume
+        .spawn_committer(Duration::from_millis(10))
+        .expect("committer");
+    let write = |name: &str, seed: u8| {
+        let (attr, handle) = volume
+            .create(ROOT, name.as_bytes(), 0o644, ME)
+            .expect("create");
+        volume
+            .write(attr.node, 0, &pattern(3 * 4096, seed))
+            .expect("write");
+        volume.release(handle).expect("release");
+    };
+    write("first", 1);
+    // The next group after FOLD_INTERVAL is folded in, its blocks and all before synced.
+    std::thread::sleep(FOLD_INTERVAL);
+    write("second", 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !volume.blocks.local().all_synced() {
+        assert!(
+            Instant::now() < deadline,
+            "the fold left block files unsynced"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
 fn second_open_of_a_data_dir_is_refused() {
     let t = TestVolume::new();
     match Volume::open(t.dir.path(), &small_blocks()) {
