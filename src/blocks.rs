@@ -414,12 +414,15 @@ impl BlockStore {
     /// Stores `data` under `hash` unless it is already there. The caller computed `hash`.
     pub fn put(&self, hash: &BlockHash, data: &[u8]) -> Result<(), BlockError> {
         let path = self.path_of(hash);
-        if path.exists() {
-            return Ok(());
-        }
-        let stored = match put_unnamed(&path, data) {
-            Err(e) if unnamed_unsupported(&e) => self.put_renamed(&path, data),
-            stored => stored,
+        let stored = match fs::metadata(&path) {
+            Ok(file) if file.len() == data.len() as u64 => return Ok(()),
+            // A copy cut short (by a power loss) must not stand for these bytes: replaced
+            // in one rename, so a good copy another flush linked meanwhile never goes.
+            Ok(_) => self.put_renamed(&path, data),
+            Err(_) => match put_unnamed(&path, data) {
+                Err(e) if unnamed_unsupported(&e) => self.put_renamed(&path, data),
+                stored => stored,
+            },
         };
         stored.map_err(|e| BlockError::io(&path, e))?;
         crate::sync::lock(&self.unsynced).push(path);
@@ -1051,6 +1054,27 @@ mod tests {
             "a file of a few pages, read whole"
         );
         assert!(!reads_part(1024, 1024, PIECE), "a block of one piece");
+    }
+
+    #[test]
+    fn a_block_file_cut_short_is_written_again_by_the_next_put_of_its_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = bytes(3 * PIECE);
+        let hash = BlockHash::of(&data);
+        BlockStore::open(dir.path(), 4)
+            .expect("open")
+            .put(&hash, &data)
+            .expect("put");
+        let path = BlockStore::open_read_only(dir.path()).path_of(&hash);
+        fs::write(&path, &data[..PIECE]).expect("cut the block file short");
+        let store = BlockStore::open(dir.path(), 4).expect("reopen");
+        assert!(
+            store.get(&hash).is_err(),
+            "a block file cut short read back"
+        );
+        store.put(&hash, &data).expect("put again");
+        assert_eq!(fs::read(&path).expect("block file"), data);
+        assert_eq!(&*store.get(&hash).expect("get"), &data[..]);
     }
 
     #[test]
