@@ -31,7 +31,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::blocks::{self, BlockStore};
-use crate::catalog::{Catalog, InodeRow, Kind, LIVE, ROOT_INO, Setting};
+use crate::catalog::{
+    BlockLocation, BlockRecord, Catalog, InodeRow, Kind, LIVE, ROOT_INO, Setting,
+};
 use crate::clock::{Clock, SystemClock};
 use crate::store::{ObjectStore, StoreUrl};
 use crate::sync::{Mutex, RwLock, lock};
@@ -314,12 +316,29 @@ impl Volume {
         volume.load_checkpoints()?;
         volume.remove_orphans()?;
         let marker = dir.join(RUNNING_MARKER);
-        if marker.exists() {
-            volume.remove_stray_blocks()?;
+        let boot = boot_id();
+        match fs::read(&marker) {
+            Ok(last_boot) => {
+                // The last process died. Its machine too if it ran in another boot; an empty
+                // marker may be one whose bytes that crash lost (or an older snapfs's).
+                let machine_crashed = boot
+                    .as_deref()
+                    .is_none_or(|boot| last_boot != boot.as_bytes());
+                volume.recover_from_crash(machine_crashed)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(Error::DataDir {
+                    path: marker,
+                    source,
+                });
+            }
         }
-        fs::write(&marker, b"").map_err(|source| Error::DataDir {
-            path: marker,
-            source,
+        write_synced(&marker, boot.as_deref().unwrap_or_default()).map_err(|source| {
+            Error::DataDir {
+                path: marker,
+                source,
+            }
         })?;
         Ok(volume)
     }
@@ -457,9 +476,57 @@ impl Volume {
 
     /// Deletes block files that a process killed before it could record them left behind
     /// (nothing else writes blocks yet: the volume is not being served).
-    fn remove_stray_blocks(&self) -> Result<()> {
-        let known = lock(&self.catalog).read(|tx| tx.block_records())?;
-        let known = known.into_iter().map(|record| record.hash).collect();
+    /// Cleans up after a process that died with the volume open: block files it wrote but
+    /// never recorded go. After a crash of the machine, block files the disk lost part of
+    /// go too (ext4 leaves a file its delayed allocation never wrote empty): their bytes
+    /// are gone either way, and a block file left in place would be taken for the block
+    /// when a later write brings the same bytes (`BlockStore::put`).
+    fn recover_from_crash(&self, machine_crashed: bool) -> Result<()> {
+        let records = lock(&self.catalog).read(|tx| tx.block_records())?;
+        if machine_crashed {
+            self.remove_damaged_blocks(&records);
+        }
+        self.remove_stray_blocks(records)
+    }
+
+    /// Removes the block files whose length is not their block's, and says which blocks the
+    /// disk lost: reads of them fail (EIO) unless the store holds them.
+    fn remove_damaged_blocks(&self, records: &[BlockRecord]) {
+        let local = self.blocks.local();
+        let mut lost = Vec::new();
+        for record in records.iter().filter(|r| r.local && !r.inline) {
+            match local.len_of(&record.hash) {
+                Some(len) if len == u64::from(record.len) => continue,
+                Some(_) => {
+                    if let Err(e) = local.remove(&record.hash) {
+                        tracing::warn!(hash = %record.hash, error = %e, "cannot remove a damaged block");
+                    }
+                }
+                None => {}
+            }
+            lost.push(record);
+        }
+        if lost.is_empty() {
+            return;
+        }
+        let stored = lost
+            .iter()
+            .filter(|r| r.stored != BlockLocation::LocalOnly)
+            .count();
+        let examples: Vec<String> = lost.iter().take(5).map(|r| r.hash.to_hex()).collect();
+        tracing::error!(
+            lost = lost.len(),
+            in_the_store = stored,
+            examples = %examples.join(", "),
+            "the machine crashed while this volume was open, and its disk lost block files \
+             written in the last seconds and never synced; reads of the blocks the store \
+             holds fetch them again, reads of the others fail with EIO; `snapfs verify` \
+             lists them"
+        );
+    }
+
+    fn remove_stray_blocks(&self, records: Vec<BlockRecord>) -> Result<()> {
+        let known = records.into_iter().map(|record| record.hash).collect();
         let strays = self.blocks.local().strays(&known)?;
         for path in &strays {
             if let Err(e) = fs::remove_file(path) {
@@ -614,6 +681,25 @@ impl Volume {
             }),
             _ => Ok(()),
         }
+    }
+}
+
+/// This boot of the machine: the `running` marker holds it, so an open after a crash can
+/// tell a killed process (the page cache survived) from a crashed machine (it did not).
+fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
+}
+
+/// Writes `path` and makes it durable, with its directory entry.
+fn write_synced(path: &Path, contents: &str) -> std::io::Result<()> {
+    fs::write(path, contents)?;
+    fs::File::open(path)?.sync_all()?;
+    match path.parent() {
+        Some(dir) => fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
     }
 }
 
