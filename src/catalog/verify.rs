@@ -1,9 +1,11 @@
 //! The catalog's side of `snapfs verify`: SQLite's own integrity check and the invariants
 //! snapfs keeps (generations, references, counts), each reported as findings naming rows.
 
+use std::collections::HashSet;
+
 use rusqlite::types::Value;
 
-use super::{BlockLocation, Error, ReadTx, Result, WriteTx};
+use super::{BlockLocation, Error, LIVE, ReadTx, Result, WriteTx};
 use crate::blocks::{self, BlockHash};
 use crate::manifest::PackId;
 use crate::store::BlockPlace;
@@ -200,6 +202,36 @@ impl ReadTx<'_> {
             }
         }
         Ok((finding.count > 0).then_some(finding))
+    }
+
+    /// The paths of up to `limit` live files that map a block of `hashes`, from one scan
+    /// of the live block map (no index by hash: this is for a report after a machine crash).
+    pub fn live_paths_holding(
+        &self,
+        hashes: &HashSet<BlockHash>,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT ino, hash FROM blockmap WHERE death IS NULL ORDER BY ino")?;
+        let mut rows = stmt.query([])?;
+        let mut inos: Vec<u64> = Vec::new();
+        while let Some(row) = rows.next()? {
+            if inos.len() == limit {
+                break;
+            }
+            let ino: u64 = row.get(0)?;
+            let hash: Vec<u8> = row.get(1)?;
+            let held = BlockHash::try_from(hash.as_slice()).is_ok_and(|h| hashes.contains(&h));
+            if held && inos.last() != Some(&ino) {
+                inos.push(ino);
+            }
+        }
+        let mut paths = Vec::new();
+        for ino in inos {
+            paths.extend(self.path_of(LIVE, ino)?);
+        }
+        Ok(paths)
     }
 
     /// Every block the catalog records.

@@ -21,7 +21,7 @@ mod snapshot_table;
 mod snapshots;
 mod trash;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -30,7 +30,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::blocks::{self, BlockStore};
+use crate::blocks::{self, BlockHash, BlockStore};
 use crate::catalog::{
     BlockLocation, BlockRecord, Catalog, InodeRow, Kind, LIVE, ROOT_INO, Setting,
 };
@@ -513,15 +513,23 @@ impl Volume {
             .iter()
             .filter(|r| r.stored != BlockLocation::LocalOnly)
             .count();
-        let examples: Vec<String> = lost.iter().take(5).map(|r| r.hash.to_hex()).collect();
+        let hashes: HashSet<BlockHash> = lost.iter().map(|r| r.hash).collect();
+        let files = match lock(&self.catalog).read(|tx| tx.live_paths_holding(&hashes, 5)) {
+            Ok(paths) => paths
+                .iter()
+                .map(|path| String::from_utf8_lossy(path).into_owned())
+                .collect::<Vec<_>>()
+                .join(", "),
+            Err(e) => format!("(cannot list them: {e})"),
+        };
         tracing::error!(
             lost = lost.len(),
             in_the_store = stored,
-            examples = %examples.join(", "),
+            files = %files,
             "the machine crashed while this volume was open, and its disk lost block files \
-             written in the last seconds and never synced; reads of the blocks the store \
-             holds fetch them again, reads of the others fail with EIO; `snapfs verify` \
-             lists them"
+             written in its last seconds and never synced (files: the first live files \
+             holding them); reads of the blocks the store holds fetch them again, reads of \
+             the others fail with EIO; `snapfs verify` lists every lost block"
         );
     }
 

@@ -435,6 +435,14 @@ fn block_files_a_machine_crash_damaged_are_removed_and_the_blocks_stored_again()
         .read(lost, 0, data.len() as u32)
         .expect_err("a read of a lost block");
     assert_eq!(error.errno(), libc::EIO, "{error}");
+    let name = block_files[0].file_name().and_then(|n| n.to_str());
+    let hash = name
+        .and_then(BlockHash::from_hex)
+        .expect("a block file's name");
+    let holding = lock(&t.v().catalog)
+        .read(|tx| tx.live_paths_holding(&HashSet::from([hash]), 5))
+        .expect("files holding the lost block");
+    assert_eq!(holding, vec![b"/lost".to_vec()], "named in the log");
 
     // The same bytes written again are stored again, not found in the damaged file.
     t.write_file("again", &data);
