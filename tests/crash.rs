@@ -1,6 +1,7 @@
 //! Torture tests of issue 6 through real mounts: the daemon killed with SIGKILL at random
 //! and at chosen moments (big writes, right after fsync, snapshot creation and deletion,
 //! uploads) and checked against a model after each remount; restore killed and rerun;
+//! a machine crash (a foreign boot id in the running marker, a block file emptied);
 //! a store that corrupts or truncates what it sends, or is unreachable for a while.
 //!
 //! `SNAPFS_TORTURE_SECONDS` sets the budget, about the wall time of the whole file with two
@@ -1597,5 +1598,60 @@ fn a_store_unreachable_for_a_while_delays_uploads_and_loses_nothing() {
          work, {} snapshots taken meanwhile, all completed {catch_up:?} after the store healed; \
          reads of store-only data meanwhile: {cold_reads:?}, writes into it: {cold_writes:?}",
         expected.len()
+    );
+}
+
+/// `data` written to `path` and fsynced: the blocks are on disk, named by the catalog.
+fn write_fsynced(path: &Path, data: &[u8]) {
+    let file = fs::File::create(path).expect("create");
+    file.write_all_at(data, 0).expect("write");
+    file.sync_all().expect("fsync");
+}
+
+#[test]
+fn after_a_machine_crash_the_mount_names_files_that_lost_blocks_and_stores_them_anew() {
+    let mut mount = Mount::new();
+    let lost = pattern(3 * BLOCK, 51);
+    let kept = pattern(2 * BLOCK, 52);
+    write_fsynced(&mount.path().join("lost"), &lost);
+    write_fsynced(&mount.path().join("kept"), &kept);
+    mount.kill9();
+
+    // What a power loss leaves: the marker of a boot that is over, and a block file whose
+    // delayed allocation never ran, empty.
+    let marker = mount.data_dir().join("running");
+    assert!(marker.exists(), "a killed daemon leaves its running marker");
+    fs::write(&marker, "a-boot-that-is-over").expect("marker");
+    let first = block_hashes(&lost).next().expect("a block");
+    let damaged = block_files(mount.data_dir())
+        .into_iter()
+        .find(|path| path.file_name().is_some_and(|n| n == first.as_str()))
+        .expect("the first block's file");
+    fs::write(&damaged, b"").expect("empty the block file");
+
+    mount.remount();
+    assert!(!damaged.exists(), "the damaged block file is removed");
+    let err = fs::read(mount.path().join("lost")).expect_err("a lost block");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_bytes_eq(
+        &fs::read(mount.path().join("kept")).expect("read kept"),
+        &kept,
+        "kept",
+    );
+    let log = mount.daemon_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("machine crashed") && l.contains("files") && l.contains("/lost")),
+        "no log line names /lost:\n{}",
+        log_tail(&mount)
+    );
+
+    // The same bytes written again are stored again, not found in the damaged file.
+    write_fsynced(&mount.path().join("again"), &lost);
+    mount.remount();
+    assert_bytes_eq(
+        &fs::read(mount.path().join("again")).expect("read again"),
+        &lost,
+        "again",
     );
 }
