@@ -213,7 +213,11 @@ fn init_logging(file: Option<&Path>) {
             .with_ansi(false)
             .with_writer(std::sync::Mutex::new(log))
             .init(),
-        None => builder.with_writer(std::io::stderr).init(),
+        // Colours for a terminal only: not in journald or a file stderr was sent to.
+        None => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .init(),
     }
 }
 
