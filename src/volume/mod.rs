@@ -474,8 +474,6 @@ impl Volume {
         self.collect_garbage()
     }
 
-    /// Deletes block files that a process killed before it could record them left behind
-    /// (nothing else writes blocks yet: the volume is not being served).
     /// Cleans up after a process that died with the volume open: block files it wrote but
     /// never recorded go. After a crash of the machine, block files the disk lost part of
     /// go too (ext4 leaves a file its delayed allocation never wrote empty): their bytes
@@ -539,6 +537,8 @@ impl Volume {
         );
     }
 
+    /// Deletes block files that a process killed before it could record them left behind
+    /// (nothing else writes blocks yet: the volume is not being served).
     fn remove_stray_blocks(&self, records: Vec<BlockRecord>) -> Result<()> {
         let known = records.into_iter().map(|record| record.hash).collect();
         let strays = self.blocks.local().strays(&known)?;
