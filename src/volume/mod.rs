@@ -733,9 +733,9 @@ fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
 /// MiB, the working set of a build or a `cp -r` many times over.
 const LIVE_INODES_KEPT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(16_384).unwrap();
 
-/// How often the folder syncs the block files and then folds the catalog's WAL in while
-/// groups commit (`catalog::Checkpointer`): about as often as SQLite did under a
-/// streaming writer, and about the most a power loss takes of what nothing synced.
+/// How often the committer syncs the block files and then folds the catalog's WAL in
+/// while groups commit (`catalog::Checkpointer`): about as often as SQLite did under a
+/// streaming writer, and the most a power loss takes of what nothing synced.
 const FOLD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Group commit needs this much free disk in the data dir: one group's commit must never
@@ -745,10 +745,8 @@ const GROUP_COMMIT_MIN_FREE: u64 = 256 << 20;
 impl Volume {
     /// Turns on the catalog's group commit and starts the thread that commits each group
     /// once it is `window` old (see `catalog::GroupCommit`; at most this much of what
-    /// nothing synced is lost to a kill -9), then collects the garbage the group freed,
-    /// and the folder, which syncs the block files and folds the WAL in after commits, at
-    /// most every `FOLD_INTERVAL`. Both end when the volume is dropped. A zero window
-    /// leaves group commit off.
+    /// nothing synced is lost to a kill -9), then collects the garbage the group freed.
+    /// It ends when the volume is dropped. A zero window leaves group commit off.
     pub fn spawn_committer(self: &Arc<Self>, window: Duration) -> std::io::Result<()> {
         if window.is_zero() {
             return Ok(());
@@ -763,11 +761,11 @@ impl Volume {
             .checkpointer()
             .map_err(std::io::Error::other)?;
         lock(&self.catalog).enable_group_commit(opened, Box::new(has_room));
-        let (commit_done, commits) = std::sync::mpsc::sync_channel(1);
         let volume = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("snapfs-committer".into())
             .spawn(move || {
+                let mut folded = Instant::now();
                 // Ends when the catalog (and its sender) is dropped with the volume.
                 while groups.recv().is_ok() {
                     std::thread::sleep(window);
@@ -781,30 +779,16 @@ impl Volume {
                     {
                         tracing::error!(error = %e, "background catalog commit failed");
                     }
-                    let _ = commit_done.try_send(());
-                }
-            })?;
-        let volume = Arc::downgrade(self);
-        // Apart from the committer, so that a long sync never holds a group open past its
-        // window (the most of what nothing synced that a kill -9 takes).
-        std::thread::Builder::new()
-            .name("snapfs-folder".into())
-            .spawn(move || {
-                let mut folded = Instant::now();
-                // Ends with the committer, which holds the sender.
-                while commits.recv().is_ok() {
-                    std::thread::sleep(FOLD_INTERVAL.saturating_sub(folded.elapsed()));
-                    let Some(volume) = volume.upgrade() else {
-                        return;
-                    };
-                    // Blocks first: the fold makes the WAL durable, and after a power loss
-                    // the catalog must not name block files the disk never got.
-                    if let Err(e) = volume.blocks.local().sync() {
-                        tracing::warn!(error = %e, "cannot sync block files; the WAL waits");
-                    } else if let Err(e) = checkpointer.fold() {
-                        tracing::warn!(error = %e, "cannot fold the catalog's WAL in");
+                    if folded.elapsed() >= FOLD_INTERVAL {
+                        // Blocks first: the fold makes the WAL durable, and after a power
+                        // loss the catalog must not name block files the disk never got.
+                        if let Err(e) = volume.blocks.local().sync() {
+                            tracing::warn!(error = %e, "cannot sync block files; the WAL waits");
+                        } else if let Err(e) = checkpointer.fold() {
+                            tracing::warn!(error = %e, "cannot fold the catalog's WAL in");
+                        }
+                        folded = Instant::now();
                     }
-                    folded = Instant::now();
                 }
             })?;
         Ok(())

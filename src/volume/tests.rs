@@ -451,7 +451,7 @@ fn block_files_a_machine_crash_damaged_are_removed_and_the_blocks_stored_again()
 }
 
 #[test]
-fn the_folder_syncs_the_block_files_before_it_folds_the_wal() {
+fn the_committer_syncs_the_block_files_before_it_folds_the_wal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let volume = Arc::new(Volume::open(dir.path(), &small_blocks()).expect("open volume"));
     volume
@@ -467,7 +467,7 @@ fn the_folder_syncs_the_block_files_before_it_folds_the_wal() {
         volume.release(handle).expect("release");
     };
     write("first", 1);
-    // A commit after FOLD_INTERVAL is folded in, its blocks and all before synced first.
+    // The next group after FOLD_INTERVAL is folded in, its blocks and all before synced.
     std::thread::sleep(FOLD_INTERVAL);
     write("second", 2);
     let deadline = Instant::now() + Duration::from_secs(10);
