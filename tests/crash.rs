@@ -1520,10 +1520,7 @@ fn a_store_unreachable_for_a_while_delays_uploads_and_loses_nothing() {
             &format!("write, fsync and read {name} during the outage"),
             limit,
             move || {
-                let file = fs::File::create(&path).expect("create");
-                file.write_all_at(&written, 0).expect("write");
-                file.sync_all().expect("fsync");
-                drop(file);
+                write_fsynced(&path, &written);
                 fs::read(&path).expect("read back")
             },
         );

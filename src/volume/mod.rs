@@ -491,14 +491,14 @@ impl Volume {
     /// disk lost: reads of them fail (EIO) unless the store holds them.
     fn remove_damaged_blocks(&self, records: &[BlockRecord]) {
         let local = self.blocks.local();
-        let files: Vec<&BlockRecord> = records.iter().filter(|r| r.local && !r.inline).collect();
+        let in_files: Vec<&BlockRecord> = records.iter().filter(|r| r.local && !r.inline).collect();
         // A stat each: seconds for a million on a cold disk, which the mount waits for.
         tracing::warn!(
-            block_files = files.len(),
+            block_files = in_files.len(),
             "the machine crashed while this volume was open: checking its block files"
         );
         let mut lost = Vec::new();
-        for record in files {
+        for record in in_files {
             match local.len_of(&record.hash) {
                 Some(len) if len == u64::from(record.len) => continue,
                 Some(_) => {
@@ -518,7 +518,7 @@ impl Volume {
             .filter(|r| r.stored != BlockLocation::LocalOnly)
             .count();
         let hashes: HashSet<BlockHash> = lost.iter().map(|r| r.hash).collect();
-        let files = match lock(&self.catalog).read(|tx| tx.live_paths_holding(&hashes, 5)) {
+        let holding = match lock(&self.catalog).read(|tx| tx.live_paths_holding(&hashes, 5)) {
             Ok(paths) => paths
                 .iter()
                 .map(|path| String::from_utf8_lossy(path).into_owned())
@@ -529,7 +529,7 @@ impl Volume {
         tracing::error!(
             lost = lost.len(),
             in_the_store = stored,
-            files = %files,
+            files = %holding,
             "the machine crashed while this volume was open, and its disk lost block files \
              written in its last seconds and never synced (files: the first live files \
              holding them); reads of the blocks the store holds fetch them again, reads of \

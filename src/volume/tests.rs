@@ -57,14 +57,20 @@ impl TestVolume {
     }
 
     fn block_files(&self) -> usize {
-        let mut count = 0;
-        for shard in fs::read_dir(self.dir.path().join("blocks")).expect("blocks dir") {
-            let shard = shard.expect("entry").path();
-            if shard.file_name().is_some_and(|n| n != "tmp") {
-                count += fs::read_dir(shard).expect("shard").count();
-            }
-        }
-        count
+        self.block_file_paths().len()
+    }
+
+    /// The block files in the shards (not `tmp`), sorted.
+    fn block_file_paths(&self) -> Vec<PathBuf> {
+        let mut paths: Vec<PathBuf> = fs::read_dir(self.dir.path().join("blocks"))
+            .expect("blocks dir")
+            .map(|shard| shard.expect("entry").path())
+            .filter(|shard| shard.file_name().is_some_and(|n| n != "tmp"))
+            .flat_map(|shard| fs::read_dir(shard).expect("shard"))
+            .map(|file| file.expect("block file").path())
+            .collect();
+        paths.sort();
+        paths
     }
 
     /// Creates and opens file `name`.
@@ -408,14 +414,7 @@ fn block_files_a_machine_crash_damaged_are_removed_and_the_blocks_stored_again()
     let data = pattern(3 * 4096, 8);
     t.write_file("lost", &data);
     t.reopen();
-    let mut block_files: Vec<PathBuf> = fs::read_dir(t.dir.path().join("blocks"))
-        .expect("blocks dir")
-        .map(|shard| shard.expect("shard").path())
-        .filter(|shard| shard.file_name().is_some_and(|n| n != "tmp"))
-        .flat_map(|shard| fs::read_dir(shard).expect("shard dir"))
-        .map(|file| file.expect("block file").path())
-        .collect();
-    block_files.sort();
+    let block_files = t.block_file_paths();
     assert_eq!(block_files.len(), 3);
     // What ext4 leaves of a block file whose delayed allocation a power loss cut short.
     fs::write(&block_files[0], b"").expect("empty a block file");
