@@ -1101,6 +1101,9 @@ fn snapshots_taken_during_reloads_of_the_table_stay_visible() {
                 t.v()
                     .refresh_snapshots()
                     .expect("reload the snapshot table");
+                // A pause between reloads: the lock is not fair, and a reloader that took
+                // it again at once starved the snapshots for a minute on a busy host.
+                std::thread::sleep(Duration::from_micros(50));
             }
         });
         let _stop = Stop(&stop);
