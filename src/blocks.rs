@@ -2,7 +2,9 @@
 //!
 //! A block is a file named by the BLAKE3 hash of its content, written to a temporary name
 //! and renamed into place, so a crash leaves either no block or a whole one. Every read is
-//! checked against the name: a mismatch is [`BlockError::Corrupt`], never wrong data.
+//! checked against the name: a mismatch is [`BlockError::Corrupt`], never wrong data, and
+//! the next `put` of the block's bytes (a fetch from the store, the same data written
+//! again) replaces the damaged file.
 //!
 //! Hashing once: verifying a block whole also yields the BLAKE3 chaining values of its
 //! 16 KiB pieces (subtrees of its hash tree), kept in memory (`Pieces`). A later small read
@@ -267,6 +269,9 @@ pub struct BlockStore {
     /// Held through a `sync`: a second caller waits for the first, whose set may hold its
     /// blocks, rather than find the set empty and return before they are durable.
     syncing: Mutex<()>,
+    /// Blocks whose file a read found damaged (a leaf lock): the next `put` of their
+    /// bytes replaces the file, where a file of the right length would otherwise stand.
+    damaged: Mutex<HashSet<BlockHash>>,
 }
 
 /// Blocks written since the last sync: their paths, up to `SYNC_EACH_LIMIT`; past it only
@@ -390,6 +395,7 @@ impl BlockStore {
             next_temp: AtomicU64::new(0),
             unsynced: Mutex::default(),
             syncing: Mutex::default(),
+            damaged: Mutex::default(),
         })
     }
 
@@ -403,6 +409,7 @@ impl BlockStore {
             next_temp: AtomicU64::new(0),
             unsynced: Mutex::default(),
             syncing: Mutex::default(),
+            damaged: Mutex::default(),
         }
     }
 
@@ -414,10 +421,12 @@ impl BlockStore {
     /// Stores `data` under `hash` unless it is already there. The caller computed `hash`.
     pub fn put(&self, hash: &BlockHash, data: &[u8]) -> Result<(), BlockError> {
         let path = self.path_of(hash);
+        let damaged = lock(&self.damaged).contains(hash);
         let stored = match fs::metadata(&path) {
-            Ok(file) if file.len() == data.len() as u64 => return Ok(()),
-            // A copy cut short (by a power loss) must not stand for these bytes: replaced
-            // in one rename, so a good copy another flush linked meanwhile never goes.
+            Ok(file) if file.len() == data.len() as u64 && !damaged => return Ok(()),
+            // A copy cut short (by a power loss) or found damaged must not stand for these
+            // bytes: replaced in one rename, so that a good copy another flush linked
+            // meanwhile is never removed, only replaced by the same bytes.
             Ok(_) => self.put_renamed(&path, data),
             Err(_) => match put_unnamed(&path, data) {
                 Err(e) if unnamed_unsupported(&e) => self.put_renamed(&path, data),
@@ -425,6 +434,10 @@ impl BlockStore {
             },
         };
         stored.map_err(|e| BlockError::io(&path, e))?;
+        if damaged {
+            lock(&self.damaged).remove(hash);
+            tracing::info!(%hash, "a damaged block file is replaced by a good copy");
+        }
         crate::sync::lock(&self.unsynced).push(path);
         Ok(())
     }
@@ -534,6 +547,7 @@ impl BlockStore {
 
     fn corrupt_piece(&self, hash: &BlockHash, path: &Path, offset: usize) -> BlockError {
         tracing::error!(%hash, offset, path = %path.display(), "corrupt block");
+        lock(&self.damaged).insert(*hash);
         BlockError::CorruptPiece {
             hash: *hash,
             offset,
@@ -584,6 +598,7 @@ impl BlockStore {
             return Ok(());
         }
         tracing::error!(%hash, %actual, path = %self.path_of(hash).display(), "corrupt block");
+        lock(&self.damaged).insert(*hash);
         Err(BlockError::Corrupt {
             hash: *hash,
             actual,
@@ -762,6 +777,28 @@ mod tests {
 
         store.remove(&hash).expect("remove");
         assert!(matches!(fresh.get(&hash), Err(BlockError::Missing { .. })));
+    }
+
+    /// A file of the right length whose bytes are wrong stands until a read finds it
+    /// damaged; the next put of the block's bytes then replaces it.
+    #[test]
+    fn the_next_put_replaces_a_block_file_a_read_found_damaged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = BlockStore::open(dir.path(), 4).expect("open");
+        let data = bytes(9000);
+        let hash = BlockHash::of(&data);
+        let mut damaged = data.clone();
+        damaged[4500] ^= 0x01;
+        fs::write(store.path_of(&hash), &damaged).expect("a damaged file");
+        store.put(&hash, &data).expect("put");
+        assert!(
+            fs::read(store.path_of(&hash)).expect("read") == damaged,
+            "no read found it damaged yet"
+        );
+        assert!(matches!(store.get(&hash), Err(BlockError::Corrupt { .. })));
+        store.put(&hash, &data).expect("put again");
+        assert!(fs::read(store.path_of(&hash)).expect("read") == data);
+        assert_eq!(&*store.get(&hash).expect("get"), &data[..]);
     }
 
     /// Both ways of storing a block leave the same thing: one file under the hash with

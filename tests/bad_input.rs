@@ -306,6 +306,45 @@ fn a_corrupt_block_reads_as_eio_not_wrong_data() {
     assert_eq!(fs::read(m.path().join("new")).expect("read"), b"fine");
 }
 
+/// A damaged block file whose block the store holds (a completed snapshot sent it) heals:
+/// reads, of part of the block or all of it, get its bytes from the store, and the file
+/// holds them again.
+#[test]
+fn a_corrupt_block_the_store_holds_is_fetched_again_and_its_file_replaced() {
+    let mut m = Mount::new();
+    let victim = pattern(BLOCK, 3);
+    fs::write(m.path().join("victim"), &victim).expect("write victim");
+    common::take_snapshot(&m, "sent");
+    common::wait_completed(&m, "sent");
+    m.unmount();
+    let hex = blake3::hash(&victim).to_hex().to_string();
+    let block = m.data_dir().join("blocks").join(&hex[..2]).join(&hex);
+    let mut stored = fs::read(&block).expect("read block file");
+    stored[50] ^= 0x01;
+    stored[5000] ^= 0x01;
+    fs::write(&block, &stored).expect("flip bytes");
+    m.remount();
+
+    let file = File::open(m.path().join("victim")).expect("open");
+    let mut part = [0u8; 100];
+    file.read_exact_at(&mut part, 5000)
+        .expect("a damaged page the store holds");
+    assert_bytes_eq(&part, &victim[5000..5100], "damaged page");
+    let whole = fs::read(m.path().join("victim")).expect("the whole damaged block");
+    assert_bytes_eq(&whole, &victim, "damaged block");
+    assert_bytes_eq(
+        &fs::read(&block).expect("read block file"),
+        &victim,
+        "the file healed",
+    );
+    assert!(
+        m.daemon_log()
+            .contains("fetching a damaged block from the store"),
+        "no log line about the heal:\n{}",
+        m.daemon_log()
+    );
+}
+
 #[test]
 fn a_missing_block_reads_as_eio() {
     let mut m = Mount::new();

@@ -784,6 +784,55 @@ fn a_block_lost_locally_fails_the_snapshot_with_its_name() {
     assert_eq!(t.state(id).state, "failed");
 }
 
+/// A block file damaged on the local disk (bit rot, a machine crash that left a file of
+/// the right length) heals from the store at its next read, whole or in part: the read
+/// gets the right bytes, and the file holds them again.
+#[test]
+fn a_damaged_block_file_is_read_from_the_store_and_replaced() {
+    let t = Setup::new();
+    let data = pattern(2 * BLOCK, 11);
+    let file = t.write(ROOT, "f", &data);
+    let id = t.snapshot("s");
+    t.upload();
+    assert_eq!(t.state(id).state, "completed");
+    t.volume
+        .attach_store(t.store.clone(), t.runtime.handle().clone(), None)
+        .expect("attach");
+    let damage = |block: &[u8]| {
+        let hex = BlockHash::of(block).to_hex();
+        let path = t.volume.blocks_dir().join(&hex[..2]).join(&hex);
+        let mut bytes = std::fs::read(&path).expect("read the block file");
+        bytes[BLOCK / 2] ^= 0x20;
+        std::fs::write(&path, &bytes).expect("damage the block file");
+        path
+    };
+    let (first, second) = data.split_at(BLOCK);
+    let whole = damage(first);
+    let part = damage(second);
+
+    let got = t
+        .volume
+        .read(file, 0, BLOCK as u32)
+        .expect("read a whole block");
+    assert!(got == first, "the whole block's bytes, from the store");
+    let got = t
+        .volume
+        .read(file, (BLOCK + BLOCK / 2) as u64, 100)
+        .expect("read part of a block");
+    assert!(
+        got == second[BLOCK / 2..BLOCK / 2 + 100],
+        "the part's bytes, from the store"
+    );
+    assert!(
+        std::fs::read(&whole).expect("read") == first,
+        "the first file is good again"
+    );
+    assert!(
+        std::fs::read(&part).expect("read") == second,
+        "the second file is good again"
+    );
+}
+
 #[test]
 fn an_interrupted_upload_resumes_without_resending() {
     let t = Setup::with_store(|dir| FaultyStore {

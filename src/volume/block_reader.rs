@@ -204,8 +204,8 @@ impl BlockReader {
     }
 
     /// A local read's result: a hit (counted, and promoted for eviction), or `None` for a
-    /// block missing here that a store has. A block without a file may be a small one
-    /// the catalog holds: `from_inline` reads it from there.
+    /// block missing or damaged here that a store may have. A block without a file may
+    /// be a small one the catalog holds: `from_inline` reads it from there.
     fn local_or_none<T>(
         &self,
         hash: &BlockHash,
@@ -213,9 +213,11 @@ impl BlockReader {
         from_inline: impl FnOnce(Arc<Vec<u8>>) -> T,
     ) -> Result<Option<T>> {
         let read = match read {
-            Err(BlockError::Missing { .. }) => match self.inline_block(hash)? {
-                Some(data) => Ok(from_inline(data)),
-                None => read,
+            Err(BlockError::Missing { .. }) => match self.inline_block(hash) {
+                Ok(Some(data)) => Ok(from_inline(data)),
+                Ok(None) => read,
+                Err(Error::Block(damaged)) => Err(damaged),
+                Err(e) => return Err(e),
             },
             read => read,
         };
@@ -228,6 +230,14 @@ impl BlockReader {
                 Ok(Some(data))
             }
             Err(BlockError::Missing { .. }) if self.has_remote() => Ok(None),
+            // A damaged file heals from the store, if it holds the block: the fetch keeps
+            // the good copy in its place (`BlockStore::put`).
+            Err(BlockError::Corrupt { .. } | BlockError::CorruptPiece { .. })
+                if self.has_remote() =>
+            {
+                tracing::warn!(%hash, "fetching a damaged block from the store");
+                Ok(None)
+            }
             Err(e) => Err(e.into()),
         }
     }
