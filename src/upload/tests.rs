@@ -792,6 +792,8 @@ fn a_damaged_block_file_is_read_from_the_store_and_replaced() {
     let t = Setup::new();
     let data = pattern(2 * BLOCK, 11);
     let file = t.write(ROOT, "f", &data);
+    let small_data = pattern(1000, 12);
+    let small = t.write(ROOT, "small", &small_data);
     let id = t.snapshot("s");
     t.upload();
     assert_eq!(t.state(id).state, "completed");
@@ -831,6 +833,14 @@ fn a_damaged_block_file_is_read_from_the_store_and_replaced() {
         std::fs::read(&part).expect("read") == second,
         "the second file is good again"
     );
+
+    // A small block kept in the catalog (`blocks::INLINE_MAX`), damaged there.
+    Catalog::open(&t.volume.catalog_path(), BLOCK as u32, 0, (0, 0))
+        .expect("catalog")
+        .write_now(|tx| tx.damage_inline_blocks())
+        .expect("damage the small block");
+    let got = t.volume.read(small, 0, 1000).expect("read the small file");
+    assert!(got == small_data, "the small block's bytes, from the store");
 }
 
 #[test]
