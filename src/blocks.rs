@@ -436,6 +436,7 @@ impl BlockStore {
         stored.map_err(|e| BlockError::io(&path, e))?;
         if damaged {
             lock(&self.damaged).remove(hash);
+            crate::metrics::block_healed();
             tracing::info!(%hash, "a damaged block file is replaced by a good copy");
         }
         crate::sync::lock(&self.unsynced).push(path);
@@ -547,7 +548,7 @@ impl BlockStore {
 
     fn corrupt_piece(&self, hash: &BlockHash, path: &Path, offset: usize) -> BlockError {
         tracing::error!(%hash, offset, path = %path.display(), "corrupt block");
-        lock(&self.damaged).insert(*hash);
+        self.found_damaged(hash);
         BlockError::CorruptPiece {
             hash: *hash,
             offset,
@@ -598,11 +599,17 @@ impl BlockStore {
             return Ok(());
         }
         tracing::error!(%hash, %actual, path = %self.path_of(hash).display(), "corrupt block");
-        lock(&self.damaged).insert(*hash);
+        self.found_damaged(hash);
         Err(BlockError::Corrupt {
             hash: *hash,
             actual,
         })
+    }
+
+    /// Remembers that a read found block `hash` damaged, for the next `put` to replace.
+    fn found_damaged(&self, hash: &BlockHash) {
+        crate::metrics::block_damaged();
+        lock(&self.damaged).insert(*hash);
     }
 
     /// The length of block `hash`'s file, `None` if there is none.

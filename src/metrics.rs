@@ -67,6 +67,8 @@ struct Metrics {
     cache_hits: Counter,
     cache_misses: Counter,
     cache_evictions: Counter,
+    damaged_blocks: Counter,
+    healed_blocks: Counter,
 }
 
 impl Metrics {
@@ -91,6 +93,8 @@ impl Metrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             cache_evictions: Counter::default(),
+            damaged_blocks: Counter::default(),
+            healed_blocks: Counter::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -165,6 +169,16 @@ impl Metrics {
             "cache_evictions",
             "Stored blocks evicted from the local disk under --cache-size",
             m.cache_evictions.clone(),
+        );
+        r.register(
+            "damaged_blocks",
+            "Reads that found a local block's bytes damaged (bit rot, a crash of the machine)",
+            m.damaged_blocks.clone(),
+        );
+        r.register(
+            "healed_blocks",
+            "Damaged local blocks replaced by a good copy (from the store, or written again)",
+            m.healed_blocks.clone(),
         );
         Metrics {
             registry,
@@ -284,6 +298,18 @@ pub fn cache_miss() {
 pub fn cache_eviction() {
     with(|m| {
         m.cache_evictions.inc();
+    });
+}
+
+pub fn block_damaged() {
+    with(|m| {
+        m.damaged_blocks.inc();
+    });
+}
+
+pub fn block_healed() {
+    with(|m| {
+        m.healed_blocks.inc();
     });
 }
 

@@ -121,6 +121,33 @@ fn counters_move_with_real_work() {
     assert!(sample(&errors, r#"snapfs_operation_errors_total{errno="2"}"#) >= 1.0);
 }
 
+/// A block file damaged on the disk is counted when a read finds it, and its heal from the
+/// store when the good copy replaces it.
+#[test]
+fn damaged_and_healed_blocks_are_counted() {
+    let port = free_port();
+    let mut mount = Mount::with_args(&["--metrics", &port.to_string()]);
+    let data = pattern(256 << 10, 8);
+    fs::write(mount.path().join("f"), &data).expect("write");
+    take_snapshot(&mount, "sent");
+    wait_completed(&mount, "sent");
+    let before = scrape(port);
+    assert_eq!(sample(&before, "snapfs_damaged_blocks_total"), 0.0);
+    assert_eq!(sample(&before, "snapfs_healed_blocks_total"), 0.0);
+    mount.unmount();
+    let hex = blake3::hash(&data).to_hex().to_string();
+    let block = mount.data_dir().join("blocks").join(&hex[..2]).join(&hex);
+    let mut bytes = fs::read(&block).expect("read the block file");
+    bytes[1000] ^= 0x01;
+    fs::write(&block, &bytes).expect("damage the block file");
+    mount.remount();
+
+    assert!(fs::read(mount.path().join("f")).expect("read") == data);
+    let after = scrape(port);
+    assert!(sample(&after, "snapfs_damaged_blocks_total") >= 1.0);
+    assert_eq!(sample(&after, "snapfs_healed_blocks_total"), 1.0);
+}
+
 /// A descriptor opened only to read is closed without a FLUSH request (FOPEN_NOFLUSH),
 /// and one opened to write still gets it: its close stores what it wrote.
 #[test]
