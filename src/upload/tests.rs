@@ -843,6 +843,34 @@ fn a_damaged_block_file_is_read_from_the_store_and_replaced() {
     assert!(got == small_data, "the small block's bytes, from the store");
 }
 
+/// A block fetched from the store that cannot be kept on the local disk (here its
+/// temporary directory is gone; a full disk does the same) is still served.
+#[test]
+fn a_fetched_block_that_cannot_be_kept_is_still_served() {
+    let t = Setup::new();
+    let data = pattern(BLOCK, 13);
+    let file = t.write(ROOT, "f", &data);
+    t.snapshot("s");
+    t.upload();
+    t.volume
+        .attach_store(t.store.clone(), t.runtime.handle().clone(), None)
+        .expect("attach");
+    let hex = BlockHash::of(&data).to_hex();
+    let path = t.volume.blocks_dir().join(&hex[..2]).join(&hex);
+    let damaged = vec![0x55; BLOCK];
+    std::fs::write(&path, &damaged).expect("damage the block file");
+    let temp = t.volume.blocks_dir().join("tmp");
+    std::fs::remove_dir_all(&temp).expect("remove tmp");
+    std::fs::write(&temp, b"not a directory").expect("a file in its place");
+
+    let got = t.volume.read(file, 0, BLOCK as u32).expect("read");
+    assert!(got == data, "the block's bytes, from the store");
+    assert!(
+        std::fs::read(&path).expect("read") == damaged,
+        "the damaged file could not be replaced"
+    );
+}
+
 #[test]
 fn an_interrupted_upload_resumes_without_resending() {
     let t = Setup::with_store(|dir| FaultyStore {

@@ -329,7 +329,7 @@ impl BlockReader {
                     message: e.message,
                 })
             })?;
-        self.keep(hash, &data)?;
+        self.keep(hash, &data);
         self.evict()?;
         // Verified by `fetch_block`: reads of its other parts need not go to the disk.
         let data = Arc::new(data);
@@ -337,14 +337,26 @@ impl BlockReader {
         Ok(data)
     }
 
-    /// Keeps a block fetched from a store (verified) on the local disk again.
-    fn keep(&self, hash: &BlockHash, data: &[u8]) -> Result<()> {
-        self.local.put(hash, data)?;
-        let local = lock(&self.catalog).write(|tx| tx.set_block_local(hash, true))?;
-        if let (true, Some(cache)) = (local, self.evictable.get()) {
-            lock(cache).admit(*hash, data.len() as u32);
+    /// Keeps a block fetched from a store (verified) on the local disk again. One that
+    /// cannot be kept (a full disk) is still served: the read needs its bytes, not a copy
+    /// on the disk, and the next read fetches it again.
+    fn keep(&self, hash: &BlockHash, data: &[u8]) {
+        let kept = self
+            .local
+            .put(hash, data)
+            .map_err(Error::from)
+            .and_then(|()| Ok(lock(&self.catalog).write(|tx| tx.set_block_local(hash, true))?));
+        match kept {
+            Ok(true) => {
+                if let Some(cache) = self.evictable.get() {
+                    lock(cache).admit(*hash, data.len() as u32);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(%hash, error = %e, "cannot keep a fetched block on the local disk")
+            }
         }
-        Ok(())
     }
 
     /// Block `hash` from `place` in the volume's own store. From a pack, the small
@@ -464,7 +476,7 @@ impl BlockReader {
             if let Some(Ok(data)) =
                 part.map(|part| store::open_frame(store, &key, &block.hash, part, max))
             {
-                self.keep(&block.hash, &data)?;
+                self.keep(&block.hash, &data);
                 // Verified: the read that comes for it (a reader's next, or read-ahead's)
                 // copies it from memory.
                 self.local.cache_verified(&block.hash, Arc::new(data));
