@@ -339,7 +339,7 @@ impl BlockReader {
 
     /// Keeps a block fetched from a store (verified) on the local disk again. One that
     /// cannot be kept (a full disk) is still served: the read needs its bytes, not a copy
-    /// on the disk, and the next read fetches it again.
+    /// on the disk; once it leaves the memory cache, a read fetches it again.
     fn keep(&self, hash: &BlockHash, data: &[u8]) {
         let kept = self
             .local
