@@ -421,7 +421,7 @@ impl BlockStore {
     /// Stores `data` under `hash` unless it is already there. The caller computed `hash`.
     pub fn put(&self, hash: &BlockHash, data: &[u8]) -> Result<(), BlockError> {
         let path = self.path_of(hash);
-        let damaged = lock(&self.damaged).contains(hash);
+        let damaged = self.is_damaged(hash);
         let stored = match fs::metadata(&path) {
             Ok(file) if file.len() == data.len() as u64 && !damaged => return Ok(()),
             // A copy cut short (by a power loss) or found damaged must not stand for these
@@ -604,6 +604,11 @@ impl BlockStore {
             hash: *hash,
             actual,
         })
+    }
+
+    /// Whether a read found block `hash` damaged and no `put` has replaced it since.
+    pub fn is_damaged(&self, hash: &BlockHash) -> bool {
+        lock(&self.damaged).contains(hash)
     }
 
     /// Remembers that a read found block `hash` damaged, for the next `put` to replace.

@@ -156,7 +156,9 @@ impl BlockReader {
         let Some(_fetching) = self.fetching.try_claim(*hash) else {
             return Ok(());
         };
-        if lock(&self.catalog).read(|tx| tx.has_block(hash))? && self.local_block(hash)?.is_none() {
+        if lock(&self.catalog).read(|tx| tx.has_block(hash))?
+            && self.kept_meanwhile(hash)?.is_none()
+        {
             self.fetch_claimed(hash)?;
         }
         Ok(())
@@ -276,10 +278,20 @@ impl BlockReader {
         // miss and the claim (unless it failed: then this one fetches for itself). A look
         // on the disk costs far less than a second request to the store, which the
         // readers of a cold file's neighbours made under load.
-        if let Some(data) = self.local_block(hash)? {
+        if let Some(data) = self.kept_meanwhile(hash)? {
             return Ok(data);
         }
         self.fetch_claimed(hash)
+    }
+
+    /// Block `hash` if another fetch kept it since the caller missed it, looked for once
+    /// the caller holds its claim. A block a read found damaged is not read and hashed
+    /// again (nor reported again): it stays damaged until a fetch's put replaces it.
+    fn kept_meanwhile(&self, hash: &BlockHash) -> Result<Option<Arc<Vec<u8>>>> {
+        if self.local.is_damaged(hash) {
+            return Ok(None);
+        }
+        self.local_block(hash)
     }
 
     /// Fetches block `hash`, claimed in `fetching` by the caller, and keeps it.
