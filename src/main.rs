@@ -1628,6 +1628,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Rust ignores SIGPIPE, so a print to a pipe whose reader left (`snapfs snapshot list
+    // | head -1`) panics. A command dies of it quietly, as `ls` does; the daemon keeps
+    // ignoring it, since a client hanging up must not kill the volume.
+    if !matches!(cli.command, Command::Mount(_)) {
+        // SAFETY: single-threaded here, and SIG_DFL is a valid disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     // verify's 1 means "problems found": its own failures to run are 2.
     let failure = match cli.command {
         Command::Verify { .. }

@@ -435,3 +435,31 @@ fn cli_creates_lists_tags_diffs_and_deletes() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no snapshot named nope"));
 }
+
+#[test]
+fn a_listing_whose_reader_left_ends_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let mount = Mount::new();
+    snapshot(&mount, "monday");
+    // `snapfs snapshot list MOUNT | head -0`: the pipe's reader is gone before the
+    // listing is written.
+    let mut fds = [0; 2];
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }).expect("pipe");
+    // SAFETY: pipe2 just returned both descriptors, owned by nobody else.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(reader);
+    let out = snapfs()
+        .args(["snapshot", "list", mount.path().to_str().expect("utf-8")])
+        .stdout(writer)
+        .output()
+        .expect("run snapfs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "killed by SIGPIPE, as `ls` is: {:?} {stderr}",
+        out.status
+    );
+}
