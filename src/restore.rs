@@ -21,7 +21,7 @@ use std::sync::{Arc, Condvar, Mutex, mpsc};
 
 use tokio::runtime::Handle;
 
-use crate::blocks::{BlockHash, BlockStore};
+use crate::blocks::{BlockError, BlockHash, BlockStore};
 use crate::catalog::{self, Catalog, Kind, ROOT_INO, Setting};
 use crate::manifest::{Content, Entry};
 use crate::store::{ReadError, Source, StoreChain, StoreUrl};
@@ -102,6 +102,26 @@ impl LocalSource {
         })
     }
 
+    /// Block `hash` from the volume's store, or its origin's.
+    fn fetch(
+        &self,
+        hash: &BlockHash,
+        own: &StoreUrl,
+        origin: Option<&StoreUrl>,
+    ) -> Result<Vec<u8>, ReadError> {
+        let stores = self
+            .stores
+            .get_or_init(|| StoreChain::open(&self.runtime, own, origin).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| ReadError::Corrupt(format!("block {hash} is not local: {e}")))?;
+        // Where the catalog recorded it, if in the volume's own store.
+        let place = crate::sync::lock(&self.catalog).read(|tx| tx.block_place(hash))?;
+        match place {
+            Some(place) => stores.block_at(hash, place, self.block_size as usize),
+            None => stores.block(hash, self.block_size as usize),
+        }
+    }
+
     fn entry(&self, row: catalog::DirEntryRow) -> Result<Entry, ReadError> {
         let g = self.generation;
         let catalog = crate::sync::lock(&self.catalog);
@@ -138,24 +158,18 @@ impl Source for LocalSource {
 
     fn block(&self, hash: &BlockHash) -> Result<Vec<u8>, ReadError> {
         let inline = crate::sync::lock(&self.catalog).read(|tx| tx.inline_block(hash))?;
-        match (self.blocks.read_uncached(hash, inline), &self.store_urls) {
-            (Err(crate::blocks::BlockError::Missing { .. }), Some((own, origin))) => {
-                let stores = self
-                    .stores
-                    .get_or_init(|| {
-                        StoreChain::open(&self.runtime, own, origin.as_ref())
-                            .map_err(|e| e.to_string())
-                    })
-                    .as_ref()
-                    .map_err(|e| ReadError::Corrupt(format!("block {hash} is not local: {e}")))?;
-                // Where the catalog recorded it, if in the volume's own store.
-                let place = crate::sync::lock(&self.catalog).read(|tx| tx.block_place(hash))?;
-                match place {
-                    Some(place) => stores.block_at(hash, place, self.block_size as usize),
-                    None => stores.block(hash, self.block_size as usize),
-                }
-            }
-            (result, _) => result.map_err(|e| ReadError::Corrupt(e.to_string())),
+        let local = self.blocks.read_uncached(hash, inline);
+        let Some((own, origin)) = &self.store_urls else {
+            return local.map_err(|e| ReadError::Corrupt(e.to_string()));
+        };
+        match local {
+            Err(BlockError::Missing { .. }) => self.fetch(hash, own, origin.as_ref()),
+            // A local copy damaged by bit rot or a machine crash is read from the store,
+            // as the mount's reads do: the restore loses nothing the store still holds.
+            Err(damage @ (BlockError::Corrupt { .. } | BlockError::CorruptPiece { .. })) => self
+                .fetch(hash, own, origin.as_ref())
+                .map_err(|e| ReadError::Corrupt(format!("{damage}, and the store's copy: {e}"))),
+            local => local.map_err(|e| ReadError::Corrupt(e.to_string())),
         }
     }
 

@@ -1216,12 +1216,32 @@ fn a_corrupt_block_in_the_bucket_leaves_out_its_file_only() {
     }
 }
 
+/// Mangles every copy of block `hash` in the packs of the volume's default store
+/// (`file://DATA/store`), once its snapshot `name` is there.
+fn damage_in_store(mount: &Mount, name: &str, hash: &BlockHash) {
+    wait_completed(mount, name);
+    let store = mount.data_dir().join("store");
+    let copies = packed_blocks_in_dir(&store)
+        .remove(&hash.to_hex())
+        .expect("the store holds the block");
+    for copy in copies {
+        let path = store.join(&copy.pack);
+        let mut pack = fs::read(&path).expect("read the pack");
+        for byte in &mut pack[copy.offset..copy.offset + copy.length] {
+            *byte ^= 0x5a;
+        }
+        fs::write(&path, pack).expect("damage the pack");
+    }
+}
+
 #[test]
 fn a_corrupt_local_block_leaves_out_its_file_only() {
     let mount = Mount::new();
     let bad = corruptible_tree(mount.path());
     let snap = take_snapshot(&mount, "snap");
     let expected = comparable(tree_state(&snap), true);
+    // No good copy anywhere: a damaged local block is read from the store otherwise.
+    damage_in_store(&mount, "snap", &bad);
     let hex = bad.to_hex();
     let block = mount.data_dir().join("blocks").join(&hex[..2]).join(&hex);
     assert!(block.exists(), "{} exists", block.display());
@@ -1242,6 +1262,33 @@ fn a_corrupt_local_block_leaves_out_its_file_only() {
 }
 
 #[test]
+fn a_corrupt_local_block_the_store_holds_is_restored_from_it() {
+    let mount = Mount::new();
+    let bad = corruptible_tree(mount.path());
+    let snap = take_snapshot(&mount, "snap");
+    let expected = comparable(tree_state(&snap), true);
+    wait_completed(&mount, "snap");
+    let hex = bad.to_hex();
+    let block = mount.data_dir().join("blocks").join(&hex[..2]).join(&hex);
+    // Not read through the mount afterwards: the mount's read would heal the file.
+    fs::write(&block, pattern(BLOCK, 53)).expect("corrupt the block");
+
+    let dest = mount.scratch("out").join("dest");
+    assert_ok(&restore_local(&mount, "snap", &dest, &[]), "local, --mount");
+    assert_trees_eq(&comparable(tree_state(&dest), true), &expected, "--mount");
+
+    let dest = mount.scratch("out-data").join("dest");
+    let out = run(snapfs()
+        .arg("restore")
+        .arg("snap")
+        .arg(&dest)
+        .arg("--data")
+        .arg(mount.data_dir()));
+    assert_ok(&out, "local, --data");
+    assert_trees_eq(&comparable(tree_state(&dest), true), &expected, "--data");
+}
+
+#[test]
 fn a_hard_linked_file_with_a_corrupt_block_is_left_out_under_every_name() {
     let mount = Mount::new();
     fs::create_dir(mount.path().join("dir")).expect("mkdir");
@@ -1254,6 +1301,7 @@ fn a_hard_linked_file_with_a_corrupt_block_is_left_out_under_every_name() {
     .expect("link");
     fs::write(mount.path().join("good"), b"good").expect("write");
     take_snapshot(&mount, "snap");
+    damage_in_store(&mount, "snap", &BlockHash::of(&data[BLOCK..]));
     let hex = BlockHash::of(&data[BLOCK..]).to_hex();
     let block = mount.data_dir().join("blocks").join(&hex[..2]).join(&hex);
     fs::write(&block, pattern(BLOCK, 61)).expect("corrupt the block");
