@@ -323,11 +323,23 @@ enum SnapshotCommand {
     #[command(after_help = "Example:\n  snapfs snapshot unlock ~/work monthly")]
     Unlock(lifecycle::UnlockArgs),
     /// Show one snapshot in detail. Works with or without a running mount.
-    #[command(after_help = "Example:\n  snapfs snapshot show nightly --mount ~/work")]
+    #[command(
+        override_usage = "snapfs snapshot show [OPTIONS] [MOUNTPOINT] <NAME>",
+        after_help = "Examples:\n  snapfs snapshot show ~/work nightly\n  \
+        snapfs snapshot show nightly --data /srv/vol1 --json"
+    )]
     Show {
-        name: String,
+        /// A running snapfs mount, as `snapshot create` takes it (the same as --mount).
+        /// Given alone, it is NAME, a snapshot of the volume that --mount or --data names
+        /// [default: as for `snapfs mount`].
+        #[arg(value_name = "MOUNTPOINT")]
+        mountpoint: PathBuf,
+        /// The snapshot to show, after MOUNTPOINT.
+        #[arg(value_name = "NAME", conflicts_with_all = ["data", "mount"])]
+        name: Option<String>,
         #[command(flatten)]
         volume: VolumeSource,
+        /// Print the snapshot as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -1038,7 +1050,23 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             dry_run,
             json,
         } => policy_cli::prune(&mountpoint, dry_run, json)?,
-        SnapshotCommand::Show { name, volume, json } => {
+        SnapshotCommand::Show {
+            mountpoint,
+            name,
+            volume,
+            json,
+        } => {
+            // One argument is the snapshot's name; two are a mountpoint and a name.
+            let (volume, name) = match name {
+                Some(name) => (volume.or_mountpoint(Some(mountpoint)), name),
+                None => (
+                    volume,
+                    mountpoint
+                        .into_os_string()
+                        .into_string()
+                        .map_err(|name| format!("no snapshot named {}", name.to_string_lossy()))?,
+                ),
+            };
             let inspector = volume.open()?;
             let info = inspector
                 .snapshot(name.as_bytes())

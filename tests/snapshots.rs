@@ -394,6 +394,14 @@ fn cli_creates_lists_tags_diffs_and_deletes() {
         json.contains(&format!(r#""exclusive_bytes":{BLOCK}"#)),
         "{json}"
     );
+    // MOUNTPOINT NAME, as `snapshot create` takes them, shows the same snapshot (its
+    // upload state may have moved on meanwhile).
+    let out = run(snapfs().args(["snapshot", "show", mp, "monday", "--json"]));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let before: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    for field in ["name", "id", "created", "exclusive_bytes"] {
+        assert_eq!(shown[field], before[field], "{field}: {shown}");
+    }
     let out = run(snapfs().args([
         "snapshot", "tag", mp, "monday", "keep=yes", "--remove", "env",
     ]));
