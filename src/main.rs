@@ -1511,6 +1511,9 @@ fn status(
             (Some(rate), Some(eta)) => {
                 println!("upload:     {}/s, ETA {eta} s", human_bytes(rate as u64))
             }
+            (Some(_), None) if s.left_bytes == 0 => {
+                println!("upload:     finishing (every block sent)")
+            }
             (Some(_), None) => println!("upload:     stalled (nothing landed while watching)"),
             (None, _) if !s.pending.is_empty() => println!("upload:     not running"),
             (None, _) => println!("upload:     idle"),

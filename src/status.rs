@@ -99,17 +99,47 @@ pub fn status(dir: &Path, options: &StatusOptions) -> Result<Status, StatusError
         (Some(_), Some(_)) => "mounted",
         (Some(_), None) => "busy",
     };
-    let (snapshots, outstanding, usage, store_url, cache_limit) = catalog.read(|tx| {
-        Ok::<_, catalog::Error>((
-            tx.snapshots()?,
-            tx.outstanding()?,
-            tx.local_usage()?,
-            // A read-only volume's store is the one it follows.
-            tx.setting(Setting::Store)?
-                .or(tx.setting(Setting::Follows)?),
-            tx.setting(Setting::CacheSize)?,
-        ))
+    let read = || {
+        catalog.read(|tx| {
+            Ok::<_, catalog::Error>((
+                tx.snapshots()?,
+                tx.outstanding()?,
+                tx.local_usage()?,
+                // A read-only volume's store is the one it follows.
+                tx.setting(Setting::Store)?
+                    .or(tx.setting(Setting::Follows)?),
+                tx.setting(Setting::CacheSize)?,
+            ))
+        })
+    };
+    let mut seen = read()?;
+    // Watching the rate and asking the store both take a moment: at the same time.
+    let sample = seen.0.iter().any(|s| s.state == SnapshotState::Pending)
+        && holder.is_some()
+        && !options.sample.is_zero();
+    let store_url = seen.3.clone();
+    let (rate, store) = std::thread::scope(|scope| {
+        let store = scope.spawn(|| {
+            store_url
+                .as_deref()
+                .map(|url| check_store(url, options.store_timeout))
+        });
+        let rate = if sample {
+            upload_rate(&catalog, options.sample)?
+        } else {
+            None
+        };
+        let store = store
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        Ok::<_, StatusError>((rate, store))
     })?;
+    if sample {
+        // The state after the watch, not before it: an upload that finished meanwhile
+        // is done, not stalled.
+        seen = read()?;
+    }
+    let (snapshots, outstanding, usage, _, cache_limit) = seen;
     let Outstanding {
         blocks: left_blocks,
         bytes: left_bytes,
@@ -142,24 +172,8 @@ pub fn status(dir: &Path, options: &StatusOptions) -> Result<Status, StatusError
         .filter(|s| s.state == SnapshotState::Pending)
         .map(brief)
         .collect();
-    // Watching the rate and asking the store both take a moment: at the same time.
-    let sample = !pending.is_empty() && holder.is_some() && !options.sample.is_zero();
-    let (rate, store) = std::thread::scope(|scope| {
-        let store = scope.spawn(|| {
-            store_url
-                .as_deref()
-                .map(|url| check_store(url, options.store_timeout))
-        });
-        let rate = if sample {
-            upload_rate(&catalog, options.sample)?
-        } else {
-            None
-        };
-        let store = store
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        Ok::<_, StatusError>((rate, store))
-    })?;
+    // Nothing uploads once nothing is pending.
+    let rate = rate.filter(|_| !pending.is_empty());
     let mut status = Status {
         data_dir: dir.to_owned(),
         state,

@@ -273,6 +273,28 @@ fn snapshots_taken_offline_drain_without_a_mount_and_restore_from_the_store() {
 }
 
 #[test]
+fn status_reports_the_state_after_it_watched_the_upload() {
+    let mount = Mount::with_args(&["--upload-limit", "256K"]);
+    fs::write(mount.path().join("big"), pattern(3 * BLOCK, 4)).expect("write");
+    take_snapshot(&mount, "short");
+    // About 3 s of upload at 256 KiB/s, watched for 8 s: it finishes while watched.
+    assert_eq!(
+        snapshot_attr(&mount, "short", "user.snapfs.state"),
+        "pending"
+    );
+    let started = Instant::now();
+    let (code, s) = status_sampled(mount.data_dir(), None, "8s");
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "status watched a pending upload: {s}"
+    );
+    assert_eq!(code, 0, "the upload finished while watched: {s}");
+    assert_eq!(s["pending"], Value::Array(vec![]), "{s}");
+    assert_eq!(s["last_completed"]["name"], "short", "{s}");
+    assert_eq!(s["rate_bytes_per_sec"], Value::Null, "nothing uploads: {s}");
+}
+
+#[test]
 fn status_measures_the_upload_rate_and_eta() {
     let mount = Mount::with_args(&["--upload-limit", "256K"]);
     let data = pattern(12 * BLOCK, 3);
