@@ -64,6 +64,14 @@ pub enum MountError {
     NoMountpoint(PathBuf),
     #[error("mountpoint {0} is not a directory")]
     MountpointNotDir(PathBuf),
+    #[error(
+        "{} is already a snapfs mount (of data dir {data_dir}): unmount it first \
+         (`snapfs umount {}`)", mountpoint.display(), mountpoint.display()
+    )]
+    AlreadyMounted {
+        mountpoint: PathBuf,
+        data_dir: String,
+    },
     #[error("mountpoint {path}: {source}")]
     Mountpoint {
         path: PathBuf,
@@ -105,10 +113,21 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
             source,
         }),
         Ok(meta) if !meta.is_dir() => Err(MountError::MountpointNotDir(path.to_owned())),
-        Ok(_) => fs::canonicalize(path).map_err(|source| MountError::Mountpoint {
-            path: path.to_owned(),
-            source,
-        }),
+        Ok(_) => {
+            let canonical = fs::canonicalize(path).map_err(|source| MountError::Mountpoint {
+                path: path.to_owned(),
+                source,
+            })?;
+            // A second volume over the first would hide it while its daemon runs on:
+            // a mount run twice (a login script) means the first is still wanted.
+            match mount_source(&canonical) {
+                Some(source) => Err(MountError::AlreadyMounted {
+                    mountpoint: path.to_owned(),
+                    data_dir: source.strip_prefix("snapfs:").unwrap_or(&source).to_owned(),
+                }),
+                None => Ok(canonical),
+            }
+        }
     }
 }
 

@@ -47,6 +47,31 @@ fn missing_mountpoint() {
 }
 
 #[test]
+fn a_mountpoint_already_mounted_is_refused() {
+    let first = Mount::new();
+    fs::write(first.path().join("kept"), b"first").expect("write");
+    let other = Mount::unmounted();
+    let out = run(&mut mount_cmd(first.path(), other.data_dir()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {stderr}");
+    let data = fs::canonicalize(first.data_dir()).expect("canonical data dir");
+    assert!(
+        stderr.contains("is already a snapfs mount") && stderr.contains(&*data.to_string_lossy()),
+        "stderr: {stderr}"
+    );
+    // Still the first volume, mounted once.
+    assert_eq!(fs::read(first.path().join("kept")).expect("read"), b"first");
+    let mountpoint = fs::canonicalize(first.path()).expect("canonical mountpoint");
+    let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let at = format!(" {} ", mountpoint.display());
+    assert_eq!(
+        mounts.lines().filter(|l| l.contains(&at)).count(),
+        1,
+        "{mounts}"
+    );
+}
+
+#[test]
 fn mountpoint_is_a_file() {
     let m = Mount::unmounted();
     let file = m.scratch("s").join("file");
