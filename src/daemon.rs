@@ -104,31 +104,58 @@ pub enum MountError {
 }
 
 fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
-    match fs::metadata(path) {
+    let mountpoint_error = |source| MountError::Mountpoint {
+        path: path.to_owned(),
+        source,
+    };
+    // A FUSE mount whose daemon is gone (killed, crashed) answers only ENOTCONN.
+    let dead = match fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(MountError::NoMountpoint(path.to_owned()))
+            return Err(MountError::NoMountpoint(path.to_owned()));
         }
-        Err(source) => Err(MountError::Mountpoint {
-            path: path.to_owned(),
-            source,
-        }),
-        Ok(meta) if !meta.is_dir() => Err(MountError::MountpointNotDir(path.to_owned())),
-        Ok(_) => {
-            let canonical = fs::canonicalize(path).map_err(|source| MountError::Mountpoint {
-                path: path.to_owned(),
-                source,
-            })?;
-            // A second volume over the first would hide it while its daemon runs on:
-            // a mount run twice (a login script) means the first is still wanted.
-            match mount_source(&canonical) {
-                Some(source) => Err(MountError::AlreadyMounted {
-                    mountpoint: path.to_owned(),
-                    data_dir: source.strip_prefix("snapfs:").unwrap_or(&source).to_owned(),
-                }),
-                None => Ok(canonical),
-            }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Some(e),
+        Err(source) => return Err(mountpoint_error(source)),
+        Ok(meta) if !meta.is_dir() => return Err(MountError::MountpointNotDir(path.to_owned())),
+        Ok(_) => None,
+    };
+    let canonical = match (&dead, path.parent(), path.file_name()) {
+        // Its path, which canonicalize cannot lstat: its parent's, and its name.
+        (Some(_), Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            fs::canonicalize(parent).map(|parent| parent.join(name))
         }
+        _ => fs::canonicalize(path),
     }
+    .map_err(mountpoint_error)?;
+    let Some(source) = mount_source(&canonical) else {
+        return match dead {
+            Some(e) => Err(mountpoint_error(e)),
+            None => Ok(canonical),
+        };
+    };
+    let data_dir = source.strip_prefix("snapfs:");
+    // The mount that follows a dead one (a restart by systemd's Restart=on-failure, say)
+    // replaces it.
+    let daemon_gone =
+        data_dir.is_some_and(|dir| matches!(volume::data_dir_holder(Path::new(dir)), Ok(None)));
+    if daemon_gone {
+        detach_mount(&canonical, libc::MNT_DETACH).map_err(mountpoint_error)?;
+        eprintln!(
+            "snapfs: detached the mount left at {} by a daemon that is gone",
+            path.display()
+        );
+        return Ok(canonical);
+    }
+    // A second volume over the first would hide it while its daemon runs on: a mount run
+    // twice (a login script) means the first is still wanted.
+    Err(MountError::AlreadyMounted {
+        mountpoint: path.to_owned(),
+        data_dir: data_dir.unwrap_or(&source).to_owned(),
+    })
 }
 
 fn prepare_data_dir(path: &Path) -> Result<PathBuf, MountError> {
@@ -643,22 +670,10 @@ pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
     let daemon_lock = source
         .strip_prefix("snapfs:")
         .and_then(|dir| fs::File::open(Path::new(dir).join("lock")).ok());
-    let c_path = CString::new(mountpoint.as_os_str().as_bytes())
-        .map_err(|_| MountError::Reported("mountpoint contains a NUL byte".into()))?;
-    // SAFETY: umount2 reads the NUL-terminated path.
-    if unsafe { libc::umount2(c_path.as_ptr(), 0) } != 0 {
-        let err = std::io::Error::last_os_error();
-        let fallback = std::process::Command::new("fusermount3")
-            .arg("-u")
-            .arg(&mountpoint)
-            .status();
-        if !fallback.is_ok_and(|s| s.success()) {
-            return Err(MountError::Mountpoint {
-                path: mountpoint,
-                source: err,
-            });
-        }
-    }
+    detach_mount(&mountpoint, 0).map_err(|source| MountError::Mountpoint {
+        path: mountpoint.clone(),
+        source,
+    })?;
     if let Some(lock) = daemon_lock {
         let deadline = Instant::now() + Duration::from_secs(120);
         // SAFETY: flock only reads the descriptor, which `lock` keeps open.
@@ -673,6 +688,35 @@ pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
         }
     }
     Ok(())
+}
+
+/// Unmounts `mountpoint` with umount2's `flags` (`MNT_DETACH`: at once, busy or dead), or
+/// through fusermount3 for a user who may not call umount2.
+fn detach_mount(mountpoint: &Path, flags: libc::c_int) -> std::io::Result<()> {
+    let c_path = CString::new(mountpoint.as_os_str().as_bytes()).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path contains a NUL byte",
+        )
+    })?;
+    // SAFETY: umount2 reads the NUL-terminated path.
+    if unsafe { libc::umount2(c_path.as_ptr(), flags) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    let lazy = if flags & libc::MNT_DETACH != 0 {
+        "-uz"
+    } else {
+        "-u"
+    };
+    let fallback = std::process::Command::new("fusermount3")
+        .arg(lazy)
+        .arg(mountpoint)
+        .status();
+    match fallback {
+        Ok(status) if status.success() => Ok(()),
+        _ => Err(err),
+    }
 }
 
 /// The data dir of the snapfs mount at `mountpoint`.

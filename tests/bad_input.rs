@@ -71,6 +71,43 @@ fn a_mountpoint_already_mounted_is_refused() {
     );
 }
 
+/// `snapfs mount` again where a killed daemon left its dead mount (ENOTCONN), as
+/// systemd's Restart=on-failure does: the dead mount is replaced, not stacked upon.
+#[test]
+fn a_mount_left_by_a_killed_daemon_is_replaced() {
+    let mut mount = Mount::new();
+    let file = mount.path().join("kept");
+    let mut f = File::create(&file).expect("create");
+    std::io::Write::write_all(&mut f, b"survives").expect("write");
+    f.sync_all().expect("fsync");
+    drop(f);
+    mount.signal(libc::SIGKILL);
+    assert_eq!(errno(fs::read_dir(mount.path())), libc::ENOTCONN);
+
+    let out = run(&mut mount_cmd(mount.path(), mount.data_dir()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert!(
+        stderr.contains("detached the mount left"),
+        "stderr: {stderr}"
+    );
+    assert_eq!(fs::read(&file).expect("read"), b"survives");
+    let mountpoint = fs::canonicalize(mount.path()).expect("canonical mountpoint");
+    let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let at = format!(" {} ", mountpoint.display());
+    assert_eq!(
+        mounts.lines().filter(|l| l.contains(&at)).count(),
+        1,
+        "{mounts}"
+    );
+    let out = run(snapfs().arg("umount").arg(mount.path()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn mountpoint_is_a_file() {
     let m = Mount::unmounted();
