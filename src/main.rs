@@ -108,13 +108,16 @@ enum Command {
     /// invariants), its local blocks, and its store (every block, tree and manifest the
     /// completed snapshots need). With --store, check a store alone.
     #[command(after_help = "Examples:\n  \
-        snapfs verify --mount ~/work                  # beside a running mount\n  \
+        snapfs verify ~/work                          # beside a running mount\n  \
         snapfs verify --data /srv/vol1 --deep         # download and hash every block\n  \
         snapfs verify --data /srv/vol1 --repair       # unmounted: fix what can be fixed\n  \
         snapfs verify --store s3://my-bucket/laptop   # the bucket alone\n\n\
         Exit status: 0 when everything is whole, 1 when problems were found (listed on \
         stdout), 2 when the check could not run.")]
     Verify {
+        /// A running snapfs mount; its data dir is read (the same as --mount).
+        #[arg(value_name = "MOUNTPOINT", conflicts_with_all = ["data", "mount", "store"])]
+        mountpoint: Option<PathBuf>,
         #[command(flatten)]
         volume: VolumeSource,
         /// Check an object store alone, with no data dir: s3://BUCKET[/PREFIX] or file:///DIR.
@@ -822,12 +825,16 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             );
         }
         Command::Verify {
+            mountpoint,
             volume,
             store,
             deep,
             repair,
             json,
-        } => return verify(&volume, store.as_ref(), Options { deep, repair }, json),
+        } => {
+            let volume = volume.or_mountpoint(mountpoint);
+            return verify(&volume, store.as_ref(), Options { deep, repair }, json);
+        }
         Command::Upload {
             data,
             store,

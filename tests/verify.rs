@@ -329,6 +329,8 @@ fn beside_a_running_mount_checks_but_refuses_to_repair() {
     wait_completed(&mount, "s");
     let mp = mount.path().to_str().expect("utf-8").to_owned();
     assert_clean(verify(&["--mount", &mp, "--deep"], &[]));
+    // The mountpoint as an argument, as `snapfs status` takes it.
+    assert_clean(verify(&[&mp], &[]));
     let (code, text) = verify(&["--mount", &mp, "--repair"], &[]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("unmount it before --repair"), "{text}");
