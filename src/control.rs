@@ -409,6 +409,21 @@ pub fn prune(mountpoint: &Path) -> Result<(), ControlError> {
 /// so the daemon fetches each block not yet local (a volume made with `--from`, or
 /// evicted by `--cache-size`): like initializing an EBS volume. `progress` gets the bytes
 /// to read, then the bytes read as they go. Returns (files, bytes).
+/// Makes what the mount at `mountpoint` has done visible to readers of its catalog (a
+/// diff against the live volume): an fsync of its root, after which the daemon has
+/// committed every operation that returned. Writes to files still open reach the
+/// catalog at their close, or within 3 s.
+pub fn settle(mountpoint: &Path) -> Result<(), ControlError> {
+    snapdir(mountpoint)?;
+    fs::File::open(mountpoint)
+        .and_then(|root| root.sync_all())
+        .map_err(|source| ControlError::Io {
+            what: "cannot fsync",
+            path: mountpoint.to_owned(),
+            source,
+        })
+}
+
 pub fn hydrate(
     mountpoint: &Path,
     total: impl Fn(u64),

@@ -167,7 +167,8 @@ enum Command {
     Diff {
         /// The older snapshot.
         from: String,
-        /// The newer snapshot [default: the live volume].
+        /// The newer snapshot [default: the live volume, with every operation that has
+        /// returned; a file still open shows its writes once closed, or within 3 s].
         to: Option<String>,
         #[command(flatten)]
         volume: VolumeSource,
@@ -895,6 +896,14 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             return status(&source.data_dir()?, &options, json);
         }
         Command::Diff { from, to, volume } => {
+            if to.is_none()
+                && let Some(mountpoint) = volume
+                    .mount
+                    .clone()
+                    .or_else(|| daemon::mountpoint_of(&volume.data_dir().ok()?))
+            {
+                control::settle(&mountpoint)?;
+            }
             let inspector = volume.open()?;
             let changes = inspector
                 .diff(from.as_bytes(), to.as_ref().map(|t| t.as_bytes()))

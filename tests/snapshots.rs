@@ -471,3 +471,23 @@ fn a_listing_whose_reader_left_ends_quietly() {
         out.status
     );
 }
+
+#[test]
+fn a_diff_against_the_live_volume_sees_every_operation_that_returned() {
+    let mount = Mount::new();
+    snapshot(&mount, "before");
+    let mp = mount.path().to_str().expect("utf-8 path");
+    // The daemon commits its catalog in groups; a diff read from another process must
+    // still see a create the moment it has returned.
+    for i in 0..20 {
+        let name = format!("file{i}");
+        fs::write(mount.path().join(&name), b"x").expect("write");
+        let out = run(snapfs().args(["diff", "before", "--mount", mp]));
+        let diff = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            diff.lines().any(|line| line == format!("+\t/{name}")),
+            "{name} missing from the diff: {diff}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
