@@ -670,9 +670,17 @@ pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
     let daemon_lock = source
         .strip_prefix("snapfs:")
         .and_then(|dir| fs::File::open(Path::new(dir).join("lock")).ok());
-    detach_mount(&mountpoint, 0).map_err(|source| MountError::Mountpoint {
-        path: mountpoint.clone(),
-        source,
+    detach_mount(&mountpoint, 0).map_err(|source| match source.raw_os_error() {
+        Some(libc::EBUSY) => MountError::Reported(format!(
+            "{} is busy: a process has a file or its working directory there \
+             (`fuser -vm {}` lists them); nothing was unmounted",
+            mountpoint.display(),
+            mountpoint.display()
+        )),
+        _ => MountError::Mountpoint {
+            path: mountpoint.clone(),
+            source,
+        },
     })?;
     if let Some(lock) = daemon_lock {
         let deadline = Instant::now() + Duration::from_secs(120);

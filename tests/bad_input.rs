@@ -458,3 +458,20 @@ fn umount_of_something_that_is_not_snapfs() {
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "stderr: {stderr}");
 }
+
+#[test]
+fn umount_of_a_busy_mount_says_why_and_leaves_it_mounted() {
+    let mount = Mount::new();
+    fs::write(mount.path().join("f"), b"open").expect("write");
+    let open = File::open(mount.path().join("f")).expect("open");
+    let out = run(snapfs().arg("umount").arg(mount.path()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("is busy") && stderr.contains("fuser -vm"),
+        "stderr: {stderr}"
+    );
+    let mut read = Vec::new();
+    std::io::Read::read_to_end(&mut &open, &mut read).expect("still served");
+    assert_eq!(read, b"open");
+}
