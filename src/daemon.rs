@@ -720,9 +720,19 @@ fn detach_mount(mountpoint: &Path, flags: libc::c_int) -> std::io::Result<()> {
     let fallback = std::process::Command::new("fusermount3")
         .arg(lazy)
         .arg(mountpoint)
-        .status();
+        .stdin(std::process::Stdio::null())
+        .output();
     match fallback {
-        Ok(status) if status.success() => Ok(()),
+        Ok(out) if out.status.success() => Ok(()),
+        // A user who may not call umount2 learns the reason from fusermount3 alone.
+        Ok(out) if err.raw_os_error() == Some(libc::EPERM) => {
+            let reason = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            Err(if reason.ends_with("Device or resource busy") {
+                std::io::Error::from_raw_os_error(libc::EBUSY)
+            } else {
+                std::io::Error::other(reason)
+            })
+        }
         _ => Err(err),
     }
 }
