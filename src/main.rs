@@ -1025,13 +1025,36 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                     .collect();
                 json::print(&items)?;
             } else {
+                // The columns of free text are as wide as their longest entry.
+                let names: Vec<String> = snapshots
+                    .iter()
+                    .map(|s| lossy(&s.name).into_owned())
+                    .collect();
+                let locks: Vec<String> = snapshots
+                    .iter()
+                    .map(|s| lifecycle::lock_text(s.lock.as_ref()))
+                    .collect();
+                let verdicts: Vec<String> = snapshots
+                    .iter()
+                    .map(|s| policy_cli::column(verdict(&s.name)))
+                    .collect();
+                let width = |header: &str, texts: &[String]| {
+                    texts
+                        .iter()
+                        .map(|t| t.chars().count())
+                        .chain([header.len()])
+                        .max()
+                        .unwrap_or_default()
+                };
+                let (name_width, lock_width) = (width("NAME", &names), width("LOCK", &locks));
+                let retention_width = width("RETENTION", &verdicts);
                 // With a policy, a RETENTION column before the tags.
                 let retention = |text: &str| match plan {
-                    Some(_) => format!("{text:<30}  "),
+                    Some(_) => format!("{text:<retention_width$}  "),
                     None => String::new(),
                 };
                 println!(
-                    "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  {:<46} {}TAGS",
+                    "{:<name_width$} {:<10} {:>8} {:<24} {:>10} {:>10}  {:<lock_width$}  {}TAGS",
                     "NAME",
                     "STATE",
                     "SENT",
@@ -1041,17 +1064,17 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                     "LOCK",
                     retention("RETENTION")
                 );
-                for s in &snapshots {
+                for (i, s) in snapshots.iter().enumerate() {
                     println!(
-                        "{:<24} {:<10} {:>8} {:<24} {:>10} {:>10}  {:<46} {}{}",
-                        lossy(&s.name),
+                        "{:<name_width$} {:<10} {:>8} {:<24} {:>10} {:>10}  {:<lock_width$}  {}{}",
+                        names[i],
                         s.state,
                         sent_percent(&s.upload),
                         volume::rfc3339(s.created),
                         human_bytes(s.logical_bytes),
                         human_bytes(s.exclusive_bytes),
-                        lifecycle::lock_text(s.lock.as_ref()),
-                        retention(&policy_cli::column(verdict(&s.name))),
+                        locks[i],
+                        retention(&verdicts[i]),
                         tags_text(&s.tags)
                     );
                 }
@@ -1153,7 +1176,6 @@ fn tags_text(tags: &[(Vec<u8>, Vec<u8>)]) -> String {
 }
 
 /// A byte progress bar (rate, ETA) on stderr, when it is a terminal and not `--json`.
-/// A progress bar counting bytes, on a terminal only.
 fn progress_bar(json: bool) -> Option<indicatif::ProgressBar> {
     counting_bar(
         json,

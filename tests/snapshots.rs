@@ -491,3 +491,41 @@ fn a_diff_against_the_live_volume_sees_every_operation_that_returned() {
         );
     }
 }
+
+#[test]
+fn the_listing_aligns_its_columns_to_the_longest_name_and_lock() {
+    let mount = Mount::new();
+    let long = "a-snapshot-named-at-length-for-the-test";
+    snapshot(&mount, "s");
+    snapshot(&mount, long);
+    let mp = mount.path().to_str().expect("utf-8 path");
+    let out = run(snapfs().args(["snapshot", "tag", mp, "s", "k=v"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(snapfs().args(["snapshot", "lock", mp, long, "--for", "1d"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(snapfs().args(["snapshot", "list", mp]));
+    let list = String::from_utf8_lossy(&out.stdout);
+    let mut lines = list.lines();
+    let header = lines.next().expect("a header");
+    let column = |name: &str| {
+        header
+            .find(name)
+            .unwrap_or_else(|| panic!("{name}: {list}"))
+    };
+    let rows: Vec<&str> = lines.take(2).collect();
+    for row in &rows {
+        let state = row[column("STATE")..].split(' ').next().expect("a state");
+        assert!(["pending", "completed"].contains(&state), "{list}");
+        assert!(row[column("LOCK")..].starts_with(['-', 'g']), "{list}");
+    }
+    let tagged = rows.iter().find(|r| r.starts_with("s ")).expect("s listed");
+    assert_eq!(&tagged[column("TAGS")..], "k=v", "{list}");
+}
