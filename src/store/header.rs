@@ -99,9 +99,11 @@ pub(super) fn foreign_id(store: &dyn ObjectStore, header: &[u8]) -> StoreResult<
     Ok(field(&text, "id").unwrap_or("unknown").to_owned())
 }
 
-/// The value of `name` in a header's text.
+/// The value of `name` in a header's text. Lines end at `\n` alone, as `encode` writes
+/// them: `str::lines` would also drop a `\r` before one but not at the very end, so a
+/// damaged header's value could change when written again.
 fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
-    text.lines()
+    text.split('\n')
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
 }
 
@@ -158,5 +160,14 @@ mod tests {
             let error = VolumeHeader::parse(text.as_bytes()).expect_err(text);
             assert!(error.contains(problem), "{text:?}: {error}");
         }
+    }
+
+    #[test]
+    fn a_value_ending_in_a_carriage_return_reads_the_same_when_written_again() {
+        // A bit flip turned the header's last newline into a carriage return.
+        let text = "snapfs volume\nformat 2\nid 0a\nblock_size 4096\nencryption x 00ff\r";
+        let header = VolumeHeader::parse(text.as_bytes()).expect("parses");
+        assert_eq!(header.encryption.as_deref(), Some("x 00ff\r"));
+        assert_eq!(VolumeHeader::parse(&header.encode()), Ok(header));
     }
 }
