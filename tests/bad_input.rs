@@ -46,6 +46,19 @@ fn missing_mountpoint() {
     );
 }
 
+/// Exactly one file system is mounted on `mountpoint`, per /proc/self/mountinfo.
+#[track_caller]
+fn assert_mounted_once(mountpoint: &Path) {
+    let mountpoint = fs::canonicalize(mountpoint).expect("canonical mountpoint");
+    let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let at = format!(" {} ", mountpoint.display());
+    assert_eq!(
+        mounts.lines().filter(|l| l.contains(&at)).count(),
+        1,
+        "{mounts}"
+    );
+}
+
 #[test]
 fn a_mountpoint_already_mounted_is_refused() {
     let first = Mount::new();
@@ -61,14 +74,7 @@ fn a_mountpoint_already_mounted_is_refused() {
     );
     // Still the first volume, mounted once.
     assert_eq!(fs::read(first.path().join("kept")).expect("read"), b"first");
-    let mountpoint = fs::canonicalize(first.path()).expect("canonical mountpoint");
-    let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let at = format!(" {} ", mountpoint.display());
-    assert_eq!(
-        mounts.lines().filter(|l| l.contains(&at)).count(),
-        1,
-        "{mounts}"
-    );
+    assert_mounted_once(first.path());
 }
 
 /// `snapfs mount` again where a killed daemon left its dead mount (ENOTCONN), as
@@ -92,14 +98,7 @@ fn a_mount_left_by_a_killed_daemon_is_replaced() {
         "stderr: {stderr}"
     );
     assert_eq!(fs::read(&file).expect("read"), b"survives");
-    let mountpoint = fs::canonicalize(mount.path()).expect("canonical mountpoint");
-    let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let at = format!(" {} ", mountpoint.display());
-    assert_eq!(
-        mounts.lines().filter(|l| l.contains(&at)).count(),
-        1,
-        "{mounts}"
-    );
+    assert_mounted_once(mount.path());
     let out = run(snapfs().arg("umount").arg(mount.path()));
     assert!(
         out.status.success(),

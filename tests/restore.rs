@@ -24,6 +24,16 @@ use snapfs::manifest::{self, Content, Entry, SnapshotManifest};
 // Mounts, snapshots, commands
 // ---------------------------------------------------------------------------------------
 
+/// `snapfs restore WHAT DEST --data DATA`, the volume's data dir named directly.
+fn restore_data(mount: &Mount, what: &str, dest: &Path) -> Output {
+    run(snapfs()
+        .arg("restore")
+        .arg(what)
+        .arg(dest)
+        .arg("--data")
+        .arg(mount.data_dir()))
+}
+
 /// `snapfs restore WHAT DEST --mount MP [extra]`
 fn restore_local(mount: &Mount, what: &str, dest: &Path, extra: &[&str]) -> Output {
     run(snapfs()
@@ -1252,12 +1262,7 @@ fn a_corrupt_local_block_leaves_out_its_file_only() {
     assert_damaged_left_out(&out, &dest, &expected, "local, --mount");
 
     let dest = mount.scratch("out-data").join("dest");
-    let out = run(snapfs()
-        .arg("restore")
-        .arg("snap")
-        .arg(&dest)
-        .arg("--data")
-        .arg(mount.data_dir()));
+    let out = restore_data(&mount, "snap", &dest);
     assert_damaged_left_out(&out, &dest, &expected, "local, --data");
 }
 
@@ -1278,12 +1283,7 @@ fn a_corrupt_local_block_the_store_holds_is_restored_from_it() {
     assert_trees_eq(&comparable(tree_state(&dest), true), &expected, "--mount");
 
     let dest = mount.scratch("out-data").join("dest");
-    let out = run(snapfs()
-        .arg("restore")
-        .arg("snap")
-        .arg(&dest)
-        .arg("--data")
-        .arg(mount.data_dir()));
+    let out = restore_data(&mount, "snap", &dest);
     assert_ok(&out, "local, --data");
     assert_trees_eq(&comparable(tree_state(&dest), true), &expected, "--data");
 }
