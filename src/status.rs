@@ -89,6 +89,15 @@ pub enum StatusError {
     Catalog(#[from] catalog::Error),
 }
 
+/// What `status` reads of the catalog, before and after it watches the upload.
+struct Seen {
+    snapshots: Vec<SnapshotRow>,
+    outstanding: Outstanding,
+    usage: LocalUsage,
+    store_url: Option<String>,
+    cache_limit: Option<String>,
+}
+
 /// The status of the volume in data dir `dir`.
 pub fn status(dir: &Path, options: &StatusOptions) -> Result<Status, StatusError> {
     let catalog = Catalog::open_data_dir_read_only(dir)?;
@@ -101,23 +110,27 @@ pub fn status(dir: &Path, options: &StatusOptions) -> Result<Status, StatusError
     };
     let read = || {
         catalog.read(|tx| {
-            Ok::<_, catalog::Error>((
-                tx.snapshots()?,
-                tx.outstanding()?,
-                tx.local_usage()?,
+            Ok::<_, catalog::Error>(Seen {
+                snapshots: tx.snapshots()?,
+                outstanding: tx.outstanding()?,
+                usage: tx.local_usage()?,
                 // A read-only volume's store is the one it follows.
-                tx.setting(Setting::Store)?
+                store_url: tx
+                    .setting(Setting::Store)?
                     .or(tx.setting(Setting::Follows)?),
-                tx.setting(Setting::CacheSize)?,
-            ))
+                cache_limit: tx.setting(Setting::CacheSize)?,
+            })
         })
     };
     let mut seen = read()?;
     // Watching the rate and asking the store both take a moment: at the same time.
-    let sample = seen.0.iter().any(|s| s.state == SnapshotState::Pending)
+    let sample = seen
+        .snapshots
+        .iter()
+        .any(|s| s.state == SnapshotState::Pending)
         && holder.is_some()
         && !options.sample.is_zero();
-    let store_url = seen.3.clone();
+    let store_url = seen.store_url.clone();
     let (rate, store) = std::thread::scope(|scope| {
         let store = scope.spawn(|| {
             store_url
@@ -139,7 +152,13 @@ pub fn status(dir: &Path, options: &StatusOptions) -> Result<Status, StatusError
         // is done, not stalled.
         seen = read()?;
     }
-    let (snapshots, outstanding, usage, _, cache_limit) = seen;
+    let Seen {
+        snapshots,
+        outstanding,
+        usage,
+        cache_limit,
+        ..
+    } = seen;
     let Outstanding {
         blocks: left_blocks,
         bytes: left_bytes,
