@@ -159,17 +159,27 @@ enum Command {
     Hydrate { mountpoint: PathBuf },
     /// Show what changed between two snapshots, or since a snapshot (like `zfs diff`).
     #[command(
+        override_usage = "snapfs diff [OPTIONS] [MOUNTPOINT] <FROM> [TO]",
         after_help = "Output: one line per path, `+` added, `-` removed, `M` modified, \
         `R` renamed (old -> new).\n\nExamples:\n  \
-        snapfs diff monday tuesday --mount ~/work\n  \
-        snapfs diff monday --data /srv/vol1        # monday against the live volume"
+        snapfs diff ~/work monday tuesday\n  \
+        snapfs diff ~/work monday                  # monday against the live volume\n  \
+        snapfs diff monday tuesday --data /srv/vol1\n\n\
+        Of two arguments, the first is MOUNTPOINT if it has a `/` (a snapshot's name never \
+        has one) or a snapfs volume is mounted there; otherwise they are FROM and TO."
     )]
     Diff {
-        /// The older snapshot.
-        from: String,
+        /// A running snapfs mount, as `snapshot create` takes it (the same as --mount).
+        /// Given alone, or first of two that do not name a mount, it is FROM.
+        #[arg(value_name = "MOUNTPOINT")]
+        first: String,
+        /// The older snapshot, after MOUNTPOINT.
+        #[arg(value_name = "FROM")]
+        second: Option<String>,
         /// The newer snapshot [default: the live volume, with every operation that has
         /// returned; a file still open shows its writes once closed, or within 3 s].
-        to: Option<String>,
+        #[arg(value_name = "TO", conflicts_with_all = ["data", "mount"])]
+        third: Option<String>,
         #[command(flatten)]
         volume: VolumeSource,
     },
@@ -895,7 +905,13 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             };
             return status(&source.data_dir()?, &options, json);
         }
-        Command::Diff { from, to, volume } => {
+        Command::Diff {
+            first,
+            second,
+            third,
+            volume,
+        } => {
+            let (volume, from, to) = diff_arguments(first, second, third, volume)?;
             if to.is_none()
                 && let Some(mountpoint) = volume
                     .mount
@@ -1150,6 +1166,32 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
         }
     }
     Ok(())
+}
+
+/// Sorts `snapfs diff`'s one to three arguments into the volume, FROM and TO (see its
+/// --help for the rule).
+fn diff_arguments(
+    first: String,
+    second: Option<String>,
+    third: Option<String>,
+    volume: VolumeSource,
+) -> Result<(VolumeSource, String, Option<String>), Box<dyn std::error::Error>> {
+    let first_is_mountpoint =
+        |first: &str| first.contains('/') || daemon::is_snapfs_mount(std::path::Path::new(first));
+    Ok(match (second, third) {
+        (None, _) => (volume, first, None),
+        (Some(from), Some(to)) => (volume.or_mountpoint(Some(first.into())), from, Some(to)),
+        (Some(second), None) if first_is_mountpoint(&first) => {
+            if volume.data.is_some() || volume.mount.is_some() {
+                return Err(format!(
+                    "{first} names a mount and so do --data or --mount: give the volume once"
+                )
+                .into());
+            }
+            (volume.or_mountpoint(Some(first.into())), second, None)
+        }
+        (Some(to), None) => (volume, first, Some(to)),
+    })
 }
 
 /// Names the snapshot a NotFound was about.

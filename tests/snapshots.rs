@@ -387,6 +387,18 @@ fn cli_creates_lists_tags_diffs_and_deletes() {
         "{diff}"
     );
     assert!(!diff.contains("kept"), "{diff}");
+    // MOUNTPOINT FROM TO, as `snapshot create` takes the mountpoint, gives the same lines;
+    // so does a mountpoint named without a `/`, from its parent directory.
+    let out = run(snapfs().args(["diff", mp, "monday", "tuesday"]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), diff);
+    let (parent, name) = (
+        mount.path().parent().expect("parent"),
+        mount.path().file_name().expect("name"),
+    );
+    let mut relative = snapfs();
+    relative.current_dir(parent).arg("diff").arg(name);
+    let out = run(relative.args(["monday", "tuesday"]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), diff, "{out:?}");
 
     let out = run(snapfs().args(["snapshot", "show", "monday", "--mount", mp, "--json"]));
     let json = String::from_utf8_lossy(&out.stdout);
@@ -482,7 +494,13 @@ fn a_diff_against_the_live_volume_sees_every_operation_that_returned() {
     for i in 0..20 {
         let name = format!("file{i}");
         fs::write(mount.path().join(&name), b"x").expect("write");
-        let out = run(snapfs().args(["diff", "before", "--mount", mp]));
+        // Both ways of naming the mount: --mount, and MOUNTPOINT FROM.
+        let args: &[&str] = if i % 2 == 0 {
+            &["diff", "before", "--mount", mp]
+        } else {
+            &["diff", mp, "before"]
+        };
+        let out = run(snapfs().args(args));
         let diff = String::from_utf8_lossy(&out.stdout);
         assert!(
             diff.lines().any(|line| line == format!("+\t/{name}")),
