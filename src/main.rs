@@ -1205,6 +1205,13 @@ fn missing_snapshot(err: volume::Error, names: &[Option<&str>]) -> Box<dyn std::
     }
 }
 
+/// `n` and the noun that fits it: "1 file", "2 files".
+fn counted(n: impl std::fmt::Display, one: &str, many: &str) -> String {
+    let n = n.to_string();
+    let noun = if n == "1" { one } else { many };
+    format!("{n} {noun}")
+}
+
 fn lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(bytes)
 }
@@ -1326,18 +1333,19 @@ fn restore(
             eprintln!("snapfs: {error}");
         }
         eprintln!(
-            "restored {} files, {} directories, {} symlinks, {} hard links ({}) in {seconds:.1} s",
-            report.files,
-            report.dirs,
-            report.symlinks,
-            report.hard_links,
+            "restored {}, {}, {}, {} ({}) in {seconds:.1} s",
+            counted(report.files, "file", "files"),
+            counted(report.dirs, "directory", "directories"),
+            counted(report.symlinks, "symlink", "symlinks"),
+            counted(report.hard_links, "hard link", "hard links"),
             human_bytes(report.bytes)
         );
     }
     if report.errors.is_empty() {
         Ok(())
     } else {
-        Err(format!("{} files could not be restored", report.errors.len()).into())
+        let failed = counted(report.errors.len(), "file", "files");
+        Err(format!("{failed} could not be restored").into())
     }
 }
 
@@ -1391,20 +1399,20 @@ fn verify(
             println!("note: {note}");
         }
         println!(
-            "{what}: {} snapshots, {} local blocks, {} stored blocks, {} trees checked{}: {}",
-            c.snapshots,
-            c.local_blocks,
-            c.stored_blocks,
-            c.trees,
+            "{what}: {}, {}, {}, {} checked{}: {}",
+            counted(c.snapshots, "snapshot", "snapshots"),
+            counted(c.local_blocks, "local block", "local blocks"),
+            counted(c.stored_blocks, "stored block", "stored blocks"),
+            counted(c.trees, "tree", "trees"),
             if c.hashed_blocks > 0 {
-                format!(", {} blocks hashed", c.hashed_blocks)
+                format!(", {} hashed", counted(c.hashed_blocks, "block", "blocks"))
             } else {
                 String::new()
             },
             if report.is_clean() {
                 "clean".to_owned()
             } else {
-                format!("{} problems", report.findings.len())
+                counted(report.findings.len(), "problem", "problems")
             }
         );
     }
@@ -1440,9 +1448,9 @@ fn upload(
             );
         }
         eprintln!(
-            "{}: {} snapshots completed, {} failed, {} still pending; {} sent in {:.1} s{}",
+            "{}: {} completed, {} failed, {} still pending; {} sent in {:.1} s{}",
             report.store,
-            report.completed.len(),
+            counted(report.completed.len(), "snapshot", "snapshots"),
             report.failed.len(),
             report.pending.len(),
             human_bytes(report.sent_bytes),
@@ -1569,10 +1577,10 @@ fn status(
             },
         }
         println!(
-            "pending:    {} snapshots, {} in {} blocks left",
-            s.pending.len(),
+            "pending:    {}, {} in {} left",
+            counted(s.pending.len(), "snapshot", "snapshots"),
             human_bytes(s.left_bytes),
-            s.left_blocks
+            counted(s.left_blocks, "block", "blocks")
         );
         for p in &s.pending {
             let sized = p.total_bytes.map_or_else(

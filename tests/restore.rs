@@ -481,9 +481,13 @@ fn a_directory_or_a_file_inside_a_snapshot_restores_alone() {
 
     // A file as a new name.
     let renamed = out_dir.join("renamed.txt");
-    assert_ok(
-        &restore_local(&mount, "snap:a/b/text.txt", &renamed, &[]),
-        "restore a file as DEST",
+    let out = restore_local(&mount, "snap:a/b/text.txt", &renamed, &[]);
+    assert_ok(&out, "restore a file as DEST");
+    // The summary counts in words that fit the number.
+    assert!(
+        stderr(&out).starts_with("restored 1 file, 0 directories, 0 symlinks, 0 hard links ("),
+        "{}",
+        stderr(&out)
     );
     let got = file_state(&renamed).into_values().collect::<Vec<_>>();
     let want = want.into_values().collect::<Vec<_>>();
