@@ -7,6 +7,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::catalog::NAME_MAX;
@@ -437,6 +438,8 @@ pub fn hydrate(
     // The live tree only: `.snapshots` is not listed in the root, and snapshots share
     // their blocks with it or are fetched when read.
     let mut files = Vec::new();
+    // A file of many names (hard links) is read once.
+    let mut inodes = std::collections::HashSet::new();
     let mut pending = vec![mountpoint.to_owned()];
     while let Some(dir) = pending.pop() {
         for entry in fs::read_dir(&dir).map_err(io_err("cannot list", &dir))? {
@@ -447,11 +450,12 @@ pub fn hydrate(
             if kind.is_dir() && entry.file_name() != ".snapshots" {
                 pending.push(entry.path());
             } else if kind.is_file() {
-                let len = entry
+                let meta = entry
                     .metadata()
-                    .map_err(io_err("cannot stat", &entry.path()))?
-                    .len();
-                files.push((entry.path(), len));
+                    .map_err(io_err("cannot stat", &entry.path()))?;
+                if inodes.insert((meta.dev(), meta.ino())) {
+                    files.push((entry.path(), meta.len()));
+                }
             }
         }
     }

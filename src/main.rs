@@ -793,7 +793,8 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             if let Some(bar) = &bar {
                 bar.finish_and_clear();
             }
-            eprintln!("hydrated {files} files ({})", human_bytes(bytes));
+            let files = counted(files, "file", "files");
+            eprintln!("hydrated {files} ({})", human_bytes(bytes));
         }
         Command::Snapshot(command) => snapshot(command)?,
         Command::Policy(PolicyCommand::Set { mountpoint, rules }) => {

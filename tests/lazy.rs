@@ -153,6 +153,8 @@ fn hydrate_fetches_every_block_of_the_live_volume() {
     let data = pattern(12 * BLOCK, 3);
     fs::write(source.path().join("f"), &data).expect("write");
     fs::write(source.path().join("g"), b"tail").expect("write");
+    // A second name of f: the same file, read once.
+    fs::hard_link(source.path().join("f"), source.path().join("h")).expect("link");
     fs::create_dir(source.path().join(".snapshots/s")).expect("snapshot");
     wait_completed(&source, "s");
     source.unmount();
@@ -168,6 +170,11 @@ fn hydrate_fetches_every_block_of_the_live_volume() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("hydrated 2 files"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("hydrated 2 files (3.0 MiB)"),
+        "f once, not once per name: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         block_files(copy.data_dir()).len(),
         13,
