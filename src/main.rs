@@ -1,6 +1,6 @@
 //! The snapfs command line: parse, call the library, print.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -46,10 +46,11 @@ enum Command {
     Mount(Box<MountCommand>),
     /// Link mount(8)'s and umount(8)'s helpers (mount.fuse.snapfs, umount.fuse.snapfs) to
     /// this program, so /etc/fstab lines of type fuse.snapfs mount volumes.
-    #[command(after_help = "Example:
-          sudo snapfs install-mount-helper
-          # /etc/fstab:
-          /srv/vol1  /srv/work  fuse.snapfs  store=s3://my-bucket/work,_netdev,nofail  0 0")]
+    #[command(after_help = "Example:\n  \
+        sudo snapfs install-mount-helper\n  \
+        # /etc/fstab:\n  \
+        /srv/vol1  /srv/work  fuse.snapfs  store=s3://my-bucket/work,_netdev,nofail  0 0\n\n\
+        Mounting a line again (`mount -a`) leaves its running volume alone.")]
     InstallMountHelper {
         /// Where mount(8) looks for helpers.
         #[arg(long, value_name = "DIR", default_value = "/sbin")]
@@ -1178,7 +1179,7 @@ fn diff_arguments(
     volume: VolumeSource,
 ) -> Result<(VolumeSource, String, Option<String>), Box<dyn std::error::Error>> {
     let first_is_mountpoint =
-        |first: &str| first.contains('/') || daemon::is_snapfs_mount(std::path::Path::new(first));
+        |first: &str| first.contains('/') || daemon::is_snapfs_mount(Path::new(first));
     Ok(match (second, third) {
         (None, _) => (volume, first, None),
         (Some(from), Some(to)) => (volume.or_mountpoint(Some(first.into())), from, Some(to)),
@@ -1260,7 +1261,7 @@ impl snapfs::restore::Progress for Bar {
 
 fn restore(
     what: &str,
-    dest: &std::path::Path,
+    dest: &Path,
     volume: &VolumeSource,
     store: Option<(&store::StoreUrl, bool)>,
     overwrite: bool,
@@ -1425,7 +1426,7 @@ fn verify(
 }
 
 fn upload(
-    dir: &std::path::Path,
+    dir: &Path,
     options: DrainOptions,
     json: bool,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
@@ -1481,7 +1482,7 @@ fn store_usage_text(usage: &snapfs::catalog::PackTotals) -> String {
 }
 
 fn prune(
-    dir: &std::path::Path,
+    dir: &Path,
     options: PruneOptions,
     json: bool,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
@@ -1551,7 +1552,7 @@ fn prune(
 }
 
 fn status(
-    dir: &std::path::Path,
+    dir: &Path,
     options: &StatusOptions,
     json: bool,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
@@ -1720,8 +1721,9 @@ mod policy_cli;
 #[path = "cli/checkpoint.rs"]
 mod checkpoint;
 
-/// The command line, or what mount(8)'s helper conventions stand for (see `mount_helper`).
-fn parse_command_line() -> Result<Option<Cli>, String> {
+/// The command line, or what mount(8)'s helper conventions stand for (see `mount_helper`),
+/// and whether it was such a helper call.
+fn parse_command_line() -> Result<Option<(Cli, bool)>, String> {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let mut command = <Cli as clap::CommandFactory>::command();
     command.build();
@@ -1730,18 +1732,29 @@ fn parse_command_line() -> Result<Option<Cli>, String> {
             .is_some_and(|name| command.find_subcommand(name).is_some())
     };
     Ok(match mount_helper::command_line(&argv, is_subcommand) {
-        None => Some(Cli::parse()),
+        None => Some((Cli::parse(), false)),
         Some(call) => match call? {
-            Call::Run(line) => Some(Cli::parse_from(line)),
+            Call::Run(line) => Some((Cli::parse_from(line), true)),
             Call::Nothing => None,
         },
     })
 }
 
+/// Whether `err` says that the mountpoint already holds the volume of `data`. mount(8)'s
+/// helper then has nothing to do: `mount -a` skips what is mounted, but it cannot see that
+/// a snapfs line is, since /proc/mounts shows the source as `snapfs:DATA_DIR`.
+fn mounted_there_already(err: &(dyn std::error::Error + 'static), data: &Path) -> bool {
+    matches!(
+        err.downcast_ref::<daemon::MountError>(),
+        Some(daemon::MountError::AlreadyMounted { data_dir, .. })
+            if std::fs::canonicalize(data).is_ok_and(|dir| dir == Path::new(data_dir))
+    )
+}
+
 fn main() -> ExitCode {
     absolute_key_file();
-    let cli = match parse_command_line() {
-        Ok(Some(cli)) => cli,
+    let (cli, helper_call) = match parse_command_line() {
+        Ok(Some(parsed)) => parsed,
         Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("snapfs: {e}");
@@ -1763,8 +1776,19 @@ fn main() -> ExitCode {
         | Command::Status { .. } => ExitCode::from(2),
         _ => ExitCode::FAILURE,
     };
+    let helper_mount_data = match &cli.command {
+        Command::Mount(mount) if helper_call => mount.data.clone(),
+        _ => None,
+    };
     match run(cli) {
         Ok(code) => code,
+        Err(e)
+            if helper_mount_data
+                .as_deref()
+                .is_some_and(|data| mounted_there_already(&*e, data)) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("snapfs: {e}");
             failure

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{
-    BLOCK, Mount, assert_bytes_eq, assert_verify_clean, block_files, errno, mount_cmd, pattern,
-    run, snapfs,
+    BLOCK, Mount, assert_bytes_eq, assert_mounted_once, assert_verify_clean, block_files, errno,
+    mount_cmd, pattern, run, snapfs,
 };
 
 /// Runs `snapfs mount MOUNTPOINT --data DATA` (daemonizing unless `foreground`), which
@@ -43,19 +43,6 @@ fn missing_mountpoint() {
     assert!(
         stderr.contains(&*missing.to_string_lossy()),
         "stderr: {stderr}"
-    );
-}
-
-/// Exactly one file system is mounted on `mountpoint`, per /proc/self/mountinfo.
-#[track_caller]
-fn assert_mounted_once(mountpoint: &Path) {
-    let mountpoint = fs::canonicalize(mountpoint).expect("canonical mountpoint");
-    let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let at = format!(" {} ", mountpoint.display());
-    assert_eq!(
-        mounts.lines().filter(|l| l.contains(&at)).count(),
-        1,
-        "{mounts}"
     );
 }
 

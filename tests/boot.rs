@@ -110,6 +110,29 @@ fn fstab_line_mounts_and_umount_unmounts_through_mount8() {
         mount_source(&mnt).as_deref(),
         Some(format!("snapfs:{}", data.display()).as_str())
     );
+    // The same line mounted again (`mount -a` after an edit of fstab) has nothing to do:
+    // mount(8) cannot see that it is mounted, but the helper can. Another volume there is
+    // still refused.
+    let daemon_log = || fs::read_to_string(data.join("snapfs.log")).expect("daemon log");
+    let started = daemon_log().matches(": mounted mountpoint=").count();
+    run_ok(&mut mount_cmd(), &data);
+    assert_mounted_once(&mnt);
+    assert_eq!(
+        daemon_log().matches(": mounted mountpoint=").count(),
+        started,
+        "a second daemon"
+    );
+    let other = mount.scratch("other-data");
+    let out = run(Command::new("/sbin/mount.fuse.snapfs")
+        .arg(&other)
+        .arg(&mnt));
+    assert!(!out.status.success(), "another volume over the mount");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already a snapfs mount"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_mounted_once(&mnt);
     let payload = pattern(3 * BLOCK + 5, 7);
     fs::write(mnt.join("file"), &payload).expect("write through the fstab mount");
     take_snapshot(&mount, "boot");

@@ -353,6 +353,19 @@ pub fn mount_source(mountpoint: &Path) -> Option<String> {
     })
 }
 
+/// Exactly one file system is mounted on `mountpoint`, per /proc/self/mountinfo.
+#[track_caller]
+pub fn assert_mounted_once(mountpoint: &Path) {
+    let mountpoint = fs::canonicalize(mountpoint).expect("canonical mountpoint");
+    let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let at = format!(" {} ", mountinfo_escape(&mountpoint));
+    assert_eq!(
+        mounts.lines().filter(|l| l.contains(&at)).count(),
+        1,
+        "{mounts}"
+    );
+}
+
 /// A path as mountinfo spells it: space, tab, newline and backslash in octal escapes.
 fn mountinfo_escape(path: &Path) -> String {
     let mut out = String::new();
