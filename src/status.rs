@@ -228,9 +228,10 @@ pub fn status(dir: &Path, options: &StatusOptions) -> Result<Status, StatusError
 fn problems(status: &Status, snapshots: &[SnapshotRow], max_age: Option<Duration>) -> Vec<String> {
     let mut problems = Vec::new();
     if !status.pending.is_empty() {
+        let n = status.pending.len();
         problems.push(format!(
-            "{} snapshots pending ({} bytes left)",
-            status.pending.len(),
+            "{n} {} pending ({} bytes left)",
+            if n == 1 { "snapshot" } else { "snapshots" },
             status.left_bytes
         ));
     }
