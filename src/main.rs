@@ -162,7 +162,9 @@ enum Command {
     #[command(
         override_usage = "snapfs diff [OPTIONS] [MOUNTPOINT] <FROM> [TO]",
         after_help = "Output: one line per path, `+` added, `-` removed, `M` modified, \
-        `R` renamed (old -> new).\n\nExamples:\n  \
+        `R` renamed (old -> new). In a path, a backslash, a control character and a byte \
+        that is not UTF-8 read as `\\` and three octal digits (a newline is \\012).\n\n\
+        Examples:\n  \
         snapfs diff ~/work monday tuesday\n  \
         snapfs diff ~/work monday                  # monday against the live volume\n  \
         snapfs diff monday tuesday --data /srv/vol1\n\n\
@@ -929,10 +931,10 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             for change in changes {
                 match &change {
                     Change::Renamed { from, to } => {
-                        println!("R\t{} -> {}", lossy(from), lossy(to))
+                        println!("R\t{} -> {}", escaped_path(from), escaped_path(to))
                     }
                     Change::Added(p) | Change::Removed(p) | Change::Modified(p) => {
-                        println!("{}\t{}", change.code(), lossy(p))
+                        println!("{}\t{}", change.code(), escaped_path(p))
                     }
                 }
             }
@@ -1205,6 +1207,35 @@ fn missing_snapshot(err: volume::Error, names: &[Option<&str>]) -> Box<dyn std::
         }
         other => other.into(),
     }
+}
+
+/// A path for line-oriented output: a backslash, a control character (a newline, a tab)
+/// and each byte that is not UTF-8 become `\` and three octal digits, as in zfs diff and
+/// /proc/mounts, so every path is one line and names the file it was.
+fn escaped_path(bytes: &[u8]) -> String {
+    fn push_octal(out: &mut String, byte: u8) {
+        out.push('\\');
+        for shift in [6, 3, 0] {
+            out.push(char::from(b'0' + ((byte >> shift) & 7)));
+        }
+    }
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' || c.is_control() {
+                let mut utf8 = [0; 4];
+                for byte in c.encode_utf8(&mut utf8).bytes() {
+                    push_octal(&mut out, byte);
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        for &byte in chunk.invalid() {
+            push_octal(&mut out, byte);
+        }
+    }
+    out
 }
 
 /// `n` and the noun that fits it: "1 file", "2 files".
@@ -1821,6 +1852,17 @@ mod tests {
         );
         assert!(parse_duration("5y").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn paths_print_on_one_line_and_name_their_bytes() {
+        assert_eq!(escaped_path(b"/src/main.rs"), "/src/main.rs");
+        assert_eq!(escaped_path("/été/日本".as_bytes()), "/été/日本");
+        assert_eq!(escaped_path(b"/a\nb\tc"), "/a\\012b\\011c");
+        assert_eq!(escaped_path(b"/back\\slash"), "/back\\134slash");
+        assert_eq!(escaped_path(b"/\xffbin\x7f"), "/\\377bin\\177");
+        // A C1 control is two bytes of UTF-8, each escaped.
+        assert_eq!(escaped_path("/\u{85}".as_bytes()), "/\\302\\205");
     }
 
     #[test]

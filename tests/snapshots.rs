@@ -511,6 +511,44 @@ fn a_diff_against_the_live_volume_sees_every_operation_that_returned() {
 }
 
 #[test]
+fn a_diff_prints_every_path_on_one_line_whatever_its_bytes() {
+    use std::os::unix::ffi::OsStrExt;
+    let mount = Mount::new();
+    let mp = mount.path().to_str().expect("utf-8 path");
+    let name = |bytes: &[u8]| mount.path().join(std::ffi::OsStr::from_bytes(bytes));
+    fs::write(name(b"old\\name"), b"r").expect("write");
+    snapshot(&mount, "before");
+    for bytes in [
+        &b"new\nline"[..],
+        b"tab\there",
+        b"\xffbin",
+        "\u{e9}t\u{e9}".as_bytes(),
+    ] {
+        fs::write(name(bytes), b"x").expect("write");
+    }
+    fs::rename(name(b"old\\name"), name(b"re\\named")).expect("rename");
+    let out = run(snapfs().args(["diff", mp, "before"]));
+    assert!(out.status.success(), "{out:?}");
+    let mut lines: Vec<String> = String::from_utf8(out.stdout)
+        .expect("UTF-8 output")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "+\t/\\377bin",
+            "+\t/new\\012line",
+            "+\t/tab\\011here",
+            "+\t/\u{e9}t\u{e9}",
+            "M\t/",
+            "R\t/old\\134name -> /re\\134named",
+        ]
+    );
+}
+
+#[test]
 fn the_listing_aligns_its_columns_to_the_longest_name_and_lock() {
     let mount = Mount::new();
     let long = "a-snapshot-named-at-length-for-the-test";
