@@ -27,7 +27,8 @@ pub enum ControlError {
     #[error("no checkpoint at or before {0}")]
     NoCheckpointBefore(String),
     #[error(
-        "invalid snapshot name '{0}': names are 1 to 255 bytes, without '/', not starting with '.'"
+        "invalid snapshot name {0:?}: names are 1 to 255 bytes, without '/' or control \
+         characters, not starting with '.'"
     )]
     BadName(String),
     #[error("bad tag '{0}': write KEY=VALUE")]

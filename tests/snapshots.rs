@@ -107,6 +107,12 @@ fn control_directory_behaves_like_zfs_snapshot_dir() {
     );
     assert_eq!(errno(fs::create_dir(&snap)), libc::EEXIST);
     assert_eq!(errno(fs::create_dir(snapdir.join(".dot"))), libc::EINVAL);
+    // A control character would break every line of a listing.
+    assert_eq!(errno(fs::create_dir(snapdir.join("a\nb"))), libc::EINVAL);
+    assert_eq!(
+        errno(fs::rename(&snap, snapdir.join("tab\t"))),
+        libc::EINVAL
+    );
     assert_eq!(
         errno(fs::create_dir(snapdir.join("x".repeat(256)))),
         libc::ENAMETOOLONG

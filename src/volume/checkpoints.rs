@@ -254,7 +254,7 @@ impl Volume {
     /// Turns checkpoint `name` into snapshot `new_name` (`pending`: the uploader sends
     /// it). Its point in time and creation time are the checkpoint's.
     pub fn promote_checkpoint(&self, name: &[u8], new_name: &[u8]) -> Result<SnapshotInfo> {
-        super::snapshots::check_snapshot_name(new_name)?;
+        super::snapshots::check_new_snapshot_name(new_name)?;
         let checkpoint = self.checkpoints.by_name(name)?;
         let row = self.snapshots.insert(new_name, || {
             self.checkpoints.remove(

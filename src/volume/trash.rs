@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::locks::{self, XATTR_LOCK};
-use super::snapshots::{SNAPDIR_INO, check_snapshot_name, rfc3339};
+use super::snapshots::{SNAPDIR_INO, check_new_snapshot_name, check_snapshot_name, rfc3339};
 use super::{DirEntry, Error, NodeId, Result, SnapshotInfo, View, Volume};
 use crate::catalog::{ROOT_INO, Setting, SnapshotLock, SnapshotRow, Trash};
 use crate::sync::lock;
@@ -127,8 +127,12 @@ impl Volume {
     /// A name in use is `Exists`.
     pub fn undelete_snapshot(&self, name: &[u8], new_name: Option<&[u8]>) -> Result<SnapshotInfo> {
         let row = self.snapshots.trashed_by_name(name)?;
+        // Its own name stands as it was; a new one is checked as any name given now.
+        match new_name {
+            Some(new_name) => check_new_snapshot_name(new_name)?,
+            None => check_snapshot_name(name)?,
+        }
         let new_name = new_name.unwrap_or(name);
-        check_snapshot_name(new_name)?;
         self.snapshots.update(row.id, |current, taken| {
             unchanged_since(&row, current)?;
             if taken(new_name) {
