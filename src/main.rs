@@ -1503,10 +1503,10 @@ fn upload(
 /// The volume's store in one line, with the bytes no snapshot needs.
 fn store_usage_text(usage: &snapfs::catalog::PackTotals) -> String {
     format!(
-        "store:     {} in {} packs, {} of it unused ({:.1}%; freed while the mount is \
+        "store:     {} in {}, {} of it unused ({:.1}%; freed while the mount is \
          idle, or by `snapfs store prune`)",
         human_bytes(usage.bytes),
-        usage.packs,
+        counted(usage.packs, "pack", "packs"),
         human_bytes(usage.unused_bytes),
         100.0 * usage.unused_bytes as f64 / usage.bytes.max(1) as f64
     )
@@ -1535,9 +1535,9 @@ fn prune(
         100.0 * gc.unused_bytes as f64 / gc.store_bytes.max(1) as f64
     );
     println!(
-        "{delete} {} unused packs and {repack} {} ({} of live blocks copied into new packs): \
+        "{delete} {} and {repack} {} ({} of live blocks copied into new packs): \
          {} of packs deleted, in {:.1} s",
-        gc.deleted_packs,
+        counted(gc.deleted_packs, "unused pack", "unused packs"),
         gc.repacked_packs,
         human_bytes(gc.copied_bytes),
         human_bytes(gc.deleted_bytes),
@@ -1550,33 +1550,41 @@ fn prune(
     };
     if gc.merged_small_packs > 0 {
         println!(
-            "{merge} {} small packs into full ones (of the packs {repack})",
-            gc.merged_small_packs
+            "{merge} {} into full ones (of the packs {repack})",
+            counted(gc.merged_small_packs, "small pack", "small packs")
         );
     }
     if gc.merged_indexes > 0 {
         println!(
-            "{merge} {} small index objects into full ones",
-            gc.merged_indexes
+            "{merge} {} into full ones",
+            counted(
+                gc.merged_indexes,
+                "small index object",
+                "small index objects"
+            )
         );
     }
     let convert = &report.convert;
     if convert.converted_objects > 0 {
         println!(
-            "converted {} format-1 objects into packs ({} of frames)",
-            convert.converted_objects,
+            "converted {} into packs ({} of frames)",
+            counted(
+                convert.converted_objects,
+                "format-1 object",
+                "format-1 objects"
+            ),
             human_bytes(convert.converted_bytes)
         );
     }
     if convert.left_objects > 0 {
         println!(
-            "{} format-1 objects could not be converted and stay as they are (the log says why)",
-            convert.left_objects
+            "{} could not be converted and stay as they are (the log says why)",
+            counted(convert.left_objects, "format-1 object", "format-1 objects")
         );
     } else if convert.converted_objects == 0 && convert.format_1_objects > 0 {
         println!(
-            "the store holds {} objects of their own (format 1); --convert packs them",
-            convert.format_1_objects
+            "the store holds {} of their own (format 1); --convert packs them",
+            counted(convert.format_1_objects, "object", "objects")
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -11,7 +11,7 @@ use snapfs::control;
 use snapfs::inspect::Inspector;
 use snapfs::volume;
 
-use super::{human_bytes, json, lossy, parse_duration};
+use super::{counted, human_bytes, json, lossy, parse_duration};
 
 /// `--trash-days`: a number of days, or a duration with a unit (90s, 30m, 12h, 3d, 2w).
 pub fn parse_trash_days(text: &str) -> Result<Duration, String> {
@@ -177,8 +177,8 @@ pub fn list_trash(inspector: &Inspector, as_json: bool) -> Result<(), Box<dyn st
         );
     }
     println!(
-        "{} snapshots in the recycle bin; purging them all frees {}",
-        trashed.len(),
+        "{} in the recycle bin; purging them all frees {}",
+        counted(trashed.len(), "snapshot", "snapshots"),
         human_bytes(total)
     );
     Ok(())
