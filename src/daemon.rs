@@ -753,11 +753,6 @@ pub fn data_dir_of_mount(mountpoint: &Path) -> Result<PathBuf, MountError> {
         })
 }
 
-/// Whether a snapfs volume is mounted at `path`.
-pub fn is_snapfs_mount(path: &Path) -> bool {
-    fs::canonicalize(path).is_ok_and(|canonical| mount_source(&canonical).is_some())
-}
-
 /// The source of the FUSE mount at `mountpoint`, from /proc/self/mountinfo.
 fn mount_source(mountpoint: &Path) -> Option<String> {
     let wanted = mountpoint.to_string_lossy();

@@ -1181,7 +1181,7 @@ fn diff_arguments(
     volume: VolumeSource,
 ) -> Result<(VolumeSource, String, Option<String>), Box<dyn std::error::Error>> {
     let first_is_mountpoint =
-        |first: &str| first.contains('/') || daemon::is_snapfs_mount(Path::new(first));
+        |first: &str| first.contains('/') || daemon::data_dir_of_mount(Path::new(first)).is_ok();
     Ok(match (second, third) {
         (None, _) => (volume, first, None),
         (Some(from), Some(to)) => (volume.or_mountpoint(Some(first.into())), from, Some(to)),
