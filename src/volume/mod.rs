@@ -766,18 +766,40 @@ impl Volume {
             .name("snapfs-committer".into())
             .spawn(move || {
                 let mut folded = Instant::now();
-                // Ends when the catalog (and its sender) is dropped with the volume.
-                while groups.recv().is_ok() {
-                    std::thread::sleep(window);
+                let mut unfolded = false;
+                loop {
+                    // A group committed since the last fold is folded in once the interval
+                    // is over, even if no group follows: an idle volume's last second of
+                    // work must not wait for the kernel's writeback, which may write the
+                    // WAL before the blocks it names.
+                    let opened = if unfolded {
+                        match groups.recv_timeout(FOLD_INTERVAL.saturating_sub(folded.elapsed())) {
+                            Ok(()) => true,
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                        }
+                    } else {
+                        match groups.recv() {
+                            Ok(()) => true,
+                            // The catalog (and its sender) was dropped with the volume.
+                            Err(_) => return,
+                        }
+                    };
+                    if opened {
+                        std::thread::sleep(window);
+                    }
                     let Some(volume) = volume.upgrade() else {
                         return;
                     };
-                    let committed = lock(&volume.catalog).commit();
-                    if let Err(e) = committed
-                        .map_err(Error::from)
-                        .and_then(|()| volume.collect_garbage())
-                    {
-                        tracing::error!(error = %e, "background catalog commit failed");
+                    if opened {
+                        let committed = lock(&volume.catalog).commit();
+                        if let Err(e) = committed
+                            .map_err(Error::from)
+                            .and_then(|()| volume.collect_garbage())
+                        {
+                            tracing::error!(error = %e, "background catalog commit failed");
+                        }
+                        unfolded = true;
                     }
                     if folded.elapsed() >= FOLD_INTERVAL {
                         // Blocks first: the fold makes the WAL durable, and after a power
@@ -788,6 +810,7 @@ impl Volume {
                             tracing::warn!(error = %e, "cannot fold the catalog's WAL in");
                         }
                         folded = Instant::now();
+                        unfolded = false;
                     }
                 }
             })?;

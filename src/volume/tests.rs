@@ -480,6 +480,30 @@ fn the_committer_syncs_the_block_files_before_it_folds_the_wal() {
 }
 
 #[test]
+fn an_idle_volume_folds_its_last_group_in_without_waiting_for_another() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let volume = Arc::new(Volume::open(dir.path(), &small_blocks()).expect("open volume"));
+    volume
+        .spawn_committer(Duration::from_millis(10))
+        .expect("committer");
+    let (attr, handle) = volume.create(ROOT, b"last", 0o644, ME).expect("create");
+    volume
+        .write(attr.node, 0, &pattern(3 * 4096, 1))
+        .expect("write");
+    volume.release(handle).expect("release");
+    // Nothing follows: the fold (and the block sync before it) comes all the same.
+    let deadline = Instant::now() + FOLD_INTERVAL * 10;
+    while !volume.blocks.local().all_synced() {
+        assert!(
+            Instant::now() < deadline,
+            "the last group's blocks are still unsynced after {:?}",
+            FOLD_INTERVAL * 10
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
 fn second_open_of_a_data_dir_is_refused() {
     let t = TestVolume::new();
     match Volume::open(t.dir.path(), &small_blocks()) {
