@@ -360,7 +360,7 @@ fn serve(args: &MountArgs, ready: &mut Option<fs::File>) -> Result<(), MountErro
     scheduler.stop();
     // Uploads left unfinished resume at the next mount.
     uploader.stop();
-    volume.shutdown()?;
+    close(volume)?;
     tracing::info!("unmounted cleanly");
     Ok(())
 }
@@ -427,9 +427,39 @@ fn serve_follower(
     wait_for_unmount(session, ready, &signals);
     follower.stop();
     drop(runtime);
-    volume.shutdown()?;
+    close(volume)?;
     tracing::info!("unmounted cleanly");
     Ok(())
+}
+
+/// How long `close` waits for a background thread (a flush, a checkpoint, the trash
+/// timer) to let go of the volume.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
+/// Shuts the volume down, then drops it on this thread once no other holds it: those
+/// hold it only while they work, and the process must not exit while one of them is
+/// still closing the catalog (the WAL would be left behind, and `snapfs umount`, which
+/// waits for the data dir's lock, would return before the catalog is closed).
+fn close(volume: Arc<Volume>) -> Result<(), MountError> {
+    volume.shutdown()?;
+    let deadline = Instant::now() + CLOSE_WAIT;
+    let mut volume = volume;
+    loop {
+        match Arc::try_unwrap(volume) {
+            Ok(volume) => {
+                drop(volume);
+                return Ok(());
+            }
+            Err(shared) if Instant::now() < deadline => {
+                volume = shared;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => {
+                tracing::warn!("a background thread still holds the volume; exiting all the same");
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// The FUSE session, running on its own thread, which signals the main thread when the

@@ -308,6 +308,18 @@ fn fusermount3_unmount_stops_the_daemon_cleanly() {
     assert_bytes_eq(&fs::read(m.path().join("f")).expect("read"), &data, "data");
 }
 
+#[test]
+fn an_unmounted_volume_leaves_its_catalog_closed() {
+    let mut m = Mount::new();
+    fs::write(m.path().join("f"), b"bytes").expect("write");
+    // Past the committer's fold interval, so it has folded (and may fold again) when the
+    // unmount comes.
+    std::thread::sleep(Duration::from_millis(1500));
+    m.unmount();
+    let wal = m.data_dir().join("catalog.db-wal");
+    assert!(!wal.exists(), "{} is left behind", wal.display());
+}
+
 fn process_exists(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(pid, 0) == 0 }

@@ -867,6 +867,14 @@ impl Catalog {
         });
     }
 
+    /// Commits the open group and turns group commit off: from now on every write
+    /// commits alone, and whoever waits on the `opened` receiver hears the sender go.
+    pub fn disable_group_commit(&mut self) -> Result<()> {
+        self.commit()?;
+        self.group = None;
+        Ok(())
+    }
+
     /// A connection of its own that folds the WAL into the database file (see
     /// `Checkpointer`); from now on this connection leaves that to it, up to
     /// `SELF_CHECKPOINT_PAGES`.

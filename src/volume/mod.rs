@@ -108,8 +108,6 @@ pub const XATTR_REPLACE: i32 = 2;
 /// gate, file state, gc, snapshot table, catalog; the rest are leaves.
 pub struct Volume {
     dir: PathBuf,
-    /// Held for the volume's life: one process per data dir.
-    _lock: fs::File,
     /// Shared with `blocks`, which records where fetched and evicted blocks are.
     catalog: Arc<Mutex<Catalog>>,
     block_size: u64,
@@ -153,6 +151,11 @@ pub struct Volume {
     /// Told of live files whose attributes a flush changed (see `data::AttrsChanged`);
     /// set once by the mount.
     attrs_changed: OnceLock<data::AttrsChanged>,
+    /// The thread `spawn_committer` started, joined by `shutdown`.
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Held for the volume's life: one process per data dir. The last field, so it is let
+    /// go last: `snapfs umount` waits for it, and by then the catalog must be closed.
+    _lock: fs::File,
 }
 
 pub fn now() -> i64 {
@@ -289,7 +292,6 @@ impl Volume {
         let blocks = Arc::new(BlockReader::new(local, block_size, catalog.clone()));
         let volume = Volume {
             dir: dir.to_owned(),
-            _lock: lock_file,
             read_ahead: ReadAhead::start(blocks.clone(), block_size, cache_blocks),
             snapshot_reads: SnapshotReads::default(),
             blocks,
@@ -311,6 +313,8 @@ impl Volume {
             clock: options.clock.clone(),
             schedule: Arc::default(),
             attrs_changed: OnceLock::new(),
+            committer: Mutex::new(None),
+            _lock: lock_file,
         };
         volume.load_snapshots()?;
         volume.load_checkpoints()?;
@@ -683,10 +687,12 @@ impl Volume {
         })
     }
 
-    /// Flushes everything and makes it durable: the last call before unmount.
+    /// Flushes everything, makes it durable and stops the committer: the last call before
+    /// unmount.
     pub fn shutdown(&self) -> Result<()> {
         self.flush_all()?;
         self.sync()?;
+        self.stop_committer()?;
         lock(&self.catalog).checkpoint()?;
         match fs::remove_file(self.dir.join(RUNNING_MARKER)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::DataDir {
@@ -746,7 +752,8 @@ impl Volume {
     /// Turns on the catalog's group commit and starts the thread that commits each group
     /// once it is `window` old (see `catalog::GroupCommit`; at most this much of what
     /// nothing synced is lost to a kill -9), then collects the garbage the group freed.
-    /// It ends when the volume is dropped. A zero window leaves group commit off.
+    /// It ends at `shutdown`, or when the volume is dropped. A zero window leaves group
+    /// commit off.
     pub fn spawn_committer(self: &Arc<Self>, window: Duration) -> std::io::Result<()> {
         if window.is_zero() {
             return Ok(());
@@ -762,7 +769,7 @@ impl Volume {
             .map_err(std::io::Error::other)?;
         lock(&self.catalog).enable_group_commit(opened, Box::new(has_room));
         let volume = Arc::downgrade(self);
-        std::thread::Builder::new()
+        let committer = std::thread::Builder::new()
             .name("snapfs-committer".into())
             .spawn(move || {
                 let mut folded = Instant::now();
@@ -781,7 +788,8 @@ impl Volume {
                     } else {
                         match groups.recv() {
                             Ok(()) => true,
-                            // The catalog (and its sender) was dropped with the volume.
+                            // Group commit is off (`stop_committer`), or the catalog
+                            // (and its sender) was dropped with the volume.
                             Err(_) => return,
                         }
                     };
@@ -814,6 +822,22 @@ impl Volume {
                     }
                 }
             })?;
+        *lock(&self.committer) = Some(committer);
+        Ok(())
+    }
+
+    /// Commits the open group and ends the committer, once it has let go of the volume
+    /// and closed its connection to the catalog: the process must not exit before, or
+    /// the WAL is left behind (`snapfs umount` promises a closed catalog).
+    fn stop_committer(&self) -> Result<()> {
+        // Its sender gone, the committer's wait for the next group ends.
+        lock(&self.catalog).disable_group_commit()?;
+        let committer = lock(&self.committer).take();
+        if let Some(committer) = committer
+            && committer.join().is_err()
+        {
+            tracing::error!("the committer thread panicked");
+        }
         Ok(())
     }
 }

@@ -504,6 +504,26 @@ fn an_idle_volume_folds_its_last_group_in_without_waiting_for_another() {
 }
 
 #[test]
+fn a_volume_shut_down_and_dropped_has_closed_its_catalog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let volume = Arc::new(Volume::open(dir.path(), &small_blocks()).expect("open volume"));
+    volume
+        .spawn_committer(Duration::from_millis(10))
+        .expect("committer");
+    let (attr, handle) = volume.create(ROOT, b"f", 0o644, ME).expect("create");
+    volume.write(attr.node, 0, b"bytes").expect("write");
+    volume.release(handle).expect("release");
+    volume.shutdown().expect("shutdown");
+    // The committer has ended: it holds the volume no more, not even weakly, nor its own
+    // connection to the catalog.
+    assert_eq!(Arc::weak_count(&volume), 0, "the committer still runs");
+    drop(Arc::into_inner(volume).expect("the test holds the only reference"));
+    // SQLite deletes the WAL when its last connection closes.
+    let wal = dir.path().join("catalog.db-wal");
+    assert!(!wal.exists(), "{} is left behind", wal.display());
+}
+
+#[test]
 fn second_open_of_a_data_dir_is_refused() {
     let t = TestVolume::new();
     match Volume::open(t.dir.path(), &small_blocks()) {
