@@ -992,6 +992,8 @@ impl Uploader {
                     // does not know would stay in the store for good if its block were
                     // freed before being sent again. An outage cuts the wait short.
                     worker.stop_sending();
+                    // An idle uploader waits for a wakeup: this one ends its wait now.
+                    wake.notify_one();
                     let _ = tokio::time::timeout(STOP_GRACE, &mut running).await;
                 });
                 // What is still in flight is abandoned: the catalog says what is stored.
@@ -1019,9 +1021,8 @@ async fn run(worker: &Worker, wake: &Notify) {
         if let Err(e) = result {
             tracing::error!(error = %e, "uploader error; retrying shortly");
             metrics::upload_error();
-            tokio::time::sleep(IDLE_POLL).await;
-            continue;
         }
+        // A wakeup (a snapshot taken, or the stop) ends the wait early.
         let _ = tokio::time::timeout(IDLE_POLL, wake.notified()).await;
     }
 }
