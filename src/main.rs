@@ -931,10 +931,10 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             for change in changes {
                 match &change {
                     Change::Renamed { from, to } => {
-                        println!("R\t{} -> {}", escaped_path(from), escaped_path(to))
+                        println!("R\t{} -> {}", escaped(from), escaped(to))
                     }
                     Change::Added(p) | Change::Removed(p) | Change::Modified(p) => {
-                        println!("{}\t{}", change.code(), escaped_path(p))
+                        println!("{}\t{}", change.code(), escaped(p))
                     }
                 }
             }
@@ -1005,7 +1005,7 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                 for m in &manifests {
                     println!(
                         "{:<24} {:>6} {:<24} {:>10}  {}",
-                        lossy(&m.name),
+                        escaped(&m.name),
                         m.id,
                         volume::rfc3339(m.created),
                         human_bytes(m.logical_bytes),
@@ -1046,10 +1046,7 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
                 json::print(&items)?;
             } else {
                 // The columns of free text are as wide as their longest entry.
-                let names: Vec<String> = snapshots
-                    .iter()
-                    .map(|s| lossy(&s.name).into_owned())
-                    .collect();
+                let names: Vec<String> = snapshots.iter().map(|s| escaped(&s.name)).collect();
                 let locks: Vec<String> = snapshots
                     .iter()
                     .map(|s| lifecycle::lock_text(s.lock.as_ref()))
@@ -1133,7 +1130,7 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             if json {
                 json::print(&json::Snapshot::of(&info))?;
             } else {
-                println!("name:      {}", lossy(&info.name));
+                println!("name:      {}", escaped(&info.name));
                 println!("id:        {}", info.id);
                 println!("state:     {}", info.state);
                 if let Some(error) = &info.error {
@@ -1209,10 +1206,11 @@ fn missing_snapshot(err: volume::Error, names: &[Option<&str>]) -> Box<dyn std::
     }
 }
 
-/// A path for line-oriented output: a backslash, a control character (a newline, a tab)
-/// and each byte that is not UTF-8 become `\` and three octal digits, as in zfs diff and
-/// /proc/mounts, so every path is one line and names the file it was.
-fn escaped_path(bytes: &[u8]) -> String {
+/// A path or a name (a snapshot's, a tag's) for line-oriented output: a backslash, a
+/// control character (a newline, a tab) and each byte that is not UTF-8 become `\` and
+/// three octal digits, as in zfs diff and /proc/mounts, so every row is one line and
+/// names exactly what it lists.
+fn escaped(bytes: &[u8]) -> String {
     fn push_octal(out: &mut String, byte: u8) {
         out.push('\\');
         for shift in [6, 3, 0] {
@@ -1245,14 +1243,10 @@ fn counted(n: impl std::fmt::Display, one: &str, many: &str) -> String {
     format!("{n} {noun}")
 }
 
-fn lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
-    String::from_utf8_lossy(bytes)
-}
-
 fn tags_text(tags: &[(Vec<u8>, Vec<u8>)]) -> String {
     let tags: Vec<String> = tags
         .iter()
-        .map(|(k, v)| format!("{}={}", lossy(k), lossy(v)))
+        .map(|(k, v)| format!("{}={}", escaped(k), escaped(v)))
         .collect();
     tags.join(",")
 }
@@ -1864,13 +1858,13 @@ mod tests {
 
     #[test]
     fn paths_print_on_one_line_and_name_their_bytes() {
-        assert_eq!(escaped_path(b"/src/main.rs"), "/src/main.rs");
-        assert_eq!(escaped_path("/été/日本".as_bytes()), "/été/日本");
-        assert_eq!(escaped_path(b"/a\nb\tc"), "/a\\012b\\011c");
-        assert_eq!(escaped_path(b"/back\\slash"), "/back\\134slash");
-        assert_eq!(escaped_path(b"/\xffbin\x7f"), "/\\377bin\\177");
+        assert_eq!(escaped(b"/src/main.rs"), "/src/main.rs");
+        assert_eq!(escaped("/été/日本".as_bytes()), "/été/日本");
+        assert_eq!(escaped(b"/a\nb\tc"), "/a\\012b\\011c");
+        assert_eq!(escaped(b"/back\\slash"), "/back\\134slash");
+        assert_eq!(escaped(b"/\xffbin\x7f"), "/\\377bin\\177");
         // A C1 control is two bytes of UTF-8, each escaped.
-        assert_eq!(escaped_path("/\u{85}".as_bytes()), "/\\302\\205");
+        assert_eq!(escaped("/\u{85}".as_bytes()), "/\\302\\205");
     }
 
     #[test]

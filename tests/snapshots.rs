@@ -555,6 +555,37 @@ fn a_diff_prints_every_path_on_one_line_whatever_its_bytes() {
 }
 
 #[test]
+fn the_listing_prints_each_snapshot_on_one_line_whatever_its_bytes() {
+    use std::os::unix::ffi::OsStrExt;
+    let mount = Mount::new();
+    fs::create_dir(
+        mount
+            .path()
+            .join(".snapshots")
+            .join(std::ffi::OsStr::from_bytes(b"caf\xff")),
+    )
+    .expect("mkdir of a name that is not UTF-8");
+    snapshot(&mount, "tagged");
+    let mp = mount.path().to_str().expect("utf-8 path");
+    let out = run(snapfs().args(["snapshot", "tag", mp, "tagged", "note=two\nlines"]));
+    assert!(out.status.success(), "{out:?}");
+    let out = run(snapfs().args(["snapshot", "list", mp]));
+    assert!(out.status.success(), "{out:?}");
+    let list = String::from_utf8(out.stdout).expect("UTF-8 output");
+    // The rows end at the blank line before the store's usage.
+    let mut rows: Vec<&str> = list
+        .lines()
+        .skip(1)
+        .take_while(|line| !line.is_empty())
+        .collect();
+    rows.sort();
+    assert_eq!(rows.len(), 2, "{list}");
+    assert!(rows[0].starts_with("caf\\377 "), "{list}");
+    assert!(rows[1].starts_with("tagged "), "{list}");
+    assert!(rows[1].ends_with("note=two\\012lines"), "{list}");
+}
+
+#[test]
 fn the_listing_aligns_its_columns_to_the_longest_name_and_lock() {
     let mount = Mount::new();
     let long = "a-snapshot-named-at-length-for-the-test";

@@ -11,7 +11,7 @@ use snapfs::control;
 use snapfs::inspect::Inspector;
 use snapfs::volume;
 
-use super::{counted, human_bytes, json, lossy, parse_duration};
+use super::{counted, escaped, human_bytes, json, parse_duration};
 
 /// `--trash-days`: a number of days, or a duration with a unit (90s, 30m, 12h, 3d, 2w).
 pub fn parse_trash_days(text: &str) -> Result<Duration, String> {
@@ -169,7 +169,7 @@ pub fn list_trash(inspector: &Inspector, as_json: bool) -> Result<(), Box<dyn st
             .map_or((0, 0), |trash| (trash.deleted, trash.expires));
         println!(
             "{:<24} {:<24} {:<24} {:>10} {:>10}",
-            lossy(&s.name),
+            escaped(&s.name),
             volume::rfc3339(deleted),
             volume::rfc3339(expires),
             human_bytes(s.logical_bytes),

@@ -12,7 +12,7 @@ use snapfs::policy::{KeepRules, Policy};
 use snapfs::volume::retention::{Reason, Verdict};
 use snapfs::volume::{self};
 
-use crate::{VolumeSource, json, lossy};
+use crate::{VolumeSource, escaped, json};
 
 /// The options of `snapfs policy set`.
 #[derive(Args)]
@@ -184,7 +184,7 @@ pub fn prune(
     for verdict in &plan {
         println!(
             "{:<28} {:<24} {:<8} {}",
-            lossy(&verdict.name),
+            escaped(&verdict.name),
             volume::rfc3339(verdict.created),
             action(verdict, dry_run),
             reasons(&verdict.reasons)
@@ -223,7 +223,7 @@ struct PlannedSnapshot<'a> {
 impl<'a> PlannedSnapshot<'a> {
     fn of(verdict: &'a Verdict) -> PlannedSnapshot<'a> {
         PlannedSnapshot {
-            name: lossy(&verdict.name),
+            name: String::from_utf8_lossy(&verdict.name),
             created: volume::rfc3339(verdict.created),
             keep: verdict.keep(),
             reasons: &verdict.reasons,
