@@ -407,9 +407,9 @@ enum StoreCommand {
     /// merges them into full ones, and small index objects too. A mount does the same by
     /// itself while its uploader is idle; deleting snapshots is what makes packs unused.
     #[command(after_help = "Examples:\n  \
-        snapfs store prune --data ~/.local/share/snapfs --dry-run   # what it would free\n  \
-        snapfs store prune --data /srv/vol1 --max-unused 0           # leave nothing unused\n  \
-        snapfs store prune --data /srv/vol1 --convert                # pack a format-1 store\n\n\
+        snapfs store prune ~/work --dry-run                # what it would free (mounted)\n  \
+        snapfs store prune --data /srv/vol1 --max-unused 0   # leave nothing unused\n  \
+        snapfs store prune --data /srv/vol1 --convert        # pack a format-1 store\n\n\
         Every step keeps each needed block reachable from the bucket alone: new packs and \
         index objects are written before old ones are deleted, so an interrupted prune \
         loses nothing and the next prune or mount goes on. --dry-run reads only the \
@@ -417,9 +417,8 @@ enum StoreCommand {
         Exit status: 0 done, 2 it could not run (mounted, no volume, store unreachable or \
         refused).")]
     Prune {
-        /// The volume's data dir [default: as for `snapfs mount`].
-        #[arg(long, value_name = "DIR")]
-        data: Option<PathBuf>,
+        #[command(flatten)]
+        volume: MountOrData,
         /// The volume's store, as at mount: only needed if it was never mounted with one.
         #[arg(long, value_name = "URL", value_parser = parse_store_url)]
         store: Option<store::StoreUrl>,
@@ -872,17 +871,14 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             return upload(&dir, options, json);
         }
         Command::Store(StoreCommand::Prune {
-            data,
+            volume,
             store,
             max_unused,
             convert,
             dry_run,
             json,
         }) => {
-            let dir = match data {
-                Some(dir) => dir,
-                None => default_data_dir()?,
-            };
+            let dir = volume.source().data_dir()?;
             let options = PruneOptions {
                 store,
                 max_unused_percent: max_unused,

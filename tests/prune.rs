@@ -369,6 +369,24 @@ fn prune_refuses_a_mounted_volume_and_dry_run_reads_it() {
     // Its pack of blocks and its pack of trees.
     assert_eq!(json_number(&json, "store_packs"), 2, "{json}");
     assert!(json.contains("\"dry_run\":true"), "{json}");
+    // The mount names the volume as well as its data dir does.
+    let out = run(snapfs()
+        .args(["store", "prune", "--dry-run", "--json"])
+        .arg(mount.path()));
+    assert_ok(&out, "prune MOUNTPOINT --dry-run");
+    assert_eq!(
+        json_number(&stdout(&out), "store_packs"),
+        2,
+        "{}",
+        stdout(&out)
+    );
+    let out = run(snapfs().args(["store", "prune"]).arg(mount.path()));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is mounted or in use"),
+        "{}",
+        stderr(&out)
+    );
     let out = run(snapfs().args(["store", "prune", "--max-unused", "101"]));
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
