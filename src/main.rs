@@ -224,9 +224,9 @@ enum Command {
         snapfs status ~/work\n  \
         snapfs status --data /srv/vol1 --json\n  \
         snapfs status --data /srv/vol1 --max-age 26h || mail -s 'backups behind' root < /dev/null\n\n\
-        Exit status: 0 backups are current (no snapshot pending, the newest finished upload \
-        completed, the store answers, and with --max-age the last completed snapshot is \
-        recent enough), 1 they are not (the reasons are printed), 2 the status could not be \
+        Exit status: 0 backups are current (a snapshot has completed, none is pending, the \
+        newest finished upload completed, the store answers, and with --max-age the last \
+        completed snapshot is recent enough), 1 they are not (the reasons are printed), 2 the status could not be \
         read. The store gets 5 s to answer a listing; while snapshots upload, the rate is \
         measured over --sample.")]
     Status {
@@ -1652,9 +1652,9 @@ fn status(
             );
         }
         println!(
-            "disk:       {} in {} blocks; cache {} of {}",
+            "disk:       {} in {}; cache {} of {}",
             human_bytes(s.disk.bytes),
-            s.disk.blocks,
+            counted(s.disk.blocks, "block", "blocks"),
             human_bytes(s.disk.cache_bytes),
             s.disk
                 .cache_limit

@@ -224,7 +224,7 @@ pub fn status(dir: &Path, options: &StatusOptions) -> Result<Status, StatusError
 }
 
 /// Why backups are not current: snapshots pending, the newest finished one failed, the
-/// store unreachable, the last completed one too old.
+/// store unreachable, none completed, the last completed one too old.
 fn problems(status: &Status, snapshots: &[SnapshotRow], max_age: Option<Duration>) -> Vec<String> {
     let mut problems = Vec::new();
     if !status.pending.is_empty() {
@@ -254,17 +254,23 @@ fn problems(status: &Status, snapshots: &[SnapshotRow], max_age: Option<Duration
     {
         problems.push(format!("store {url} is unreachable: {error}"));
     }
-    if let Some(max_age) = max_age {
-        match &status.last_completed {
-            None => problems.push("no snapshot has completed".into()),
-            Some(last) if last.age_seconds > max_age.as_secs() => problems.push(format!(
+    match (&status.last_completed, max_age) {
+        // Nothing is backed up: never current, --max-age or not (a first snapshot still
+        // uploading is the pending problem above).
+        (None, _) if status.pending.is_empty() || max_age.is_some() => problems.push(
+            "no snapshot has completed: nothing is backed up yet (take one with mkdir \
+             MOUNTPOINT/.snapshots/NAME, or set a policy)"
+                .into(),
+        ),
+        (Some(last), Some(max_age)) if last.age_seconds > max_age.as_secs() => {
+            problems.push(format!(
                 "the last completed snapshot, {}, is {} s old (more than {} s)",
                 last.name,
                 last.age_seconds,
                 max_age.as_secs()
-            )),
-            Some(_) => {}
+            ))
         }
+        _ => {}
     }
     problems
 }

@@ -68,6 +68,15 @@ fn status_of_a_mounted_then_unmounted_volume() {
     let mut mount = Mount::new();
     let data = pattern(2 * BLOCK + 100, 7);
     fs::write(mount.path().join("file"), &data).expect("write");
+    // Nothing is backed up before a first snapshot completes.
+    let out = run(snapfs()
+        .args(["status", "--sample", "0s"])
+        .arg(mount.path()));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no snapshot has completed"),
+        "{out:?}"
+    );
     take_snapshot(&mount, "first");
     wait_completed(&mount, "first");
 
