@@ -98,6 +98,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// writer's writeback: every operation and snapshot waited for them.
 pub struct Checkpointer {
     conn: Connection,
+    /// Holds the read transaction of a `Fence`.
+    fence: Connection,
+}
+
+/// While it lasts, no checkpoint folds in a frame committed after it was taken (see
+/// `Checkpointer::fence`): SQLite folds no further than the snapshot of its oldest reader.
+pub struct Fence<'c> {
+    _read: EndRead<'c>,
 }
 
 /// Past this many pages of WAL the mount's connection checkpoints itself after all: the
@@ -105,6 +113,22 @@ pub struct Checkpointer {
 const SELF_CHECKPOINT_PAGES: u32 = 16_000;
 
 impl Checkpointer {
+    /// Fences the WAL at its end: whatever is committed from now on, by any connection,
+    /// stays out of the database file until the fence is dropped. The committer fences,
+    /// then syncs the block files, then folds, so a fold makes no catalog row durable
+    /// whose block file the sync may have missed (one a group committed meanwhile names).
+    pub fn fence(&self) -> Result<Fence<'_>> {
+        run_statement(&self.fence, "BEGIN")?;
+        let fence = Fence {
+            _read: EndRead(&self.fence),
+        };
+        // BEGIN takes no snapshot: the first read does.
+        self.fence
+            .prepare_cached("SELECT 1 FROM sqlite_schema LIMIT 1")?
+            .exists([])?;
+        Ok(fence)
+    }
+
     /// Folds every commit the WAL holds into the database file, unless a reader still
     /// needs it (a passive checkpoint: writers go on meanwhile). Returns the frames in the
     /// WAL and how many of them are folded in now.
@@ -885,9 +909,10 @@ impl Catalog {
             source,
         };
         let conn = Connection::open(path).map_err(open_err)?;
+        let fence = Connection::open(path).map_err(open_err)?;
         self.conn
             .pragma_update(None, "wal_autocheckpoint", SELF_CHECKPOINT_PAGES)?;
-        Ok(Checkpointer { conn })
+        Ok(Checkpointer { conn, fence })
     }
 
     /// Number of live inodes, for statfs: the counter in `meta` and what the open group
@@ -2117,6 +2142,38 @@ mod tests {
             .expect("commit")
             .sync()
             .expect("sync");
+    }
+
+    /// A fold leaves out what was committed after the fence, and folds it once the fence
+    /// is gone.
+    #[test]
+    fn the_checkpointer_folds_nothing_committed_after_its_fence() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let catalog = Catalog::open(&dir.path().join("catalog.db"), 4096, 0, (0, 0)).expect("open");
+        let checkpointer = catalog.checkpointer().expect("checkpointer");
+        let insert = || {
+            catalog
+                .conn
+                .execute("INSERT INTO filler VALUES (zeroblob(3000))", [])
+                .expect("insert")
+        };
+        catalog
+            .conn
+            .execute_batch("CREATE TABLE filler (x BLOB)")
+            .expect("table");
+        insert();
+        let fence = checkpointer.fence().expect("fence");
+        for _ in 0..10 {
+            insert();
+        }
+        let (frames, folded) = checkpointer.fold().expect("fold");
+        assert!(
+            folded > 0 && folded < frames,
+            "{folded} of {frames} frames folded behind the fence"
+        );
+        drop(fence);
+        let (frames, folded) = checkpointer.fold().expect("fold without the fence");
+        assert_eq!(folded, frames);
     }
 
     /// A read ends its transaction however it ends: after one that failed or panicked,

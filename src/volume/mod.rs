@@ -812,10 +812,18 @@ impl Volume {
                     if folded.elapsed() >= FOLD_INTERVAL {
                         // Blocks first: the fold makes the WAL durable, and after a power
                         // loss the catalog must not name block files the disk never got.
-                        if let Err(e) = volume.blocks.local().sync() {
-                            tracing::warn!(error = %e, "cannot sync block files; the WAL waits");
-                        } else if let Err(e) = checkpointer.fold() {
-                            tracing::warn!(error = %e, "cannot fold the catalog's WAL in");
+                        // The fence before them: what another thread commits during the
+                        // sync may name blocks it missed, and waits for the next fold.
+                        match checkpointer.fence() {
+                            Err(e) => tracing::warn!(error = %e, "cannot fence the WAL; it waits"),
+                            Ok(fence) => {
+                                if let Err(e) = volume.blocks.local().sync() {
+                                    tracing::warn!(error = %e, "cannot sync block files; the WAL waits");
+                                } else if let Err(e) = checkpointer.fold() {
+                                    tracing::warn!(error = %e, "cannot fold the catalog's WAL in");
+                                }
+                                drop(fence);
+                            }
                         }
                         folded = Instant::now();
                         unfolded = false;
