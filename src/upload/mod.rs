@@ -1018,12 +1018,21 @@ async fn run(worker: &Worker, wake: &Notify) {
         if worker.is_stopping() {
             return;
         }
+        let failed = result.is_err();
         if let Err(e) = result {
             tracing::error!(error = %e, "uploader error; retrying shortly");
             metrics::upload_error();
         }
-        // A wakeup (a snapshot taken, or the stop) ends the wait early.
-        let _ = tokio::time::timeout(IDLE_POLL, wake.notified()).await;
+        // A wakeup (a snapshot taken, or the stop) ends the wait early; after an error
+        // only the stop does, so a failing store gets its pause.
+        let wait = tokio::time::sleep(IDLE_POLL);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                () = &mut wait => break,
+                () = wake.notified() => if !failed || worker.is_stopping() { break },
+            }
+        }
     }
 }
 
