@@ -810,28 +810,43 @@ impl Volume {
                         unfolded = true;
                     }
                     if folded.elapsed() >= FOLD_INTERVAL {
-                        // Blocks first: the fold makes the WAL durable, and after a power
-                        // loss the catalog must not name block files the disk never got.
-                        // The fence before them: what another thread commits during the
-                        // sync may name blocks it missed, and waits for the next fold.
-                        match checkpointer.fence() {
-                            Err(e) => tracing::warn!(error = %e, "cannot fence the WAL; it waits"),
-                            Ok(fence) => {
-                                if let Err(e) = volume.blocks.local().sync() {
-                                    tracing::warn!(error = %e, "cannot sync block files; the WAL waits");
-                                } else if let Err(e) = checkpointer.fold() {
-                                    tracing::warn!(error = %e, "cannot fold the catalog's WAL in");
-                                }
-                                drop(fence);
-                            }
-                        }
+                        // What stays out (committed during the sync, or kept by a reader)
+                        // is folded in a second later, whether a group comes or not.
+                        unfolded = !volume.sync_and_fold(&checkpointer);
                         folded = Instant::now();
-                        unfolded = false;
                     }
                 }
             })?;
         *lock(&self.committer) = Some(committer);
         Ok(())
+    }
+
+    /// Syncs the block files, then folds the WAL into the database file, which makes it
+    /// durable: after a power loss the catalog must not name block files the disk never
+    /// got. The fence comes first: what another thread commits during the sync may name
+    /// blocks the sync missed, so it waits for the next fold. Whether the WAL is now
+    /// folded in whole.
+    fn sync_and_fold(&self, checkpointer: &crate::catalog::Checkpointer) -> bool {
+        let fence = match checkpointer.fence() {
+            Ok(fence) => fence,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot fence the WAL; it waits");
+                return false;
+            }
+        };
+        if let Err(e) = self.blocks.local().sync() {
+            tracing::warn!(error = %e, "cannot sync block files; the WAL waits");
+            return false;
+        }
+        let folded = checkpointer.fold();
+        drop(fence);
+        match folded {
+            Ok((frames, folded)) => folded == frames,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot fold the catalog's WAL in");
+                false
+            }
+        }
     }
 
     /// Commits the open group and ends the committer, once it has let go of the volume
