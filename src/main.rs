@@ -226,9 +226,9 @@ enum Command {
         snapfs status --data /srv/vol1 --max-age 26h || mail -s 'backups behind' root < /dev/null\n\n\
         Exit status: 0 backups are current (a snapshot has completed, none is pending, the \
         newest finished upload completed, the store answers, and with --max-age the last \
-        completed snapshot is recent enough), 1 they are not (the reasons are printed), 2 the status could not be \
-        read. The store gets 5 s to answer a listing; while snapshots upload, the rate is \
-        measured over --sample.")]
+        completed snapshot is recent enough), 1 they are not (the reasons are printed), 2 \
+        the status could not be read. The store gets 5 s to answer a listing; while \
+        snapshots upload, the rate is measured over --sample.")]
     Status {
         /// A running snapfs mount; its data dir is read.
         #[arg(value_name = "MOUNTPOINT", conflicts_with = "data")]

@@ -2102,27 +2102,34 @@ impl WriteTx<'_> {
 mod tests {
     use super::*;
 
+    /// A catalog in `dir` with a table of filler rows, whose inserts grow the WAL.
+    fn catalog_with_filler(dir: &Path) -> Catalog {
+        let catalog = Catalog::open(&dir.join("catalog.db"), 4096, 0, (0, 0)).expect("open");
+        catalog
+            .conn
+            .execute_batch("CREATE TABLE filler (x BLOB)")
+            .expect("table");
+        catalog
+    }
+
+    /// One row of filler: about a page of WAL, committed at once.
+    fn insert_filler(catalog: &Catalog) {
+        catalog
+            .conn
+            .execute("INSERT INTO filler VALUES (zeroblob(3000))", [])
+            .expect("insert");
+    }
+
     /// The mount's connection no longer folds the WAL in at SQLite's 1,000 pages (its
     /// syncs held the catalog's lock); the checkpointer's own connection folds all of it,
     /// and the next commit starts the WAL over.
     #[test]
     fn the_checkpointer_folds_the_wal_the_mounts_connection_leaves() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut catalog =
-            Catalog::open(&dir.path().join("catalog.db"), 4096, 0, (0, 0)).expect("open");
+        let mut catalog = catalog_with_filler(dir.path());
         let checkpointer = catalog.checkpointer().expect("checkpointer");
-        let insert = |catalog: &Catalog| {
-            catalog
-                .conn
-                .execute("INSERT INTO filler VALUES (zeroblob(3000))", [])
-                .expect("insert")
-        };
-        catalog
-            .conn
-            .execute_batch("CREATE TABLE filler (x BLOB)")
-            .expect("table");
         for _ in 0..1200 {
-            insert(&catalog);
+            insert_filler(&catalog);
         }
         let (frames, folded) = checkpointer.fold().expect("fold");
         assert!(frames > 1200, "the WAL was folded before: {frames} frames");
@@ -2133,7 +2140,7 @@ mod tests {
             .expect("pragma");
         assert_eq!(limit, SELF_CHECKPOINT_PAGES);
 
-        insert(&catalog);
+        insert_filler(&catalog);
         let (frames, folded) = checkpointer.fold().expect("fold again");
         assert!(frames < 10, "the WAL did not start over: {frames} frames");
         assert_eq!(folded, frames);
@@ -2149,22 +2156,12 @@ mod tests {
     #[test]
     fn the_checkpointer_folds_nothing_committed_after_its_fence() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let catalog = Catalog::open(&dir.path().join("catalog.db"), 4096, 0, (0, 0)).expect("open");
+        let catalog = catalog_with_filler(dir.path());
         let checkpointer = catalog.checkpointer().expect("checkpointer");
-        let insert = || {
-            catalog
-                .conn
-                .execute("INSERT INTO filler VALUES (zeroblob(3000))", [])
-                .expect("insert")
-        };
-        catalog
-            .conn
-            .execute_batch("CREATE TABLE filler (x BLOB)")
-            .expect("table");
-        insert();
+        insert_filler(&catalog);
         let fence = checkpointer.fence().expect("fence");
         for _ in 0..10 {
-            insert();
+            insert_filler(&catalog);
         }
         let (frames, folded) = checkpointer.fold().expect("fold");
         assert!(

@@ -449,13 +449,19 @@ fn block_files_a_machine_crash_damaged_are_removed_and_the_blocks_stored_again()
     assert_eq!(t.read_all(node_for(&t, "again")), data);
 }
 
-#[test]
-fn the_committer_syncs_the_block_files_before_it_folds_the_wal() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let volume = Arc::new(Volume::open(dir.path(), &small_blocks()).expect("open volume"));
+/// A volume in `dir` whose committer commits each group 10 ms after it opens.
+fn volume_with_committer(dir: &Path) -> Arc<Volume> {
+    let volume = Arc::new(Volume::open(dir, &small_blocks()).expect("open volume"));
     volume
         .spawn_committer(Duration::from_millis(10))
         .expect("committer");
+    volume
+}
+
+#[test]
+fn the_committer_syncs_the_block_files_before_it_folds_the_wal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let volume = volume_with_committer(dir.path());
     let write = |name: &str, seed: u8| {
         let (attr, handle) = volume
             .create(ROOT, name.as_bytes(), 0o644, ME)
@@ -482,10 +488,7 @@ fn the_committer_syncs_the_block_files_before_it_folds_the_wal() {
 #[test]
 fn an_idle_volume_folds_its_last_group_in_without_waiting_for_another() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let volume = Arc::new(Volume::open(dir.path(), &small_blocks()).expect("open volume"));
-    volume
-        .spawn_committer(Duration::from_millis(10))
-        .expect("committer");
+    let volume = volume_with_committer(dir.path());
     let (attr, handle) = volume.create(ROOT, b"last", 0o644, ME).expect("create");
     volume
         .write(attr.node, 0, &pattern(3 * 4096, 1))
@@ -506,10 +509,7 @@ fn an_idle_volume_folds_its_last_group_in_without_waiting_for_another() {
 #[test]
 fn a_volume_shut_down_and_dropped_has_closed_its_catalog() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let volume = Arc::new(Volume::open(dir.path(), &small_blocks()).expect("open volume"));
-    volume
-        .spawn_committer(Duration::from_millis(10))
-        .expect("committer");
+    let volume = volume_with_committer(dir.path());
     let (attr, handle) = volume.create(ROOT, b"f", 0o644, ME).expect("create");
     volume.write(attr.node, 0, b"bytes").expect("write");
     volume.release(handle).expect("release");
