@@ -343,6 +343,38 @@ fn uploads_ride_out_throttling_errors_and_resets() {
 }
 
 #[test]
+fn an_unmount_during_an_outage_returns_at_once_and_the_upload_resumes_at_the_next_mount() {
+    let s3 = S3Env::garage();
+    let (proxy, through) = FaultProxy::for_env(&s3);
+    let prefix = unique_prefix("outage");
+    let mut mount = through.mount_store(&prefix, &[]);
+    let data = pattern(12 * BLOCK, 13);
+    fs::write(mount.path().join("f"), &data).expect("write");
+
+    // The store goes down: the snapshot's pack is being retried when the unmount comes.
+    proxy.set_fault(Fault::InternalError);
+    take_snapshot(&mount, "s");
+    wait_for(|| proxy.counts().1 >= 2);
+    let start = Instant::now();
+    mount.unmount();
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the unmount waited {took:?} for a store that is down"
+    );
+
+    // Given up at the stop, not failed: the next mount sends it.
+    proxy.set_fault(Fault::None);
+    mount.remount();
+    wait_completed(&mount, "s");
+    let blocks = stored_blocks(&s3.client(), &prefix);
+    assert_eq!(
+        blocks.keys().cloned().collect::<BTreeSet<_>>(),
+        block_hashes(&data)
+    );
+}
+
+#[test]
 fn a_killed_daemon_resumes_its_upload_at_the_next_mount() {
     let s3 = S3Env::garage();
     let prefix = unique_prefix("resume");

@@ -20,6 +20,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -295,7 +296,26 @@ pub const READ_PATIENCE: Retries = Retries::For(Duration::from_secs(15));
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Runs `request` until it succeeds, fails permanently, or `retries` runs out.
-pub async fn retry<T, F, Fut>(retries: Retries, mut request: F) -> StoreResult<T>
+pub async fn retry<T, F, Fut>(retries: Retries, request: F) -> StoreResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = StoreResult<T>>,
+{
+    static NEVER: AtomicBool = AtomicBool::new(false);
+    retry_unless_stopped(retries, &NEVER, request).await
+}
+
+/// How often a pause between attempts looks at its stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(50);
+
+/// `retry`, except that once `stopping` is set a failed attempt is the last: a request
+/// under way may still land, one waiting out an outage gives up at once (an unmount
+/// during an outage does not wait for the store to come back).
+pub async fn retry_unless_stopped<T, F, Fut>(
+    retries: Retries,
+    stopping: &AtomicBool,
+    mut request: F,
+) -> StoreResult<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = StoreResult<T>>,
@@ -324,7 +344,17 @@ where
         };
         tracing::debug!(error = %e, attempt, "store request failed; retrying");
         crate::metrics::store_retry();
-        tokio::time::sleep(pause).await;
+        let resume = Instant::now() + pause;
+        loop {
+            if stopping.load(Ordering::SeqCst) {
+                return Err(e);
+            }
+            let left = resume.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tokio::time::sleep(left.min(STOP_CHECK)).await;
+        }
         attempt = attempt.saturating_add(1);
     }
 }
@@ -718,6 +748,36 @@ mod tests {
         }));
         assert!(result.is_err());
         assert_eq!(calls.into_inner(), 1);
+    }
+
+    #[test]
+    fn a_request_retried_without_limit_gives_up_once_stopped() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stopper = {
+            let stopping = stopping.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                stopping.store(true, Ordering::SeqCst);
+            })
+        };
+        let started = Instant::now();
+        let retried = retry_unless_stopped(Retries::Unlimited, &stopping, || async {
+            Err::<(), _>(StoreError::transient("InternalError"))
+        });
+        let result = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(5), retried).await })
+            .expect("still retrying 5 s later");
+        let took = started.elapsed();
+        stopper.join().expect("stopper");
+        assert!(result.expect_err("the store is down").is_transient());
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_millis(800),
+            "gave up {took:?} after the start, the stop came at 300 ms"
+        );
     }
 
     #[test]

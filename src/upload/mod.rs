@@ -329,6 +329,11 @@ impl Worker {
         if lock(&self.catalog).read(|tx| tx.snapshot(id))?.is_none() {
             return Ok(Outcome::Deleted);
         }
+        if self.is_stopping() {
+            // A request given up on at the stop (an outage): not the snapshot's failure.
+            tracing::info!(id, reason = %reason, "snapshot upload interrupted");
+            return Ok(Outcome::Interrupted);
+        }
         Ok(Outcome::Failed(reason))
     }
 
@@ -405,13 +410,14 @@ impl Worker {
         let store = self.store.clone();
         let limiter = self.limiter.clone();
         let pacer = self.pacer.clone();
+        let stopping = self.stopping.clone();
         let (key, body) = (pack.key, Bytes::from(pack.body));
         packer.in_flight.spawn(async move {
             if let Some(limiter) = &limiter {
                 limiter.acquire(size).await;
             }
             // Each attempt paced, not the backoffs between them.
-            store::retry(Retries::Unlimited, || {
+            store::retry_unless_stopped(Retries::Unlimited, &stopping, || {
                 pacer.store(store.put(&key, body.clone()))
             })
             .await
@@ -791,13 +797,14 @@ impl Worker {
             let store = self.store.clone();
             let limiter = self.limiter.clone();
             let pacer = self.pacer.clone();
+            let stopping = self.stopping.clone();
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
                 if let Some(limiter) = &limiter {
                     limiter.acquire(body.len() as u64).await;
                 }
                 let sent = body.len() as u64;
-                store::retry(Retries::Unlimited, || {
+                store::retry_unless_stopped(Retries::Unlimited, &stopping, || {
                     pacer.store(store.put(&key, body.clone()))
                 })
                 .await?;
@@ -969,7 +976,8 @@ pub struct Uploader {
 
 /// How often the uploader looks for work without being woken (a failed deletion, say).
 const IDLE_POLL: Duration = Duration::from_secs(5);
-/// How long an unmount waits for upload requests in flight to land.
+/// How long an unmount waits for upload requests in flight to land (one waiting out an
+/// outage gives up at once: `store::retry_unless_stopped`).
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 impl Uploader {
@@ -990,7 +998,7 @@ impl Uploader {
                     }
                     // Requests in flight land and are recorded: an object the catalog
                     // does not know would stay in the store for good if its block were
-                    // freed before being sent again. An outage cuts the wait short.
+                    // freed before being sent again.
                     worker.stop_sending();
                     // An idle uploader waits for a wakeup: this one ends its wait now.
                     wake.notify_one();
