@@ -10,6 +10,7 @@ pub mod clock;
 pub mod control;
 pub mod cron;
 pub mod daemon;
+pub mod display;
 pub mod follow;
 pub mod fuse;
 pub mod hooks;

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use snapfs::catalog::UploadProgress;
 use snapfs::control;
 use snapfs::daemon::{self, MountArgs};
+use snapfs::display::{counted, escaped};
 use snapfs::hooks::{HookOptions, PreFailure};
 use snapfs::inspect::{Change, Inspector};
 use snapfs::metrics;
@@ -1202,43 +1203,6 @@ fn missing_snapshot(err: volume::Error, names: &[Option<&str>]) -> Box<dyn std::
     }
 }
 
-/// A path or a name (a snapshot's, a tag's) for line-oriented output: a backslash, a
-/// control character (a newline, a tab) and each byte that is not UTF-8 become `\` and
-/// three octal digits, as in zfs diff and /proc/mounts, so every row is one line and
-/// names exactly what it lists.
-fn escaped(bytes: &[u8]) -> String {
-    fn push_octal(out: &mut String, byte: u8) {
-        out.push('\\');
-        for shift in [6, 3, 0] {
-            out.push(char::from(b'0' + ((byte >> shift) & 7)));
-        }
-    }
-    let mut out = String::with_capacity(bytes.len());
-    for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c == '\\' || c.is_control() {
-                let mut utf8 = [0; 4];
-                for byte in c.encode_utf8(&mut utf8).bytes() {
-                    push_octal(&mut out, byte);
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        for &byte in chunk.invalid() {
-            push_octal(&mut out, byte);
-        }
-    }
-    out
-}
-
-/// `n` and the noun that fits it: "1 file", "2 files".
-fn counted(n: impl std::fmt::Display, one: &str, many: &str) -> String {
-    let n = n.to_string();
-    let noun = if n == "1" { one } else { many };
-    format!("{n} {noun}")
-}
-
 fn tags_text(tags: &[(Vec<u8>, Vec<u8>)]) -> String {
     let tags: Vec<String> = tags
         .iter()
@@ -1624,7 +1588,11 @@ fn status(
                     )
                 },
             );
-            println!("            {} (taken {}): {sized}", p.name, p.created);
+            println!(
+                "            {} (taken {}): {sized}",
+                escaped(&p.name),
+                p.created
+            );
         }
         match (s.rate_bytes_per_sec, s.eta_seconds) {
             (Some(rate), Some(eta)) => {
@@ -1640,14 +1608,16 @@ fn status(
         match &s.last_completed {
             Some(last) => println!(
                 "last:       {} (taken {}, {} s ago)",
-                last.name, last.created, last.age_seconds
+                escaped(&last.name),
+                last.created,
+                last.age_seconds
             ),
             None => println!("last:       no snapshot has completed"),
         }
         if let Some(failed) = &s.last_error {
             println!(
                 "last error: {}: {}",
-                failed.name,
+                escaped(&failed.name),
                 failed.error.as_deref().unwrap_or("?")
             );
         }
@@ -1853,17 +1823,6 @@ mod tests {
     }
 
     #[test]
-    fn paths_print_on_one_line_and_name_their_bytes() {
-        assert_eq!(escaped(b"/src/main.rs"), "/src/main.rs");
-        assert_eq!(escaped("/été/日本".as_bytes()), "/été/日本");
-        assert_eq!(escaped(b"/a\nb\tc"), "/a\\012b\\011c");
-        assert_eq!(escaped(b"/back\\slash"), "/back\\134slash");
-        assert_eq!(escaped(b"/\xffbin\x7f"), "/\\377bin\\177");
-        // A C1 control is two bytes of UTF-8, each escaped.
-        assert_eq!(escaped("/\u{85}".as_bytes()), "/\\302\\205");
-    }
-
-    #[test]
     fn json_strings_escape_quotes_backslashes_and_controls() {
         let info = volume::SnapshotInfo {
             id: 7,
@@ -1894,7 +1853,7 @@ mod tests {
                 + r#""created":"1970-01-01T00:00:00.000Z","logical_bytes":5,"exclusive_bytes":3,"#
                 + r#""upload":{"total_blocks":null,"total_bytes":9,"sent_blocks":1,"#
                 + r#""sent_bytes":2,"stored_bytes":1},"tags":{"env":"prod","k":"\u0001"#
-                // Invalid UTF-8 reads as U+FFFD, as in the text output.
+                // Invalid UTF-8 reads as U+FFFD (the text output escapes it).
                 + "\u{FFFD}\"},\"lock\":null}"
         );
         assert_eq!(human_bytes(1536), "1.5 KiB");

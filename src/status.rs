@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::catalog::{self, Catalog, LocalUsage, Outstanding, Setting, SnapshotRow, SnapshotState};
 use crate::daemon;
+use crate::display::{counted, escaped};
 use crate::store::{self, ObjectKey, StoreUrl};
 use crate::volume::{self, rfc3339};
 
@@ -61,13 +62,19 @@ pub struct StoreStatus {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Snapshot {
     pub id: u64,
-    pub name: String,
+    /// In JSON decoded lossily, as every `--json` view does (`display::escaped` for text).
+    #[serde(serialize_with = "lossy")]
+    pub name: Vec<u8>,
     pub created: String,
     pub age_seconds: u64,
     /// Sent so far of what its upload must send (`None`: not sized yet).
     pub sent_bytes: u64,
     pub total_bytes: Option<u64>,
     pub error: Option<String>,
+}
+
+fn lossy<S: serde::Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&String::from_utf8_lossy(bytes))
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -172,7 +179,7 @@ pub fn status(dir: &Path, options: &StatusOptions) -> Result<Status, StatusError
     let now = volume::now();
     let brief = |row: &SnapshotRow| Snapshot {
         id: row.id,
-        name: String::from_utf8_lossy(&row.name).into_owned(),
+        name: row.name.clone(),
         created: rfc3339(row.created),
         age_seconds: (now.saturating_sub(row.created) / 1_000_000_000).max(0) as u64,
         sent_bytes: row.upload.sent_bytes,
@@ -230,8 +237,8 @@ fn problems(status: &Status, snapshots: &[SnapshotRow], max_age: Option<Duration
     if !status.pending.is_empty() {
         let n = status.pending.len();
         problems.push(format!(
-            "{n} {} pending ({} bytes left)",
-            if n == 1 { "snapshot" } else { "snapshots" },
+            "{} pending ({} bytes left)",
+            counted(n, "snapshot", "snapshots"),
             status.left_bytes
         ));
     }
@@ -242,7 +249,7 @@ fn problems(status: &Status, snapshots: &[SnapshotRow], max_age: Option<Duration
     if let Some(failed) = newest_finished.filter(|s| s.state == SnapshotState::Failed) {
         problems.push(format!(
             "the upload of snapshot {} failed: {}",
-            String::from_utf8_lossy(&failed.name),
+            escaped(&failed.name),
             failed.error.as_deref().unwrap_or("no reason recorded")
         ));
     }
@@ -265,7 +272,7 @@ fn problems(status: &Status, snapshots: &[SnapshotRow], max_age: Option<Duration
         (Some(last), Some(max_age)) if last.age_seconds > max_age.as_secs() => {
             problems.push(format!(
                 "the last completed snapshot, {}, is {} s old (more than {} s)",
-                last.name,
+                escaped(&last.name),
                 last.age_seconds,
                 max_age.as_secs()
             ))

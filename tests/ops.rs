@@ -159,6 +159,42 @@ fn status_of_a_mounted_then_unmounted_volume() {
 }
 
 #[test]
+fn status_prints_a_snapshot_name_on_one_line_whatever_its_bytes() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let mount = Mount::new();
+    fs::write(mount.path().join("file"), b"x").expect("write");
+    let name = OsStr::from_bytes(b"a\\b\xff");
+    fs::create_dir(mount.path().join(".snapshots").join(name)).expect("mkdir the snapshot");
+    let report = |extra: &[&str]| {
+        let out = run(snapfs()
+            .args(["status", "--sample", "0s"])
+            .args(extra)
+            .arg(mount.path()));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut code, mut text) = report(&[]);
+    while code != Some(0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        (code, text) = report(&[]);
+    }
+    assert_eq!(code, Some(0), "the snapshot never completed:\n{text}");
+    assert!(text.contains("last:       a\\134b\\377 (taken "), "{text}");
+    // The problem that names it, too.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (code, text) = report(&["--max-age", "0s"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("NOT CURRENT: the last completed snapshot, a\\134b\\377, is "),
+        "{text}"
+    );
+}
+
+#[test]
 fn snapshots_taken_offline_drain_without_a_mount_and_restore_from_the_store() {
     let s3 = S3Env::garage();
     let prefix = unique_prefix("drain");

@@ -1,6 +1,6 @@
 //! The `--json` views. Scripts and tests read them, so their keys, key order and value
 //! types are a contract: change them only on purpose. Byte strings (names, tags) are
-//! decoded lossily, as in the text output.
+//! decoded lossily (the text output escapes them instead: `display::escaped`).
 
 use std::borrow::Cow;
 

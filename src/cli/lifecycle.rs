@@ -11,7 +11,8 @@ use snapfs::control;
 use snapfs::inspect::Inspector;
 use snapfs::volume;
 
-use super::{counted, escaped, human_bytes, json, parse_duration};
+use super::{human_bytes, json, parse_duration};
+use snapfs::display::{counted, escaped};
 
 /// `--trash-days`: a number of days, or a duration with a unit (90s, 30m, 12h, 3d, 2w).
 pub fn parse_trash_days(text: &str) -> Result<Duration, String> {

@@ -12,7 +12,8 @@ use snapfs::policy::{KeepRules, Policy};
 use snapfs::volume::retention::{Reason, Verdict};
 use snapfs::volume::{self};
 
-use crate::{VolumeSource, escaped, json};
+use crate::{VolumeSource, json};
+use snapfs::display::escaped;
 
 /// The options of `snapfs policy set`.
 #[derive(Args)]
