@@ -1,5 +1,7 @@
 //! The snapfs command line: parse, call the library, print.
 
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -75,19 +77,30 @@ enum Command {
     Checkpoint(checkpoint::CheckpointCommand),
     /// Restore a snapshot, or a file or directory in one: contents, modes, owners (as
     /// root), times, xattrs, hard links, symlinks and holes. Every block is verified.
-    #[command(after_help = "Examples:\n  \
-        snapfs restore monday ~/monday --mount ~/work           # a whole snapshot\n  \
-        snapfs restore monday:src/main.rs /tmp --mount ~/work   # one file into /tmp\n  \
+    #[command(
+        override_usage = "snapfs restore [OPTIONS] [MOUNTPOINT] <WHAT> <DEST>",
+        after_help = "Examples:\n  \
+        snapfs restore ~/work monday ~/monday           # a whole snapshot\n  \
+        snapfs restore ~/work monday:src/main.rs /tmp   # one file into /tmp\n  \
+        snapfs restore monday ~/monday --data /srv/vol1   # mounted or not\n  \
         snapfs restore --store s3://my-bucket/laptop monday ~/back   # from the bucket alone\n  \
         snapfs restore --store s3://my-bucket/laptop --trash monday ~/back  # from its recycle bin\n\n\
         A progress bar shows on a terminal. A block that fails verification names its file, \
-        which is not restored; the rest goes on and the exit status is 1.")]
+        which is not restored; the rest goes on and the exit status is 1."
+    )]
     Restore {
+        /// A running snapfs mount, as `snapshot create` takes it (the same as --mount). Of
+        /// two arguments, the first is WHAT and the second DEST, of the volume that --data,
+        /// --mount or --store names [default: as for `snapfs mount`].
+        #[arg(value_name = "MOUNTPOINT")]
+        first: OsString,
         /// SNAPSHOT, or SNAPSHOT:PATH for a file or directory inside it.
-        what: String,
+        #[arg(value_name = "WHAT")]
+        second: OsString,
         /// Destination. A directory is restored as DEST (created if missing; it must be
         /// empty unless --overwrite); a file as DEST, or DEST/NAME if DEST is a directory.
-        dest: PathBuf,
+        #[arg(value_name = "DEST", conflicts_with_all = ["data", "mount", "store"])]
+        third: Option<PathBuf>,
         #[command(flatten)]
         volume: VolumeSource,
         /// Restore from an object store alone, with no data dir (a new machine):
@@ -811,14 +824,23 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         Command::Checkpoint(command) => command.run()?,
         Command::Restore {
-            what,
-            dest,
+            first,
+            second,
+            third,
             volume,
             store,
             overwrite,
             trash,
             json,
         } => {
+            // Three arguments are a mountpoint, WHAT and DEST; two are WHAT and DEST.
+            let (volume, what, dest) = match third {
+                Some(dest) => (volume.or_mountpoint(Some(first.into())), second, dest),
+                None => (volume, first, second.into()),
+            };
+            let what = what
+                .into_string()
+                .map_err(|what| format!("no snapshot named {}", escaped(what.as_bytes())))?;
             let store = store.as_ref().map(|url| (url, trash));
             restore(&what, &dest, &volume, store, overwrite, json)?
         }

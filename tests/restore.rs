@@ -438,6 +438,58 @@ fn a_restore_through_a_mangling_proxy_is_exact() {
     assert!(proxy.counts().1 > 0, "the proxy mangled responses");
 }
 
+/// `snapfs restore MOUNTPOINT WHAT DEST`: the mountpoint first, as `diff`, `verify` and
+/// `snapshot create` take it.
+#[test]
+fn restore_takes_the_mountpoint_first_as_the_other_commands_do() {
+    let mount = Mount::new();
+    build_tree(mount.path());
+    let snap = take_snapshot(&mount, "snap");
+    modify_tree(mount.path());
+    let out_dir = mount.scratch("out");
+
+    let dest = out_dir.join("whole");
+    let out = run(snapfs()
+        .arg("restore")
+        .arg(mount.path())
+        .arg("snap")
+        .arg(&dest));
+    assert_ok(&out, "restore MOUNTPOINT snap DEST");
+    assert_trees_eq(
+        &comparable(tree_state(&dest), true),
+        &comparable(tree_state(&snap), true),
+        "restore MOUNTPOINT snap DEST",
+    );
+    let one = out_dir.join("one.txt");
+    let out = run(snapfs()
+        .arg("restore")
+        .arg(mount.path())
+        .arg("snap:a/b/text.txt")
+        .arg(&one));
+    assert_ok(&out, "restore MOUNTPOINT snap:PATH DEST");
+    assert_eq!(
+        fs::read(&one).expect("read"),
+        fs::read(snap.join("a/b/text.txt")).expect("read")
+    );
+
+    // A mountpoint and --data name the volume twice: refused, nothing restored.
+    let twice = out_dir.join("twice");
+    let out = run(snapfs()
+        .arg("restore")
+        .arg(mount.path())
+        .arg("snap")
+        .arg(&twice)
+        .arg("--data")
+        .arg(mount.data_dir()));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot be used with"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!twice.exists());
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. Paths inside a snapshot
 // ---------------------------------------------------------------------------------------
