@@ -54,7 +54,13 @@ fn check_contract(name: &str, shared: Arc<dyn ObjectStore>, runtime: &tokio::run
             let store = shared.clone();
             puts.spawn(async move {
                 for key in chunk {
-                    store.put(&key, vec![1].into()).await.expect("put many");
+                    // As every caller does: eleven writers at once can meet Garage's
+                    // "database is locked", a 503 that asks to be retried.
+                    store::retry(store::Retries::Attempts(5), || {
+                        store.put(&key, vec![1].into())
+                    })
+                    .await
+                    .expect("put many");
                 }
             });
         }
