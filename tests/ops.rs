@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::s3::{S3Env, unique_prefix};
+use common::s3::{Fault, FaultProxy, S3Env, unique_prefix};
 use common::*;
 use serde_json::Value;
 
@@ -192,6 +192,37 @@ fn status_prints_a_snapshot_name_on_one_line_whatever_its_bytes() {
         text.contains("NOT CURRENT: the last completed snapshot, a\\134b\\377, is "),
         "{text}"
     );
+}
+
+#[test]
+fn an_upload_timed_out_during_an_outage_returns_on_time_and_keeps_the_snapshot_pending() {
+    let s3 = S3Env::garage();
+    let (proxy, through) = FaultProxy::for_env(&s3);
+    let prefix = unique_prefix("drain-outage");
+    let mut mount = through.mount_store(&prefix, &[]);
+    // The store stops taking packs before the snapshot: it stays pending.
+    proxy.fault_matching("PUT", "/packs/", Fault::InternalError);
+    fs::write(mount.path().join("f"), pattern(3 * BLOCK, 12)).expect("write");
+    take_snapshot(&mount, "s");
+    mount.unmount();
+
+    // Its packs are refused for longer than --timeout: the request waiting out the outage
+    // gives up at the timeout, and the snapshot is pending, not failed.
+    let start = Instant::now();
+    let (code, r) = upload(mount.data_dir(), &through, &["--timeout", "1s"]);
+    let took = start.elapsed();
+    assert_eq!(code, 3, "{r}");
+    assert_eq!(names(&r["pending"]), ["s"]);
+    assert_eq!(r["failed"], Value::Array(vec![]), "{r}");
+    assert!(
+        took < Duration::from_secs(4),
+        "a 1 s --timeout returned after {took:?}"
+    );
+
+    proxy.set_fault(Fault::None);
+    let (code, r) = upload(mount.data_dir(), &through, &[]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(names(&r["completed"]), ["s"]);
 }
 
 #[test]
