@@ -318,6 +318,40 @@ fn locked_snapshots_refuse_deletion_by_their_mode() {
     assert!(trash_names(&mount).contains(&"g".to_owned()));
 }
 
+#[test]
+fn a_lock_that_would_not_hold_is_refused_and_changes_nothing() {
+    let mount = Mount::new();
+    fs::write(mount.path().join("f"), b"data").expect("write");
+    take_snapshot(&mount, "s");
+    let m = mnt(&mount).to_owned();
+    for args in [
+        &["--for", "0s"][..],
+        &["--until", "2020-01-01T00:00:00Z"],
+        &["--until", "2020-01-01T00:00:00Z", "--mode", "compliance"],
+    ] {
+        let out = lock(&m, "s", args);
+        assert_eq!(out.status.code(), Some(1), "lock {args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("would not hold: that time has passed"),
+            "{err}"
+        );
+    }
+    // Through the xattr as well: EINVAL, and still no lock.
+    let dir = snapshot_dir(&mount, "s");
+    assert_eq!(
+        errno(setxattr(
+            &dir,
+            "user.snapfs.lock",
+            b"mode=compliance until=2020-01-01T00:00:00Z",
+            0
+        )),
+        libc::EINVAL
+    );
+    assert_eq!(errno(getxattr(&dir, "user.snapfs.lock")), libc::ENODATA);
+    fs::remove_dir(&dir).expect("not locked: deleted");
+}
+
 /// The snapshot object `snapshots/<id>` of `prefix`, decoded.
 fn stored_snapshot(
     client: &S3Client,

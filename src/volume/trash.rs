@@ -212,7 +212,7 @@ impl Volume {
     }
 
     /// Locks (`Some`) or unlocks snapshot `name` by the rules of `locks::change`; a
-    /// refusal is `NotPermitted` (EPERM).
+    /// refusal is `NotPermitted` (EPERM), a lock already expired `Invalid` (EINVAL).
     pub fn lock_snapshot(&self, name: &[u8], wanted: Option<&SnapshotLock>) -> Result<()> {
         let row = self.snapshots.by_name(name)?;
         self.change_lock(row.id, wanted, true)
@@ -229,6 +229,11 @@ impl Volume {
     }
 
     fn change_lock(&self, id: u64, wanted: Option<&SnapshotLock>, checked: bool) -> Result<()> {
+        if checked && wanted.is_some_and(|lock| !locks::holds(lock, self.clock.now())) {
+            return Err(Error::Invalid(
+                "a lock whose until has passed would not hold",
+            ));
+        }
         let row = self.snapshots.update(id, |current, _| {
             let new = if checked {
                 locks::change(current.lock.as_ref(), wanted, self.clock.now()).map_err(|reason| {
