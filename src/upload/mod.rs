@@ -238,6 +238,8 @@ impl Worker {
         }
         match self.collect_garbage(&self.options.gc).await {
             Ok(report) => Ok(report.deleted_packs + report.repacked_packs > 0),
+            // A request given up at the stop: the next mount's pass goes on.
+            Err(UploadError::Store(_)) if self.is_stopping() => Ok(false),
             Err(UploadError::Store(e)) => {
                 tracing::warn!(error = %e, "garbage collection failed; will retry");
                 Ok(false)
