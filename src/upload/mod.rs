@@ -186,6 +186,16 @@ impl Worker {
         self.stopping.load(Ordering::SeqCst)
     }
 
+    /// What a request task needs to put an object, owned so that it outlives `self`.
+    fn sender(&self) -> Sender {
+        Sender {
+            store: self.store.clone(),
+            limiter: self.limiter.clone(),
+            pacer: self.pacer.clone(),
+            stopping: self.stopping.clone(),
+        }
+    }
+
     /// Uploads until no snapshot is pending and the deletion queue is empty (or, for the
     /// queue, until its next requests fail). Returns what happened to each snapshot.
     pub async fn upload_pending(&self) -> Result<Vec<(u64, Outcome)>, UploadError> {
@@ -409,22 +419,10 @@ impl Worker {
                 return Ok(Err(reason));
             }
         }
-        let store = self.store.clone();
-        let limiter = self.limiter.clone();
-        let pacer = self.pacer.clone();
-        let stopping = self.stopping.clone();
+        let sender = self.sender();
         let (key, body) = (pack.key, Bytes::from(pack.body));
         packer.in_flight.spawn(async move {
-            if let Some(limiter) = &limiter {
-                limiter.acquire(size).await;
-            }
-            // Each attempt paced, not the backoffs between them.
-            store::retry_unless_stopped(Retries::Unlimited, &stopping, || {
-                pacer.store(store.put(&key, body.clone()))
-            })
-            .await
-            .map_err(|e| e.message)?;
-            metrics::uploaded(size);
+            sender.put(&key, body).await.map_err(|e| e.message)?;
             Ok::<_, String>(LandedPack {
                 row,
                 size,
@@ -796,22 +794,10 @@ impl Worker {
         for (key, body) in objects {
             let body = Bytes::from(body);
             let permits = permits.clone();
-            let store = self.store.clone();
-            let limiter = self.limiter.clone();
-            let pacer = self.pacer.clone();
-            let stopping = self.stopping.clone();
+            let sender = self.sender();
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
-                if let Some(limiter) = &limiter {
-                    limiter.acquire(body.len() as u64).await;
-                }
-                let sent = body.len() as u64;
-                store::retry_unless_stopped(Retries::Unlimited, &stopping, || {
-                    pacer.store(store.put(&key, body.clone()))
-                })
-                .await?;
-                metrics::uploaded(sent);
-                Ok::<_, StoreError>(())
+                sender.put(&key, body).await
             });
         }
         while let Some(result) = tasks.join_next().await {
@@ -939,6 +925,32 @@ struct DirFrame {
     ino: u64,
     pending: Vec<catalog::DirEntryRow>,
     done: Vec<Entry>,
+}
+
+/// Puts objects for the uploader (see `Worker::sender`).
+struct Sender {
+    store: Arc<dyn ObjectStore>,
+    limiter: Option<RateLimit>,
+    pacer: Arc<Pacer>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Sender {
+    /// Puts `body` at `key` within the rate limit, retrying transient errors until it
+    /// lands or the uploader stops (`store::retry_unless_stopped`), and counts it sent.
+    async fn put(&self, key: &str, body: Bytes) -> store::StoreResult<()> {
+        let size = body.len() as u64;
+        if let Some(limiter) = &self.limiter {
+            limiter.acquire(size).await;
+        }
+        // Each attempt paced, not the backoffs between them.
+        store::retry_unless_stopped(Retries::Unlimited, &self.stopping, || {
+            self.pacer.store(self.store.put(key, body.clone()))
+        })
+        .await?;
+        metrics::uploaded(size);
+        Ok(())
+    }
 }
 
 /// A token bucket over bytes sent, shared by all requests (like restic's --limit-upload).
