@@ -41,6 +41,11 @@ pub enum ControlError {
     Locked { name: String, lock: String },
     #[error("snapshot '{name}': {lock} cannot be shortened or removed, only extended")]
     LockHeld { name: String, lock: String },
+    #[error(
+        "snapshot '{name}': a lock {lock} would not hold: that time has passed (give a later \
+         --until, or --for of at least 1s)"
+    )]
+    LockExpired { name: String, lock: String },
     #[error("snapshot '{name}' not taken: the pre-snapshot hook failed: {reason}")]
     Hook { name: String, reason: String },
     #[error("{0} has no snapshot policy (set one with `snapfs policy set`)")]
@@ -261,6 +266,11 @@ pub fn lock_snapshot(
             Some(libc::EPERM) => ControlError::LockHeld {
                 name: name.to_owned(),
                 lock: snapshot_lock(&path).unwrap_or_else(|| "its lock".into()),
+            },
+            // The text is well formed (format_lock): the volume found the lock expired.
+            Some(libc::EINVAL) if let Some(lock) = lock => ControlError::LockExpired {
+                name: name.to_owned(),
+                lock: lock.to_owned(),
             },
             Some(libc::ENODATA) => ControlError::Io {
                 what: "not locked",
