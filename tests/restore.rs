@@ -45,6 +45,16 @@ fn restore_local(mount: &Mount, what: &str, dest: &Path, extra: &[&str]) -> Outp
         .args(extra))
 }
 
+/// `snapfs restore MP WHAT DEST [extra]`, the mountpoint first.
+fn restore_at(mount: &Mount, what: &str, dest: &Path, extra: &[&str]) -> Output {
+    run(snapfs()
+        .arg("restore")
+        .arg(mount.path())
+        .arg(what)
+        .arg(dest)
+        .args(extra))
+}
+
 /// `snapfs restore --store URL WHAT DEST [extra]` with only the AWS environment.
 fn restore_store(s3: &S3Env, url: &str, what: &str, dest: &Path, extra: &[&str]) -> Output {
     s3.restore(url, what, dest, extra)
@@ -449,11 +459,7 @@ fn restore_takes_the_mountpoint_first_as_the_other_commands_do() {
     let out_dir = mount.scratch("out");
 
     let dest = out_dir.join("whole");
-    let out = run(snapfs()
-        .arg("restore")
-        .arg(mount.path())
-        .arg("snap")
-        .arg(&dest));
+    let out = restore_at(&mount, "snap", &dest, &[]);
     assert_ok(&out, "restore MOUNTPOINT snap DEST");
     assert_trees_eq(
         &comparable(tree_state(&dest), true),
@@ -461,11 +467,7 @@ fn restore_takes_the_mountpoint_first_as_the_other_commands_do() {
         "restore MOUNTPOINT snap DEST",
     );
     let one = out_dir.join("one.txt");
-    let out = run(snapfs()
-        .arg("restore")
-        .arg(mount.path())
-        .arg("snap:a/b/text.txt")
-        .arg(&one));
+    let out = restore_at(&mount, "snap:a/b/text.txt", &one, &[]);
     assert_ok(&out, "restore MOUNTPOINT snap:PATH DEST");
     assert_eq!(
         fs::read(&one).expect("read"),
@@ -474,13 +476,8 @@ fn restore_takes_the_mountpoint_first_as_the_other_commands_do() {
 
     // A mountpoint and --data name the volume twice: refused, nothing restored.
     let twice = out_dir.join("twice");
-    let out = run(snapfs()
-        .arg("restore")
-        .arg(mount.path())
-        .arg("snap")
-        .arg(&twice)
-        .arg("--data")
-        .arg(mount.data_dir()));
+    let data_dir = mount.data_dir().to_str().expect("utf-8 data dir");
+    let out = restore_at(&mount, "snap", &twice, &["--data", data_dir]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("cannot be used with"),
