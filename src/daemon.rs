@@ -631,7 +631,7 @@ fn open_from(args: &MountArgs, runtime: &tokio::runtime::Handle) -> Result<Volum
             ))),
         };
     }
-    let source = StoreSource::open(runtime, url, snapshot)?;
+    let source = StoreSource::open(runtime, url, snapshot.as_bytes())?;
     let options = volume::Options {
         block_size: source.block_size_of(),
         ..args.volume.clone()

@@ -189,14 +189,14 @@ enum Command {
         /// A running snapfs mount, as `snapshot create` takes it (the same as --mount).
         /// Given alone, or first of two that do not name a mount, it is FROM.
         #[arg(value_name = "MOUNTPOINT")]
-        first: String,
+        first: OsString,
         /// The older snapshot, after MOUNTPOINT.
         #[arg(value_name = "FROM")]
-        second: Option<String>,
+        second: Option<OsString>,
         /// The newer snapshot [default: the live volume, with every operation that has
         /// returned; a file still open shows its writes once closed, or within 3 s].
         #[arg(value_name = "TO", conflicts_with_all = ["data", "mount"])]
-        third: Option<String>,
+        third: Option<OsString>,
         #[command(flatten)]
         volume: VolumeSource,
     },
@@ -367,7 +367,7 @@ enum SnapshotCommand {
         mountpoint: PathBuf,
         /// The snapshot to show, after MOUNTPOINT.
         #[arg(value_name = "NAME", conflicts_with_all = ["data", "mount"])]
-        name: Option<String>,
+        name: Option<OsString>,
         #[command(flatten)]
         volume: VolumeSource,
         /// Print the snapshot as JSON.
@@ -838,11 +838,8 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 Some(dest) => (volume.or_mountpoint(Some(first.into())), second, dest),
                 None => (volume, first, second.into()),
             };
-            let what = what
-                .into_string()
-                .map_err(|what| format!("no snapshot named {}", escaped(what.as_bytes())))?;
             let store = store.as_ref().map(|url| (url, trash));
-            restore(&what, &dest, &volume, store, overwrite, json)?
+            restore(what.as_bytes(), &dest, &volume, store, overwrite, json)?
         }
         Command::Keygen { file } => {
             use std::io::Write;
@@ -946,7 +943,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let inspector = volume.open()?;
             let changes = inspector
                 .diff(from.as_bytes(), to.as_ref().map(|t| t.as_bytes()))
-                .map_err(|e| missing_snapshot(e, &[Some(from.as_str()), to.as_deref()]))?;
+                .map_err(|e| missing_snapshot(e, &[Some(&from), to.as_ref()]))?;
             for change in changes {
                 match &change {
                     Change::Renamed { from, to } => {
@@ -1134,18 +1131,12 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             // One argument is the snapshot's name; two are a mountpoint and a name.
             let (volume, name) = match name {
                 Some(name) => (volume.or_mountpoint(Some(mountpoint)), name),
-                None => (
-                    volume,
-                    mountpoint
-                        .into_os_string()
-                        .into_string()
-                        .map_err(|name| format!("no snapshot named {}", name.to_string_lossy()))?,
-                ),
+                None => (volume, mountpoint.into_os_string()),
             };
             let inspector = volume.open()?;
             let info = inspector
                 .snapshot(name.as_bytes())
-                .map_err(|e| missing_snapshot(e, &[Some(name.as_str())]))?;
+                .map_err(|e| missing_snapshot(e, &[Some(&name)]))?;
             if json {
                 json::print(&json::Snapshot::of(&info))?;
             } else {
@@ -1191,20 +1182,22 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
 /// Sorts `snapfs diff`'s one to three arguments into the volume, FROM and TO (see its
 /// --help for the rule).
 fn diff_arguments(
-    first: String,
-    second: Option<String>,
-    third: Option<String>,
+    first: OsString,
+    second: Option<OsString>,
+    third: Option<OsString>,
     volume: VolumeSource,
-) -> Result<(VolumeSource, String, Option<String>), Box<dyn std::error::Error>> {
-    let first_is_mountpoint =
-        |first: &str| first.contains('/') || daemon::data_dir_of_mount(Path::new(first)).is_ok();
+) -> Result<(VolumeSource, OsString, Option<OsString>), Box<dyn std::error::Error>> {
+    let first_is_mountpoint = |first: &OsString| {
+        first.as_bytes().contains(&b'/') || daemon::data_dir_of_mount(Path::new(first)).is_ok()
+    };
     Ok(match (second, third) {
         (None, _) => (volume, first, None),
         (Some(from), Some(to)) => (volume.or_mountpoint(Some(first.into())), from, Some(to)),
         (Some(second), None) if first_is_mountpoint(&first) => {
             if volume.data.is_some() || volume.mount.is_some() {
                 return Err(format!(
-                    "{first} names a mount and so do --data or --mount: give the volume once"
+                    "{} names a mount and so do --data or --mount: give the volume once",
+                    escaped(first.as_bytes())
                 )
                 .into());
             }
@@ -1215,10 +1208,14 @@ fn diff_arguments(
 }
 
 /// Names the snapshot a NotFound was about.
-fn missing_snapshot(err: volume::Error, names: &[Option<&str>]) -> Box<dyn std::error::Error> {
+fn missing_snapshot(err: volume::Error, names: &[Option<&OsString>]) -> Box<dyn std::error::Error> {
     match err {
         volume::Error::NotFound => {
-            let names: Vec<&str> = names.iter().flatten().copied().collect();
+            let names: Vec<String> = names
+                .iter()
+                .flatten()
+                .map(|name| escaped(name.as_bytes()))
+                .collect();
             format!("no snapshot named {}", names.join(" or ")).into()
         }
         other => other.into(),
@@ -1267,7 +1264,7 @@ impl snapfs::restore::Progress for Bar {
 }
 
 fn restore(
-    what: &str,
+    what: &[u8],
     dest: &Path,
     volume: &VolumeSource,
     store: Option<(&store::StoreUrl, bool)>,
@@ -1278,9 +1275,10 @@ fn restore(
     use snapfs::store::{ReadError, Source, StoreSource};
     // Snapshot names may hold ':': the whole of WHAT is tried as a name first, then
     // each split at a ':' from the left, until a snapshot by that name exists.
-    let splits = std::iter::once((what, "")).chain(
-        what.match_indices(':')
-            .map(|(i, _)| (&what[..i], &what[i + 1..])),
+    let splits = std::iter::once((what, &what[what.len()..])).chain(
+        (0..what.len())
+            .filter(|&i| what[i] == b':')
+            .map(|i| (&what[..i], &what[i + 1..])),
     );
     enum From<'a> {
         /// The store, and whether the snapshot is in the recycle bin.

@@ -23,6 +23,7 @@ use tokio::runtime::Handle;
 
 use crate::blocks::{BlockError, BlockHash, BlockStore};
 use crate::catalog::{self, Catalog, Kind, ROOT_INO, Setting};
+use crate::display::escaped;
 use crate::manifest::{Content, Entry};
 use crate::store::{ReadError, Source, StoreChain, StoreUrl};
 
@@ -74,14 +75,14 @@ impl LocalSource {
     pub fn open(
         runtime: &Handle,
         data_dir: &Path,
-        snapshot: &str,
+        snapshot: &[u8],
     ) -> Result<LocalSource, ReadError> {
         let catalog = Catalog::open_data_dir_read_only(data_dir)?;
         let row = catalog
             .read(|tx| tx.snapshots())?
             .into_iter()
-            .find(|row| row.trash.is_none() && row.name == snapshot.as_bytes())
-            .ok_or_else(|| ReadError::NoSnapshot(snapshot.to_owned()))?;
+            .find(|row| row.trash.is_none() && row.name == snapshot)
+            .ok_or_else(|| ReadError::NoSnapshot(escaped(snapshot)))?;
         let block_size = u64::from(catalog.block_size());
         let mut store_urls = catalog.read(|tx| {
             Ok::<_, catalog::Error>(
@@ -250,26 +251,30 @@ pub trait Progress: Sync {
 
 impl Progress for () {}
 
-/// Restores `path` (relative to the snapshot root; empty for all of it) of `source`
-/// to `dest`. A directory becomes `dest` (which must be empty or missing unless
+/// Restores `path` (relative to the snapshot root, a byte string as names are; empty for
+/// all of it) of `source` to `dest`. A directory becomes `dest` (which must be empty or missing unless
 /// `overwrite`); a file becomes `dest`, or `dest/NAME` if `dest` is a directory.
 pub fn restore(
     source: &dyn Source,
-    path: &str,
+    path: &[u8],
     dest: &Path,
     options: &Options,
     progress: &dyn Progress,
 ) -> Result<Report> {
     let mut entry = source.root()?;
-    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+    let no_path = || RestoreError::NoPath(escaped(path));
+    for part in path
+        .split(|&b| b == b'/')
+        .filter(|p| !p.is_empty() && *p != b".")
+    {
         if entry.attrs.kind != Kind::Dir {
-            return Err(RestoreError::NoPath(path.to_owned()));
+            return Err(no_path());
         }
         entry = source
             .children(&entry)?
             .into_iter()
-            .find(|child| child.name == part.as_bytes())
-            .ok_or_else(|| RestoreError::NoPath(path.to_owned()))?;
+            .find(|child| child.name == part)
+            .ok_or_else(no_path)?;
     }
     let writer = Writer {
         source,

@@ -625,6 +625,102 @@ fn paths_and_names_from_the_bucket_alone() {
     assert_fails_with(&out, &["no snapshot named", "nosuch"], "unknown snapshot");
 }
 
+#[test]
+fn a_snapshot_named_with_bytes_that_are_not_utf8_restores_shows_and_diffs() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let s3 = S3Env::garage();
+    let prefix = unique_prefix("restore-bytes");
+    let url = s3.url(&prefix);
+    let mount = s3.mount_store(&prefix, &[]);
+    let latin1 = OsStr::from_bytes(b"caf\xe9");
+    fs::create_dir(mount.path().join("d")).expect("mkdir");
+    fs::write(mount.path().join("d").join(latin1), pattern(BLOCK + 5, 31)).expect("write");
+    fs::write(mount.path().join("d/plain"), b"plain").expect("write");
+    let name = OsStr::from_bytes(b"v\xe9");
+    let snap = mount.path().join(".snapshots").join(name);
+    fs::create_dir(&snap).expect("mkdir .snapshots/v\\351");
+    fs::write(mount.path().join("d/plain"), b"changed").expect("write");
+    take_snapshot(&mount, "after");
+    wait_completed(&mount, "after");
+    assert_eq!(
+        getxattr(&snap, "user.snapfs.state").expect("state"),
+        b"completed"
+    );
+    let out = mount.scratch("out");
+    let snapfs_with = |args: &[&OsStr]| {
+        let mut cmd = snapfs();
+        s3.apply(&mut cmd);
+        run(cmd.args(args))
+    };
+
+    // From the bucket alone: the whole snapshot, and the one file by its own bytes.
+    let whole = out.join("whole");
+    let restore = OsStr::new("restore");
+    let store = [OsStr::new("--store"), OsStr::new(&url)];
+    assert_ok(
+        &snapfs_with(&[restore, store[0], store[1], name, whole.as_os_str()]),
+        "restore --store v\\351",
+    );
+    assert_trees_eq(
+        &comparable(tree_state(&whole), true),
+        &comparable(tree_state(&snap), true),
+        "v\\351 from the bucket",
+    );
+    let one = out.join("one");
+    let what = OsStr::from_bytes(b"v\xe9:d/caf\xe9");
+    assert_ok(
+        &snapfs_with(&[restore, store[0], store[1], what, one.as_os_str()]),
+        "restore --store v\\351:d/caf\\351",
+    );
+    assert_bytes_eq(
+        &fs::read(&one).expect("read"),
+        &pattern(BLOCK + 5, 31),
+        "one file",
+    );
+
+    // Beside the mount, with the mountpoint first.
+    let local = out.join("local");
+    let mp = mount.path().as_os_str();
+    assert_ok(
+        &snapfs_with(&[restore, mp, name, local.as_os_str()]),
+        "restore MP v\\351",
+    );
+    assert_eq!(fs::read(local.join("d/plain")).expect("read"), b"plain");
+
+    let shown = snapfs_with(&[OsStr::new("snapshot"), OsStr::new("show"), mp, name]);
+    assert_ok(&shown, "snapshot show");
+    assert!(
+        stdout(&shown).contains("name:      v\\351\n"),
+        "{}",
+        stdout(&shown)
+    );
+    let diff = snapfs_with(&[OsStr::new("diff"), mp, name, OsStr::new("after")]);
+    assert_ok(&diff, "diff");
+    assert_eq!(stdout(&diff), "M\t/d/plain\n");
+
+    // A name that is not there is named as listings show it.
+    let missing = snapfs_with(&[
+        restore,
+        store[0],
+        store[1],
+        OsStr::from_bytes(b"n\xff"),
+        out.join("x").as_os_str(),
+    ]);
+    assert_fails_with(&missing, &["no snapshot named n\\377"], "unknown name");
+    let missing = snapfs_with(&[
+        OsStr::new("snapshot"),
+        OsStr::new("show"),
+        mp,
+        OsStr::from_bytes(b"n\xff"),
+    ]);
+    assert_fails_with(
+        &missing,
+        &["no snapshot named n\\377"],
+        "show of an unknown name",
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. DEST rules
 // ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ use tokio::runtime::Handle;
 use super::{BlockPlace, IndexedStore, ObjectKey, ObjectStore, StoreError, StoreUrl, VolumeHeader};
 use crate::blocks::BlockHash;
 use crate::catalog;
+use crate::display::escaped;
 use crate::manifest::{self, Content, Entry, PackId, SnapshotManifest};
 
 #[derive(Debug, thiserror::Error)]
@@ -281,19 +282,19 @@ pub struct StoreSource {
 impl StoreSource {
     /// Snapshot `snapshot` of the volume in the store at `url` (one in the volume's recycle
     /// bin is deleted as far as this goes).
-    pub fn open(runtime: &Handle, url: &StoreUrl, snapshot: &str) -> Result<StoreSource> {
+    pub fn open(runtime: &Handle, url: &StoreUrl, snapshot: &[u8]) -> Result<StoreSource> {
         StoreSource::open_where(runtime, url, snapshot, false)
     }
 
     /// Snapshot `snapshot` of the volume's recycle bin, in the store at `url`.
-    pub fn open_trashed(runtime: &Handle, url: &StoreUrl, snapshot: &str) -> Result<StoreSource> {
+    pub fn open_trashed(runtime: &Handle, url: &StoreUrl, snapshot: &[u8]) -> Result<StoreSource> {
         StoreSource::open_where(runtime, url, snapshot, true)
     }
 
     fn open_where(
         runtime: &Handle,
         url: &StoreUrl,
-        snapshot: &str,
+        snapshot: &[u8],
         trashed: bool,
     ) -> Result<StoreSource> {
         let mut stores = StoreChain::open(runtime, url, None)?;
@@ -301,7 +302,7 @@ impl StoreSource {
         let manifest = listing
             .snapshots
             .into_iter()
-            .find(|m| m.trash.is_some() == trashed && m.name == snapshot.as_bytes())
+            .find(|m| m.trash.is_some() == trashed && m.name == snapshot)
             .ok_or_else(|| {
                 let damaged = if listing.damaged.is_empty() {
                     String::new()
@@ -311,7 +312,7 @@ impl StoreSource {
                         listing.damaged.join("; ")
                     )
                 };
-                ReadError::NoSnapshot(format!("{snapshot} in {url}{damaged}"))
+                ReadError::NoSnapshot(format!("{} in {url}{damaged}", escaped(snapshot)))
             })?;
         stores.set_origin(listing.origin.as_ref())?;
         Ok(StoreSource { stores, manifest })
