@@ -1,9 +1,10 @@
 //! Commands against a running mount, sent through its `.snapshots` control directory
 //! (mkdir, rmdir, xattrs), so the daemon that owns the volume does the work. The recycle
 //! bin is `.snapshots/.trash` (rename out of it to undelete, rmdir in it to purge); a
-//! snapshot's lock is its `user.snapfs.lock` xattr.
+//! snapshot's lock is its `user.snapfs.lock` xattr. Snapshot names are byte strings, as
+//! file names are; errors show them as the listings do ([`escaped`]).
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -11,6 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::catalog::NAME_MAX;
+use crate::display::escaped;
 use crate::policy::Policy;
 use crate::volume::{XATTR_POLICY, XATTR_PRUNE};
 
@@ -27,7 +29,7 @@ pub enum ControlError {
     #[error("no checkpoint at or before {0}")]
     NoCheckpointBefore(String),
     #[error(
-        "invalid snapshot name {0:?}: names are 1 to 255 bytes, without '/' or control \
+        "invalid snapshot name '{0}': names are 1 to 255 bytes, without '/' or control \
          characters, not starting with '.'"
     )]
     BadName(String),
@@ -66,11 +68,21 @@ fn snapdir(mountpoint: &Path) -> Result<PathBuf, ControlError> {
     Ok(dir)
 }
 
-fn snapshot_path(mountpoint: &Path, name: &str) -> Result<PathBuf, ControlError> {
-    if name.is_empty() || name.contains('/') || name.starts_with('.') || name.len() > NAME_MAX {
-        return Err(ControlError::BadName(name.to_owned()));
+fn snapshot_path(mountpoint: &Path, name: &OsStr) -> Result<PathBuf, ControlError> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty()
+        || bytes.contains(&b'/')
+        || bytes.starts_with(b".")
+        || bytes.len() > NAME_MAX
+    {
+        return Err(ControlError::BadName(shown(name)));
     }
     Ok(snapdir(mountpoint)?.join(name))
+}
+
+/// `name` for a message.
+fn shown(name: &OsStr) -> String {
+    escaped(name.as_bytes())
 }
 
 /// Splits each `KEY=VALUE`.
@@ -86,20 +98,20 @@ pub fn parse_tags(tags: &[String]) -> Result<Vec<(String, String)>, ControlError
 /// Takes snapshot `name` of the volume mounted at `mountpoint`, with `tags`.
 pub fn create_snapshot(
     mountpoint: &Path,
-    name: &str,
+    name: &OsStr,
     tags: &[(String, String)],
 ) -> Result<(), ControlError> {
     let path = snapshot_path(mountpoint, name)?;
     fs::create_dir(&path).map_err(|source| match source.raw_os_error() {
-        Some(libc::EEXIST) => ControlError::Exists(name.to_owned()),
-        Some(libc::EINVAL) => ControlError::BadName(name.to_owned()),
+        Some(libc::EEXIST) => ControlError::Exists(shown(name)),
+        Some(libc::EINVAL) => ControlError::BadName(shown(name)),
         // EIO may be a pre-snapshot hook's refusal: the daemon keeps its reason.
         code => match (code == Some(libc::EIO))
             .then(|| hook_error(mountpoint, name))
             .flatten()
         {
             Some(reason) => ControlError::Hook {
-                name: name.to_owned(),
+                name: shown(name),
                 reason,
             },
             None => ControlError::Io {
@@ -113,14 +125,13 @@ pub fn create_snapshot(
 }
 
 /// Why the pre-snapshot hook refused snapshot `name`, if it was the last it refused.
-fn hook_error(mountpoint: &Path, name: &str) -> Option<String> {
+fn hook_error(mountpoint: &Path, name: &OsStr) -> Option<String> {
     let text = get_xattr(&snapdir(mountpoint).ok()?, crate::volume::XATTR_HOOK_ERROR)?;
-    text.strip_prefix(name)?
-        .strip_prefix(": ")
-        .map(str::to_owned)
+    let reason = text.strip_prefix(name.as_bytes())?.strip_prefix(b": ")?;
+    Some(String::from_utf8_lossy(reason).into_owned())
 }
 
-pub fn delete_snapshot(mountpoint: &Path, name: &str) -> Result<(), ControlError> {
+pub fn delete_snapshot(mountpoint: &Path, name: &OsStr) -> Result<(), ControlError> {
     let path = snapshot_path(mountpoint, name)?;
     remove_snapshot_dir(
         &path,
@@ -133,14 +144,14 @@ pub fn delete_snapshot(mountpoint: &Path, name: &str) -> Result<(), ControlError
 /// rmdir of a snapshot's directory (in `.snapshots` or its bin), with clear errors.
 fn remove_snapshot_dir(
     path: &Path,
-    name: &str,
+    name: &OsStr,
     what: &'static str,
     missing: fn(String) -> ControlError,
 ) -> Result<(), ControlError> {
     fs::remove_dir(path).map_err(|source| match source.raw_os_error() {
-        Some(libc::ENOENT) => missing(name.to_owned()),
+        Some(libc::ENOENT) => missing(shown(name)),
         Some(libc::EPERM) => ControlError::Locked {
-            name: name.to_owned(),
+            name: shown(name),
             lock: snapshot_lock(path).unwrap_or_else(|| "no lock shown".into()),
         },
         _ => ControlError::Io {
@@ -152,7 +163,7 @@ fn remove_snapshot_dir(
 }
 
 /// `.snapshots/.trash/NAME`: snapshot `name` in the recycle bin.
-fn trashed_path(mountpoint: &Path, name: &str) -> Result<PathBuf, ControlError> {
+fn trashed_path(mountpoint: &Path, name: &OsStr) -> Result<PathBuf, ControlError> {
     let path = snapshot_path(mountpoint, name)?;
     Ok(path.with_file_name(".trash").join(name))
 }
@@ -160,15 +171,15 @@ fn trashed_path(mountpoint: &Path, name: &str) -> Result<PathBuf, ControlError> 
 /// Takes snapshot `name` out of the recycle bin, as `new_name` or under its own name.
 pub fn undelete_snapshot(
     mountpoint: &Path,
-    name: &str,
-    new_name: Option<&str>,
+    name: &OsStr,
+    new_name: Option<&OsStr>,
 ) -> Result<(), ControlError> {
     let from = trashed_path(mountpoint, name)?;
     let target = new_name.unwrap_or(name);
     let to = snapshot_path(mountpoint, target)?;
     fs::rename(&from, &to).map_err(|source| match source.raw_os_error() {
-        Some(libc::ENOENT) => ControlError::NotInTrash(name.to_owned()),
-        Some(libc::EEXIST | libc::ENOTEMPTY) => ControlError::NameTaken(target.to_owned()),
+        Some(libc::ENOENT) => ControlError::NotInTrash(shown(name)),
+        Some(libc::EEXIST | libc::ENOTEMPTY) => ControlError::NameTaken(shown(target)),
         _ => ControlError::Io {
             what: "cannot undelete snapshot",
             path: from.clone(),
@@ -219,7 +230,7 @@ pub fn checkpoint_at(names: &[String], time: &str) -> Result<String, ControlErro
 pub fn promote_checkpoint(
     mountpoint: &Path,
     checkpoint: &str,
-    name: &str,
+    name: &OsStr,
 ) -> Result<(), ControlError> {
     let to = snapshot_path(mountpoint, name)?;
     if checkpoint.is_empty() || checkpoint.contains('/') {
@@ -228,8 +239,8 @@ pub fn promote_checkpoint(
     let from = checkpoint_dir(mountpoint)?.join(checkpoint);
     fs::rename(&from, &to).map_err(|source| match source.raw_os_error() {
         Some(libc::ENOENT) => ControlError::NoSuchCheckpoint(checkpoint.to_owned()),
-        Some(libc::EEXIST | libc::ENOTEMPTY) => ControlError::Exists(name.to_owned()),
-        Some(libc::EINVAL) => ControlError::BadName(name.to_owned()),
+        Some(libc::EEXIST | libc::ENOTEMPTY) => ControlError::Exists(shown(name)),
+        Some(libc::EINVAL) => ControlError::BadName(shown(name)),
         _ => ControlError::Io {
             what: "cannot promote checkpoint",
             path: from.clone(),
@@ -239,7 +250,7 @@ pub fn promote_checkpoint(
 }
 
 /// Deletes snapshot `name` of the recycle bin for good.
-pub fn purge_snapshot(mountpoint: &Path, name: &str) -> Result<(), ControlError> {
+pub fn purge_snapshot(mountpoint: &Path, name: &OsStr) -> Result<(), ControlError> {
     let path = trashed_path(mountpoint, name)?;
     remove_snapshot_dir(
         &path,
@@ -253,23 +264,23 @@ pub fn purge_snapshot(mountpoint: &Path, name: &str) -> Result<(), ControlError>
 /// it (`None`).
 pub fn lock_snapshot(
     mountpoint: &Path,
-    name: &str,
+    name: &OsStr,
     lock: Option<&str>,
 ) -> Result<(), ControlError> {
     let path = snapshot_path(mountpoint, name)?;
     if !path.exists() {
-        return Err(ControlError::NoSuchSnapshot(name.to_owned()));
+        return Err(ControlError::NoSuchSnapshot(shown(name)));
     }
     let value = lock.map(str::as_bytes);
     change_xattr(&path, crate::volume::XATTR_LOCK, value).map_err(|source| {
         match source.raw_os_error() {
             Some(libc::EPERM) => ControlError::LockHeld {
-                name: name.to_owned(),
+                name: shown(name),
                 lock: snapshot_lock(&path).unwrap_or_else(|| "its lock".into()),
             },
             // The text is well formed (format_lock): the volume found the lock expired.
             Some(libc::EINVAL) if let Some(lock) = lock => ControlError::LockExpired {
-                name: name.to_owned(),
+                name: shown(name),
                 lock: lock.to_owned(),
             },
             Some(libc::ENODATA) => ControlError::Io {
@@ -289,13 +300,14 @@ pub fn lock_snapshot(
 /// The lock of the snapshot directory at `path`, as its xattr shows it.
 pub fn snapshot_lock(path: &Path) -> Option<String> {
     get_xattr(path, crate::volume::XATTR_LOCK)
+        .map(|lock| String::from_utf8_lossy(&lock).into_owned())
 }
 
 fn c_string(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-fn get_xattr(path: &Path, name: &[u8]) -> Option<String> {
+fn get_xattr(path: &Path, name: &[u8]) -> Option<Vec<u8>> {
     let (path, name) = (
         c_string(path.as_os_str().as_bytes()).ok()?,
         c_string(name).ok()?,
@@ -311,7 +323,7 @@ fn get_xattr(path: &Path, name: &[u8]) -> Option<String> {
         )
     };
     value.truncate(usize::try_from(len).ok()?);
-    Some(String::from_utf8_lossy(&value).into_owned())
+    Some(value)
 }
 
 /// Sets (`Some`) or removes (`None`) xattr `name` of `path`.
@@ -354,13 +366,13 @@ fn remove_xattr(path: &Path, name: &[u8]) -> io::Result<()> {
 /// Sets and removes tags (`user.tag.KEY` xattrs) of snapshot `name`.
 pub fn tag_snapshot(
     mountpoint: &Path,
-    name: &str,
+    name: &OsStr,
     set: &[(String, String)],
     remove: &[String],
 ) -> Result<(), ControlError> {
     let path = snapshot_path(mountpoint, name)?;
     if !path.exists() {
-        return Err(ControlError::NoSuchSnapshot(name.to_owned()));
+        return Err(ControlError::NoSuchSnapshot(shown(name)));
     }
     let xattr_error = |source| ControlError::Io {
         what: "cannot tag snapshot",

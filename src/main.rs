@@ -271,7 +271,7 @@ enum SnapshotCommand {
     )]
     Create {
         mountpoint: PathBuf,
-        name: String,
+        name: OsString,
         /// A tag to attach, KEY=VALUE; repeat for more.
         #[arg(long = "tag", value_name = "KEY=VALUE")]
         tags: Vec<String>,
@@ -281,12 +281,12 @@ enum SnapshotCommand {
     },
     /// Delete a snapshot of a mounted volume, freeing what only it holds (same as rmdir).
     #[command(after_help = "Example:\n  snapfs snapshot delete ~/work before-upgrade")]
-    Delete { mountpoint: PathBuf, name: String },
+    Delete { mountpoint: PathBuf, name: OsString },
     /// Set or remove tags of a snapshot of a mounted volume.
     #[command(after_help = "Example:\n  snapfs snapshot tag ~/work nightly keep=yes --remove tmp")]
     Tag {
         mountpoint: PathBuf,
-        name: String,
+        name: OsString,
         /// Tags to set, KEY=VALUE.
         #[arg(value_name = "KEY=VALUE")]
         tags: Vec<String>,
@@ -977,12 +977,17 @@ fn snapshot(command: SnapshotCommand) -> Result<(), Box<dyn std::error::Error>> 
             if json {
                 json::print(&json::Snapshot::of(&info))?;
             } else {
-                println!("snapshot '{name}' taken (id {}, {})", info.id, info.state);
+                println!(
+                    "snapshot '{}' taken (id {}, {})",
+                    escaped(&info.name),
+                    info.id,
+                    info.state
+                );
             }
         }
         SnapshotCommand::Delete { mountpoint, name } => {
             control::delete_snapshot(&mountpoint, &name)?;
-            println!("snapshot '{name}' deleted");
+            println!("snapshot '{}' deleted", escaped(name.as_bytes()));
         }
         SnapshotCommand::Tag {
             mountpoint,

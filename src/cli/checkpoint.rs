@@ -2,12 +2,14 @@
 //! (`list`, from the catalog, with or without a mount) and turning one into a snapshot
 //! (`promote`, through the mount's control directory).
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use clap::Subcommand;
 use serde::Serialize;
 use snapfs::control;
 use snapfs::daemon;
+use snapfs::display::escaped;
 use snapfs::inspect::Inspector;
 use snapfs::volume::{self, CheckpointSpace};
 
@@ -49,7 +51,7 @@ pub enum CheckpointCommand {
         at: Option<String>,
         /// The name of the new snapshot.
         #[arg(long = "as", value_name = "SNAPSHOT_NAME")]
-        as_name: String,
+        as_name: std::ffi::OsString,
         /// Print the new snapshot as JSON.
         #[arg(long)]
         json: bool,
@@ -107,8 +109,10 @@ impl CheckpointCommand {
                     json::print(&json::Snapshot::of(&info))?;
                 } else {
                     println!(
-                        "checkpoint {checkpoint} promoted to snapshot '{as_name}' (id {}, {})",
-                        info.id, info.state
+                        "checkpoint {checkpoint} promoted to snapshot '{}' (id {}, {})",
+                        escaped(&info.name),
+                        info.id,
+                        info.state
                     );
                 }
             }

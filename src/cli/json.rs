@@ -16,7 +16,8 @@ pub fn print(value: &impl Serialize) -> serde_json::Result<()> {
     Ok(())
 }
 
-fn text(bytes: &[u8]) -> Cow<'_, str> {
+/// A byte string (a name, a path) in JSON: lossy, as every `--json` view documents.
+pub fn text(bytes: &[u8]) -> Cow<'_, str> {
     String::from_utf8_lossy(bytes)
 }
 

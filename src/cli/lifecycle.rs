@@ -2,6 +2,8 @@
 //! `lock`, `unlock`, and `mount --trash-days`'s parser. They act through the mount's
 //! control directory (see `snapfs::control`).
 
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -33,10 +35,10 @@ pub fn parse_trash_days(text: &str) -> Result<Duration, String> {
 pub struct UndeleteArgs {
     mountpoint: PathBuf,
     /// The snapshot's name in the recycle bin (`snapshot list --trash`).
-    name: String,
+    name: OsString,
     /// Restore it under this name (needed when a snapshot of its name exists).
     #[arg(long = "as", value_name = "NEW")]
-    new_name: Option<String>,
+    new_name: Option<OsString>,
     /// Print the restored snapshot as JSON.
     #[arg(long)]
     json: bool,
@@ -50,7 +52,10 @@ pub fn undelete(args: UndeleteArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.json {
         json::print(&json::Snapshot::of(&info))?;
     } else {
-        println!("snapshot '{name}' restored from the recycle bin");
+        println!(
+            "snapshot '{}' restored from the recycle bin",
+            escaped(&info.name)
+        );
     }
     Ok(())
 }
@@ -58,7 +63,7 @@ pub fn undelete(args: UndeleteArgs) -> Result<(), Box<dyn std::error::Error>> {
 #[derive(Args)]
 pub struct LockArgs {
     mountpoint: PathBuf,
-    name: String,
+    name: OsString,
     /// Lock for this long from now, e.g. 30d, 12h, 2w.
     #[arg(long = "for", value_name = "DURATION", value_parser = parse_trash_days,
           required_unless_present = "until", conflicts_with = "until")]
@@ -107,7 +112,10 @@ pub fn lock(args: LockArgs) -> Result<(), Box<dyn std::error::Error>> {
         let lock = volume::parse_lock(&shown, now)?;
         json::print(&json::Lock::of(&lock))?;
     } else {
-        println!("snapshot '{}' locked: {shown}", args.name);
+        println!(
+            "snapshot '{}' locked: {shown}",
+            escaped(args.name.as_bytes())
+        );
     }
     Ok(())
 }
@@ -115,7 +123,7 @@ pub fn lock(args: LockArgs) -> Result<(), Box<dyn std::error::Error>> {
 #[derive(Args)]
 pub struct UnlockArgs {
     mountpoint: PathBuf,
-    name: String,
+    name: OsString,
     /// Print the unlocked snapshot as JSON.
     #[arg(long)]
     json: bool,
@@ -128,7 +136,7 @@ pub fn unlock(args: UnlockArgs) -> Result<(), Box<dyn std::error::Error>> {
             .snapshot(args.name.as_bytes())?;
         json::print(&json::Snapshot::of(&info))?;
     } else {
-        println!("snapshot '{}' unlocked", args.name);
+        println!("snapshot '{}' unlocked", escaped(args.name.as_bytes()));
     }
     Ok(())
 }
@@ -137,7 +145,7 @@ pub fn unlock(args: UnlockArgs) -> Result<(), Box<dyn std::error::Error>> {
 pub struct PurgeArgs {
     mountpoint: PathBuf,
     /// The snapshot's name in the recycle bin (`snapshot list --trash`).
-    name: String,
+    name: OsString,
     /// Print what was purged as JSON.
     #[arg(long)]
     json: bool,
@@ -146,9 +154,12 @@ pub struct PurgeArgs {
 pub fn purge(args: PurgeArgs) -> Result<(), Box<dyn std::error::Error>> {
     control::purge_snapshot(&args.mountpoint, &args.name)?;
     if args.json {
-        json::print(&serde_json::json!({ "purged": args.name }))?;
+        json::print(&serde_json::json!({ "purged": json::text(args.name.as_bytes()) }))?;
     } else {
-        println!("snapshot '{}' purged from the recycle bin", args.name);
+        println!(
+            "snapshot '{}' purged from the recycle bin",
+            escaped(args.name.as_bytes())
+        );
     }
     Ok(())
 }
