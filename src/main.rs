@@ -299,7 +299,10 @@ enum SnapshotCommand {
     #[command(after_help = "Examples:\n  snapfs snapshot list ~/work\n  \
         snapfs snapshot list --data /srv/vol1 --json\n  \
         snapfs snapshot list --trash ~/work   # the recycle bin\n  \
-        snapfs snapshot list --store s3://my-bucket/laptop   # from the bucket alone")]
+        snapfs snapshot list --store s3://my-bucket/laptop   # from the bucket alone\n\n\
+        Names are shown on one line each: a backslash, a control character and each byte \
+        that is not UTF-8 read as `\\` and three octal digits. Give such a name to the \
+        other commands as its bytes: one listed as v\\351 is $'v\\351' in bash.")]
     List {
         /// A running snapfs mount; its data dir is read (the same as --mount).
         #[arg(value_name = "MOUNTPOINT", conflicts_with_all = ["data", "mount", "store"])]
