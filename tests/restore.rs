@@ -412,6 +412,50 @@ fn a_snapshot_restores_from_the_bucket_alone_on_both_servers() {
     }
 }
 
+/// Snapshot objects are read many at once: a store's round trips, not their number, set
+/// how long a listing (and so a restore from the bucket alone) takes to start.
+#[test]
+fn a_listing_from_the_bucket_asks_for_its_snapshot_objects_at_once() {
+    let s3 = S3Env::garage();
+    let prefix = unique_prefix("list-at-once");
+    let url = s3.url(&prefix);
+    let mount = s3.mount_store(&prefix, &[]);
+    let names: Vec<String> = (0..6).map(|i| format!("s{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        fs::write(mount.path().join("f"), format!("version {i}")).expect("write");
+        take_snapshot(&mount, name);
+    }
+    wait_completed(&mount, "s5");
+    let (proxy, through) = FaultProxy::for_env(&s3);
+    // Every snapshot object's GET waits until the faults change.
+    proxy.fault_matching("GET", "/snapshots/", Fault::Stall);
+    let mut list = snapfs();
+    through.apply(&mut list);
+    let listing = Captured::spawn(list.args(["snapshot", "list", "--store", &url, "--json"]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.counts().1 < names.len() as u64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let waiting = proxy.counts().1;
+    proxy.set_fault(Fault::None);
+    let out = listing.finish();
+    assert_ok(&out, "snapshot list --store");
+    assert_eq!(
+        waiting,
+        names.len() as u64,
+        "snapshot objects asked for before the first was answered"
+    );
+    let json = stdout(&out);
+    let at: Vec<usize> = names
+        .iter()
+        .map(|name| {
+            json.find(&format!("\"name\":\"{name}\""))
+                .unwrap_or_else(|| panic!("{name} listed: {json}"))
+        })
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "oldest first: {json}");
+}
+
 /// Range reads of packs through a proxy that mangles every other object GET (bytes
 /// flipped, bodies cut short): each bad frame is fetched again, the restore is exact.
 #[test]

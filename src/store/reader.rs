@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use tokio::runtime::Handle;
 
 use super::{BlockPlace, IndexedStore, ObjectKey, ObjectStore, StoreError, StoreUrl, VolumeHeader};
@@ -427,6 +428,9 @@ pub async fn read_tree(store: &IndexedStore, hash: &BlockHash) -> Result<Vec<Ent
         .map_err(|e| ReadError::Corrupt(format!("tree {hash} in {}: {e}", store.store.url())))
 }
 
+/// Snapshot objects a listing reads at once.
+const MANIFEST_READS: usize = 16;
+
 /// The snapshots found in a store: those that read back whole, and a message for each
 /// object that did not (one damaged object must not hide the others).
 pub struct Listing {
@@ -455,9 +459,14 @@ pub async fn list_manifests(store: &dyn ObjectStore) -> Result<Listing> {
         damaged: Vec::new(),
         origin: header.origin,
     };
-    for key in keys {
-        let decode = |data: Vec<u8>| manifest::decode_snapshot(&data).map_err(|e| e.to_string());
-        match fetch(store, &key, MAX_MANIFEST_OBJECT, decode).await {
+    // Many at once, in key order: one request at a time, a bucket of a thousand snapshots
+    // took a thousand round trips before a restore could start.
+    let decode = |data: Vec<u8>| manifest::decode_snapshot(&data).map_err(|e| e.to_string());
+    let mut read = futures_util::stream::iter(&keys)
+        .map(|key| async move { (key, fetch(store, key, MAX_MANIFEST_OBJECT, decode).await) })
+        .buffered(MANIFEST_READS);
+    while let Some((key, manifest)) = read.next().await {
+        match manifest {
             Err(ReadError::Corrupt(message)) => listing.damaged.push(message),
             Err(e) => return Err(e),
             Ok(manifest) if manifest.volume_id != header.id => listing.damaged.push(format!(
