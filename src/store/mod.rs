@@ -6,6 +6,7 @@
 //! trees, a snapshot to restore or import) is `reader.rs`.
 
 mod header;
+mod http;
 mod key;
 mod local;
 mod metered;

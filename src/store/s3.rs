@@ -152,8 +152,11 @@ impl S3Store {
         if shared.region().is_none() {
             config = config.region(Region::new("us-east-1"));
         }
-        if shared.endpoint_url().is_some() {
+        if let Some(endpoint) = shared.endpoint_url() {
             config = config.force_path_style(true);
+            if endpoint.starts_with("http://") {
+                config = config.http_client(super::http::quick_ack_client());
+            }
         }
         Ok(S3Store {
             client: Client::from_conf(config.build()),
