@@ -251,5 +251,39 @@ fn every_store_keeps_the_same_contract() {
             |place| s3.url(&unique_prefix(&format!("contract-{server}-{place}"))),
             &runtime,
         );
+        small_answers_come_at_once(
+            server,
+            open(&s3.url(&unique_prefix("small-answers")), None, &runtime),
+            &runtime,
+        );
     }
+}
+
+/// Small answers arrive as soon as the server sends them: a server that writes a body
+/// after its headers without TCP_NODELAY (Garage) waits for their ACK, and Linux delays
+/// ACKs by 40 ms on request/response traffic unless the client asks for quick ones.
+fn small_answers_come_at_once(
+    name: &str,
+    store: Arc<dyn ObjectStore>,
+    runtime: &tokio::runtime::Runtime,
+) {
+    runtime.block_on(async {
+        store
+            .put("small", pattern(100, 7).into())
+            .await
+            .expect("put");
+        let mut times = Vec::new();
+        for at in 0..21 {
+            let started = std::time::Instant::now();
+            let part = store.get_range("small", at, 10).await.expect("get_range");
+            times.push(started.elapsed());
+            assert_eq!(part.as_deref(), Some(&pattern(100, 7)[at as usize..][..10]));
+        }
+        times.sort();
+        let median = times[times.len() / 2];
+        assert!(
+            median < std::time::Duration::from_millis(25),
+            "{name}: a 10-byte range read takes {median:?} (median of 21): delayed ACKs?"
+        );
+    });
 }
