@@ -252,8 +252,9 @@ pub trait Progress: Sync {
 impl Progress for () {}
 
 /// Restores `path` (relative to the snapshot root, a byte string as names are; empty for
-/// all of it) of `source` to `dest`. A directory becomes `dest` (which must be empty or missing unless
-/// `overwrite`); a file becomes `dest`, or `dest/NAME` if `dest` is a directory.
+/// all of it) of `source` to `dest`. A directory becomes `dest` (which must be empty or
+/// missing unless `overwrite`); a file becomes `dest`, or `dest/NAME` if `dest` is a
+/// directory.
 pub fn restore(
     source: &dyn Source,
     path: &[u8],

@@ -358,13 +358,15 @@ fn every_command_takes_a_snapshot_name_that_is_not_utf8() {
     use std::os::unix::ffi::OsStrExt;
     let mount = Mount::with_args(&["--trash-days", "1"]);
     fs::write(mount.path().join("f"), b"data").expect("write");
-    let mp = mount.path().as_os_str();
-    let snapfs_with = |args: &[&OsStr]| run(snapfs().args(args));
-    let (snapshot, name, other) = (
-        OsStr::new("snapshot"),
-        OsStr::from_bytes(b"v\xe9"),
-        OsStr::from_bytes(b"w\xe9"),
-    );
+    let (name, other) = (OsStr::from_bytes(b"v\xe9"), OsStr::from_bytes(b"w\xe9"));
+    // `snapfs snapshot VERB MOUNTPOINT SNAPSHOT ARGS...`
+    let snapshot = |verb: &str, snapshot: &OsStr, args: &[&OsStr]| {
+        run(snapfs()
+            .args(["snapshot", verb])
+            .arg(mount.path())
+            .arg(snapshot)
+            .args(args))
+    };
     let dir = mount.path().join(".snapshots").join(name);
     let stdout_of = |out: &Output, what: &str| {
         assert!(
@@ -379,61 +381,43 @@ fn every_command_takes_a_snapshot_name_that_is_not_utf8() {
         assert_eq!(out.status.code(), Some(1), "{what}");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
+    let flags = |flags: &[&'static str]| -> Vec<&'static OsStr> {
+        flags.iter().map(|flag| OsStr::new(*flag)).collect()
+    };
 
-    let out = snapfs_with(&[
-        snapshot,
-        OsStr::new("create"),
-        mp,
-        name,
-        OsStr::new("--tag"),
-        OsStr::new("k=v"),
-    ]);
+    let out = snapshot("create", name, &flags(&["--tag", "k=v"]));
     assert!(stdout_of(&out, "create").contains("snapshot 'v\\351' taken"));
     assert!(dir.is_dir());
     assert_eq!(getxattr(&dir, "user.tag.k").expect("tag"), b"v");
-    let out = snapfs_with(&[snapshot, OsStr::new("create"), mp, name]);
+    let out = snapshot("create", name, &[]);
     assert!(stderr_of(&out, "create twice").contains("snapshot 'v\\351' already exists"));
-    let out = snapfs_with(&[snapshot, OsStr::new("tag"), mp, name, OsStr::new("k=w")]);
+    let out = snapshot("tag", name, &flags(&["k=w"]));
     stdout_of(&out, "tag");
     assert_eq!(getxattr(&dir, "user.tag.k").expect("tag"), b"w");
 
-    let out = snapfs_with(&[
-        snapshot,
-        OsStr::new("lock"),
-        mp,
-        name,
-        OsStr::new("--for"),
-        OsStr::new("1h"),
-    ]);
+    let out = snapshot("lock", name, &flags(&["--for", "1h"]));
     assert!(stdout_of(&out, "lock").contains("snapshot 'v\\351' locked"));
-    let out = snapfs_with(&[snapshot, OsStr::new("delete"), mp, name]);
+    let out = snapshot("delete", name, &[]);
     assert!(stderr_of(&out, "delete locked").contains("snapshot 'v\\351' is locked"));
     assert!(dir.is_dir());
-    let out = snapfs_with(&[snapshot, OsStr::new("unlock"), mp, name]);
+    let out = snapshot("unlock", name, &[]);
     assert!(stdout_of(&out, "unlock").contains("snapshot 'v\\351' unlocked"));
-    let out = snapfs_with(&[snapshot, OsStr::new("delete"), mp, name]);
+    let out = snapshot("delete", name, &[]);
     assert!(stdout_of(&out, "delete").contains("snapshot 'v\\351' deleted"));
     assert!(!dir.exists());
 
-    let out = snapfs_with(&[
-        snapshot,
-        OsStr::new("undelete"),
-        mp,
-        name,
-        OsStr::new("--as"),
-        other,
-    ]);
+    let out = snapshot("undelete", name, &[OsStr::new("--as"), other]);
     assert!(stdout_of(&out, "undelete").contains("snapshot 'w\\351' restored"));
     let moved = mount.path().join(".snapshots").join(other);
     assert_eq!(fs::read(moved.join("f")).expect("read"), b"data");
     fs::remove_dir(&moved).expect("rmdir");
-    let out = snapfs_with(&[snapshot, OsStr::new("purge"), mp, other]);
+    let out = snapshot("purge", other, &[]);
     assert!(stdout_of(&out, "purge").contains("snapshot 'w\\351' purged"));
-    let out = snapfs_with(&[snapshot, OsStr::new("purge"), mp, other]);
+    let out = snapshot("purge", other, &[]);
     assert!(
         stderr_of(&out, "purge twice").contains("no snapshot named 'w\\351' in the recycle bin")
     );
-    let out = snapfs_with(&[snapshot, OsStr::new("delete"), mp, name]);
+    let out = snapshot("delete", name, &[]);
     assert!(stderr_of(&out, "delete twice").contains("no snapshot named 'v\\351'"));
 }
 

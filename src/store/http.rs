@@ -117,15 +117,9 @@ fn connector_error(err: hyper_util::client::legacy::Error) -> ConnectorError {
     }
 }
 
+/// The first error of type `E` in `err`'s chain of sources.
 fn source<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a E> {
-    let mut next = Some(err);
-    while let Some(err) = next {
-        if let Some(found) = err.downcast_ref::<E>() {
-            return Some(found);
-        }
-        next = err.source();
-    }
-    None
+    std::iter::successors(Some(err), |&err| err.source()).find_map(|err| err.downcast_ref())
 }
 
 #[derive(Debug, thiserror::Error)]
