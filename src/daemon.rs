@@ -39,7 +39,7 @@ pub struct MountArgs {
     /// Most bytes of stored blocks kept on the local disk (`None`: all).
     pub cache_size: Option<u64>,
     /// `--from URL@SNAPSHOT`: make the new volume from another volume's snapshot.
-    pub from: Option<(StoreUrl, String)>,
+    pub from: Option<(StoreUrl, Vec<u8>)>,
     /// `--read-only`: follow the store (another machine's volume) instead of writing.
     pub read_only: bool,
     /// How often a read-only mount looks for new snapshots in the store.
@@ -623,15 +623,15 @@ fn open_from(args: &MountArgs, runtime: &tokio::runtime::Handle) -> Result<Volum
     };
     if !is_new {
         let volume = open_volume(args, &args.volume)?;
-        return match volume.origin_snapshot()? {
-            Some(origin) if origin == (url.to_string(), snapshot.clone()) => Ok(volume),
-            _ => Err(MountError::Reported(format!(
+        return match volume.is_made_from(url, snapshot)? {
+            true => Ok(volume),
+            false => Err(MountError::Reported(format!(
                 "{} already holds a volume: --from needs a new data dir (--data)",
                 args.data_dir.display()
             ))),
         };
     }
-    let source = StoreSource::open(runtime, url, snapshot.as_bytes())?;
+    let source = StoreSource::open(runtime, url, snapshot)?;
     let options = volume::Options {
         block_size: source.block_size_of(),
         ..args.volume.clone()
@@ -639,6 +639,7 @@ fn open_from(args: &MountArgs, runtime: &tokio::runtime::Handle) -> Result<Volum
     let volume = open_volume(args, &options)?;
     let entries = volume.import(&source)?;
     volume.remember_origin(url, snapshot)?;
+    let snapshot = crate::display::escaped(snapshot);
     tracing::info!(origin = %url, snapshot = %snapshot, entries, "volume made from a snapshot");
     Ok(volume)
 }

@@ -5,6 +5,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
 use snapfs::catalog::UploadProgress;
@@ -577,12 +578,25 @@ fn parse_store_url(text: &str) -> Result<store::StoreUrl, String> {
     store::StoreUrl::parse(text).map_err(|e| e.to_string())
 }
 
-fn parse_from(text: &str) -> Result<(store::StoreUrl, String), String> {
-    let (url, snapshot) = text
-        .rsplit_once('@')
-        .filter(|(_, snapshot)| !snapshot.is_empty())
-        .ok_or_else(|| format!("'{text}' is not URL@SNAPSHOT (e.g. s3://bucket/laptop@monday)"))?;
-    Ok((parse_store_url(url)?, snapshot.to_owned()))
+/// `--from URL@SNAPSHOT`: the name after the last `@` is bytes, as snapshot names are.
+fn parse_from(text: OsString) -> Result<(store::StoreUrl, Vec<u8>), String> {
+    let bytes = text.as_bytes();
+    let not_from = || {
+        format!(
+            "'{}' is not URL@SNAPSHOT (e.g. s3://bucket/laptop@monday)",
+            escaped(bytes)
+        )
+    };
+    let at = bytes
+        .iter()
+        .rposition(|&b| b == b'@')
+        .ok_or_else(not_from)?;
+    let (url, snapshot) = (&bytes[..at], &bytes[at + 1..]);
+    if snapshot.is_empty() {
+        return Err(not_from());
+    }
+    let url = std::str::from_utf8(url).map_err(|_| not_from())?;
+    Ok((parse_store_url(url)?, snapshot.to_vec()))
 }
 
 fn parse_block_size(text: &str) -> Result<u32, String> {
@@ -683,8 +697,9 @@ struct MountCommand {
     /// like an EBS volume from a snapshot: usable at once, each block fetched from that
     /// store on first read (`snapfs hydrate` fetches them all). The source is never
     /// changed; blocks the two share are not uploaded again.
-    #[arg(long, value_name = "URL@SNAPSHOT", value_parser = parse_from)]
-    from: Option<(store::StoreUrl, String)>,
+    #[arg(long, value_name = "URL@SNAPSHOT",
+          value_parser = OsStringValueParser::new().try_map(parse_from))]
+    from: Option<(store::StoreUrl, Vec<u8>)>,
     /// Follow the --store of a volume another machine writes, read-only: its completed
     /// snapshots appear in .snapshots (new ones as they complete) and the live tree is
     /// the latest. Needs its own --data dir; nothing is ever written to the store.

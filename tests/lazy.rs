@@ -300,3 +300,56 @@ fn a_read_only_mount_follows_the_store_another_volume_writes() {
     }
     assert!(dir_names(&reader.path().join(".snapshots")).is_empty());
 }
+
+#[test]
+fn a_volume_is_made_from_a_snapshot_named_with_bytes_that_are_not_utf8() {
+    use std::ffi::{OsStr, OsString};
+    use std::os::unix::ffi::OsStrExt;
+    let s3 = S3Env::s3s();
+    let source_prefix = unique_prefix("from-bytes-source");
+    let mut source = s3.mount_store(&source_prefix, &[]);
+    fs::write(source.path().join("f"), pattern(BLOCK + 3, 41)).expect("write");
+    let name = OsStr::from_bytes(b"v\xe9");
+    fs::create_dir(source.path().join(".snapshots").join(name)).expect("mkdir .snapshots/v\\351");
+    fs::write(source.path().join("f"), b"later").expect("write");
+    // Uploads go oldest first: once this one completes, so has v\351.
+    take_snapshot(&source, "after");
+    wait_completed(&source, "after");
+    source.unmount();
+
+    let mut from = OsString::from(format!("{}@", s3.url(&source_prefix)));
+    from.push(name);
+    let copy_store = s3.url(&unique_prefix("from-bytes-copy"));
+    let args = [
+        OsStr::new("--from"),
+        &from,
+        OsStr::new("--store"),
+        OsStr::new(&copy_store),
+    ];
+    let mut copy = s3.mount(&args);
+    assert_bytes_eq(
+        &fs::read(copy.path().join("f")).expect("read"),
+        &pattern(BLOCK + 3, 41),
+        "f as v\\351 holds it",
+    );
+    // A remount with the same --from is the same volume, not a new one refused.
+    copy.remount();
+    assert_bytes_eq(
+        &fs::read(copy.path().join("f")).expect("read"),
+        &pattern(BLOCK + 3, 41),
+        "f after the remount",
+    );
+    copy.unmount();
+
+    // A name that is not there is named as listings show it.
+    let fresh = Mount::unmounted();
+    let mut cmd = mount_cmd(fresh.path(), fresh.data_dir());
+    s3.apply(&mut cmd);
+    let mut missing = OsString::from(format!("{}@", s3.url(&source_prefix)));
+    missing.push(OsStr::from_bytes(b"w\xe9"));
+    let out = run(cmd.arg("--from").arg(&missing));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("w\\351"), "{stderr}");
+    assert!(!fresh.is_mounted());
+}

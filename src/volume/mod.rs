@@ -423,22 +423,31 @@ impl Volume {
 
     /// The store of the volume this one was made from (`--from`), if any.
     pub fn origin(&self) -> Result<Option<StoreUrl>> {
-        self.origin_snapshot()?
-            .map(|(url, _)| parse_remembered("origin", &url))
+        self.setting(Setting::Origin)?
+            .map(|url| parse_remembered("origin", &url))
             .transpose()
     }
 
-    /// The origin's store URL and snapshot name (`--from URL@SNAPSHOT`), if any.
-    pub fn origin_snapshot(&self) -> Result<Option<(String, String)>> {
-        Ok(self
-            .setting(Setting::Origin)?
-            .zip(self.setting(Setting::OriginSnapshot)?))
+    /// Whether this volume was made from snapshot `snapshot` of the store at `url`
+    /// (`--from URL@SNAPSHOT`).
+    pub fn is_made_from(&self, url: &StoreUrl, snapshot: &[u8]) -> Result<bool> {
+        let (Some(origin), Some(name)) = (
+            self.setting(Setting::Origin)?,
+            self.setting(Setting::OriginSnapshot)?,
+        ) else {
+            return Ok(false);
+        };
+        // The name is kept escaped; volumes made before that keep it as it was typed.
+        let same_name = name == crate::display::escaped(snapshot) || name.as_bytes() == snapshot;
+        Ok(origin == url.to_string() && same_name)
     }
 
-    pub fn remember_origin(&self, url: &StoreUrl, snapshot: &str) -> Result<()> {
+    /// Remembers the origin of a volume made by `--from`; the snapshot's name, which may
+    /// be any bytes, is kept as `display::escaped` shows it (settings are text).
+    pub fn remember_origin(&self, url: &StoreUrl, snapshot: &[u8]) -> Result<()> {
         Ok(lock(&self.catalog).write_now(|tx| {
             tx.set_setting(Setting::Origin, &url.to_string())?;
-            tx.set_setting(Setting::OriginSnapshot, snapshot)
+            tx.set_setting(Setting::OriginSnapshot, &crate::display::escaped(snapshot))
         })?)
     }
 

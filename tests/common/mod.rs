@@ -7,7 +7,7 @@
 pub mod s3;
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
+use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -45,7 +45,7 @@ pub struct Mount {
     root: tempfile::TempDir,
     mountpoint: PathBuf,
     data: PathBuf,
-    args: Vec<String>,
+    args: Vec<OsString>,
     /// Extra environment of the daemon (store credentials and endpoint).
     env: Vec<(String, String)>,
     child: Option<Child>,
@@ -61,7 +61,7 @@ impl Mount {
     /// Mounts with extra `snapfs mount` arguments (kept for every remount).
     pub fn with_args(extra: &[&str]) -> Mount {
         let mut mount = Mount::unmounted();
-        mount.args = extra.iter().map(|s| s.to_string()).collect();
+        mount.set_args(extra);
         mount.spawn();
         mount
     }
@@ -115,7 +115,13 @@ impl Mount {
 
     /// Replaces the extra `snapfs mount` arguments used by the next (re)mount.
     pub fn set_args(&mut self, extra: &[&str]) {
-        self.args = extra.iter().map(|s| s.to_string()).collect();
+        self.set_os_args(extra);
+    }
+
+    /// [`set_args`](Self::set_args) with arguments of any bytes (snapshot names need not
+    /// be UTF-8).
+    pub fn set_os_args(&mut self, extra: &[impl AsRef<OsStr>]) {
+        self.args = extra.iter().map(|s| s.as_ref().to_owned()).collect();
     }
 
     /// The mountpoint.

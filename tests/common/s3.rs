@@ -132,10 +132,10 @@ impl S3Env {
 
     /// A snapfs mount (in the foreground, its own temp dir) whose daemon talks to this
     /// server, with `snapfs mount` arguments `args`.
-    pub fn mount(&self, args: &[&str]) -> super::Mount {
+    pub fn mount(&self, args: &[impl AsRef<std::ffi::OsStr>]) -> super::Mount {
         let mut mount = super::Mount::unmounted();
         mount.set_env(self.vars());
-        mount.set_args(args);
+        mount.set_os_args(args);
         mount.remount();
         mount
     }
