@@ -900,11 +900,29 @@ fn kill9_at_random_moments_with_an_s3_store_loses_nothing() {
 
     // The snapshots deleted leave the store, the others stay.
     let client = s3.client();
-    wait_until(
-        "the store holds exactly the remaining snapshots",
-        COMPLETION_TIMEOUT,
-        || client.list(&format!("{prefix}snapshots/")).len() == model.snapshots.len(),
-    );
+    let deadline = Instant::now() + COMPLETION_TIMEOUT;
+    loop {
+        let held = client.list(&format!("{prefix}snapshots/"));
+        if held.len() == model.snapshots.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let listed = run(snapfs()
+                .args(["snapshot", "list", "--store", &url])
+                .envs(s3.vars()));
+            panic!(
+                "the store holds {held:?}, not the {} remaining snapshots {:?}, after {:?}; \
+                 what it lists:\n{}{}\ndaemon log:\n{}",
+                model.snapshots.len(),
+                model.snapshots.keys().collect::<Vec<_>>(),
+                COMPLETION_TIMEOUT,
+                String::from_utf8_lossy(&listed.stdout),
+                String::from_utf8_lossy(&listed.stderr),
+                log_tail(&mount)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // Every block of every snapshot is in the bucket. Looked at once the daemon is gone:
     // its garbage collection may move a block to a new pack between the listing of the
     // packs and the read of the old one, and the test would miss it in both.
