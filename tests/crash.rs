@@ -114,12 +114,20 @@ fn log_tail(mount: &Mount) -> String {
 }
 
 /// Polls `done` until it holds; panics with `what` after `timeout`.
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+fn wait_until(what: &str, timeout: Duration, done: impl FnMut() -> bool) {
+    assert!(poll_until(timeout, done), "{what}: not after {timeout:?}");
+}
+
+/// Polls `done` until it holds (true) or `timeout` passes (false).
+fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while !done() {
-        assert!(Instant::now() < deadline, "{what}: not after {timeout:?}");
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    true
 }
 
 /// Runs `op` on another thread; panics if it takes longer than `limit` (a hung mount).
@@ -900,28 +908,25 @@ fn kill9_at_random_moments_with_an_s3_store_loses_nothing() {
 
     // The snapshots deleted leave the store, the others stay.
     let client = s3.client();
-    let deadline = Instant::now() + COMPLETION_TIMEOUT;
-    loop {
-        let held = client.list(&format!("{prefix}snapshots/"));
-        if held.len() == model.snapshots.len() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let listed = run(snapfs()
-                .args(["snapshot", "list", "--store", &url])
-                .envs(s3.vars()));
-            panic!(
-                "the store holds {held:?}, not the {} remaining snapshots {:?}, after {:?}; \
-                 what it lists:\n{}{}\ndaemon log:\n{}",
-                model.snapshots.len(),
-                model.snapshots.keys().collect::<Vec<_>>(),
-                COMPLETION_TIMEOUT,
-                String::from_utf8_lossy(&listed.stdout),
-                String::from_utf8_lossy(&listed.stderr),
-                log_tail(&mount)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let mut held = Vec::new();
+    let exact = poll_until(COMPLETION_TIMEOUT, || {
+        held = client.list(&format!("{prefix}snapshots/"));
+        held.len() == model.snapshots.len()
+    });
+    if !exact {
+        let listed = run(snapfs()
+            .args(["snapshot", "list", "--store", &url])
+            .envs(s3.vars()));
+        panic!(
+            "the store holds {held:?}, not the {} remaining snapshots {:?}, after {:?}; \
+             what it lists:\n{}{}\ndaemon log:\n{}",
+            model.snapshots.len(),
+            model.snapshots.keys().collect::<Vec<_>>(),
+            COMPLETION_TIMEOUT,
+            String::from_utf8_lossy(&listed.stdout),
+            String::from_utf8_lossy(&listed.stderr),
+            log_tail(&mount)
+        );
     }
     // Every block of every snapshot is in the bucket. Looked at once the daemon is gone:
     // its garbage collection may move a block to a new pack between the listing of the
