@@ -119,7 +119,7 @@ fn connector_error(err: hyper_util::client::legacy::Error) -> ConnectorError {
 
 /// The first error of type `E` in `err`'s chain of sources.
 fn source<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a E> {
-    std::iter::successors(Some(err), |&err| err.source()).find_map(|err| err.downcast_ref())
+    super::error_chain(err).find_map(|err| err.downcast_ref())
 }
 
 #[derive(Debug, thiserror::Error)]

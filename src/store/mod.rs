@@ -260,6 +260,13 @@ pub async fn open(url: &StoreUrl) -> StoreResult<Arc<dyn ObjectStore>> {
     })
 }
 
+/// `err` and the errors under it, outermost first.
+fn error_chain<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |&err| err.source())
+}
+
 /// How long to wait before attempt `attempt` (0-based) of a failed request: exponential
 /// from 100 ms up to `max`, with full jitter so many clients do not retry in step.
 pub fn backoff(attempt: u32, max: Duration) -> Duration {

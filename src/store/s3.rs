@@ -81,11 +81,7 @@ where
 /// The innermost error of a chain: "Connection refused (os error 111)" rather than the
 /// SDK's layers of context.
 fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = err;
-    while let Some(source) = cause.source() {
-        cause = source;
-    }
-    cause.to_string()
+    super::error_chain(err).last().unwrap_or(err).to_string()
 }
 
 /// The HTTP status of a raw response, whatever type the SDK uses for it.
