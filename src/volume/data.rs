@@ -8,25 +8,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::namespace::apply_setattr;
-use super::open_files::{FileState, PinnedFile, catalog_block_valid};
+use super::open_files::{
+    DirtyBlock, FileState, Hashed, HashedBlock, PinnedFile, catalog_block_valid,
+};
 use super::reads::ReadState;
 use super::{Attr, Error, FileHandle, NodeId, Result, SetAttr, View, Volume, now};
 use crate::blocks::{self, BlockHash};
 use crate::catalog::{Kind, LIVE, NewBlock};
-use crate::sync::lock;
+use crate::sync::{Mutex, lock};
 
-/// A dirty block ready for the catalog: its index and, unless it is a hole, its hash and
-/// whether its bytes go to the catalog (a small block) rather than a block file.
 /// A dirty block hashed and, unless small, written to the block store: what the catalog
-/// needs to map it at its index (`None`: all zeros, a hole).
-type StagedBlock<'a> = (u64, Option<Staged<'a>>);
+/// needs to map it at its index.
+type StagedBlock<'a> = (u64, &'a [u8], Hashed);
 
-struct Staged<'a> {
-    hash: BlockHash,
-    data: &'a [u8],
-    inline: bool,
-    pieces: Option<Vec<u8>>,
-}
+/// Whole dirty blocks the background flusher hashes ahead of a file's flush, so that a
+/// writer faster than the hashing cannot keep the flush waiting.
+const MAX_HASHED_AHEAD: usize = 256;
 
 /// Rounds of fetching a read's missing blocks before it runs with them local.
 const FETCH_ROUNDS: usize = 3;
@@ -288,7 +285,7 @@ impl Volume {
             missing => return Ok(missing),
         };
         for (&idx, block) in dirty.range(span.first..=span.last) {
-            copy_overlap(&mut out, span.start, idx * bs, block);
+            copy_overlap(&mut out, span.start, idx * bs, block.bytes());
         }
         self.read_ahead(reads, &span, *size, load, from_catalog)?;
         Ok(Ok(out))
@@ -416,9 +413,10 @@ impl Volume {
                     self.block_for_update(ino, idx, state)?
                 };
                 self.files.add_dirty(state, base.len() as u64);
-                state.dirty.insert(idx, base);
+                state.dirty.insert(idx, DirtyBlock::new(base));
             }
             let block = state.dirty.get_mut(&idx).ok_or(Error::NotFound)?;
+            let block = block.bytes_mut();
             let grown = (in_block + n).saturating_sub(block.len());
             let src = &data[(pos - offset) as usize..][..n];
             if in_block == block.len() {
@@ -490,7 +488,7 @@ impl Volume {
             if tail != 0 && !state.dirty.contains_key(&tail_idx) {
                 let base = self.block_for_update(ino, tail_idx, state)?;
                 self.files.add_dirty(state, base.len() as u64);
-                state.dirty.insert(tail_idx, base);
+                state.dirty.insert(tail_idx, DirtyBlock::new(base));
             }
             let beyond = state.dirty.split_off(&size.div_ceil(bs));
             let mut freed: u64 = beyond.values().map(|b| b.len() as u64).sum();
@@ -499,7 +497,7 @@ impl Volume {
                 && block.len() > tail
             {
                 freed += (block.len() - tail) as u64;
-                block.truncate(tail);
+                block.bytes_mut().truncate(tail);
             }
             self.files.sub_dirty(state, freed);
             state.truncated_to = Some(state.truncated_to.map_or(size, |t| t.min(size)));
@@ -578,9 +576,19 @@ impl Volume {
             return self.free_orphan(ino);
         }
         let adopting = crate::sync::read(&self.gc);
-        let blocks: Vec<(u64, &Vec<u8>)> = state.dirty.iter().map(|(&i, b)| (i, b)).collect();
+        let hashed: Vec<Option<Hashed>> = state
+            .dirty
+            .values_mut()
+            .map(DirtyBlock::take_hashed)
+            .collect();
+        let blocks: Vec<(u64, &[u8], Option<Hashed>)> = state
+            .dirty
+            .iter()
+            .zip(hashed)
+            .map(|((&idx, block), hashed)| (idx, block.bytes(), hashed))
+            .collect();
         let bs = self.block_size;
-        let flushed = self.store_blocks(&blocks).and_then(|staged| {
+        let flushed = self.store_blocks(blocks).and_then(|staged| {
             lock(&self.catalog).write(|tx| {
                 let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
                 let before = row.alloc;
@@ -591,12 +599,12 @@ impl Volume {
                 for (&first, &end) in &state.punched {
                     alloc += tx.unmap_block_range(ino, first, end - 1)?;
                 }
-                for (idx, block) in &staged {
-                    let block = block.as_ref().map(|staged| NewBlock {
-                        hash: &staged.hash,
-                        len: staged.data.len() as u32,
-                        inline: staged.inline.then_some(staged.data),
-                        pieces: staged.pieces.as_deref(),
+                for (idx, data, block) in &staged {
+                    let block = block.as_ref().map(|block| NewBlock {
+                        hash: &block.hash,
+                        len: data.len() as u32,
+                        inline: block.inline.then_some(*data),
+                        pieces: block.pieces.as_deref(),
                     });
                     alloc += tx.set_block(ino, *idx, block)?;
                 }
@@ -612,10 +620,12 @@ impl Volume {
             Err(e) => {
                 // The blocks this flush stored but the catalog never adopted would hold their
                 // space for good: on a full disk, all the space deleting files gives back.
-                let hashes: Vec<BlockHash> = blocks
-                    .iter()
-                    .filter(|(_, block)| block.iter().any(|&b| b != 0))
-                    .map(|(_, block)| BlockHash::of(block))
+                let hashes: Vec<BlockHash> = state
+                    .dirty
+                    .values()
+                    .map(DirtyBlock::bytes)
+                    .filter(|block| block.iter().any(|&b| b != 0))
+                    .map(BlockHash::of)
                     .collect();
                 self.remove_unadopted(&hashes)?;
                 return Err(e);
@@ -646,64 +656,73 @@ impl Volume {
         Ok(())
     }
 
-    /// Hashes and stores dirty blocks (all-zero ones become holes), on every core when
-    /// there are many: hashing is the write path's main CPU cost.
-    /// Small blocks are left to the catalog (`blocks::is_inline`).
-    fn store_blocks<'a>(&self, blocks: &[(u64, &'a Vec<u8>)]) -> Result<Vec<StagedBlock<'a>>> {
-        let store = |chunk: &[(u64, &'a Vec<u8>)]| -> Result<Vec<StagedBlock<'a>>> {
-            chunk
-                .iter()
-                .map(|&(idx, block)| {
-                    if block.iter().all(|&b| b == 0) {
-                        return Ok((idx, None));
-                    }
-                    let (hash, pieces) = blocks::hash_and_pieces(block);
-                    let inline = blocks::is_inline(block.len());
-                    if !inline {
-                        self.blocks.local().put(&hash, block)?;
-                    }
-                    let staged = Staged {
-                        hash,
-                        data: block.as_slice(),
-                        inline,
-                        pieces,
-                    };
-                    Ok((idx, Some(staged)))
-                })
-                .collect()
-        };
-        if blocks.len() < 8 {
-            return store(blocks);
+    /// Hashes a dirty block for the store: `None` if it is all zeros (a hole); else its
+    /// hash and piece values, and whether it is small enough for the catalog
+    /// (`blocks::is_inline`).
+    fn hash_block(data: &[u8]) -> Hashed {
+        if data.iter().all(|&b| b == 0) {
+            return None;
         }
-        // Asked only here: it reads cgroup files, which cost more than a small flush.
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if threads < 2 {
-            return store(blocks);
-        }
-        let chunk_len = blocks.len().div_ceil(threads);
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = blocks
-                .chunks(chunk_len)
-                .map(|chunk| {
-                    let thread = std::thread::Builder::new();
-                    thread
-                        .spawn_scoped(scope, move || store(chunk))
-                        .map_err(|_| chunk)
-                })
-                .collect();
-            let mut staged = Vec::with_capacity(blocks.len());
-            for worker in workers {
-                let stored = match worker {
-                    Ok(worker) => worker
-                        .join()
-                        .map_err(|_| Error::Invalid("block hashing thread panicked"))?,
-                    // No thread to be had: this one stores the chunk itself.
-                    Err(chunk) => store(chunk),
-                };
-                staged.extend(stored?);
-            }
-            Ok(staged)
+        let (hash, pieces) = blocks::hash_and_pieces(data);
+        let inline = blocks::is_inline(data.len());
+        Some(HashedBlock {
+            hash,
+            pieces,
+            inline,
         })
+    }
+
+    /// Stores dirty blocks (all-zero ones become holes, small ones go to the catalog),
+    /// hashing those the background flusher did not hash ahead.
+    fn store_blocks<'a>(
+        &self,
+        blocks: Vec<(u64, &'a [u8], Option<Hashed>)>,
+    ) -> Result<Vec<StagedBlock<'a>>> {
+        on_every_core(blocks, |(idx, data, hashed)| {
+            let hashed = hashed.unwrap_or_else(|| Self::hash_block(data));
+            if let Some(block) = &hashed
+                && !block.inline
+            {
+                self.blocks.local().put(&block.hash, data)?;
+            }
+            Ok((idx, data, hashed))
+        })
+    }
+
+    /// The background flusher's work on a file before it flushes it: hashes its whole
+    /// dirty blocks (`hash_block`) with the file unlocked, so that its writer goes on
+    /// meanwhile and the flush under the lock finds most of its hashing done; in rounds,
+    /// while the writer adds whole blocks. A block still growing is left to the flush:
+    /// the writer's next write to it would copy it.
+    fn hash_unlocked(&self, pinned: &PinnedFile<'_>) {
+        let bs = self.block_size as usize;
+        let mut hashed = 0;
+        while hashed < MAX_HASHED_AHEAD {
+            let todo: Vec<(u64, Arc<Vec<u8>>)> = pinned
+                .lock()
+                .dirty
+                .iter()
+                .filter(|(_, block)| block.len() == bs && !block.is_hashed())
+                .take(MAX_HASHED_AHEAD - hashed)
+                .map(|(&idx, block)| (idx, block.share()))
+                .collect();
+            if todo.is_empty() {
+                return;
+            }
+            hashed += todo.len();
+            let done = on_every_core(todo, |(idx, bytes)| {
+                Ok((idx, Self::hash_block(&bytes), bytes))
+            });
+            let Ok(done) = done else {
+                return;
+            };
+            let mut state = pinned.lock();
+            for (idx, ready, bytes) in done {
+                if let Some(block) = state.dirty.get_mut(&idx) {
+                    block.set_hashed(&bytes, ready);
+                }
+            }
+        }
     }
 
     /// close(2) of one descriptor: what was written becomes visible to the catalog (and so
@@ -733,17 +752,38 @@ impl Volume {
     }
 
     pub fn flush_all(&self) -> Result<()> {
-        self.flush_where(|_| true)
+        self.flush_where(|_| true, false)
     }
 
     /// Flushes files whose oldest unflushed change is older than `age` (the timer's job).
     pub fn flush_older_than(&self, age: Duration) -> Result<()> {
-        self.flush_where(|state| state.dirty_since.is_some_and(|t| t.elapsed() >= age))
+        self.flush_where(
+            |state| state.dirty_since.is_some_and(|t| t.elapsed() >= age),
+            false,
+        )
     }
 
-    fn flush_where(&self, due: impl Fn(&FileState) -> bool) -> Result<()> {
+    /// The background flusher's hashing ahead of one file's flush, alone: tests
+    /// interleave it with the changes a writer makes before the flush.
+    #[cfg(test)]
+    pub(super) fn hash_ahead_of_flush(&self, ino: u64) {
+        if let Some(pinned) = self.files.pin_tracked(ino) {
+            self.hash_unlocked(&pinned);
+        }
+    }
+
+    /// Flushes every file, each one's whole blocks hashed first with it unlocked
+    /// (`hash_unlocked`): the background flusher's way, beside the writers.
+    fn flush_behind(&self) -> Result<()> {
+        self.flush_where(|_| true, true)
+    }
+
+    fn flush_where(&self, due: impl Fn(&FileState) -> bool, hash_ahead: bool) -> Result<()> {
         let mut first_error = None;
         for pinned in self.files.pin_all() {
+            if hash_ahead {
+                self.hash_unlocked(&pinned);
+            }
             let mut state = pinned.lock();
             if due(&state)
                 && let Err(e) = self.flush_locked(pinned.ino(), &mut state)
@@ -774,7 +814,7 @@ impl Volume {
                     // Until under the mark again, while rounds drain something: a failed
                     // flush (logged), or buffers no flush takes, wait for the next tick.
                     let mut left = volume.files.dirty_bytes();
-                    while volume.files.over_flush_ahead() && volume.flush_all().is_ok() {
+                    while volume.files.over_flush_ahead() && volume.flush_behind().is_ok() {
                         let now = volume.files.dirty_bytes();
                         if now >= left {
                             break;
@@ -808,6 +848,49 @@ impl Volume {
             })?;
         Ok(())
     }
+}
+
+/// `work` on each of `items`, results in order, on every core when there are many: hashing
+/// is the write path's main CPU cost.
+fn on_every_core<T: Send, R: Send>(
+    items: Vec<T>,
+    work: impl Fn(T) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    if items.len() < 8 {
+        return items.into_iter().map(work).collect();
+    }
+    // Asked only here: it reads cgroup files, which cost more than a small flush.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 {
+        return items.into_iter().map(work).collect();
+    }
+    let queue = Mutex::new(items.into_iter().enumerate());
+    let drain = || {
+        let mut done = Vec::new();
+        loop {
+            let next = lock(&queue).next();
+            let Some((at, item)) = next else {
+                return done;
+            };
+            done.push((at, work(item)));
+        }
+    };
+    let mut done = std::thread::scope(|scope| {
+        // A thread that cannot be had leaves its share to the others.
+        let helpers: Vec<_> = (1..threads)
+            .filter_map(|_| std::thread::Builder::new().spawn_scoped(scope, drain).ok())
+            .collect();
+        let mut done = drain();
+        for helper in helpers {
+            let helped = helper
+                .join()
+                .map_err(|_| Error::Invalid("block hashing thread panicked"))?;
+            done.extend(helped);
+        }
+        Ok::<_, Error>(done)
+    })?;
+    done.sort_unstable_by_key(|&(at, _)| at);
+    done.into_iter().map(|(_, result)| result).collect()
 }
 
 #[cfg(test)]

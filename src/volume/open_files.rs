@@ -10,6 +10,10 @@
 //! flusher is woken: buffers drain long before writers hit the limit, so neither a writer
 //! nor a snapshot (which flushes with writers held) finds much to flush.
 //!
+//! The flusher hashes a file's whole dirty blocks before it flushes them, with the file
+//! unlocked, so that its writer goes on meanwhile: a `DirtyBlock` shares its bytes with that
+//! work, and a write to a block being hashed copies it first.
+//!
 //! Locks: the map (`files`) is a leaf, taken alone or under a file state's lock, never the
 //! other way round; so is the flusher's signal.
 
@@ -20,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::Result;
 use super::reads::ReadState;
+use crate::blocks::BlockHash;
 use crate::catalog::{Attrs, InodeRow};
 use crate::sync::{Condvar, Mutex, MutexGuard, lock, wait_timeout};
 
@@ -38,7 +43,7 @@ pub(super) struct FileState {
     /// flush (`Volume::setattr_file`). Only ever set while `changed`.
     pub held: Option<HeldAttrs>,
     /// Changed blocks by index, each at most a block long and never past `size`.
-    pub dirty: BTreeMap<u64, Vec<u8>>,
+    pub dirty: BTreeMap<u64, DirtyBlock>,
     /// Bytes held in `dirty`, as counted in `OpenFiles::dirty_bytes`.
     pub buffered: u64,
     /// Size, times, `held` attributes or blocks differ from the catalog.
@@ -55,6 +60,68 @@ pub(super) struct FileState {
     /// that map changes (anything changing a live file's map outside a flush must call
     /// `ReadState::forget_map` under this state's lock, after its change committed).
     pub reads: ReadState,
+}
+
+/// A changed block's bytes, and their hash made ahead of their flush while they stay
+/// as they are.
+pub(super) struct DirtyBlock {
+    bytes: Arc<Vec<u8>>,
+    hashed: Option<Hashed>,
+}
+
+/// A dirty block hashed for the store: `None` for all zeros (a hole), else its hash, its
+/// piece values and whether its bytes go to the catalog rather than a block file.
+pub(super) type Hashed = Option<HashedBlock>;
+
+pub(super) struct HashedBlock {
+    pub hash: BlockHash,
+    pub pieces: Option<Vec<u8>>,
+    pub inline: bool,
+}
+
+impl DirtyBlock {
+    pub fn new(bytes: Vec<u8>) -> DirtyBlock {
+        DirtyBlock {
+            bytes: Arc::new(bytes),
+            hashed: None,
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The bytes to change: their hash goes, and if the flusher is hashing them
+    /// meanwhile, they are copied first.
+    pub fn bytes_mut(&mut self) -> &mut Vec<u8> {
+        self.hashed = None;
+        Arc::make_mut(&mut self.bytes)
+    }
+
+    /// The bytes, shared with the flusher that hashes them with the file unlocked.
+    pub fn share(&self) -> Arc<Vec<u8>> {
+        Arc::clone(&self.bytes)
+    }
+
+    pub fn is_hashed(&self) -> bool {
+        self.hashed.is_some()
+    }
+
+    /// Keeps the hash made of `bytes` if they are still this block's (a write since
+    /// copied them to new ones).
+    pub fn set_hashed(&mut self, bytes: &Arc<Vec<u8>>, hashed: Hashed) {
+        if Arc::ptr_eq(&self.bytes, bytes) {
+            self.hashed = Some(hashed);
+        }
+    }
+
+    pub fn take_hashed(&mut self) -> Option<Hashed> {
+        self.hashed.take()
+    }
 }
 
 impl FileState {

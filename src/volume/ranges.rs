@@ -9,7 +9,7 @@
 //! the data dir has room for the range.
 
 use super::data::MAX_FILE_SIZE;
-use super::open_files::FileState;
+use super::open_files::{DirtyBlock, FileState};
 use super::{Error, NodeId, Result, View, Volume, now};
 use crate::catalog::{Kind, LIVE};
 use crate::sync::lock;
@@ -157,9 +157,13 @@ impl Volume {
             if !state.dirty.contains_key(&idx) {
                 let base = self.block_for_update(ino, idx, state)?;
                 self.files.add_dirty(state, base.len() as u64);
-                state.dirty.insert(idx, base);
+                state.dirty.insert(idx, DirtyBlock::new(base));
             }
-            let block = state.dirty.get_mut(&idx).ok_or(Error::NotFound)?;
+            let block = state
+                .dirty
+                .get_mut(&idx)
+                .ok_or(Error::NotFound)?
+                .bytes_mut();
             let from = ((from - idx * bs) as usize).min(block.len());
             let to = ((to - idx * bs) as usize).min(block.len());
             block[from..to].fill(0);

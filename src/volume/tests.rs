@@ -559,6 +559,11 @@ enum Op {
     Flush {
         file: usize,
     },
+    /// The background flusher's work ahead of a flush (`Volume::hash_unlocked`), which
+    /// the changes after it must undo where they touch what it hashed.
+    HashAhead {
+        file: usize,
+    },
     /// fallocate(2): allocate, keep size, punch, zero range (`ranges::fallocate_mode`).
     Fallocate {
         file: usize,
@@ -593,6 +598,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (file.clone(), file.clone()).prop_map(|(from, to)| Op::Link { from, to }),
         1 => file.clone().prop_map(|file| Op::Unlink { file }),
         1 => file.clone().prop_map(|file| Op::Flush { file }),
+        2 => file.clone().prop_map(|file| Op::HashAhead { file }),
         2 => (file.clone(), ranges::range_offset(), 1..20_000u64, ranges::fallocate_mode())
             .prop_map(|(file, offset, len, mode)| Op::Fallocate { file, offset, len, mode }),
         2 => (file.clone(), ranges::range_offset(), file, ranges::range_offset(), 1..30_000u64)
@@ -709,6 +715,11 @@ fn apply(t: &mut TestVolume, model: &mut Model, op: &Op) {
         Op::Flush { file } => {
             if let Ok(attr) = t.v().lookup(ROOT, NAMES[file].as_bytes()) {
                 t.v().flush(attr.node).expect("flush");
+            }
+        }
+        Op::HashAhead { file } => {
+            if let Ok(attr) = t.v().lookup(ROOT, NAMES[file].as_bytes()) {
+                t.v().hash_ahead_of_flush(attr.node.ino);
             }
         }
         Op::Fallocate {
@@ -1517,6 +1528,50 @@ fn the_background_flusher_drains_buffers_ahead_of_the_dirty_limit() {
     assert_eq!(volume.read(big.node, 0, 8192).expect("read"), data);
     volume.release(small_handle).expect("release");
     volume.release(big_handle).expect("release");
+}
+
+/// The background flusher hashes whole blocks with the file unlocked while its writer
+/// goes on (`Volume::hash_unlocked`): a writer appending and rewriting blocks as they
+/// are hashed, and the snapshots taken meanwhile, hold every byte it wrote, in place.
+#[test]
+fn a_writer_racing_the_background_flusher_loses_no_byte() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let volume = Arc::new(Volume::open(dir.path(), &small_blocks()).expect("open"));
+    volume
+        .spawn_flusher(std::time::Duration::from_secs(3600))
+        .expect("flusher");
+    let (file, handle) = volume.create(ROOT, b"f", 0o644, ME).expect("create");
+    let (mut model, mut snapshots) = (Vec::new(), Vec::new());
+    for round in 0..600usize {
+        // A block and a half at a time: two appends, then a rewrite of a recent block.
+        let data = pattern(6000, round as u8);
+        let offset = match round % 3 {
+            2 => model.len().saturating_sub(4096 * (1 + round % 4)),
+            _ => model.len(),
+        };
+        volume
+            .write(file.node, offset as u64, &data)
+            .expect("write");
+        model.resize(model.len().max(offset + data.len()), 0);
+        model[offset..offset + data.len()].copy_from_slice(&data);
+        if round % 100 == 99 {
+            let name = format!("s{round}");
+            volume.create_snapshot(name.as_bytes()).expect("snapshot");
+            snapshots.push((name, model.clone()));
+        }
+    }
+    volume.release(handle).expect("release");
+    let read = |node: NodeId, len: usize| volume.read(node, 0, len as u32).expect("read");
+    assert!(read(file.node, model.len()) == model, "the live file");
+    for (name, expected) in snapshots {
+        let root = volume.lookup(SNAPDIR, name.as_bytes()).expect("snapshot");
+        let copy = volume.lookup(root.node, b"f").expect("f in the snapshot");
+        assert_eq!(copy.attrs.size, expected.len() as u64, "size in {name}");
+        assert!(
+            read(copy.node, expected.len()) == expected,
+            "content of {name}"
+        );
+    }
 }
 
 /// Reads of an open file remember its block map (`reads.rs`): every change to the file
