@@ -44,6 +44,44 @@ pub fn wait_timeout<'a, T>(
         .unwrap_or_else(|poisoned| poisoned.into_inner().0)
 }
 
+/// A value one thread fills once and others wait for: `OnceLock::wait`, which needs a
+/// newer Rust than ours. Its lock is a leaf.
+pub struct Slot<T> {
+    value: Mutex<Option<T>>,
+    filled: Condvar,
+}
+
+impl<T> Default for Slot<T> {
+    fn default() -> Self {
+        Slot {
+            value: Mutex::new(None),
+            filled: Condvar::new(),
+        }
+    }
+}
+
+impl<T: Clone> Slot<T> {
+    /// Fills the slot, unless it is filled already.
+    pub fn fill(&self, value: T) {
+        let mut slot = lock(&self.value);
+        if slot.is_none() {
+            *slot = Some(value);
+            self.filled.notify_all();
+        }
+    }
+
+    /// The value, once the slot is filled.
+    pub fn wait(&self) -> T {
+        let mut slot = lock(&self.value);
+        loop {
+            if let Some(value) = slot.as_ref() {
+                return value.clone();
+            }
+            slot = wait(&self.filled, slot);
+        }
+    }
+}
+
 /// Keys some thread is working on (a block being loaded or fetched): others wait for that
 /// work, or skip it, rather than doing it a second time.
 pub struct Claims<K> {
@@ -117,6 +155,20 @@ impl<K: Hash + Eq> Drop for Claim<'_, K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slot_gives_its_first_value_to_those_waiting_and_to_those_after() {
+        let slot = std::sync::Arc::new(Slot::default());
+        let waiter = {
+            let slot = std::sync::Arc::clone(&slot);
+            std::thread::spawn(move || slot.wait())
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        slot.fill(1);
+        slot.fill(2);
+        assert_eq!(waiter.join().expect("waiter"), 1);
+        assert_eq!(slot.wait(), 1);
+    }
 
     #[test]
     fn claims_are_held_until_dropped_and_a_run_stops_at_a_taken_key() {

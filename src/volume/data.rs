@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::namespace::apply_setattr;
 use super::open_files::{
-    DirtyBlock, FileState, Hashed, HashedBlock, PinnedFile, catalog_block_valid,
+    DirtyBlock, FileState, HashSlot, Hashed, HashedBlock, PinnedFile, catalog_block_valid,
 };
 use super::reads::ReadState;
 use super::{Attr, Error, FileHandle, NodeId, Result, SetAttr, View, Volume, now};
@@ -576,16 +576,10 @@ impl Volume {
             return self.free_orphan(ino);
         }
         let adopting = crate::sync::read(&self.gc);
-        let hashed: Vec<Option<Hashed>> = state
-            .dirty
-            .values_mut()
-            .map(DirtyBlock::take_hashed)
-            .collect();
-        let blocks: Vec<(u64, &[u8], Option<Hashed>)> = state
+        let blocks: Vec<(u64, &[u8], Option<&HashSlot>)> = state
             .dirty
             .iter()
-            .zip(hashed)
-            .map(|((&idx, block), hashed)| (idx, block.bytes(), hashed))
+            .map(|(&idx, block)| (idx, block.bytes(), block.hash_slot().map(|slot| &**slot)))
             .collect();
         let bs = self.block_size;
         let flushed = self.store_blocks(blocks).and_then(|staged| {
@@ -673,13 +667,17 @@ impl Volume {
     }
 
     /// Stores dirty blocks (all-zero ones become holes, small ones go to the catalog),
-    /// hashing those the background flusher did not hash ahead.
+    /// hashing those the background flusher did not hash ahead. A block it is hashing
+    /// meanwhile (its slot still empty) is waited for, not hashed twice.
     fn store_blocks<'a>(
         &self,
-        blocks: Vec<(u64, &'a [u8], Option<Hashed>)>,
+        blocks: Vec<(u64, &'a [u8], Option<&HashSlot>)>,
     ) -> Result<Vec<StagedBlock<'a>>> {
-        on_every_core(blocks, |(idx, data, hashed)| {
-            let hashed = hashed.unwrap_or_else(|| Self::hash_block(data));
+        on_every_core(blocks, |(idx, data, slot)| {
+            let hashed = match slot.and_then(HashSlot::wait) {
+                Some(hashed) => hashed,
+                None => Self::hash_block(data),
+            };
             if let Some(block) = &hashed
                 && !block.inline
             {
@@ -698,29 +696,29 @@ impl Volume {
         let bs = self.block_size as usize;
         let mut hashed = 0;
         while hashed < MAX_HASHED_AHEAD {
-            let todo: Vec<(u64, Arc<Vec<u8>>)> = pinned
+            let todo: Vec<(Arc<Vec<u8>>, Arc<HashSlot>)> = pinned
                 .lock()
                 .dirty
-                .iter()
-                .filter(|(_, block)| block.len() == bs && !block.is_hashed())
+                .values_mut()
+                .filter(|block| block.len() == bs)
+                .filter_map(DirtyBlock::hash_ahead)
                 .take(MAX_HASHED_AHEAD - hashed)
-                .map(|(&idx, block)| (idx, block.share()))
                 .collect();
             if todo.is_empty() {
                 return;
             }
             hashed += todo.len();
-            let done = on_every_core(todo, |(idx, bytes)| {
-                Ok((idx, Self::hash_block(&bytes), bytes))
+            let slots: Vec<Arc<HashSlot>> = todo.iter().map(|(_, slot)| Arc::clone(slot)).collect();
+            let done = on_every_core(todo, |(bytes, slot)| {
+                slot.fill(Some(Self::hash_block(&bytes)));
+                Ok(())
             });
-            let Ok(done) = done else {
+            // A slot a panicked hashing thread left empty: a flush waits on it.
+            for slot in slots {
+                slot.fill(None);
+            }
+            if done.is_err() {
                 return;
-            };
-            let mut state = pinned.lock();
-            for (idx, ready, bytes) in done {
-                if let Some(block) = state.dirty.get_mut(&idx) {
-                    block.set_hashed(&bytes, ready);
-                }
             }
         }
     }

@@ -12,7 +12,8 @@
 //!
 //! The flusher hashes a file's whole dirty blocks before it flushes them, with the file
 //! unlocked, so that its writer goes on meanwhile: a `DirtyBlock` shares its bytes with that
-//! work, and a write to a block being hashed copies it first.
+//! work, and a write to a block being hashed copies it first. A flush that meets a block
+//! being hashed waits for its hash rather than making it again.
 //!
 //! Locks: the map (`files`) is a leaf, taken alone or under a file state's lock, never the
 //! other way round; so is the flusher's signal.
@@ -26,7 +27,7 @@ use super::Result;
 use super::reads::ReadState;
 use crate::blocks::BlockHash;
 use crate::catalog::{Attrs, InodeRow};
-use crate::sync::{Condvar, Mutex, MutexGuard, lock, wait_timeout};
+use crate::sync::{Condvar, Mutex, MutexGuard, Slot, lock, wait_timeout};
 
 /// The background flusher starts at this fraction of the dirty limit (1 MiB of 64 MiB):
 /// what a snapshot flushes then takes a few milliseconds. A sixteenth measured twice as
@@ -62,17 +63,22 @@ pub(super) struct FileState {
     pub reads: ReadState,
 }
 
-/// A changed block's bytes, and their hash made ahead of their flush while they stay
-/// as they are.
+/// A changed block's bytes, and their hash made (or being made) ahead of their flush while
+/// they stay as they are.
 pub(super) struct DirtyBlock {
     bytes: Arc<Vec<u8>>,
-    hashed: Option<Hashed>,
+    hash: Option<Arc<HashSlot>>,
 }
 
 /// A dirty block hashed for the store: `None` for all zeros (a hole), else its hash, its
 /// piece values and whether its bytes go to the catalog rather than a block file.
 pub(super) type Hashed = Option<HashedBlock>;
 
+/// Where the background flusher puts the hash it makes of a block with the file unlocked:
+/// `None` if it could not make it (the flush then does).
+pub(super) type HashSlot = Slot<Option<Hashed>>;
+
+#[derive(Clone)]
 pub(super) struct HashedBlock {
     pub hash: BlockHash,
     pub pieces: Option<Vec<u8>>,
@@ -83,7 +89,7 @@ impl DirtyBlock {
     pub fn new(bytes: Vec<u8>) -> DirtyBlock {
         DirtyBlock {
             bytes: Arc::new(bytes),
-            hashed: None,
+            hash: None,
         }
     }
 
@@ -98,29 +104,24 @@ impl DirtyBlock {
     /// The bytes to change: their hash goes, and if the flusher is hashing them
     /// meanwhile, they are copied first.
     pub fn bytes_mut(&mut self) -> &mut Vec<u8> {
-        self.hashed = None;
+        self.hash = None;
         Arc::make_mut(&mut self.bytes)
     }
 
-    /// The bytes, shared with the flusher that hashes them with the file unlocked.
-    pub fn share(&self) -> Arc<Vec<u8>> {
-        Arc::clone(&self.bytes)
-    }
-
-    pub fn is_hashed(&self) -> bool {
-        self.hashed.is_some()
-    }
-
-    /// Keeps the hash made of `bytes` if they are still this block's (a write since
-    /// copied them to new ones).
-    pub fn set_hashed(&mut self, bytes: &Arc<Vec<u8>>, hashed: Hashed) {
-        if Arc::ptr_eq(&self.bytes, bytes) {
-            self.hashed = Some(hashed);
+    /// Hands the bytes to the flusher to hash with the file unlocked, with the slot their
+    /// hash goes to; `None` if they are hashed or being hashed already.
+    pub fn hash_ahead(&mut self) -> Option<(Arc<Vec<u8>>, Arc<HashSlot>)> {
+        if self.hash.is_some() {
+            return None;
         }
+        let slot = Arc::new(HashSlot::default());
+        self.hash = Some(Arc::clone(&slot));
+        Some((Arc::clone(&self.bytes), slot))
     }
 
-    pub fn take_hashed(&mut self) -> Option<Hashed> {
-        self.hashed.take()
+    /// The slot of the hash made or being made of these bytes, if any.
+    pub fn hash_slot(&self) -> Option<&Arc<HashSlot>> {
+        self.hash.as_ref()
     }
 }
 
