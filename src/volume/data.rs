@@ -708,15 +708,11 @@ impl Volume {
                 return;
             }
             hashed += todo.len();
-            let slots: Vec<Arc<HashSlot>> = todo.iter().map(|(_, slot)| Arc::clone(slot)).collect();
+            let _filled = FillWhenDone(todo.iter().map(|(_, slot)| Arc::clone(slot)).collect());
             let done = on_every_core(todo, |(bytes, slot)| {
                 slot.fill(Some(Self::hash_block(&bytes)));
                 Ok(())
             });
-            // A slot a panicked hashing thread left empty: a flush waits on it.
-            for slot in slots {
-                slot.fill(None);
-            }
             if done.is_err() {
                 return;
             }
@@ -848,6 +844,19 @@ impl Volume {
     }
 }
 
+/// Fills with `None` the slots a round of hashing ahead left empty, however it ended (a
+/// hashing thread panicked): a flush waits on each slot, and on `None` hashes the block
+/// itself.
+struct FillWhenDone(Vec<Arc<HashSlot>>);
+
+impl Drop for FillWhenDone {
+    fn drop(&mut self) {
+        for slot in &self.0 {
+            slot.fill(None);
+        }
+    }
+}
+
 /// `work` on each of `items`, results in order, on every core when there are many: hashing
 /// is the write path's main CPU cost.
 fn on_every_core<T: Send, R: Send>(
@@ -893,7 +902,29 @@ fn on_every_core<T: Send, R: Send>(
 
 #[cfg(test)]
 mod tests {
-    use super::copy_overlap;
+    use super::{Arc, FillWhenDone, HashSlot, copy_overlap};
+
+    /// A round of hashing ahead that panics leaves no slot empty: a flush waiting on one
+    /// would wait forever. A slot already filled keeps its hash.
+    #[test]
+    fn a_round_that_panics_fills_its_empty_slots_with_none() {
+        let (hashed, empty) = (Arc::new(HashSlot::default()), Arc::new(HashSlot::default()));
+        hashed.fill(Some(None));
+        let slots = vec![Arc::clone(&hashed), Arc::clone(&empty)];
+        let round = std::panic::catch_unwind(move || {
+            let _filled = FillWhenDone(slots);
+            panic!("a hashing thread panicked");
+        });
+        assert!(round.is_err());
+        assert!(matches!(hashed.wait(), Some(None)), "the hash made stays");
+        let (sender, waited) = std::sync::mpsc::channel();
+        std::thread::spawn(move || sender.send(empty.wait()));
+        let waited = waited.recv_timeout(std::time::Duration::from_secs(10));
+        assert!(
+            matches!(waited, Ok(None)),
+            "the empty slot says: hash it yourself"
+        );
+    }
 
     #[test]
     fn copy_overlap_clips_both_ends() {
