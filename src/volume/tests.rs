@@ -1486,16 +1486,23 @@ fn checkpoints_survive_reopening() {
     assert_eq!(t.v().list_checkpoints(), [taken]);
 }
 
+/// A volume of small blocks with its background flusher running. Its age is an hour, so
+/// within a test it flushes only what passes the flush-ahead mark.
+fn volume_with_flusher(dir: &std::path::Path) -> Arc<Volume> {
+    let volume = Arc::new(Volume::open(dir, &small_blocks()).expect("open"));
+    volume
+        .spawn_flusher(std::time::Duration::from_secs(3600))
+        .expect("flusher");
+    volume
+}
+
 /// Past a 64th of the dirty limit the background flusher drains every buffer, long
 /// before their age and with no close, so a snapshot finds little to flush; under it,
 /// buffers wait for their age.
 #[test]
 fn the_background_flusher_drains_buffers_ahead_of_the_dirty_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let volume = Arc::new(Volume::open(dir.path(), &small_blocks()).expect("open"));
-    volume
-        .spawn_flusher(std::time::Duration::from_secs(3600))
-        .expect("flusher");
+    let volume = volume_with_flusher(dir.path());
     let mapped = |node: NodeId| {
         lock(&volume.catalog)
             .read(|tx| tx.blocks_in_range(LIVE, node.ino, 0, 1000))
@@ -1536,10 +1543,7 @@ fn the_background_flusher_drains_buffers_ahead_of_the_dirty_limit() {
 #[test]
 fn a_writer_racing_the_background_flusher_loses_no_byte() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let volume = Arc::new(Volume::open(dir.path(), &small_blocks()).expect("open"));
-    volume
-        .spawn_flusher(std::time::Duration::from_secs(3600))
-        .expect("flusher");
+    let volume = volume_with_flusher(dir.path());
     let (file, handle) = volume.create(ROOT, b"f", 0o644, ME).expect("create");
     let (mut model, mut snapshots) = (Vec::new(), Vec::new());
     for round in 0..600usize {
