@@ -21,7 +21,7 @@ use std::sync::{Arc, Condvar, Mutex, mpsc};
 
 use tokio::runtime::Handle;
 
-use crate::blocks::{BlockError, BlockHash, BlockStore};
+use crate::blocks::{BlockError, BlockHash, BlockStore, start_write_back};
 use crate::catalog::{self, Catalog, Kind, ROOT_INO, Setting};
 use crate::display::escaped;
 use crate::manifest::{Content, Entry};
@@ -349,22 +349,6 @@ pub fn restore(
 fn sync_file_system(fd: &OwnedFd) -> std::io::Result<()> {
     // SAFETY: plain system call on an open descriptor.
     check(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
-}
-
-/// Starts writing `len` bytes of `file` at `offset` to the disk, without waiting: the
-/// disk then writes while the restore fetches, and the final syncfs finds little left
-/// (below the kernel's dirty thresholds it would find all of it). A failure here only
-/// costs that overlap: the syncfs writes these pages again and reports their errors.
-fn start_write_back(file: &fs::File, offset: u64, len: u64) {
-    // SAFETY: plain system call on an open descriptor.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        )
-    };
 }
 
 /// DEST must be missing (it is created) or an empty directory, unless `overwrite`.
