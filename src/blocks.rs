@@ -285,7 +285,8 @@ struct Unsynced {
 
 impl Unsynced {
     fn push(&mut self, path: PathBuf) {
-        if self.many {
+        // Once is enough (a block stored ahead is found again by its flush's put).
+        if self.many || self.paths.contains(&path) {
             return;
         }
         if self.paths.len() == SYNC_EACH_LIMIT {
@@ -457,7 +458,13 @@ impl BlockStore {
         let path = self.path_of(hash);
         let damaged = self.is_damaged(hash);
         let stored = match fs::metadata(&path) {
-            Ok(file) if file.len() == data.len() as u64 && !damaged => return Ok(()),
+            // Found, but perhaps just linked by another writer (the background flusher
+            // storing ahead) that has not yet recorded it as unsynced: recorded here too,
+            // so that a sync after this put makes durable the file this caller relies on.
+            Ok(file) if file.len() == data.len() as u64 && !damaged => {
+                crate::sync::lock(&self.unsynced).push(path);
+                return Ok(());
+            }
             // A copy cut short (by a power loss) or found damaged must not stand for these
             // bytes: replaced in one rename, so that a good copy another flush linked
             // meanwhile is never removed, only replaced by the same bytes.
@@ -877,6 +884,22 @@ mod tests {
         }
         assert_eq!(dirty_pages(&store.path_of(&BlockHash::of(&whole))), 0);
         assert!(dirty_pages(&store.path_of(&BlockHash::of(&short))) > 0);
+    }
+
+    /// A put that finds its block's file in place (another writer linked it and may not
+    /// have recorded it yet) still leaves that file to the next sync: its caller's fsync
+    /// relies on it.
+    #[test]
+    fn a_put_that_finds_its_file_in_place_leaves_it_to_the_next_sync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = BlockStore::open(dir.path(), 4).expect("open");
+        let data = bytes(9000);
+        let hash = BlockHash::of(&data);
+        fs::write(store.path_of(&hash), &data).expect("another writer's file");
+        store.put(&hash, &data).expect("put");
+        assert!(!store.all_synced(), "the file found is not left to a sync");
+        store.sync().expect("sync");
+        assert!(store.all_synced());
     }
 
     /// A file of the right length whose bytes are wrong stands until a read finds it

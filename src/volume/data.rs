@@ -21,9 +21,9 @@ use crate::sync::{Mutex, lock};
 /// needs to map it at its index.
 type StagedBlock<'a> = (u64, &'a [u8], Hashed);
 
-/// Whole dirty blocks the background flusher hashes ahead of a file's flush, so that a
-/// writer faster than the hashing cannot keep the flush waiting.
-const MAX_HASHED_AHEAD: usize = 256;
+/// Whole dirty blocks the background flusher hashes and stores ahead of a file's flush,
+/// so that a writer faster than that cannot keep the flush waiting.
+const MAX_STORED_AHEAD: usize = 256;
 
 /// Rounds of fetching a read's missing blocks before it runs with them local.
 const FETCH_ROUNDS: usize = 3;
@@ -183,6 +183,7 @@ impl Volume {
             }
             // No one can read these bytes any more (see `flush_once`).
             self.files.discard_buffers(&mut state);
+            self.remove_stored_ahead(&mut state, &[]);
         }
         drop(pinned);
         self.free_orphan(ino)
@@ -566,6 +567,8 @@ impl Volume {
 
     fn flush_once(&self, ino: u64, state: &mut FileState) -> Result<()> {
         if !state.changed {
+            // Another flush may have come first: it adopted what was stored ahead, or not.
+            self.remove_stored_ahead(state, &[]);
             return Ok(());
         }
         if state.opens == 0 && self.is_unlinked(ino) {
@@ -573,6 +576,7 @@ impl Volume {
             // flush fail): no one can read these bytes any more, and storing them could
             // only fill the disk again.
             self.files.discard_buffers(state);
+            self.remove_stored_ahead(state, &[]);
             return self.free_orphan(ino);
         }
         let adopting = crate::sync::read(&self.gc);
@@ -583,7 +587,11 @@ impl Volume {
             .collect();
         let bs = self.block_size;
         let flushed = self.store_blocks(blocks).and_then(|staged| {
-            lock(&self.catalog).write(|tx| {
+            let adopted: Vec<BlockHash> = staged
+                .iter()
+                .filter_map(|(_, _, block)| block.as_ref().map(|block| block.hash))
+                .collect();
+            let changed = lock(&self.catalog).write(|tx| {
                 let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
                 let before = row.alloc;
                 let mut alloc = row.alloc as i64;
@@ -606,11 +614,15 @@ impl Volume {
                 row.alloc = alloc.max(0) as u64;
                 tx.update_inode(&row)?;
                 Ok::<_, Error>(row.alloc != before)
-            })
+            })?;
+            Ok((changed, adopted))
         });
         drop(adopting);
         let allocation_changed = match flushed {
-            Ok(changed) => changed,
+            Ok((changed, adopted)) => {
+                self.remove_stored_ahead(state, &adopted);
+                changed
+            }
             Err(e) => {
                 // The blocks this flush stored but the catalog never adopted would hold their
                 // space for good: on a full disk, all the space deleting files gives back.
@@ -620,6 +632,7 @@ impl Volume {
                     .map(DirtyBlock::bytes)
                     .filter(|block| block.iter().any(|&b| b != 0))
                     .map(BlockHash::of)
+                    .chain(std::mem::take(&mut state.stored_ahead))
                     .collect();
                 self.remove_unadopted(&hashes)?;
                 return Err(e);
@@ -641,6 +654,9 @@ impl Volume {
     /// With the exclusive GC lock no other flush is between storing a block and adopting
     /// it, so a block the catalog lacks is no one's.
     fn remove_unadopted(&self, hashes: &[BlockHash]) -> Result<()> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
         let _exclusive = crate::sync::write(&self.gc);
         for hash in hashes {
             if !lock(&self.catalog).read(|tx| tx.has_block(hash))? {
@@ -648,6 +664,21 @@ impl Volume {
             }
         }
         Ok(())
+    }
+
+    /// Removes the block files stored ahead of this file's flushes (`store_unlocked`) that
+    /// no flush adopted: `adopted` (the blocks of the flush that just ran) surely did;
+    /// `remove_unadopted` asks the catalog of the others. A failure is only logged: the
+    /// flush itself did its work, and `snapfs verify --repair` removes what is left.
+    fn remove_stored_ahead(&self, state: &mut FileState, adopted: &[BlockHash]) {
+        let mut ahead = std::mem::take(&mut state.stored_ahead);
+        if !adopted.is_empty() {
+            let adopted: std::collections::HashSet<&BlockHash> = adopted.iter().collect();
+            ahead.retain(|hash| !adopted.contains(hash));
+        }
+        if let Err(e) = self.remove_unadopted(&ahead) {
+            tracing::warn!(error = %e, "cannot remove block files stored ahead of a flush");
+        }
     }
 
     /// Hashes a dirty block for the store: `None` if it is all zeros (a hole); else its
@@ -688,34 +719,48 @@ impl Volume {
     }
 
     /// The background flusher's work on a file before it flushes it: hashes its whole
-    /// dirty blocks (`hash_block`) with the file unlocked, so that its writer goes on
-    /// meanwhile and the flush under the lock finds most of its hashing done; in rounds,
-    /// while the writer adds whole blocks. A block still growing is left to the flush:
-    /// the writer's next write to it would copy it.
-    fn hash_unlocked(&self, pinned: &PinnedFile<'_>) {
+    /// dirty blocks (`hash_block`) and writes their block files with the file unlocked, so
+    /// that its writer goes on meanwhile and the flush under the lock finds that work done
+    /// (its `put` finds each file in place); in rounds, while the writer adds whole
+    /// blocks. A block still growing is left to the flush: the writer's next write to it
+    /// would copy it. The files it wrote go into `FileState::stored_ahead`: a block the
+    /// writer changes meanwhile is not adopted, and its file must not outlive the flush.
+    fn store_unlocked(&self, pinned: &PinnedFile<'_>) {
         let bs = self.block_size as usize;
-        let mut hashed = 0;
-        while hashed < MAX_HASHED_AHEAD {
+        let mut stored = 0;
+        while stored < MAX_STORED_AHEAD {
             let todo: Vec<(Arc<Vec<u8>>, Arc<HashSlot>)> = pinned
                 .lock()
                 .dirty
                 .values_mut()
                 .filter(|block| block.len() == bs)
                 .filter_map(DirtyBlock::hash_ahead)
-                .take(MAX_HASHED_AHEAD - hashed)
+                .take(MAX_STORED_AHEAD - stored)
                 .collect();
             if todo.is_empty() {
                 return;
             }
-            hashed += todo.len();
+            stored += todo.len();
             let _filled = FillWhenDone(todo.iter().map(|(_, slot)| Arc::clone(slot)).collect());
             let done = on_every_core(todo, |(bytes, slot)| {
-                slot.fill(Some(Self::hash_block(&bytes)));
-                Ok(())
+                let hashed = Self::hash_block(&bytes);
+                let file = hashed.as_ref().filter(|block| !block.inline);
+                // A block whose file cannot be written (a full disk) is left to the flush,
+                // which writes it again and reports the error.
+                let written = file
+                    .filter(|block| self.blocks.local().put(&block.hash, &bytes).is_ok())
+                    .map(|block| block.hash);
+                // Filled once the file is in place: a flush waiting for it finds it there.
+                slot.fill(Some(hashed));
+                Ok(written)
             });
-            if done.is_err() {
+            let Ok(written) = done else {
                 return;
-            }
+            };
+            pinned
+                .lock()
+                .stored_ahead
+                .extend(written.into_iter().flatten());
         }
     }
 
@@ -757,26 +802,26 @@ impl Volume {
         )
     }
 
-    /// The background flusher's hashing ahead of one file's flush, alone: tests
-    /// interleave it with the changes a writer makes before the flush.
+    /// The background flusher's work ahead of one file's flush, alone: tests interleave it
+    /// with the changes a writer makes before the flush.
     #[cfg(test)]
-    pub(super) fn hash_ahead_of_flush(&self, ino: u64) {
+    pub(super) fn store_ahead_of_flush(&self, ino: u64) {
         if let Some(pinned) = self.files.pin_tracked(ino) {
-            self.hash_unlocked(&pinned);
+            self.store_unlocked(&pinned);
         }
     }
 
-    /// Flushes every file, each one's whole blocks hashed first with it unlocked
-    /// (`hash_unlocked`): the background flusher's way, beside the writers.
+    /// Flushes every file, each one's whole blocks hashed and stored first with it
+    /// unlocked (`store_unlocked`): the background flusher's way, beside the writers.
     fn flush_behind(&self) -> Result<()> {
         self.flush_where(|_| true, true)
     }
 
-    fn flush_where(&self, due: impl Fn(&FileState) -> bool, hash_ahead: bool) -> Result<()> {
+    fn flush_where(&self, due: impl Fn(&FileState) -> bool, store_ahead: bool) -> Result<()> {
         let mut first_error = None;
         for pinned in self.files.pin_all() {
-            if hash_ahead {
-                self.hash_unlocked(&pinned);
+            if store_ahead {
+                self.store_unlocked(&pinned);
             }
             let mut state = pinned.lock();
             if due(&state)

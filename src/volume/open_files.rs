@@ -61,6 +61,10 @@ pub(super) struct FileState {
     /// that map changes (anything changing a live file's map outside a flush must call
     /// `ReadState::forget_map` under this state's lock, after its change committed).
     pub reads: ReadState,
+    /// Block files the background flusher wrote with the file unlocked
+    /// (`Volume::store_unlocked`), for the next flush to adopt: it removes those it did
+    /// not (their block changed meanwhile), so they hold no disk space past it.
+    pub stored_ahead: Vec<BlockHash>,
 }
 
 /// A changed block's bytes, and their hash made (or being made) ahead of their flush while
@@ -140,6 +144,7 @@ impl FileState {
             opens: 0,
             dirty_since: None,
             reads: ReadState::default(),
+            stored_ahead: Vec::new(),
         }
     }
 

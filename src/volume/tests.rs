@@ -559,9 +559,9 @@ enum Op {
     Flush {
         file: usize,
     },
-    /// The background flusher's work ahead of a flush (`Volume::hash_unlocked`), which
-    /// the changes after it must undo where they touch what it hashed.
-    HashAhead {
+    /// The background flusher's work ahead of a flush (`Volume::store_unlocked`), which
+    /// the changes after it must undo where they touch what it hashed and stored.
+    StoreAhead {
         file: usize,
     },
     /// fallocate(2): allocate, keep size, punch, zero range (`ranges::fallocate_mode`).
@@ -598,7 +598,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (file.clone(), file.clone()).prop_map(|(from, to)| Op::Link { from, to }),
         1 => file.clone().prop_map(|file| Op::Unlink { file }),
         1 => file.clone().prop_map(|file| Op::Flush { file }),
-        2 => file.clone().prop_map(|file| Op::HashAhead { file }),
+        2 => file.clone().prop_map(|file| Op::StoreAhead { file }),
         2 => (file.clone(), ranges::range_offset(), 1..20_000u64, ranges::fallocate_mode())
             .prop_map(|(file, offset, len, mode)| Op::Fallocate { file, offset, len, mode }),
         2 => (file.clone(), ranges::range_offset(), file, ranges::range_offset(), 1..30_000u64)
@@ -717,9 +717,9 @@ fn apply(t: &mut TestVolume, model: &mut Model, op: &Op) {
                 t.v().flush(attr.node).expect("flush");
             }
         }
-        Op::HashAhead { file } => {
+        Op::StoreAhead { file } => {
             if let Ok(attr) = t.v().lookup(ROOT, NAMES[file].as_bytes()) {
-                t.v().hash_ahead_of_flush(attr.node.ino);
+                t.v().store_ahead_of_flush(attr.node.ino);
             }
         }
         Op::Fallocate {
@@ -833,6 +833,9 @@ proptest! {
             .read(|tx| tx.invariant_findings(4096))
             .expect("invariants");
         prop_assert!(findings.is_empty(), "{findings:?}");
+        t.v().flush_all().expect("flush");
+        let strays = stray_block_files(t.v());
+        prop_assert!(strays.is_empty(), "{strays:?}");
         t.reopen();
         check(&t, &model);
     }
@@ -1486,6 +1489,47 @@ fn checkpoints_survive_reopening() {
     assert_eq!(t.v().list_checkpoints(), [taken]);
 }
 
+/// Block files the catalog does not know: a flush stored them and never adopted them.
+fn stray_block_files(volume: &Volume) -> Vec<std::path::PathBuf> {
+    let known = lock(&volume.catalog)
+        .read(|tx| tx.block_records())
+        .expect("block records")
+        .into_iter()
+        .map(|record| record.hash)
+        .collect();
+    volume.blocks.local().strays(&known).expect("strays")
+}
+
+/// The background flusher stores a whole block ahead of its flush
+/// (`Volume::store_unlocked`); the writer then rewrites it, so the flush adopts other
+/// bytes: the file stored ahead must go, or it would hold its space for good.
+#[test]
+fn a_block_stored_ahead_and_then_rewritten_leaves_no_file_behind() {
+    let t = TestVolume::new();
+    let (file, handle) = t.v().create(ROOT, b"f", 0o644, ME).expect("create");
+    let bs = t.v().block_size as usize;
+    t.v()
+        .write(file.node, 0, &pattern(2 * bs, 1))
+        .expect("write");
+    t.v().store_ahead_of_flush(file.node.ino);
+    assert_eq!(
+        t.v()
+            .blocks
+            .local()
+            .strays(&HashSet::new())
+            .expect("files")
+            .len(),
+        2
+    );
+    t.v().write(file.node, 10, b"rewritten").expect("rewrite");
+    t.v().flush(file.node).expect("flush");
+    assert_eq!(stray_block_files(t.v()), Vec::<std::path::PathBuf>::new());
+    let mut expected = pattern(2 * bs, 1);
+    expected[10..19].copy_from_slice(b"rewritten");
+    assert!(t.v().read(file.node, 0, 2 * bs as u32).expect("read") == expected);
+    t.v().release(handle).expect("release");
+}
+
 /// A volume of small blocks with its background flusher running. Its age is an hour, so
 /// within a test it flushes only what passes the flush-ahead mark.
 fn volume_with_flusher(dir: &std::path::Path) -> Arc<Volume> {
@@ -1537,9 +1581,10 @@ fn the_background_flusher_drains_buffers_ahead_of_the_dirty_limit() {
     volume.release(big_handle).expect("release");
 }
 
-/// The background flusher hashes whole blocks with the file unlocked while its writer
-/// goes on (`Volume::hash_unlocked`): a writer appending and rewriting blocks as they
-/// are hashed, and the snapshots taken meanwhile, hold every byte it wrote, in place.
+/// The background flusher hashes and stores whole blocks with the file unlocked while its
+/// writer goes on (`Volume::store_unlocked`): a writer appending and rewriting blocks as
+/// they are stored, and the snapshots taken meanwhile, hold every byte it wrote, in place;
+/// and no block file outlives the flushes unadopted.
 #[test]
 fn a_writer_racing_the_background_flusher_loses_no_byte() {
     let dir = tempfile::tempdir().expect("tempdir");
