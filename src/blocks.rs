@@ -318,15 +318,6 @@ pub fn is_inline(len: usize) -> bool {
     len <= INLINE_MAX
 }
 
-/// Block files at least this long (a whole block at the smallest block size) are sent to
-/// the disk as soon as they are written (`start_write_back`). A streaming writer's blocks
-/// then reach the disk while it writes, where the kernel would hold them until its dirty
-/// thresholds or the fsync: a 1 GiB write + fsync spent 0.3 s in the fsync writing them
-/// all at the end (docs/benchmarks.md, "Block files start their write-back at once").
-/// Shorter ones (a small file's last block, short-lived build outputs) are left to the
-/// kernel, so a file deleted within seconds costs the disk nothing.
-const WRITE_BACK_AT_ONCE_MIN: usize = 64 << 10;
-
 /// Starts writing `len` bytes of `file` at `offset` to the disk, without waiting (0 means
 /// to its end): the disk then works while the caller goes on, and the sync that makes the
 /// data durable finds little left. A failure here only costs that overlap: the sync
@@ -343,10 +334,10 @@ pub fn start_write_back(file: &fs::File, offset: u64, len: u64) {
     };
 }
 
-/// Writes a new block file's bytes, starting their write-back if it is long enough.
-fn write_block_file(file: &mut fs::File, data: &[u8]) -> io::Result<()> {
+/// Writes a new block file's bytes, starting their write-back if `write_back`.
+fn write_block_file(file: &mut fs::File, data: &[u8], write_back: bool) -> io::Result<()> {
     file.write_all(data)?;
-    if data.len() >= WRITE_BACK_AT_ONCE_MIN {
+    if write_back {
         start_write_back(file, 0, 0);
     }
     Ok(())
@@ -358,7 +349,7 @@ fn write_block_file(file: &mut fs::File, data: &[u8]) -> io::Result<()> {
 /// directory's lock, and its inodes all came from one place on the disk, where ext4
 /// searched past every block file deleted in the last seconds: 45% of a streaming
 /// writer's daemon CPU, docs/benchmarks.md.) EEXIST: another flush stored the same bytes.
-fn put_unnamed(path: &Path, data: &[u8]) -> io::Result<()> {
+fn put_unnamed(path: &Path, data: &[u8], write_back: bool) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let shard = path.parent().unwrap_or(path);
     let mut file = fs::OpenOptions::new()
@@ -366,7 +357,7 @@ fn put_unnamed(path: &Path, data: &[u8]) -> io::Result<()> {
         .mode(0o644)
         .custom_flags(libc::O_TMPFILE)
         .open(shard)?;
-    write_block_file(&mut file, data)?;
+    write_block_file(&mut file, data, write_back)?;
     let unnamed = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .map_err(io::Error::other)?;
     let named =
@@ -454,7 +445,24 @@ impl BlockStore {
     }
 
     /// Stores `data` under `hash` unless it is already there. The caller computed `hash`.
+    /// The bytes go to the disk when the kernel writes back or at the next sync.
     pub fn put(&self, hash: &BlockHash, data: &[u8]) -> Result<(), BlockError> {
+        self.put_as(hash, data, false)
+    }
+
+    /// `put`, and a new file's write-back started at once (`start_write_back`): a
+    /// streaming writer's blocks then reach the disk while it writes, where the kernel
+    /// would hold them until its dirty thresholds or the fsync (a 1 GiB write + fsync spent
+    /// 0.3 s in the fsync writing them all; docs/benchmarks.md, "Block files start their
+    /// write-back at once"). Starting it may wait for the disk's write-back throttling
+    /// (`wbt_wait`), so it is for callers that hold no lock: the background flusher
+    /// storing whole blocks ahead of a flush. Flushes, which hold a file's lock and which
+    /// snapshots wait for, use `put`.
+    pub fn put_and_write_back(&self, hash: &BlockHash, data: &[u8]) -> Result<(), BlockError> {
+        self.put_as(hash, data, true)
+    }
+
+    fn put_as(&self, hash: &BlockHash, data: &[u8], write_back: bool) -> Result<(), BlockError> {
         let path = self.path_of(hash);
         let damaged = self.is_damaged(hash);
         let stored = match fs::metadata(&path) {
@@ -468,9 +476,9 @@ impl BlockStore {
             // A copy cut short (by a power loss) or found damaged must not stand for these
             // bytes: replaced in one rename, so that a good copy another flush linked
             // meanwhile is never removed, only replaced by the same bytes.
-            Ok(_) => self.put_renamed(&path, data),
-            Err(_) => match put_unnamed(&path, data) {
-                Err(e) if unnamed_unsupported(&e) => self.put_renamed(&path, data),
+            Ok(_) => self.put_renamed(&path, data, write_back),
+            Err(_) => match put_unnamed(&path, data, write_back) {
+                Err(e) if unnamed_unsupported(&e) => self.put_renamed(&path, data, write_back),
                 stored => stored,
             },
         };
@@ -486,7 +494,7 @@ impl BlockStore {
 
     /// Writes `data` to a temporary file in `tmp` and renames it to `path`: for file
     /// systems without O_TMPFILE (see `put_unnamed`).
-    fn put_renamed(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+    fn put_renamed(&self, path: &Path, data: &[u8], write_back: bool) -> io::Result<()> {
         let temp = self.dir.join("tmp").join(format!(
             "{}.{}",
             std::process::id(),
@@ -494,7 +502,7 @@ impl BlockStore {
         ));
         let write = || -> io::Result<()> {
             let mut file = fs::File::create(&temp)?;
-            write_block_file(&mut file, data)?;
+            write_block_file(&mut file, data, write_back)?;
             drop(file);
             fs::rename(&temp, path)
         };
@@ -859,11 +867,11 @@ mod tests {
         stat.nr_dirty
     }
 
-    /// A whole block's file is on its way to the disk when `put` returns, none of its
-    /// pages left dirty, so an fsync after a streaming write finds little to write; a
-    /// short one is left to the kernel's write-back.
+    /// A block file stored by `put_and_write_back` is on its way to the disk when it
+    /// returns, none of its pages left dirty, so an fsync after a streaming write finds
+    /// little to write; one stored by `put` is left to the kernel's write-back.
     #[test]
-    fn a_whole_block_file_starts_its_write_back_as_it_is_written() {
+    fn put_and_write_back_starts_the_write_back_put_leaves_it_to_the_kernel() {
         let dir = tempfile::tempdir().expect("tempdir");
         // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
         let on_tmpfs = unsafe {
@@ -877,13 +885,13 @@ mod tests {
             return;
         }
         let store = BlockStore::open(dir.path(), 4).expect("open");
-        let whole = bytes(256 << 10);
-        let short = bytes(WRITE_BACK_AT_ONCE_MIN - 1);
-        for data in [&whole, &short] {
-            store.put(&BlockHash::of(data), data).expect("put");
-        }
-        assert_eq!(dirty_pages(&store.path_of(&BlockHash::of(&whole))), 0);
-        assert!(dirty_pages(&store.path_of(&BlockHash::of(&short))) > 0);
+        let (ahead, flushed) = (bytes(256 << 10), bytes(128 << 10));
+        store
+            .put_and_write_back(&BlockHash::of(&ahead), &ahead)
+            .expect("put and write back");
+        store.put(&BlockHash::of(&flushed), &flushed).expect("put");
+        assert_eq!(dirty_pages(&store.path_of(&BlockHash::of(&ahead))), 0);
+        assert!(dirty_pages(&store.path_of(&BlockHash::of(&flushed))) > 0);
     }
 
     /// A put that finds its block's file in place (another writer linked it and may not
@@ -933,14 +941,14 @@ mod tests {
         let store = BlockStore::open(dir.path(), 4).expect("open");
         let (unnamed, renamed) = (bytes(5000), bytes(7000));
         let (hash_unnamed, hash_renamed) = (BlockHash::of(&unnamed), BlockHash::of(&renamed));
-        put_unnamed(&store.path_of(&hash_unnamed), &unnamed).expect("put unnamed");
+        put_unnamed(&store.path_of(&hash_unnamed), &unnamed, false).expect("put unnamed");
         store
-            .put_renamed(&store.path_of(&hash_renamed), &renamed)
+            .put_renamed(&store.path_of(&hash_renamed), &renamed, true)
             .expect("put renamed");
         for (hash, data) in [(hash_unnamed, &unnamed), (hash_renamed, &renamed)] {
             assert_eq!(fs::read(store.path_of(&hash)).expect("block file"), *data);
             // Again, as a second flush of the same bytes would: the file stays as it was.
-            put_unnamed(&store.path_of(&hash), data).expect("put unnamed again");
+            put_unnamed(&store.path_of(&hash), data, false).expect("put unnamed again");
             assert_eq!(fs::read(store.path_of(&hash)).expect("block file"), *data);
             store.put(&hash, data).expect("put again");
         }

@@ -744,14 +744,18 @@ impl Volume {
             let _filled = FillWhenDone(todo.iter().map(|(_, slot)| Arc::clone(slot)).collect());
             let done = on_every_core(todo, |(bytes, slot)| {
                 let hashed = Self::hash_block(&bytes);
-                let file = hashed.as_ref().filter(|block| !block.inline);
+                let file = hashed
+                    .as_ref()
+                    .filter(|block| !block.inline)
+                    .map(|b| b.hash);
+                // Filled before the file is written: that write may wait for the disk's
+                // write-back throttling, and a snapshot's flush waiting for this hash
+                // must not (it writes the file itself if it comes first).
+                slot.fill(Some(hashed));
                 // A block whose file cannot be written (a full disk) is left to the flush,
                 // which writes it again and reports the error.
                 let written = file
-                    .filter(|block| self.blocks.local().put(&block.hash, &bytes).is_ok())
-                    .map(|block| block.hash);
-                // Filled once the file is in place: a flush waiting for it finds it there.
-                slot.fill(Some(hashed));
+                    .filter(|hash| self.blocks.local().put_and_write_back(hash, &bytes).is_ok());
                 Ok(written)
             });
             let Ok(written) = done else {
