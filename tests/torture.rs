@@ -1615,7 +1615,8 @@ fn overfilled_file() -> (Mount, u64, PathBuf, File) {
     let free = free_bytes(m.data_dir());
     let big = m.path().join("big");
     let file = File::create(&big).expect("create");
-    let data = pattern(32 << 20, 1);
+    // 12 MiB synced and 14 MiB more: past the disk's room, under the dirty limit (16 MiB).
+    let data = pattern(26 << 20, 1);
     // A part synced first, so the file surely holds room whatever the background flusher
     // managed to store of the rest.
     let (synced, buffered) = data.split_at(12 << 20);
@@ -1697,8 +1698,8 @@ fn a_write_that_fails_with_enospc_changes_nothing() {
     let other = create(&m.path().join("other"));
     // A full disk, so no flush can succeed (the timer's neither)...
     fill_with_synced_files(m.path());
-    // ...and exactly the daemon's dirty limit (64 MiB) buffered in another file...
-    for chunk in 0..64u64 {
+    // ...and exactly the daemon's dirty limit (16 MiB) buffered in another file...
+    for chunk in 0..16u64 {
         other
             .write_all_at(&pattern(1 << 20, 100 + chunk), chunk << 20)
             .expect("a buffered write");
@@ -1718,7 +1719,7 @@ fn a_write_that_fails_with_enospc_changes_nothing() {
             }
         }
     });
-    assert!(failed.is_some(), "no write failed with 65 MiB buffered");
+    assert!(failed.is_some(), "no write failed with 17 MiB buffered");
     assert_bytes_eq(
         &read_at(&file, 0, 1 << 20),
         &expected,

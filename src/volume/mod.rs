@@ -72,7 +72,11 @@ pub use crate::catalog::{NAME_MAX, XATTR_SIZE_MAX};
 pub struct Options {
     /// Block size of a new volume; an existing one keeps its own.
     pub block_size: u32,
-    /// Dirty bytes buffered in memory, over all files, before writers flush.
+    /// Dirty bytes buffered in memory, over all files, before writers flush. 16 MiB by
+    /// default: the flusher stores blocks with their file unlocked, so a fast writer runs
+    /// ahead of it up to this limit, and a snapshot flushes what it finds (at 64 MiB,
+    /// snapshot medians under a streaming writer were 2 to 3 times as long, with writes
+    /// no faster; docs/benchmarks.md).
     pub dirty_limit: u64,
     /// Bytes of verified blocks kept in memory for reads.
     pub cache_bytes: u64,
@@ -87,7 +91,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             block_size: DEFAULT_BLOCK_SIZE,
-            dirty_limit: 64 << 20,
+            dirty_limit: 16 << 20,
             cache_bytes: 64 << 20,
             snapdir_visible: false,
             clock: Arc::new(SystemClock),

@@ -6,7 +6,7 @@
 //! a flush of all files): a pinned state is never forgotten, so a caller that looked it up
 //! works on the one every other caller sees. An unpinned state goes once it is clean.
 //!
-//! Past `flush_ahead` buffered bytes (a 64th of the dirty limit) the background
+//! Past `flush_ahead` buffered bytes (a sixteenth of the dirty limit) the background
 //! flusher is woken: buffers drain long before writers hit the limit, so neither a writer
 //! nor a snapshot (which flushes with writers held) finds much to flush.
 //!
@@ -29,10 +29,11 @@ use crate::blocks::BlockHash;
 use crate::catalog::{Attrs, InodeRow};
 use crate::sync::{Condvar, Mutex, MutexGuard, Slot, lock, wait_timeout};
 
-/// The background flusher starts at this fraction of the dirty limit (1 MiB of 64 MiB):
-/// what a snapshot flushes then takes a few milliseconds. A sixteenth measured twice as
-/// slow snapshots under a streaming writer and no faster writes (docs/benchmarks.md).
-const FLUSH_AHEAD_FRACTION: u64 = 64;
+/// The background flusher starts at this fraction of the dirty limit (1 MiB of 16 MiB):
+/// what a snapshot flushes then takes a few milliseconds. (With the 64 MiB limit of
+/// before, a sixteenth, 4 MiB, measured twice as slow snapshots under a streaming writer
+/// and no faster writes: docs/benchmarks.md.)
+const FLUSH_AHEAD_FRACTION: u64 = 16;
 
 /// The state of a live file while it is open or has unflushed changes: the authority for
 /// its size and times until flushed, and for its mode, owner and atime while `held`.

@@ -1540,7 +1540,7 @@ fn volume_with_flusher(dir: &std::path::Path) -> Arc<Volume> {
     volume
 }
 
-/// Past a 64th of the dirty limit the background flusher drains every buffer, long
+/// Past a sixteenth of the dirty limit the background flusher drains every buffer, long
 /// before their age and with no close, so a snapshot finds little to flush; under it,
 /// buffers wait for their age.
 #[test]
@@ -1553,7 +1553,7 @@ fn the_background_flusher_drains_buffers_ahead_of_the_dirty_limit() {
             .expect("block map")
             .len()
     };
-    // 512 bytes buffered: under the 1 KiB mark (64 KiB / 64), so nothing is flushed.
+    // 512 bytes buffered: under the 4 KiB mark (64 KiB / 16), so nothing is flushed.
     let (small, small_handle) = volume.create(ROOT, b"small", 0o644, ME).expect("create");
     volume
         .write(small.node, 0, &pattern(512, 1))
