@@ -580,6 +580,8 @@ impl Volume {
             return self.free_orphan(ino);
         }
         let adopting = crate::sync::read(&self.gc);
+        // Only a flush after the flusher stored blocks ahead needs to know what it adopts.
+        let stored_ahead = !state.stored_ahead.is_empty();
         let blocks: Vec<(u64, &[u8], Option<&HashSlot>)> = state
             .dirty
             .iter()
@@ -587,10 +589,14 @@ impl Volume {
             .collect();
         let bs = self.block_size;
         let flushed = self.store_blocks(blocks).and_then(|staged| {
-            let adopted: Vec<BlockHash> = staged
-                .iter()
-                .filter_map(|(_, _, block)| block.as_ref().map(|block| block.hash))
-                .collect();
+            let adopted: Vec<BlockHash> = if stored_ahead {
+                staged
+                    .iter()
+                    .filter_map(|(_, _, block)| block.as_ref().map(|block| block.hash))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let changed = lock(&self.catalog).write(|tx| {
                 let mut row = tx.inode(LIVE, ino)?.ok_or(Error::NotFound)?;
                 let before = row.alloc;
@@ -672,10 +678,11 @@ impl Volume {
     /// flush itself did its work, and `snapfs verify --repair` removes what is left.
     fn remove_stored_ahead(&self, state: &mut FileState, adopted: &[BlockHash]) {
         let mut ahead = std::mem::take(&mut state.stored_ahead);
-        if !adopted.is_empty() {
-            let adopted: std::collections::HashSet<&BlockHash> = adopted.iter().collect();
-            ahead.retain(|hash| !adopted.contains(hash));
+        if ahead.is_empty() {
+            return;
         }
+        let adopted: std::collections::HashSet<&BlockHash> = adopted.iter().collect();
+        ahead.retain(|hash| !adopted.contains(hash));
         if let Err(e) = self.remove_unadopted(&ahead) {
             tracing::warn!(error = %e, "cannot remove block files stored ahead of a flush");
         }

@@ -10,9 +10,10 @@
 //! flusher is woken: buffers drain long before writers hit the limit, so neither a writer
 //! nor a snapshot (which flushes with writers held) finds much to flush.
 //!
-//! The flusher hashes a file's whole dirty blocks before it flushes them, with the file
-//! unlocked, so that its writer goes on meanwhile: a `DirtyBlock` shares its bytes with that
-//! work, and a write to a block being hashed copies it first. A flush that meets a block
+//! The flusher hashes a file's whole dirty blocks and writes their block files before it
+//! flushes them, with the file unlocked, so that its writer goes on meanwhile: a
+//! `DirtyBlock` shares its bytes with that work, and a write to a block being hashed
+//! copies it first. A flush that meets a block
 //! being hashed waits for its hash rather than making it again.
 //!
 //! Locks: the map (`files`) is a leaf, taken alone or under a file state's lock, never the
